@@ -1,0 +1,69 @@
+"""`fedmt-agent`: run the edge agent, check its config, print the device profile."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from protocol.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedmt-agent", description="FedMT edge agent: trains co-located tasks for federated rounds.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the agent service")
+    run.add_argument("--config", required=True, help="TOML config file")
+    check = sub.add_parser("check-config", help="validate a config file and summarise it")
+    check.add_argument("--config", required=True)
+    profile = sub.add_parser("profile", help="print this device's profile as JSON")
+    profile.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+
+    from protocol.daemon import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from agent.config import load
+    from agent.service import Agent
+    from protocol.daemon import stop_on_signals
+
+    Agent(load(args.config)).run(stop_on_signals())
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from agent.config import load
+
+    config = load(args.config)
+    print(f"ok: device {config.device}, tasks {', '.join(config.tasks) or '(none)'}, "
+          f"policy {config.execution.policy}, broker {config.mqtt.host}:{config.mqtt.port}")  # fmt: skip
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from agent.config import load
+    from agent.datasets import sample_count
+    from agent.profile import build_profile
+    from agent.service import POLICIES
+
+    config = load(args.config)
+    samples = {task: sample_count(spec) for task, spec in config.tasks.items()}
+    profile = build_profile(config.device, samples, POLICIES)
+    print(msgspec.json.format(msgspec.json.encode(profile).decode(), indent=2))
+    return 0
+
+
+COMMANDS = {"run": _run, "check-config": _check, "profile": _profile}
+
+if __name__ == "__main__":
+    sys.exit(main())

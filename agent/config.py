@@ -1,0 +1,47 @@
+"""The agent's TOML config: identity, broker, local data per task, and how tasks are executed."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from agent.datasets import DataSpec
+from protocol.config import load_toml
+from protocol.schemas import Name
+from protocol.transport import MqttSettings
+
+Policy = Literal["temporal", "concurrent", "isolated", "sharing", "fedmt"]
+
+
+class ExecutionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    policy: Policy = "concurrent"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_threads_per_task: Annotated[int, Meta(ge=1)] = 1
+    stop_grace_s: Annotated[float, Meta(gt=0)] = 30.0
+
+
+class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`device` is this agent's id and its MQTT username (the broker ACL confines it to its own topics)."""
+
+    device: Name
+    state_dir: str = "/var/lib/fedmt-agent"
+    telemetry_interval_s: Annotated[float, Meta(ge=1)] = 30.0
+    receipt_timeout_s: Annotated[float, Meta(ge=1)] = 120.0
+    mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
+    execution: ExecutionConfig = msgspec.field(default_factory=ExecutionConfig)
+    tasks: dict[Name, DataSpec] = {}
+
+    def __post_init__(self) -> None:
+        if self.mqtt.username is None:
+            self.mqtt.username = self.device
+        elif self.mqtt.username != self.device:
+            raise ValueError(
+                f"key 'mqtt.username' is {self.mqtt.username!r} but device is {self.device!r}: "
+                "they must match, the broker ACL confines a device to topics named by its username"
+            )
+
+
+def load(path: str) -> AgentConfig:
+    return load_toml(path, AgentConfig)

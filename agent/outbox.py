@@ -1,0 +1,61 @@
+"""Updates waiting for the aggregator's receipt. They survive restarts and are resent until acknowledged."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol import ProtocolError
+from protocol.durable import move_durably, write_atomically
+from protocol.schemas import UpdateManifest, decode, encode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pending:
+    manifest: UpdateManifest
+    payload_path: Path
+
+
+class Outbox:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def put(self, manifest: UpdateManifest, payload_file: Path) -> Pending:
+        """Keep the payload and its manifest durably (the manifest last: it marks the entry complete)."""
+        payload = self.root / f"{manifest.update_id}.payload"
+        move_durably(payload_file, payload)
+        write_atomically(self.root / f"{manifest.update_id}.manifest", encode(manifest))
+        return Pending(manifest, payload)
+
+    def pending(self) -> list[Pending]:
+        entries = []
+        for path in sorted(self.root.glob("*.manifest")):
+            try:
+                manifest = decode(path.read_bytes(), UpdateManifest)
+            except ProtocolError as exc:
+                log.error("dropping unreadable outbox entry %s: %s", path.name, exc)
+                path.unlink()
+                continue
+            entries.append(Pending(manifest, path.with_suffix(".payload")))
+        return entries
+
+    def find(self, task: str, round_: int) -> Pending | None:
+        return next((p for p in self.pending() if (p.manifest.task, p.manifest.round) == (task, round_)), None)
+
+    def remove(self, update_id: str) -> bool:
+        manifest = self.root / f"{update_id}.manifest"
+        existed = manifest.exists()
+        manifest.unlink(missing_ok=True)
+        (self.root / f"{update_id}.payload").unlink(missing_ok=True)
+        return existed
+
+    def drop_older_than(self, round_: int) -> list[str]:
+        """Forget updates for rounds before `round_`: the aggregator has closed them."""
+        stale = [p.manifest.update_id for p in self.pending() if p.manifest.round < round_]
+        for update_id in stale:
+            self.remove(update_id)
+        return stale

@@ -1,0 +1,35 @@
+"""The retained device profile: host, accelerators, execution policies and the local data per task."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import time
+
+import psutil
+
+from agent import __version__
+from protocol.schemas import DeviceProfile, HostInfo, TaskData
+
+
+def host_info() -> HostInfo:
+    return HostInfo(
+        hostname=socket.gethostname(),
+        os=f"{platform.system()} {platform.release()}",
+        machine=platform.machine(),
+        python=platform.python_version(),
+        cpu_count=os.cpu_count() or 1,
+        memory_bytes=psutil.virtual_memory().total,
+    )
+
+
+def build_profile(device: str, samples: dict[str, int], policies: list[str]) -> DeviceProfile:
+    return DeviceProfile(
+        device=device,
+        ts=time.time(),
+        agent_version=__version__,
+        host=host_info(),
+        policies=policies,
+        tasks={task: TaskData(samples=n) for task, n in samples.items()},
+    )

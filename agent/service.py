@@ -1,0 +1,303 @@
+"""The edge agent: MQTT session, global model cache, rounds of co-located task processes, update upload.
+
+One thread (`run`) handles everything that changes state: MQTT messages, task outcomes and timers arrive
+through one queue. Task processes run under `agent.runner` threads that only enqueue outcomes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent import jobs
+from agent.config import AgentConfig
+from agent.datasets import sample_count
+from agent.model_cache import ModelCache
+from agent.outbox import Outbox, Pending
+from agent.profile import build_profile
+from agent.receipts import ReceiptLog
+from agent.runner import Launch, TaskOutcome, run_round
+from agent.telemetry import read_telemetry
+from protocol import ProtocolError, topics
+from protocol.chunking import Reassembler, transfer_info
+from protocol.inbox import TransferInbox
+from protocol.schemas import (
+    Chunk,
+    Event,
+    GlobalManifest,
+    Receipt,
+    Schedule,
+    Status,
+    UpdateManifest,
+    decode,
+    encode,
+)
+from protocol.transport import Incoming, LinkEvent, MqttLink
+
+log = logging.getLogger(__name__)
+POLICIES = ["concurrent"]
+
+
+@dataclass
+class ActiveRound:
+    schedule: Schedule
+    stop: threading.Event = field(default_factory=threading.Event)
+    inputs_ready: dict[str, threading.Event] = field(default_factory=dict)
+    started: set[str] = field(default_factory=set)
+    thread: threading.Thread | None = None
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    round: int
+    outcome: TaskOutcome
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    round: int
+    task: str
+    progress: jobs.Progress
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.device = config.device
+        root = Path(config.state_dir)
+        self.work_dir = root / "work"
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.cache = ModelCache(root / "models")
+        self.outbox = Outbox(root / "outbox")
+        self.receipts = ReceiptLog(root / "receipts.json")
+        self.globals: TransferInbox[GlobalManifest] = TransferInbox(Reassembler(root / "spool"), lambda m: m.transfer)
+        self.samples = {task: sample_count(spec) for task, spec in config.tasks.items()}
+        status = topics.device(self.device, "status")
+        self.link = MqttLink(
+            config.mqtt,
+            client_id=f"fedmt-agent-{self.device}",
+            subscriptions=[
+                topics.device(self.device, "schedule"),
+                topics.device(self.device, "receipts"),
+                *(topics.all_below(topics.global_model(task)) for task in config.tasks),
+            ],
+            will=(status, encode(Status(state="offline", ts=time.time()))),
+            birth=(status, encode(Status(state="online", ts=time.time()))),
+        )
+        self.round: ActiveRound | None = None
+        self._sent_at: dict[str, float] = {}
+        self._next_telemetry = 0.0
+
+    # --- main loop --------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        log.info("agent %s starting; tasks %s", self.device, self.samples)
+        self.link.start()
+        try:
+            while not stop.is_set():
+                try:
+                    self.handle(self.link.inbox.get(timeout=0.5))
+                except queue.Empty:
+                    pass
+                self.tick(time.monotonic())
+        finally:
+            if self.round is not None:
+                self.round.stop.set()
+            self.link.stop(farewell=(topics.device(self.device, "status"), encode(Status(state="offline", ts=time.time()))))
+
+    def handle(self, item: object) -> None:
+        try:
+            if isinstance(item, Incoming):
+                self.on_message(item)
+            elif isinstance(item, LinkEvent) and item.connected:
+                self.on_connected()
+            elif isinstance(item, RoundOutcome):
+                self.on_outcome(item)
+            elif isinstance(item, RoundProgress):
+                self.on_progress(item)
+        except ProtocolError as exc:
+            log.warning("dropped bad input: %s", exc)
+
+    def tick(self, now: float) -> None:
+        if not self.link.connected.is_set():
+            return
+        if now >= self._next_telemetry:
+            self._next_telemetry = now + self.config.telemetry_interval_s
+            self.link.publish(topics.device(self.device, "telemetry"), encode(read_telemetry(self.device)), qos=0)
+        for dropped in self.globals.expire(now):
+            log.warning("dropped incomplete global model transfer %s", dropped)
+        for pending in self.outbox.pending():
+            if now - self._sent_at.get(pending.manifest.update_id, 0.0) > self.config.receipt_timeout_s:
+                self.publish_update(pending)
+
+    # --- handlers ---------------------------------------------------------------------------------------
+
+    def on_connected(self) -> None:
+        profile = build_profile(self.device, self.samples, POLICIES)
+        self.link.publish(topics.device(self.device, "profile"), encode(profile), retain=True)
+        self._sent_at.clear()  # resend whatever still waits for a receipt
+
+    def on_message(self, message: Incoming) -> None:
+        ref = topics.parse(message.topic)
+        if not message.payload:
+            return  # a cleared retained message
+        if ref.kind == "schedule":
+            self.on_schedule(decode(message.payload, Schedule))
+        elif ref.kind == "receipts":
+            self.on_receipt(decode(message.payload, Receipt))
+        elif ref.kind == "global":
+            self.on_global_part(ref, message.payload)
+
+    def on_global_part(self, ref: topics.TopicRef, payload: bytes) -> None:
+        if ref.part == "manifest":
+            manifest = decode(payload, GlobalManifest)
+            if manifest.task != ref.task:
+                raise ProtocolError(f"global manifest for {manifest.task} published under task {ref.task}")
+            if self.cache.has(manifest.task, manifest.version, manifest.transfer.sha256):
+                self._mark_ready(manifest.task, manifest.version)
+                return
+            delivery = self.globals.add_manifest(manifest)
+        else:
+            delivery = self.globals.add_chunk(decode(payload, Chunk))
+        if delivery is not None:
+            self.cache.store(delivery.manifest, delivery.path)
+            log.info("global model %s v%d cached", delivery.manifest.task, delivery.manifest.version)
+            self._mark_ready(delivery.manifest.task, delivery.manifest.version)
+
+    def on_schedule(self, schedule: Schedule) -> None:
+        if schedule.device != self.device:
+            raise ProtocolError(f"schedule for {schedule.device} arrived at {self.device}")
+        current = self.round
+        if current is not None and current.schedule.round == schedule.round:
+            return  # the same schedule again (retained, reconnect): already handled
+        if schedule.deadline < time.time():
+            log.info("round %d: deadline passed before the schedule arrived; skipping", schedule.round)
+            return
+        if current is not None and current.thread is not None and current.thread.is_alive():
+            log.warning("round %d superseded by round %d; stopping its tasks", current.schedule.round, schedule.round)
+            current.stop.set()
+        self.outbox.drop_older_than(schedule.round)
+        active = ActiveRound(schedule)
+        self.round = active
+        to_train = []
+        for assignment in schedule.tasks:
+            if assignment.task not in self.config.tasks:
+                self.emit_event("skipped", schedule.round, assignment.task, "no local data for this task")
+            elif self.receipts.done(assignment.task, schedule.round):
+                continue
+            elif (pending := self.outbox.find(assignment.task, schedule.round)) is not None:
+                self.publish_update(pending)
+            else:
+                to_train.append(assignment)
+        if to_train:
+            self._start(active, to_train)
+
+    def on_outcome(self, item: RoundOutcome) -> None:
+        current = self.round
+        if current is None or item.round != current.schedule.round:
+            return  # a stopped, superseded round
+        outcome = item.outcome
+        assignment = next(a for a in current.schedule.tasks if a.task == outcome.task)
+        if outcome.failure is not None:
+            log.error("task %s failed in round %d: %s", outcome.task, item.round, outcome.failure.error)
+            self.emit_event("failed", item.round, outcome.task, f"{outcome.failure.code}: {outcome.failure.error}")
+            return
+        trained = outcome.trained
+        payload_path = Path(trained.output_path)
+        update_id = uuid.uuid4().hex
+        manifest = UpdateManifest(
+            task=outcome.task,
+            round=item.round,
+            device=self.device,
+            update_id=update_id,
+            base_version=assignment.base_version,
+            samples=trained.samples,
+            codec=current.schedule.codec,
+            transfer=transfer_info(update_id, payload_path.read_bytes()),
+            metrics={**trained.metrics, "seconds": trained.seconds},
+        )
+        pending = self.outbox.put(manifest, payload_path)
+        self.emit_event("finished", item.round, outcome.task, metrics=manifest.metrics)
+        self.publish_update(pending)
+
+    def on_progress(self, item: RoundProgress) -> None:
+        current = self.round
+        if current is None or item.round != current.schedule.round or item.task in current.started:
+            return
+        current.started.add(item.task)
+        self.emit_event("started", item.round, item.task)
+
+    def on_receipt(self, receipt: Receipt) -> None:
+        if receipt.status == "rejected":
+            log.error("update %s for %s round %d rejected: %s", receipt.update_id, receipt.task, receipt.round, receipt.reason)
+        else:
+            self.receipts.mark_done(receipt.task, receipt.round)
+        if self.outbox.remove(receipt.update_id):
+            self._sent_at.pop(receipt.update_id, None)
+
+    # --- actions ----------------------------------------------------------------------------------------
+
+    def publish_update(self, pending: Pending) -> None:
+        manifest = pending.manifest
+        self.link.publish_transfer(
+            topics.update(manifest.task, self.device), encode(manifest), manifest.transfer, pending.payload_path.read_bytes()
+        )
+        self._sent_at[manifest.update_id] = time.monotonic()
+        self.emit_event("uploaded", manifest.round, manifest.task, f"{manifest.transfer.size} bytes")
+
+    def emit_event(self, kind: str, round_: int, task: str | None, message: str = "", metrics=None) -> None:
+        event = Event(device=self.device, ts=time.time(), kind=kind, round=round_, task=task, message=message, metrics=metrics or {})
+        self.link.publish(topics.device(self.device, "events"), encode(event))
+
+    def _start(self, active: ActiveRound, assignments) -> None:
+        number = active.schedule.round
+        commands = {}
+        for a in assignments:
+            ready = threading.Event()
+            if self.cache.has(a.task, a.base_version, a.base_sha256):
+                ready.set()
+            active.inputs_ready[a.task] = ready
+            commands[a.task] = jobs.Train(
+                assignment=a,
+                data=self.config.tasks[a.task],
+                base_path=str(self.cache.payload_path(a.task, a.base_version)),
+                output_path=str(self.work_dir / f"{a.task}-r{number}.update"),
+            )
+        launches = [Launch(task=a.task) for a in assignments]
+        init = jobs.Init(device=self._compute_device(), threads=self.config.execution.cpu_threads_per_task, seed=number)
+        inbox = self.link.inbox
+        active.thread = threading.Thread(
+            target=run_round,
+            args=(launches, commands, init, lambda o: inbox.put(RoundOutcome(number, o))),
+            kwargs=dict(
+                inputs_ready=active.inputs_ready,
+                on_progress=lambda task, p: inbox.put(RoundProgress(number, task, p)),
+                stop=active.stop,
+                log_dir=self.work_dir,
+            ),
+            name=f"round-{number}",
+            daemon=True,
+        )
+        active.thread.start()
+        log.info("round %d: training %s", number, [a.task for a in assignments])
+
+    def _mark_ready(self, task: str, version: int) -> None:
+        current = self.round
+        if current is None or task not in current.inputs_ready:
+            return
+        assignment = next(a for a in current.schedule.tasks if a.task == task)
+        if assignment.base_version == version and self.cache.has(task, version, assignment.base_sha256):
+            current.inputs_ready[task].set()
+
+    def _compute_device(self) -> str:
+        wanted = self.config.execution.device
+        if wanted != "auto":
+            return wanted
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,170 @@
+"""A task worker process: `python -m agent.worker`, driven by JSON lines (agent.jobs) on stdin/stdout.
+
+The parent sets the environment (e.g. CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) before starting it; the worker
+reports the SM count it actually got so the parent can check it. Stray prints go to stderr; stdout carries
+only protocol lines. SIGTERM asks the current command to stop at the next step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import BinaryIO
+
+import msgspec
+
+from agent import jobs
+from protocol.durable import write_atomically
+from protocol.tensors import decode_state, encode_state
+
+
+class Worker:
+    def __init__(self, commands: BinaryIO, out: BinaryIO) -> None:
+        self.commands = commands
+        self.out = out
+        self.device = "cpu"
+        self.seed = 0
+        self.stop_requested = False
+        self._last_progress = 0.0
+
+    def emit(self, event: jobs._Line) -> None:
+        self.out.write(jobs.encode_line(event))
+        self.out.flush()
+
+    def serve(self) -> int:
+        for line in self.commands:
+            if not line.strip():
+                continue
+            try:
+                command = jobs.decode_command(line)
+            except msgspec.MsgspecError as exc:
+                self.emit(jobs.Failed(code="protocol", error=f"bad command: {exc}"))
+                return 2
+            if isinstance(command, jobs.Exit):
+                return 0
+            try:
+                self.run(command)
+            except Exception as exc:  # reported to the parent, which decides what happens next
+                code = classify(exc)
+                self.emit(jobs.Failed(code=code, error=f"{type(exc).__name__}: {exc}"))
+                traceback.print_exc(file=sys.stderr)
+                if code == "mps":  # the CUDA context is unusable after an MPS fault
+                    return 3
+        return 0
+
+    def run(self, command: jobs.Command) -> None:
+        if isinstance(command, jobs.Init):
+            self.init(command)
+        elif isinstance(command, jobs.Train):
+            self.train(command)
+        elif isinstance(command, jobs.Measure):
+            self.measure(command)
+        else:
+            raise ValueError(f"unexpected command {type(command).__name__}")
+
+    def init(self, command: jobs.Init) -> None:
+        import torch
+
+        torch.set_num_threads(command.threads)
+        self.seed = command.seed
+        self.device = command.device
+        if command.device == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError("CUDA requested but torch sees no GPU")
+            torch.backends.cudnn.benchmark = True
+            props = torch.cuda.get_device_properties(0)
+            torch.zeros(1, device="cuda")  # create the context now, so MPS errors surface here
+            self.emit(jobs.Ready(device_name=props.name, sm_count=props.multi_processor_count, pid=os.getpid()))
+        else:
+            self.emit(jobs.Ready(device_name="cpu", pid=os.getpid()))
+
+    def train(self, command: jobs.Train) -> None:
+        from agent.training import train_task
+
+        base = decode_state(Path(command.base_path).read_bytes())
+        started = time.perf_counter()
+        result = train_task(
+            command.assignment,
+            command.data,
+            base,
+            device=self.device,
+            progress=self._progress,
+            should_stop=lambda: self.stop_requested,
+            seed=self.seed,
+        )
+        write_atomically(Path(command.output_path), encode_state(result.delta))
+        self.emit(
+            jobs.Trained(
+                samples=result.samples,
+                steps=result.steps,
+                seconds=time.perf_counter() - started,
+                metrics=result.metrics,
+                output_path=command.output_path,
+            )
+        )
+
+    def measure(self, command: jobs.Measure) -> None:
+        from agent.throughput import SyntheticTrainer
+
+        trainer = SyntheticTrainer(command.model, command.batch, self.device, command.optimizer, seed=self.seed)
+        trainer.warm_up(command.warmup_steps)
+        if command.wait_go:
+            self.emit(jobs.Warm())
+            self._wait_for_go()
+        timing = trainer.run(images=command.images, seconds=command.seconds, should_stop=lambda: self.stop_requested)
+        self.emit(
+            jobs.Measured(
+                batch=command.batch,
+                images=timing.images,
+                seconds=timing.seconds,
+                started_at=timing.started_at,
+                ended_at=timing.ended_at,
+            )
+        )
+
+    def _wait_for_go(self) -> None:
+        line = self.commands.readline()
+        if not isinstance(jobs.decode_command(line), jobs.Go):
+            raise ValueError("expected a go command after warm-up")
+
+    def _progress(self, step: int, total: int) -> None:
+        now = time.monotonic()
+        if step == total or now - self._last_progress >= 0.5:
+            self._last_progress = now
+            self.emit(jobs.Progress(step=step, total=total))
+
+
+def classify(exc: BaseException) -> jobs.FailureCode:
+    """Map an exception to the failure code the parent acts on."""
+    name = type(exc).__name__
+    text = str(exc)
+    if name == "TrainingStopped":
+        return "stopped"
+    if name == "TrainingDiverged":
+        return "diverged"
+    if name == "OutOfMemoryError" or "out of memory" in text:
+        return "oom"
+    if "MPS" in text or "error 807" in text or "error 805" in text:
+        return "mps"
+    return "error"
+
+
+def main() -> int:
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed by libraries goes to stderr
+    sys.stdout = sys.stderr
+    worker = Worker(sys.stdin.buffer, out)
+
+    def request_stop(signum, frame) -> None:
+        worker.stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    return worker.serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

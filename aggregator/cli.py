@@ -1,0 +1,97 @@
+"""`fedmt-aggregator`: run the aggregator, check its config, build initial weights, show the round ledger."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from protocol.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedmt-aggregator", description="FedMT aggregator: per-task weighted FedAvg over MQTT.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the aggregator service")
+    run.add_argument("--config", required=True, help="TOML config file")
+    check = sub.add_parser("check-config", help="validate a config file and summarise it")
+    check.add_argument("--config", required=True)
+    status = sub.add_parser("status", help="print the round ledger of a state directory")
+    status.add_argument("--config", required=True)
+    init = sub.add_parser("init-weights", help="write a task's initial weights to a safetensors file (needs torch)")
+    init.add_argument("--model", required=True, help="torchvision model name, e.g. resnet18")
+    init.add_argument("--num-classes", type=int, required=True)
+    init.add_argument("--input-size", type=int, default=32)
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+
+    from protocol.daemon import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from aggregator.config import load
+    from aggregator.service import AggregatorService
+    from protocol.daemon import stop_on_signals
+
+    service = AggregatorService(load(args.config))
+    service.run(stop_on_signals())
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from aggregator.config import load
+
+    config = load(args.config)
+    print(f"ok: {len(config.tasks)} tasks ({', '.join(config.tasks)}), broker {config.mqtt.host}:{config.mqtt.port}, "
+          f"state in {config.state_dir}")  # fmt: skip
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from aggregator.config import load
+    from aggregator.ledger import RoundLedger
+
+    config = load(args.config)
+    path = Path(config.state_dir) / "ledger.sqlite"
+    if not path.exists():
+        print(f"no ledger at {path}: the aggregator has not run yet")
+        return 1
+    with RoundLedger(path) as ledger:
+        current = ledger.current_round()
+        for task in config.tasks:
+            record = ledger.latest_global(task)
+            print(f"{task}: global v{record.version if record else '-'}")
+        if current is None:
+            print("no round opened yet")
+        else:
+            print(f"round {current.round}: {current.state}")
+            for task, record in current.tasks.items():
+                updates = ledger.updates_for(task, current.round)
+                print(f"  {task}: {record.state}, {len(updates)} updates, base v{record.base_version}")
+    return 0
+
+
+def _init_weights(args: argparse.Namespace) -> int:
+    from protocol.models import build_model, state_to_numpy
+    from protocol.schemas import ModelSpec
+    from safetensors.numpy import save_file
+
+    spec = ModelSpec(name=args.model, num_classes=args.num_classes, input_size=args.input_size)
+    save_file(state_to_numpy(build_model(spec, seed=args.seed)), str(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"run": _run, "check-config": _check, "status": _status, "init-weights": _init_weights}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The aggregator daemon: MQTT in, the round coordinator in the middle, retained globals and schedules out.
+
+One thread (`run`) handles every message and timer, so the coordinator needs no locks.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+
+from aggregator.config import AggregatorConfig
+from aggregator.rounds import Coordinator, GlobalModel, Outbound
+from protocol import ProtocolError, topics
+from protocol.chunking import Reassembler
+from protocol.inbox import TransferInbox
+from protocol.schemas import (
+    Chunk,
+    DeviceProfile,
+    Event,
+    Receipt,
+    Status,
+    Telemetry,
+    UpdateManifest,
+    decode,
+    encode,
+)
+from protocol.transport import Incoming, LinkEvent, MqttLink
+
+log = logging.getLogger(__name__)
+SUBSCRIPTIONS = [
+    f"{topics.PREFIX}/devices/+/status",
+    f"{topics.PREFIX}/devices/+/profile",
+    f"{topics.PREFIX}/devices/+/telemetry",
+    f"{topics.PREFIX}/devices/+/events",
+    f"{topics.PREFIX}/tasks/+/updates/#",
+]
+
+
+class AggregatorService:
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.config = config
+        self.coordinator = Coordinator(config)
+        transfers = config.transfers
+        self.updates: TransferInbox[UpdateManifest] = TransferInbox(
+            Reassembler(
+                Path(config.state_dir) / "spool",
+                timeout_s=transfers.reassembly_timeout_s,
+                max_payload_bytes=transfers.max_update_bytes,
+                max_chunk_bytes=max(transfers.chunk_size, 16 << 20),
+            ),
+            lambda m: m.transfer,
+        )
+        self.senders: dict[str, str] = {}  # transfer id -> device whose topic it arrived on
+        self.telemetry: dict[str, Telemetry] = {}
+        self.link = MqttLink(config.mqtt, "fedmt-aggregator", SUBSCRIPTIONS, persistent_session=True)
+        self._published_chunks: dict[str, int] = {}
+
+    def run(self, stop: threading.Event, tick_s: float = 0.5) -> None:
+        self.coordinator.start()
+        self.link.start()
+        next_tick = 0.0
+        try:
+            while not stop.is_set():
+                try:
+                    self.handle(self.link.inbox.get(timeout=tick_s))
+                except queue.Empty:
+                    pass
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + tick_s
+                    self.publish(self.coordinator.tick())
+                    for dropped in self.updates.expire(now):
+                        self.senders.pop(dropped, None)
+                        log.warning("dropped incomplete update transfer %s", dropped)
+        finally:
+            self.link.stop()
+            self.coordinator.ledger.close()
+
+    def handle(self, item: object) -> None:
+        if isinstance(item, LinkEvent):
+            if item.connected:  # republish retained state: idempotent, and repairs a broker that lost it
+                self.publish(Outbound(globals=list(self.coordinator.globals.values()), schedules=self.coordinator.schedules()))
+            return
+        try:
+            self.on_message(item)
+        except ProtocolError as exc:
+            log.warning("dropped message on %s: %s", item.topic, exc)
+
+    def on_message(self, message: Incoming) -> None:
+        ref = topics.parse(message.topic)
+        if ref.kind == "update":
+            self.on_update_part(ref, message.payload)
+        elif ref.kind == "status":
+            online = bool(message.payload) and decode(message.payload, Status).state == "online"
+            self.coordinator.device_status(ref.device, online)
+        elif not message.payload:
+            return
+        elif ref.kind == "profile":
+            profile = decode(message.payload, DeviceProfile)
+            _check_sender(profile.device, ref.device)
+            self.coordinator.device_profile(profile)
+        elif ref.kind == "events":
+            event = decode(message.payload, Event)
+            _check_sender(event.device, ref.device)
+            log.info("%s: %s %s round %d %s", event.device, event.kind, event.task or "", event.round, event.message)
+            if event.kind == "failed" and event.task:
+                self.coordinator.task_failed(event.device, event.task, event.round)
+        elif ref.kind == "telemetry":
+            telemetry = decode(message.payload, Telemetry)
+            _check_sender(telemetry.device, ref.device)
+            self.telemetry[ref.device] = telemetry
+
+    def on_update_part(self, ref: topics.TopicRef, payload: bytes) -> None:
+        if ref.part == "manifest":
+            manifest = decode(payload, UpdateManifest)
+            _check_sender(manifest.device, ref.device)
+            if manifest.task != ref.task:
+                raise ProtocolError(f"update manifest for {manifest.task} published under task {ref.task}")
+            receipt = self.coordinator.known_update(manifest)
+            if receipt is not None:
+                self.send_receipt(ref.device, receipt)
+                return
+            self._claim(manifest.transfer.id, ref.device)
+            delivery = self.updates.add_manifest(manifest)
+        else:
+            chunk = decode(payload, Chunk)
+            self._claim(chunk.transfer, ref.device)
+            delivery = self.updates.add_chunk(chunk)
+        if delivery is not None:
+            sender = self.senders.pop(delivery.manifest.transfer.id)
+            self.send_receipt(sender, self.coordinator.accept_update(delivery.manifest, delivery.path, sender))
+
+    def send_receipt(self, device: str, receipt: Receipt) -> None:
+        self.link.publish(topics.device(device, "receipts"), encode(receipt))
+
+    def publish(self, out: Outbound) -> None:
+        for model in out.globals:
+            self.publish_global(model)
+        for schedule in out.schedules:
+            self.link.publish(topics.device(schedule.device, "schedule"), encode(schedule), retain=True)
+        for device in out.cleared_schedules:
+            self.link.publish(topics.device(device, "schedule"), b"", retain=True)
+
+    def publish_global(self, model: GlobalModel) -> None:
+        manifest = model.manifest
+        base = topics.global_model(manifest.task)
+        self.link.publish_transfer(base, encode(manifest), manifest.transfer, model.payload, retain=True)
+        previous = self._published_chunks.get(manifest.task, 0)
+        for index in range(manifest.transfer.chunks, previous):  # clear retained chunks a shorter model left
+            self.link.publish(topics.chunk(base, index), b"", retain=True)
+        self._published_chunks[manifest.task] = manifest.transfer.chunks
+        log.info("published global %s v%d (%d bytes)", manifest.task, manifest.version, manifest.transfer.size)
+
+    def _claim(self, transfer_id: str, device: str) -> None:
+        owner = self.senders.setdefault(transfer_id, device)
+        if owner != device:
+            raise ProtocolError(f"transfer {transfer_id} belongs to {owner}; {device} cannot add to it")
+
+
+def _check_sender(claimed: str, topic_device: str) -> None:
+    if claimed != topic_device:
+        raise ProtocolError(f"message names device {claimed} but arrived on {topic_device}'s topic")

@@ -1,0 +1,40 @@
+"""Loading TOML config files into validated msgspec Structs, with errors that name the bad key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not match its schema."""
+
+
+def load_toml(path: str | Path, kind: type[T]) -> T:
+    """Read `path` and validate it as `kind`; unknown keys, wrong types and bad values raise ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        return msgspec.toml.decode(text, type=kind)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {_explain(str(exc))}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except ValueError as exc:  # raised by __post_init__ checks
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _explain(message: str) -> str:
+    """msgspec says `... - at `$.mqtt.port``; make the key path read like TOML."""
+    if " - at `$" in message:
+        what, where = message.rsplit(" - at `$", 1)
+        key = where.rstrip("`").lstrip(".")
+        return f"key '{key}': {what}"
+    return message

@@ -1,0 +1,104 @@
+"""State dicts on the wire: each tensor as dtype + shape + raw little-endian bytes, in msgpack. No pickle.
+
+`encode_state` / `decode_state` round-trip bit-exactly; decoding checks every tensor's byte length against its
+dtype and shape and never executes or imports anything named in the payload.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import msgspec
+import numpy as np
+
+from protocol.errors import ProtocolError
+from protocol.schemas import TensorInfo
+
+#: dtypes allowed on the wire (numpy names). bfloat16 travels as float32.
+WIRE_DTYPES = frozenset(
+    {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"}
+)
+MAX_TENSORS = 100_000
+MAX_NDIM = 8
+MAX_DIM = 2**31 - 1
+
+
+class _WireTensor(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    dtype: str
+    shape: list[int]
+    data: memoryview
+
+
+_state_decoder = msgspec.msgpack.Decoder(dict[str, _WireTensor])
+_encoder = msgspec.msgpack.Encoder()
+
+
+def wire_dtype(array: np.ndarray) -> str:
+    """The wire name of an array's dtype; raises ProtocolError for dtypes the protocol does not carry."""
+    name = array.dtype.name
+    if name not in WIRE_DTYPES:
+        raise ProtocolError(f"dtype {name} cannot travel; allowed: {sorted(WIRE_DTYPES)}")
+    return name
+
+
+def encode_state(state: Mapping[str, np.ndarray]) -> bytes:
+    """msgpack bytes of a name -> array mapping (arrays are sent little-endian, C order)."""
+    wire = {}
+    for name, array in state.items():
+        array = np.asarray(array)
+        dtype = wire_dtype(array)
+        little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        wire[name] = _WireTensor(dtype, list(array.shape), memoryview(little.reshape(-1).view(np.uint8)))
+    return _encoder.encode(wire)
+
+
+def decode_state(payload: bytes | memoryview) -> dict[str, np.ndarray]:
+    """Arrays of an encoded state dict, read-only views into `payload` (copy to modify)."""
+    try:
+        wire = _state_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"bad state dict payload: {exc}") from None
+    if len(wire) > MAX_TENSORS:
+        raise ProtocolError(f"state dict has {len(wire)} tensors; at most {MAX_TENSORS} allowed")
+    state = {}
+    for name, tensor in wire.items():
+        if tensor.dtype not in WIRE_DTYPES:
+            raise ProtocolError(f"tensor {name!r}: dtype {tensor.dtype!r} not allowed")
+        if len(tensor.shape) > MAX_NDIM or any(not 0 <= d <= MAX_DIM for d in tensor.shape):
+            raise ProtocolError(f"tensor {name!r}: invalid shape {tensor.shape}")
+        dtype = np.dtype(tensor.dtype).newbyteorder("<")
+        expected = math.prod(tensor.shape) * dtype.itemsize
+        if len(tensor.data) != expected:
+            raise ProtocolError(
+                f"tensor {name!r}: {len(tensor.data)} bytes for shape {tensor.shape} {tensor.dtype}, expected {expected}"
+            )
+        state[name] = np.frombuffer(tensor.data, dtype=dtype).reshape(tensor.shape)
+    return state
+
+
+def describe(state: Mapping[str, np.ndarray]) -> list[TensorInfo]:
+    """Names, dtypes and shapes of a state dict, for manifests."""
+    return [TensorInfo(name=n, dtype=wire_dtype(np.asarray(a)), shape=list(np.shape(a))) for n, a in state.items()]
+
+
+def check_layout(state: Mapping[str, np.ndarray], expected: list[TensorInfo], what: str) -> None:
+    """Raise ProtocolError unless `state` has exactly the expected names, dtypes and shapes."""
+    want = {t.name: t for t in expected}
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want))
+    if missing or extra:
+        raise ProtocolError(f"{what}: tensor names differ (missing {missing[:5]}, unexpected {extra[:5]})")
+    for name, array in state.items():
+        info = want[name]
+        if array.dtype.name != info.dtype or list(array.shape) != info.shape:
+            raise ProtocolError(
+                f"{what}: tensor {name!r} is {array.dtype.name}{list(array.shape)}, expected {info.dtype}{info.shape}"
+            )
+
+
+def check_finite(state: Mapping[str, np.ndarray], what: str) -> None:
+    """Raise ProtocolError if any floating tensor holds NaN or infinity."""
+    for name, array in state.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ProtocolError(f"{what}: tensor {name!r} holds non-finite values")

@@ -1,0 +1,102 @@
+"""The versioned MQTT topic tree (v1).
+
+```
+fedmt/v1/devices/{device}/status                 retained online/offline (birth + LWT)   agent -> all
+fedmt/v1/devices/{device}/profile                retained device profile                  agent -> aggregator
+fedmt/v1/devices/{device}/telemetry              periodic load/memory/power               agent -> aggregator
+fedmt/v1/devices/{device}/events                 task started/finished/failed             agent -> aggregator
+fedmt/v1/devices/{device}/schedule               retained round plan for this device      aggregator -> agent
+fedmt/v1/devices/{device}/receipts               update accepted/duplicate/rejected       aggregator -> agent
+fedmt/v1/tasks/{task}/global/manifest            retained global model manifest           aggregator -> agents
+fedmt/v1/tasks/{task}/global/chunks/{i}          retained global model chunks             aggregator -> agents
+fedmt/v1/tasks/{task}/updates/{device}/manifest  update manifest                          agent -> aggregator
+fedmt/v1/tasks/{task}/updates/{device}/chunks/{i} update chunks                           agent -> aggregator
+```
+
+The device id is the MQTT username, so the broker ACL (`%u`) confines a device to its own topics.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from protocol.errors import ProtocolError
+
+PREFIX = "fedmt/v1"
+DEVICE_LEAVES = ("status", "profile", "telemetry", "events", "schedule", "receipts")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"  # \Z: `$` would admit a trailing newline
+_NAME = re.compile(NAME_PATTERN)
+
+
+def check_name(kind: str, name: str) -> str:
+    """Return `name` if it is a valid device or task id (one topic level, no wildcards, file-name safe)."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ProtocolError(f"invalid {kind} id {name!r}: expected 1-64 of [A-Za-z0-9_.-], not starting with . - _")
+    return name
+
+
+def device(device_id: str, leaf: str) -> str:
+    """Topic of one of a device's own channels (`leaf` in DEVICE_LEAVES)."""
+    if leaf not in DEVICE_LEAVES:
+        raise ValueError(f"unknown device channel {leaf!r}; expected one of {DEVICE_LEAVES}")
+    return f"{PREFIX}/devices/{check_name('device', device_id)}/{leaf}"
+
+
+def global_model(task: str) -> str:
+    """Base topic of a task's retained global model transfer."""
+    return f"{PREFIX}/tasks/{check_name('task', task)}/global"
+
+
+def update(task: str, device_id: str) -> str:
+    """Base topic of a device's update transfers for a task."""
+    return f"{PREFIX}/tasks/{check_name('task', task)}/updates/{check_name('device', device_id)}"
+
+
+def manifest(base: str) -> str:
+    return f"{base}/manifest"
+
+
+def chunk(base: str, index: int) -> str:
+    return f"{base}/chunks/{index}"
+
+
+def all_below(base: str) -> str:
+    """Subscription filter for everything under a base topic."""
+    return f"{base}/#"
+
+
+@dataclass(frozen=True)
+class TopicRef:
+    """A parsed topic. `kind` is a device leaf, or 'global' / 'update' for transfers."""
+
+    kind: str
+    device: str | None = None
+    task: str | None = None
+    part: str | None = None  # 'manifest' or 'chunk' for transfers
+    index: int | None = None  # chunk index
+
+
+def parse(topic: str) -> TopicRef:
+    """Parse a v1 topic; raise ProtocolError for anything outside the tree."""
+    levels = topic.split("/")
+    if levels[:2] != PREFIX.split("/"):
+        raise ProtocolError(f"topic {topic!r} is not under {PREFIX}/")
+    rest = levels[2:]
+    if len(rest) == 3 and rest[0] == "devices" and rest[2] in DEVICE_LEAVES:
+        return TopicRef(kind=rest[2], device=check_name("device", rest[1]))
+    if len(rest) >= 3 and rest[0] == "tasks":
+        task = check_name("task", rest[1])
+        if rest[2] == "global":
+            return _transfer_ref("global", task, None, rest[3:], topic)
+        if rest[2] == "updates" and len(rest) >= 4:
+            return _transfer_ref("update", task, check_name("device", rest[3]), rest[4:], topic)
+    raise ProtocolError(f"topic {topic!r} is not in the v1 topic tree")
+
+
+def _transfer_ref(kind: str, task: str, device_id: str | None, tail: list[str], topic: str) -> TopicRef:
+    if tail == ["manifest"]:
+        return TopicRef(kind=kind, task=task, device=device_id, part="manifest")
+    if len(tail) == 2 and tail[0] == "chunks" and tail[1].isascii() and tail[1].isdigit():
+        return TopicRef(kind=kind, task=task, device=device_id, part="chunk", index=int(tail[1]))
+    raise ProtocolError(f"topic {topic!r}: expected .../manifest or .../chunks/<index>")

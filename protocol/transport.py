@@ -1,0 +1,159 @@
+"""The MQTT link both services use: paho-mqtt 2.x, MQTT v5, reconnect with backoff, messages into a queue.
+
+Callbacks run on paho's network thread and only enqueue; each service handles messages on its own thread,
+so application state needs no locks.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import paho.mqtt.client as mqtt
+from msgspec import Meta
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from protocol import topics
+from protocol.chunking import split
+from protocol.schemas import TransferInfo, encode
+
+log = logging.getLogger(__name__)
+
+
+class TlsSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+class MqttSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Broker connection. The username is the device id for agents (the broker ACL relies on it)."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None
+    keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
+    reconnect_min_s: Annotated[float, Meta(gt=0)] = 1.0
+    reconnect_max_s: Annotated[float, Meta(gt=0)] = 30.0
+    session_expiry_s: Annotated[int, Meta(ge=0)] = 3600
+    max_inflight: Annotated[int, Meta(ge=1, le=65535)] = 64
+    tls: TlsSettings | None = None
+
+    def resolved_password(self) -> str | None:
+        if self.password_file:
+            return Path(self.password_file).read_text().strip()
+        return self.password
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+@dataclass(frozen=True)
+class LinkEvent:
+    """Connection state change, delivered through the same queue as messages."""
+
+    connected: bool
+    reason: str
+
+
+class MqttLink:
+    """One paho client: connects in the background, resubscribes and republishes the birth on every connect."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str,
+        subscriptions: Iterable[str] = (),
+        *,
+        will: tuple[str, bytes] | None = None,
+        birth: tuple[str, bytes] | None = None,
+        persistent_session: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.inbox: queue.Queue[Incoming | LinkEvent] = queue.Queue()
+        self.connected = threading.Event()
+        self._subscriptions = list(subscriptions)
+        self._birth = birth
+        self._persistent = persistent_session
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if settings.username:
+            client.username_pw_set(settings.username, settings.resolved_password())
+        if settings.tls:
+            client.tls_set(ca_certs=settings.tls.ca_file, certfile=settings.tls.cert_file, keyfile=settings.tls.key_file)
+        if will:
+            client.will_set(will[0], will[1], qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=settings.reconnect_min_s, max_delay=settings.reconnect_max_s)
+        client.max_inflight_messages_set(settings.max_inflight)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self._connect_properties = Properties(PacketTypes.CONNECT)
+        self._connect_properties.SessionExpiryInterval = settings.session_expiry_s if persistent_session else 0
+        self.client = client
+
+    def start(self) -> None:
+        s = self.settings
+        self.client.connect_async(
+            s.host, s.port, s.keepalive_s, clean_start=not self._persistent, properties=self._connect_properties
+        )
+        self.client.loop_start()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self.connected.wait(timeout_s)
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def publish_transfer(
+        self, base: str, manifest: bytes, info: TransferInfo, payload: bytes, *, retain: bool = False
+    ) -> None:
+        """Publish `payload`'s chunks under `base`/chunks/i, then the manifest under `base`/manifest."""
+        for chunk in split(payload, info):
+            self.publish(topics.chunk(base, chunk.index), encode(chunk), retain=retain)
+        self.publish(topics.manifest(base), manifest, retain=retain)
+
+    def stop(self, farewell: tuple[str, bytes] | None = None, timeout_s: float = 5.0) -> None:
+        """Publish an optional last retained message, then disconnect cleanly (the broker sends no LWT)."""
+        if farewell and self.connected.is_set():
+            info = self.publish(farewell[0], farewell[1], retain=True)
+            try:
+                info.wait_for_publish(timeout_s)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # paho callbacks (network thread): enqueue only
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker %s:%s refused the connection: %s", self.settings.host, self.settings.port, reason_code)
+            return
+        for topic_filter in self._subscriptions:
+            client.subscribe(topic_filter, qos=1)
+        if self._birth:
+            client.publish(self._birth[0], self._birth[1], qos=1, retain=True)
+        self.connected.set()
+        self.inbox.put(LinkEvent(True, str(reason_code)))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self.connected.is_set()
+        self.connected.clear()
+        if was_connected:
+            log.warning("disconnected from broker: %s (reconnecting)", reason_code)
+            self.inbox.put(LinkEvent(False, str(reason_code)))
+
+    def _on_message(self, client, userdata, message) -> None:
+        self.inbox.put(Incoming(message.topic, bytes(message.payload), bool(message.retain)))

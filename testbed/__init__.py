@@ -1,0 +1,1 @@
+"""Local test bed: a real Mosquitto broker (Docker or local binary) and the demo federation."""

@@ -1,0 +1,162 @@
+"""Start a real Mosquitto 2.x broker for tests and the demo: in Docker when an engine answers, else the binary.
+
+The broker uses the project's own ACL (broker_config/acl) with generated credentials, so tests exercise the
+same authorisation rules as production.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ACL_FILE = Path(__file__).resolve().parent.parent / "broker_config" / "acl"
+DOCKER_IMAGE = "eclipse-mosquitto:2"
+
+
+class BrokerUnavailable(RuntimeError):
+    """Neither a Docker engine nor a mosquitto binary can run a broker here."""
+
+
+def password_line(user: str, password: str) -> str:
+    """A mosquitto_passwd line (PBKDF2-SHA512, the `$7$` format of Mosquitto 2.0)."""
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
+    return f"{user}:$7$101${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def docker_available() -> bool:
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def mosquitto_binary() -> str | None:
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
+    )
+
+
+@dataclass
+class Mosquitto:
+    """A broker on 127.0.0.1:`port` with the given users; use as a context manager or start()/stop()."""
+
+    workdir: Path
+    users: dict[str, str]
+    port: int = field(default_factory=free_port)
+    use_docker: bool | None = None
+    message_size_limit: int = 4 << 20
+    host: str = "127.0.0.1"
+    _process: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _container: str | None = field(default=None, init=False, repr=False)
+
+    def start(self, timeout_s: float = 30.0) -> Mosquitto:
+        docker = docker_available() if self.use_docker is None else self.use_docker
+        binary = None if docker else mosquitto_binary()
+        if not docker and binary is None:
+            raise BrokerUnavailable(
+                "no Docker engine answers and no mosquitto binary is installed: "
+                "run `sudo apt-get install mosquitto` or start Docker"
+            )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config_dir = "/mosquitto/config" if docker else str(self.workdir)
+        data_dir = "/mosquitto/data" if docker else str(self.workdir / "data")
+        (self.workdir / "data").mkdir(exist_ok=True)
+        (self.workdir / "passwd").write_text("".join(password_line(u, p) + "\n" for u, p in self.users.items()))
+        shutil.copyfile(ACL_FILE, self.workdir / "acl")
+        (self.workdir / "mosquitto.conf").write_text(self._config(config_dir, data_dir, docker))
+        for name in ("passwd", "acl", "mosquitto.conf"):
+            os.chmod(self.workdir / name, 0o644)
+        if docker:
+            self._container = f"fedmt-mosquitto-{self.port}"
+            subprocess.run(
+                ["docker", "run", "-d", "--rm", "--name", self._container, "-p", f"{self.host}:{self.port}:1883",
+                 "-v", f"{self.workdir}:/mosquitto/config", DOCKER_IMAGE],
+                check=True, capture_output=True,
+            )  # fmt: skip
+        else:
+            log = open(self.workdir / "mosquitto.log", "ab")
+            self._process = subprocess.Popen(
+                [binary, "-c", str(self.workdir / "mosquitto.conf")], stdout=log, stderr=subprocess.STDOUT
+            )
+        self._wait_ready(timeout_s)
+        return self
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+            self._process = None
+        if self._container is not None:
+            subprocess.run(["docker", "stop", self._container], capture_output=True)
+            self._container = None
+
+    def restart(self) -> None:
+        """Stop and start on the same port and data directory (persistence keeps retained messages)."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _config(self, config_dir: str, data_dir: str, docker: bool) -> str:
+        listener = "listener 1883" if docker else f"listener {self.port} {self.host}"
+        log = "log_dest stdout" if docker else f"log_dest file {self.workdir / 'mosquitto.log'}"
+        # As root the binary would drop to the `mosquitto` user, which cannot write our work directory.
+        stay_root = ["user root"] if not docker and os.geteuid() == 0 else []
+        return "\n".join(
+            stay_root
+            + [
+                "per_listener_settings false",
+                "allow_anonymous false",
+                f"password_file {config_dir}/passwd",
+                f"acl_file {config_dir}/acl",
+                listener,
+                f"message_size_limit {self.message_size_limit}",
+                "max_inflight_messages 64",
+                "max_queued_messages 20000",
+                "persistence true",
+                f"persistence_location {data_dir}/",
+                log,
+                "log_type error",
+                "log_type warning",
+                "log_type notice",
+                "",
+            ]
+        )
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.poll() is not None:
+                log = (self.workdir / "mosquitto.log").read_text(errors="replace")[-2000:]
+                raise BrokerUnavailable(f"mosquitto exited with code {self._process.returncode}:\n{log}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise BrokerUnavailable(f"mosquitto did not accept connections on {self.host}:{self.port} in {timeout_s:.0f} s")

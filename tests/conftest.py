@@ -1,0 +1,17 @@
+"""Shared fixtures: a real Mosquitto broker per test (Docker when an engine answers, else the local binary)."""
+
+from __future__ import annotations
+
+import pytest
+
+from testbed.broker import BrokerUnavailable, Mosquitto
+from tests.federation import USERS
+
+
+@pytest.fixture
+def broker(tmp_path):
+    try:
+        with Mosquitto(tmp_path / "broker", USERS) as mosquitto:
+            yield mosquitto
+    except BrokerUnavailable as exc:
+        pytest.fail(f"integration tests need a Mosquitto broker: {exc}")

@@ -1,0 +1,161 @@
+"""A small federation for integration tests: configs, services on threads, and an observer on the broker."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agent.config import AgentConfig, ExecutionConfig
+from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig
+from protocol import topics
+from protocol.chunking import Reassembler
+from protocol.inbox import TransferInbox
+from protocol.schemas import Chunk, Event, GlobalManifest, ModelSpec, OptimizerSpec, Receipt, UpdateManifest, decode
+from protocol.tensors import decode_state
+from protocol.transport import Incoming, MqttLink, MqttSettings
+from testbed.broker import Mosquitto
+
+USERS = {"aggregator": "agg-secret", "monitor": "mon-secret", **{f"dev{i}": f"dev{i}-secret" for i in range(1, 5)}}
+
+SMALL_TASKS = {
+    "shuffle": TaskConfig(
+        model=ModelSpec(name="shufflenet_v2_x0_5", num_classes=10, input_size=32),
+        optimizer=OptimizerSpec(name="sgd", lr=0.05, momentum=0.9),
+        batch_size=16,
+    ),
+    "mobile": TaskConfig(
+        model=ModelSpec(name="mobilenet_v3_small", num_classes=10, input_size=32),
+        optimizer=OptimizerSpec(name="sgd", lr=0.05, momentum=0.9),
+        batch_size=16,
+    ),
+}
+
+
+def mqtt(broker: Mosquitto, user: str) -> MqttSettings:
+    return MqttSettings(host=broker.host, port=broker.port, username=user, password=USERS[user], reconnect_max_s=2.0)
+
+
+def aggregator_config(tmp: Path, broker: Mosquitto, tasks=None, **rounds) -> AggregatorConfig:
+    return AggregatorConfig(
+        state_dir=str(tmp / "aggregator"),
+        mqtt=mqtt(broker, "aggregator"),
+        rounds=RoundsConfig(**{"rounds": 1, "min_devices": 2, "round_timeout_s": 120.0, **rounds}),
+        tasks=tasks or SMALL_TASKS,
+    )
+
+
+def digits(partition: int, partitions: int = 2, fraction: float = 0.15) -> dict:
+    return {"kind": "digits", "num_partitions": partitions, "partition_index": partition, "fraction": fraction}
+
+
+def agent_config(tmp: Path, broker: Mosquitto, device: str, tasks: dict[str, dict]) -> AgentConfig:
+    import msgspec
+
+    from agent.datasets import DataSpec
+
+    return AgentConfig(
+        device=device,
+        state_dir=str(tmp / device),
+        telemetry_interval_s=2.0,
+        receipt_timeout_s=30.0,
+        mqtt=mqtt(broker, device),
+        execution=ExecutionConfig(device="cpu"),
+        tasks={task: msgspec.convert(spec, DataSpec) for task, spec in tasks.items()},
+    )
+
+
+class Running:
+    """A service's `run(stop)` on a daemon thread."""
+
+    def __init__(self, service) -> None:
+        self.service = service
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=service.run, args=(self.stop_event,), daemon=True)
+        self.thread.start()
+
+    def check(self) -> None:
+        assert self.thread.is_alive() or self.stop_event.is_set(), f"{type(self.service).__name__} died"
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), "service did not stop"
+
+
+@dataclass
+class Observer:
+    """A read-only client ('monitor') that records events and receipts and reassembles every transfer."""
+
+    broker: Mosquitto
+    spool: Path
+    globals: dict[tuple[str, int], dict[str, np.ndarray]] = field(default_factory=dict)
+    updates: dict[str, tuple[UpdateManifest, dict[str, np.ndarray]]] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    receipts: list[Receipt] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._globals = TransferInbox(Reassembler(self.spool / "globals"), lambda m: m.transfer)
+        self._updates = TransferInbox(Reassembler(self.spool / "updates"), lambda m: m.transfer)
+        self.link = MqttLink(mqtt(self.broker, "monitor"), "observer", [f"{topics.PREFIX}/#"])
+        self.link.start()
+        assert self.link.wait_connected(10), "observer could not connect"
+
+    def pump(self, timeout_s: float = 0.2) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self.link.inbox.get(timeout=left)
+            except queue.Empty:
+                return
+            if isinstance(item, Incoming) and item.payload:
+                self._record(item)
+
+    def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str, watch=()) -> None:
+        """Pump messages until `condition()`; fail on timeout or when a watched service died."""
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what}"
+            for running in watch:
+                running.check()
+            self.pump()
+
+    def close(self) -> None:
+        self.link.stop()
+
+    def _record(self, message: Incoming) -> None:
+        ref = topics.parse(message.topic)
+        if ref.kind == "events":
+            self.events.append(decode(message.payload, Event))
+        elif ref.kind == "receipts":
+            self.receipts.append(decode(message.payload, Receipt))
+        elif ref.kind in ("global", "update"):
+            inbox, kind = (self._globals, GlobalManifest) if ref.kind == "global" else (self._updates, UpdateManifest)
+            if ref.part == "manifest":
+                delivery = inbox.add_manifest(decode(message.payload, kind))
+            else:
+                delivery = inbox.add_chunk(decode(message.payload, Chunk))
+            if delivery is None:
+                return
+            state = {k: v.copy() for k, v in decode_state(delivery.path.read_bytes()).items()}
+            manifest = delivery.manifest
+            if ref.kind == "global":
+                self.globals[(manifest.task, manifest.version)] = state
+            else:
+                self.updates[manifest.update_id] = (manifest, state)
+
+
+def reference_fedavg(base: dict[str, np.ndarray], updates: list[tuple[int, dict[str, np.ndarray]]]) -> dict:
+    """FedAvg (Eq. 1) written independently: the sample-weighted mean of the local models."""
+    total = sum(samples for samples, _ in updates)
+    result = {}
+    for name, array in base.items():
+        local_models = [(array.astype(np.float64) + delta[name].astype(np.float64)) for _, delta in updates]
+        mean = sum(samples * local for (samples, _), local in zip(updates, local_models)) / total
+        result[name] = (np.rint(mean) if array.dtype.kind in "iu" else mean).astype(array.dtype)
+    return result

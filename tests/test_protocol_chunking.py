@@ -1,0 +1,337 @@
+"""Chunked transfers: split() + Reassembler under reordering, duplication, loss, corruption and abuse."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import numpy as np
+import pytest
+from msgspec.structs import replace
+
+from protocol import ProtocolError
+from protocol.chunking import Reassembler, sha256_file, sha256_hex, split, transfer_info
+
+CS = 64  # small chunk size keeps multi-chunk payloads tiny
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).bytes(size)
+
+
+def chunks_of(data: bytes, chunk_size: int = CS, tid: str = "t1"):
+    return list(split(data, transfer_info(tid, data, chunk_size)))
+
+
+def feed(reassembler: Reassembler, chunks, now: float = 0.0) -> list[tuple[int, object]]:
+    """Add chunks in order; return (position, result) for every non-None result."""
+    results = [(i, reassembler.add(c, now=now)) for i, c in enumerate(chunks)]
+    return [(i, r) for i, r in results if r is not None]
+
+
+def spool_files(reassembler: Reassembler) -> list[str]:
+    return sorted(p.name for p in reassembler.spool_dir.iterdir())
+
+
+@pytest.fixture
+def reasm(tmp_path):
+    return Reassembler(tmp_path / "spool", timeout_s=60.0)
+
+
+# --- split ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size, chunks", [(0, 1), (1, 1), (CS - 1, 1), (CS, 1), (CS + 1, 2), (5 * CS, 5), (5 * CS + 3, 6)])
+def test_transfer_info_and_split_cut_payload_into_ceil_size_over_chunk_size(size, chunks):
+    data = payload(size)
+    info = transfer_info("t1", data, CS)
+    assert (info.id, info.size, info.chunk_size, info.chunks) == ("t1", size, CS, chunks)
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    parts = list(split(data, info))
+    assert [c.index for c in parts] == list(range(chunks))
+    assert b"".join(c.data for c in parts) == data
+    assert all(len(c.data) == CS for c in parts[:-1])
+    assert all((c.transfer, c.total, c.chunk_size, c.size, c.sha256) == ("t1", chunks, CS, size, info.sha256) for c in parts)
+
+
+def test_transfer_info_rejects_non_positive_chunk_size():
+    with pytest.raises(ValueError):
+        transfer_info("t1", b"abc", 0)
+
+
+def test_sha256_helpers_agree_with_hashlib(tmp_path):
+    data = payload(3 << 20, seed=1)  # more than one read block
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert sha256_hex(data) == sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+# --- reassembly ----------------------------------------------------------------------------------------
+
+ORDERS = {
+    "in-order": lambda cs: cs,
+    "reversed": lambda cs: cs[::-1],
+    "shuffled-1": lambda cs: random.Random(1).sample(cs, len(cs)),
+    "shuffled-2": lambda cs: random.Random(2).sample(cs, len(cs)),
+    "last-first": lambda cs: cs[-1:] + cs[:-1],
+}
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("size", [0, 1, CS, CS + 1, 7 * CS + 5])
+def test_reassembly_in_any_order_yields_identical_verified_file_once(reasm, size, order):
+    data = payload(size, seed=size)
+    chunks = ORDERS[order](chunks_of(data))
+    results = feed(reasm, chunks)
+    assert [i for i, _ in results] == [len(chunks) - 1]  # reported by the completing chunk, exactly once
+    done = results[0][1]
+    assert done.transfer == "t1"
+    assert done.size == size
+    assert done.sha256 == hashlib.sha256(data).hexdigest()
+    assert done.path.read_bytes() == data
+    assert done.path.parent == reasm.spool_dir
+    assert reasm.pending_transfers == 0 and reasm.pending_ids() == []
+    assert not list(reasm.spool_dir.glob("*.part"))
+
+
+def test_several_mib_with_small_chunks_shuffled(reasm):
+    data = payload((3 << 20) + 123, seed=7)
+    chunks = chunks_of(data, chunk_size=8192)
+    assert len(chunks) == 385
+    random.Random(3).shuffle(chunks)
+    results = feed(reasm, chunks)
+    assert len(results) == 1
+    assert sha256_file(results[0][1].path) == hashlib.sha256(data).hexdigest()
+    assert results[0][1].path.read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    "arrange",
+    [lambda cs: [c for c in cs for _ in range(2)], lambda cs: cs + cs, lambda cs: cs[::-1] + cs],
+    ids=["each-twice-adjacent", "whole-sequence-twice", "reversed-then-forward"],
+)
+def test_duplicated_chunks_complete_once_and_later_duplicates_return_none(reasm, arrange):
+    data = payload(5 * CS + 9, seed=5)
+    chunks = chunks_of(data)
+    sequence = arrange(chunks)
+    results = feed(reasm, sequence)
+    assert len(results) == 1
+    assert results[0][1].path.read_bytes() == data
+    # the chunk that completed it is the first position by which every index had been seen
+    seen, first_complete = set(), None
+    for i, c in enumerate(sequence):
+        seen.add(c.index)
+        if len(seen) == len(chunks) and first_complete is None:
+            first_complete = i
+    assert results[0][0] == first_complete
+    # a completed transfer stays completed: re-sending everything changes nothing
+    assert feed(reasm, chunks) == []
+    assert reasm.pending_transfers == 0
+    assert spool_files(reasm) == [results[0][1].path.name]
+
+
+def test_duplicate_of_pending_chunk_does_not_count_towards_completion(reasm):
+    chunks = chunks_of(payload(3 * CS, seed=2))
+    assert reasm.add(chunks[0], now=0) is None
+    assert reasm.add(chunks[0], now=0) is None
+    assert reasm.add(chunks[1], now=0) is None
+    assert reasm.pending_transfers == 1
+    assert reasm.add(chunks[2], now=0) is not None
+
+
+def test_many_interleaved_transfers_complete_independently(reasm):
+    datas = {f"upd-{i}": payload(i * 37 + (i % 3) * CS, seed=i) for i in range(25)}
+    all_chunks = [c for tid, data in datas.items() for c in chunks_of(data, tid=tid)]
+    random.Random(11).shuffle(all_chunks)
+    done = {}
+    for c in all_chunks:
+        result = reasm.add(c, now=0)
+        if result is not None:
+            assert result.transfer not in done
+            done[result.transfer] = result
+    assert set(done) == set(datas)
+    for tid, result in done.items():
+        assert result.path.read_bytes() == datas[tid]
+        assert result.sha256 == hashlib.sha256(datas[tid]).hexdigest()
+    assert len({r.path for r in done.values()}) == len(datas)
+    assert reasm.pending_transfers == 0
+
+
+def test_pending_transfers_counts_incomplete_transfers(reasm):
+    a, b = chunks_of(payload(2 * CS), tid="a"), chunks_of(payload(2 * CS, seed=1), tid="b")
+    reasm.add(a[0], now=0)
+    reasm.add(b[0], now=0)
+    assert reasm.pending_transfers == 2 and sorted(reasm.pending_ids()) == ["a", "b"]
+    reasm.add(a[1], now=0)
+    assert reasm.pending_ids() == ["b"]
+
+
+# --- loss and expiry -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", [0, 3, 5])
+def test_lost_chunk_never_completes_and_expire_reclaims_spool(reasm, missing):
+    chunks = chunks_of(payload(5 * CS + 1))
+    assert len(chunks) == 6
+    assert feed(reasm, [c for c in chunks if c.index != missing], now=10.0) == []
+    assert reasm.pending_ids() == ["t1"]
+    assert len(list(reasm.spool_dir.glob("*.part"))) == 1
+    assert reasm.expire(now=10.0 + 59.0) == []  # before the timeout: kept
+    assert reasm.pending_ids() == ["t1"]
+    assert reasm.expire(now=10.0 + 61.0) == ["t1"]
+    assert reasm.pending_transfers == 0
+    assert spool_files(reasm) == []
+    assert reasm.expire(now=1000.0) == []
+
+
+def test_expiry_is_measured_from_last_progress_not_first_chunk(reasm):
+    chunks = chunks_of(payload(4 * CS))
+    reasm.add(chunks[0], now=0.0)
+    reasm.add(chunks[1], now=50.0)
+    reasm.add(chunks[2], now=100.0)
+    assert reasm.expire(now=150.0) == []
+    assert reasm.add(chunks[3], now=150.0) is not None
+
+
+def test_duplicates_do_not_count_as_progress(reasm):
+    chunks = chunks_of(payload(3 * CS))
+    reasm.add(chunks[0], now=0.0)
+    reasm.add(chunks[0], now=50.0)
+    assert reasm.expire(now=61.0) == ["t1"]
+
+
+def test_late_chunk_after_expiry_does_not_complete_old_transfer(reasm):
+    chunks = chunks_of(payload(3 * CS))
+    feed(reasm, chunks[:2], now=0.0)
+    assert reasm.expire(now=100.0) == ["t1"]
+    assert reasm.add(chunks[2], now=101.0) is None
+    assert reasm.pending_ids() == ["t1"]
+
+
+def test_discard_deletes_spool_file_and_ignores_unknown_ids(reasm):
+    chunks = chunks_of(payload(2 * CS))
+    reasm.add(chunks[0], now=0)
+    reasm.discard("t1")
+    reasm.discard("never-seen")
+    assert reasm.pending_transfers == 0
+    assert spool_files(reasm) == []
+
+
+def test_new_reassembler_deletes_stale_part_files(tmp_path):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for name in ("old1.part", "old2.part"):
+        (spool / name).write_bytes(b"partial")
+    (spool / "kept.done").write_bytes(b"owned by a receiver")
+    (spool / "notes.txt").write_text("unrelated")
+    Reassembler(spool)
+    assert sorted(p.name for p in spool.iterdir()) == ["kept.done", "notes.txt"]
+
+
+def test_reassembler_creates_missing_spool_dir(tmp_path):
+    reasm = Reassembler(tmp_path / "a" / "b")
+    assert reasm.spool_dir.is_dir()
+    assert len(feed(reasm, chunks_of(b"x"))) == 1
+
+
+# --- corruption and inconsistent headers ---------------------------------------------------------------
+
+
+def flip(chunk, position: int = 0):
+    data = bytearray(chunk.data)
+    data[position] ^= 0x01
+    return replace(chunk, data=bytes(data))
+
+
+@pytest.mark.parametrize("bad_index", [0, 2, 4])
+def test_corrupted_chunk_fails_sha256_on_completion_and_leaves_no_file(reasm, bad_index):
+    data = payload(4 * CS + 10, seed=9)
+    chunks = chunks_of(data)
+    chunks[bad_index] = flip(chunks[bad_index], position=len(chunks[bad_index].data) - 1)
+    for c in chunks[:-1]:
+        assert reasm.add(c, now=0) is None
+    with pytest.raises(ProtocolError, match="sha256"):
+        reasm.add(chunks[-1], now=0)
+    assert reasm.pending_transfers == 0
+    assert spool_files(reasm) == []
+    # the transfer is not blacklisted: a clean retransmission succeeds
+    results = feed(reasm, chunks_of(data))
+    assert len(results) == 1 and results[0][1].path.read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        pytest.param(lambda data: chunks_of(payload(len(data), seed=99)), id="other-sha256"),
+        pytest.param(lambda data: chunks_of(data + b"x"), id="other-size"),
+        pytest.param(lambda data: chunks_of(data, chunk_size=CS // 2), id="other-chunk-size-and-total"),
+    ],
+)
+def test_chunk_disagreeing_with_earlier_chunks_is_rejected_and_not_written(reasm, other):
+    data = payload(4 * CS, seed=4)
+    good = chunks_of(data)
+    intruder = other(data)[1]
+    reasm.add(good[0], now=0)
+    with pytest.raises(ProtocolError, match="disagrees"):
+        reasm.add(intruder, now=0)
+    assert reasm.pending_ids() == ["t1"]
+    results = feed(reasm, good[1:])
+    assert len(results) == 1
+    assert results[0][1].path.read_bytes() == data
+
+
+def test_header_only_disagreement_in_sha256_is_rejected(reasm):
+    good = chunks_of(payload(3 * CS))
+    reasm.add(good[0], now=0)
+    with pytest.raises(ProtocolError):
+        reasm.add(replace(good[1], sha256="0" * 64), now=0)
+
+
+def _multi() -> list:
+    return chunks_of(payload(3 * CS + 5, seed=3))  # 4 chunks, last one 5 bytes
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(lambda: replace(_multi()[0], index=4), id="index-equals-total"),
+        pytest.param(lambda: replace(_multi()[0], index=1000), id="index-far-beyond"),
+        pytest.param(  # a plausible byte count (0) must not let an out-of-range index count towards completion
+            lambda: replace(chunks_of(payload(2 * CS))[0], index=2, data=b""), id="index-equals-total-empty-data"
+        ),
+        pytest.param(lambda: replace(_multi()[0], data=_multi()[0].data[:-1]), id="short-data"),
+        pytest.param(lambda: replace(_multi()[0], data=_multi()[0].data + b"\0"), id="long-data"),
+        pytest.param(lambda: replace(_multi()[3], data=_multi()[3].data + b"\0"), id="long-last-chunk"),
+        pytest.param(lambda: replace(_multi()[3], data=b""), id="empty-last-chunk"),
+        pytest.param(lambda: replace(_multi()[0], total=5), id="total-too-large"),
+        pytest.param(lambda: replace(_multi()[0], total=1), id="total-too-small"),
+        pytest.param(lambda: replace(_multi()[0], size=10 * CS), id="size-vs-total"),
+        pytest.param(lambda: replace(_multi()[0], chunk_size=CS * 2), id="chunk-size-vs-total"),
+        pytest.param(lambda: replace(chunks_of(b"")[0], data=b"x"), id="empty-payload-with-data"),
+    ],
+)
+def test_inconsistent_chunk_is_rejected_and_nothing_stored(reasm, bad):
+    with pytest.raises(ProtocolError):
+        reasm.add(bad(), now=0)
+    assert reasm.pending_transfers == 0
+    assert spool_files(reasm) == []
+
+
+def test_payload_above_max_payload_bytes_is_rejected_before_storing(tmp_path):
+    reasm = Reassembler(tmp_path, max_payload_bytes=10 * CS)
+    with pytest.raises(ProtocolError):
+        reasm.add(chunks_of(payload(10 * CS + 1))[0], now=0)
+    assert reasm.pending_transfers == 0 and list(tmp_path.iterdir()) == []
+    # an absurd claimed size must not create a huge (sparse) spool file either
+    with pytest.raises(ProtocolError):
+        reasm.add(replace(chunks_of(payload(CS))[0], size=1 << 40, total=(1 << 40) // CS), now=0)
+    assert list(tmp_path.iterdir()) == []
+    assert len(feed(reasm, chunks_of(payload(10 * CS), tid="at-limit"))) == 1
+
+
+def test_chunk_size_above_max_chunk_bytes_is_rejected_before_storing(tmp_path):
+    reasm = Reassembler(tmp_path, max_chunk_bytes=CS)
+    with pytest.raises(ProtocolError):
+        reasm.add(chunks_of(payload(3 * CS), chunk_size=CS + 1)[0], now=0)
+    assert reasm.pending_transfers == 0 and list(tmp_path.iterdir()) == []
+    assert len(feed(reasm, chunks_of(payload(3 * CS), chunk_size=CS, tid="at-limit"))) == 1

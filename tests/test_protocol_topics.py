@@ -1,0 +1,188 @@
+"""The v1 topic tree: builders and parse() are inverse; anything outside the tree is a ProtocolError."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocol import ProtocolError
+from protocol import topics as t
+from protocol.topics import TopicRef, parse
+
+DEVICES = ["dev-1", "jetson.orin_02", "A", "x" * 64, "0"]
+TASKS = ["cifar10", "image.net-1k_v2", "T"]
+BAD_IDS = ["", "a/b", "+", "#", "dev+", "dev#", "a b", "x" * 65, ".hidden", "-dash", "_under", "ä", "a\0b", None, 7]
+
+
+@pytest.mark.parametrize("leaf", t.DEVICE_LEAVES)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_device_topics_round_trip(dev, leaf):
+    topic = t.device(dev, leaf)
+    assert topic == f"fedmt/v1/devices/{dev}/{leaf}"
+    assert parse(topic) == TopicRef(kind=leaf, device=dev)
+
+
+def test_device_leaves_are_the_documented_six():
+    assert set(t.DEVICE_LEAVES) == {"status", "profile", "telemetry", "events", "schedule", "receipts"}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_global_manifest_and_chunk_topics_round_trip(task):
+    base = t.global_model(task)
+    assert t.manifest(base) == f"fedmt/v1/tasks/{task}/global/manifest"
+    assert parse(t.manifest(base)) == TopicRef(kind="global", task=task, part="manifest")
+    for index in (0, 1, 9, 10, 12345):
+        assert t.chunk(base, index) == f"fedmt/v1/tasks/{task}/global/chunks/{index}"
+        assert parse(t.chunk(base, index)) == TopicRef(kind="global", task=task, part="chunk", index=index)
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_update_manifest_and_chunk_topics_round_trip(task, dev):
+    base = t.update(task, dev)
+    assert t.manifest(base) == f"fedmt/v1/tasks/{task}/updates/{dev}/manifest"
+    assert parse(t.manifest(base)) == TopicRef(kind="update", task=task, device=dev, part="manifest")
+    for index in (0, 3, 100000):
+        ref = parse(t.chunk(base, index))
+        assert ref == TopicRef(kind="update", task=task, device=dev, part="chunk", index=index)
+
+
+def test_ids_named_like_tree_keywords_are_still_ids():
+    assert parse(t.manifest(t.update("global", "manifest"))) == TopicRef(
+        kind="update", task="global", device="manifest", part="manifest"
+    )
+    assert parse(t.device("devices", "status")) == TopicRef(kind="status", device="devices")
+    assert parse(t.chunk(t.global_model("chunks"), 2)) == TopicRef(kind="global", task="chunks", part="chunk", index=2)
+
+
+def test_all_below_is_a_multilevel_wildcard_under_the_base():
+    assert t.all_below(t.global_model("cifar10")) == "fedmt/v1/tasks/cifar10/global/#"
+    assert t.all_below(t.update("cifar10", "dev-1")) == "fedmt/v1/tasks/cifar10/updates/dev-1/#"
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "",
+        "/",
+        "fedmt",
+        "fedmt/v1",
+        "fedmt/v1/",
+        "other/v1/devices/dev-1/status",
+        "fedmt/v2/devices/dev-1/status",
+        "fedmt/v0/tasks/t/global/manifest",
+        "FEDMT/v1/devices/dev-1/status",
+        "/fedmt/v1/devices/dev-1/status",
+        "prefix/fedmt/v1/devices/dev-1/status",
+        # device channels
+        "fedmt/v1/devices",
+        "fedmt/v1/devices/dev-1",
+        "fedmt/v1/devices/dev-1/unknown",
+        "fedmt/v1/devices/dev-1/Status",
+        "fedmt/v1/devices/dev-1/status/extra",
+        "fedmt/v1/devices/dev-1/status/",
+        "fedmt/v1/devices//status",
+        "fedmt/v1/devices/dev-1/manifest",
+        "fedmt/v1/device/dev-1/status",
+        # global transfers
+        "fedmt/v1/tasks",
+        "fedmt/v1/tasks/t",
+        "fedmt/v1/tasks/t/global",
+        "fedmt/v1/tasks/t/global/",
+        "fedmt/v1/tasks/t/global/manifest/extra",
+        "fedmt/v1/tasks/t/global/chunks",
+        "fedmt/v1/tasks/t/global/chunks/",
+        "fedmt/v1/tasks/t/global/chunks/x",
+        "fedmt/v1/tasks/t/global/chunks/-1",
+        "fedmt/v1/tasks/t/global/chunks/1.5",
+        "fedmt/v1/tasks/t/global/chunks/ 1",
+        "fedmt/v1/tasks/t/global/chunks/0x1",
+        "fedmt/v1/tasks/t/global/chunks/1/2",
+        "fedmt/v1/tasks/t/global/chunk/1",
+        "fedmt/v1/tasks/t/global/status",
+        "fedmt/v1/tasks/t/other/manifest",
+        "fedmt/v1/tasks//global/manifest",
+        # update transfers
+        "fedmt/v1/tasks/t/updates",
+        "fedmt/v1/tasks/t/updates/dev-1",
+        "fedmt/v1/tasks/t/updates/manifest",
+        "fedmt/v1/tasks/t/updates/dev-1/chunks",
+        "fedmt/v1/tasks/t/updates/dev-1/chunks/a",
+        "fedmt/v1/tasks/t/updates/dev-1/manifest/x",
+        "fedmt/v1/tasks/t/updates//manifest",
+        "fedmt/v1/tasks/t/update/dev-1/manifest",
+    ],
+)
+def test_parse_rejects_topics_outside_the_tree(topic):
+    with pytest.raises(ProtocolError):
+        parse(topic)
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "fedmt/v1/devices/+/status",
+        "fedmt/v1/devices/#/status",
+        "fedmt/v1/devices/#",
+        "fedmt/v1/devices/dev+1/status",
+        "fedmt/v1/+/dev-1/status",
+        "fedmt/v1/tasks/+/global/manifest",
+        "fedmt/v1/tasks/t#/global/manifest",
+        "fedmt/v1/tasks/t/updates/+/manifest",
+        "fedmt/v1/tasks/t/updates/#",
+        "fedmt/v1/tasks/t/global/chunks/+",
+        "fedmt/v1/tasks/t/global/#",
+        "fedmt/+/devices/dev-1/status",
+        "#",
+    ],
+)
+def test_parse_rejects_wildcards(topic):
+    with pytest.raises(ProtocolError):
+        parse(topic)
+
+
+@pytest.mark.parametrize("bad", [".hidden", "-x", "a b", "x" * 65, "ä"])
+def test_parse_rejects_invalid_ids_in_every_position(bad):
+    for topic in (
+        f"fedmt/v1/devices/{bad}/status",
+        f"fedmt/v1/tasks/{bad}/global/manifest",
+        f"fedmt/v1/tasks/t/updates/{bad}/manifest",
+        f"fedmt/v1/tasks/{bad}/updates/dev-1/chunks/0",
+    ):
+        with pytest.raises(ProtocolError):
+            parse(topic)
+
+
+@pytest.mark.parametrize("index", ["\u00b2", "\u0661\u0662", "\uff11"])
+def test_parse_rejects_non_ascii_digit_chunk_index(index):
+    with pytest.raises(ProtocolError):
+        parse(f"fedmt/v1/tasks/t/global/chunks/{index}")
+
+
+def test_id_with_trailing_newline_is_rejected():
+    with pytest.raises(ProtocolError):
+        t.check_name("device", "dev-1\n")
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_builders_reject_invalid_ids(bad):
+    for build in (
+        lambda: t.device(bad, "status"),
+        lambda: t.global_model(bad),
+        lambda: t.update(bad, "dev-1"),
+        lambda: t.update("cifar10", bad),
+        lambda: t.check_name("device", bad),
+    ):
+        with pytest.raises(ProtocolError):
+            build()
+
+
+def test_check_name_returns_valid_name_and_error_names_the_kind():
+    assert t.check_name("task", "cifar10") == "cifar10"
+    with pytest.raises(ProtocolError, match="task"):
+        t.check_name("task", "a/b")
+
+
+@pytest.mark.parametrize("leaf", ["unknown", "", "Status", "manifest", "status/extra"])
+def test_device_builder_rejects_unknown_channel(leaf):
+    with pytest.raises(ValueError):
+        t.device("dev-1", leaf)
