@@ -78,6 +78,11 @@ def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return images, labels, order[:cut], order[cut:]
 
 
+def digits_split() -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the fixed training and test splits of the digits (read-only)."""
+    return _digits()[2:]
+
+
 def _partitions(spec: DigitsData) -> list[np.ndarray]:
     """The training indices of every device: disjoint, together the whole training split, none empty."""
     _, labels, train, _ = _digits()
@@ -118,7 +123,7 @@ def _digits_tensors(indices: np.ndarray, model: ModelSpec) -> TensorDataset:
 def digits_test_set(model: ModelSpec) -> Dataset:
     """The held-out digits test split, disjoint from every training partition."""
     _check_classes(10, model)
-    return _digits_tensors(_digits()[3], model)
+    return _digits_tensors(digits_split()[1], model)
 
 
 # --- image folders -------------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ class Coordinator:
         if recorded is None:
             return None
         same = (recorded.task, recorded.round, recorded.device) == (manifest.task, manifest.round, manifest.device)
-        return self._receipt(manifest, "duplicate" if same else "rejected", "" if same else "update id reused")
+        return self.receipt(manifest, "duplicate" if same else "rejected", "" if same else "update id reused")
 
     def accept_update(self, manifest: UpdateManifest, payload_path: Path, sender: str) -> Receipt:
         """Validate an update fully, record it durably, fold it; the receipt says what happened."""
@@ -158,7 +158,7 @@ class Coordinator:
         except ProtocolError as exc:
             payload_path.unlink(missing_ok=True)
             log.warning("rejected update %s from %s: %s", manifest.update_id, sender, exc)
-            return self._receipt(manifest, "rejected", str(exc))
+            return self.receipt(manifest, "rejected", str(exc))
         durable = self.updates_dir / manifest.task / f"r{manifest.round:06d}" / f"{manifest.device}.{manifest.update_id}.state"
         durable.parent.mkdir(parents=True, exist_ok=True)
         move_durably(payload_path, durable)
@@ -169,7 +169,7 @@ class Coordinator:
         if outcome != "accepted":
             durable.unlink(missing_ok=True)
             status = "duplicate" if outcome == "duplicate" else "rejected"
-            return self._receipt(manifest, status, "" if status == "duplicate" else "device already reported")
+            return self.receipt(manifest, status, "" if status == "duplicate" else "device already reported")
         task_round.fedavg.fold(delta, manifest.samples)
         task_round.reported.add(manifest.device)
         log.info(
@@ -177,7 +177,7 @@ class Coordinator:
             manifest.task, manifest.round, manifest.device, manifest.samples,
             task_round.fedavg.count, len(task_round.expected),
         )  # fmt: skip
-        return self._receipt(manifest, "accepted")
+        return self.receipt(manifest, "accepted")
 
     def _check_update(self, manifest: UpdateManifest, sender: str) -> TaskRound:
         if manifest.device != sender:
@@ -329,6 +329,6 @@ class Coordinator:
         return GlobalModel(manifest, state, payload)
 
     @staticmethod
-    def _receipt(manifest: UpdateManifest, status: str, reason: str = "") -> Receipt:
+    def receipt(manifest: UpdateManifest, status: str, reason: str = "") -> Receipt:
         return Receipt(update_id=manifest.update_id, task=manifest.task, round=manifest.round, status=status, reason=reason)
 

@@ -116,9 +116,10 @@ class AggregatorService:
     def on_update_part(self, ref: topics.TopicRef, payload: bytes) -> None:
         if ref.part == "manifest":
             manifest = decode(payload, UpdateManifest)
-            _check_sender(manifest.device, ref.device)
-            if manifest.task != ref.task:
-                raise ProtocolError(f"update manifest for {manifest.task} published under task {ref.task}")
+            if (manifest.device, manifest.task) != (ref.device, ref.task):
+                reason = f"update names device {manifest.device}, task {manifest.task}; sent as {ref.device}, {ref.task}"
+                self.send_receipt(ref.device, Coordinator.receipt(manifest, "rejected", reason))
+                return
             receipt = self.coordinator.known_update(manifest)
             if receipt is not None:
                 self.send_receipt(ref.device, receipt)

@@ -38,3 +38,17 @@ def _explain(message: str) -> str:
         key = where.rstrip("`").lstrip(".")
         return f"key '{key}': {what}"
     return message
+
+
+def to_toml(config: msgspec.Struct) -> str:
+    """A config as TOML text (unset optional keys, None, are left out); needs the tomli-w package."""
+    import tomli_w
+
+    def drop_none(value):
+        if isinstance(value, dict):
+            return {k: drop_none(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list):
+            return [drop_none(v) for v in value]
+        return value
+
+    return tomli_w.dumps(drop_none(msgspec.to_builtins(config)))

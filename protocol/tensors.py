@@ -1,6 +1,7 @@
 """State dicts on the wire: each tensor as dtype + shape + raw little-endian bytes, in msgpack. No pickle.
 
-`encode_state` / `decode_state` round-trip bit-exactly; decoding checks every tensor's byte length against its
+`encode_state` / `decode_state` round-trip bit-exactly. The encoding is canonical (tensors in name order), so
+equal states give equal bytes and equal sha256 whatever order they were built in. Decoding checks every tensor's byte length against its
 dtype and shape and never executes or imports anything named in the payload.
 """
 
@@ -45,7 +46,7 @@ def wire_dtype(array: np.ndarray) -> str:
 def encode_state(state: Mapping[str, np.ndarray]) -> bytes:
     """msgpack bytes of a name -> array mapping (arrays are sent little-endian, C order)."""
     wire = {}
-    for name, array in state.items():
+    for name, array in sorted(state.items()):
         array = np.asarray(array)
         dtype = wire_dtype(array)
         little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
@@ -79,7 +80,9 @@ def decode_state(payload: bytes | memoryview) -> dict[str, np.ndarray]:
 
 def describe(state: Mapping[str, np.ndarray]) -> list[TensorInfo]:
     """Names, dtypes and shapes of a state dict, for manifests."""
-    return [TensorInfo(name=n, dtype=wire_dtype(np.asarray(a)), shape=list(np.shape(a))) for n, a in state.items()]
+    return [
+        TensorInfo(name=n, dtype=wire_dtype(np.asarray(a)), shape=list(np.shape(a))) for n, a in sorted(state.items())
+    ]
 
 
 def check_layout(state: Mapping[str, np.ndarray], expected: list[TensorInfo], what: str) -> None:

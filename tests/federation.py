@@ -13,10 +13,20 @@ import numpy as np
 
 from agent.config import AgentConfig, ExecutionConfig
 from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig
-from protocol import topics
+from protocol import ProtocolError, topics
 from protocol.chunking import Reassembler
 from protocol.inbox import TransferInbox
-from protocol.schemas import Chunk, Event, GlobalManifest, ModelSpec, OptimizerSpec, Receipt, UpdateManifest, decode
+from protocol.schemas import (
+    Chunk,
+    Event,
+    GlobalManifest,
+    ModelSpec,
+    OptimizerSpec,
+    Receipt,
+    Status,
+    UpdateManifest,
+    decode,
+)
 from protocol.tensors import decode_state
 from protocol.transport import Incoming, MqttLink, MqttSettings
 from testbed.broker import Mosquitto
@@ -98,6 +108,8 @@ class Observer:
     updates: dict[str, tuple[UpdateManifest, dict[str, np.ndarray]]] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     receipts: list[Receipt] = field(default_factory=list)
+    statuses: dict[str, str] = field(default_factory=dict)
+    malformed: int = 0
 
     def __post_init__(self) -> None:
         self._globals = TransferInbox(Reassembler(self.spool / "globals"), lambda m: m.transfer)
@@ -114,7 +126,10 @@ class Observer:
             except queue.Empty:
                 return
             if isinstance(item, Incoming) and item.payload:
-                self._record(item)
+                try:
+                    self._record(item)
+                except ProtocolError:
+                    self.malformed += 1
 
     def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str, watch=()) -> None:
         """Pump messages until `condition()`; fail on timeout or when a watched service died."""
@@ -130,7 +145,9 @@ class Observer:
 
     def _record(self, message: Incoming) -> None:
         ref = topics.parse(message.topic)
-        if ref.kind == "events":
+        if ref.kind == "status":
+            self.statuses[ref.device] = decode(message.payload, Status).state
+        elif ref.kind == "events":
             self.events.append(decode(message.payload, Event))
         elif ref.kind == "receipts":
             self.receipts.append(decode(message.payload, Receipt))
@@ -159,3 +176,83 @@ def reference_fedavg(base: dict[str, np.ndarray], updates: list[tuple[int, dict[
         mean = sum(samples * local for (samples, _), local in zip(updates, local_models)) / total
         result[name] = (np.rint(mean) if array.dtype.kind in "iu" else mean).astype(array.dtype)
     return result
+
+
+class RawDevice:
+    """A hand-driven device: announces itself, waits for its schedule, sends whatever updates a test crafts."""
+
+    def __init__(self, broker: Mosquitto, device: str, samples: dict[str, int]) -> None:
+        from protocol.schemas import DeviceProfile, HostInfo, Status, TaskData, encode
+
+        self.device = device
+        self.link = MqttLink(
+            mqtt(broker, device),
+            f"raw-{device}",
+            [topics.device(device, "schedule"), topics.device(device, "receipts")],
+            birth=(topics.device(device, "status"), encode(Status(state="online", ts=time.time()))),
+        )
+        self.link.start()
+        assert self.link.wait_connected(10)
+        host = HostInfo(hostname="raw", os="test", machine="x", python="3", cpu_count=1, memory_bytes=1)
+        profile = DeviceProfile(
+            device=device, ts=time.time(), agent_version="test", host=host,
+            tasks={task: TaskData(samples=n) for task, n in samples.items()},
+        )  # fmt: skip
+        self.link.publish(topics.device(device, "profile"), encode(profile), retain=True).wait_for_publish(5)
+        self.schedules: list = []
+        self.receipts: list[Receipt] = []
+
+    def pump(self, timeout_s: float = 0.2) -> None:
+        from protocol.schemas import Schedule
+
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self.link.inbox.get(timeout=left)
+            except queue.Empty:
+                return
+            if isinstance(item, Incoming) and item.payload:
+                kind = topics.parse(item.topic).kind
+                if kind == "schedule":
+                    self.schedules.append(decode(item.payload, Schedule))
+                elif kind == "receipts":
+                    self.receipts.append(decode(item.payload, Receipt))
+
+    def wait(self, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, f"{self.device}: timed out waiting for {what}"
+            self.pump()
+
+    def receipt_for(self, update_id: str, timeout_s: float = 20.0) -> Receipt:
+        self.wait(lambda: any(r.update_id == update_id for r in self.receipts), timeout_s, f"receipt of {update_id}")
+        return [r for r in self.receipts if r.update_id == update_id][-1]
+
+    def send_update(self, task: str, state: dict[str, np.ndarray], *, samples: int, update_id: str | None = None,
+                    device: str | None = None, base_version: int = 0, round_: int = 1) -> str:  # fmt: skip
+        """Publish `state` as an update under this device's own topic (the manifest may claim another device)."""
+        import uuid
+
+        from protocol.chunking import transfer_info
+        from protocol.schemas import encode
+        from protocol.tensors import encode_state
+
+        update_id = update_id or uuid.uuid4().hex
+        payload = encode_state(state)
+        manifest = UpdateManifest(
+            task=task, round=round_, device=device or self.device, update_id=update_id, base_version=base_version,
+            samples=samples, codec="delta", transfer=transfer_info(update_id, payload, 64 * 1024),
+        )  # fmt: skip
+        self.link.publish_transfer(topics.update(task, self.device), encode(manifest), manifest.transfer, payload)
+        return update_id
+
+    def close(self) -> None:
+        self.link.stop()
+
+
+def random_delta(base: dict[str, np.ndarray], seed: int, scale: float = 1e-2) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        name: (rng.normal(0, scale, a.shape).astype(a.dtype) if a.dtype.kind == "f" else np.zeros_like(a))
+        for name, a in base.items()
+    }

@@ -248,11 +248,11 @@ def layout_state() -> dict[str, np.ndarray]:
 def test_describe_lists_names_wire_dtypes_and_shapes():
     state = layout_state()
     state["be"] = np.zeros((2, 5), ">f8")
-    assert describe(state) == [
-        TensorInfo(name="conv.weight", dtype="float32", shape=[8, 3, 3, 3]),
-        TensorInfo(name="bn.num_batches_tracked", dtype="int64", shape=[]),
-        TensorInfo(name="mask", dtype="bool", shape=[4]),
+    assert describe(state) == [  # in name order
         TensorInfo(name="be", dtype="float64", shape=[2, 5]),
+        TensorInfo(name="bn.num_batches_tracked", dtype="int64", shape=[]),
+        TensorInfo(name="conv.weight", dtype="float32", shape=[8, 3, 3, 3]),
+        TensorInfo(name="mask", dtype="bool", shape=[4]),
     ]
 
 
@@ -329,3 +329,11 @@ def test_check_finite_accepts_finite_floats_and_any_integers_or_bools():
     }
     check_finite(state, "global")
     check_finite(decode_state(encode_state(state)), "global")
+
+
+def test_encoding_is_canonical_whatever_the_insertion_order():
+    rng = np.random.default_rng(0)
+    state = {name: rng.normal(size=(3, 2)).astype(np.float32) for name in ["b", "a.weight", "c", "a.bias"]}
+    reordered = dict(reversed(list(state.items())))
+    assert encode_state(state) == encode_state(reordered)
+    assert describe(state) == describe(reordered)
