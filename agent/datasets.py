@@ -11,7 +11,6 @@ Three kinds, decoded with `msgspec.convert(obj, DataSpec)` (tagged on "kind"):
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -101,7 +100,9 @@ def _partitions(spec: DigitsData) -> list[np.ndarray]:
                 part.extend(chunk.tolist())
         if all(parts):
             return [np.array(part, dtype=np.int64) for part in parts]
-    raise ValueError(f"no Dirichlet(alpha={spec.alpha}) split into {spec.num_partitions} non-empty partitions")
+    raise ValueError(
+        f"no Dirichlet(alpha={spec.alpha}) split into {spec.num_partitions} non-empty partitions"
+    )
 
 
 def digits_indices(spec: DigitsData) -> np.ndarray:

@@ -115,7 +115,9 @@ def train_task(
     return TrainResult(delta=delta, samples=len(dataset), steps=step, metrics=metrics)
 
 
-def _delta(local: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], task: str) -> dict[str, np.ndarray]:
+def _delta(
+    local: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], task: str
+) -> dict[str, np.ndarray]:
     delta = {}
     for name, array in local.items():
         if array.dtype.kind == "f" and not np.isfinite(array).all():
@@ -126,7 +128,12 @@ def _delta(local: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], task
 
 @torch.no_grad()
 def evaluate(
-    model: ModelSpec, state: Mapping[str, np.ndarray], dataset: Dataset, *, device: str = "cpu", batch_size: int = 256
+    model: ModelSpec,
+    state: Mapping[str, np.ndarray],
+    dataset: Dataset,
+    *,
+    device: str = "cpu",
+    batch_size: int = 256,
 ) -> float:
     """Top-1 accuracy of the model with `state` over `dataset`, in [0, 1]."""
     if len(dataset) == 0:

@@ -81,9 +81,10 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _init_weights(args: argparse.Namespace) -> int:
+    from safetensors.numpy import save_file
+
     from protocol.models import build_model, state_to_numpy
     from protocol.schemas import ModelSpec
-    from safetensors.numpy import save_file
 
     spec = ModelSpec(name=args.model, num_classes=args.num_classes, input_size=args.input_size)
     save_file(state_to_numpy(build_model(spec, seed=args.seed)), str(args.out))

@@ -88,6 +88,7 @@ class MqttLink:
         self._subscriptions = list(subscriptions)
         self._birth = birth
         self._persistent = persistent_session
+        self._stopping = False
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         if settings.username:
             client.username_pw_set(settings.username, settings.resolved_password())
@@ -127,6 +128,7 @@ class MqttLink:
 
     def stop(self, farewell: tuple[str, bytes] | None = None, timeout_s: float = 5.0) -> None:
         """Publish an optional last retained message, then disconnect cleanly (the broker sends no LWT)."""
+        self._stopping = True
         if farewell and self.connected.is_set():
             info = self.publish(farewell[0], farewell[1], retain=True)
             try:
@@ -151,7 +153,7 @@ class MqttLink:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
-        if was_connected:
+        if was_connected and not self._stopping:
             log.warning("disconnected from broker: %s (reconnecting)", reason_code)
             self.inbox.put(LinkEvent(False, str(reason_code)))
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from testbed.broker import BrokerUnavailable, Mosquitto
-from tests.federation import USERS
+from testbed.monitor import Monitor
+from tests.federation import USERS, mqtt
 
 
 @pytest.fixture
@@ -15,3 +16,11 @@ def broker(tmp_path):
             yield mosquitto
     except BrokerUnavailable as exc:
         pytest.fail(f"integration tests need a Mosquitto broker: {exc}")
+
+
+@pytest.fixture
+def observer(tmp_path, broker):
+    """A read-only client on the broker that reassembles every global model and update."""
+    monitor = Monitor(mqtt(broker, "monitor"), tmp_path / "observer")
+    yield monitor
+    monitor.close()

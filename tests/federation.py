@@ -6,28 +6,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from agent.config import AgentConfig, ExecutionConfig
 from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig
-from protocol import ProtocolError, topics
-from protocol.chunking import Reassembler
-from protocol.inbox import TransferInbox
-from protocol.schemas import (
-    Chunk,
-    Event,
-    GlobalManifest,
-    ModelSpec,
-    OptimizerSpec,
-    Receipt,
-    Status,
-    UpdateManifest,
-    decode,
-)
-from protocol.tensors import decode_state
+from protocol import topics
+from protocol.schemas import ModelSpec, OptimizerSpec, Receipt, UpdateManifest, decode
 from protocol.transport import Incoming, MqttLink, MqttSettings
 from testbed.broker import Mosquitto
 
@@ -89,82 +75,14 @@ class Running:
         self.thread = threading.Thread(target=service.run, args=(self.stop_event,), daemon=True)
         self.thread.start()
 
-    def check(self) -> None:
+    def __call__(self) -> None:
+        """Raise if the service died (for Monitor.wait_for's `watch`)."""
         assert self.thread.is_alive() or self.stop_event.is_set(), f"{type(self.service).__name__} died"
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self.stop_event.set()
         self.thread.join(timeout_s)
         assert not self.thread.is_alive(), "service did not stop"
-
-
-@dataclass
-class Observer:
-    """A read-only client ('monitor') that records events and receipts and reassembles every transfer."""
-
-    broker: Mosquitto
-    spool: Path
-    globals: dict[tuple[str, int], dict[str, np.ndarray]] = field(default_factory=dict)
-    updates: dict[str, tuple[UpdateManifest, dict[str, np.ndarray]]] = field(default_factory=dict)
-    events: list[Event] = field(default_factory=list)
-    receipts: list[Receipt] = field(default_factory=list)
-    statuses: dict[str, str] = field(default_factory=dict)
-    malformed: int = 0
-
-    def __post_init__(self) -> None:
-        self._globals = TransferInbox(Reassembler(self.spool / "globals"), lambda m: m.transfer)
-        self._updates = TransferInbox(Reassembler(self.spool / "updates"), lambda m: m.transfer)
-        self.link = MqttLink(mqtt(self.broker, "monitor"), "observer", [f"{topics.PREFIX}/#"])
-        self.link.start()
-        assert self.link.wait_connected(10), "observer could not connect"
-
-    def pump(self, timeout_s: float = 0.2) -> None:
-        deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                item = self.link.inbox.get(timeout=left)
-            except queue.Empty:
-                return
-            if isinstance(item, Incoming) and item.payload:
-                try:
-                    self._record(item)
-                except ProtocolError:
-                    self.malformed += 1
-
-    def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str, watch=()) -> None:
-        """Pump messages until `condition()`; fail on timeout or when a watched service died."""
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what}"
-            for running in watch:
-                running.check()
-            self.pump()
-
-    def close(self) -> None:
-        self.link.stop()
-
-    def _record(self, message: Incoming) -> None:
-        ref = topics.parse(message.topic)
-        if ref.kind == "status":
-            self.statuses[ref.device] = decode(message.payload, Status).state
-        elif ref.kind == "events":
-            self.events.append(decode(message.payload, Event))
-        elif ref.kind == "receipts":
-            self.receipts.append(decode(message.payload, Receipt))
-        elif ref.kind in ("global", "update"):
-            inbox, kind = (self._globals, GlobalManifest) if ref.kind == "global" else (self._updates, UpdateManifest)
-            if ref.part == "manifest":
-                delivery = inbox.add_manifest(decode(message.payload, kind))
-            else:
-                delivery = inbox.add_chunk(decode(message.payload, Chunk))
-            if delivery is None:
-                return
-            state = {k: v.copy() for k, v in decode_state(delivery.path.read_bytes()).items()}
-            manifest = delivery.manifest
-            if ref.kind == "global":
-                self.globals[(manifest.task, manifest.version)] = state
-            else:
-                self.updates[manifest.update_id] = (manifest, state)
 
 
 def reference_fedavg(base: dict[str, np.ndarray], updates: list[tuple[int, dict[str, np.ndarray]]]) -> dict:

@@ -36,7 +36,9 @@ def label_skew(parts: list[np.ndarray]) -> float:
     """Mean total-variation distance between each partition's label histogram and the training split's."""
     target = load_digits().target
     overall = np.bincount(target[digits_split()[0]], minlength=10) / len(digits_split()[0])
-    return float(np.mean([0.5 * np.abs(np.bincount(target[p], minlength=10) / len(p) - overall).sum() for p in parts]))
+    return float(
+        np.mean([0.5 * np.abs(np.bincount(target[p], minlength=10) / len(p) - overall).sum() for p in parts])
+    )
 
 
 # --- digits --------------------------------------------------------------------------------------------
@@ -72,7 +74,7 @@ def test_dirichlet_skews_labels_more_than_iid() -> None:
 
 
 def test_partitions_are_deterministic_per_seed() -> None:
-    spec = dict(partition="dirichlet", num_partitions=4, alpha=0.5)
+    spec = {"partition": "dirichlet", "num_partitions": 4, "alpha": 0.5}
     a, b, c = partitions(seed=1, **spec), partitions(seed=1, **spec), partitions(seed=2, **spec)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(len(x) == len(y) and np.array_equal(x, y) for x, y in zip(a, c))
@@ -156,7 +158,9 @@ def test_image_folder_with_more_classes_than_the_model(folder: Path) -> None:
     (folder / "eel").mkdir()
     Image.new("RGB", (8, 8)).save(folder / "eel" / "0.png")
     with pytest.raises(ValueError, match="3 classes"):
-        train_dataset(ImageFolderData(path=str(folder)), ModelSpec(name="resnet18", num_classes=2, input_size=16))
+        train_dataset(
+            ImageFolderData(path=str(folder)), ModelSpec(name="resnet18", num_classes=2, input_size=16)
+        )
 
 
 def test_missing_image_folder_names_the_path(tmp_path: Path) -> None:
@@ -172,9 +176,13 @@ def test_missing_image_folder_names_the_path(tmp_path: Path) -> None:
 
 def test_specs_decode_by_kind() -> None:
     assert msgspec.convert({"kind": "synthetic", "samples": 5}, DataSpec) == SyntheticData(samples=5)
-    spec = msgspec.convert({"kind": "digits", "partition": "dirichlet", "num_partitions": 3, "partition_index": 2}, DataSpec)
+    spec = msgspec.convert(
+        {"kind": "digits", "partition": "dirichlet", "num_partitions": 3, "partition_index": 2}, DataSpec
+    )
     assert spec == DigitsData(partition="dirichlet", num_partitions=3, partition_index=2)
-    assert msgspec.convert({"kind": "imagefolder", "path": "/data"}, DataSpec) == ImageFolderData(path="/data")
+    assert msgspec.convert({"kind": "imagefolder", "path": "/data"}, DataSpec) == ImageFolderData(
+        path="/data"
+    )
 
 
 def test_partition_index_must_be_below_the_count() -> None:

@@ -19,7 +19,6 @@ from protocol import topics
 from protocol.config import to_toml
 from tests.federation import (
     SMALL_TASKS,
-    Observer,
     RawDevice,
     Running,
     agent_config,
@@ -32,13 +31,6 @@ from tests.test_round_integration import assert_states_equal
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 ONE_TASK = {"shuffle": SMALL_TASKS["shuffle"]}
-
-
-@pytest.fixture
-def observer(tmp_path, broker):
-    watcher = Observer(broker, tmp_path / "observer")
-    yield watcher
-    watcher.close()
 
 
 def test_bad_and_spoofed_updates_are_rejected_and_change_nothing(tmp_path, broker, observer):

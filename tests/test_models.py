@@ -19,9 +19,9 @@ SPEC = ModelSpec(name="resnet18", num_classes=10, input_size=32)
 
 def assert_states_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
     assert list(a) == list(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
-        assert np.array_equal(a[name], b[name]), name
+    for name, array in a.items():
+        assert array.dtype == b[name].dtype and array.shape == b[name].shape, name
+        assert np.array_equal(array, b[name]), name
 
 
 def test_same_seed_gives_bit_identical_states() -> None:
@@ -72,7 +72,10 @@ def test_round_trip_through_the_wire_into_a_fresh_model() -> None:
     [
         (lambda s: s.pop("fc.bias"), "missing \\['fc.bias'\\]"),
         (lambda s: s.update(extra=np.zeros(1, np.float32)), "unexpected \\['extra'\\]"),
-        (lambda s: s.update({"fc.bias": np.zeros(3, np.float32)}), "'fc.bias' is float32\\[3\\], expected float32\\[10\\]"),
+        (
+            lambda s: s.update({"fc.bias": np.zeros(3, np.float32)}),
+            "'fc.bias' is float32\\[3\\], expected float32\\[10\\]",
+        ),
         (lambda s: s.update({"fc.bias": np.zeros(10, np.float64)}), "'fc.bias' is float64\\[10\\]"),
     ],
 )
@@ -92,5 +95,7 @@ def test_unknown_model_lists_available_names() -> None:
 
 
 def test_importing_the_module_does_not_import_torch() -> None:
-    code = "import protocol.models, sys; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
+    code = (
+        "import protocol.models, sys; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

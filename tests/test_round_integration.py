@@ -7,7 +7,7 @@ import pytest
 
 from agent.service import Agent
 from aggregator.service import AggregatorService
-from tests.federation import Observer, Running, agent_config, aggregator_config, digits, reference_fedavg
+from tests.federation import Running, agent_config, aggregator_config, digits, reference_fedavg
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
@@ -22,8 +22,7 @@ def assert_states_equal(actual: dict, expected: dict) -> None:
             np.testing.assert_array_equal(actual[name], array, err_msg=name)
 
 
-def test_full_round_two_agents_two_tasks_equals_reference_fedavg(tmp_path, broker):
-    observer = Observer(broker, tmp_path / "observer")
+def test_full_round_two_agents_two_tasks_equals_reference_fedavg(tmp_path, broker, observer):
     aggregator = Running(AggregatorService(aggregator_config(tmp_path, broker)))
     agents = [
         Running(Agent(agent_config(tmp_path, broker, f"dev{i + 1}", {"shuffle": digits(i), "mobile": digits(i)})))
@@ -36,7 +35,6 @@ def test_full_round_two_agents_two_tasks_equals_reference_fedavg(tmp_path, broke
         for agent in agents:
             agent.stop()
         aggregator.stop()
-        observer.close()
 
     for task in ("shuffle", "mobile"):
         sent = [(m.samples, delta) for m, delta in observer.updates.values() if m.task == task]

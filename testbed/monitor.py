@@ -1,0 +1,98 @@
+"""A read-only MQTT client for dashboards, the demo and the tests: it follows everything under fedmt/v1.
+
+It needs credentials with read access to the whole tree (the `monitor` user of broker_config/acl).
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from protocol import ProtocolError, topics
+from protocol.chunking import Reassembler
+from protocol.inbox import TransferInbox
+from protocol.schemas import Chunk, Event, GlobalManifest, Receipt, Schedule, Status, UpdateManifest, decode
+from protocol.tensors import decode_state
+from protocol.transport import Incoming, MqttLink, MqttSettings
+
+
+@dataclass
+class Monitor:
+    """A read-only client that records statuses, schedules, events and receipts and reassembles every transfer."""
+
+    settings: MqttSettings
+    spool: Path
+    globals: dict[tuple[str, int], dict[str, np.ndarray]] = field(default_factory=dict)
+    updates: dict[str, tuple[UpdateManifest, dict[str, np.ndarray]]] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    receipts: list[Receipt] = field(default_factory=list)
+    statuses: dict[str, str] = field(default_factory=dict)
+    schedules: dict[str, Schedule] = field(default_factory=dict)
+    seen_at: dict[tuple[str, int], float] = field(default_factory=dict)
+    malformed: int = 0
+
+    def __post_init__(self) -> None:
+        self._globals = TransferInbox(Reassembler(self.spool / "globals"), lambda m: m.transfer)
+        self._updates = TransferInbox(Reassembler(self.spool / "updates"), lambda m: m.transfer)
+        self.link = MqttLink(self.settings, f"monitor-{uuid.uuid4().hex[:8]}", [f"{topics.PREFIX}/#"])
+        self.link.start()
+        if not self.link.wait_connected(15):
+            raise TimeoutError(f"monitor could not connect to {self.settings.host}:{self.settings.port}")
+
+    def pump(self, timeout_s: float = 0.2) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self.link.inbox.get(timeout=left)
+            except queue.Empty:
+                return
+            if isinstance(item, Incoming) and item.payload:
+                try:
+                    self._record(item)
+                except ProtocolError:
+                    self.malformed += 1
+
+    def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str, watch=()) -> None:
+        """Pump messages until `condition()`; raise on timeout, or let a `watch` callable raise (a process died)."""
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            for check in watch:
+                check()
+            self.pump()
+
+    def close(self) -> None:
+        self.link.stop()
+
+    def _record(self, message: Incoming) -> None:
+        ref = topics.parse(message.topic)
+        if ref.kind == "schedule":
+            self.schedules[ref.device] = decode(message.payload, Schedule)
+        elif ref.kind == "status":
+            self.statuses[ref.device] = decode(message.payload, Status).state
+        elif ref.kind == "events":
+            self.events.append(decode(message.payload, Event))
+        elif ref.kind == "receipts":
+            self.receipts.append(decode(message.payload, Receipt))
+        elif ref.kind in ("global", "update"):
+            inbox, kind = (self._globals, GlobalManifest) if ref.kind == "global" else (self._updates, UpdateManifest)
+            if ref.part == "manifest":
+                delivery = inbox.add_manifest(decode(message.payload, kind))
+            else:
+                delivery = inbox.add_chunk(decode(message.payload, Chunk))
+            if delivery is None:
+                return
+            state = {k: v.copy() for k, v in decode_state(delivery.path.read_bytes()).items()}
+            manifest = delivery.manifest
+            if ref.kind == "global":
+                self.globals[(manifest.task, manifest.version)] = state
+                self.seen_at[(manifest.task, manifest.version)] = time.time()
+            else:
+                self.updates[manifest.update_id] = (manifest, state)

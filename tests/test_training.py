@@ -1,0 +1,115 @@
+"""agent.training: deltas, progress, cancellation, divergence, evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.datasets import DigitsData, SyntheticData, digits_test_set
+from agent.training import TrainingDiverged, TrainingStopped, TrainResult, evaluate, train_task
+from protocol.models import build_model, state_to_numpy
+from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
+
+MODEL = ModelSpec(name="resnet18", num_classes=10, input_size=16)
+
+
+def assignment(epochs: int = 1, batch_size: int = 16, **optimizer) -> TaskAssignment:
+    return TaskAssignment(
+        task="digits",
+        model=MODEL,
+        optimizer=OptimizerSpec(**({"name": "adam", "lr": 1e-3} | optimizer)),
+        base_version=0,
+        base_sha256="0" * 64,
+        local_epochs=epochs,
+        batch_size=batch_size,
+    )
+
+
+def apply(base: dict[str, np.ndarray], result: TrainResult) -> dict[str, np.ndarray]:
+    return {name: base[name] + result.delta[name] for name in base}
+
+
+@pytest.fixture(scope="module")
+def base() -> dict[str, np.ndarray]:
+    return state_to_numpy(build_model(MODEL, seed=0))
+
+
+@pytest.fixture(scope="module")
+def two_rounds(base) -> tuple[TrainResult, TrainResult, dict[str, np.ndarray]]:
+    """Two consecutive local trainings (2 epochs each) on a third of the digits training split."""
+    data = DigitsData(num_partitions=3)
+    first = train_task(assignment(epochs=2), data, base, seed=1)
+    middle = apply(base, first)
+    second = train_task(assignment(epochs=2), data, middle, seed=2)
+    return first, second, apply(middle, second)
+
+
+def test_delta_matches_the_base_layout(base) -> None:
+    steps: list[tuple[int, int]] = []
+    result = train_task(
+        assignment(epochs=2), SyntheticData(samples=40), base, progress=lambda *s: steps.append(s)
+    )
+    assert list(result.delta) == list(base)
+    for name, array in base.items():
+        assert result.delta[name].dtype == array.dtype and result.delta[name].shape == array.shape, name
+    assert np.abs(result.delta["conv1.weight"]).max() > 0
+    assert result.samples == 40 and result.steps == 6  # 3 batches (16, 16, 8) per epoch
+    assert steps == [(i, 6) for i in range(1, 7)]
+    assert result.delta["bn1.num_batches_tracked"] == 6
+    assert set(result.metrics) == {"train_loss", "train_accuracy", "seconds"}
+
+
+def test_same_seed_gives_the_same_delta(base) -> None:
+    a, b = (train_task(assignment(), SyntheticData(samples=20), base, seed=7) for _ in range(2))
+    assert all(np.array_equal(a.delta[name], b.delta[name]) for name in base)
+
+
+def test_single_sample_tail_joins_the_previous_batch(base) -> None:
+    # resnet18 at 16x16 has 1x1 feature maps: BatchNorm cannot train on a batch of one
+    result = train_task(assignment(batch_size=16), SyntheticData(samples=17), base)
+    assert result.steps == 1 and result.samples == 17
+
+
+@pytest.mark.slow
+def test_training_reduces_loss_and_beats_chance(two_rounds) -> None:
+    first, second, trained = two_rounds
+    assert first.samples == 479
+    assert second.metrics["train_loss"] < first.metrics["train_loss"]
+    assert second.metrics["train_accuracy"] > 0.5
+    assert evaluate(MODEL, trained, digits_test_set(MODEL)) > 0.5
+
+
+def test_untrained_model_is_near_chance(base) -> None:
+    assert 0.0 <= evaluate(MODEL, base, digits_test_set(MODEL)) < 0.3
+
+
+def test_should_stop_cancels_training(base) -> None:
+    calls = iter([False, False, True])
+    steps: list[int] = []
+    with pytest.raises(TrainingStopped):
+        train_task(
+            assignment(),
+            SyntheticData(samples=64),
+            base,
+            should_stop=lambda: next(calls),
+            progress=lambda step, total: steps.append(step),
+        )
+    assert steps == [1, 2]
+
+
+def test_non_finite_base_weight_diverges(base) -> None:
+    poisoned = dict(base)
+    poisoned["fc.weight"] = base["fc.weight"].copy()
+    poisoned["fc.weight"][0, 0] = np.nan
+    with pytest.raises(TrainingDiverged, match="non-finite"):
+        train_task(assignment(), SyntheticData(samples=32), poisoned)
+
+
+def test_huge_learning_rate_diverges(base) -> None:
+    with pytest.raises(TrainingDiverged):
+        train_task(assignment(epochs=3, name="sgd", lr=10.0, momentum=0.9), SyntheticData(samples=64), base)
+
+
+def test_evaluate_rejects_an_empty_dataset(base) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(MODEL, base, [])
