@@ -22,19 +22,18 @@ class Timing:
 
 
 class SyntheticTrainer:
-    """A model, its optimizer and one synthetic batch on `device`, ready to step."""
+    """A model, its optimizer and one synthetic batch (see `set_batch`) on `device`, ready to step."""
 
-    def __init__(self, model: ModelSpec, batch: int, device: str, optimizer: OptimizerSpec, seed: int = 0) -> None:
+    def __init__(self, model: ModelSpec, device: str, optimizer: OptimizerSpec, seed: int = 0) -> None:
         import torch
 
         self._torch = torch
+        self.spec = model
         self.device = device
-        self.batch = batch
+        self.seed = seed
+        self.batch = 0
+        self.inputs = self.labels = None
         self.model = build_model(model, seed=seed).to(device).train()
-        generator = torch.Generator().manual_seed(seed)
-        size = model.input_size
-        self.inputs = torch.randn(batch, 3, size, size, generator=generator).to(device)
-        self.labels = torch.randint(0, model.num_classes, (batch,), generator=generator).to(device)
         params = self.model.parameters()
         if optimizer.name == "adam":
             self.optimizer = torch.optim.Adam(params, lr=optimizer.lr, weight_decay=optimizer.weight_decay)
@@ -43,6 +42,20 @@ class SyntheticTrainer:
                 params, lr=optimizer.lr, momentum=optimizer.momentum, weight_decay=optimizer.weight_decay
             )
         self.loss = torch.nn.CrossEntropyLoss()
+
+    def set_batch(self, batch: int | None) -> None:
+        """Make one random batch of `batch` images on the device (None frees it)."""
+        if batch is None:
+            self.batch, self.inputs, self.labels = 0, None, None
+            return
+        if batch == self.batch:
+            return
+        torch = self._torch
+        generator = torch.Generator().manual_seed(self.seed + batch)
+        size = self.spec.input_size
+        self.inputs = torch.randn(batch, 3, size, size, generator=generator).to(self.device)
+        self.labels = torch.randint(0, self.spec.num_classes, (batch,), generator=generator).to(self.device)
+        self.batch = batch
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

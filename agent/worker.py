@@ -30,6 +30,7 @@ class Worker:
         self.seed = 0
         self.stop_requested = False
         self._last_progress = 0.0
+        self._trainer: tuple[tuple, object] | None = None
 
     def emit(self, event: jobs._Line) -> None:
         self.out.write(jobs.encode_line(event))
@@ -110,12 +111,19 @@ class Worker:
     def measure(self, command: jobs.Measure) -> None:
         from agent.throughput import SyntheticTrainer
 
-        trainer = SyntheticTrainer(command.model, command.batch, self.device, command.optimizer, seed=self.seed)
+        key = (command.model, command.optimizer)
+        if self._trainer is None or self._trainer[0] != key:  # keep the model across windows; change the batch
+            self._trainer = None
+            self._trainer = (key, SyntheticTrainer(command.model, self.device, command.optimizer, seed=self.seed))
+        trainer = self._trainer[1]
+        trainer.set_batch(command.batch)
         trainer.warm_up(command.warmup_steps)
         if command.wait_go:
             self.emit(jobs.Warm())
             self._wait_for_go()
         timing = trainer.run(images=command.images, seconds=command.seconds, should_stop=lambda: self.stop_requested)
+        trainer.set_batch(None)
+        release_cached_memory(self.device)  # an idle worker keeps its model, not this window's activations
         self.emit(
             jobs.Measured(
                 batch=command.batch,
@@ -136,6 +144,16 @@ class Worker:
         if step == total or now - self._last_progress >= 0.5:
             self._last_progress = now
             self.emit(jobs.Progress(step=step, total=total))
+
+
+def release_cached_memory(device: str) -> None:
+    if device == "cuda":
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def classify(exc: BaseException) -> jobs.FailureCode:

@@ -1,0 +1,110 @@
+"""Execution policies: how a round's task processes share the GPU.
+
+| policy     | processes                     | MPS | R_i (SM percentage per task)                         |
+|------------|-------------------------------|-----|------------------------------------------------------|
+| temporal   | one after another, full GPU   | no  | -                                                    |
+| concurrent | all at once, time-sliced      | no  | -                                                    |
+| isolated   | all at once                   | yes | equal split, summing to 100%                         |
+| sharing    | all at once                   | yes | 100% each                                            |
+| fedmt      | all at once, in the plan order| yes | from the predictor's plan; without one, R_v = 200%   |
+|            |                               |     | split by workload (`split_by_workload`)              |
+
+Without MPS (no daemon, Jetson without support, CPU) the MPS policies fall back to `concurrent`, and the
+plan says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from agent.runner import Launch
+
+Policy = Literal["temporal", "concurrent", "isolated", "sharing", "fedmt"]
+POLICIES: tuple[Policy, ...] = ("temporal", "concurrent", "isolated", "sharing", "fedmt")
+MPS_POLICIES = frozenset({"isolated", "sharing", "fedmt"})
+HEURISTIC_RV = 200.0
+MIN_PERCENT = 10.0
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    policy: Policy  # the policy actually applied (after any fallback)
+    launches: list[Launch]
+    resources: dict[str, float]  # task -> R_i in percent; empty without MPS
+    note: str
+
+
+def split_by_workload(workloads: Sequence[float], rv: float, floor: float = MIN_PERCENT, cap: float = 100.0) -> list[float]:
+    """R_i proportional to workload with sum R_i = rv, each within [floor, cap] (water-filling).
+
+    rv is clipped to what the bounds allow (n*floor .. n*cap).
+    """
+    n = len(workloads)
+    if n == 0:
+        return []
+    if any(w <= 0 for w in workloads):
+        raise ValueError("workloads must be positive")
+    rv = min(max(rv, n * floor), n * cap)
+    shares = [0.0] * n
+    free = set(range(n))
+    budget = rv
+    while free:
+        total = sum(workloads[i] for i in free)
+        proposal = {i: budget * workloads[i] / total for i in free}
+        pinned = {i: cap for i, p in proposal.items() if p > cap} or {i: floor for i, p in proposal.items() if p < floor}
+        if not pinned:
+            for i, p in proposal.items():
+                shares[i] = p
+            break
+        for i, value in pinned.items():
+            shares[i] = value
+            budget -= value
+            free.discard(i)
+    return shares
+
+
+def equal_split(n: int, total: float = 100.0) -> list[float]:
+    return [total / n] * n
+
+
+def plan_launches(
+    policy: Policy,
+    tasks: Sequence[str],
+    workloads: Mapping[str, float],
+    *,
+    mps_env: Callable[[float], dict[str, str]] | None,
+    no_mps_env: Mapping[str, str],
+    expected_sms: Callable[[float], int] | None = None,
+    resources: Mapping[str, float] | None = None,
+) -> LaunchPlan:
+    """Launches for `tasks` (in start order) under `policy`.
+
+    `mps_env(percent)` gives an MPS client's environment, or is None when MPS is unavailable; `no_mps_env` keeps a
+    process away from a running MPS daemon; `expected_sms(percent)` gives the SM count a client must see;
+    `resources` (task -> percent) is the predictor's plan for `fedmt`.
+    """
+    if policy in MPS_POLICIES and mps_env is None:
+        plan = plan_launches("concurrent", tasks, workloads, mps_env=None, no_mps_env=no_mps_env)
+        return LaunchPlan(plan.policy, plan.launches, {}, f"{policy} needs MPS, which is unavailable: ran concurrent")
+    if policy == "temporal":
+        launches = [Launch(task, wave=i, env=dict(no_mps_env)) for i, task in enumerate(tasks)]
+        return LaunchPlan(policy, launches, {}, "one task at a time on the whole GPU")
+    if policy == "concurrent":
+        launches = [Launch(task, env=dict(no_mps_env)) for task in tasks]
+        return LaunchPlan(policy, launches, {}, "all tasks at once, time-sliced, no MPS")
+    if policy == "isolated":
+        percents, note = equal_split(len(tasks)), "MPS, equal SM split summing to 100%"
+    elif policy == "sharing":
+        percents, note = [100.0] * len(tasks), "MPS, every task may use 100% of the SMs"
+    elif resources is not None:
+        percents, note = [resources[t] for t in tasks], "MPS, R_i from the predictor's plan"
+    else:
+        percents = split_by_workload([workloads[t] for t in tasks], HEURISTIC_RV)
+        note = f"MPS, no predictor for this device: heuristic R_v={HEURISTIC_RV:.0f}% split by workload"
+    launches = [
+        Launch(task, env=mps_env(p), expected_sms=expected_sms(p) if expected_sms else None)
+        for task, p in zip(tasks, percents)
+    ]
+    return LaunchPlan(policy, launches, dict(zip(tasks, percents)), note)

@@ -1,0 +1,228 @@
+"""Co-location benchmark (FedMT Fig. 9): every execution policy on the paper's model combinations.
+
+    python -m bench.colocation run --out bench/results      # on a GPU with MPS (as root, or with a running daemon)
+    python -m bench.colocation report --out bench/results   # table + plot from the CSV
+
+Each policy runs one worker process per task through the agent's runner (agent.colocation) on synthetic data;
+every task processes the same number of images. P = images of all tasks / wall time (makespan);
+P_f (Eq. 2) = sum_i P_i / P_alone_i with P_i a task's throughput while it runs (for `temporal` the tasks never
+co-run, so P_i counts over the whole cycle and P_f = 1). Both are normalised by `temporal`. The R_v sweep splits
+R_v across tasks in proportion to their workload (training FLOPs per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent import jobs
+from agent.colocation import WorkerGroup
+from agent.mps import MpsConfig, MpsDaemon, client_env, expected_sm_count
+from agent.policies import LaunchPlan, plan_launches, split_by_workload
+from bench.common import Budget, CsvLog, UtilizationSampler, describe_device, read_csv, write_json
+from protocol.schemas import ModelSpec
+
+SCENARIOS = {
+    "heavy": ["densenet121", "vgg16", "resnet101"],
+    "light": ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x1_0"],
+    "hybrid": ["resnet50", "vgg16", "mobilenet_v3_small"],
+    "v16+r34": ["vgg16", "resnet34"],
+    "r50+r101": ["resnet50", "resnet101"],
+    "v16+r18+m3+d121": ["vgg16", "resnet18", "mobilenet_v3_small", "densenet121"],
+}
+RV_SWEEP = (100, 150, 200, 250, 300)
+COLUMNS = [
+    "scenario", "policy", "rv", "model", "batch", "resolution", "resource_pct", "sm_count", "images", "seconds",
+    "throughput_ips", "alone_ips", "wall_s", "P", "P_f", "P_norm", "P_f_norm", "gpu_util", "device",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Run:
+    """One configuration to measure, and every (policy, R_v) label it stands for."""
+
+    plan: LaunchPlan
+    labels: list[tuple[str, str]]
+
+
+def runs_for(models: list[str], workloads: dict[str, float], mps_env, no_mps_env, expected) -> list[Run]:
+    """Every policy plus the R_v sweep; configurations with identical R vectors are measured once."""
+
+    def plan(policy: str, resources=None) -> LaunchPlan:
+        return plan_launches(policy, models, workloads, mps_env=mps_env, no_mps_env=no_mps_env,
+                             expected_sms=expected, resources=resources)  # fmt: skip
+
+    runs: dict[tuple, Run] = {}
+    candidates = [(plan(p), p, "") for p in ("temporal", "concurrent", "isolated", "sharing", "fedmt")]
+    for rv in RV_SWEEP:
+        shares = split_by_workload([workloads[m] for m in models], rv)
+        candidates.append((plan("fedmt", dict(zip(models, shares))), "sweep", str(rv)))
+    for launch_plan, label, rv in candidates:
+        rv = rv or (f"{sum(launch_plan.resources.values()):.0f}" if launch_plan.resources else "")
+        key = (launch_plan.policy, tuple(round(launch_plan.resources.get(m, 0), 1) for m in models))
+        runs.setdefault(key, Run(launch_plan, [])).labels.append((label, rv))
+    return list(runs.values())
+
+
+def measure(group: WorkerGroup, run: Run, specs: dict[str, ModelSpec], batch: int, images: int) -> tuple:
+    waves: dict[int, list[str]] = {}
+    for launch in run.plan.launches:
+        waves.setdefault(launch.wave, []).append(launch.task)
+    commands = {m: jobs.Measure(model=spec, batch=batch, images=images, warmup_steps=5) for m, spec in specs.items()}
+    with UtilizationSampler() as sampler:
+        window = group.measure(commands, [waves[w] for w in sorted(waves)])
+    return window, sampler.mean
+
+
+def run_scenario(name: str, models: list[str], args, envs: tuple, expected, log: CsvLog, device: str) -> None:
+    """Measure every policy of one scenario; `envs` is (mps_env(percent), no_mps_env)."""
+    from predictor.features import extract
+
+    specs = {m: ModelSpec(name=m, num_classes=10, input_size=args.resolution) for m in models}
+    workloads = {m: extract(spec).flops_per_sample * args.batch for m, spec in specs.items()}
+    runs = runs_for(models, workloads, *envs, expected)
+    init = jobs.Init(device="cuda")
+    rows, alone = [], {}
+    with ThreadPoolExecutor(1) as pool:
+        pending: Future = pool.submit(WorkerGroup, runs[0].plan.launches, init)
+        for index, run in enumerate(runs):
+            group = pending.result()
+            if index + 1 < len(runs):  # start (not warm up) the next processes while this run measures
+                pending = pool.submit(WorkerGroup, runs[index + 1].plan.launches, init)
+            with group:
+                window, util = measure(group, run, specs, args.batch, args.images)
+            if run.plan.policy == "temporal":
+                alone = {m: window.throughput(m) for m in models}
+            for label, rv in run.labels:
+                rows += _rows(name, label, rv, run, window, group, alone, util, args, device)
+            print(f"{name:>16} {'/'.join(lbl for lbl, _ in run.labels):>20}: "
+                  f"{window.images / window.wall_s:8.0f} img/s  {run.plan.note}", flush=True)  # fmt: skip
+    temporal_p = next(r["P"] for r in rows if r["policy"] == "temporal")
+    temporal_pf = next(r["P_f"] for r in rows if r["policy"] == "temporal")
+    for row in rows:
+        row |= {"P_norm": round(row["P"] / temporal_p, 3), "P_f_norm": round(row["P_f"] / temporal_pf, 3)}
+        log.add(row)
+
+
+def _rows(scenario, label, rv, run, window, group, alone, util, args, device) -> list[dict]:
+    temporal = run.plan.policy == "temporal"
+    p = window.images / window.wall_s
+    pf = sum((r.images / window.wall_s if temporal else r.images_per_s) / alone[m] for m, r in window.results.items())
+    return [
+        {
+            "scenario": scenario, "policy": label, "rv": rv, "model": m, "batch": args.batch,
+            "resolution": args.resolution, "resource_pct": round(run.plan.resources.get(m, 100.0), 1),
+            "sm_count": group.ready[m].sm_count, "images": r.images, "seconds": round(r.seconds, 4),
+            "throughput_ips": round(r.images_per_s, 1), "alone_ips": round(alone[m], 1),
+            "wall_s": round(window.wall_s, 4), "P": round(p, 1), "P_f": round(pf, 3), "gpu_util": util, "device": device,
+        }  # fmt: skip
+        for m, r in window.results.items()
+    ]
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    budget = Budget(args.budget_s)
+    device = describe_device()
+    pipe = Path(tempfile.mkdtemp(prefix="fedmt-mps-"))
+    mps = MpsDaemon(MpsConfig(manage_daemon=True, pipe_dir=str(pipe / "pipe"), log_dir=str(pipe / "log")))
+    info = mps.ensure_running()
+    print(f"device: {device}\nMPS: {info.reason}", flush=True)
+    if not info.available:
+        print("the MPS policies need a running MPS daemon", file=sys.stderr)
+        return 1
+    (pipe / "none").mkdir()
+    no_mps_env = {"CUDA_MPS_PIPE_DIRECTORY": str(pipe / "none")}  # keeps non-MPS policies away from the daemon
+    total_sms = int(device["sm_count"])
+    log = CsvLog(out / "colocation.csv", COLUMNS)
+    write_json(out / "colocation.json", {"device": device, "images_per_task": args.images, "batch": args.batch,
+                                         "resolution": args.resolution, "mps": info.reason})  # fmt: skip
+    try:
+        for name in args.scenarios:
+            if budget.left() < 60:
+                print(f"time budget spent: skipping {name}", flush=True)
+                continue
+            envs = (lambda p: client_env(mps.config, p), no_mps_env)
+            expected = lambda p: expected_sm_count(total_sms, p)  # noqa: E731
+            run_scenario(name, SCENARIOS[name], args, envs, expected, log, str(device["gpu"]))
+    finally:
+        mps.stop()
+    return report(args)
+
+
+def report(args) -> int:
+    """Markdown table and bar chart from colocation.csv."""
+    out = Path(args.out)
+    rows = read_csv(out / "colocation.csv")
+    runs: dict[tuple[str, str, str], dict] = {}
+    for row in rows:
+        runs.setdefault((row["scenario"], row["policy"], row["rv"]), row)
+    lines = ["| scenario | policy | R_v % | P (img/s) | P / temporal | P_f | P_f / temporal | GPU util % |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for (scenario, policy, rv), row in runs.items():
+        lines.append(f"| {scenario} | {policy} | {rv} | {float(row['P']):.0f} | {float(row['P_norm']):.2f} | "
+                     f"{float(row['P_f']):.2f} | {float(row['P_f_norm']):.2f} | {row['gpu_util']} |")  # fmt: skip
+    lines += ["", "| scenario | fedmt / temporal | fedmt / best static MPS | best R_v in sweep |", "|---|---:|---:|---|"]
+    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        p = {(pol, rv): float(r["P"]) for (s, pol, rv), r in runs.items() if s == scenario}
+        fedmt = next(v for (pol, _), v in p.items() if pol == "fedmt")
+        static = max(v for (pol, _), v in p.items() if pol in ("isolated", "sharing"))
+        temporal = next(v for (pol, _), v in p.items() if pol == "temporal")
+        best_rv = max(((rv, v) for (pol, rv), v in p.items() if pol == "sweep"), key=lambda x: x[1])
+        lines.append(f"| {scenario} | {fedmt / temporal:.2f}x | {fedmt / static:.2f}x | {best_rv[0]}% "
+                     f"({best_rv[1] / temporal:.2f}x temporal) |")  # fmt: skip
+    table = "\n".join(lines)
+    (out / "colocation.md").write_text(table + "\n")
+    print(table)
+    _plot(runs, out / "colocation.png")
+    return 0
+
+
+def _plot(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = list(dict.fromkeys(s for s, _, _ in runs))
+    policies = ["temporal", "concurrent", "isolated", "sharing", "fedmt"]
+    figure, (bars, sweep) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(policies)
+    for i, policy in enumerate(policies):
+        values = [next(float(r["P_norm"]) for (s, p, _), r in runs.items() if s == sc and p == policy) for sc in scenarios]
+        bars.bar([x + i * width for x in range(len(scenarios))], values, width, label=policy)
+    bars.set_xticks([x + 0.4 - width / 2 for x in range(len(scenarios))], scenarios, rotation=15)
+    bars.set(ylabel="throughput P / temporal", title="Co-location policies (equal data per task)")
+    bars.axhline(1, color="gray", lw=0.8)
+    bars.legend(fontsize=8)
+    for scenario in scenarios:
+        points = sorted((int(rv), float(r["P_norm"])) for (s, p, rv), r in runs.items() if s == scenario and p == "sweep")
+        sweep.plot([x for x, _ in points], [y for _, y in points], marker="o", label=scenario)
+    sweep.set(xlabel="virtual resource R_v (%)", ylabel="P / temporal", title="R_v sweep (R_i by workload)")
+    sweep.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--out", default="bench/results")
+    r.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    r.add_argument("--batch", type=int, default=64)
+    r.add_argument("--resolution", type=int, default=128)
+    r.add_argument("--images", type=int, default=3200, help="images per task and run")
+    r.add_argument("--budget-s", type=float, default=540.0, help="skip scenarios that would start after this")
+    rep = sub.add_parser("report")
+    rep.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    return run(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
