@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +24,7 @@ import msgspec
 import numpy as np
 from msgspec import Meta
 
+from agent.runner import Launch
 from protocol.schemas import MpsInfo
 
 log = logging.getLogger(__name__)
@@ -102,7 +105,7 @@ class MpsDaemon:
     daemon. Methods returning MpsInfo report trouble in `reason` instead of raising. Each call of the control
     binary is bounded by `timeout_s`; waiting for the daemon to come up or go away by `start_timeout_s`."""
 
-    def __init__(self, config: MpsConfig, *, timeout_s: float = 5.0, start_timeout_s: float = 15.0) -> None:
+    def __init__(self, config: MpsConfig, *, timeout_s: float = 5.0, start_timeout_s: float = 30.0) -> None:
         self.config = config
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
@@ -267,3 +270,48 @@ class MpsDaemon:
                 raise MpsError(f"cannot run {binary}: {exc.strerror}") from None
             out.seek(0)
             return proc.returncode, out.read().decode(errors="replace").strip()
+
+
+class GpuSharing:
+    """How task processes reach the GPU: MPS client environments and expected SM counts, or plain processes.
+
+    `no_mps_env` points a process at an empty pipe directory, so it never joins a running daemon (the
+    `temporal` and `concurrent` policies time-slice without MPS).
+    """
+
+    def __init__(self, daemon: MpsDaemon, total_sms: int | None, work_dir: Path) -> None:
+        self.daemon = daemon
+        self.total_sms = total_sms
+        empty = Path(work_dir) / "no-mps"
+        empty.mkdir(parents=True, exist_ok=True)
+        self.no_mps_env = {"CUDA_MPS_PIPE_DIRECTORY": str(empty)}
+
+    @property
+    def mps_env(self) -> Callable[[float], dict[str, str]] | None:
+        """`percent -> client environment` while MPS is available, else None."""
+        return (lambda percent: client_env(self.daemon.config, percent)) if self.daemon.available else None
+
+    def expected_sms(self, percent: float) -> int | None:
+        return expected_sm_count(self.total_sms, percent) if self.total_sms else None
+
+    def launch_for(self, model: str, percent: float) -> Launch:
+        """A pool worker's launch: `model` under MPS at `percent` (workers of WorkerPool)."""
+        if self.mps_env is None:
+            raise MpsError(f"MPS is unavailable: {self.daemon.info.reason}")
+        return Launch(f"{model}@{percent:g}", env=self.mps_env(percent), expected_sms=self.expected_sms(percent))
+
+
+@contextmanager
+def mps_sharing(root: Path | None = None) -> Iterator[GpuSharing]:
+    """A private MPS daemon for benchmarks and profiling (root, or a user allowed to run MPS), stopped afterwards."""
+    import torch
+
+    root = Path(root or tempfile.mkdtemp(prefix="fedmt-mps-"))
+    daemon = MpsDaemon(MpsConfig(manage_daemon=True, pipe_dir=str(root / "pipe"), log_dir=str(root / "log")))
+    info = daemon.ensure_running()
+    if not info.available:
+        raise MpsError(f"MPS is needed here: {info.reason}")
+    try:
+        yield GpuSharing(daemon, torch.cuda.get_device_properties(0).multi_processor_count, root)
+    finally:
+        daemon.stop()

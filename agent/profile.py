@@ -10,6 +10,7 @@ import time
 import psutil
 
 from agent import __version__
+from agent.gpu.probe import GpuReport, probe
 from protocol.schemas import DeviceProfile, HostInfo, TaskData
 
 
@@ -24,12 +25,20 @@ def host_info() -> HostInfo:
     )
 
 
-def build_profile(device: str, samples: dict[str, int], policies: list[str]) -> DeviceProfile:
+def build_profile(
+    device: str, samples: dict[str, int], policies: list[str], gpu: GpuReport | None = None
+) -> DeviceProfile:
+    """The profile; `gpu` defaults to a fresh probe that may ask torch, once per process, for SM counts."""
+    if gpu is None:
+        gpu = probe(allow_torch=True)
     return DeviceProfile(
         device=device,
         ts=time.time(),
         agent_version=__version__,
         host=host_info(),
+        driver_version=gpu.driver_version,
+        cuda_version=gpu.cuda_version,
+        gpus=gpu.gpus,
         policies=policies,
         tasks={task: TaskData(samples=n) for task, n in samples.items()},
     )

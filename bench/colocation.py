@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent import jobs
 from agent.colocation import WorkerGroup
-from agent.mps import MpsConfig, MpsDaemon, client_env, expected_sm_count
+from agent.mps import GpuSharing, mps_sharing
 from agent.policies import LaunchPlan, plan_launches, split_by_workload
 from bench.common import Budget, CsvLog, UtilizationSampler, describe_device, read_csv, write_json
 from protocol.schemas import ModelSpec
@@ -49,12 +48,12 @@ class Run:
     labels: list[tuple[str, str]]
 
 
-def runs_for(models: list[str], workloads: dict[str, float], mps_env, no_mps_env, expected) -> list[Run]:
+def runs_for(models: list[str], workloads: dict[str, float], sharing: GpuSharing) -> list[Run]:
     """Every policy plus the R_v sweep; configurations with identical R vectors are measured once."""
 
     def plan(policy: str, resources=None) -> LaunchPlan:
-        return plan_launches(policy, models, workloads, mps_env=mps_env, no_mps_env=no_mps_env,
-                             expected_sms=expected, resources=resources)  # fmt: skip
+        return plan_launches(policy, models, workloads, mps_env=sharing.mps_env, no_mps_env=sharing.no_mps_env,
+                             expected_sms=sharing.expected_sms, resources=resources)  # fmt: skip
 
     runs: dict[tuple, Run] = {}
     candidates = [(plan(p), p, "") for p in ("temporal", "concurrent", "isolated", "sharing", "fedmt")]
@@ -78,23 +77,28 @@ def measure(group: WorkerGroup, run: Run, specs: dict[str, ModelSpec], batch: in
     return window, sampler.mean
 
 
-def run_scenario(name: str, models: list[str], args, envs: tuple, expected, log: CsvLog, device: str) -> None:
-    """Measure every policy of one scenario; `envs` is (mps_env(percent), no_mps_env)."""
+def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: CsvLog, device: str) -> None:
+    """Measure every policy of one scenario."""
     from predictor.features import extract
 
     specs = {m: ModelSpec(name=m, num_classes=10, input_size=args.resolution) for m in models}
     workloads = {m: extract(spec).flops_per_sample * args.batch for m, spec in specs.items()}
-    runs = runs_for(models, workloads, *envs, expected)
+    runs = runs_for(models, workloads, sharing)
     init = jobs.Init(device="cuda")
     rows, alone = [], {}
     with ThreadPoolExecutor(1) as pool:
-        pending: Future = pool.submit(WorkerGroup, runs[0].plan.launches, init)
+        pending: Future | None = pool.submit(WorkerGroup, runs[0].plan.launches, init)
         for index, run in enumerate(runs):
-            group = pending.result()
+            group, pending = pending.result(), None
             if index + 1 < len(runs):  # start (not warm up) the next processes while this run measures
                 pending = pool.submit(WorkerGroup, runs[index + 1].plan.launches, init)
-            with group:
-                window, util = measure(group, run, specs, args.batch, args.images)
+            try:
+                with group:
+                    window, util = measure(group, run, specs, args.batch, args.images)
+            except BaseException:
+                if pending is not None:
+                    pending.result().close()
+                raise
             if run.plan.policy == "temporal":
                 alone = {m: window.throughput(m) for m in models}
             for label, rv in run.labels:
@@ -128,29 +132,16 @@ def run(args) -> int:
     out = Path(args.out)
     budget = Budget(args.budget_s)
     device = describe_device()
-    pipe = Path(tempfile.mkdtemp(prefix="fedmt-mps-"))
-    mps = MpsDaemon(MpsConfig(manage_daemon=True, pipe_dir=str(pipe / "pipe"), log_dir=str(pipe / "log")))
-    info = mps.ensure_running()
-    print(f"device: {device}\nMPS: {info.reason}", flush=True)
-    if not info.available:
-        print("the MPS policies need a running MPS daemon", file=sys.stderr)
-        return 1
-    (pipe / "none").mkdir()
-    no_mps_env = {"CUDA_MPS_PIPE_DIRECTORY": str(pipe / "none")}  # keeps non-MPS policies away from the daemon
-    total_sms = int(device["sm_count"])
     log = CsvLog(out / "colocation.csv", COLUMNS)
-    write_json(out / "colocation.json", {"device": device, "images_per_task": args.images, "batch": args.batch,
-                                         "resolution": args.resolution, "mps": info.reason})  # fmt: skip
-    try:
+    with mps_sharing() as sharing:
+        print(f"device: {device}\nMPS: {sharing.daemon.info.reason}", flush=True)
+        write_json(out / "colocation.json", {"device": device, "images_per_task": args.images, "batch": args.batch,
+                                             "resolution": args.resolution, "mps": sharing.daemon.info.reason})  # fmt: skip
         for name in args.scenarios:
             if budget.left() < 60:
                 print(f"time budget spent: skipping {name}", flush=True)
                 continue
-            envs = (lambda p: client_env(mps.config, p), no_mps_env)
-            expected = lambda p: expected_sm_count(total_sms, p)  # noqa: E731
-            run_scenario(name, SCENARIOS[name], args, envs, expected, log, str(device["gpu"]))
-    finally:
-        mps.stop()
+            run_scenario(name, SCENARIOS[name], args, sharing, log, str(device["gpu"]))
     return report(args)
 
 

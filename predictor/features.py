@@ -8,7 +8,7 @@ weight gradient as a dense one), so that one formula is replaced here by the per
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -42,7 +42,7 @@ def features_as_array(features: TaskFeatures) -> np.ndarray:
     return np.log10(np.array(values, dtype=np.float64)).astype(np.float32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _extract(name: str, input_size: int, num_classes: int) -> TaskFeatures:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -61,7 +61,9 @@ def _extract(name: str, input_size: int, num_classes: int) -> TaskFeatures:
     images = torch.zeros(_BATCH, 3, input_size, input_size)
     labels = torch.zeros(_BATCH, dtype=torch.long)
     try:
-        counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop})
+        counter = FlopCounterMode(
+            display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}
+        )
         with counter:
             torch.nn.functional.cross_entropy(model(images), labels).backward()
     finally:
@@ -90,8 +92,18 @@ def _tensors(value: object) -> list:
 
 
 def _conv_backward_flop(
-    grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed, _output_padding, groups,
-    output_mask, out_shape,
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    _bias,
+    _stride,
+    _padding,
+    _dilation,
+    transposed,
+    _output_padding,
+    groups,
+    output_mask,
+    out_shape,
 ) -> int:
     """torch's convolution_backward formula with the weight-gradient term counted per group."""
     from torch.utils.flop_counter import conv_flop_count

@@ -94,7 +94,8 @@ def profile(out: Path, *, budget_s: float, seed: int, resolution: int, window_s:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from agent import jobs
-    from agent.colocation import WorkerPool, mps_sharing
+    from agent.colocation import WorkerPool
+    from agent.mps import mps_sharing
     from bench.common import describe_device
     from protocol.schemas import ModelSpec
 

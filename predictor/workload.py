@@ -30,7 +30,11 @@ class WorkloadModel:
 
     def workload(self, features: TaskFeatures, batch: float | np.ndarray) -> float | np.ndarray:
         """O_i of Eq. 3 (scaled by gamma1): the predicted step time less the fixed overhead gamma0."""
-        return self.gamma1 * batch * (self.alpha * features.flops_per_sample + self.beta * memory_intensity(features))
+        return (
+            self.gamma1
+            * batch
+            * (self.alpha * features.flops_per_sample + self.beta * memory_intensity(features))
+        )
 
     def step_time(self, features: TaskFeatures, batch: float | np.ndarray) -> float | np.ndarray:
         """Predicted seconds per training step of `batch` images."""

@@ -1,0 +1,119 @@
+"""Pre (FedMT Eq. 4): one multi-input multi-output regressor (f_i, m_i, B_i, R_i) for all tasks -> (P_1..P_n).
+
+Permutation-equivariant (DeepSets with a context term): each task slot is embedded by phi, the embeddings of
+the *other* tasks are summed, and rho maps [own embedding, others' sum, own inputs] to log-throughput. Up to
+MAX_TASKS slots; unused slots are masked, so task order never matters and 1..MAX_TASKS tasks share one network.
+Inputs are standardised inside the network, so the exported ONNX file is self-contained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from predictor.features import FEATURE_NAMES, TaskFeatures, features_as_array
+
+MAX_TASKS = 5
+INPUT_NAMES = (*FEATURE_NAMES, "log2_batch", "resource_fraction")
+N_INPUTS = len(INPUT_NAMES)
+
+
+def encode_inputs(
+    tasks: Sequence[TaskFeatures], batches: np.ndarray, resources: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Network inputs for N configurations of the same n tasks: (N, MAX_TASKS, N_INPUTS) and the (N, MAX_TASKS) mask.
+
+    `batches` and `resources` (percent) have shape (N, n).
+    """
+    batches, resources = np.atleast_2d(batches), np.atleast_2d(resources)
+    n = len(tasks)
+    if not 1 <= n <= MAX_TASKS:
+        raise ValueError(f"the predictor takes 1..{MAX_TASKS} tasks, got {n}")
+    if batches.shape != resources.shape or batches.shape[1] != n:
+        raise ValueError(f"batches {batches.shape} and resources {resources.shape} must both be (N, {n})")
+    x = np.zeros((batches.shape[0], MAX_TASKS, N_INPUTS), dtype=np.float32)
+    x[:, :n, : len(FEATURE_NAMES)] = np.stack([features_as_array(t) for t in tasks])
+    x[:, :n, -2] = np.log2(batches)
+    x[:, :n, -1] = resources / 100.0
+    mask = np.zeros((batches.shape[0], MAX_TASKS), dtype=np.float32)
+    mask[:, :n] = 1.0
+    return x, mask
+
+
+def _mlp(sizes: Sequence[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.SiLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class Pre(nn.Module):
+    def __init__(self, hidden: int = 64) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.register_buffer("mean", torch.zeros(N_INPUTS))
+        self.register_buffer("std", torch.ones(N_INPUTS))
+        self.phi = _mlp([N_INPUTS, hidden, hidden])
+        self.rho = _mlp([2 * hidden + N_INPUTS, hidden, hidden, 1])
+
+    def log_throughput(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Natural log of images/s per slot, (N, MAX_TASKS); masked slots are 0."""
+        z = (x - self.mean) / self.std
+        h = self.phi(z) * mask.unsqueeze(-1)
+        others = h.sum(dim=1, keepdim=True) - h
+        return self.rho(torch.cat([h, others, z], dim=-1)).squeeze(-1) * mask
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Images/s per slot (0 in masked slots): the exported graph."""
+        return torch.exp(self.log_throughput(x, mask)) * mask
+
+
+@dataclass(frozen=True)
+class TrainedPre:
+    model: Pre
+    epochs: int
+    train_loss: float
+
+
+def train(
+    x: np.ndarray, mask: np.ndarray, throughput: np.ndarray, *, hidden: int = 64, epochs: int = 3000,
+    lr: float = 3e-3, weight_decay: float = 1e-5, seed: int = 0,
+) -> TrainedPre:  # fmt: skip
+    """Fit Pre on log-throughput (so the loss weighs relative errors), full batch, Adam with cosine decay."""
+    torch.manual_seed(seed)
+    model = Pre(hidden)
+    valid = mask.astype(bool)
+    model.mean.copy_(torch.from_numpy(x[valid].mean(0)))
+    model.std.copy_(torch.from_numpy(x[valid].std(0) + 1e-6))
+    xt, mt = torch.from_numpy(x), torch.from_numpy(mask)
+    target = torch.from_numpy(np.where(valid, np.log(np.maximum(throughput, 1e-3)), 0.0).astype(np.float32))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    count = mt.sum()
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        loss = ((model.log_throughput(xt, mt) - target) ** 2 * mt).sum() / count
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return TrainedPre(model.eval(), epochs, loss.item())
+
+
+@torch.no_grad()
+def predict(model: Pre, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return model(torch.from_numpy(x), torch.from_numpy(mask)).numpy()
+
+
+def export_onnx(model: Pre, path: str) -> None:
+    """ONNX with a dynamic batch axis: a whole plan search is one inference call."""
+    x = torch.zeros(2, MAX_TASKS, N_INPUTS)
+    mask = torch.ones(2, MAX_TASKS)
+    torch.onnx.export(
+        model.eval(), (x, mask), path, input_names=["features", "mask"], output_names=["throughput"],
+        dynamic_axes={"features": {0: "n"}, "mask": {0: "n"}, "throughput": {0: "n"}}, opset_version=17,
+        dynamo=False,
+    )  # fmt: skip

@@ -1,0 +1,57 @@
+"""The exported predictor at run time: onnxruntime, one inference per search, checked against its model card."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from predictor.features import TaskFeatures
+from predictor.model import MAX_TASKS, N_INPUTS, encode_inputs
+
+
+class PredictorUnavailable(RuntimeError):
+    """No usable predictor: the file is missing, unreadable, or made for another GPU or input layout."""
+
+
+def card_path(onnx_path: Path) -> Path:
+    return Path(onnx_path).with_suffix(".card.json")
+
+
+class OnnxPredictor:
+    """Callable as `predictor.search.Predict`: (tasks, batches (N, n), resources (N, n)) -> throughputs (N, n)."""
+
+    def __init__(self, path: Path, gpu: str | None = None) -> None:
+        import onnxruntime
+
+        path = Path(path)
+        if not path.is_file():
+            raise PredictorUnavailable(f"predictor {path} does not exist (run fedmt-predictor fit/export)")
+        try:
+            self.card = json.loads(card_path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise PredictorUnavailable(f"model card {card_path(path)} is missing or unreadable: {exc}") from None
+        if gpu is not None and self.card.get("gpu") != gpu:
+            raise PredictorUnavailable(f"predictor {path.name} was fitted on {self.card.get('gpu')}, this GPU is {gpu}")
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types for bad files
+            raise PredictorUnavailable(f"cannot load {path}: {exc}") from None
+        shapes = {i.name: i.shape[1:] for i in self.session.get_inputs()}
+        if shapes != {"features": [MAX_TASKS, N_INPUTS], "mask": [MAX_TASKS]}:
+            raise PredictorUnavailable(f"{path.name} has inputs {shapes}; this code expects the {MAX_TASKS}-task layout")
+        self.path = path
+
+    def __call__(self, tasks: Sequence[TaskFeatures], batches: np.ndarray, resources: np.ndarray) -> np.ndarray:
+        x, mask = encode_inputs(tasks, batches, resources)
+        (out,) = self.session.run(["throughput"], {"features": x, "mask": mask})
+        return out[:, : len(tasks)].astype(np.float64)
+
+
+def find_predictor(models_dir: Path, gpu: str) -> OnnxPredictor:
+    """The predictor shipped for `gpu` in `models_dir` (file name: the GPU name as a slug)."""
+    from predictor.profiler import dataset_path
+
+    return OnnxPredictor(dataset_path(models_dir, gpu).with_suffix(".onnx"), gpu=gpu)

@@ -1,0 +1,112 @@
+"""`fit` and `export`: from a profiling data file to weights, then to an ONNX file with its model card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file, save_file
+
+from predictor.dataset import build, mape, split
+from predictor.model import INPUT_NAMES, MAX_TASKS, Pre, export_onnx, predict, train
+from predictor.profiler import load_records
+from predictor.runtime import OnnxPredictor, card_path
+
+
+def fit(data: Path, out_dir: Path, *, hidden: int = 64, epochs: int = 3000, seed: int = 0) -> Path:
+    """Train on the data file's training split; write `<gpu>.safetensors` and `<gpu>.fit.json`; return the weights."""
+    records = load_records(data)
+    if not records:
+        raise ValueError(f"{data} holds no profiling records")
+    gpus = {r.gpu for r in records}
+    if len(gpus) != 1:
+        raise ValueError(f"{data} mixes GPUs {sorted(gpus)}; fit one GPU at a time")
+    samples = build(records)
+    parts = split(samples, seed=seed)
+    train_set = samples.take(parts.train)
+    started = time.perf_counter()
+    trained = train(train_set.x, train_set.mask, train_set.throughput, hidden=hidden, epochs=epochs, seed=seed)
+    errors = {
+        name: round(mape(predict(trained.model, s.x, s.mask), s.throughput, s.mask), 2) if len(s) else None
+        for name, s in (("train", train_set), ("seen", samples.take(parts.seen)), ("unseen", samples.take(parts.unseen)))
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / (Path(data).stem + ".safetensors")
+    save_file(trained.model.state_dict(), str(weights), metadata={"hidden": str(hidden)})
+    first = records[0]
+    report = {
+        "gpu": first.gpu, "sm_total": first.sm_total, "driver": first.driver, "torch": first.torch,
+        "resolution": first.resolution,
+        "data": {"file": Path(data).name, "sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
+                 "records": len(records), "task_samples": int(samples.mask.sum()),
+                 "models": sorted({t.model for r in records for t in r.tasks}),
+                 "max_tasks_per_record": max(len(r.tasks) for r in records)},
+        "split": {"train_records": len(parts.train), "seen_test_records": len(parts.seen),
+                  "unseen_test_records": len(parts.unseen), "unseen_combinations": [list(c) for c in parts.unseen_combos]},
+        "mape_percent": {"train": errors["train"], "seen": errors["seen"], "unseen": errors["unseen"]},
+        "network": {"kind": "DeepSets (phi, rho MLPs, sum of the other tasks' embeddings)", "hidden": hidden,
+                    "epochs": epochs, "inputs_per_task": list(INPUT_NAMES), "max_tasks": MAX_TASKS,
+                    "output": "images/s per task", "train_seconds": round(time.perf_counter() - started, 1)},
+    }  # fmt: skip
+    weights.with_suffix(".fit.json").write_text(json.dumps(report, indent=2) + "\n")
+    return weights
+
+
+def export(weights: Path) -> Path:
+    """Write `<gpu>.onnx` and its model card (`.card.json` and `.card.md`) next to the weights."""
+    import torch
+
+    weights = Path(weights)
+    report = json.loads(weights.with_suffix(".fit.json").read_text())
+    state = load_file(str(weights))
+    model = Pre(hidden=report["network"]["hidden"])
+    model.load_state_dict(state)
+    onnx_path = weights.with_suffix(".onnx")
+    export_onnx(model, str(onnx_path))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, MAX_TASKS, len(INPUT_NAMES))).astype(np.float32) * model.std.numpy() + model.mean.numpy()
+    mask = (rng.random((64, MAX_TASKS)) < 0.7).astype(np.float32)
+    with torch.no_grad():
+        reference = predict(model, x, mask)
+    card = report | {"onnx": {"file": onnx_path.name, "opset": 17, "inputs": {"features": ["n", MAX_TASKS, len(INPUT_NAMES)], "mask": ["n", MAX_TASKS]}}}
+    card_path(onnx_path).write_text(json.dumps(card, indent=2) + "\n")
+    runtime = OnnxPredictor(onnx_path)
+    (out,) = runtime.session.run(["throughput"], {"features": x, "mask": mask})
+    parity = float(np.max(np.abs(out - reference) / np.maximum(np.abs(reference), 1e-6)))
+    card["onnx"]["max_relative_difference_vs_torch"] = parity
+    card_path(onnx_path).write_text(json.dumps(card, indent=2) + "\n")
+    onnx_path.with_suffix(".card.md").write_text(_markdown(card))
+    return onnx_path
+
+
+def _markdown(card: dict) -> str:
+    m, d, s = card["mape_percent"], card["data"], card["split"]
+    return "\n".join([
+        f"# Throughput predictor for {card['gpu']}",
+        "",
+        f"Valid for: **{card['gpu']}** ({card['sm_total']} SMs), driver {card['driver']}, torch {card['torch']}, "
+        f"training at {card['resolution']}x{card['resolution']} inputs, 1..{card['network']['max_tasks']} co-located tasks under MPS.",
+        "",
+        "| held-out set | MAPE of per-task throughput |",
+        "|---|---:|",
+        f"| configurations of seen model combinations ({s['seen_test_records']} records) | {m['seen']}% |",
+        f"| model combinations left out of training ({s['unseen_test_records']} records) | {m['unseen']}% |",
+        f"| training set ({s['train_records']} records) | {m['train']}% |",
+        "",
+        f"Training data: `{d['file']}` (sha256 `{d['sha256'][:16]}…`), {d['records']} measured windows, "
+        f"{d['task_samples']} task throughputs, models {', '.join(d['models'])}.",
+        f"Unseen combinations: {'; '.join('+'.join(c) for c in s['unseen_combinations'])}.",
+        "",
+        f"Network: {card['network']['kind']}, hidden {card['network']['hidden']}, inputs per task "
+        f"{', '.join(card['network']['inputs_per_task'])}; output images/s per task.",
+        f"ONNX: `{card['onnx']['file']}`, dynamic batch axis, max relative difference to torch "
+        f"{card['onnx']['max_relative_difference_vs_torch']:.1e}.",
+        "",
+        "Redo on your GPU: `fedmt-predictor profile --out predictor/data`, then `fedmt-predictor fit --data "
+        "predictor/data/<gpu>.jsonl --out predictor/models` and `fedmt-predictor export --weights "
+        "predictor/models/<gpu>.safetensors`.",
+        "",
+    ])  # fmt: skip
