@@ -26,6 +26,7 @@ class Init(_Line, tag="init"):
     device: Literal["cpu", "cuda"]
     threads: Annotated[int, Meta(ge=1)] = 1
     seed: int = 0
+    cudnn_benchmark: bool = False  # autotuning every new shape stalls for seconds, worse under MPS
 
 
 class Train(_Line, tag="train"):

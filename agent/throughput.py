@@ -33,7 +33,8 @@ class SyntheticTrainer:
         self.seed = seed
         self.batch = 0
         self.inputs = self.labels = None
-        self.model = build_model(model, seed=seed).to(device).train()
+        with torch.device(device):  # initialise the weights where they live (large models are slow to init on CPU)
+            self.model = build_model(model, seed=seed).train()
         params = self.model.parameters()
         if optimizer.name == "adam":
             self.optimizer = torch.optim.Adam(params, lr=optimizer.lr, weight_decay=optimizer.weight_decay)

@@ -76,7 +76,7 @@ class Worker:
         if command.device == "cuda":
             if not torch.cuda.is_available():
                 raise RuntimeError("CUDA requested but torch sees no GPU")
-            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.benchmark = command.cudnn_benchmark
             props = torch.cuda.get_device_properties(0)
             torch.zeros(1, device="cuda")  # create the context now, so MPS errors surface here
             self.emit(jobs.Ready(device_name=props.name, sm_count=props.multi_processor_count, pid=os.getpid()))

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent import jobs
 from agent.colocation import WorkerGroup
 from agent.mps import GpuSharing, mps_sharing
-from agent.policies import LaunchPlan, plan_launches, split_by_workload
+from agent.policies import POLICIES, LaunchPlan, plan_launches, split_by_workload
 from bench.common import Budget, CsvLog, UtilizationSampler, describe_device, read_csv, write_json
 from protocol.schemas import ModelSpec
 
@@ -48,16 +48,21 @@ class Run:
     labels: list[tuple[str, str]]
 
 
-def runs_for(models: list[str], workloads: dict[str, float], sharing: GpuSharing) -> list[Run]:
-    """Every policy plus the R_v sweep; configurations with identical R vectors are measured once."""
+def runs_for(
+    models: list[str], workloads: dict[str, float], sharing: GpuSharing, policies: list[str], planned: dict | None
+) -> list[Run]:
+    """The policies (with "sweep": the R_v sweep; "fedmt-predictor": R_i from `planned`); configurations with
+    identical R vectors are measured once."""
 
     def plan(policy: str, resources=None) -> LaunchPlan:
         return plan_launches(policy, models, workloads, mps_env=sharing.mps_env, no_mps_env=sharing.no_mps_env,
                              expected_sms=sharing.expected_sms, resources=resources)  # fmt: skip
 
     runs: dict[tuple, Run] = {}
-    candidates = [(plan(p), p, "") for p in ("temporal", "concurrent", "isolated", "sharing", "fedmt")]
-    for rv in RV_SWEEP:
+    candidates = [(plan(p), p, "") for p in policies if p in POLICIES]
+    if "fedmt-predictor" in policies:
+        candidates.append((plan("fedmt", planned), "fedmt-predictor", ""))
+    for rv in RV_SWEEP if "sweep" in policies else ():
         shares = split_by_workload([workloads[m] for m in models], rv)
         candidates.append((plan("fedmt", dict(zip(models, shares))), "sweep", str(rv)))
     for launch_plan, label, rv in candidates:
@@ -83,28 +88,26 @@ def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: C
 
     specs = {m: ModelSpec(name=m, num_classes=10, input_size=args.resolution) for m in models}
     workloads = {m: extract(spec).flops_per_sample * args.batch for m, spec in specs.items()}
-    runs = runs_for(models, workloads, sharing)
+    planned = predictor_plan(args.predictor, [extract(s) for s in specs.values()], args.batch) if args.predictor else None
+    runs = runs_for(models, workloads, sharing, args.policies, planned and dict(zip(models, planned)))
     init = jobs.Init(device="cuda")
     rows, alone = [], {}
-    with ThreadPoolExecutor(1) as pool:
-        pending: Future | None = pool.submit(WorkerGroup, runs[0].plan.launches, init)
-        for index, run in enumerate(runs):
-            group, pending = pending.result(), None
-            if index + 1 < len(runs):  # start (not warm up) the next processes while this run measures
-                pending = pool.submit(WorkerGroup, runs[index + 1].plan.launches, init)
-            try:
-                with group:
-                    window, util = measure(group, run, specs, args.batch, args.images)
-            except BaseException:
-                if pending is not None:
-                    pending.result().close()
-                raise
+    with ThreadPoolExecutor(len(runs)) as pool:  # start every run's processes at once; idle ones use no SMs
+        pending = [pool.submit(WorkerGroup, run.plan.launches, init) for run in runs]
+    try:
+        for run, future in zip(runs, pending):
+            with future.result() as group:
+                window, util = measure(group, run, specs, args.batch, args.images)
             if run.plan.policy == "temporal":
                 alone = {m: window.throughput(m) for m in models}
             for label, rv in run.labels:
                 rows += _rows(name, label, rv, run, window, group, alone, util, args, device)
             print(f"{name:>16} {'/'.join(lbl for lbl, _ in run.labels):>20}: "
                   f"{window.images / window.wall_s:8.0f} img/s  {run.plan.note}", flush=True)  # fmt: skip
+    finally:
+        for future in pending:
+            if future.exception() is None:
+                future.result().close()
     temporal_p = next(r["P"] for r in rows if r["policy"] == "temporal")
     temporal_pf = next(r["P_f"] for r in rows if r["policy"] == "temporal")
     for row in rows:
@@ -128,14 +131,24 @@ def _rows(scenario, label, rv, run, window, group, alone, util, args, device) ->
     ]
 
 
+def predictor_plan(path: str, tasks: list, batch: int) -> list[float]:
+    """R_i (percent) from the ONNX predictor: Eq. 5 at the scenario's fixed batch, maximising sum P_i."""
+    from predictor.runtime import OnnxPredictor
+    from predictor.search import best_resources
+
+    return [float(r) for r in best_resources(tasks, [batch] * len(tasks), OnnxPredictor(Path(path))).resources]
+
+
 def run(args) -> int:
     out = Path(args.out)
     budget = Budget(args.budget_s)
+    if args.policies[0] != "temporal":
+        raise SystemExit("--policies must start with temporal: it gives the alone throughputs and the baseline")
     device = describe_device()
-    log = CsvLog(out / "colocation.csv", COLUMNS)
+    log = CsvLog(out / f"{args.name}.csv", COLUMNS)
     with mps_sharing() as sharing:
         print(f"device: {device}\nMPS: {sharing.daemon.info.reason}", flush=True)
-        write_json(out / "colocation.json", {"device": device, "images_per_task": args.images, "batch": args.batch,
+        write_json(out / f"{args.name}.json", {"device": device, "images_per_task": args.images, "batch": args.batch,
                                              "resolution": args.resolution, "mps": sharing.daemon.info.reason})  # fmt: skip
         for name in args.scenarios:
             if budget.left() < 60:
@@ -148,7 +161,7 @@ def run(args) -> int:
 def report(args) -> int:
     """Markdown table and bar chart from colocation.csv."""
     out = Path(args.out)
-    rows = read_csv(out / "colocation.csv")
+    rows = read_csv(out / f"{args.name}.csv")
     runs: dict[tuple[str, str, str], dict] = {}
     for row in rows:
         runs.setdefault((row["scenario"], row["policy"], row["rv"]), row)
@@ -157,19 +170,22 @@ def report(args) -> int:
     for (scenario, policy, rv), row in runs.items():
         lines.append(f"| {scenario} | {policy} | {rv} | {float(row['P']):.0f} | {float(row['P_norm']):.2f} | "
                      f"{float(row['P_f']):.2f} | {float(row['P_f_norm']):.2f} | {row['gpu_util']} |")  # fmt: skip
-    lines += ["", "| scenario | fedmt / temporal | fedmt / best static MPS | best R_v in sweep |", "|---|---:|---:|---|"]
+    lines += ["", "| scenario | policy | vs temporal | vs best static MPS (isolated, sharing) | best R_v of the sweep |",
+              "|---|---|---:|---:|---|"]  # fmt: skip
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
         p = {(pol, rv): float(r["P"]) for (s, pol, rv), r in runs.items() if s == scenario}
-        fedmt = next(v for (pol, _), v in p.items() if pol == "fedmt")
+        temporal = p[next(k for k in p if k[0] == "temporal")]
         static = max(v for (pol, _), v in p.items() if pol in ("isolated", "sharing"))
-        temporal = next(v for (pol, _), v in p.items() if pol == "temporal")
-        best_rv = max(((rv, v) for (pol, rv), v in p.items() if pol == "sweep"), key=lambda x: x[1])
-        lines.append(f"| {scenario} | {fedmt / temporal:.2f}x | {fedmt / static:.2f}x | {best_rv[0]}% "
-                     f"({best_rv[1] / temporal:.2f}x temporal) |")  # fmt: skip
+        sweep = [(rv, v) for (pol, rv), v in p.items() if pol == "sweep"]
+        best_rv = max(sweep, key=lambda x: x[1]) if sweep else None
+        for (pol, _), v in p.items():
+            if pol.startswith("fedmt"):
+                sweep_text = f"{best_rv[0]}% ({best_rv[1] / temporal:.2f}x temporal)" if best_rv else "-"
+                lines.append(f"| {scenario} | {pol} | {v / temporal:.2f}x | {v / static:.2f}x | {sweep_text} |")
     table = "\n".join(lines)
-    (out / "colocation.md").write_text(table + "\n")
+    (out / f"{args.name}.md").write_text(table + "\n")
     print(table)
-    _plot(runs, out / "colocation.png")
+    _plot(runs, out / f"{args.name}.png")
     return 0
 
 
@@ -180,11 +196,13 @@ def _plot(runs: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     scenarios = list(dict.fromkeys(s for s, _, _ in runs))
-    policies = ["temporal", "concurrent", "isolated", "sharing", "fedmt"]
+    policies = [p for p in ("temporal", "concurrent", "isolated", "sharing", "fedmt", "fedmt-predictor")
+                if any(pol == p for _, pol, _ in runs)]  # fmt: skip
     figure, (bars, sweep) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / len(policies)
     for i, policy in enumerate(policies):
-        values = [next(float(r["P_norm"]) for (s, p, _), r in runs.items() if s == sc and p == policy) for sc in scenarios]
+        values = [next((float(r["P_norm"]) for (s, p, _), r in runs.items() if s == sc and p == policy), 0.0)
+                  for sc in scenarios]  # fmt: skip
         bars.bar([x + i * width for x in range(len(scenarios))], values, width, label=policy)
     bars.set_xticks([x + 0.4 - width / 2 for x in range(len(scenarios))], scenarios, rotation=15)
     bars.set(ylabel="throughput P / temporal", title="Co-location policies (equal data per task)")
@@ -203,14 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--out", default="bench/results")
     r.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     r.add_argument("--batch", type=int, default=64)
     r.add_argument("--resolution", type=int, default=128)
     r.add_argument("--images", type=int, default=3200, help="images per task and run")
     r.add_argument("--budget-s", type=float, default=540.0, help="skip scenarios that would start after this")
-    rep = sub.add_parser("report")
-    rep.add_argument("--out", default="bench/results")
+    r.add_argument("--policies", nargs="+", default=[*POLICIES, "sweep"],
+                   choices=[*POLICIES, "sweep", "fedmt-predictor"])  # fmt: skip
+    r.add_argument("--predictor", help="ONNX predictor for the fedmt-predictor policy")
+    for command in (r, sub.add_parser("report")):
+        command.add_argument("--out", default="bench/results")
+        command.add_argument("--name", default="colocation", help="file name stem of the results")
     args = parser.parse_args(argv)
     return run(args) if args.command == "run" else report(args)
 

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--data", type=Path, required=True)
     fit.add_argument("--out", type=Path, default=Path("predictor/models"))
     fit.add_argument("--epochs", type=int, default=3000)
-    fit.add_argument("--hidden", type=int, default=64)
+    fit.add_argument("--hidden", type=int, default=32)
     fit.add_argument("--seed", type=int, default=0)
     export = sub.add_parser("export", help="export fitted weights to ONNX with a model card")
     export.add_argument("--weights", type=Path, required=True)

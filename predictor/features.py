@@ -1,8 +1,10 @@
 """Static workload features of a task's model (f_i, m_i of the paper's Eq. 3-4), measured once per model spec.
 
-FLOPs come from torch's FlopCounterMode over one training step (forward + backward) of a batch of two images;
-torch's weight-gradient formula for grouped convolutions ignores `groups` (it counts a depthwise convolution's
-weight gradient as a dense one), so that one formula is replaced here by the per-group count.
+FLOPs come from torch's FlopCounterMode over one training step (forward + backward) of a batch of two images,
+run on the meta device: shapes only, no arithmetic, so it is fast and independent of CPU load (and attention
+is decomposed into countable matmuls rather than a fused CPU kernel the counter does not know). torch's
+weight-gradient formula for grouped convolutions ignores `groups` (it counts a depthwise convolution's weight
+gradient as a dense one), so that one formula is replaced here by the per-group count.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class TaskFeatures:
 
 
 def extract(spec: ModelSpec) -> TaskFeatures:
-    """Features of `spec`, computed on CPU once per (name, input_size, num_classes) in this process."""
+    """Features of `spec`, computed once per (name, input_size, num_classes) in this process."""
     return _extract(spec.name, spec.input_size, spec.num_classes)
 
 
@@ -47,7 +49,8 @@ def _extract(name: str, input_size: int, num_classes: int) -> TaskFeatures:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_model(ModelSpec(name=name, num_classes=num_classes, input_size=input_size), seed=0).train()
+    spec = ModelSpec(name=name, num_classes=num_classes, input_size=input_size)
+    model = build_model(spec, seed=0).to("meta").train()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     activation_bytes = 0
@@ -58,8 +61,8 @@ def _extract(name: str, input_size: int, num_classes: int) -> TaskFeatures:
 
     leaves = [m for m in model.modules() if next(m.children(), None) is None]
     handles = [m.register_forward_hook(count_outputs) for m in leaves]
-    images = torch.zeros(_BATCH, 3, input_size, input_size)
-    labels = torch.zeros(_BATCH, dtype=torch.long)
+    images = torch.zeros(_BATCH, 3, input_size, input_size, device="meta")
+    labels = torch.zeros(_BATCH, dtype=torch.long, device="meta")
     try:
         counter = FlopCounterMode(
             display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}

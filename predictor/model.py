@@ -52,7 +52,7 @@ def _mlp(sizes: Sequence[int]) -> nn.Sequential:
 
 
 class Pre(nn.Module):
-    def __init__(self, hidden: int = 64) -> None:
+    def __init__(self, hidden: int = 32) -> None:
         super().__init__()
         self.hidden = hidden
         self.register_buffer("mean", torch.zeros(N_INPUTS))
@@ -80,7 +80,7 @@ class TrainedPre:
 
 
 def train(
-    x: np.ndarray, mask: np.ndarray, throughput: np.ndarray, *, hidden: int = 64, epochs: int = 3000,
+    x: np.ndarray, mask: np.ndarray, throughput: np.ndarray, *, hidden: int = 32, epochs: int = 3000,
     lr: float = 3e-3, weight_decay: float = 1e-5, seed: int = 0,
 ) -> TrainedPre:  # fmt: skip
     """Fit Pre on log-throughput (so the loss weighs relative errors), full batch, Adam with cosine decay."""

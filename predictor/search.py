@@ -24,6 +24,8 @@ Alone = Callable[[Sequence[TaskFeatures], np.ndarray], np.ndarray]
 Objective = Literal["sum", "fair"]
 
 DEFAULT_GRID = tuple(range(10, 101, 10))
+COARSE_GRID = tuple(range(20, 101, 20))
+MAX_GRID_ROWS = 20_000  # per batch vector; above it (5 tasks) the default grid is the coarse one
 _REL_TOL = 1e-9  # scores and makespans this close (relative) are ties
 _EPS = 1e-9
 _MAX_COMBINATIONS = 1_000_000
@@ -73,7 +75,7 @@ def best_resources(
     tasks: Sequence[TaskFeatures],
     batches: Sequence[int] | np.ndarray,
     predict: Predict,
-    grid: Sequence[float] = DEFAULT_GRID,
+    grid: Sequence[float] | None = None,
     objective: Objective = "sum",
     alone: np.ndarray | Sequence[float] | Alone | None = None,
     rv_max: float | None = None,
@@ -101,7 +103,7 @@ def best_resources(
 
 def _resource_search(tasks, batches, predict, grid, objective, alone, rv_max, exhaustive_limit, max_rounds):
     """Eq. 5 for K batch rows (K, n) at once: best R, P and score per row."""
-    grid = _grid(grid)
+    grid = _grid(grid, len(tasks))
     weights = _weights(tasks, batches, objective, alone)
     k = np.arange(len(batches))
     if len(tasks) <= exhaustive_limit:
@@ -164,7 +166,13 @@ def _weights(tasks, batches, objective, alone) -> np.ndarray:
     return 1.0 / values
 
 
-def _grid(grid: Sequence[float]) -> np.ndarray:
+def default_grid(n: int) -> tuple[int, ...]:
+    """10% steps while len(grid)**n stays within MAX_GRID_ROWS, else 20% steps (keeps a 5-task search fast)."""
+    return DEFAULT_GRID if len(DEFAULT_GRID) ** n <= MAX_GRID_ROWS else COARSE_GRID
+
+
+def _grid(grid: Sequence[float] | None, n: int) -> np.ndarray:
+    grid = default_grid(n) if grid is None else grid
     values = np.unique(np.asarray(grid, dtype=np.float64))
     if not len(values) or values[0] <= 0 or values[-1] > 100:
         raise ValueError(f"resource grid must be non-empty percentages in (0, 100], got {list(grid)}")
@@ -198,13 +206,13 @@ def adapt_batches(
     predict: Predict,
     tolerance: float = 0.25,
     *,
-    grid: Sequence[float] = DEFAULT_GRID,
+    grid: Sequence[float] | None = None,
     objective: Objective = "sum",
     alone: np.ndarray | Sequence[float] | Alone | None = None,
     rv_max: float | None = None,
     exhaustive_limit: int = 5,
     max_rounds: int = 20,
-    max_rows: int = 2_000_000,
+    max_rows: int = 1_000_000,
 ) -> BatchPlan:
     """Eq. 6: among batch vectors of low mismatch, the one whose Eq. 5 optimum has the best objective.
 
@@ -221,6 +229,7 @@ def adapt_batches(
     cost = mismatch(d, combos)
     kept = np.flatnonzero(cost <= cost.min() * (1 + tolerance) + _EPS)
     kept = kept[np.argsort(cost[kept], kind="stable")]  # preference order: mismatch, then lexicographic
+    grid = _grid(grid, n)
     per_candidate = len(grid) ** n if n <= exhaustive_limit else 1 + n * len(grid)
     kept = kept[: max(1, max_rows // per_candidate)]
     resources, predicted, scores = _resource_search(
@@ -301,11 +310,8 @@ def simulate_makespan(
     if sorted(order) != list(range(n)):
         raise ValueError(f"order must be a permutation of 0..{n - 1}, got {list(order)}")
     compute = _nonnegative(compute_s, n, "compute_s")
-    return float(
-        _makespans(
-            np.array([order]), compute[None], _nonnegative(down_s, n, "down_s"), _nonnegative(up_s, n, "up_s")
-        )[0, 0]
-    )
+    down, up = _nonnegative(down_s, n, "down_s"), _nonnegative(up_s, n, "up_s")
+    return float(_makespans(np.array([order]), compute[None], down, up)[0, 0])
 
 
 def _makespans(orders: np.ndarray, compute: np.ndarray, down: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -337,7 +343,7 @@ def schedule(
 ) -> Schedule:
     """Algorithm 1: start order and batches in {(1-delta)B*, B*, (1+delta)B*} minimising the makespan.
 
-    Batch options are rounded to integers >= 1 (clipped to the per-task (low, high) `limits` if given) and
+    B* and the options are clipped to the per-task (low, high) `limits` (default: at least 1), rounded and
     deduplicated; compute time is D_i / P_i at the given resources (infinite if P_i <= 0). Up to
     `exhaustive_limit` tasks, every permutation times every batch combination is simulated after one predict
     call (3 tasks: 6 x 27 = 162 points); ties go to fewer changes from B*, then the lexicographically smaller
@@ -355,7 +361,10 @@ def schedule(
         raise ValueError(f"resources must have shape ({n},), got {share.shape}")
     if not 0 <= delta < 1:
         raise ValueError(f"delta must be in [0, 1), got {delta}")
-    options = _batch_options(star, delta, limits)
+    bounds = _bounds(limits, n)
+    star = np.clip(star, bounds[:, 0], bounds[:, 1]).astype(np.int64)
+    scaled = np.floor(star[:, None] * np.array([1 - delta, 1.0, 1 + delta]) + 0.5)
+    options = [np.unique(row).astype(np.int64) for row in np.clip(scaled, bounds[:, :1], bounds[:, 1:])]
 
     def compute_times(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         predicted = _predict(
@@ -420,16 +429,14 @@ def _local_search(star, options, compute_times, down, up, max_evaluations) -> Sc
     )
 
 
-def _batch_options(
-    star: np.ndarray, delta: float, limits: Sequence[tuple[int, int]] | None
-) -> list[np.ndarray]:
-    scaled = np.floor(star[:, None] * np.array([1 - delta, 1.0, 1 + delta]) + 0.5)
-    if limits is not None:
-        if len(limits) != len(star):
-            raise ValueError(f"limits must have {len(star)} (low, high) pairs, got {len(limits)}")
-        bounds = np.asarray(limits, dtype=np.float64)
-        scaled = np.clip(scaled, bounds[:, :1], bounds[:, 1:])
-    return [np.unique(row).astype(np.int64) for row in np.maximum(scaled, 1)]
+def _bounds(limits: Sequence[tuple[int, int]] | None, n: int) -> np.ndarray:
+    """Per-task (low, high) batch limits as an (n, 2) array; no limits is [1, inf)."""
+    if limits is None:
+        return np.tile([1.0, np.inf], (n, 1))
+    bounds = np.asarray(limits, dtype=np.float64)
+    if bounds.shape != (n, 2) or np.any(bounds[:, 0] < 1) or np.any(bounds[:, 0] > bounds[:, 1]):
+        raise ValueError(f"limits must be {n} (low, high) pairs with 1 <= low <= high, got {limits!r}")
+    return bounds
 
 
 # --- the whole plan ----------------------------------------------------------------------------------------
@@ -445,7 +452,7 @@ def plan(
     *,
     tolerance: float = 0.25,
     delta: float = 0.2,
-    grid: Sequence[float] = DEFAULT_GRID,
+    grid: Sequence[float] | None = None,
     objective: Objective = "sum",
     alone: np.ndarray | Sequence[float] | Alone | None = None,
     rv_max: float | None = None,

@@ -16,7 +16,7 @@ from predictor.profiler import load_records
 from predictor.runtime import OnnxPredictor, card_path
 
 
-def fit(data: Path, out_dir: Path, *, hidden: int = 64, epochs: int = 3000, seed: int = 0) -> Path:
+def fit(data: Path, out_dir: Path, *, hidden: int = 32, epochs: int = 3000, seed: int = 0) -> Path:
     """Train on the data file's training split; write `<gpu>.safetensors` and `<gpu>.fit.json`; return the weights."""
     records = load_records(data)
     if not records:

@@ -255,6 +255,13 @@ def test_schedule_limits_clip_the_batch_options() -> None:
     )
     assert result.batches[0] <= 32 and result.batches[1] <= 70
     assert result.evaluated_points == 2 * (2 * 3)  # task 0: {26, 32}, task 1: {51, 64, 70}
+    # B* itself above the limit is clipped first: 100 -> 64, options {51, 64}
+    result = schedule(
+        tasks(2), [100, 900], [32, 100], [1, 1], [1, 1], analytic, [50, 50], limits=[(8, 32), (8, 64)]
+    )
+    assert result.batches.tolist() == [32, 64] and result.evaluated_points == 2 * (2 * 2)
+    with pytest.raises(ValueError):
+        schedule(tasks(2), [1, 1], [8, 8], [1, 1], [1, 1], analytic, [50, 50], limits=[(8, 4), (8, 8)])
 
 
 def test_five_tasks_take_one_predict_call_per_phase() -> None:

@@ -1,0 +1,217 @@
+"""Predictor benchmarks (FedMT Sec. IV-V, Fig. 7 and 13, Table II).
+
+    python -m bench.predictor measure --predictor M.onnx   # GPU + MPS: completion degree and random-schedule rank
+    python -m bench.predictor cost --predictor M.onnx      # CPU: time of the Algorithm 1 search, 3 and 5 tasks
+    python -m bench.predictor report --predictor M.onnx    # predictor.json / .md / .png from the above + model card
+
+Completion degree: for fixed batches (the paper's Table III settings), every R vector of a grid is measured in
+a synchronised window through a pool of long-lived workers (one per (model, R_i)); the search's pick (Eq. 5 on
+the same grid) is compared with the best measured vector. Rank: the pick of Eq. 5 with free batch sizes among
+random (B_i, R_i) schedules, all measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import Budget, CsvLog, describe_device, read_csv, write_json
+
+LEVELS_2 = (20, 40, 60, 80, 100)
+LEVELS_4 = (40, 70, 100)
+BATCHES = (16, 32, 64, 128)
+SETTINGS = {  # name: (models, batches, R grid)
+    "T3-1 R50+V16 B=128,32": (("resnet50", "vgg16"), (128, 32), LEVELS_2),
+    "T3-3 R50+M3 B=128,512": (("resnet50", "mobilenet_v3_small"), (128, 512), LEVELS_2),
+    "T3-2 R50+V16+M3+D121 B=128": (("resnet50", "vgg16", "mobilenet_v3_small", "densenet121"), (128,) * 4, LEVELS_4),
+    "T3-4 R50+V16+M3+D121 B=32": (("resnet50", "vgg16", "mobilenet_v3_small", "densenet121"), (32,) * 4, LEVELS_4),
+}
+RANK_SETTING = ("resnet50", "vgg16", "mobilenet_v3_small")
+RANK_SCHEDULES = 125
+COLUMNS = ["setting", "kind", "models", "batches", "resources", "throughputs", "sum_p", "predicted_sum_p"]
+
+
+def _specs(models, resolution):
+    from protocol.schemas import ModelSpec
+
+    return [ModelSpec(name=m, num_classes=10, input_size=resolution) for m in models]
+
+
+def measure(args) -> int:
+    from agent import jobs
+    from agent.colocation import WorkerPool
+    from agent.mps import mps_sharing
+    from predictor.features import extract
+    from predictor.runtime import OnnxPredictor
+    from predictor.search import adapt_batches, best_resources
+
+    out, budget = Path(args.out), Budget(args.budget_s)
+    predict = OnnxPredictor(Path(args.predictor))
+    log = CsvLog(out / "completion.csv", COLUMNS)
+    write_json(out / "completion.json", {"device": describe_device(), "resolution": args.resolution, "window_s": args.window_s})
+
+    def window(pool, setting, kind, specs, batches, resources, tasks) -> None:
+        picks = [((s.name, float(r)), jobs.Measure(model=s, batch=int(b), seconds=args.window_s, warmup_steps=2))
+                 for s, b, r in zip(specs, batches, resources)]  # fmt: skip
+        measured = [m.images_per_s for m in pool.measure(picks)]
+        predicted = predict(tasks, np.array([batches]), np.array([resources]))[0]
+        log.add({"setting": setting, "kind": kind, "models": "+".join(s.name for s in specs),
+                 "batches": " ".join(map(str, batches)), "resources": " ".join(f"{r:g}" for r in resources),
+                 "throughputs": " ".join(f"{t:.1f}" for t in measured), "sum_p": round(sum(measured), 1),
+                 "predicted_sum_p": round(float(predicted.sum()), 1)})  # fmt: skip
+
+    with mps_sharing() as sharing, WorkerPool(sharing.launch_for, jobs.Init(device="cuda")) as pool:
+        for name, (models, batches, levels) in SETTINGS.items():
+            if budget.left() < len(levels) ** len(models) * 1.6:
+                print(f"budget left {budget.left():.0f} s: skipping {name}", flush=True)
+                continue
+            specs = _specs(models, args.resolution)
+            tasks = [extract(s) for s in specs]
+            pick = best_resources(tasks, batches, predict, grid=levels).resources
+            window(pool, name, "pick", specs, batches, [float(r) for r in pick], tasks)
+            for resources in itertools.product(levels, repeat=len(models)):
+                window(pool, name, "grid", specs, batches, [float(r) for r in resources], tasks)
+            print(f"{name}: measured {len(levels) ** len(models)} grid points", flush=True)
+        specs = _specs(RANK_SETTING, args.resolution)
+        tasks = [extract(s) for s in specs]
+        name = "rank " + "+".join(RANK_SETTING)
+        pick = adapt_batches(tasks, [1] * len(tasks), [BATCHES] * len(tasks), predict, tolerance=1e9, grid=LEVELS_2)
+        window(pool, name, "pick", specs, [int(b) for b in pick.batches], [float(r) for r in pick.resources], tasks)
+        rng = random.Random(0)
+        for _ in range(RANK_SCHEDULES):
+            if budget.left() < 3:
+                print("budget spent during the random schedules", flush=True)
+                break
+            batches = [rng.choice(BATCHES) for _ in specs]
+            window(pool, name, "random", specs, batches, [float(rng.choice(LEVELS_2)) for _ in specs], tasks)
+    return 0
+
+
+def cost(args) -> int:
+    """Median wall time of the whole plan() search (Eq. 6, Eq. 5, Algorithm 1) with the ONNX predictor."""
+    from predictor.features import extract
+    from predictor.runtime import OnnxPredictor
+    from predictor.search import plan
+
+    predict = OnnxPredictor(Path(args.predictor))
+    cases = {"3 tasks (V16, R18, M3)": ("vgg16", "resnet18", "mobilenet_v3_small"),
+             "5 tasks (+R50, D121)": ("vgg16", "resnet18", "mobilenet_v3_small", "resnet50", "densenet121")}  # fmt: skip
+    results = {}
+    for name, models in cases.items():
+        tasks = [extract(s) for s in _specs(models, args.resolution)]
+        n = len(tasks)
+        volumes, candidates = list(range(1, n + 1)), [BATCHES] * n
+        down = up = [0.5] * n
+        plan(tasks, volumes, candidates, down, up, predict)  # warm-up (onnxruntime session, caches)
+        times, points = [], 0
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            result = plan(tasks, volumes, candidates, down, up, predict)
+            times.append(time.perf_counter() - started)
+        points = len(list(itertools.permutations(range(n)))) * 3**n
+        results[name] = {"tasks": n, "median_ms": round(1000 * statistics.median(times), 2),
+                         "max_ms": round(1000 * max(times), 2), "algorithm1_points": points,
+                         "order": list(result.order), "batches": list(result.batches)}  # fmt: skip
+        print(f"{name}: median {results[name]['median_ms']} ms over {args.repeats} runs ({points} Algorithm 1 points)")
+    import platform
+
+    write_json(Path(args.out) / "search_cost.json", {"cpu": platform.processor() or platform.machine(), "cases": results})
+    return 0
+
+
+def report(args) -> int:
+    out = Path(args.out)
+    rows = read_csv(out / "completion.csv")
+    card = json.loads(Path(args.predictor).with_suffix(".card.json").read_text())
+    search = json.loads((out / "search_cost.json").read_text())["cases"]
+    settings: dict[str, dict] = {}
+    for row in rows:
+        settings.setdefault(row["setting"], {"pick": None, "others": []})
+        entry = settings[row["setting"]]
+        if row["kind"] == "pick":
+            entry["pick"] = row
+        else:
+            entry["others"].append(row)
+    completion, ranks = [], []
+    for name, entry in settings.items():
+        pick = float(entry["pick"]["sum_p"])
+        measured = [float(r["sum_p"]) for r in entry["others"]]
+        grid_same = [float(r["sum_p"]) for r in entry["others"] if r["resources"] == entry["pick"]["resources"]]
+        if name.startswith("rank"):
+            better = sum(m > pick for m in measured)
+            ranks.append({"setting": name, "schedules": len(measured), "rank": better + 1,
+                          "top_percent": round(100 * (better + 1) / (len(measured) + 1), 1)})  # fmt: skip
+        else:  # the pick is also a grid point: average both windows of it against the best of the grid
+            value = statistics.mean([pick, *grid_same])
+            completion.append({"setting": name, "pick": entry["pick"]["resources"], "best": max(entry["others"], key=lambda r: float(r["sum_p"]))["resources"],
+                               "completion_degree": round(value / max(measured), 3), "grid_points": len(measured),
+                               "rank_in_grid": 1 + sum(m > value for m in measured)})  # fmt: skip
+    three, five = (search[k]["median_ms"] for k in search)
+    summary = {
+        "device": card["gpu"], "mape_seen": card["mape_percent"]["seen"], "mape_unseen": card["mape_percent"]["unseen"],
+        "completion_degree": completion, "random_schedule_rank": ranks,
+        "search_ms_3tasks": three, "search_ms_5tasks": five, "predictor": card["onnx"]["file"],
+        "data": card["data"], "command": "python -m bench.predictor measure|cost|report --predictor " + args.predictor,
+    }  # fmt: skip
+    write_json(out / "predictor.json", summary)
+    lines = [f"Predictor on {card['gpu']}: MAPE {card['mape_percent']['seen']}% (seen combinations), "
+             f"{card['mape_percent']['unseen']}% (unseen combinations); search {three} ms (3 tasks), {five} ms (5 tasks).",
+             "", "| setting | pick R_i | best measured R_i | completion degree | rank in grid |", "|---|---|---|---:|---:|"]  # fmt: skip
+    lines += [f"| {c['setting']} | {c['pick']} | {c['best']} | {c['completion_degree']:.3f} | {c['rank_in_grid']}/{c['grid_points']} |"
+              for c in completion]  # fmt: skip
+    lines += [f"\nRandom schedules ({r['setting']}): the pick ranks {r['rank']} of {r['schedules'] + 1} "
+              f"(top {r['top_percent']}%)." for r in ranks]  # fmt: skip
+    (out / "predictor.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot(rows, completion, out / "predictor.png")
+    return 0
+
+
+def _plot(rows, completion, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (scatter, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        points = [(float(r["predicted_sum_p"]), float(r["sum_p"])) for r in rows if r["setting"] == setting]
+        scatter.scatter(*zip(*points), s=10, label=setting)
+    top = max(max(float(r["sum_p"]), float(r["predicted_sum_p"])) for r in rows)
+    scatter.plot([0, top], [0, top], color="gray", lw=0.8)
+    scatter.set(xlabel="predicted sum P (img/s)", ylabel="measured sum P (img/s)", title="Predicted vs measured")
+    scatter.legend(fontsize=7)
+    bars.bar(range(len(completion)), [c["completion_degree"] for c in completion])
+    bars.set_xticks(range(len(completion)), [c["setting"].split(" ")[0] for c in completion])
+    bars.axhline(0.95, color="red", lw=0.8, ls="--", label="target 0.95")
+    bars.set(ylim=(0, 1.05), ylabel="measured P(pick) / best of grid", title="Completion degree (Fig. 13)")
+    bars.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("measure", "cost", "report"):
+        command = sub.add_parser(name)
+        command.add_argument("--predictor", required=True)
+        command.add_argument("--out", default="bench/results")
+        command.add_argument("--resolution", type=int, default=128)
+    sub.choices["measure"].add_argument("--window-s", type=float, default=0.8)
+    sub.choices["measure"].add_argument("--budget-s", type=float, default=420.0)
+    sub.choices["cost"].add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    return {"measure": measure, "cost": cost, "report": report}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
