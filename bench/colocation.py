@@ -132,11 +132,14 @@ def _rows(scenario, label, rv, run, window, group, alone, util, args, device) ->
 
 
 def predictor_plan(path: str, tasks: list, batch: int) -> list[float]:
-    """R_i (percent) from the ONNX predictor: Eq. 5 at the scenario's fixed batch, maximising sum P_i."""
+    """R_i (percent) from the ONNX predictor: Eq. 5 at the scenario's fixed batch; every task has the same data,
+    so the plan minimises the predicted makespan max_i D_i / P_i."""
     from predictor.runtime import OnnxPredictor
     from predictor.search import best_resources
 
-    return [float(r) for r in best_resources(tasks, [batch] * len(tasks), OnnxPredictor(Path(path))).resources]
+    n = len(tasks)
+    plan = best_resources(tasks, [batch] * n, OnnxPredictor(Path(path)), objective="makespan", volumes=[1.0] * n)
+    return [float(r) for r in plan.resources]
 
 
 def run(args) -> int:

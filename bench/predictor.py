@@ -25,8 +25,8 @@ import numpy as np
 
 from bench.common import Budget, CsvLog, describe_device, read_csv, write_json
 
-LEVELS_2 = (20, 40, 60, 80, 100)
-LEVELS_4 = (40, 70, 100)
+LEVELS_2 = (25, 50, 75, 100)
+LEVELS_4 = (50, 100)
 BATCHES = (16, 32, 64, 128)
 SETTINGS = {  # name: (models, batches, R grid)
     "T3-1 R50+V16 B=128,32": (("resnet50", "vgg16"), (128, 32), LEVELS_2),

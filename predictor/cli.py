@@ -19,8 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     fit = sub.add_parser("fit", help="train the predictor on a data file (torch); writes weights and errors")
     fit.add_argument("--data", type=Path, required=True)
     fit.add_argument("--out", type=Path, default=Path("predictor/models"))
-    fit.add_argument("--epochs", type=int, default=3000)
+    fit.add_argument("--epochs", type=int, default=2000)
     fit.add_argument("--hidden", type=int, default=32)
+    fit.add_argument("--members", type=int, default=5, help="networks in the ensemble")
     fit.add_argument("--seed", type=int, default=0)
     export = sub.add_parser("export", help="export fitted weights to ONNX with a model card")
     export.add_argument("--weights", type=Path, required=True)
@@ -40,7 +41,7 @@ def _fit(args: argparse.Namespace) -> int:
 
     from predictor.training import fit
 
-    weights = fit(args.data, args.out, hidden=args.hidden, epochs=args.epochs, seed=args.seed)
+    weights = fit(args.data, args.out, hidden=args.hidden, members=args.members, epochs=args.epochs, seed=args.seed)
     report = json.loads(weights.with_suffix(".fit.json").read_text())
     print(f"wrote {weights}; MAPE (percent): {report['mape_percent']}")
     return 0

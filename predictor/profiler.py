@@ -66,17 +66,18 @@ class Config:
 
 
 def sample_configs(seed: int, windows: int, models=MODELS, focus=FOCUS) -> list[Config]:
-    """Every model alone at a few R levels and all batches, then random co-locations (half on `focus`)."""
+    """Every model alone at a few R levels and all batches first (the baselines), then random co-locations
+    (half of them on `focus`) in random order."""
     rng = random.Random(seed)
-    configs = [Config(((m, b, r),)) for m in models for r in ALONE_LEVELS for b in BATCHES]
-    while len(configs) < windows:
+    alone = [Config(((m, b, r),)) for m in models for r in ALONE_LEVELS for b in BATCHES]
+    together = []
+    while len(alone) + len(together) < windows:
         if rng.random() < 0.5:
             combo = rng.choice(focus)
         else:
             combo = tuple(rng.sample(models, rng.choice((2, 2, 3, 3, 4, 5))))
-        configs.append(Config(tuple((m, rng.choice(BATCHES), rng.choice(R_LEVELS)) for m in combo)))
-    rng.shuffle(configs)
-    return configs
+        together.append(Config(tuple((m, rng.choice(BATCHES), rng.choice(R_LEVELS)) for m in combo)))
+    return alone + together
 
 
 def dataset_path(root: Path, gpu: str) -> Path:

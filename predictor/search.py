@@ -21,7 +21,7 @@ from predictor.features import TaskFeatures
 Predict = Callable[[Sequence[TaskFeatures], np.ndarray, np.ndarray], np.ndarray]
 # Alone throughputs for batch rows: (tasks, B of shape (K, n)) -> P_alone of shape (K, n).
 Alone = Callable[[Sequence[TaskFeatures], np.ndarray], np.ndarray]
-Objective = Literal["sum", "fair"]
+Objective = Literal["sum", "fair", "makespan"]
 
 DEFAULT_GRID = tuple(range(10, 101, 10))
 COARSE_GRID = tuple(range(20, 101, 20))
@@ -80,10 +80,12 @@ def best_resources(
     alone: np.ndarray | Sequence[float] | Alone | None = None,
     rv_max: float | None = None,
     *,
+    volumes: Sequence[float] | np.ndarray | None = None,
     exhaustive_limit: int = 5,
     max_rounds: int = 20,
 ) -> ResourcePlan:
-    """R maximising sum P_i ("sum") or sum P_i / P_alone_i ("fair") at these batch sizes.
+    """R maximising sum P_i ("sum"), sum P_i / P_alone_i ("fair"), or minimising the compute makespan
+    max_i D_i / P_i for data volumes D ("makespan") at these batch sizes.
 
     R_v is not fixed: every R vector on `grid` (with sum <= rv_max if given) is a candidate. Up to
     `exhaustive_limit` tasks all len(grid)**n vectors are predicted in one call; ties go to the smaller R_v,
@@ -94,17 +96,19 @@ def best_resources(
     """
     rows = _positive(batches, len(tasks), "batches")[None]
     resources, predicted, scores = _resource_search(
-        tasks, rows, predict, grid, objective, alone, rv_max, exhaustive_limit, max_rounds
+        tasks, rows, predict, grid, objective, alone, rv_max, exhaustive_limit, max_rounds, volumes
     )
     return ResourcePlan(
         _frozen(resources[0]), float(resources[0].sum()), _frozen(predicted[0]), float(scores[0])
     )
 
 
-def _resource_search(tasks, batches, predict, grid, objective, alone, rv_max, exhaustive_limit, max_rounds):
+def _resource_search(
+    tasks, batches, predict, grid, objective, alone, rv_max, exhaustive_limit, max_rounds, volumes=None
+):
     """Eq. 5 for K batch rows (K, n) at once: best R, P and score per row."""
     grid = _grid(grid, len(tasks))
-    weights = _weights(tasks, batches, objective, alone)
+    score = _scorer(tasks, batches, objective, alone, volumes)
     k = np.arange(len(batches))
     if len(tasks) <= exhaustive_limit:
         rows = _grid_rows(grid, len(tasks), rv_max)
@@ -113,15 +117,15 @@ def _resource_search(tasks, batches, predict, grid, objective, alone, rv_max, ex
             np.repeat(batches, len(rows), axis=0),
             np.tile(rows, (len(batches), 1)),
             predict,
-            weights,
+            score,
             len(rows),
         )
         best = _first_best(scores)
         return rows[best], predicted[k, best], scores[k, best]
-    return _coordinate_ascent(tasks, batches, predict, grid, weights, rv_max, max_rounds)
+    return _coordinate_ascent(tasks, batches, predict, grid, score, rv_max, max_rounds)
 
 
-def _coordinate_ascent(tasks, batches, predict, grid, weights, rv_max, max_rounds):
+def _coordinate_ascent(tasks, batches, predict, grid, score, rv_max, max_rounds):
     n = batches.shape[1]
     budget = 100.0 if rv_max is None else rv_max
     shares = grid[grid * n <= budget + _EPS]
@@ -135,7 +139,7 @@ def _coordinate_ascent(tasks, batches, predict, grid, weights, rv_max, max_round
         candidates = np.repeat(current[:, None, :], moves, axis=1)
         candidates[:, np.arange(1, moves), task] = np.tile(grid, n)
         scores, predicted = _scores(
-            tasks, np.repeat(batches, moves, axis=0), candidates.reshape(-1, n), predict, weights, moves
+            tasks, np.repeat(batches, moves, axis=0), candidates.reshape(-1, n), predict, score, moves
         )
         if rv_max is not None:
             scores[candidates.sum(axis=-1) > rv_max + _EPS] = -np.inf
@@ -146,24 +150,32 @@ def _coordinate_ascent(tasks, batches, predict, grid, weights, rv_max, max_round
     return current, predicted[k, best], scores[k, best]
 
 
-def _scores(tasks, batch_rows, resource_rows, predict, weights, per_row):
+def _scores(tasks, batch_rows, resource_rows, predict, score, per_row):
     """Predict stacked rows; scores (K, per_row) and throughputs (K, per_row, n)."""
-    predicted = _predict(predict, tasks, batch_rows, resource_rows).reshape(len(weights), per_row, -1)
-    return (predicted * weights[:, None, :]).sum(axis=-1), predicted
+    predicted = _predict(predict, tasks, batch_rows, resource_rows).reshape(-1, per_row, len(tasks))
+    return score(predicted), predicted
 
 
-def _weights(tasks, batches, objective, alone) -> np.ndarray:
+def _scorer(tasks, batches, objective, alone, volumes) -> Callable[[np.ndarray], np.ndarray]:
+    """Score of predicted throughputs (K, rows, n), higher is better:
+    sum: sum P_i; fair: sum P_i / P_alone_i (Eq. 2); makespan: -max_i D_i / P_i (equal start, Sec. V)."""
     if objective == "sum":
-        return np.ones(batches.shape)
+        return lambda predicted: predicted.sum(axis=-1)
+    if objective == "makespan":
+        if volumes is None:
+            raise ValueError("the makespan objective needs the tasks' data volumes")
+        d = _positive(volumes, len(tasks), "volumes")
+        return lambda predicted: -(d / np.maximum(predicted, _EPS)).max(axis=-1)
     if objective != "fair":
-        raise ValueError(f"objective must be 'sum' or 'fair', got {objective!r}")
+        raise ValueError(f"objective must be 'sum', 'fair' or 'makespan', got {objective!r}")
     if alone is None:
         raise ValueError("the fair objective needs the tasks' alone throughputs")
     values = alone(tasks, batches) if callable(alone) else alone
     values = np.broadcast_to(np.asarray(values, dtype=np.float64), batches.shape)
     if not np.all(np.isfinite(values)) or np.any(values <= 0):
         raise ValueError("alone throughputs must be positive")
-    return 1.0 / values
+    weights = 1.0 / values
+    return lambda predicted: (predicted * weights[:, None, :]).sum(axis=-1)
 
 
 def default_grid(n: int) -> tuple[int, ...]:

@@ -11,12 +11,12 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 
 from predictor.dataset import build, mape, split
-from predictor.model import INPUT_NAMES, MAX_TASKS, Pre, export_onnx, predict, train
+from predictor.model import INPUT_NAMES, MAX_TASKS, ensemble, export_onnx, predict, train
 from predictor.profiler import load_records
 from predictor.runtime import OnnxPredictor, card_path
 
 
-def fit(data: Path, out_dir: Path, *, hidden: int = 32, epochs: int = 3000, seed: int = 0) -> Path:
+def fit(data: Path, out_dir: Path, *, hidden: int = 32, members: int = 5, epochs: int = 2000, seed: int = 0) -> Path:
     """Train on the data file's training split; write `<gpu>.safetensors` and `<gpu>.fit.json`; return the weights."""
     records = load_records(data)
     if not records:
@@ -28,14 +28,14 @@ def fit(data: Path, out_dir: Path, *, hidden: int = 32, epochs: int = 3000, seed
     parts = split(samples, seed=seed)
     train_set = samples.take(parts.train)
     started = time.perf_counter()
-    trained = train(train_set.x, train_set.mask, train_set.throughput, hidden=hidden, epochs=epochs, seed=seed)
+    model = train(train_set.x, train_set.mask, train_set.throughput, hidden=hidden, members=members, epochs=epochs, seed=seed)
     errors = {
-        name: round(mape(predict(trained.model, s.x, s.mask), s.throughput, s.mask), 2) if len(s) else None
+        name: round(mape(predict(model, s.x, s.mask), s.throughput, s.mask), 2) if len(s) else None
         for name, s in (("train", train_set), ("seen", samples.take(parts.seen)), ("unseen", samples.take(parts.unseen)))
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / (Path(data).stem + ".safetensors")
-    save_file(trained.model.state_dict(), str(weights), metadata={"hidden": str(hidden)})
+    save_file(model.state_dict(), str(weights), metadata={"hidden": str(hidden), "members": str(members)})
     first = records[0]
     report = {
         "gpu": first.gpu, "sm_total": first.sm_total, "driver": first.driver, "torch": first.torch,
@@ -47,8 +47,8 @@ def fit(data: Path, out_dir: Path, *, hidden: int = 32, epochs: int = 3000, seed
         "split": {"train_records": len(parts.train), "seen_test_records": len(parts.seen),
                   "unseen_test_records": len(parts.unseen), "unseen_combinations": [list(c) for c in parts.unseen_combos]},
         "mape_percent": {"train": errors["train"], "seen": errors["seen"], "unseen": errors["unseen"]},
-        "network": {"kind": "DeepSets (phi, rho MLPs, sum of the other tasks' embeddings)", "hidden": hidden,
-                    "epochs": epochs, "inputs_per_task": list(INPUT_NAMES), "max_tasks": MAX_TASKS,
+        "network": {"kind": "ensemble of DeepSets regressors (phi, rho MLPs, sum of the other tasks' embeddings), "
+                            "mean of log-throughput", "hidden": hidden, "members": members, "epochs": epochs, "inputs_per_task": list(INPUT_NAMES), "max_tasks": MAX_TASKS,
                     "output": "images/s per task", "train_seconds": round(time.perf_counter() - started, 1)},
     }  # fmt: skip
     weights.with_suffix(".fit.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -62,12 +62,14 @@ def export(weights: Path) -> Path:
     weights = Path(weights)
     report = json.loads(weights.with_suffix(".fit.json").read_text())
     state = load_file(str(weights))
-    model = Pre(hidden=report["network"]["hidden"])
+    model = ensemble(report["network"]["hidden"], report["network"]["members"])
     model.load_state_dict(state)
+    model.eval()
     onnx_path = weights.with_suffix(".onnx")
     export_onnx(model, str(onnx_path))
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, MAX_TASKS, len(INPUT_NAMES))).astype(np.float32) * model.std.numpy() + model.mean.numpy()
+    reference_member = model.members[0]
+    x = (rng.normal(size=(64, MAX_TASKS, len(INPUT_NAMES))) * reference_member.std.numpy() + reference_member.mean.numpy()).astype(np.float32)
     mask = (rng.random((64, MAX_TASKS)) < 0.7).astype(np.float32)
     with torch.no_grad():
         reference = predict(model, x, mask)
@@ -100,7 +102,7 @@ def _markdown(card: dict) -> str:
         f"{d['task_samples']} task throughputs, models {', '.join(d['models'])}.",
         f"Unseen combinations: {'; '.join('+'.join(c) for c in s['unseen_combinations'])}.",
         "",
-        f"Network: {card['network']['kind']}, hidden {card['network']['hidden']}, inputs per task "
+        f"Network: {card['network']['kind']}; {card['network']['members']} members, hidden {card['network']['hidden']}, inputs per task "
         f"{', '.join(card['network']['inputs_per_task'])}; output images/s per task.",
         f"ONNX: `{card['onnx']['file']}`, dynamic batch axis, max relative difference to torch "
         f"{card['onnx']['max_relative_difference_vs_torch']:.1e}.",

@@ -322,3 +322,23 @@ def test_plan_damps_toward_the_eq6_choice() -> None:
     assert result.batches == (64, 48, 64)
     assert counting.calls == 3  # adapt_batches, Eq. 5 again for the damped batches, schedule
     np.testing.assert_array_equal(result.resources, best_resources(work, result.batches, analytic).resources)
+
+
+def test_makespan_objective_balances_completion_times_and_matches_brute_force():
+    from predictor.search import best_resources
+
+    tasks = ("heavy", "light")  # the predict function below ignores the features
+
+    def predict(_tasks, batches, resources):
+        speed = np.array([100.0, 400.0])  # images/s at 100% SMs, alone
+        return speed * (resources / 100.0) ** 0.8 / (1 + 0.002 * resources.sum(axis=1, keepdims=True))
+
+    grid = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
+    volumes = [1000, 1000]
+    plan = best_resources(tasks, [64, 64], predict, grid=grid, objective="makespan", volumes=volumes)
+    rows = np.array([(a, b) for a in grid for b in grid], dtype=float)
+    makespans = (np.array(volumes) / predict(tasks, None, rows)).max(axis=1)
+    assert makespans[rows.tolist().index(list(plan.resources))] == pytest.approx(makespans.min())
+    assert plan.resources[0] > plan.resources[1]  # the slower task gets more SMs
+    with pytest.raises(ValueError, match="volumes"):
+        best_resources(tasks, [64, 64], predict, grid=grid, objective="makespan")
