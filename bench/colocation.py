@@ -67,7 +67,7 @@ def runs_for(
         candidates.append((plan("fedmt", dict(zip(models, shares))), "sweep", str(rv)))
     for launch_plan, label, rv in candidates:
         rv = rv or (f"{sum(launch_plan.resources.values()):.0f}" if launch_plan.resources else "")
-        key = (launch_plan.policy, tuple(round(launch_plan.resources.get(m, 0), 1) for m in models))
+        key = tuple((launch.wave, tuple(sorted(launch.env.items()))) for launch in launch_plan.launches)
         runs.setdefault(key, Run(launch_plan, [])).labels.append((label, rv))
     return list(runs.values())
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+import torch
 
-from agent.datasets import DigitsData, SyntheticData, digits_test_set
+from agent.datasets import DigitsData, SyntheticData, digits_test_set, sample_count
 from agent.training import TrainingDiverged, TrainingStopped, TrainResult, evaluate, train_task
 from protocol.models import build_model, state_to_numpy
 from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
@@ -29,19 +32,25 @@ def apply(base: dict[str, np.ndarray], result: TrainResult) -> dict[str, np.ndar
     return {name: base[name] + result.delta[name] for name in base}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as in a task process: OpenMP threads spinning on a busy 2-core host crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def base() -> dict[str, np.ndarray]:
     return state_to_numpy(build_model(MODEL, seed=0))
 
 
 @pytest.fixture(scope="module")
-def two_rounds(base) -> tuple[TrainResult, TrainResult, dict[str, np.ndarray]]:
-    """Two consecutive local trainings (2 epochs each) on a third of the digits training split."""
-    data = DigitsData(num_partitions=3)
-    first = train_task(assignment(epochs=2), data, base, seed=1)
-    middle = apply(base, first)
-    second = train_task(assignment(epochs=2), data, middle, seed=2)
-    return first, second, apply(middle, second)
+def trained(base) -> tuple[TrainResult, dict[str, np.ndarray]]:
+    """Two epochs on a third of the digits training split."""
+    result = train_task(assignment(epochs=2), DigitsData(num_partitions=3), base, seed=1)
+    return result, apply(base, result)
 
 
 def test_delta_matches_the_base_layout(base) -> None:
@@ -71,12 +80,12 @@ def test_single_sample_tail_joins_the_previous_batch(base) -> None:
 
 
 @pytest.mark.slow
-def test_training_reduces_loss_and_beats_chance(two_rounds) -> None:
-    first, second, trained = two_rounds
-    assert first.samples == 479
-    assert second.metrics["train_loss"] < first.metrics["train_loss"]
-    assert second.metrics["train_accuracy"] > 0.5
-    assert evaluate(MODEL, trained, digits_test_set(MODEL)) > 0.5
+def test_training_reduces_loss_and_beats_chance(trained) -> None:
+    result, state = trained
+    assert result.samples == sample_count(DigitsData(num_partitions=3))
+    assert result.metrics["train_loss"] < 0.5 * math.log(10)  # an untrained 10-way classifier sits near ln 10
+    assert result.metrics["train_accuracy"] > 0.5
+    assert evaluate(MODEL, state, digits_test_set(MODEL)) > 0.3
 
 
 def test_untrained_model_is_near_chance(base) -> None:
@@ -105,9 +114,11 @@ def test_non_finite_base_weight_diverges(base) -> None:
         train_task(assignment(), SyntheticData(samples=32), poisoned)
 
 
-def test_huge_learning_rate_diverges(base) -> None:
-    with pytest.raises(TrainingDiverged):
-        train_task(assignment(epochs=3, name="sgd", lr=10.0, momentum=0.9), SyntheticData(samples=64), base)
+def test_non_finite_buffer_never_becomes_a_delta(base) -> None:
+    poisoned = dict(base)
+    poisoned["bn1.running_mean"] = np.full_like(base["bn1.running_mean"], np.nan)  # the loss stays finite
+    with pytest.raises(TrainingDiverged, match="bn1.running_mean"):
+        train_task(assignment(), SyntheticData(samples=32), poisoned)
 
 
 def test_evaluate_rejects_an_empty_dataset(base) -> None:
