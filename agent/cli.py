@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from agent.policies import POLICIES
 from protocol.config import ConfigError
 
 
@@ -14,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the agent service")
     run.add_argument("--config", required=True, help="TOML config file")
+    run.add_argument("--policy", choices=POLICIES, help="override the config's execution policy")
     check = sub.add_parser("check-config", help="validate a config file and summarise it")
     check.add_argument("--config", required=True)
     profile = sub.add_parser("profile", help="print this device's profile as JSON")
@@ -35,7 +37,7 @@ def _run(args: argparse.Namespace) -> int:
     from agent.service import Agent
     from protocol.daemon import stop_on_signals
 
-    Agent(load(args.config)).run(stop_on_signals())
+    Agent(load(args.config), policy=args.policy).run(stop_on_signals())
     return 0
 
 
@@ -53,12 +55,15 @@ def _profile(args: argparse.Namespace) -> int:
 
     from agent.config import load
     from agent.datasets import sample_count
+    from agent.gpu.probe import probe
+    from agent.mps import MpsDaemon
+    from agent.policies import available_policies
     from agent.profile import build_profile
-    from agent.service import POLICIES
 
     config = load(args.config)
     samples = {task: sample_count(spec) for task, spec in config.tasks.items()}
-    profile = build_profile(config.device, samples, POLICIES)
+    mps = MpsDaemon(config.mps).detect()
+    profile = build_profile(config.device, samples, available_policies(mps.available), probe(allow_torch=True), mps)
     print(msgspec.json.format(msgspec.json.encode(profile).decode(), indent=2))
     return 0
 

@@ -8,18 +8,23 @@ import msgspec
 from msgspec import Meta
 
 from agent.datasets import DataSpec
+from agent.mps import MpsConfig
+from agent.policies import Policy
 from protocol.config import load_toml
 from protocol.schemas import Name
 from protocol.transport import MqttSettings
 
-Policy = Literal["temporal", "concurrent", "isolated", "sharing", "fedmt"]
-
 
 class ExecutionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How task processes run; `policy` may be overridden per round by the schedule or on the command line."""
+
     policy: Policy = "concurrent"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_threads_per_task: Annotated[int, Meta(ge=1)] = 1
     stop_grace_s: Annotated[float, Meta(gt=0)] = 30.0
+    predictor: str | None = None  # an .onnx file; default: the one shipped for this GPU, if any
+    link_mbps: Annotated[float, Meta(gt=0)] = 100.0  # for Algorithm 1's transfer-time estimates
+    batch_damping: Annotated[float, Meta(gt=0, le=1)] = 0.5
 
 
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -31,6 +36,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     receipt_timeout_s: Annotated[float, Meta(ge=1)] = 120.0
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
     execution: ExecutionConfig = msgspec.field(default_factory=ExecutionConfig)
+    mps: MpsConfig = msgspec.field(default_factory=MpsConfig)
     tasks: dict[Name, DataSpec] = {}
 
     def __post_init__(self) -> None:

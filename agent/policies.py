@@ -36,6 +36,11 @@ class LaunchPlan:
     note: str
 
 
+def available_policies(mps_available: bool) -> list[Policy]:
+    """What this device can run: the MPS policies only with a usable MPS daemon."""
+    return [p for p in POLICIES if mps_available or p not in MPS_POLICIES]
+
+
 def split_by_workload(workloads: Sequence[float], rv: float, floor: float = MIN_PERCENT, cap: float = 100.0) -> list[float]:
     """R_i proportional to workload with sum R_i = rv, each within [floor, cap] (water-filling).
 

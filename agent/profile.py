@@ -11,7 +11,7 @@ import psutil
 
 from agent import __version__
 from agent.gpu.probe import GpuReport, probe
-from protocol.schemas import DeviceProfile, HostInfo, TaskData
+from protocol.schemas import DeviceProfile, HostInfo, MpsInfo, TaskData
 
 
 def host_info() -> HostInfo:
@@ -26,7 +26,12 @@ def host_info() -> HostInfo:
 
 
 def build_profile(
-    device: str, samples: dict[str, int], policies: list[str], gpu: GpuReport | None = None
+    device: str,
+    samples: dict[str, int],
+    policies: list[str],
+    gpu: GpuReport | None = None,
+    mps: MpsInfo | None = None,
+    predictor: str | None = None,
 ) -> DeviceProfile:
     """The profile; `gpu` defaults to a fresh probe that may ask torch, once per process, for SM counts."""
     if gpu is None:
@@ -39,6 +44,8 @@ def build_profile(
         driver_version=gpu.driver_version,
         cuda_version=gpu.cuda_version,
         gpus=gpu.gpus,
+        mps=mps,
         policies=policies,
+        predictor=predictor,
         tasks={task: TaskData(samples=n) for task, n in samples.items()},
     )

@@ -17,11 +17,15 @@ from pathlib import Path
 from agent import jobs
 from agent.config import AgentConfig
 from agent.datasets import sample_count
+from agent.gpu.probe import GpuReport, probe
 from agent.model_cache import ModelCache
+from agent.mps import GpuSharing, MpsDaemon
 from agent.outbox import Outbox, Pending
+from agent.planning import Planner
+from agent.policies import POLICIES, Policy, available_policies
 from agent.profile import build_profile
 from agent.receipts import ReceiptLog
-from agent.runner import Launch, TaskOutcome, run_round
+from agent.runner import TaskOutcome, run_round
 from agent.telemetry import read_telemetry
 from protocol import ProtocolError, topics
 from protocol.chunking import Reassembler, transfer_info
@@ -30,6 +34,7 @@ from protocol.schemas import (
     Chunk,
     Event,
     GlobalManifest,
+    MpsInfo,
     Receipt,
     Schedule,
     Status,
@@ -40,7 +45,6 @@ from protocol.schemas import (
 from protocol.transport import Incoming, LinkEvent, MqttLink
 
 log = logging.getLogger(__name__)
-POLICIES = ["concurrent"]
 
 
 @dataclass
@@ -50,6 +54,7 @@ class ActiveRound:
     inputs_ready: dict[str, threading.Event] = field(default_factory=dict)
     started: set[str] = field(default_factory=set)
     thread: threading.Thread | None = None
+    mps_fault: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,13 +70,37 @@ class RoundProgress:
     progress: jobs.Progress
 
 
+@dataclass(frozen=True)
+class RoundDone:
+    """Every task process of the round has exited."""
+
+    round: int
+
+
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, policy: Policy | None = None) -> None:
         self.config = config
         self.device = config.device
+        self.policy: Policy = policy or config.execution.policy
         root = Path(config.state_dir)
         self.work_dir = root / "work"
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.compute = self._compute_device()
+        self.gpu = probe(allow_torch=self.compute == "cuda")
+        self.mps = MpsDaemon(config.mps)
+        self.mps_info = (
+            self.mps.ensure_running()
+            if self.compute == "cuda"
+            else MpsInfo(available=False, reason="no GPU: task processes run on the CPU, without MPS")
+        )
+        log.info("MPS: %s", self.mps_info.reason)
+        total_sms = self.gpu.gpus[0].sm_count if self.gpu.gpus else None
+        self.sharing = GpuSharing(self.mps, total_sms, self.work_dir)
+        predictor, note = load_predictor(config.execution.predictor, self.gpu, self.compute)
+        log.info("predictor: %s", note)
+        self.planner = Planner(
+            self.sharing, predictor, note, link_mbps=config.execution.link_mbps, damping=config.execution.batch_damping
+        )
         self.cache = ModelCache(root / "models")
         self.outbox = Outbox(root / "outbox")
         self.receipts = ReceiptLog(root / "receipts.json")
@@ -108,7 +137,10 @@ class Agent:
         finally:
             if self.round is not None:
                 self.round.stop.set()
+                if self.round.thread is not None:
+                    self.round.thread.join(self.config.execution.stop_grace_s)
             self.link.stop(farewell=(topics.device(self.device, "status"), encode(Status(state="offline", ts=time.time()))))
+            self.mps.stop()  # only a daemon this agent started
 
     def handle(self, item: object) -> None:
         try:
@@ -120,6 +152,8 @@ class Agent:
                 self.on_outcome(item)
             elif isinstance(item, RoundProgress):
                 self.on_progress(item)
+            elif isinstance(item, RoundDone):
+                self.on_round_done(item)
         except ProtocolError as exc:
             log.warning("dropped bad input: %s", exc)
 
@@ -128,7 +162,8 @@ class Agent:
             return
         if now >= self._next_telemetry:
             self._next_telemetry = now + self.config.telemetry_interval_s
-            self.link.publish(topics.device(self.device, "telemetry"), encode(read_telemetry(self.device)), qos=0)
+            telemetry = read_telemetry(self.device, self.gpu)
+            self.link.publish(topics.device(self.device, "telemetry"), encode(telemetry), qos=0)
         for dropped in self.globals.expire(now):
             log.warning("dropped incomplete global model transfer %s", dropped)
         for pending in self.outbox.pending():
@@ -138,9 +173,14 @@ class Agent:
     # --- handlers ---------------------------------------------------------------------------------------
 
     def on_connected(self) -> None:
-        profile = build_profile(self.device, self.samples, POLICIES)
-        self.link.publish(topics.device(self.device, "profile"), encode(profile), retain=True)
+        self.publish_profile()
         self._sent_at.clear()  # resend whatever still waits for a receipt
+
+    def publish_profile(self) -> None:
+        policies = available_policies(self.mps_info.available)
+        predictor = self.planner.predictor.path.name if self.planner.predictor else None
+        profile = build_profile(self.device, self.samples, policies, self.gpu, self.mps_info, predictor)
+        self.link.publish(topics.device(self.device, "profile"), encode(profile), retain=True)
 
     def on_message(self, message: Incoming) -> None:
         ref = topics.parse(message.topic)
@@ -205,6 +245,7 @@ class Agent:
         assignment = next(a for a in current.schedule.tasks if a.task == outcome.task)
         if outcome.failure is not None:
             log.error("task %s failed in round %d: %s", outcome.task, item.round, outcome.failure.error)
+            current.mps_fault |= outcome.failure.code == "mps"
             self.emit_event("failed", item.round, outcome.task, f"{outcome.failure.code}: {outcome.failure.error}")
             return
         trained = outcome.trained
@@ -232,6 +273,15 @@ class Agent:
         current.started.add(item.task)
         self.emit_event("started", item.round, item.task)
 
+    def on_round_done(self, item: RoundDone) -> None:
+        """After an MPS fault, recover the daemon now that every task process of the round has exited."""
+        current = self.round
+        if current is None or item.round != current.schedule.round or not current.mps_fault:
+            return
+        self.mps_info = self.mps.recover()
+        log.warning("MPS fault in round %d; after recovery: %s", item.round, self.mps_info.reason)
+        self.publish_profile()
+
     def on_receipt(self, receipt: Receipt) -> None:
         if receipt.status == "rejected":
             log.error("update %s for %s round %d rejected: %s", receipt.update_id, receipt.task, receipt.round, receipt.reason)
@@ -256,8 +306,16 @@ class Agent:
 
     def _start(self, active: ActiveRound, assignments) -> None:
         number = active.schedule.round
+        policy = self.policy
+        if active.schedule.policy in POLICIES:
+            policy = active.schedule.policy
+        elif active.schedule.policy:
+            log.warning("round %d: unknown policy %r in the schedule; using %s", number, active.schedule.policy, policy)
+        plan = self.planner.plan(policy, assignments, self.samples)
+        metrics = {f"R.{t}": r for t, r in plan.resources.items()} | {f"B.{a.task}": a.batch_size for a in plan.assignments}
+        self.emit_event("plan", number, None, f"{plan.policy}: {plan.note}", metrics)
         commands = {}
-        for a in assignments:
+        for a in plan.assignments:
             ready = threading.Event()
             if self.cache.has(a.task, a.base_version, a.base_sha256):
                 ready.set()
@@ -268,23 +326,25 @@ class Agent:
                 base_path=str(self.cache.payload_path(a.task, a.base_version)),
                 output_path=str(self.work_dir / f"{a.task}-r{number}.update"),
             )
-        launches = [Launch(task=a.task) for a in assignments]
-        init = jobs.Init(device=self._compute_device(), threads=self.config.execution.cpu_threads_per_task, seed=number)
+        init = jobs.Init(device=self.compute, threads=self.config.execution.cpu_threads_per_task, seed=number)
         inbox = self.link.inbox
-        active.thread = threading.Thread(
-            target=run_round,
-            args=(launches, commands, init, lambda o: inbox.put(RoundOutcome(number, o))),
-            kwargs=dict(
+
+        def run() -> None:
+            run_round(
+                plan.launches,
+                commands,
+                init,
+                lambda o: inbox.put(RoundOutcome(number, o)),
                 inputs_ready=active.inputs_ready,
                 on_progress=lambda task, p: inbox.put(RoundProgress(number, task, p)),
                 stop=active.stop,
                 log_dir=self.work_dir,
-            ),
-            name=f"round-{number}",
-            daemon=True,
-        )
+            )
+            inbox.put(RoundDone(number))
+
+        active.thread = threading.Thread(target=run, name=f"round-{number}", daemon=True)
         active.thread.start()
-        log.info("round %d: training %s", number, [a.task for a in assignments])
+        log.info("round %d (%s): training %s", number, plan.policy, [a.task for a in plan.assignments])
 
     def _mark_ready(self, task: str, version: int) -> None:
         current = self.round
@@ -301,3 +361,16 @@ class Agent:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_predictor(path: str | None, gpu: GpuReport, compute: str):
+    """The throughput predictor for this GPU, or None and why (the planner then uses the heuristic)."""
+    from predictor.runtime import PREDICTOR_DIR, OnnxPredictor, PredictorUnavailable, find_predictor
+
+    if compute != "cuda" or not gpu.gpus:
+        return None, "no GPU: no throughput predictor needed"
+    try:
+        predictor = OnnxPredictor(Path(path), gpu=gpu.gpus[0].name) if path else find_predictor(PREDICTOR_DIR, gpu.gpus[0].name)
+    except PredictorUnavailable as exc:
+        return None, f"no predictor for this device ({exc}): heuristic R_v=200% split by workload"
+    return predictor, f"predictor {predictor.path.name} (MAPE {predictor.card['mape_percent']})"

@@ -12,6 +12,9 @@ from predictor.features import TaskFeatures
 from predictor.model import MAX_TASKS, N_INPUTS, encode_inputs
 
 
+PREDICTOR_DIR = Path(__file__).resolve().parent / "models"  # predictors shipped with the package
+
+
 class PredictorUnavailable(RuntimeError):
     """No usable predictor: the file is missing, unreadable, or made for another GPU or input layout."""
 
