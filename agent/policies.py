@@ -108,6 +108,9 @@ def plan_launches(
     else:
         percents = split_by_workload([workloads[t] for t in tasks], HEURISTIC_RV)
         note = f"MPS, no predictor for this device: heuristic R_v={HEURISTIC_RV:.0f}% split by workload"
+    # One decimal: the environment string and the expected SM count then come from the same short number (an
+    # exact third, 33.333...%, sits on an SM rounding boundary where CUDA's arithmetic may differ from ours).
+    percents = [round(p, 1) for p in percents]
     launches = [
         Launch(task, env=mps_env(p), expected_sms=expected_sms(p) if expected_sms else None)
         for task, p in zip(tasks, percents)

@@ -50,7 +50,7 @@ def digits(partition: int, partitions: int = 2, fraction: float = 0.15) -> dict:
     return {"kind": "digits", "num_partitions": partitions, "partition_index": partition, "fraction": fraction}
 
 
-def agent_config(tmp: Path, broker: Mosquitto, device: str, tasks: dict[str, dict]) -> AgentConfig:
+def agent_config(tmp: Path, broker: Mosquitto, device: str, tasks: dict[str, dict], policy: str = "concurrent") -> AgentConfig:
     import msgspec
 
     from agent.datasets import DataSpec
@@ -61,7 +61,7 @@ def agent_config(tmp: Path, broker: Mosquitto, device: str, tasks: dict[str, dic
         telemetry_interval_s=2.0,
         receipt_timeout_s=30.0,
         mqtt=mqtt(broker, device),
-        execution=ExecutionConfig(device="cpu"),
+        execution=ExecutionConfig(device="cpu", policy=policy),
         tasks={task: msgspec.convert(spec, DataSpec) for task, spec in tasks.items()},
     )
 

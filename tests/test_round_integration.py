@@ -24,9 +24,10 @@ def assert_states_equal(actual: dict, expected: dict) -> None:
 
 def test_full_round_two_agents_two_tasks_equals_reference_fedavg(tmp_path, broker, observer):
     aggregator = Running(AggregatorService(aggregator_config(tmp_path, broker)))
-    agents = [
-        Running(Agent(agent_config(tmp_path, broker, f"dev{i + 1}", {"shuffle": digits(i), "mobile": digits(i)})))
-        for i in range(2)
+    tasks = [{"shuffle": digits(i), "mobile": digits(i)} for i in range(2)]
+    agents = [  # dev2 asks for MPS, which this machine lacks: it must fall back and say so
+        Running(Agent(agent_config(tmp_path, broker, "dev1", tasks[0]))),
+        Running(Agent(agent_config(tmp_path, broker, "dev2", tasks[1], policy="isolated"))),
     ]
     try:
         final = [("shuffle", 1), ("mobile", 1)]
@@ -44,3 +45,6 @@ def test_full_round_two_agents_two_tasks_equals_reference_fedavg(tmp_path, broke
     assert len(accepted) == 4
     kinds = {(e.device, e.task, e.kind) for e in observer.events}
     assert {("dev1", "shuffle", "finished"), ("dev2", "mobile", "uploaded")} <= kinds
+    plans = {e.device: e.message for e in observer.events if e.kind == "plan"}
+    assert plans["dev1"].startswith("concurrent: all tasks at once")
+    assert plans["dev2"].startswith("concurrent: isolated needs MPS, which is unavailable")

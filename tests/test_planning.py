@@ -1,0 +1,98 @@
+"""The agent's round planner: predictor plans (Eq. 6 batches, Eq. 5 shares, Algorithm 1 order), damping, fallbacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.mps import GpuSharing, MpsConfig, MpsDaemon
+from agent.planning import Planner, batch_candidates
+from protocol.schemas import ModelSpec, MpsInfo, OptimizerSpec, TaskAssignment
+
+SHA = "0" * 64
+
+
+def assignment(task: str, model: str, batch: int = 16) -> TaskAssignment:
+    return TaskAssignment(task=task, model=ModelSpec(name=model, num_classes=10, input_size=32), optimizer=OptimizerSpec(),
+                          base_version=0, base_sha256=SHA, batch_size=batch, min_batch_size=8, max_batch_size=64)  # fmt: skip
+
+
+TASKS = [assignment("a", "resnet18"), assignment("b", "shufflenet_v2_x0_5"), assignment("c", "mobilenet_v3_small")]
+SAMPLES = {"a": 100, "b": 200, "c": 400}
+
+
+class LawPredictor:
+    """A known throughput law standing in for the ONNX predictor (same call signature and card)."""
+
+    path = Path("law.onnx")
+
+    def __init__(self, resolution: int = 32) -> None:
+        self.card = {"resolution": resolution}
+        self.calls = 0
+
+    def __call__(self, tasks, batches, resources):
+        self.calls += 1
+        flops = np.array([t.flops_per_sample for t in tasks])
+        alone = 1e11 / flops * batches / (batches + 16) * (resources / 100) ** 0.7
+        return alone / (1 + 0.002 * resources.sum(axis=1, keepdims=True))
+
+
+def sharing(tmp_path, mps: bool) -> GpuSharing:
+    daemon = MpsDaemon(MpsConfig(pipe_dir=str(tmp_path / "pipe"), log_dir=str(tmp_path / "log")))
+    daemon.info = MpsInfo(available=mps, reason="test daemon" if mps else "no MPS here")
+    return GpuSharing(daemon, 132, tmp_path)
+
+
+def test_batch_candidates_are_powers_of_two_in_bounds_plus_the_scheduled_size():
+    assert batch_candidates(assignment("x", "resnet18", batch=24)) == [8, 16, 24, 32, 64]
+
+
+def test_fedmt_with_a_predictor_plans_batches_shares_and_order(tmp_path):
+    predictor = LawPredictor()
+    planner = Planner(sharing(tmp_path, mps=True), predictor, "law")
+    plan = planner.plan("fedmt", TASKS, SAMPLES)
+    assert plan.policy == "fedmt" and "predictor law.onnx" in plan.note
+    assert sorted(a.task for a in plan.assignments) == ["a", "b", "c"]
+    batches = {a.task: a.batch_size for a in plan.assignments}
+    assert batches["a"] < batches["b"] < batches["c"]  # Eq. 6: batch sizes follow the data volumes 1:2:4
+    assert all(8 <= b <= 64 for b in batches.values())
+    assert set(plan.resources) == {"a", "b", "c"} and all(10 <= r <= 100 for r in plan.resources.values())
+    assert [launch.task for launch in plan.launches] == [a.task for a in plan.assignments]  # Algorithm 1's order
+    assert all(launch.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] for launch in plan.launches)
+    assert predictor.calls >= 2  # one inference for Eq. 5/6, one for Algorithm 1
+
+
+def test_batch_changes_are_damped_across_rounds(tmp_path):
+    planner = Planner(sharing(tmp_path, mps=True), LawPredictor(), "law")
+    first = {a.task: a.batch_size for a in planner.plan("fedmt", TASKS, SAMPLES).assignments}
+    swapped = {"a": 400, "b": 200, "c": 100}  # the data volumes turn around
+    undamped = Planner(sharing(tmp_path, mps=True), LawPredictor(), "law").plan("fedmt", TASKS, swapped)
+    target = {a.task: a.batch_size for a in undamped.assignments}
+    second = {a.task: a.batch_size for a in planner.plan("fedmt", TASKS, swapped).assignments}
+    assert target["a"] > first["a"] and target["c"] < first["c"]
+    assert first["a"] < second["a"] < target["a"] * 1.2  # part of the way, not all of it at once
+    assert target["c"] * 0.8 < second["c"] < first["c"]
+
+
+def test_fedmt_without_a_predictor_uses_the_heuristic_and_says_why(tmp_path):
+    plan = Planner(sharing(tmp_path, mps=True), None, "no predictor for this GPU").plan("fedmt", TASKS, SAMPLES)
+    assert sum(plan.resources.values()) == pytest.approx(200, abs=0.2)
+    assert [a.batch_size for a in plan.assignments] == [16, 16, 16]  # the schedule's
+    assert "heuristic" in plan.note and "no predictor for this GPU" in plan.note
+
+
+def test_a_predictor_for_another_input_size_is_not_used(tmp_path):
+    predictor = LawPredictor(resolution=128)
+    plan = Planner(sharing(tmp_path, mps=True), predictor, "law").plan("fedmt", TASKS, SAMPLES)
+    assert predictor.calls == 0
+    assert "fitted at 128x128" in plan.note and "heuristic" in plan.note
+
+
+def test_without_mps_fedmt_falls_back_to_concurrent(tmp_path):
+    predictor = LawPredictor()
+    plan = Planner(sharing(tmp_path, mps=False), predictor, "law").plan("fedmt", TASKS, SAMPLES)
+    assert plan.policy == "concurrent" and plan.resources == {}
+    assert predictor.calls == 0
+    assert all(launch.env == {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "no-mps")} for launch in plan.launches)
