@@ -6,13 +6,11 @@ import argparse
 import sys
 
 from agent.policies import POLICIES
-from protocol.config import ConfigError
+from protocol.daemon import cli_main, cli_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedmt-agent", description="FedMT edge agent: trains co-located tasks for federated rounds.")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = cli_parser("fedmt-agent", "FedMT edge agent: trains co-located tasks for federated rounds.")
     run = sub.add_parser("run", help="run the agent service")
     run.add_argument("--config", required=True, help="TOML config file")
     run.add_argument("--policy", choices=POLICIES, help="override the config's execution policy")
@@ -20,16 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--config", required=True)
     profile = sub.add_parser("profile", help="print this device's profile as JSON")
     profile.add_argument("--config", required=True)
-    args = parser.parse_args(argv)
-
-    from protocol.daemon import setup_logging
-
-    setup_logging(args.log_level)
-    try:
-        return COMMANDS[args.command](args)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    return cli_main(parser, COMMANDS, argv)
 
 
 def _run(args: argparse.Namespace) -> int:

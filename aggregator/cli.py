@@ -6,13 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from protocol.config import ConfigError
+from protocol.daemon import cli_main, cli_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedmt-aggregator", description="FedMT aggregator: per-task weighted FedAvg over MQTT.")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = cli_parser("fedmt-aggregator", "FedMT aggregator: per-task weighted FedAvg over MQTT.")
     run = sub.add_parser("run", help="run the aggregator service")
     run.add_argument("--config", required=True, help="TOML config file")
     check = sub.add_parser("check-config", help="validate a config file and summarise it")
@@ -25,16 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--input-size", type=int, default=32)
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--out", required=True, type=Path)
-    args = parser.parse_args(argv)
-
-    from protocol.daemon import setup_logging
-
-    setup_logging(args.log_level)
-    try:
-        return COMMANDS[args.command](args)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    return cli_main(parser, COMMANDS, argv)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -32,12 +32,14 @@ def load_toml(path: str | Path, kind: type[T]) -> T:
 
 
 def _explain(message: str) -> str:
-    """msgspec says `... - at `$.mqtt.port``; make the key path read like TOML."""
-    if " - at `$" in message:
-        what, where = message.rsplit(" - at `$", 1)
-        key = where.rstrip("`").lstrip(".")
-        return f"key '{key}': {what}"
-    return message
+    """Name the full TOML key: msgspec says e.g. "Object contains unknown field `prot` - at `$.mqtt`"."""
+    what, _, where = message.partition(" - at `$")
+    section = where.rstrip("`").lstrip(".")
+    for phrase, verdict in (("Object contains unknown field `", "unknown key"), ("Object missing required field `", "missing key")):
+        if what.startswith(phrase):
+            field = what[len(phrase) :].rstrip("`")
+            return f"{verdict} '{section + '.' if section else ''}{field}'"
+    return f"key '{section}': {what}" if section else what
 
 
 def to_toml(config: msgspec.Struct) -> str:

@@ -1,10 +1,37 @@
-"""Process plumbing shared by both daemons: logging, and a stop event set by SIGTERM/SIGINT."""
+"""Process plumbing shared by both daemons: the CLI entry, logging, and a stop event set by SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
+import sys
 import threading
+from collections.abc import Callable, Mapping
+
+from protocol.config import ConfigError
+
+
+def cli_parser(prog: str, description: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """A parser with --log-level and required subcommands."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    return parser, parser.add_subparsers(dest="command", required=True)
+
+
+def cli_main(
+    parser: argparse.ArgumentParser,
+    commands: Mapping[str, Callable[[argparse.Namespace], int]],
+    argv: list[str] | None,
+) -> int:
+    """Parse, set up logging, run the subcommand; a bad config file is one clear line and exit code 2."""
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return commands[args.command](args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
 
 
 def setup_logging(level: str = "INFO") -> None:

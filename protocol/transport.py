@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -114,6 +115,17 @@ class MqttLink:
 
     def wait_connected(self, timeout_s: float) -> bool:
         return self.connected.wait(timeout_s)
+
+    def received(self, timeout_s: float) -> Iterator[Incoming]:
+        """The messages that arrive within `timeout_s` (connection events are skipped)."""
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self.inbox.get(timeout=left)
+            except queue.Empty:
+                return
+            if isinstance(item, Incoming):
+                yield item
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=qos, retain=retain)

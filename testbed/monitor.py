@@ -5,7 +5,6 @@ It needs credentials with read access to the whole tree (the `monitor` user of b
 
 from __future__ import annotations
 
-import queue
 import time
 import uuid
 from collections.abc import Callable
@@ -46,15 +45,10 @@ class Monitor:
             raise TimeoutError(f"monitor could not connect to {self.settings.host}:{self.settings.port}")
 
     def pump(self, timeout_s: float = 0.2) -> None:
-        deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                item = self.link.inbox.get(timeout=left)
-            except queue.Empty:
-                return
-            if isinstance(item, Incoming) and item.payload:
+        for message in self.link.received(timeout_s):
+            if message.payload:
                 try:
-                    self._record(item)
+                    self._record(message)
                 except ProtocolError:
                     self.malformed += 1
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ from agent.config import AgentConfig, ExecutionConfig
 from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig
 from protocol import topics
 from protocol.schemas import ModelSpec, OptimizerSpec, Receipt, UpdateManifest, decode
-from protocol.transport import Incoming, MqttLink, MqttSettings
+from protocol.transport import MqttLink, MqttSettings
 from testbed.broker import Mosquitto
 
 USERS = {"aggregator": "agg-secret", "monitor": "mon-secret", **{f"dev{i}": f"dev{i}-secret" for i in range(1, 5)}}
@@ -31,6 +31,9 @@ SMALL_TASKS = {
         batch_size=16,
     ),
 }
+
+
+BOTH_V1 = [("shuffle", 1), ("mobile", 1)]  # the first new global version of each of SMALL_TASKS
 
 
 def mqtt(broker: Mosquitto, user: str) -> MqttSettings:
@@ -64,6 +67,17 @@ def agent_config(tmp: Path, broker: Mosquitto, device: str, tasks: dict[str, dic
         execution=ExecutionConfig(device="cpu", policy=policy),
         tasks={task: msgspec.convert(spec, DataSpec) for task, spec in tasks.items()},
     )
+
+
+@contextmanager
+def running(*services) -> Iterator[list[Running]]:
+    """Services running on threads for the `with` block, stopped afterwards (last started, first stopped)."""
+    started = [Running(service) for service in services]
+    try:
+        yield started
+    finally:
+        for service in reversed(started):
+            service.stop()
 
 
 class Running:
@@ -123,18 +137,12 @@ class RawDevice:
     def pump(self, timeout_s: float = 0.2) -> None:
         from protocol.schemas import Schedule
 
-        deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                item = self.link.inbox.get(timeout=left)
-            except queue.Empty:
-                return
-            if isinstance(item, Incoming) and item.payload:
-                kind = topics.parse(item.topic).kind
-                if kind == "schedule":
-                    self.schedules.append(decode(item.payload, Schedule))
-                elif kind == "receipts":
-                    self.receipts.append(decode(item.payload, Receipt))
+        for message in self.link.received(timeout_s):
+            kind = topics.parse(message.topic).kind
+            if message.payload and kind == "schedule":
+                self.schedules.append(decode(message.payload, Schedule))
+            elif message.payload and kind == "receipts":
+                self.receipts.append(decode(message.payload, Receipt))
 
     def wait(self, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s

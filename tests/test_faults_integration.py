@@ -18,6 +18,7 @@ from aggregator.service import AggregatorService
 from protocol import topics
 from protocol.config import to_toml
 from tests.federation import (
+    BOTH_V1,
     SMALL_TASKS,
     RawDevice,
     Running,
@@ -26,6 +27,7 @@ from tests.federation import (
     digits,
     random_delta,
     reference_fedavg,
+    running,
 )
 from tests.test_round_integration import assert_states_equal
 
@@ -33,9 +35,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.broker]
 ONE_TASK = {"shuffle": SMALL_TASKS["shuffle"]}
 
 
-def test_bad_and_spoofed_updates_are_rejected_and_change_nothing(tmp_path, broker, observer):
+@pytest.fixture
+def raw_devices(broker):
+    """dev1 (100 samples) and dev2 (50 samples) of the task `shuffle`, driven by hand."""
+    devices = RawDevice(broker, "dev1", {"shuffle": 100}), RawDevice(broker, "dev2", {"shuffle": 50})
+    yield devices
+    for device in devices:
+        device.close()
+
+
+def test_bad_and_spoofed_updates_are_rejected_and_change_nothing(tmp_path, broker, observer, raw_devices):
     aggregator = Running(AggregatorService(aggregator_config(tmp_path, broker, ONE_TASK)))
-    dev1, dev2 = RawDevice(broker, "dev1", {"shuffle": 100}), RawDevice(broker, "dev2", {"shuffle": 50})
+    dev1, dev2 = raw_devices
     try:
         for dev in (dev1, dev2):
             dev.wait(lambda d=dev: d.schedules, 30, "a schedule")
@@ -72,16 +83,14 @@ def test_bad_and_spoofed_updates_are_rejected_and_change_nothing(tmp_path, broke
         assert dev2.receipt_for(dev2.send_update("shuffle", good2, samples=50)).status == "accepted"
         observer.wait_for(lambda: ("shuffle", 1) in observer.globals, 30, "global v1", [aggregator])
     finally:
-        dev1.close()
-        dev2.close()
         aggregator.stop()
     assert_states_equal(observer.globals[("shuffle", 1)], reference_fedavg(base, [(100, good1), (50, good2)]))
 
 
-def test_restarted_aggregator_resumes_the_round_and_loses_no_update(tmp_path, broker, observer):
+def test_restarted_aggregator_resumes_the_round_and_loses_no_update(tmp_path, broker, observer, raw_devices):
     config = aggregator_config(tmp_path, broker, ONE_TASK)
     aggregator = Running(AggregatorService(config))
-    dev1, dev2 = RawDevice(broker, "dev1", {"shuffle": 100}), RawDevice(broker, "dev2", {"shuffle": 50})
+    dev1, dev2 = raw_devices
     try:
         dev1.wait(lambda: dev1.schedules, 30, "a schedule")
         observer.wait_for(lambda: ("shuffle", 0) in observer.globals, 30, "global v0")
@@ -94,8 +103,6 @@ def test_restarted_aggregator_resumes_the_round_and_loses_no_update(tmp_path, br
         assert dev2.receipt_for(late, timeout_s=60).status == "accepted"
         observer.wait_for(lambda: ("shuffle", 1) in observer.globals, 30, "global v1", [aggregator])
     finally:
-        dev1.close()
-        dev2.close()
         aggregator.stop()
     assert_states_equal(observer.globals[("shuffle", 1)], reference_fedavg(base, [(100, good1), (50, good2)]))
     with RoundLedger(tmp_path / "aggregator" / "ledger.sqlite") as ledger:
@@ -141,19 +148,12 @@ def test_failing_task_is_reported_and_the_other_tasks_go_on(tmp_path, broker, ob
     for label in range(11):  # more classes than the 10-class model: the task fails when it loads its data
         (bad_folder / f"c{label}").mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(bad_folder / f"c{label}" / "x.png")
-    aggregator = Running(AggregatorService(aggregator_config(tmp_path, broker, round_timeout_s=600.0)))
-    agents = [
-        Running(Agent(agent_config(tmp_path, broker, "dev1", {
-            "shuffle": digits(0), "mobile": {"kind": "imagefolder", "path": str(bad_folder)}}))),
-        Running(Agent(agent_config(tmp_path, broker, "dev2", {"shuffle": digits(1), "mobile": digits(1)}))),
-    ]  # fmt: skip
-    try:
-        done = [("shuffle", 1), ("mobile", 1)]
-        observer.wait_for(lambda: all(k in observer.globals for k in done), 240, "v1 of both tasks", [aggregator, *agents])
-    finally:
-        for agent in agents:
-            agent.stop()
-        aggregator.stop()
+    with running(
+        AggregatorService(aggregator_config(tmp_path, broker, round_timeout_s=600.0)),
+        Agent(agent_config(tmp_path, broker, "dev1", {"shuffle": digits(0), "mobile": {"kind": "imagefolder", "path": str(bad_folder)}})),
+        Agent(agent_config(tmp_path, broker, "dev2", {"shuffle": digits(1), "mobile": digits(1)})),
+    ) as services:  # fmt: skip
+        observer.wait_for(lambda: all(k in observer.globals for k in BOTH_V1), 240, "v1 of both tasks", services)
     failures = [e for e in observer.events if e.kind == "failed"]
     assert [(e.device, e.task) for e in failures] == [("dev1", "mobile")]
     assert "classes" in failures[0].message

@@ -7,7 +7,7 @@ import pytest
 
 from agent.service import Agent
 from aggregator.service import AggregatorService
-from tests.federation import Running, agent_config, aggregator_config, digits, reference_fedavg
+from tests.federation import BOTH_V1, agent_config, aggregator_config, digits, reference_fedavg, running
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
@@ -23,19 +23,13 @@ def assert_states_equal(actual: dict, expected: dict) -> None:
 
 
 def test_full_round_two_agents_two_tasks_equals_reference_fedavg(tmp_path, broker, observer):
-    aggregator = Running(AggregatorService(aggregator_config(tmp_path, broker)))
     tasks = [{"shuffle": digits(i), "mobile": digits(i)} for i in range(2)]
-    agents = [  # dev2 asks for MPS, which this machine lacks: it must fall back and say so
-        Running(Agent(agent_config(tmp_path, broker, "dev1", tasks[0]))),
-        Running(Agent(agent_config(tmp_path, broker, "dev2", tasks[1], policy="isolated"))),
-    ]
-    try:
-        final = [("shuffle", 1), ("mobile", 1)]
-        observer.wait_for(lambda: all(k in observer.globals for k in final), 240, "v1 of both tasks", [aggregator, *agents])
-    finally:
-        for agent in agents:
-            agent.stop()
-        aggregator.stop()
+    with running(
+        AggregatorService(aggregator_config(tmp_path, broker)),
+        Agent(agent_config(tmp_path, broker, "dev1", tasks[0])),
+        Agent(agent_config(tmp_path, broker, "dev2", tasks[1], policy="isolated")),  # no MPS here: falls back
+    ) as services:
+        observer.wait_for(lambda: all(k in observer.globals for k in BOTH_V1), 240, "v1 of both tasks", services)
 
     for task in ("shuffle", "mobile"):
         sent = [(m.samples, delta) for m, delta in observer.updates.values() if m.task == task]
