@@ -75,7 +75,24 @@ def start_workers(launches: Sequence[Launch], init: jobs.Init, log_dir: Path | N
     return started
 
 
-class WorkerGroup:
+class _Workers:
+    """Worker processes closed together: `close()` or a `with` block."""
+
+    workers: dict
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            worker.close(grace_s=10)
+        self.workers.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class WorkerGroup(_Workers):
     """The processes of one policy run, one per launch."""
 
     def __init__(self, launches: Sequence[Launch], init: jobs.Init, log_dir: Path | None = None) -> None:
@@ -92,22 +109,12 @@ class WorkerGroup:
         )
         return Window(dict(zip(tasks, results)), wall)
 
-    def close(self) -> None:
-        for worker in self.workers.values():
-            worker.close(grace_s=10)
-        self.workers.clear()
-
-    def __enter__(self) -> WorkerGroup:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 PoolKey = tuple[str, float]  # (model name, R_i in percent)
 
 
-class WorkerPool:
+class WorkerPool(_Workers):
     """Workers keyed by (model, R_i), started on first use and kept for the pool's life."""
 
     def __init__(self, launch_for: Callable[[str, float], Launch], init: jobs.Init, log_dir: Path | None = None) -> None:
@@ -132,16 +139,6 @@ class WorkerPool:
         results, _ = run_window([(self.workers[k], c) for k, c in picks], [list(range(len(picks)))])
         return results
 
-    def close(self) -> None:
-        for worker in self.workers.values():
-            worker.close(grace_s=10)
-        self.workers.clear()
-
-    def __enter__(self) -> WorkerPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _expect(worker: WorkerProcess, kind: type, timeout_s: float):
