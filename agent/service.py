@@ -38,6 +38,7 @@ from protocol.schemas import (
     Receipt,
     Schedule,
     Status,
+    TaskAssignment,
     UpdateManifest,
     decode,
     encode,
@@ -55,6 +56,7 @@ class ActiveRound:
     started: set[str] = field(default_factory=set)
     thread: threading.Thread | None = None
     mps_fault: bool = False
+    planned: dict[str, TaskAssignment] = field(default_factory=dict)  # with the batch sizes actually used
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,7 @@ class Agent:
         if current is None or item.round != current.schedule.round:
             return  # a stopped, superseded round
         outcome = item.outcome
-        assignment = next(a for a in current.schedule.tasks if a.task == outcome.task)
+        assignment = current.planned[outcome.task]
         if outcome.failure is not None:
             log.error("task %s failed in round %d: %s", outcome.task, item.round, outcome.failure.error)
             current.mps_fault |= outcome.failure.code == "mps"
@@ -260,7 +262,12 @@ class Agent:
             samples=trained.samples,
             codec=current.schedule.codec,
             transfer=transfer_info(update_id, payload_path.read_bytes()),
-            metrics={**trained.metrics, "seconds": trained.seconds},
+            metrics={
+                **trained.metrics,
+                "seconds": trained.seconds,
+                "images_per_s": trained.samples * assignment.local_epochs / max(trained.seconds, 1e-9),
+                "batch_size": assignment.batch_size,
+            },
         )
         pending = self.outbox.put(manifest, payload_path)
         self.emit_event("finished", item.round, outcome.task, metrics=manifest.metrics)
@@ -312,6 +319,7 @@ class Agent:
         elif active.schedule.policy:
             log.warning("round %d: unknown policy %r in the schedule; using %s", number, active.schedule.policy, policy)
         plan = self.planner.plan(policy, assignments, self.samples)
+        active.planned = {a.task: a for a in plan.assignments}
         metrics = {f"R.{t}": r for t, r in plan.resources.items()} | {f"B.{a.task}": a.batch_size for a in plan.assignments}
         self.emit_event("plan", number, None, f"{plan.policy}: {plan.note}", metrics)
         commands = {}

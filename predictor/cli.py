@@ -6,10 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from protocol.daemon import cli_main, cli_parser
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedmt-predictor", description="FedMT throughput predictor (Eq. 3-6, Algorithm 1).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = cli_parser("fedmt-predictor", "FedMT throughput predictor (Eq. 3-6, Algorithm 1).")
     prof = sub.add_parser("profile", help="measure co-located throughput on this GPU (needs MPS; appends to a data file)")
     prof.add_argument("--out", type=Path, default=Path("predictor/data"), help="folder of the per-GPU data files")
     prof.add_argument("--budget-s", type=float, default=480.0, help="stop after this many seconds")
@@ -25,8 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--seed", type=int, default=0)
     export = sub.add_parser("export", help="export fitted weights to ONNX with a model card")
     export.add_argument("--weights", type=Path, required=True)
-    args = parser.parse_args(argv)
-    return COMMANDS[args.command](args)
+    plan = sub.add_parser("plan", help="search R_i, B_i and the start order for co-located tasks (Eq. 5, 6, Algorithm 1)")
+    plan.add_argument("--predictor", type=Path, required=True, help="an exported .onnx file")
+    plan.add_argument("--task", action="append", required=True, metavar="MODEL:SAMPLES",
+                      help="a co-located task: torchvision model and its local data volume (repeat, 1..5)")  # fmt: skip
+    plan.add_argument("--resolution", type=int, help="input size (default: the predictor's)")
+    plan.add_argument("--batches", default="16,32,64,128", help="allowed batch sizes")
+    plan.add_argument("--link-mbps", type=float, default=100.0, help="link speed for transfer-time estimates")
+    plan.add_argument("--objective", choices=["sum", "makespan"], default="sum", help="Eq. 5 objective")
+    from predictor.runtime import PredictorUnavailable
+
+    return cli_main(parser, COMMANDS, argv, errors=(PredictorUnavailable, FileNotFoundError, ValueError))
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -54,7 +64,40 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"profile": _profile, "fit": _fit, "export": _export}
+def _plan(args: argparse.Namespace) -> int:
+    import time
+
+    from predictor.features import extract
+    from predictor.runtime import OnnxPredictor
+    from predictor.search import plan
+    from protocol.schemas import ModelSpec
+
+    predict = OnnxPredictor(args.predictor)
+    resolution = args.resolution or predict.card["resolution"]
+    models, volumes = zip(*(_model_and_samples(t) for t in args.task))
+    tasks = [extract(ModelSpec(name=m, num_classes=10, input_size=resolution)) for m in models]
+    seconds = [8 * t.param_bytes / (args.link_mbps * 1e6) for t in tasks]
+    candidates = [sorted({int(b) for b in args.batches.split(",")})] * len(tasks)
+    started = time.perf_counter()
+    result = plan(tasks, volumes, candidates, seconds, seconds, predict, objective=args.objective)
+    elapsed_ms = 1000 * (time.perf_counter() - started)
+    print(f"{'order':>5}  {'model':<22}{'samples':>8}{'batch':>7}{'R_i %':>7}{'pred. img/s':>13}")
+    for position, i in enumerate(result.order):
+        print(f"{position + 1:>5}  {models[i]:<22}{volumes[i]:>8}{result.batches[i]:>7}{result.resources[i]:>7.0f}"
+              f"{result.predicted_throughput[i]:>13.0f}")  # fmt: skip
+    print(f"R_v {sum(result.resources):.0f}%, simulated makespan {result.makespan:.1f} s, batch mismatch "
+          f"{result.mismatch:.2f}, search {elapsed_ms:.1f} ms ({predict.path.name})")  # fmt: skip
+    return 0
+
+
+def _model_and_samples(text: str) -> tuple[str, int]:
+    model, _, samples = text.partition(":")
+    if not samples.isdigit() or int(samples) < 1:
+        raise SystemExit(f"--task expects MODEL:SAMPLES, e.g. resnet50:1000; got {text!r}")
+    return model, int(samples)
+
+
+COMMANDS = {"profile": _profile, "fit": _fit, "export": _export, "plan": _plan}
 
 if __name__ == "__main__":
     sys.exit(main())

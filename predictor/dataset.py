@@ -66,10 +66,14 @@ def split(samples: Samples, *, unseen_share: float = 0.2, seen_share: float = 0.
     for c in samples.combos:
         counts[c] = counts.get(c, 0) + 1
     rest = [i for i, c in enumerate(samples.combos) if c not in held]
-    eligible = [i for i in rest if counts[samples.combos[i]] >= 3]  # the combination stays in training too
-    seen = sorted(rng.sample(eligible, round(seen_share * len(eligible))))
-    train = sorted(set(rest) - set(seen))
-    return Split(np.array(train), np.array(seen, dtype=int), np.array(unseen, dtype=int), unseen_combos)
+    eligible = [i for i in rest if counts[samples.combos[i]] >= 3]
+    seen = set(rng.sample(eligible, round(seen_share * len(eligible))))
+    for combo in {samples.combos[i] for i in seen}:  # every seen combination keeps a record in training
+        members = [i for i in rest if samples.combos[i] == combo]
+        if all(i in seen for i in members):
+            seen.discard(members[0])
+    train = sorted(set(rest) - seen)
+    return Split(np.array(train, dtype=int), np.array(sorted(seen), dtype=int), np.array(unseen, dtype=int), unseen_combos)
 
 
 def mape(predicted: np.ndarray, actual: np.ndarray, mask: np.ndarray) -> float:

@@ -60,14 +60,15 @@ class Pre(nn.Module):
 
     def log_throughput(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Natural log of images/s per slot, (N, MAX_TASKS); masked slots are 0."""
-        z = (x - self.mean) / self.std
-        h = self.phi(z) * mask.unsqueeze(-1)
+        valid = mask.unsqueeze(-1) > 0
+        z = torch.where(valid, (x - self.mean) / self.std, 0.0)  # where, not *: 0 * inf would leak NaN
+        h = torch.where(valid, self.phi(z), 0.0)
         others = h.sum(dim=1, keepdim=True) - h
-        return self.rho(torch.cat([h, others, z], dim=-1)).squeeze(-1) * mask
+        return torch.where(mask > 0, self.rho(torch.cat([h, others, z], dim=-1)).squeeze(-1), 0.0)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Images/s per slot (0 in masked slots): the exported graph."""
-        return torch.exp(self.log_throughput(x, mask)) * mask
+        return torch.where(mask > 0, torch.exp(self.log_throughput(x, mask)), 0.0)
 
 
 class Ensemble(nn.Module):
@@ -81,7 +82,7 @@ class Ensemble(nn.Module):
         return torch.stack([m.log_throughput(x, mask) for m in self.members]).mean(dim=0)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.exp(self.log_throughput(x, mask)) * mask
+        return torch.where(mask > 0, torch.exp(self.log_throughput(x, mask)), 0.0)
 
 
 def ensemble(hidden: int, members: int) -> Ensemble:

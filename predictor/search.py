@@ -254,6 +254,7 @@ def adapt_batches(
         rv_max,
         exhaustive_limit,
         max_rounds,
+        volumes=d,  # the makespan objective weighs each task by its data volume
     )
     best = _first_best(scores)
     return BatchPlan(
@@ -496,8 +497,9 @@ def plan(
         star = damp(previous, star, damping, candidates)
         if not np.array_equal(star, adapted.batches):
             resources = best_resources(
-                tasks, star, predict, grid, objective, alone, rv_max, exhaustive_limit=exhaustive_limit
-            ).resources
+                tasks, star, predict, grid, objective, alone, rv_max,
+                volumes=data_volumes, exhaustive_limit=exhaustive_limit,
+            ).resources  # fmt: skip
     limits = [(min(c), max(c)) for c in candidates]
     result = schedule(
         tasks,

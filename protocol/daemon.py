@@ -23,15 +23,19 @@ def cli_main(
     parser: argparse.ArgumentParser,
     commands: Mapping[str, Callable[[argparse.Namespace], int]],
     argv: list[str] | None,
+    errors: tuple[type[Exception], ...] = (),
 ) -> int:
-    """Parse, set up logging, run the subcommand; a bad config file is one clear line and exit code 2."""
+    """Parse, set up logging, run the subcommand; a bad config file (or one of `errors`) is one clear line
+    on stderr and exit code 2."""
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
         return commands[args.command](args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    return 2
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -1,0 +1,572 @@
+"""predictor.model, predictor.runtime, predictor.training and predictor.dataset: the throughput predictor.
+
+Order invariance of the DeepSets network, ONNX parity on a dynamic batch axis, the run-time checks of
+OnnxPredictor, the shipped H100 predictor and its model card, the fit/export pipeline on a synthetic data file,
+and the held-out splits behind the card's errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+
+from predictor.dataset import Samples, build, mape, split
+from predictor.features import FEATURE_NAMES, TaskFeatures, extract
+from predictor.model import (
+    MAX_TASKS,
+    N_INPUTS,
+    Ensemble,
+    Pre,
+    encode_inputs,
+    ensemble,
+    export_onnx,
+    predict,
+)
+from predictor.profiler import Record, TaskSample, load_records, sample_configs
+from predictor.runtime import PREDICTOR_DIR, OnnxPredictor, PredictorUnavailable, card_path, find_predictor
+from predictor.training import export, fit
+from protocol.schemas import ModelSpec
+
+H100 = "NVIDIA H100 80GB HBM3"
+SHIPPED_ONNX = PREDICTOR_DIR / "nvidia-h100-80gb-hbm3.onnx"
+SHIPPED_DATA = Path(__file__).resolve().parents[1] / "predictor" / "data" / "nvidia-h100-80gb-hbm3.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def random_ensemble(seed: int = 0, hidden: int = 8, members: int = 2) -> Ensemble:
+    torch.manual_seed(seed)
+    return Ensemble([Pre(hidden) for _ in range(members)]).eval()
+
+
+def random_inputs(rows: int, real: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random features in every slot (masked ones too) and a mask of `real` leading tasks."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, MAX_TASKS, N_INPUTS, generator=gen)
+    mask = torch.zeros(rows, MAX_TASKS)
+    mask[:, :real] = 1.0
+    return x, mask
+
+
+def fake_task(i: int) -> TaskFeatures:
+    """Features without building a model (encode_inputs only needs the numbers)."""
+    return TaskFeatures(
+        model=f"fake{i}", input_size=32, num_classes=10,
+        flops_per_sample=1e8 * (i + 1), param_bytes=4_000_000 * (i + 1), activation_bytes_per_sample=100_000 * (i + 1),
+    )  # fmt: skip
+
+
+def dummy_samples(combos: list[tuple[str, ...]]) -> Samples:
+    """Samples with only the combinations filled in: all that `split` looks at."""
+    n = len(combos)
+    return Samples(
+        np.zeros((n, MAX_TASKS, N_INPUTS), np.float32), np.zeros((n, MAX_TASKS), np.float32),
+        np.zeros((n, MAX_TASKS), np.float32), list(combos),
+    )  # fmt: skip
+
+
+def tiny_card(gpu: str = "Test GPU") -> str:
+    return json.dumps({"gpu": gpu}) + "\n"
+
+
+# ---------------------------------------------------------------------------- 1. order invariance, masks
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("perm", [(2, 0, 1, 3, 4), (1, 2, 0, 4, 3), (3, 0, 4, 2, 1), (4, 3, 2, 1, 0)])
+def test_permuting_task_slots_permutes_outputs(perm) -> None:
+    model = random_ensemble()
+    x, mask = random_inputs(16)
+    perm = list(perm)
+    out = model(x, mask)
+    out_perm = model(x[:, perm], mask[:, perm])
+    torch.testing.assert_close(out_perm, out[:, perm], rtol=1e-5, atol=0)
+    for member in model.members:  # each Pre on its own is equivariant too, in log space
+        torch.testing.assert_close(
+            member.log_throughput(x[:, perm], mask[:, perm]), member.log_throughput(x, mask)[:, perm],
+            rtol=1e-5, atol=1e-6,
+        )  # fmt: skip
+
+
+@torch.no_grad()
+def test_other_tasks_matter_but_not_their_order() -> None:
+    """The context term is real: swapping two *other* tasks leaves a task's output alone, changing one does not."""
+    model = random_ensemble(seed=1)
+    x, mask = random_inputs(8)
+    swapped = x.clone()
+    swapped[:, [1, 2]] = x[:, [2, 1]]
+    torch.testing.assert_close(model(swapped, mask)[:, 0], model(x, mask)[:, 0], rtol=1e-5, atol=0)
+    changed = x.clone()
+    changed[:, 1] += 1.0
+    assert not torch.allclose(model(changed, mask)[:, 0], model(x, mask)[:, 0])
+
+
+@torch.no_grad()
+def test_masked_slots_are_zero_and_ignored() -> None:
+    model = random_ensemble()
+    x, mask = random_inputs(32)
+    out = model(x, mask)
+    assert torch.all(out[:, 3:] == 0.0)
+    assert torch.all(out[:, :3] > 0.0) and torch.isfinite(out).all()
+    assert torch.all(model.log_throughput(x, mask)[:, 3:] == 0.0)
+    noisy = x.clone()
+    noisy[:, 3:] = (
+        torch.randn(32, MAX_TASKS - 3, N_INPUTS, generator=torch.Generator().manual_seed(7)) * 5 + 3
+    )
+    out_noisy = model(noisy, mask)
+    assert torch.equal(out_noisy[:, :3], out[:, :3])
+    assert torch.all(out_noisy[:, 3:] == 0.0)
+
+
+@torch.no_grad()
+def test_masked_slot_position_does_not_matter() -> None:
+    """Three real tasks in slots (0, 1, 2) or scattered over (4, 0, 2) give the same throughputs."""
+    model = random_ensemble()
+    x, mask = random_inputs(8)
+    scattered = torch.zeros_like(x)
+    scattered_mask = torch.zeros_like(mask)
+    for src, dst in zip((0, 1, 2), (4, 0, 2)):
+        scattered[:, dst] = x[:, src]
+        scattered_mask[:, dst] = 1.0
+    out, out_scattered = model(x, mask), model(scattered, scattered_mask)
+    torch.testing.assert_close(out_scattered[:, [4, 0, 2]], out[:, :3], rtol=1e-5, atol=0)
+    assert torch.all(out_scattered[:, [1, 3]] == 0.0)
+
+
+@pytest.mark.parametrize("n", range(1, MAX_TASKS + 1))
+def test_every_task_count_from_one_to_max_works(n: int) -> None:
+    rng = np.random.default_rng(n)
+    batches = rng.choice([16, 32, 64, 128], size=(6, n))
+    resources = rng.choice([20, 40, 60, 80, 100], size=(6, n)).astype(float)
+    x, mask = encode_inputs([fake_task(i) for i in range(n)], batches, resources)
+    assert x.shape == (6, MAX_TASKS, N_INPUTS) and x.dtype == np.float32
+    assert mask.shape == (6, MAX_TASKS) and mask.dtype == np.float32
+    np.testing.assert_array_equal(mask, np.repeat([[1.0] * n + [0.0] * (MAX_TASKS - n)], 6, axis=0))
+    assert np.all(x[:, n:] == 0.0)
+    np.testing.assert_allclose(x[:, :n, -2], np.log2(batches))
+    np.testing.assert_allclose(x[:, :n, -1], resources / 100.0, rtol=1e-6)
+    np.testing.assert_allclose(x[0, 0, : len(FEATURE_NAMES)], [8.0, math.log10(4e6), 5.0], rtol=1e-6)
+    out = predict(random_ensemble(), x, mask)
+    assert out.shape == (6, MAX_TASKS)
+    assert np.all(out[:, :n] > 0) and np.all(np.isfinite(out)) and np.all(out[:, n:] == 0.0)
+
+
+def test_one_dimensional_batches_are_one_configuration() -> None:
+    x, mask = encode_inputs([fake_task(0), fake_task(1)], np.array([32, 64]), np.array([50, 100]))
+    assert x.shape == (1, MAX_TASKS, N_INPUTS) and mask.tolist() == [[1, 1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("n", [0, MAX_TASKS + 1])
+def test_task_count_out_of_range_is_rejected(n: int) -> None:
+    with pytest.raises(ValueError, match=f"1..{MAX_TASKS} tasks, got {n}"):
+        encode_inputs(
+            [fake_task(i) for i in range(n)], np.full((2, max(n, 1)), 32), np.full((2, max(n, 1)), 50.0)
+        )
+
+
+@pytest.mark.parametrize(
+    ("batches_shape", "resources_shape"),
+    [((4, 3), (4, 2)), ((4, 3), (5, 3)), ((4, 2), (4, 2)), ((4, 4), (4, 4)), ((3,), (2,))],
+)
+def test_mismatched_shapes_are_rejected(batches_shape, resources_shape) -> None:
+    tasks = [fake_task(i) for i in range(3)]
+    with pytest.raises(ValueError, match="must both be"):
+        encode_inputs(tasks, np.full(batches_shape, 32), np.full(resources_shape, 50.0))
+
+
+# --------------------------------------------------------------------------------------- 2. ONNX parity
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Ensemble, Path]:
+    model = random_ensemble(seed=3)
+    # non-trivial standardisation, so the buffers must travel into the graph as well
+    for i, member in enumerate(model.members):
+        member.mean.copy_(torch.linspace(-1, 1, N_INPUTS) * (i + 1))
+        member.std.copy_(torch.linspace(0.5, 2, N_INPUTS))
+    path = tmp_path_factory.mktemp("onnx") / "random.onnx"
+    export_onnx(model, str(path))
+    return model, path
+
+
+@pytest.mark.parametrize("rows", [1, 7, 1000])
+def test_onnx_matches_torch_on_a_dynamic_batch(exported, rows: int) -> None:
+    import onnxruntime
+
+    model, path = exported
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(rows)
+    x = rng.normal(size=(rows, MAX_TASKS, N_INPUTS)).astype(np.float32)
+    mask = (rng.random((rows, MAX_TASKS)) < 0.6).astype(np.float32)
+    mask[0] = [1, 1, 1, 0, 0]
+    (out,) = session.run(["throughput"], {"features": x, "mask": mask})
+    reference = predict(model, x, mask)
+    assert out.shape == (rows, MAX_TASKS)
+    assert np.all(out[mask == 0] == 0.0) and np.all(reference[mask == 0] == 0.0)
+    assert np.all(out[mask == 1] > 0)
+    np.testing.assert_allclose(out, reference, rtol=1e-5, atol=0)
+
+
+def test_onnx_inputs_declare_the_dynamic_axis(exported) -> None:
+    import onnxruntime
+
+    _, path = exported
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    assert shapes == {"features": ["n", MAX_TASKS, N_INPUTS], "mask": ["n", MAX_TASKS]}
+    assert [o.name for o in session.get_outputs()] == ["throughput"]
+    assert session.get_outputs()[0].shape == ["n", MAX_TASKS]
+
+
+# --------------------------------------------------------------------------------- 3. OnnxPredictor errors
+
+
+def test_missing_onnx_file(tmp_path) -> None:
+    path = tmp_path / "absent.onnx"
+    with pytest.raises(PredictorUnavailable, match="does not exist") as info:
+        OnnxPredictor(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_card(tmp_path, exported) -> None:
+    _, source = exported
+    path = tmp_path / "no-card.onnx"
+    path.write_bytes(source.read_bytes())
+    assert card_path(path) == tmp_path / "no-card.card.json"
+    with pytest.raises(PredictorUnavailable, match="model card") as info:
+        OnnxPredictor(path)
+    assert str(card_path(path)) in str(info.value)
+
+
+def test_unreadable_card(tmp_path, exported) -> None:
+    _, source = exported
+    path = tmp_path / "bad-card.onnx"
+    path.write_bytes(source.read_bytes())
+    card_path(path).write_text("{not json")
+    with pytest.raises(PredictorUnavailable, match="missing or unreadable"):
+        OnnxPredictor(path)
+
+
+def test_card_for_another_gpu(tmp_path, exported) -> None:
+    _, source = exported
+    path = tmp_path / "a100.onnx"
+    path.write_bytes(source.read_bytes())
+    card_path(path).write_text(tiny_card("NVIDIA A100-SXM4-80GB"))
+    with pytest.raises(PredictorUnavailable) as info:
+        OnnxPredictor(path, gpu=H100)
+    assert "NVIDIA A100-SXM4-80GB" in str(info.value) and H100 in str(info.value)
+    # without gpu= the check is skipped, and with the right one it passes
+    assert OnnxPredictor(path).card["gpu"] == "NVIDIA A100-SXM4-80GB"
+    OnnxPredictor(path, gpu="NVIDIA A100-SXM4-80GB")
+
+
+def test_corrupt_onnx_bytes(tmp_path) -> None:
+    path = tmp_path / "garbage.onnx"
+    path.write_bytes(b"\x00\x01 this is not an ONNX protobuf \xff\xfe" * 10)
+    card_path(path).write_text(tiny_card())
+    with pytest.raises(PredictorUnavailable, match="cannot load") as info:
+        OnnxPredictor(path)
+    assert str(path) in str(info.value)
+
+
+class ThreeSlots(torch.nn.Module):
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return features.sum(-1).exp() * mask
+
+
+def test_other_input_layout(tmp_path) -> None:
+    path = tmp_path / "three-slots.onnx"
+    torch.onnx.export(
+        ThreeSlots(), (torch.zeros(2, 3, N_INPUTS), torch.ones(2, 3)), str(path), dynamo=False,
+        input_names=["features", "mask"], output_names=["throughput"],
+        dynamic_axes={"features": {0: "n"}, "mask": {0: "n"}, "throughput": {0: "n"}},
+    )  # fmt: skip
+    card_path(path).write_text(tiny_card())
+    with pytest.raises(PredictorUnavailable) as info:
+        OnnxPredictor(path)
+    message = str(info.value)
+    assert f"{MAX_TASKS}-task layout" in message and path.name in message
+    assert "[3, 5]" in message  # the layout the file has
+
+
+def test_find_predictor_for_an_unknown_gpu() -> None:
+    with pytest.raises(PredictorUnavailable, match="does not exist"):
+        find_predictor(PREDICTOR_DIR, "NVIDIA Imaginary GPU 9000")
+
+
+def test_find_predictor_for_the_shipped_gpu() -> None:
+    predictor = find_predictor(PREDICTOR_DIR, H100)
+    assert predictor.path == SHIPPED_ONNX and predictor.card["gpu"] == H100
+
+
+# --------------------------------------------------------------------------- 4. the shipped H100 predictor
+
+
+@pytest.fixture(scope="module")
+def shipped() -> OnnxPredictor:
+    return OnnxPredictor(SHIPPED_ONNX, gpu=H100)
+
+
+def test_shipped_card_states_its_errors_and_data(shipped) -> None:
+    card = shipped.card
+    assert card["gpu"] == H100
+    for name in ("train", "seen", "unseen"):
+        value = card["mape_percent"][name]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 100
+    assert card["data"]["file"] == SHIPPED_DATA.name
+    assert card["data"]["sha256"] == hashlib.sha256(SHIPPED_DATA.read_bytes()).hexdigest()
+    records = load_records(SHIPPED_DATA)
+    assert card["data"]["records"] == len(records)
+    assert {r.gpu for r in records} == {H100} and {r.resolution for r in records} == {card["resolution"]}
+    split_sizes = card["split"]
+    assert split_sizes["train_records"] + split_sizes["seen_test_records"] + split_sizes[
+        "unseen_test_records"
+    ] == len(records)
+    assert card["onnx"]["max_relative_difference_vs_torch"] < 1e-5
+    assert card["onnx"]["inputs"] == {"features": ["n", MAX_TASKS, N_INPUTS], "mask": ["n", MAX_TASKS]}
+
+
+def test_shipped_card_markdown_matches_the_json() -> None:
+    card = json.loads(card_path(SHIPPED_ONNX).read_text())
+    text = SHIPPED_ONNX.with_suffix(".card.md").read_text()
+    assert H100 in text and card["data"]["sha256"][:16] in text
+    assert f"{card['mape_percent']['seen']}%" in text and f"{card['mape_percent']['unseen']}%" in text
+
+
+def test_shipped_predictor_is_order_invariant_end_to_end(shipped) -> None:
+    resolution = shipped.card["resolution"]
+    names = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x1_0"]
+    tasks = [extract(ModelSpec(name=m, num_classes=10, input_size=resolution)) for m in names]
+    rng = np.random.default_rng(0)
+    batches = rng.choice([16, 32, 64, 128], size=(40, 3))
+    resources = rng.choice([20, 40, 60, 80, 100], size=(40, 3)).astype(float)
+    out = shipped(tasks, batches, resources)
+    assert out.shape == (40, 3) and out.dtype == np.float64
+    assert np.all(np.isfinite(out)) and np.all(out > 0)
+    for perm in ([2, 0, 1], [1, 0, 2], [2, 1, 0]):
+        permuted = shipped([tasks[i] for i in perm], batches[:, perm], resources[:, perm])
+        np.testing.assert_allclose(permuted, out[:, perm], rtol=1e-5)
+    # one configuration at a time gives the same answers as the whole batch
+    np.testing.assert_allclose(shipped(tasks, batches[5], resources[5]), out[5:6], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_shipped_predictor_reproduces_its_card_errors(shipped) -> None:
+    """The ONNX file, run on the committed data with the card's split, gives the MAPE values the card states."""
+    records = load_records(SHIPPED_DATA)
+    samples = build(records)
+    parts = split(samples, seed=0)
+    assert [list(c) for c in parts.unseen_combos] == shipped.card["split"]["unseen_combinations"]
+    for name, index in (("train", parts.train), ("seen", parts.seen), ("unseen", parts.unseen)):
+        s = samples.take(index)
+        (out,) = shipped.session.run(["throughput"], {"features": s.x, "mask": s.mask})
+        assert mape(out, s.throughput, s.mask) == pytest.approx(shipped.card["mape_percent"][name], abs=0.02)
+
+
+# ------------------------------------------------------------------------- 5. fit/export on synthetic data
+
+SYNTHETIC_GPU = "Synthetic GPU 1000"
+CHEAP = ("resnet18", "mobilenet_v3_small", "shufflenet_v2_x1_0", "squeezenet1_0", "mnasnet0_5")
+CHEAP_FOCUS = (("resnet18", "mobilenet_v3_small"), ("squeezenet1_0", "mnasnet0_5", "shufflenet_v2_x1_0"))
+RESOLUTION = 32
+
+
+def law(flops: float, batch: int, resource: float, n_tasks: int) -> float:
+    return 1e11 / flops * batch / (batch + 16) * (resource / 100) ** 0.6 / (1 + 0.3 * (n_tasks - 1))
+
+
+def synthetic_records(windows: int = 120, gpu: str = SYNTHETIC_GPU) -> list[Record]:
+    flops = {
+        m: extract(ModelSpec(name=m, num_classes=10, input_size=RESOLUTION)).flops_per_sample for m in CHEAP
+    }
+    records = []
+    for i, config in enumerate(sample_configs(1, windows, models=CHEAP, focus=CHEAP_FOCUS)):
+        n = len(config.tasks)
+        tasks = [TaskSample(m, b, float(r), round(law(flops[m], b, r, n), 3)) for m, b, r in config.tasks]
+        records.append(Record(gpu=gpu, sm_total=100, driver="1.0", torch=str(torch.__version__), resolution=RESOLUTION,
+                              tasks=tasks, window_s=1.0, ts=1_700_000_000.0 + i))  # fmt: skip
+    return records
+
+
+def write_records(path: Path, records: list[Record]) -> Path:
+    path.write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("pipeline")
+    records = synthetic_records()
+    data = write_records(root / "synthetic-gpu-1000.jsonl", records)
+    weights = fit(data, root / "models", hidden=16, members=2, epochs=200, seed=0)
+    onnx_path = export(weights)
+    return {"records": records, "data": data, "weights": weights, "onnx": onnx_path}
+
+
+def test_synthetic_data_is_what_the_test_means() -> None:
+    records = synthetic_records()
+    assert len(records) == 120
+    assert {r.resolution for r in records} == {RESOLUTION}
+    assert {len(r.tasks) for r in records} >= {1, 2, 3}
+    assert all(t.throughput > 0 for r in records for t in r.tasks)
+
+
+def test_fit_writes_safetensors_and_report(pipeline) -> None:
+    weights = pipeline["weights"]
+    assert weights == pipeline["data"].parent / "models" / "synthetic-gpu-1000.safetensors"
+    raw = weights.read_bytes()
+    assert not raw.startswith(b"\x80")  # not a pickle
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    assert raw[8:9] == b"{" and 8 + header_len <= len(raw)
+    header = json.loads(raw[8 : 8 + header_len])
+    assert header["__metadata__"] == {"hidden": "16", "members": "2"}
+    assert {k for k in header if k != "__metadata__"} >= {
+        "members.0.mean",
+        "members.1.std",
+        "members.0.phi.0.weight",
+    }
+    report = json.loads(weights.with_suffix(".fit.json").read_text())
+    assert report["gpu"] == SYNTHETIC_GPU and report["resolution"] == RESOLUTION
+    assert report["data"]["sha256"] == hashlib.sha256(pipeline["data"].read_bytes()).hexdigest()
+    assert report["data"]["records"] == 120 and report["data"]["models"] == sorted(CHEAP)
+    for name in ("train", "seen", "unseen"):
+        value = report["mape_percent"][name]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (name, value)
+    s = report["split"]
+    assert s["train_records"] + s["seen_test_records"] + s["unseen_test_records"] == 120
+    assert s["seen_test_records"] > 0 and s["unseen_test_records"] > 0
+
+
+def test_fit_unseen_split_holds_only_combinations_absent_from_training(pipeline) -> None:
+    report = json.loads(pipeline["weights"].with_suffix(".fit.json").read_text())
+    unseen = {tuple(c) for c in report["split"]["unseen_combinations"]}
+    assert unseen
+    combos = [tuple(sorted(t.model for t in r.tasks)) for r in pipeline["records"]]
+    parts = split(dummy_samples(combos), seed=0)  # fit's split depends on the combinations only
+    assert set(parts.unseen_combos) == unseen
+    assert len(parts.unseen) == report["split"]["unseen_test_records"]
+    assert len(parts.train) == report["split"]["train_records"]
+    assert not unseen & {combos[i] for i in parts.train}
+    assert not unseen & {combos[i] for i in parts.seen}
+    assert {combos[i] for i in parts.unseen} == unseen
+
+
+def test_export_writes_onnx_and_card(pipeline) -> None:
+    onnx_path = pipeline["onnx"]
+    assert onnx_path == pipeline["weights"].with_suffix(".onnx") and onnx_path.is_file()
+    card = json.loads(card_path(onnx_path).read_text())
+    report = json.loads(pipeline["weights"].with_suffix(".fit.json").read_text())
+    assert {k: card[k] for k in report} == report  # the card carries the fit report
+    assert card["onnx"]["max_relative_difference_vs_torch"] < 1e-5
+    markdown = onnx_path.with_suffix(".card.md").read_text()
+    assert SYNTHETIC_GPU in markdown and f"{card['mape_percent']['unseen']}%" in markdown
+
+
+def test_exported_predictor_matches_the_fitted_weights(pipeline) -> None:
+    from safetensors.torch import load_file
+
+    predictor = OnnxPredictor(pipeline["onnx"], gpu=SYNTHETIC_GPU)
+    model = ensemble(16, 2)
+    model.load_state_dict(load_file(str(pipeline["weights"])))
+    model.eval()
+    samples = build(pipeline["records"])
+    (out,) = predictor.session.run(["throughput"], {"features": samples.x, "mask": samples.mask})
+    np.testing.assert_allclose(out, predict(model, samples.x, samples.mask), rtol=1e-5, atol=0)
+    tasks = [extract(ModelSpec(name=m, num_classes=10, input_size=RESOLUTION)) for m in CHEAP[:3]]
+    result = predictor(tasks, np.array([[32, 64, 128]]), np.array([[40.0, 60.0, 100.0]]))
+    assert result.shape == (1, 3) and np.all(result > 0)
+
+
+def test_fit_rejects_a_file_mixing_gpus(tmp_path) -> None:
+    records = synthetic_records(windows=70)
+    records[-1] = msgspec.structs.replace(records[-1], gpu="Another GPU")
+    data = write_records(tmp_path / "mixed.jsonl", records)
+    with pytest.raises(ValueError, match="mixes GPUs"):
+        fit(data, tmp_path / "models", members=1, epochs=1)
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_fit_rejects_an_empty_file(tmp_path, content: bytes) -> None:
+    data = tmp_path / "empty.jsonl"
+    data.write_bytes(content)
+    with pytest.raises(ValueError, match="no profiling records"):
+        fit(data, tmp_path / "models", members=1, epochs=1)
+
+
+# -------------------------------------------------------------------------------------- 6. dataset.split
+
+
+def random_combos(seed: int, n: int = 80) -> list[tuple[str, ...]]:
+    rng = np.random.default_rng(seed)
+    names = ["a", "b", "c", "d", "e", "f"]
+    return [tuple(sorted(rng.choice(names, rng.integers(1, 4), replace=False).tolist())) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_split_partitions_and_keeps_unseen_out_of_training(seed: int) -> None:
+    combos = random_combos(seed)
+    parts = split(dummy_samples(combos), seed=seed, protected=())
+    train, seen, unseen = set(parts.train.tolist()), set(parts.seen.tolist()), set(parts.unseen.tolist())
+    assert train | seen | unseen == set(range(len(combos)))
+    assert not (train & seen) and not (train & unseen) and not (seen & unseen)
+    held = set(parts.unseen_combos)
+    assert held and all(len(c) > 1 for c in held)
+    assert {combos[i] for i in unseen} == held
+    assert not held & {combos[i] for i in train}
+    assert not held & {combos[i] for i in seen}
+    assert all(combos.count(combos[i]) >= 3 for i in seen)
+    assert list(parts.train) == sorted(parts.train) and list(parts.seen) == sorted(parts.seen)
+
+
+def test_split_is_deterministic_per_seed() -> None:
+    combos = random_combos(0)
+    a, b = split(dummy_samples(combos), seed=5), split(dummy_samples(combos), seed=5)
+    assert a.unseen_combos == b.unseen_combos and a.seen.tolist() == b.seen.tolist()
+
+
+def test_protected_combinations_are_never_unseen() -> None:
+    combos = random_combos(1)
+    multi = sorted({c for c in combos if len(c) > 1})
+    protected = [tuple(reversed(c)) for c in multi[::2]]  # given in any order
+    parts = split(dummy_samples(combos), unseen_share=1.0, seed=0, protected=protected)
+    assert set(parts.unseen_combos) == set(multi[1::2])  # every other multi-task combination is held out
+    assert not {tuple(sorted(p)) for p in protected} & set(parts.unseen_combos)
+    for seed in range(10):
+        parts = split(dummy_samples(combos), unseen_share=0.5, seed=seed, protected=protected)
+        assert not {tuple(sorted(p)) for p in protected} & set(parts.unseen_combos)
+
+
+def test_single_model_baselines_are_never_unseen() -> None:
+    combos = [("a",)] * 5 + [("b",)] * 5 + [("a", "b")] * 4
+    parts = split(dummy_samples(combos), unseen_share=1.0, seed=0, protected=())
+    assert parts.unseen_combos == [("a", "b")]
+    assert sorted(parts.unseen.tolist()) == list(range(10, 14))
+
+
+def test_seen_combinations_stay_in_training() -> None:
+    """Module docstring: 'seen: held-out configurations of combinations that stay in training'."""
+    combos = [("a", "b")] * 3 + [("c",)] * 17
+    parts = split(dummy_samples(combos), seed=269, protected=())  # default shares
+    train = {combos[i] for i in parts.train}
+    assert {combos[i] for i in parts.seen} <= train
+
+
+def test_mape_on_hand_computed_values() -> None:
+    predicted = np.array([[110.0, 45.0, 7.0], [90.0, 0.0, 123.0]])
+    actual = np.array([[100.0, 50.0, 0.0], [100.0, 0.0, 0.0]])
+    mask = np.array([[1, 1, 0], [1, 0, 0]], dtype=np.float32)
+    # |10|/100, |5|/50, |10|/100 -> 10%, 10%, 10%; masked slots (actual 0) are ignored
+    assert mape(predicted, actual, mask) == pytest.approx(10.0)
+    assert mape(np.array([[150.0, 50.0]]), np.array([[100.0, 100.0]]), np.ones((1, 2))) == pytest.approx(50.0)
+    assert mape(np.array([[3.0, 1.0]]), np.array([[1.0, 4.0]]), np.ones((1, 2))) == pytest.approx(137.5)
+    assert mape(actual, actual, mask) == 0.0
