@@ -43,7 +43,7 @@ def _profile(args: argparse.Namespace) -> int:
     import msgspec
 
     from agent.config import load
-    from agent.datasets import sample_count
+    from agent.dataspec import sample_count
     from agent.gpu.probe import probe
     from agent.mps import MpsDaemon
     from agent.policies import available_policies

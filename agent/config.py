@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from agent.datasets import DataSpec
+from agent.dataspec import DataSpec
 from agent.mps import MpsConfig
 from agent.policies import Policy
 from protocol.config import load_toml

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from agent.datasets import DataSpec
+from agent.dataspec import DataSpec
 from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
 
 

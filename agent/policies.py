@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import get_args
 
 from agent.runner import Launch
+from protocol.schemas import ExecutionPolicy
 
-Policy = Literal["temporal", "concurrent", "isolated", "sharing", "fedmt"]
-POLICIES: tuple[Policy, ...] = ("temporal", "concurrent", "isolated", "sharing", "fedmt")
+Policy = ExecutionPolicy
+POLICIES: tuple[Policy, ...] = get_args(ExecutionPolicy)
 MPS_POLICIES = frozenset({"isolated", "sharing", "fedmt"})
 HEURISTIC_RV = 200.0
 MIN_PERCENT = 10.0

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from agent import jobs
 from agent.config import AgentConfig
-from agent.datasets import sample_count
+from agent.dataspec import sample_count
 from agent.gpu.probe import GpuReport, probe
 from agent.model_cache import ModelCache
 from agent.mps import GpuSharing, MpsDaemon
 from agent.outbox import Outbox, Pending
 from agent.planning import Planner
-from agent.policies import POLICIES, Policy, available_policies
+from agent.policies import Policy, available_policies
 from agent.profile import build_profile
 from agent.receipts import ReceiptLog
 from agent.runner import TaskOutcome, run_round
@@ -265,7 +265,7 @@ class Agent:
             metrics={
                 **trained.metrics,
                 "seconds": trained.seconds,
-                "images_per_s": trained.samples * assignment.local_epochs / max(trained.seconds, 1e-9),
+                "images_per_s": trained.metrics["images"] / max(trained.seconds, 1e-9),
                 "batch_size": assignment.batch_size,
             },
         )
@@ -313,12 +313,7 @@ class Agent:
 
     def _start(self, active: ActiveRound, assignments) -> None:
         number = active.schedule.round
-        policy = self.policy
-        if active.schedule.policy in POLICIES:
-            policy = active.schedule.policy
-        elif active.schedule.policy:
-            log.warning("round %d: unknown policy %r in the schedule; using %s", number, active.schedule.policy, policy)
-        plan = self.planner.plan(policy, assignments, self.samples)
+        plan = self.planner.plan(active.schedule.policy or self.policy, assignments, self.samples)
         active.planned = {a.task: a for a in plan.assignments}
         metrics = {f"R.{t}": r for t, r in plan.resources.items()} | {f"B.{a.task}": a.batch_size for a in plan.assignments}
         self.emit_event("plan", number, None, f"{plan.policy}: {plan.note}", metrics)

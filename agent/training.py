@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -10,7 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from agent.datasets import DataSpec, train_dataset
+from agent.datasets import train_dataset
+from agent.dataspec import DataSpec
 from protocol.models import build_model, load_numpy_state, state_to_numpy
 from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
 
@@ -71,7 +73,8 @@ def train_task(
     should_stop: Callable[[], bool] | None = None,
     seed: int = 0,
 ) -> TrainResult:
-    """Train `assignment.local_epochs` epochs from `base_state`; the delta is local minus base, per entry.
+    """Train `assignment.local_steps` steps, or else `local_epochs` epochs, from `base_state`; the delta is local
+    minus base, per entry.
 
     Raises TrainingStopped when `should_stop()` turns true (checked before every step) and TrainingDiverged
     when the loss or the trained weights are not finite.
@@ -79,7 +82,7 @@ def train_task(
     started = time.perf_counter()
     dataset = train_dataset(data, assignment.model)
     loader = DataLoader(dataset, batch_sampler=_ShuffledBatches(len(dataset), assignment.batch_size, seed))
-    total = assignment.local_epochs * len(loader)
+    total = assignment.local_steps or assignment.local_epochs * len(loader)
     step = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -87,10 +90,14 @@ def train_task(
         load_numpy_state(model, base_state)
         model.to(device).train()
         optimizer = _optimizer(assignment.optimizer, model.parameters())
-        for _ in range(assignment.local_epochs):
+        images_seen = 0
+        for _ in range(math.ceil(total / len(loader))):
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
+            epoch_images = 0
             for images, labels in loader:
+                if step == total:
+                    break
                 if should_stop is not None and should_stop():
                     raise TrainingStopped(f"task {assignment.task} stopped at step {step}/{total}")
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -101,15 +108,18 @@ def train_task(
                 optimizer.step()
                 loss_sum += loss.detach() * len(labels)
                 correct += (logits.argmax(1) == labels).sum()
+                epoch_images += len(labels)
                 step += 1
                 if progress is not None:
                     progress(step, total)
             if not torch.isfinite(loss_sum):
                 raise TrainingDiverged(f"task {assignment.task}: non-finite training loss")
+            images_seen += epoch_images
     delta = _delta(state_to_numpy(model), base_state, assignment.task)
-    metrics = {
-        "train_loss": loss_sum.item() / len(dataset),
-        "train_accuracy": correct.item() / len(dataset),
+    metrics = {  # loss and accuracy over the last (possibly partial) epoch
+        "train_loss": loss_sum.item() / epoch_images,
+        "train_accuracy": correct.item() / epoch_images,
+        "images": float(images_seen),
         "seconds": time.perf_counter() - started,
     }
     return TrainResult(delta=delta, samples=len(dataset), steps=step, metrics=metrics)

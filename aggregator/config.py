@@ -9,7 +9,7 @@ from msgspec import Meta
 
 from protocol.chunking import DEFAULT_CHUNK_SIZE
 from protocol.config import load_toml
-from protocol.schemas import ModelSpec, Name, OptimizerSpec
+from protocol.schemas import ExecutionPolicy, ModelSpec, Name, OptimizerSpec
 from protocol.transport import MqttSettings
 
 PosInt = Annotated[int, Meta(ge=1)]
@@ -21,6 +21,7 @@ class TaskConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: ModelSpec
     optimizer: OptimizerSpec = msgspec.field(default_factory=OptimizerSpec)
     local_epochs: PosInt = 1
+    local_steps: PosInt | None = None  # instead of epochs: a fixed number of optimiser steps per round
     batch_size: PosInt = 32
     min_batch_size: PosInt = 1
     max_batch_size: PosInt = 1024
@@ -37,6 +38,7 @@ class RoundsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     min_devices: PosInt = 1  # online devices needed to open a round
     min_updates: PosInt = 1  # updates a task needs at the deadline to finalise
     round_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
+    policy: ExecutionPolicy | None = None  # sent with every schedule; None leaves it to each device's config
 
 
 class TransferConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -297,6 +297,7 @@ class Coordinator:
                         issued_at=self.round.opened_at,
                         deadline=self.round.deadline,
                         tasks=assignments,
+                        policy=self.config.rounds.policy,
                     )
                 )
         return schedules
@@ -311,6 +312,7 @@ class Coordinator:
             base_version=task_round.base_version,
             base_sha256=base.sha256,
             local_epochs=c.local_epochs,
+            local_steps=c.local_steps,
             batch_size=c.batch_size,
             min_batch_size=c.min_batch_size,
             max_batch_size=c.max_batch_size,

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from predictor.encoding import encode_inputs
 from predictor.features import extract
-from predictor.model import encode_inputs
 from predictor.profiler import FOCUS, Record
 from protocol.schemas import ModelSpec
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from predictor.encoding import MAX_TASKS, N_INPUTS, encode_inputs
 from predictor.features import TaskFeatures
-from predictor.model import MAX_TASKS, N_INPUTS, encode_inputs
-
 
 PREDICTOR_DIR = Path(__file__).resolve().parent / "models"  # predictors shipped with the package
 

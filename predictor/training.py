@@ -11,9 +11,12 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 
 from predictor.dataset import build, mape, split
-from predictor.model import INPUT_NAMES, MAX_TASKS, ensemble, export_onnx, predict, train
+from predictor.encoding import INPUT_NAMES, MAX_TASKS
+from predictor.features import extract
+from predictor.model import ensemble, export_onnx, predict, train
 from predictor.profiler import load_records
 from predictor.runtime import OnnxPredictor, card_path
+from predictor.workload import fit_workload
 
 
 def fit(data: Path, out_dir: Path, *, hidden: int = 32, members: int = 5, epochs: int = 2000, seed: int = 0) -> Path:
@@ -51,8 +54,30 @@ def fit(data: Path, out_dir: Path, *, hidden: int = 32, members: int = 5, epochs
                             "mean of log-throughput", "hidden": hidden, "members": members, "epochs": epochs, "inputs_per_task": list(INPUT_NAMES), "max_tasks": MAX_TASKS,
                     "output": "images/s per task", "train_seconds": round(time.perf_counter() - started, 1)},
     }  # fmt: skip
+    report["workload"] = _workload(records)
     weights.with_suffix(".fit.json").write_text(json.dumps(report, indent=2) + "\n")
     return weights
+
+
+MIN_ALONE_RECORDS = 4
+
+
+def _workload(records) -> dict:
+    """Eq. 3's alpha (s/FLOP) and beta (s/byte) from single-task step times on the whole GPU, when there are enough."""
+    from protocol.schemas import ModelSpec
+
+    alone = [
+        (extract(ModelSpec(name=t.model, num_classes=10, input_size=r.resolution)), t.batch, t.batch / t.throughput)
+        for r in records
+        if len(r.tasks) == 1 and r.tasks[0].resource == 100
+        for t in r.tasks
+    ]
+    if len(alone) < MIN_ALONE_RECORDS:
+        return {"alone_records": len(alone),
+                "note": f"Eq. 3 needs at least {MIN_ALONE_RECORDS} single-task measurements at R=100%"}  # fmt: skip
+    model = fit_workload(alone)
+    return {"alone_records": len(alone), "alpha_s_per_flop": model.alpha, "beta_s_per_byte": model.beta,
+            "gamma0_s": model.gamma0}  # fmt: skip
 
 
 def export(weights: Path) -> Path:
@@ -84,6 +109,13 @@ def export(weights: Path) -> Path:
     return onnx_path
 
 
+def _workload_text(workload: dict) -> str:
+    if "alpha_s_per_flop" not in workload:
+        return f"not fitted ({workload.get('note', 'no data')}; {workload.get('alone_records', 0)} found)."
+    return (f"alpha {workload['alpha_s_per_flop']:.3g} s/FLOP, beta {workload['beta_s_per_byte']:.3g} s/byte, "
+            f"gamma0 {workload['gamma0_s']:.3g} s, from {workload['alone_records']} single-task measurements.")  # fmt: skip
+
+
 def _markdown(card: dict) -> str:
     m, d, s = card["mape_percent"], card["data"], card["split"]
     return "\n".join([
@@ -101,6 +133,7 @@ def _markdown(card: dict) -> str:
         f"Training data: `{d['file']}` (sha256 `{d['sha256'][:16]}…`), {d['records']} measured windows, "
         f"{d['task_samples']} task throughputs, models {', '.join(d['models'])}.",
         f"Unseen combinations: {'; '.join('+'.join(c) for c in s['unseen_combinations'])}.",
+        f"Eq. 3 workload: {_workload_text(card.get('workload', {}))}",
         "",
         f"Network: {card['network']['kind']}; {card['network']['members']} members, hidden {card['network']['hidden']}, inputs per task "
         f"{', '.join(card['network']['inputs_per_task'])}; output images/s per task.",

@@ -26,6 +26,8 @@ Percent = Annotated[float, Meta(gt=0, le=100)]
 Text = Annotated[str, Meta(max_length=2000)]
 Metrics = Annotated[dict[Annotated[str, Meta(max_length=64)], float], Meta(max_length=64)]
 UpdateCodec = Literal["delta"]
+#: how a device's task processes share its GPU (agent/policies.py)
+ExecutionPolicy = Literal["temporal", "concurrent", "isolated", "sharing", "fedmt"]
 
 
 class Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -140,6 +142,7 @@ class TaskAssignment(Message):
     base_version: NonNegInt
     base_sha256: Sha256
     local_epochs: PosInt = 1
+    local_steps: PosInt | None = None  # when set, train this many steps instead of whole epochs
     batch_size: PosInt = 32
     min_batch_size: PosInt = 1
     max_batch_size: PosInt = 1024
@@ -152,7 +155,7 @@ class Schedule(Message):
     deadline: NonNegFloat
     tasks: Annotated[list[TaskAssignment], Meta(min_length=1, max_length=64)]
     codec: UpdateCodec = "delta"
-    policy: str | None = None
+    policy: ExecutionPolicy | None = None  # None: the device's own choice
 
 
 # --- events and receipts -------------------------------------------------------------------------------

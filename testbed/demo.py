@@ -78,7 +78,7 @@ def write_configs(out: Path, broker: Mosquitto, passwords: dict[str, str], round
 def _data_spec(fields: dict):
     import msgspec
 
-    from agent.datasets import DataSpec
+    from agent.dataspec import DataSpec
 
     return msgspec.convert(fields, DataSpec)
 

@@ -56,7 +56,7 @@ def digits(partition: int, partitions: int = 2, fraction: float = 0.15) -> dict:
 def agent_config(tmp: Path, broker: Mosquitto, device: str, tasks: dict[str, dict], policy: str = "concurrent") -> AgentConfig:
     import msgspec
 
-    from agent.datasets import DataSpec
+    from agent.dataspec import DataSpec
 
     return AgentConfig(
         device=device,

@@ -1,4 +1,4 @@
-"""agent.datasets: digits partitions, preprocessing, synthetic and image-folder data, spec validation."""
+"""agent.dataspec and agent.datasets: digits partitions, preprocessing, synthetic and image-folder data, spec validation."""
 
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from agent.datasets import (
+from agent.datasets import digits_test_set, train_dataset
+from agent.dataspec import (
     DataSpec,
     DigitsData,
     ImageFolderData,
     SyntheticData,
     digits_indices,
     digits_split,
-    digits_test_set,
     sample_count,
-    train_dataset,
 )
 from protocol.schemas import ModelSpec
 

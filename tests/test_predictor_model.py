@@ -19,17 +19,9 @@ import pytest
 import torch
 
 from predictor.dataset import Samples, build, mape, split
+from predictor.encoding import MAX_TASKS, N_INPUTS, encode_inputs
 from predictor.features import FEATURE_NAMES, TaskFeatures, extract
-from predictor.model import (
-    MAX_TASKS,
-    N_INPUTS,
-    Ensemble,
-    Pre,
-    encode_inputs,
-    ensemble,
-    export_onnx,
-    predict,
-)
+from predictor.model import Ensemble, Pre, ensemble, export_onnx, predict
 from predictor.profiler import Record, TaskSample, load_records, sample_configs
 from predictor.runtime import PREDICTOR_DIR, OnnxPredictor, PredictorUnavailable, card_path, find_predictor
 from predictor.training import export, fit

@@ -46,7 +46,7 @@ SAMPLES: list[s.Message] = [
     MODEL,
     s.OptimizerSpec(),
     ASSIGNMENT,
-    s.Schedule(device="dev-1", round=1, issued_at=10.0, deadline=70.0, tasks=[ASSIGNMENT] * 2, policy="greedy"),
+    s.Schedule(device="dev-1", round=1, issued_at=10.0, deadline=70.0, tasks=[ASSIGNMENT] * 2, policy="fedmt"),
     s.Event(device="dev-1", ts=4.0, kind="finished", round=0, task="cifar10", message="ok",
             metrics={"loss": 0.25, "acc": 0.9}),
     s.Receipt(update_id="upd-1", task="cifar10", round=3, status="rejected", reason="stale base"),
@@ -266,6 +266,7 @@ def test_wrong_type_is_rejected_naming_the_field(kind, path, value):
         (s.Receipt, "status", "maybe"),
         (s.UpdateManifest, "codec", "full"),
         (s.GpuInfo, "backend", "rocm"),
+        (s.Schedule, "policy", "greedy"),
     ],
 )
 def test_out_of_range_value_is_rejected_naming_the_field(kind, path, value):

@@ -161,3 +161,12 @@ def test_updates_for_unscheduled_devices_or_inflated_samples_are_rejected(config
     assert "not scheduled" in update(coordinator, tmp_path, "d9", delta(0.1)).reason
     assert "declared 10" in update(coordinator, tmp_path, "d1", delta(0.1), samples=11).reason
     assert coordinator.task_rounds["t"].fedavg.count == 0
+
+
+def test_the_configured_policy_travels_with_every_schedule(config):
+    config.rounds.policy = "isolated"
+    coordinator = Coordinator(config)
+    coordinator.start()
+    join(coordinator, "d1")
+    join(coordinator, "d2")
+    assert {s.policy for s in coordinator.tick(now=1000).schedules} == {"isolated"}

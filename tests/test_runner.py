@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from agent import jobs
-from agent.datasets import SyntheticData
+from agent.dataspec import SyntheticData
 from agent.runner import Launch, TaskFailed, run_round, start_worker
 from protocol.chunking import sha256_hex
 from protocol.models import build_model, state_to_numpy

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from agent.datasets import DigitsData, SyntheticData, digits_test_set, sample_count
+from agent.datasets import digits_test_set
+from agent.dataspec import DigitsData, SyntheticData, sample_count
 from agent.training import TrainingDiverged, TrainingStopped, TrainResult, evaluate, train_task
 from protocol.models import build_model, state_to_numpy
 from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
@@ -65,7 +66,8 @@ def test_delta_matches_the_base_layout(base) -> None:
     assert result.samples == 40 and result.steps == 6  # 3 batches (16, 16, 8) per epoch
     assert steps == [(i, 6) for i in range(1, 7)]
     assert result.delta["bn1.num_batches_tracked"] == 6
-    assert set(result.metrics) == {"train_loss", "train_accuracy", "seconds"}
+    assert set(result.metrics) == {"train_loss", "train_accuracy", "images", "seconds"}
+    assert result.metrics["images"] == 80  # two epochs of 40
 
 
 def test_same_seed_gives_the_same_delta(base) -> None:
@@ -124,3 +126,17 @@ def test_non_finite_buffer_never_becomes_a_delta(base) -> None:
 def test_evaluate_rejects_an_empty_dataset(base) -> None:
     with pytest.raises(ValueError, match="empty"):
         evaluate(MODEL, base, [])
+
+
+def test_local_steps_replace_epochs_and_may_end_mid_epoch():
+    from protocol.models import build_model, state_to_numpy
+    from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
+
+    model = ModelSpec(name="shufflenet_v2_x0_5", num_classes=10, input_size=16)
+    base = state_to_numpy(build_model(model, seed=0))
+    assignment = TaskAssignment(task="t", model=model, optimizer=OptimizerSpec(), base_version=0,
+                                base_sha256="0" * 64, batch_size=8, local_epochs=5, local_steps=7)  # fmt: skip
+    steps = []
+    result = train_task(assignment, SyntheticData(samples=40), base, progress=lambda step, total: steps.append((step, total)))
+    assert result.steps == 7 and steps[-1] == (7, 7)  # 5 batches per epoch: one epoch and two steps
+    assert result.metrics["images"] == 56 and result.samples == 40
