@@ -34,8 +34,10 @@ def _check(args: argparse.Namespace) -> int:
     from agent.config import load
 
     config = load(args.config)
-    print(f"ok: device {config.device}, tasks {', '.join(config.tasks) or '(none)'}, "
-          f"policy {config.execution.policy}, broker {config.mqtt.host}:{config.mqtt.port}")  # fmt: skip
+    print(
+        f"ok: device {config.device}, tasks {', '.join(config.tasks) or '(none)'}, "
+        f"policy {config.execution.policy}, broker {config.mqtt.host}:{config.mqtt.port}"
+    )
     return 0
 
 
@@ -52,7 +54,9 @@ def _profile(args: argparse.Namespace) -> int:
     config = load(args.config)
     samples = {task: sample_count(spec) for task, spec in config.tasks.items()}
     mps = MpsDaemon(config.mps).detect()
-    profile = build_profile(config.device, samples, available_policies(mps.available), probe(allow_torch=True), mps)
+    profile = build_profile(
+        config.device, samples, available_policies(mps.available), probe(allow_torch=True), mps
+    )
     print(msgspec.json.format(msgspec.json.encode(profile).decode(), indent=2))
     return 0
 

@@ -37,7 +37,9 @@ class Window:
 
 
 def run_window(
-    members: Sequence[tuple[WorkerProcess, jobs.Measure]], waves: Sequence[Sequence[int]], timeout_s: float = 600.0
+    members: Sequence[tuple[WorkerProcess, jobs.Measure]],
+    waves: Sequence[Sequence[int]],
+    timeout_s: float = 600.0,
 ) -> tuple[list[jobs.Measured], float]:
     """Warm all members up, then start each wave (indices into `members`) together; return results and wall time."""
     for worker, command in members:
@@ -55,7 +57,9 @@ def run_window(
     return results, wall
 
 
-def start_workers(launches: Sequence[Launch], init: jobs.Init, log_dir: Path | None) -> list[tuple[WorkerProcess, jobs.Ready]]:
+def start_workers(
+    launches: Sequence[Launch], init: jobs.Init, log_dir: Path | None
+) -> list[tuple[WorkerProcess, jobs.Ready]]:
     """Start and check all launches at once; on any failure stop the others and raise TaskFailed."""
     with ThreadPoolExecutor(max(1, len(launches))) as pool:
         futures = [
@@ -101,14 +105,16 @@ class WorkerGroup(_Workers):
         self.workers = {launch.task: worker for launch, (worker, _) in zip(self.launches, started)}
         self.ready = {launch.task: ready for launch, (_, ready) in zip(self.launches, started)}
 
-    def measure(self, commands: dict[str, jobs.Measure], waves: Sequence[Sequence[str]] | None = None) -> Window:
+    def measure(
+        self, commands: dict[str, jobs.Measure], waves: Sequence[Sequence[str]] | None = None
+    ) -> Window:
         tasks = list(commands)
         order = {task: i for i, task in enumerate(tasks)}
         results, wall = run_window(
-            [(self.workers[t], commands[t]) for t in tasks], [[order[t] for t in wave] for wave in waves or [tasks]]
+            [(self.workers[t], commands[t]) for t in tasks],
+            [[order[t] for t in wave] for wave in waves or [tasks]],
         )
         return Window(dict(zip(tasks, results)), wall)
-
 
 
 PoolKey = tuple[str, float]  # (model name, R_i in percent)
@@ -117,7 +123,9 @@ PoolKey = tuple[str, float]  # (model name, R_i in percent)
 class WorkerPool(_Workers):
     """Workers keyed by (model, R_i), started on first use and kept for the pool's life."""
 
-    def __init__(self, launch_for: Callable[[str, float], Launch], init: jobs.Init, log_dir: Path | None = None) -> None:
+    def __init__(
+        self, launch_for: Callable[[str, float], Launch], init: jobs.Init, log_dir: Path | None = None
+    ) -> None:
         self._launch_for = launch_for
         self._init = init
         self._log_dir = log_dir
@@ -127,7 +135,9 @@ class WorkerPool(_Workers):
     def start(self, keys: Sequence[PoolKey]) -> None:
         missing = [key for key in dict.fromkeys(keys) if key not in self.workers]
         if missing:
-            for key, (worker, ready) in zip(missing, start_workers([self._launch_for(*k) for k in missing], self._init, self._log_dir)):
+            for key, (worker, ready) in zip(
+                missing, start_workers([self._launch_for(*k) for k in missing], self._init, self._log_dir)
+            ):
                 self.workers[key], self.ready[key] = worker, ready
 
     def measure(self, picks: Sequence[tuple[PoolKey, jobs.Measure]]) -> list[jobs.Measured]:
@@ -138,7 +148,6 @@ class WorkerPool(_Workers):
         self.start(keys)
         results, _ = run_window([(self.workers[k], c) for k, c in picks], [list(range(len(picks)))])
         return results
-
 
 
 def _expect(worker: WorkerProcess, kind: type, timeout_s: float):

@@ -127,7 +127,9 @@ class MpsDaemon:
         """The control binary: the configured one, else on PATH, else in the usual driver directories."""
         if self.config.control_binary:
             return shutil.which(self.config.control_binary)
-        return shutil.which(CONTROL, path=os.pathsep.join(filter(None, [os.environ.get("PATH"), *FALLBACK_DIRS])))
+        return shutil.which(
+            CONTROL, path=os.pathsep.join(filter(None, [os.environ.get("PATH"), *FALLBACK_DIRS]))
+        )
 
     def server_list(self) -> list[int]:
         """PIDs of the MPS servers (empty before the first client); MpsError when no daemon answers."""
@@ -201,7 +203,9 @@ class MpsDaemon:
 
     def _detect(self) -> MpsInfo:
         if not self.config.enabled:
-            return MpsInfo(available=False, reason="MPS disabled in the agent config: plain concurrent processes")
+            return MpsInfo(
+                available=False, reason="MPS disabled in the agent config: plain concurrent processes"
+            )
         binary = self.binary
         if binary is None:
             return self._unavailable("MPS control binary not found: plain concurrent processes")
@@ -216,7 +220,10 @@ class MpsDaemon:
             return self._unavailable(f"daemon not running ({exc}) and {then}: plain concurrent processes")
         whose = "started by the agent" if self._started else "running"
         return MpsInfo(
-            available=True, reason=f"daemon {whose} (pipe {pipe})", control_binary=binary, pipe_dir=pipe,
+            available=True,
+            reason=f"daemon {whose} (pipe {pipe})",
+            control_binary=binary,
+            pipe_dir=pipe,
             daemon_running=True,
         )
 
@@ -224,7 +231,10 @@ class MpsDaemon:
         if JETSON_RELEASE.exists():
             reason = f"Jetson: {reason} (MPS on Jetson depends on the JetPack release)"
         return MpsInfo(
-            available=False, reason=reason, control_binary=self.binary, pipe_dir=self.config.pipe_dir,
+            available=False,
+            reason=reason,
+            control_binary=self.binary,
+            pipe_dir=self.config.pipe_dir,
             daemon_running=daemon_running,
         )
 
@@ -249,7 +259,11 @@ class MpsDaemon:
         binary = self.binary
         if binary is None:
             raise MpsError("MPS control binary not found")
-        env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": self.config.pipe_dir, "CUDA_MPS_LOG_DIRECTORY": self.config.log_dir}
+        env = {
+            **os.environ,
+            "CUDA_MPS_PIPE_DIRECTORY": self.config.pipe_dir,
+            "CUDA_MPS_LOG_DIRECTORY": self.config.log_dir,
+        }
         env.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)  # on the daemon it would cap every client
         timeout_s = timeout_s or self.timeout_s
         what = f"'{stdin}' to {CONTROL}" if stdin else f"{CONTROL} {' '.join(args)}"
@@ -298,7 +312,9 @@ class GpuSharing:
         """A pool worker's launch: `model` under MPS at `percent` (workers of WorkerPool)."""
         if self.mps_env is None:
             raise MpsError(f"MPS is unavailable: {self.daemon.info.reason}")
-        return Launch(f"{model}@{percent:g}", env=self.mps_env(percent), expected_sms=self.expected_sms(percent))
+        return Launch(
+            f"{model}@{percent:g}", env=self.mps_env(percent), expected_sms=self.expected_sms(percent)
+        )
 
 
 @contextmanager

@@ -44,7 +44,9 @@ class Outbox:
         return entries
 
     def find(self, task: str, round_: int) -> Pending | None:
-        return next((p for p in self.pending() if (p.manifest.task, p.manifest.round) == (task, round_)), None)
+        return next(
+            (p for p in self.pending() if (p.manifest.task, p.manifest.round) == (task, round_)), None
+        )
 
     def remove(self, update_id: str) -> bool:
         manifest = self.root / f"{update_id}.manifest"

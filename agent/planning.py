@@ -38,8 +38,15 @@ def batch_candidates(assignment: TaskAssignment) -> list[int]:
 
 
 class Planner:
-    def __init__(self, sharing: GpuSharing, predictor=None, predictor_note: str = "", *, link_mbps: float = 100.0,
-                 damping: float = 0.5) -> None:  # fmt: skip
+    def __init__(
+        self,
+        sharing: GpuSharing,
+        predictor=None,
+        predictor_note: str = "",
+        *,
+        link_mbps: float = 100.0,
+        damping: float = 0.5,
+    ) -> None:
         self.sharing = sharing
         self.predictor = predictor
         self.predictor_note = predictor_note

@@ -42,7 +42,9 @@ def available_policies(mps_available: bool) -> list[Policy]:
     return [p for p in POLICIES if mps_available or p not in MPS_POLICIES]
 
 
-def split_by_workload(workloads: Sequence[float], rv: float, floor: float = MIN_PERCENT, cap: float = 100.0) -> list[float]:
+def split_by_workload(
+    workloads: Sequence[float], rv: float, floor: float = MIN_PERCENT, cap: float = 100.0
+) -> list[float]:
     """R_i proportional to workload with sum R_i = rv, each within [floor, cap] (water-filling).
 
     rv is clipped to what the bounds allow (n*floor .. n*cap).
@@ -59,7 +61,9 @@ def split_by_workload(workloads: Sequence[float], rv: float, floor: float = MIN_
     while free:
         total = sum(workloads[i] for i in free)
         proposal = {i: budget * workloads[i] / total for i in free}
-        pinned = {i: cap for i, p in proposal.items() if p > cap} or {i: floor for i, p in proposal.items() if p < floor}
+        pinned = {i: cap for i, p in proposal.items() if p > cap} or {
+            i: floor for i, p in proposal.items() if p < floor
+        }
         if not pinned:
             for i, p in proposal.items():
                 shares[i] = p
@@ -93,7 +97,9 @@ def plan_launches(
     """
     if policy in MPS_POLICIES and mps_env is None:
         plan = plan_launches("concurrent", tasks, workloads, mps_env=None, no_mps_env=no_mps_env)
-        return LaunchPlan(plan.policy, plan.launches, {}, f"{policy} needs MPS, which is unavailable: ran concurrent")
+        return LaunchPlan(
+            plan.policy, plan.launches, {}, f"{policy} needs MPS, which is unavailable: ran concurrent"
+        )
     if policy == "temporal":
         launches = [Launch(task, wave=i, env=dict(no_mps_env)) for i, task in enumerate(tasks)]
         return LaunchPlan(policy, launches, {}, "one task at a time on the whole GPU")

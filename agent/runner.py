@@ -83,7 +83,9 @@ class WorkerProcess:
                 continue
             if isinstance(event, (jobs.Failed, *kinds)):
                 return event
-            raise WorkerGone(f"worker {self.name} sent {type(event).__name__}, expected {[k.__name__ for k in kinds]}")
+            raise WorkerGone(
+                f"worker {self.name} sent {type(event).__name__}, expected {[k.__name__ for k in kinds]}"
+            )
 
     def request_stop(self) -> None:
         """Ask the current command to stop at its next step (SIGTERM, handled by the worker)."""
@@ -175,7 +177,17 @@ def run_round(
         threads = [
             threading.Thread(
                 target=_run_task,
-                args=(launch, commands[launch.task], init, on_outcome, inputs_ready, on_progress, stop, log_dir, timeout_s),
+                args=(
+                    launch,
+                    commands[launch.task],
+                    init,
+                    on_outcome,
+                    inputs_ready,
+                    on_progress,
+                    stop,
+                    log_dir,
+                    timeout_s,
+                ),
                 name=f"task-{launch.task}",
                 daemon=True,
             )
@@ -202,7 +214,9 @@ def _run_task(
     ready = inputs_ready.get(launch.task) if inputs_ready else None
     while ready is not None and not ready.wait(0.5):
         if stop.is_set():
-            on_outcome(TaskOutcome(launch.task, failure=jobs.Failed(code="stopped", error="stopped before start")))
+            on_outcome(
+                TaskOutcome(launch.task, failure=jobs.Failed(code="stopped", error="stopped before start"))
+            )
             return
     log_path = log_dir / f"{launch.task}.log" if log_dir else None
     try:

@@ -101,12 +101,18 @@ class Agent:
         predictor, note = load_predictor(config.execution.predictor, self.gpu, self.compute)
         log.info("predictor: %s", note)
         self.planner = Planner(
-            self.sharing, predictor, note, link_mbps=config.execution.link_mbps, damping=config.execution.batch_damping
+            self.sharing,
+            predictor,
+            note,
+            link_mbps=config.execution.link_mbps,
+            damping=config.execution.batch_damping,
         )
         self.cache = ModelCache(root / "models")
         self.outbox = Outbox(root / "outbox")
         self.receipts = ReceiptLog(root / "receipts.json")
-        self.globals: TransferInbox[GlobalManifest] = TransferInbox(Reassembler(root / "spool"), lambda m: m.transfer)
+        self.globals: TransferInbox[GlobalManifest] = TransferInbox(
+            Reassembler(root / "spool"), lambda m: m.transfer
+        )
         self.samples = {task: sample_count(spec) for task, spec in config.tasks.items()}
         status = topics.device(self.device, "status")
         self.link = MqttLink(
@@ -141,7 +147,12 @@ class Agent:
                 self.round.stop.set()
                 if self.round.thread is not None:
                     self.round.thread.join(self.config.execution.stop_grace_s)
-            self.link.stop(farewell=(topics.device(self.device, "status"), encode(Status(state="offline", ts=time.time()))))
+            self.link.stop(
+                farewell=(
+                    topics.device(self.device, "status"),
+                    encode(Status(state="offline", ts=time.time())),
+                )
+            )
             self.mps.stop()  # only a daemon this agent started
 
     def handle(self, item: object) -> None:
@@ -221,7 +232,9 @@ class Agent:
             log.info("round %d: deadline passed before the schedule arrived; skipping", schedule.round)
             return
         if current is not None and current.thread is not None and current.thread.is_alive():
-            log.warning("round %d superseded by round %d; stopping its tasks", current.schedule.round, schedule.round)
+            log.warning(
+                "round %d superseded by round %d; stopping its tasks", current.schedule.round, schedule.round
+            )
             current.stop.set()
         self.outbox.drop_older_than(schedule.round)
         active = ActiveRound(schedule)
@@ -248,7 +261,9 @@ class Agent:
         if outcome.failure is not None:
             log.error("task %s failed in round %d: %s", outcome.task, item.round, outcome.failure.error)
             current.mps_fault |= outcome.failure.code == "mps"
-            self.emit_event("failed", item.round, outcome.task, f"{outcome.failure.code}: {outcome.failure.error}")
+            self.emit_event(
+                "failed", item.round, outcome.task, f"{outcome.failure.code}: {outcome.failure.error}"
+            )
             return
         trained = outcome.trained
         payload_path = Path(trained.output_path)
@@ -291,7 +306,13 @@ class Agent:
 
     def on_receipt(self, receipt: Receipt) -> None:
         if receipt.status == "rejected":
-            log.error("update %s for %s round %d rejected: %s", receipt.update_id, receipt.task, receipt.round, receipt.reason)
+            log.error(
+                "update %s for %s round %d rejected: %s",
+                receipt.update_id,
+                receipt.task,
+                receipt.round,
+                receipt.reason,
+            )
         else:
             self.receipts.mark_done(receipt.task, receipt.round)
         if self.outbox.remove(receipt.update_id):
@@ -302,20 +323,33 @@ class Agent:
     def publish_update(self, pending: Pending) -> None:
         manifest = pending.manifest
         self.link.publish_transfer(
-            topics.update(manifest.task, self.device), encode(manifest), manifest.transfer, pending.payload_path.read_bytes()
+            topics.update(manifest.task, self.device),
+            encode(manifest),
+            manifest.transfer,
+            pending.payload_path.read_bytes(),
         )
         self._sent_at[manifest.update_id] = time.monotonic()
         self.emit_event("uploaded", manifest.round, manifest.task, f"{manifest.transfer.size} bytes")
 
     def emit_event(self, kind: str, round_: int, task: str | None, message: str = "", metrics=None) -> None:
-        event = Event(device=self.device, ts=time.time(), kind=kind, round=round_, task=task, message=message, metrics=metrics or {})
+        event = Event(
+            device=self.device,
+            ts=time.time(),
+            kind=kind,
+            round=round_,
+            task=task,
+            message=message,
+            metrics=metrics or {},
+        )
         self.link.publish(topics.device(self.device, "events"), encode(event))
 
     def _start(self, active: ActiveRound, assignments) -> None:
         number = active.schedule.round
         plan = self.planner.plan(active.schedule.policy or self.policy, assignments, self.samples)
         active.planned = {a.task: a for a in plan.assignments}
-        metrics = {f"R.{t}": r for t, r in plan.resources.items()} | {f"B.{a.task}": a.batch_size for a in plan.assignments}
+        metrics = {f"R.{t}": r for t, r in plan.resources.items()} | {
+            f"B.{a.task}": a.batch_size for a in plan.assignments
+        }
         self.emit_event("plan", number, None, f"{plan.policy}: {plan.note}", metrics)
         commands = {}
         for a in plan.assignments:
@@ -373,7 +407,11 @@ def load_predictor(path: str | None, gpu: GpuReport, compute: str):
     if compute != "cuda" or not gpu.gpus:
         return None, "no GPU: no throughput predictor needed"
     try:
-        predictor = OnnxPredictor(Path(path), gpu=gpu.gpus[0].name) if path else find_predictor(PREDICTOR_DIR, gpu.gpus[0].name)
+        predictor = (
+            OnnxPredictor(Path(path), gpu=gpu.gpus[0].name)
+            if path
+            else find_predictor(PREDICTOR_DIR, gpu.gpus[0].name)
+        )
     except PredictorUnavailable as exc:
         return None, f"no predictor for this device ({exc}): heuristic R_v=200% split by workload"
     return predictor, f"predictor {predictor.path.name} (MAPE {predictor.card['mape_percent']})"

@@ -33,7 +33,9 @@ class SyntheticTrainer:
         self.seed = seed
         self.batch = 0
         self.inputs = self.labels = None
-        with torch.device(device):  # initialise the weights where they live (large models are slow to init on CPU)
+        with torch.device(
+            device
+        ):  # initialise the weights where they live (large models are slow to init on CPU)
             self.model = build_model(model, seed=seed).train()
         params = self.model.parameters()
         if optimizer.name == "adam":

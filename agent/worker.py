@@ -79,7 +79,9 @@ class Worker:
             torch.backends.cudnn.benchmark = command.cudnn_benchmark
             props = torch.cuda.get_device_properties(0)
             torch.zeros(1, device="cuda")  # create the context now, so MPS errors surface here
-            self.emit(jobs.Ready(device_name=props.name, sm_count=props.multi_processor_count, pid=os.getpid()))
+            self.emit(
+                jobs.Ready(device_name=props.name, sm_count=props.multi_processor_count, pid=os.getpid())
+            )
         else:
             self.emit(jobs.Ready(device_name="cpu", pid=os.getpid()))
 
@@ -112,16 +114,23 @@ class Worker:
         from agent.throughput import SyntheticTrainer
 
         key = (command.model, command.optimizer)
-        if self._trainer is None or self._trainer[0] != key:  # keep the model across windows; change the batch
+        if (
+            self._trainer is None or self._trainer[0] != key
+        ):  # keep the model across windows; change the batch
             self._trainer = None
-            self._trainer = (key, SyntheticTrainer(command.model, self.device, command.optimizer, seed=self.seed))
+            self._trainer = (
+                key,
+                SyntheticTrainer(command.model, self.device, command.optimizer, seed=self.seed),
+            )
         trainer = self._trainer[1]
         trainer.set_batch(command.batch)
         trainer.warm_up(command.warmup_steps)
         if command.wait_go:
             self.emit(jobs.Warm())
             self._wait_for_go()
-        timing = trainer.run(images=command.images, seconds=command.seconds, should_stop=lambda: self.stop_requested)
+        timing = trainer.run(
+            images=command.images, seconds=command.seconds, should_stop=lambda: self.stop_requested
+        )
         trainer.set_batch(None)
         release_cached_memory(self.device)  # an idle worker keeps its model, not this window's activations
         self.emit(

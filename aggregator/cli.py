@@ -17,7 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--config", required=True)
     status = sub.add_parser("status", help="print the round ledger of a state directory")
     status.add_argument("--config", required=True)
-    init = sub.add_parser("init-weights", help="write a task's initial weights to a safetensors file (needs torch)")
+    init = sub.add_parser(
+        "init-weights", help="write a task's initial weights to a safetensors file (needs torch)"
+    )
     init.add_argument("--model", required=True, help="torchvision model name, e.g. resnet18")
     init.add_argument("--num-classes", type=int, required=True)
     init.add_argument("--input-size", type=int, default=32)
@@ -40,8 +42,10 @@ def _check(args: argparse.Namespace) -> int:
     from aggregator.config import load
 
     config = load(args.config)
-    print(f"ok: {len(config.tasks)} tasks ({', '.join(config.tasks)}), broker {config.mqtt.host}:{config.mqtt.port}, "
-          f"state in {config.state_dir}")  # fmt: skip
+    print(
+        f"ok: {len(config.tasks)} tasks ({', '.join(config.tasks)}), broker {config.mqtt.host}:{config.mqtt.port}, "
+        f"state in {config.state_dir}"
+    )
     return 0
 
 

@@ -26,7 +26,9 @@ class TaskConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     min_batch_size: PosInt = 1
     max_batch_size: PosInt = 1024
     init_seed: int = 0
-    init_weights: str | None = None  # a safetensors file; else built from the torchvision model with init_seed
+    init_weights: str | None = (
+        None  # a safetensors file; else built from the torchvision model with init_seed
+    )
 
     def __post_init__(self) -> None:
         if not self.min_batch_size <= self.batch_size <= self.max_batch_size:

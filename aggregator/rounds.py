@@ -136,7 +136,12 @@ class Coordinator:
     def task_failed(self, device: str, task: str, round_: int) -> None:
         """A device reported it cannot deliver this task's update: stop waiting for it."""
         task_round = self.task_rounds.get(task)
-        if self.round is not None and round_ == self.round.round and task_round and device in task_round.expected:
+        if (
+            self.round is not None
+            and round_ == self.round.round
+            and task_round
+            and device in task_round.expected
+        ):
             task_round.failed.add(device)
 
     # --- updates ----------------------------------------------------------------------------------------
@@ -146,7 +151,11 @@ class Coordinator:
         recorded = self.ledger.update_by_id(manifest.update_id)
         if recorded is None:
             return None
-        same = (recorded.task, recorded.round, recorded.device) == (manifest.task, manifest.round, manifest.device)
+        same = (recorded.task, recorded.round, recorded.device) == (
+            manifest.task,
+            manifest.round,
+            manifest.device,
+        )
         return self.receipt(manifest, "duplicate" if same else "rejected", "" if same else "update id reused")
 
     def accept_update(self, manifest: UpdateManifest, payload_path: Path, sender: str) -> Receipt:
@@ -159,13 +168,24 @@ class Coordinator:
             payload_path.unlink(missing_ok=True)
             log.warning("rejected update %s from %s: %s", manifest.update_id, sender, exc)
             return self.receipt(manifest, "rejected", str(exc))
-        durable = self.updates_dir / manifest.task / f"r{manifest.round:06d}" / f"{manifest.device}.{manifest.update_id}.state"
+        durable = (
+            self.updates_dir
+            / manifest.task
+            / f"r{manifest.round:06d}"
+            / f"{manifest.device}.{manifest.update_id}.state"
+        )
         durable.parent.mkdir(parents=True, exist_ok=True)
         move_durably(payload_path, durable)
         outcome = self.ledger.record_update(
-            manifest.task, manifest.round, manifest.device, manifest.update_id, manifest.samples,
-            durable, manifest.transfer.sha256, time.time(),
-        )  # fmt: skip
+            manifest.task,
+            manifest.round,
+            manifest.device,
+            manifest.update_id,
+            manifest.samples,
+            durable,
+            manifest.transfer.sha256,
+            time.time(),
+        )
         if outcome != "accepted":
             durable.unlink(missing_ok=True)
             status = "duplicate" if outcome == "duplicate" else "rejected"
@@ -174,9 +194,13 @@ class Coordinator:
         task_round.reported.add(manifest.device)
         log.info(
             "task %s round %d: update from %s (%d samples), %d/%d",
-            manifest.task, manifest.round, manifest.device, manifest.samples,
-            task_round.fedavg.count, len(task_round.expected),
-        )  # fmt: skip
+            manifest.task,
+            manifest.round,
+            manifest.device,
+            manifest.samples,
+            task_round.fedavg.count,
+            len(task_round.expected),
+        )
         return self.receipt(manifest, "accepted")
 
     def _check_update(self, manifest: UpdateManifest, sender: str) -> TaskRound:
@@ -189,9 +213,13 @@ class Coordinator:
             raise ProtocolError(f"task {manifest.task} round {manifest.round} is not open")
         declared = task_round.expected.get(manifest.device)
         if declared is None:
-            raise ProtocolError(f"device {manifest.device} is not scheduled for {manifest.task} round {manifest.round}")
+            raise ProtocolError(
+                f"device {manifest.device} is not scheduled for {manifest.task} round {manifest.round}"
+            )
         if manifest.base_version != task_round.base_version:
-            raise ProtocolError(f"update is based on v{manifest.base_version}, round uses v{task_round.base_version}")
+            raise ProtocolError(
+                f"update is based on v{manifest.base_version}, round uses v{task_round.base_version}"
+            )
         if manifest.samples > declared:
             raise ProtocolError(f"update claims {manifest.samples} samples; the device declared {declared}")
         return task_round
@@ -213,8 +241,12 @@ class Coordinator:
             if not task_round.waiting_for and task_round.fedavg.count > 0:
                 out.globals.append(self._finalize(task, task_round, now))
             elif deadline_passed and task_round.fedavg.count >= self.config.rounds.min_updates:
-                log.warning("task %s round %d: deadline passed, finalising with %d updates",
-                            task, self.round.round, task_round.fedavg.count)  # fmt: skip
+                log.warning(
+                    "task %s round %d: deadline passed, finalising with %d updates",
+                    task,
+                    self.round.round,
+                    task_round.fedavg.count,
+                )
                 out.globals.append(self._finalize(task, task_round, now))
             elif deadline_passed:
                 extend = True
@@ -225,8 +257,11 @@ class Coordinator:
         elif extend:
             deadline = now + self.config.rounds.round_timeout_s
             self.round = self.ledger.extend_deadline(self.round.round, deadline)
-            log.warning("round %d: too few updates at the deadline; extended by %.0f s",
-                        self.round.round, self.config.rounds.round_timeout_s)  # fmt: skip
+            log.warning(
+                "round %d: too few updates at the deadline; extended by %.0f s",
+                self.round.round,
+                self.config.rounds.round_timeout_s,
+            )
         return out
 
     def _finalize(self, task: str, task_round: TaskRound, now: float) -> GlobalModel:
@@ -234,14 +269,21 @@ class Coordinator:
         version = task_round.base_version + 1
         ref = self.checkpoints.save(task, version, state)
         model = self._global_model(task, version, state)
-        self.ledger.finalize_task(task, self.round.round, version, ref.path, model.manifest.transfer.sha256, now)
+        self.ledger.finalize_task(
+            task, self.round.round, version, ref.path, model.manifest.transfer.sha256, now
+        )
         task_round.final = True
         self.globals[task] = model
         self.checkpoints.prune(task, keep=self.config.keep_checkpoints)
         for update in self.ledger.updates_for(task, self.round.round):
             update.payload_path.unlink(missing_ok=True)
-        log.info("task %s: global v%d from %d updates (%d samples)", task, version, task_round.fedavg.count,
-                 task_round.fedavg.total_weight)  # fmt: skip
+        log.info(
+            "task %s: global v%d from %d updates (%d samples)",
+            task,
+            version,
+            task_round.fedavg.count,
+            task_round.fedavg.total_weight,
+        )
         return model
 
     def _maybe_open(self, now: float, out: Outbound) -> None:
@@ -253,7 +295,11 @@ class Coordinator:
         if len(ready) < rounds.min_devices:
             return
         participants = {
-            task: {d: self.profiles[d].tasks[task].samples for d in ready if self.profiles[d].tasks.get(task, None)}
+            task: {
+                d: self.profiles[d].tasks[task].samples
+                for d in ready
+                if self.profiles[d].tasks.get(task, None)
+            }
             for task in self.config.tasks
         }
         participants = {task: devices for task, devices in participants.items() if devices}
@@ -274,7 +320,11 @@ class Coordinator:
 
     def _new_task_round(self, task: str, base_version: int, expected: dict[str, int]) -> TaskRound:
         current = self.globals[task]
-        base = current.state if current.manifest.version == base_version else self.checkpoints.load(task, base_version)
+        base = (
+            current.state
+            if current.manifest.version == base_version
+            else self.checkpoints.load(task, base_version)
+        )
         return TaskRound(base_version, dict(expected), StreamingFedAvg(base))
 
     def schedules(self) -> list[Schedule]:
@@ -332,5 +382,10 @@ class Coordinator:
 
     @staticmethod
     def receipt(manifest: UpdateManifest, status: str, reason: str = "") -> Receipt:
-        return Receipt(update_id=manifest.update_id, task=manifest.task, round=manifest.round, status=status, reason=reason)
-
+        return Receipt(
+            update_id=manifest.update_id,
+            task=manifest.task,
+            round=manifest.round,
+            status=status,
+            reason=reason,
+        )

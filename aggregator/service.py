@@ -82,7 +82,12 @@ class AggregatorService:
     def handle(self, item: object) -> None:
         if isinstance(item, LinkEvent):
             if item.connected:  # republish retained state: idempotent, and repairs a broker that lost it
-                self.publish(Outbound(globals=list(self.coordinator.globals.values()), schedules=self.coordinator.schedules()))
+                self.publish(
+                    Outbound(
+                        globals=list(self.coordinator.globals.values()),
+                        schedules=self.coordinator.schedules(),
+                    )
+                )
             return
         try:
             self.on_message(item)
@@ -105,7 +110,14 @@ class AggregatorService:
         elif ref.kind == "events":
             event = decode(message.payload, Event)
             _check_sender(event.device, ref.device)
-            log.info("%s: %s %s round %d %s", event.device, event.kind, event.task or "", event.round, event.message)
+            log.info(
+                "%s: %s %s round %d %s",
+                event.device,
+                event.kind,
+                event.task or "",
+                event.round,
+                event.message,
+            )
             if event.kind == "failed" and event.task:
                 self.coordinator.task_failed(event.device, event.task, event.round)
         elif ref.kind == "telemetry":
@@ -132,7 +144,9 @@ class AggregatorService:
             delivery = self.updates.add_chunk(chunk)
         if delivery is not None:
             sender = self.senders.pop(delivery.manifest.transfer.id)
-            self.send_receipt(sender, self.coordinator.accept_update(delivery.manifest, delivery.path, sender))
+            self.send_receipt(
+                sender, self.coordinator.accept_update(delivery.manifest, delivery.path, sender)
+            )
 
     def send_receipt(self, device: str, receipt: Receipt) -> None:
         self.link.publish(topics.device(device, "receipts"), encode(receipt))
@@ -153,7 +167,9 @@ class AggregatorService:
         for index in range(manifest.transfer.chunks, previous):  # clear retained chunks a shorter model left
             self.link.publish(topics.chunk(base, index), b"", retain=True)
         self._published_chunks[manifest.task] = manifest.transfer.chunks
-        log.info("published global %s v%d (%d bytes)", manifest.task, manifest.version, manifest.transfer.size)
+        log.info(
+            "published global %s v%d (%d bytes)", manifest.task, manifest.version, manifest.transfer.size
+        )
 
     def _claim(self, transfer_id: str, device: str) -> None:
         owner = self.senders.setdefault(transfer_id, device)

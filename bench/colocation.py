@@ -35,9 +35,26 @@ SCENARIOS = {
 }
 RV_SWEEP = (100, 150, 200, 250, 300)
 COLUMNS = [
-    "scenario", "policy", "rv", "model", "batch", "resolution", "resource_pct", "sm_count", "images", "seconds",
-    "throughput_ips", "alone_ips", "wall_s", "P", "P_f", "P_norm", "P_f_norm", "gpu_util", "device",
-]  # fmt: skip
+    "scenario",
+    "policy",
+    "rv",
+    "model",
+    "batch",
+    "resolution",
+    "resource_pct",
+    "sm_count",
+    "images",
+    "seconds",
+    "throughput_ips",
+    "alone_ips",
+    "wall_s",
+    "P",
+    "P_f",
+    "P_norm",
+    "P_f_norm",
+    "gpu_util",
+    "device",
+]
 
 
 @dataclass(frozen=True)
@@ -49,14 +66,25 @@ class Run:
 
 
 def runs_for(
-    models: list[str], workloads: dict[str, float], sharing: GpuSharing, policies: list[str], planned: dict | None
+    models: list[str],
+    workloads: dict[str, float],
+    sharing: GpuSharing,
+    policies: list[str],
+    planned: dict | None,
 ) -> list[Run]:
     """The policies (with "sweep": the R_v sweep; "fedmt-predictor": R_i from `planned`); configurations with
     identical R vectors are measured once."""
 
     def plan(policy: str, resources=None) -> LaunchPlan:
-        return plan_launches(policy, models, workloads, mps_env=sharing.mps_env, no_mps_env=sharing.no_mps_env,
-                             expected_sms=sharing.expected_sms, resources=resources)  # fmt: skip
+        return plan_launches(
+            policy,
+            models,
+            workloads,
+            mps_env=sharing.mps_env,
+            no_mps_env=sharing.no_mps_env,
+            expected_sms=sharing.expected_sms,
+            resources=resources,
+        )
 
     runs: dict[tuple, Run] = {}
     candidates = [(plan(p), p, "") for p in policies if p in POLICIES]
@@ -76,7 +104,9 @@ def measure(group: WorkerGroup, run: Run, specs: dict[str, ModelSpec], batch: in
     waves: dict[int, list[str]] = {}
     for launch in run.plan.launches:
         waves.setdefault(launch.wave, []).append(launch.task)
-    commands = {m: jobs.Measure(model=spec, batch=batch, images=images, warmup_steps=5) for m, spec in specs.items()}
+    commands = {
+        m: jobs.Measure(model=spec, batch=batch, images=images, warmup_steps=5) for m, spec in specs.items()
+    }
     with UtilizationSampler() as sampler:
         window = group.measure(commands, [waves[w] for w in sorted(waves)])
     return window, sampler.mean
@@ -88,7 +118,11 @@ def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: C
 
     specs = {m: ModelSpec(name=m, num_classes=10, input_size=args.resolution) for m in models}
     workloads = {m: extract(spec).flops_per_sample * args.batch for m, spec in specs.items()}
-    planned = predictor_plan(args.predictor, [extract(s) for s in specs.values()], args.batch) if args.predictor else None
+    planned = (
+        predictor_plan(args.predictor, [extract(s) for s in specs.values()], args.batch)
+        if args.predictor
+        else None
+    )
     runs = runs_for(models, workloads, sharing, args.policies, planned and dict(zip(models, planned)))
     init = jobs.Init(device="cuda")
     rows, alone = [], {}
@@ -102,8 +136,11 @@ def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: C
                 alone = {m: window.throughput(m) for m in models}
             for label, rv in run.labels:
                 rows += _rows(name, label, rv, run, window, group, alone, util, args, device)
-            print(f"{name:>16} {'/'.join(lbl for lbl, _ in run.labels):>20}: "
-                  f"{window.images / window.wall_s:8.0f} img/s  {run.plan.note}", flush=True)  # fmt: skip
+            print(
+                f"{name:>16} {'/'.join(lbl for lbl, _ in run.labels):>20}: "
+                f"{window.images / window.wall_s:8.0f} img/s  {run.plan.note}",
+                flush=True,
+            )
     finally:
         for future in pending:
             if future.exception() is None:
@@ -118,15 +155,30 @@ def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: C
 def _rows(scenario, label, rv, run, window, group, alone, util, args, device) -> list[dict]:
     temporal = run.plan.policy == "temporal"
     p = window.images / window.wall_s
-    pf = sum((r.images / window.wall_s if temporal else r.images_per_s) / alone[m] for m, r in window.results.items())
+    pf = sum(
+        (r.images / window.wall_s if temporal else r.images_per_s) / alone[m]
+        for m, r in window.results.items()
+    )
     return [
         {
-            "scenario": scenario, "policy": label, "rv": rv, "model": m, "batch": args.batch,
-            "resolution": args.resolution, "resource_pct": round(run.plan.resources.get(m, 100.0), 1),
-            "sm_count": group.ready[m].sm_count, "images": r.images, "seconds": round(r.seconds, 4),
-            "throughput_ips": round(r.images_per_s, 1), "alone_ips": round(alone[m], 1),
-            "wall_s": round(window.wall_s, 4), "P": round(p, 1), "P_f": round(pf, 3), "gpu_util": util, "device": device,
-        }  # fmt: skip
+            "scenario": scenario,
+            "policy": label,
+            "rv": rv,
+            "model": m,
+            "batch": args.batch,
+            "resolution": args.resolution,
+            "resource_pct": round(run.plan.resources.get(m, 100.0), 1),
+            "sm_count": group.ready[m].sm_count,
+            "images": r.images,
+            "seconds": round(r.seconds, 4),
+            "throughput_ips": round(r.images_per_s, 1),
+            "alone_ips": round(alone[m], 1),
+            "wall_s": round(window.wall_s, 4),
+            "P": round(p, 1),
+            "P_f": round(pf, 3),
+            "gpu_util": util,
+            "device": device,
+        }
         for m, r in window.results.items()
     ]
 
@@ -138,7 +190,9 @@ def predictor_plan(path: str, tasks: list, batch: int) -> list[float]:
     from predictor.search import best_resources
 
     n = len(tasks)
-    plan = best_resources(tasks, [batch] * n, OnnxPredictor(Path(path)), objective="makespan", volumes=[1.0] * n)
+    plan = best_resources(
+        tasks, [batch] * n, OnnxPredictor(Path(path)), objective="makespan", volumes=[1.0] * n
+    )
     return [float(r) for r in plan.resources]
 
 
@@ -146,13 +200,23 @@ def run(args) -> int:
     out = Path(args.out)
     budget = Budget(args.budget_s)
     if args.policies[0] != "temporal":
-        raise SystemExit("--policies must start with temporal: it gives the alone throughputs and the baseline")
+        raise SystemExit(
+            "--policies must start with temporal: it gives the alone throughputs and the baseline"
+        )
     device = describe_device()
     log = CsvLog(out / f"{args.name}.csv", COLUMNS)
     with mps_sharing() as sharing:
         print(f"device: {device}\nMPS: {sharing.daemon.info.reason}", flush=True)
-        write_json(out / f"{args.name}.json", {"device": device, "images_per_task": args.images, "batch": args.batch,
-                                             "resolution": args.resolution, "mps": sharing.daemon.info.reason})  # fmt: skip
+        write_json(
+            out / f"{args.name}.json",
+            {
+                "device": device,
+                "images_per_task": args.images,
+                "batch": args.batch,
+                "resolution": args.resolution,
+                "mps": sharing.daemon.info.reason,
+            },
+        )
         for name in args.scenarios:
             if budget.left() < 60:
                 print(f"time budget spent: skipping {name}", flush=True)
@@ -168,13 +232,20 @@ def report(args) -> int:
     runs: dict[tuple[str, str, str], dict] = {}
     for row in rows:
         runs.setdefault((row["scenario"], row["policy"], row["rv"]), row)
-    lines = ["| scenario | policy | R_v % | P (img/s) | P / temporal | P_f | P_f / temporal | GPU util % |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| scenario | policy | R_v % | P (img/s) | P / temporal | P_f | P_f / temporal | GPU util % |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for (scenario, policy, rv), row in runs.items():
-        lines.append(f"| {scenario} | {policy} | {rv} | {float(row['P']):.0f} | {float(row['P_norm']):.2f} | "
-                     f"{float(row['P_f']):.2f} | {float(row['P_f_norm']):.2f} | {row['gpu_util']} |")  # fmt: skip
-    lines += ["", "| scenario | policy | vs temporal | vs best static MPS (isolated, sharing) | best R_v of the sweep |",
-              "|---|---|---:|---:|---|"]  # fmt: skip
+        lines.append(
+            f"| {scenario} | {policy} | {rv} | {float(row['P']):.0f} | {float(row['P_norm']):.2f} | "
+            f"{float(row['P_f']):.2f} | {float(row['P_f_norm']):.2f} | {row['gpu_util']} |"
+        )
+    lines += [
+        "",
+        "| scenario | policy | vs temporal | vs best static MPS (isolated, sharing) | best R_v of the sweep |",
+        "|---|---|---:|---:|---|",
+    ]
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
         p = {(pol, rv): float(r["P"]) for (s, pol, rv), r in runs.items() if s == scenario}
         temporal = p[next(k for k in p if k[0] == "temporal")]
@@ -184,7 +255,9 @@ def report(args) -> int:
         for (pol, _), v in p.items():
             if pol.startswith("fedmt"):
                 sweep_text = f"{best_rv[0]}% ({best_rv[1] / temporal:.2f}x temporal)" if best_rv else "-"
-                lines.append(f"| {scenario} | {pol} | {v / temporal:.2f}x | {v / static:.2f}x | {sweep_text} |")
+                lines.append(
+                    f"| {scenario} | {pol} | {v / temporal:.2f}x | {v / static:.2f}x | {sweep_text} |"
+                )
     table = "\n".join(lines)
     (out / f"{args.name}.md").write_text(table + "\n")
     print(table)
@@ -199,20 +272,27 @@ def _plot(runs: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     scenarios = list(dict.fromkeys(s for s, _, _ in runs))
-    policies = [p for p in ("temporal", "concurrent", "isolated", "sharing", "fedmt", "fedmt-predictor")
-                if any(pol == p for _, pol, _ in runs)]  # fmt: skip
+    policies = [
+        p
+        for p in ("temporal", "concurrent", "isolated", "sharing", "fedmt", "fedmt-predictor")
+        if any(pol == p for _, pol, _ in runs)
+    ]
     figure, (bars, sweep) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / len(policies)
     for i, policy in enumerate(policies):
-        values = [next((float(r["P_norm"]) for (s, p, _), r in runs.items() if s == sc and p == policy), 0.0)
-                  for sc in scenarios]  # fmt: skip
+        values = [
+            next((float(r["P_norm"]) for (s, p, _), r in runs.items() if s == sc and p == policy), 0.0)
+            for sc in scenarios
+        ]
         bars.bar([x + i * width for x in range(len(scenarios))], values, width, label=policy)
     bars.set_xticks([x + 0.4 - width / 2 for x in range(len(scenarios))], scenarios, rotation=15)
     bars.set(ylabel="throughput P / temporal", title="Co-location policies (equal data per task)")
     bars.axhline(1, color="gray", lw=0.8)
     bars.legend(fontsize=8)
     for scenario in scenarios:
-        points = sorted((int(rv), float(r["P_norm"])) for (s, p, rv), r in runs.items() if s == scenario and p == "sweep")
+        points = sorted(
+            (int(rv), float(r["P_norm"])) for (s, p, rv), r in runs.items() if s == scenario and p == "sweep"
+        )
         sweep.plot([x for x, _ in points], [y for _, y in points], marker="o", label=scenario)
     sweep.set(xlabel="virtual resource R_v (%)", ylabel="P / temporal", title="R_v sweep (R_i by workload)")
     sweep.legend(fontsize=8)
@@ -229,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--resolution", type=int, default=128)
     r.add_argument("--images", type=int, default=3200, help="images per task and run")
     r.add_argument("--budget-s", type=float, default=540.0, help="skip scenarios that would start after this")
-    r.add_argument("--policies", nargs="+", default=[*POLICIES, "sweep"],
-                   choices=[*POLICIES, "sweep", "fedmt-predictor"])  # fmt: skip
+    r.add_argument(
+        "--policies", nargs="+", default=[*POLICIES, "sweep"], choices=[*POLICIES, "sweep", "fedmt-predictor"]
+    )
     r.add_argument("--predictor", help="ONNX predictor for the fedmt-predictor policy")
     for command in (r, sub.add_parser("report")):
         command.add_argument("--out", default="bench/results")

@@ -25,7 +25,11 @@ def describe_device() -> dict[str, str | int | None]:
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info |= {"gpu": props.name, "sm_count": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30)}
+        info |= {
+            "gpu": props.name,
+            "sm_count": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30),
+        }
         try:
             import pynvml
 

@@ -19,6 +19,7 @@ import random
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,16 @@ BATCHES = (16, 32, 64, 128)
 SETTINGS = {  # name: (models, batches, R grid)
     "T3-1 R50+V16 B=128,32": (("resnet50", "vgg16"), (128, 32), LEVELS_2),
     "T3-3 R50+M3 B=128,512": (("resnet50", "mobilenet_v3_small"), (128, 512), LEVELS_2),
-    "T3-2 R50+V16+M3+D121 B=128": (("resnet50", "vgg16", "mobilenet_v3_small", "densenet121"), (128,) * 4, LEVELS_4),
-    "T3-4 R50+V16+M3+D121 B=32": (("resnet50", "vgg16", "mobilenet_v3_small", "densenet121"), (32,) * 4, LEVELS_4),
+    "T3-2 R50+V16+M3+D121 B=128": (
+        ("resnet50", "vgg16", "mobilenet_v3_small", "densenet121"),
+        (128,) * 4,
+        LEVELS_4,
+    ),
+    "T3-4 R50+V16+M3+D121 B=32": (
+        ("resnet50", "vgg16", "mobilenet_v3_small", "densenet121"),
+        (32,) * 4,
+        LEVELS_4,
+    ),
 }
 RANK_SETTING = ("resnet50", "vgg16", "mobilenet_v3_small")
 RANK_SCHEDULES = 125
@@ -56,17 +65,30 @@ def measure(args) -> int:
     out, budget = Path(args.out), Budget(args.budget_s)
     predict = OnnxPredictor(Path(args.predictor))
     log = CsvLog(out / "completion.csv", COLUMNS)
-    write_json(out / "completion.json", {"device": describe_device(), "resolution": args.resolution, "window_s": args.window_s})
+    write_json(
+        out / "completion.json",
+        {"device": describe_device(), "resolution": args.resolution, "window_s": args.window_s},
+    )
 
     def window(pool, setting, kind, specs, batches, resources, tasks) -> None:
-        picks = [((s.name, float(r)), jobs.Measure(model=s, batch=int(b), seconds=args.window_s, warmup_steps=2))
-                 for s, b, r in zip(specs, batches, resources)]  # fmt: skip
+        picks = [
+            ((s.name, float(r)), jobs.Measure(model=s, batch=int(b), seconds=args.window_s, warmup_steps=2))
+            for s, b, r in zip(specs, batches, resources)
+        ]
         measured = [m.images_per_s for m in pool.measure(picks)]
         predicted = predict(tasks, np.array([batches]), np.array([resources]))[0]
-        log.add({"setting": setting, "kind": kind, "models": "+".join(s.name for s in specs),
-                 "batches": " ".join(map(str, batches)), "resources": " ".join(f"{r:g}" for r in resources),
-                 "throughputs": " ".join(f"{t:.1f}" for t in measured), "sum_p": round(sum(measured), 1),
-                 "predicted_sum_p": round(float(predicted.sum()), 1)})  # fmt: skip
+        log.add(
+            {
+                "setting": setting,
+                "kind": kind,
+                "models": "+".join(s.name for s in specs),
+                "batches": " ".join(map(str, batches)),
+                "resources": " ".join(f"{r:g}" for r in resources),
+                "throughputs": " ".join(f"{t:.1f}" for t in measured),
+                "sum_p": round(sum(measured), 1),
+                "predicted_sum_p": round(float(predicted.sum()), 1),
+            }
+        )
 
     with mps_sharing() as sharing, WorkerPool(sharing.launch_for, jobs.Init(device="cuda")) as pool:
         for name, (models, batches, levels) in SETTINGS.items():
@@ -83,8 +105,18 @@ def measure(args) -> int:
         specs = _specs(RANK_SETTING, args.resolution)
         tasks = [extract(s) for s in specs]
         name = "rank " + "+".join(RANK_SETTING)
-        pick = adapt_batches(tasks, [1] * len(tasks), [BATCHES] * len(tasks), predict, tolerance=1e9, grid=LEVELS_2)
-        window(pool, name, "pick", specs, [int(b) for b in pick.batches], [float(r) for r in pick.resources], tasks)
+        pick = adapt_batches(
+            tasks, [1] * len(tasks), [BATCHES] * len(tasks), predict, tolerance=1e9, grid=LEVELS_2
+        )
+        window(
+            pool,
+            name,
+            "pick",
+            specs,
+            [int(b) for b in pick.batches],
+            [float(r) for r in pick.resources],
+            tasks,
+        )
         rng = random.Random(0)
         for _ in range(RANK_SCHEDULES):
             if budget.left() < 3:
@@ -105,8 +137,10 @@ def cost(args) -> int:
     from predictor.search import plan, schedule
 
     predict = OnnxPredictor(Path(args.predictor))
-    cases = {"3 tasks (V16, R18, M3)": ("vgg16", "resnet18", "mobilenet_v3_small"),
-             "5 tasks (+R50, D121)": ("vgg16", "resnet18", "mobilenet_v3_small", "resnet50", "densenet121")}  # fmt: skip
+    cases = {
+        "3 tasks (V16, R18, M3)": ("vgg16", "resnet18", "mobilenet_v3_small"),
+        "5 tasks (+R50, D121)": ("vgg16", "resnet18", "mobilenet_v3_small", "resnet50", "densenet121"),
+    }
     results = {}
     for name, models in cases.items():
         tasks = [extract(s) for s in _specs(models, args.resolution)]
@@ -114,20 +148,32 @@ def cost(args) -> int:
         volumes, candidates, comm = list(range(1, n + 1)), [BATCHES] * n, [0.5] * n
         whole = plan(tasks, volumes, candidates, comm, comm, predict)  # also warms onnxruntime up
 
-        def algorithm1():
-            return schedule(tasks, volumes, whole.batches, comm, comm, predict, whole.resources)
-
-        def full_plan():
-            return plan(tasks, volumes, candidates, comm, comm, predict)
-
-        timings = {key: _median_ms(fn, args.repeats) for key, fn in (("algorithm1", algorithm1), ("plan", full_plan))}
-        results[name] = {"tasks": n, "algorithm1_ms": timings["algorithm1"], "plan_ms": timings["plan"],
-                         "algorithm1_points": algorithm1().evaluated_points, "order": list(whole.order),
-                         "batches": list(whole.batches), "resources": list(whole.resources)}  # fmt: skip
-        print(f"{name}: Algorithm 1 {timings['algorithm1']} ms ({results[name]['algorithm1_points']} points), "
-              f"whole plan {timings['plan']} ms (median of {args.repeats})")  # fmt: skip
-    write_json(Path(args.out) / "search_cost.json", {"cpu": platform.processor() or platform.machine(),
-                                                     "cores": __import__("os").cpu_count(), "cases": results})  # fmt: skip
+        algorithm1 = partial(schedule, tasks, volumes, whole.batches, comm, comm, predict, whole.resources)
+        full_plan = partial(plan, tasks, volumes, candidates, comm, comm, predict)
+        timings = {
+            key: _median_ms(fn, args.repeats) for key, fn in (("algorithm1", algorithm1), ("plan", full_plan))
+        }
+        results[name] = {
+            "tasks": n,
+            "algorithm1_ms": timings["algorithm1"],
+            "plan_ms": timings["plan"],
+            "algorithm1_points": algorithm1().evaluated_points,
+            "order": list(whole.order),
+            "batches": list(whole.batches),
+            "resources": list(whole.resources),
+        }
+        print(
+            f"{name}: Algorithm 1 {timings['algorithm1']} ms ({results[name]['algorithm1_points']} points), "
+            f"whole plan {timings['plan']} ms (median of {args.repeats})"
+        )
+    write_json(
+        Path(args.out) / "search_cost.json",
+        {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": __import__("os").cpu_count(),
+            "cases": results,
+        },
+    )
     return 0
 
 
@@ -157,36 +203,67 @@ def report(args) -> int:
     for name, entry in settings.items():
         pick = float(entry["pick"]["sum_p"])
         measured = [float(r["sum_p"]) for r in entry["others"]]
-        grid_same = [float(r["sum_p"]) for r in entry["others"] if r["resources"] == entry["pick"]["resources"]]
+        grid_same = [
+            float(r["sum_p"]) for r in entry["others"] if r["resources"] == entry["pick"]["resources"]
+        ]
         if not measured:
             continue  # the budget ended before anything to compare with was measured
         if name.startswith("rank"):
             better = sum(m > pick for m in measured)
-            ranks.append({"setting": name, "schedules": len(measured), "rank": better + 1,
-                          "top_percent": round(100 * (better + 1) / (len(measured) + 1), 1)})  # fmt: skip
+            ranks.append(
+                {
+                    "setting": name,
+                    "schedules": len(measured),
+                    "rank": better + 1,
+                    "top_percent": round(100 * (better + 1) / (len(measured) + 1), 1),
+                }
+            )
         else:  # the pick is also a grid point: average both windows of it against the best of the grid
             value = statistics.mean([pick, *grid_same])
-            completion.append({"setting": name, "pick": entry["pick"]["resources"], "best": max(entry["others"], key=lambda r: float(r["sum_p"]))["resources"],
-                               "completion_degree": round(value / max(measured), 3), "grid_points": len(measured),
-                               "rank_in_grid": 1 + sum(m > value for m in measured)})  # fmt: skip
+            completion.append(
+                {
+                    "setting": name,
+                    "pick": entry["pick"]["resources"],
+                    "best": max(entry["others"], key=lambda r: float(r["sum_p"]))["resources"],
+                    "completion_degree": round(value / max(measured), 3),
+                    "grid_points": len(measured),
+                    "rank_in_grid": 1 + sum(m > value for m in measured),
+                }
+            )
     three, five = (search[k]["algorithm1_ms"] for k in search)
     plan_three, plan_five = (search[k]["plan_ms"] for k in search)
     summary = {
-        "device": card["gpu"], "mape_seen": card["mape_percent"]["seen"], "mape_unseen": card["mape_percent"]["unseen"],
-        "completion_degree": completion, "random_schedule_rank": ranks,
-        "search_ms_3tasks": three, "search_ms_5tasks": five, "plan_ms_3tasks": plan_three, "plan_ms_5tasks": plan_five,
+        "device": card["gpu"],
+        "mape_seen": card["mape_percent"]["seen"],
+        "mape_unseen": card["mape_percent"]["unseen"],
+        "completion_degree": completion,
+        "random_schedule_rank": ranks,
+        "search_ms_3tasks": three,
+        "search_ms_5tasks": five,
+        "plan_ms_3tasks": plan_three,
+        "plan_ms_5tasks": plan_five,
         "predictor": card["onnx"]["file"],
-        "data": card["data"], "command": "python -m bench.predictor measure|cost|report --predictor " + args.predictor,
-    }  # fmt: skip
+        "data": card["data"],
+        "command": "python -m bench.predictor measure|cost|report --predictor " + args.predictor,
+    }
     write_json(out / "predictor.json", summary)
-    lines = [f"Predictor on {card['gpu']}: MAPE {card['mape_percent']['seen']}% (seen combinations), "
-             f"{card['mape_percent']['unseen']}% (unseen combinations); Algorithm 1 search {three} ms (3 tasks), "
-             f"{five} ms (5 tasks); whole plan (Eq. 6, Eq. 5, Algorithm 1) {plan_three} ms and {plan_five} ms.",
-             "", "| setting | pick R_i | best measured R_i | completion degree | rank in grid |", "|---|---|---|---:|---:|"]  # fmt: skip
-    lines += [f"| {c['setting']} | {c['pick']} | {c['best']} | {c['completion_degree']:.3f} | {c['rank_in_grid']}/{c['grid_points']} |"
-              for c in completion]  # fmt: skip
-    lines += [f"\nRandom schedules ({r['setting']}): the pick ranks {r['rank']} of {r['schedules'] + 1} "
-              f"(top {r['top_percent']}%)." for r in ranks]  # fmt: skip
+    lines = [
+        f"Predictor on {card['gpu']}: MAPE {card['mape_percent']['seen']}% (seen combinations), "
+        f"{card['mape_percent']['unseen']}% (unseen combinations); Algorithm 1 search {three} ms (3 tasks), "
+        f"{five} ms (5 tasks); whole plan (Eq. 6, Eq. 5, Algorithm 1) {plan_three} ms and {plan_five} ms.",
+        "",
+        "| setting | pick R_i | best measured R_i | completion degree | rank in grid |",
+        "|---|---|---|---:|---:|",
+    ]
+    lines += [
+        f"| {c['setting']} | {c['pick']} | {c['best']} | {c['completion_degree']:.3f} | {c['rank_in_grid']}/{c['grid_points']} |"
+        for c in completion
+    ]
+    lines += [
+        f"\nRandom schedules ({r['setting']}): the pick ranks {r['rank']} of {r['schedules'] + 1} "
+        f"(top {r['top_percent']}%)."
+        for r in ranks
+    ]
     (out / "predictor.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(rows, completion, out / "predictor.png")
@@ -205,7 +282,9 @@ def _plot(rows, completion, path: Path) -> None:
         scatter.scatter(*zip(*points), s=10, label=setting)
     top = max(max(float(r["sum_p"]), float(r["predicted_sum_p"])) for r in rows)
     scatter.plot([0, top], [0, top], color="gray", lw=0.8)
-    scatter.set(xlabel="predicted sum P (img/s)", ylabel="measured sum P (img/s)", title="Predicted vs measured")
+    scatter.set(
+        xlabel="predicted sum P (img/s)", ylabel="measured sum P (img/s)", title="Predicted vs measured"
+    )
     scatter.legend(fontsize=7)
     bars.bar(range(len(completion)), [c["completion_degree"] for c in completion])
     bars.set_xticks(range(len(completion)), [c["setting"].split(" ")[0] for c in completion])

@@ -11,8 +11,12 @@ from protocol.daemon import cli_main, cli_parser
 
 def main(argv: list[str] | None = None) -> int:
     parser, sub = cli_parser("fedmt-predictor", "FedMT throughput predictor (Eq. 3-6, Algorithm 1).")
-    prof = sub.add_parser("profile", help="measure co-located throughput on this GPU (needs MPS; appends to a data file)")
-    prof.add_argument("--out", type=Path, default=Path("predictor/data"), help="folder of the per-GPU data files")
+    prof = sub.add_parser(
+        "profile", help="measure co-located throughput on this GPU (needs MPS; appends to a data file)"
+    )
+    prof.add_argument(
+        "--out", type=Path, default=Path("predictor/data"), help="folder of the per-GPU data files"
+    )
     prof.add_argument("--budget-s", type=float, default=480.0, help="stop after this many seconds")
     prof.add_argument("--resolution", type=int, default=128)
     prof.add_argument("--window-s", type=float, default=1.0, help="length of one measurement window")
@@ -26,10 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--seed", type=int, default=0)
     export = sub.add_parser("export", help="export fitted weights to ONNX with a model card")
     export.add_argument("--weights", type=Path, required=True)
-    plan = sub.add_parser("plan", help="search R_i, B_i and the start order for co-located tasks (Eq. 5, 6, Algorithm 1)")
+    plan = sub.add_parser(
+        "plan", help="search R_i, B_i and the start order for co-located tasks (Eq. 5, 6, Algorithm 1)"
+    )
     plan.add_argument("--predictor", type=Path, required=True, help="an exported .onnx file")
-    plan.add_argument("--task", action="append", required=True, metavar="MODEL:SAMPLES",
-                      help="a co-located task: torchvision model and its local data volume (repeat, 1..5)")  # fmt: skip
+    plan.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        metavar="MODEL:SAMPLES",
+        help="a co-located task: torchvision model and its local data volume (repeat, 1..5)",
+    )
     plan.add_argument("--resolution", type=int, help="input size (default: the predictor's)")
     plan.add_argument("--batches", default="16,32,64,128", help="allowed batch sizes")
     plan.add_argument("--link-mbps", type=float, default=100.0, help="link speed for transfer-time estimates")
@@ -42,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 def _profile(args: argparse.Namespace) -> int:
     from predictor.profiler import profile
 
-    profile(args.out, budget_s=args.budget_s, seed=args.seed, resolution=args.resolution, window_s=args.window_s)
+    profile(
+        args.out, budget_s=args.budget_s, seed=args.seed, resolution=args.resolution, window_s=args.window_s
+    )
     return 0
 
 
@@ -51,7 +64,9 @@ def _fit(args: argparse.Namespace) -> int:
 
     from predictor.training import fit
 
-    weights = fit(args.data, args.out, hidden=args.hidden, members=args.members, epochs=args.epochs, seed=args.seed)
+    weights = fit(
+        args.data, args.out, hidden=args.hidden, members=args.members, epochs=args.epochs, seed=args.seed
+    )
     report = json.loads(weights.with_suffix(".fit.json").read_text())
     print(f"wrote {weights}; MAPE (percent): {report['mape_percent']}")
     return 0
@@ -83,10 +98,14 @@ def _plan(args: argparse.Namespace) -> int:
     elapsed_ms = 1000 * (time.perf_counter() - started)
     print(f"{'order':>5}  {'model':<22}{'samples':>8}{'batch':>7}{'R_i %':>7}{'pred. img/s':>13}")
     for position, i in enumerate(result.order):
-        print(f"{position + 1:>5}  {models[i]:<22}{volumes[i]:>8}{result.batches[i]:>7}{result.resources[i]:>7.0f}"
-              f"{result.predicted_throughput[i]:>13.0f}")  # fmt: skip
-    print(f"R_v {sum(result.resources):.0f}%, simulated makespan {result.makespan:.1f} s, batch mismatch "
-          f"{result.mismatch:.2f}, search {elapsed_ms:.1f} ms ({predict.path.name})")  # fmt: skip
+        print(
+            f"{position + 1:>5}  {models[i]:<22}{volumes[i]:>8}{result.batches[i]:>7}{result.resources[i]:>7.0f}"
+            f"{result.predicted_throughput[i]:>13.0f}"
+        )
+    print(
+        f"R_v {sum(result.resources):.0f}%, simulated makespan {result.makespan:.1f} s, batch mismatch "
+        f"{result.mismatch:.2f}, search {elapsed_ms:.1f} ms ({predict.path.name})"
+    )
     return 0
 
 

@@ -26,7 +26,9 @@ class Samples:
     combos: list[tuple[str, ...]]  # sorted model names of each record
 
     def take(self, index: np.ndarray) -> Samples:
-        return Samples(self.x[index], self.mask[index], self.throughput[index], [self.combos[i] for i in index])
+        return Samples(
+            self.x[index], self.mask[index], self.throughput[index], [self.combos[i] for i in index]
+        )
 
     def __len__(self) -> int:
         return len(self.combos)
@@ -35,8 +37,13 @@ class Samples:
 def build(records: list[Record], num_classes: int = 10) -> Samples:
     xs, masks, ys, combos = [], [], [], []
     for record in records:
-        tasks = [extract(ModelSpec(name=t.model, num_classes=num_classes, input_size=record.resolution)) for t in record.tasks]
-        x, mask = encode_inputs(tasks, np.array([[t.batch for t in record.tasks]]), np.array([[t.resource for t in record.tasks]]))
+        tasks = [
+            extract(ModelSpec(name=t.model, num_classes=num_classes, input_size=record.resolution))
+            for t in record.tasks
+        ]
+        x, mask = encode_inputs(
+            tasks, np.array([[t.batch for t in record.tasks]]), np.array([[t.resource for t in record.tasks]])
+        )
         y = np.zeros_like(mask)
         y[0, : len(record.tasks)] = [t.throughput for t in record.tasks]
         xs.append(x[0])
@@ -54,8 +61,9 @@ class Split:
     unseen_combos: list[tuple[str, ...]]
 
 
-def split(samples: Samples, *, unseen_share: float = 0.2, seen_share: float = 0.15, seed: int = 0,
-          protected=FOCUS) -> Split:  # fmt: skip
+def split(
+    samples: Samples, *, unseen_share: float = 0.2, seen_share: float = 0.15, seed: int = 0, protected=FOCUS
+) -> Split:
     rng = random.Random(seed)
     keep = {tuple(sorted(c)) for c in protected}
     candidates = sorted({c for c in samples.combos if len(c) > 1 and c not in keep})
@@ -73,7 +81,12 @@ def split(samples: Samples, *, unseen_share: float = 0.2, seen_share: float = 0.
         if all(i in seen for i in members):
             seen.discard(members[0])
     train = sorted(set(rest) - seen)
-    return Split(np.array(train, dtype=int), np.array(sorted(seen), dtype=int), np.array(unseen, dtype=int), unseen_combos)
+    return Split(
+        np.array(train, dtype=int),
+        np.array(sorted(seen), dtype=int),
+        np.array(unseen, dtype=int),
+        unseen_combos,
+    )
 
 
 def mape(predicted: np.ndarray, actual: np.ndarray, mask: np.ndarray) -> float:

@@ -65,17 +65,38 @@ def ensemble(hidden: int, members: int) -> Ensemble:
 
 
 def train(
-    x: np.ndarray, mask: np.ndarray, throughput: np.ndarray, *, hidden: int = 32, members: int = 5,
-    epochs: int = 2000, lr: float = 3e-3, weight_decay: float = 1e-4, seed: int = 0,
-) -> Ensemble:  # fmt: skip
+    x: np.ndarray,
+    mask: np.ndarray,
+    throughput: np.ndarray,
+    *,
+    hidden: int = 32,
+    members: int = 5,
+    epochs: int = 2000,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> Ensemble:
     """Fit `members` networks (seeds seed, seed+1, ...) and return their ensemble."""
-    return Ensemble([
-        _train_one(x, mask, throughput, hidden=hidden, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed + i)
-        for i in range(members)
-    ]).eval()  # fmt: skip
+    return Ensemble(
+        [
+            _train_one(
+                x,
+                mask,
+                throughput,
+                hidden=hidden,
+                epochs=epochs,
+                lr=lr,
+                weight_decay=weight_decay,
+                seed=seed + i,
+            )
+            for i in range(members)
+        ]
+    ).eval()
 
 
-def _train_one(x, mask, throughput, *, hidden: int, epochs: int, lr: float, weight_decay: float, seed: int) -> Pre:
+def _train_one(
+    x, mask, throughput, *, hidden: int, epochs: int, lr: float, weight_decay: float, seed: int
+) -> Pre:
     """Fit Pre on log-throughput (so the loss weighs relative errors), full batch, AdamW with cosine decay."""
     torch.manual_seed(seed)
     model = Pre(hidden)
@@ -106,7 +127,12 @@ def export_onnx(model: nn.Module, path: str) -> None:
     x = torch.zeros(2, MAX_TASKS, N_INPUTS)
     mask = torch.ones(2, MAX_TASKS)
     torch.onnx.export(
-        model.eval(), (x, mask), path, input_names=["features", "mask"], output_names=["throughput"],
-        dynamic_axes={"features": {0: "n"}, "mask": {0: "n"}, "throughput": {0: "n"}}, opset_version=17,
+        model.eval(),
+        (x, mask),
+        path,
+        input_names=["features", "mask"],
+        output_names=["throughput"],
+        dynamic_axes={"features": {0: "n"}, "mask": {0: "n"}, "throughput": {0: "n"}},
+        opset_version=17,
         dynamo=False,
-    )  # fmt: skip
+    )

@@ -20,8 +20,15 @@ from pathlib import Path
 import msgspec
 
 MODELS = (
-    "resnet18", "resnet34", "resnet50", "resnet101", "vgg16", "densenet121", "mobilenet_v3_small", "shufflenet_v2_x1_0",
-)  # fmt: skip
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "vgg16",
+    "densenet121",
+    "mobilenet_v3_small",
+    "shufflenet_v2_x1_0",
+)
 R_LEVELS = (20, 40, 60, 80, 100)
 BATCHES = (16, 32, 64, 128)
 ALONE_LEVELS = (100, 60, 20)
@@ -106,7 +113,11 @@ def profile(out: Path, *, budget_s: float, seed: int, resolution: int, window_s:
     path.parent.mkdir(parents=True, exist_ok=True)
     configs = sample_configs(seed, windows=4000)
     specs = {m: ModelSpec(name=m, num_classes=10, input_size=resolution) for m in MODELS}
-    with mps_sharing() as sharing, WorkerPool(sharing.launch_for, jobs.Init(device="cuda")) as pool, open(path, "ab") as f:
+    with (
+        mps_sharing() as sharing,
+        WorkerPool(sharing.launch_for, jobs.Init(device="cuda")) as pool,
+        open(path, "ab") as f,
+    ):
         pool.start([(m, float(r)) for m in MODELS for r in R_LEVELS])
         columns = [TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
         with Progress(*columns) as progress:
@@ -120,15 +131,26 @@ def profile(out: Path, *, budget_s: float, seed: int, resolution: int, window_s:
                 if done == 20:  # the pace is known now: estimate how many windows the budget allows
                     pace = (time.monotonic() - measuring_since) / done
                     progress.update(bar, total=done + int((budget_s - elapsed) / pace))
-                picks = [((m, float(r)), jobs.Measure(model=specs[m], batch=b, seconds=window_s, warmup_steps=2))
-                         for m, b, r in config.tasks]  # fmt: skip
+                picks = [
+                    ((m, float(r)), jobs.Measure(model=specs[m], batch=b, seconds=window_s, warmup_steps=2))
+                    for m, b, r in config.tasks
+                ]
                 results = pool.measure(picks)
                 record = Record(
-                    gpu=str(device["gpu"]), sm_total=int(device["sm_count"]), driver=device.get("driver"),
-                    torch=str(device["torch"]), resolution=resolution, window_s=window_s, ts=time.time(),
-                    tasks=[TaskSample(m, b, float(r), round(res.images_per_s, 2), pool.ready[(m, float(r))].sm_count)
-                           for (m, b, r), res in zip(config.tasks, results)],
-                )  # fmt: skip
+                    gpu=str(device["gpu"]),
+                    sm_total=int(device["sm_count"]),
+                    driver=device.get("driver"),
+                    torch=str(device["torch"]),
+                    resolution=resolution,
+                    window_s=window_s,
+                    ts=time.time(),
+                    tasks=[
+                        TaskSample(
+                            m, b, float(r), round(res.images_per_s, 2), pool.ready[(m, float(r))].sm_count
+                        )
+                        for (m, b, r), res in zip(config.tasks, results)
+                    ],
+                )
                 f.write(msgspec.json.encode(record) + b"\n")
                 f.flush()
                 done += 1

@@ -34,19 +34,27 @@ class OnnxPredictor:
         try:
             self.card = json.loads(card_path(path).read_text())
         except (OSError, ValueError) as exc:
-            raise PredictorUnavailable(f"model card {card_path(path)} is missing or unreadable: {exc}") from None
+            raise PredictorUnavailable(
+                f"model card {card_path(path)} is missing or unreadable: {exc}"
+            ) from None
         if gpu is not None and self.card.get("gpu") != gpu:
-            raise PredictorUnavailable(f"predictor {path.name} was fitted on {self.card.get('gpu')}, this GPU is {gpu}")
+            raise PredictorUnavailable(
+                f"predictor {path.name} was fitted on {self.card.get('gpu')}, this GPU is {gpu}"
+            )
         try:
             self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types for bad files
             raise PredictorUnavailable(f"cannot load {path}: {exc}") from None
         shapes = {i.name: i.shape[1:] for i in self.session.get_inputs()}
         if shapes != {"features": [MAX_TASKS, N_INPUTS], "mask": [MAX_TASKS]}:
-            raise PredictorUnavailable(f"{path.name} has inputs {shapes}; this code expects the {MAX_TASKS}-task layout")
+            raise PredictorUnavailable(
+                f"{path.name} has inputs {shapes}; this code expects the {MAX_TASKS}-task layout"
+            )
         self.path = path
 
-    def __call__(self, tasks: Sequence[TaskFeatures], batches: np.ndarray, resources: np.ndarray) -> np.ndarray:
+    def __call__(
+        self, tasks: Sequence[TaskFeatures], batches: np.ndarray, resources: np.ndarray
+    ) -> np.ndarray:
         x, mask = encode_inputs(tasks, batches, resources)
         (out,) = self.session.run(["throughput"], {"features": x, "mask": mask})
         return out[:, : len(tasks)].astype(np.float64)

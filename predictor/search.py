@@ -497,9 +497,16 @@ def plan(
         star = damp(previous, star, damping, candidates)
         if not np.array_equal(star, adapted.batches):
             resources = best_resources(
-                tasks, star, predict, grid, objective, alone, rv_max,
-                volumes=data_volumes, exhaustive_limit=exhaustive_limit,
-            ).resources  # fmt: skip
+                tasks,
+                star,
+                predict,
+                grid,
+                objective,
+                alone,
+                rv_max,
+                volumes=data_volumes,
+                exhaustive_limit=exhaustive_limit,
+            ).resources
     limits = [(min(c), max(c)) for c in candidates]
     result = schedule(
         tasks,

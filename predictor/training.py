@@ -19,7 +19,9 @@ from predictor.runtime import OnnxPredictor, card_path
 from predictor.workload import fit_workload
 
 
-def fit(data: Path, out_dir: Path, *, hidden: int = 32, members: int = 5, epochs: int = 2000, seed: int = 0) -> Path:
+def fit(
+    data: Path, out_dir: Path, *, hidden: int = 32, members: int = 5, epochs: int = 2000, seed: int = 0
+) -> Path:
     """Train on the data file's training split; write `<gpu>.safetensors` and `<gpu>.fit.json`; return the weights."""
     records = load_records(data)
     if not records:
@@ -31,29 +33,60 @@ def fit(data: Path, out_dir: Path, *, hidden: int = 32, members: int = 5, epochs
     parts = split(samples, seed=seed)
     train_set = samples.take(parts.train)
     started = time.perf_counter()
-    model = train(train_set.x, train_set.mask, train_set.throughput, hidden=hidden, members=members, epochs=epochs, seed=seed)
+    model = train(
+        train_set.x,
+        train_set.mask,
+        train_set.throughput,
+        hidden=hidden,
+        members=members,
+        epochs=epochs,
+        seed=seed,
+    )
     errors = {
         name: round(mape(predict(model, s.x, s.mask), s.throughput, s.mask), 2) if len(s) else None
-        for name, s in (("train", train_set), ("seen", samples.take(parts.seen)), ("unseen", samples.take(parts.unseen)))
+        for name, s in (
+            ("train", train_set),
+            ("seen", samples.take(parts.seen)),
+            ("unseen", samples.take(parts.unseen)),
+        )
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / (Path(data).stem + ".safetensors")
     save_file(model.state_dict(), str(weights), metadata={"hidden": str(hidden), "members": str(members)})
     first = records[0]
     report = {
-        "gpu": first.gpu, "sm_total": first.sm_total, "driver": first.driver, "torch": first.torch,
+        "gpu": first.gpu,
+        "sm_total": first.sm_total,
+        "driver": first.driver,
+        "torch": first.torch,
         "resolution": first.resolution,
-        "data": {"file": Path(data).name, "sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
-                 "records": len(records), "task_samples": int(samples.mask.sum()),
-                 "models": sorted({t.model for r in records for t in r.tasks}),
-                 "max_tasks_per_record": max(len(r.tasks) for r in records)},
-        "split": {"train_records": len(parts.train), "seen_test_records": len(parts.seen),
-                  "unseen_test_records": len(parts.unseen), "unseen_combinations": [list(c) for c in parts.unseen_combos]},
+        "data": {
+            "file": Path(data).name,
+            "sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
+            "records": len(records),
+            "task_samples": int(samples.mask.sum()),
+            "models": sorted({t.model for r in records for t in r.tasks}),
+            "max_tasks_per_record": max(len(r.tasks) for r in records),
+        },
+        "split": {
+            "train_records": len(parts.train),
+            "seen_test_records": len(parts.seen),
+            "unseen_test_records": len(parts.unseen),
+            "unseen_combinations": [list(c) for c in parts.unseen_combos],
+        },
         "mape_percent": {"train": errors["train"], "seen": errors["seen"], "unseen": errors["unseen"]},
-        "network": {"kind": "ensemble of DeepSets regressors (phi, rho MLPs, sum of the other tasks' embeddings), "
-                            "mean of log-throughput", "hidden": hidden, "members": members, "epochs": epochs, "inputs_per_task": list(INPUT_NAMES), "max_tasks": MAX_TASKS,
-                    "output": "images/s per task", "train_seconds": round(time.perf_counter() - started, 1)},
-    }  # fmt: skip
+        "network": {
+            "kind": "ensemble of DeepSets regressors (phi, rho MLPs, sum of the other tasks' embeddings), "
+            "mean of log-throughput",
+            "hidden": hidden,
+            "members": members,
+            "epochs": epochs,
+            "inputs_per_task": list(INPUT_NAMES),
+            "max_tasks": MAX_TASKS,
+            "output": "images/s per task",
+            "train_seconds": round(time.perf_counter() - started, 1),
+        },
+    }
     report["workload"] = _workload(records)
     weights.with_suffix(".fit.json").write_text(json.dumps(report, indent=2) + "\n")
     return weights
@@ -67,17 +100,27 @@ def _workload(records) -> dict:
     from protocol.schemas import ModelSpec
 
     alone = [
-        (extract(ModelSpec(name=t.model, num_classes=10, input_size=r.resolution)), t.batch, t.batch / t.throughput)
+        (
+            extract(ModelSpec(name=t.model, num_classes=10, input_size=r.resolution)),
+            t.batch,
+            t.batch / t.throughput,
+        )
         for r in records
         if len(r.tasks) == 1 and r.tasks[0].resource == 100
         for t in r.tasks
     ]
     if len(alone) < MIN_ALONE_RECORDS:
-        return {"alone_records": len(alone),
-                "note": f"Eq. 3 needs at least {MIN_ALONE_RECORDS} single-task measurements at R=100%"}  # fmt: skip
+        return {
+            "alone_records": len(alone),
+            "note": f"Eq. 3 needs at least {MIN_ALONE_RECORDS} single-task measurements at R=100%",
+        }
     model = fit_workload(alone)
-    return {"alone_records": len(alone), "alpha_s_per_flop": model.alpha, "beta_s_per_byte": model.beta,
-            "gamma0_s": model.gamma0}  # fmt: skip
+    return {
+        "alone_records": len(alone),
+        "alpha_s_per_flop": model.alpha,
+        "beta_s_per_byte": model.beta,
+        "gamma0_s": model.gamma0,
+    }
 
 
 def export(weights: Path) -> Path:
@@ -94,11 +137,20 @@ def export(weights: Path) -> Path:
     export_onnx(model, str(onnx_path))
     rng = np.random.default_rng(0)
     reference_member = model.members[0]
-    x = (rng.normal(size=(64, MAX_TASKS, len(INPUT_NAMES))) * reference_member.std.numpy() + reference_member.mean.numpy()).astype(np.float32)
+    x = (
+        rng.normal(size=(64, MAX_TASKS, len(INPUT_NAMES))) * reference_member.std.numpy()
+        + reference_member.mean.numpy()
+    ).astype(np.float32)
     mask = (rng.random((64, MAX_TASKS)) < 0.7).astype(np.float32)
     with torch.no_grad():
         reference = predict(model, x, mask)
-    card = report | {"onnx": {"file": onnx_path.name, "opset": 17, "inputs": {"features": ["n", MAX_TASKS, len(INPUT_NAMES)], "mask": ["n", MAX_TASKS]}}}
+    card = report | {
+        "onnx": {
+            "file": onnx_path.name,
+            "opset": 17,
+            "inputs": {"features": ["n", MAX_TASKS, len(INPUT_NAMES)], "mask": ["n", MAX_TASKS]},
+        }
+    }
     card_path(onnx_path).write_text(json.dumps(card, indent=2) + "\n")
     runtime = OnnxPredictor(onnx_path)
     (out,) = runtime.session.run(["throughput"], {"features": x, "mask": mask})
@@ -112,36 +164,40 @@ def export(weights: Path) -> Path:
 def _workload_text(workload: dict) -> str:
     if "alpha_s_per_flop" not in workload:
         return f"not fitted ({workload.get('note', 'no data')}; {workload.get('alone_records', 0)} found)."
-    return (f"alpha {workload['alpha_s_per_flop']:.3g} s/FLOP, beta {workload['beta_s_per_byte']:.3g} s/byte, "
-            f"gamma0 {workload['gamma0_s']:.3g} s, from {workload['alone_records']} single-task measurements.")  # fmt: skip
+    return (
+        f"alpha {workload['alpha_s_per_flop']:.3g} s/FLOP, beta {workload['beta_s_per_byte']:.3g} s/byte, "
+        f"gamma0 {workload['gamma0_s']:.3g} s, from {workload['alone_records']} single-task measurements."
+    )
 
 
 def _markdown(card: dict) -> str:
     m, d, s = card["mape_percent"], card["data"], card["split"]
-    return "\n".join([
-        f"# Throughput predictor for {card['gpu']}",
-        "",
-        f"Valid for: **{card['gpu']}** ({card['sm_total']} SMs), driver {card['driver']}, torch {card['torch']}, "
-        f"training at {card['resolution']}x{card['resolution']} inputs, 1..{card['network']['max_tasks']} co-located tasks under MPS.",
-        "",
-        "| held-out set | MAPE of per-task throughput |",
-        "|---|---:|",
-        f"| configurations of seen model combinations ({s['seen_test_records']} records) | {m['seen']}% |",
-        f"| model combinations left out of training ({s['unseen_test_records']} records) | {m['unseen']}% |",
-        f"| training set ({s['train_records']} records) | {m['train']}% |",
-        "",
-        f"Training data: `{d['file']}` (sha256 `{d['sha256'][:16]}…`), {d['records']} measured windows, "
-        f"{d['task_samples']} task throughputs, models {', '.join(d['models'])}.",
-        f"Unseen combinations: {'; '.join('+'.join(c) for c in s['unseen_combinations'])}.",
-        f"Eq. 3 workload: {_workload_text(card.get('workload', {}))}",
-        "",
-        f"Network: {card['network']['kind']}; {card['network']['members']} members, hidden {card['network']['hidden']}, inputs per task "
-        f"{', '.join(card['network']['inputs_per_task'])}; output images/s per task.",
-        f"ONNX: `{card['onnx']['file']}`, dynamic batch axis, max relative difference to torch "
-        f"{card['onnx']['max_relative_difference_vs_torch']:.1e}.",
-        "",
-        "Redo on your GPU: `fedmt-predictor profile --out predictor/data`, then `fedmt-predictor fit --data "
-        "predictor/data/<gpu>.jsonl --out predictor/models` and `fedmt-predictor export --weights "
-        "predictor/models/<gpu>.safetensors`.",
-        "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"# Throughput predictor for {card['gpu']}",
+            "",
+            f"Valid for: **{card['gpu']}** ({card['sm_total']} SMs), driver {card['driver']}, torch {card['torch']}, "
+            f"training at {card['resolution']}x{card['resolution']} inputs, 1..{card['network']['max_tasks']} co-located tasks under MPS.",
+            "",
+            "| held-out set | MAPE of per-task throughput |",
+            "|---|---:|",
+            f"| configurations of seen model combinations ({s['seen_test_records']} records) | {m['seen']}% |",
+            f"| model combinations left out of training ({s['unseen_test_records']} records) | {m['unseen']}% |",
+            f"| training set ({s['train_records']} records) | {m['train']}% |",
+            "",
+            f"Training data: `{d['file']}` (sha256 `{d['sha256'][:16]}…`), {d['records']} measured windows, "
+            f"{d['task_samples']} task throughputs, models {', '.join(d['models'])}.",
+            f"Unseen combinations: {'; '.join('+'.join(c) for c in s['unseen_combinations'])}.",
+            f"Eq. 3 workload: {_workload_text(card.get('workload', {}))}",
+            "",
+            f"Network: {card['network']['kind']}; {card['network']['members']} members, hidden {card['network']['hidden']}, inputs per task "
+            f"{', '.join(card['network']['inputs_per_task'])}; output images/s per task.",
+            f"ONNX: `{card['onnx']['file']}`, dynamic batch axis, max relative difference to torch "
+            f"{card['onnx']['max_relative_difference_vs_torch']:.1e}.",
+            "",
+            "Redo on your GPU: `fedmt-predictor profile --out predictor/data`, then `fedmt-predictor fit --data "
+            "predictor/data/<gpu>.jsonl --out predictor/models` and `fedmt-predictor export --weights "
+            "predictor/models/<gpu>.safetensors`.",
+            "",
+        ]
+    )

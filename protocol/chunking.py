@@ -134,7 +134,9 @@ class Reassembler:
             pending.size,
             pending.sha256,
         ):
-            raise ProtocolError(f"chunk {chunk.index} of transfer {chunk.transfer} disagrees with earlier chunks")
+            raise ProtocolError(
+                f"chunk {chunk.index} of transfer {chunk.transfer} disagrees with earlier chunks"
+            )
         if chunk.index in pending.received:
             return None
         with open(pending.path, "r+b") as f:
@@ -162,13 +164,21 @@ class Reassembler:
 
     def _check_chunk(self, chunk: Chunk) -> None:
         if chunk.size > self.max_payload_bytes:
-            raise ProtocolError(f"transfer {chunk.transfer}: {chunk.size} bytes exceeds {self.max_payload_bytes}")
+            raise ProtocolError(
+                f"transfer {chunk.transfer}: {chunk.size} bytes exceeds {self.max_payload_bytes}"
+            )
         if chunk.chunk_size > self.max_chunk_bytes:
-            raise ProtocolError(f"transfer {chunk.transfer}: chunk size {chunk.chunk_size} exceeds {self.max_chunk_bytes}")
+            raise ProtocolError(
+                f"transfer {chunk.transfer}: chunk size {chunk.chunk_size} exceeds {self.max_chunk_bytes}"
+            )
         if chunk.total != max(1, math.ceil(chunk.size / chunk.chunk_size)):
-            raise ProtocolError(f"transfer {chunk.transfer}: {chunk.total} chunks cannot hold {chunk.size} bytes")
+            raise ProtocolError(
+                f"transfer {chunk.transfer}: {chunk.total} chunks cannot hold {chunk.size} bytes"
+            )
         if chunk.index >= chunk.total:
-            raise ProtocolError(f"transfer {chunk.transfer}: chunk index {chunk.index} >= total {chunk.total}")
+            raise ProtocolError(
+                f"transfer {chunk.transfer}: chunk index {chunk.index} >= total {chunk.total}"
+            )
         expected = min(chunk.chunk_size, chunk.size - chunk.index * chunk.chunk_size)
         if len(chunk.data) != expected:
             raise ProtocolError(

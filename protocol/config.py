@@ -35,7 +35,10 @@ def _explain(message: str) -> str:
     """Name the full TOML key: msgspec says e.g. "Object contains unknown field `prot` - at `$.mqtt`"."""
     what, _, where = message.partition(" - at `$")
     section = where.rstrip("`").lstrip(".")
-    for phrase, verdict in (("Object contains unknown field `", "unknown key"), ("Object missing required field `", "missing key")):
+    for phrase, verdict in (
+        ("Object contains unknown field `", "unknown key"),
+        ("Object missing required field `", "missing key"),
+    ):
         if what.startswith(phrase):
             field = what[len(phrase) :].rstrip("`")
             return f"{verdict} '{section + '.' if section else ''}{field}'"

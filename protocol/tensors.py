@@ -17,9 +17,7 @@ from protocol.errors import ProtocolError
 from protocol.schemas import TensorInfo
 
 #: dtypes allowed on the wire (numpy names). bfloat16 travels as float32.
-WIRE_DTYPES = frozenset(
-    {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"}
-)
+WIRE_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"})
 MAX_TENSORS = 100_000
 MAX_NDIM = 8
 MAX_DIM = 2**31 - 1
@@ -81,7 +79,8 @@ def decode_state(payload: bytes | memoryview) -> dict[str, np.ndarray]:
 def describe(state: Mapping[str, np.ndarray]) -> list[TensorInfo]:
     """Names, dtypes and shapes of a state dict, for manifests."""
     return [
-        TensorInfo(name=n, dtype=wire_dtype(np.asarray(a)), shape=list(np.shape(a))) for n, a in sorted(state.items())
+        TensorInfo(name=n, dtype=wire_dtype(np.asarray(a)), shape=list(np.shape(a)))
+        for n, a in sorted(state.items())
     ]
 
 

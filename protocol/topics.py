@@ -32,7 +32,9 @@ _NAME = re.compile(NAME_PATTERN)
 def check_name(kind: str, name: str) -> str:
     """Return `name` if it is a valid device or task id (one topic level, no wildcards, file-name safe)."""
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ProtocolError(f"invalid {kind} id {name!r}: expected 1-64 of [A-Za-z0-9_.-], not starting with . - _")
+        raise ProtocolError(
+            f"invalid {kind} id {name!r}: expected 1-64 of [A-Za-z0-9_.-], not starting with . - _"
+        )
     return name
 
 

@@ -94,7 +94,9 @@ class MqttLink:
         if settings.username:
             client.username_pw_set(settings.username, settings.resolved_password())
         if settings.tls:
-            client.tls_set(ca_certs=settings.tls.ca_file, certfile=settings.tls.cert_file, keyfile=settings.tls.key_file)
+            client.tls_set(
+                ca_certs=settings.tls.ca_file, certfile=settings.tls.cert_file, keyfile=settings.tls.key_file
+            )
         if will:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.reconnect_delay_set(min_delay=settings.reconnect_min_s, max_delay=settings.reconnect_max_s)
@@ -103,13 +105,19 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         self._connect_properties = Properties(PacketTypes.CONNECT)
-        self._connect_properties.SessionExpiryInterval = settings.session_expiry_s if persistent_session else 0
+        self._connect_properties.SessionExpiryInterval = (
+            settings.session_expiry_s if persistent_session else 0
+        )
         self.client = client
 
     def start(self) -> None:
         s = self.settings
         self.client.connect_async(
-            s.host, s.port, s.keepalive_s, clean_start=not self._persistent, properties=self._connect_properties
+            s.host,
+            s.port,
+            s.keepalive_s,
+            clean_start=not self._persistent,
+            properties=self._connect_properties,
         )
         self.client.loop_start()
 
@@ -127,7 +135,9 @@ class MqttLink:
             if isinstance(item, Incoming):
                 yield item
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> mqtt.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def publish_transfer(
@@ -153,7 +163,9 @@ class MqttLink:
     # paho callbacks (network thread): enqueue only
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error("broker %s:%s refused the connection: %s", self.settings.host, self.settings.port, reason_code)
+            log.error(
+                "broker %s:%s refused the connection: %s", self.settings.host, self.settings.port, reason_code
+            )
             return
         for topic_filter in self._subscriptions:
             client.subscribe(topic_filter, qos=1)

@@ -78,7 +78,9 @@ class Mosquitto:
         config_dir = "/mosquitto/config" if docker else str(self.workdir)
         data_dir = "/mosquitto/data" if docker else str(self.workdir / "data")
         (self.workdir / "data").mkdir(exist_ok=True)
-        (self.workdir / "passwd").write_text("".join(password_line(u, p) + "\n" for u, p in self.users.items()))
+        (self.workdir / "passwd").write_text(
+            "".join(password_line(u, p) + "\n" for u, p in self.users.items())
+        )
         shutil.copyfile(ACL_FILE, self.workdir / "acl")
         (self.workdir / "mosquitto.conf").write_text(self._config(config_dir, data_dir, docker))
         for name in ("passwd", "acl", "mosquitto.conf"):
@@ -86,10 +88,22 @@ class Mosquitto:
         if docker:
             self._container = f"fedmt-mosquitto-{self.port}"
             subprocess.run(
-                ["docker", "run", "-d", "--rm", "--name", self._container, "-p", f"{self.host}:{self.port}:1883",
-                 "-v", f"{self.workdir}:/mosquitto/config", DOCKER_IMAGE],
-                check=True, capture_output=True,
-            )  # fmt: skip
+                [
+                    "docker",
+                    "run",
+                    "-d",
+                    "--rm",
+                    "--name",
+                    self._container,
+                    "-p",
+                    f"{self.host}:{self.port}:1883",
+                    "-v",
+                    f"{self.workdir}:/mosquitto/config",
+                    DOCKER_IMAGE,
+                ],
+                check=True,
+                capture_output=True,
+            )
         else:
             log = open(self.workdir / "mosquitto.log", "ab")
             self._process = subprocess.Popen(
@@ -159,4 +173,6 @@ class Mosquitto:
             except OSError:
                 time.sleep(0.1)
         self.stop()
-        raise BrokerUnavailable(f"mosquitto did not accept connections on {self.host}:{self.port} in {timeout_s:.0f} s")
+        raise BrokerUnavailable(
+            f"mosquitto did not accept connections on {self.host}:{self.port} in {timeout_s:.0f} s"
+        )

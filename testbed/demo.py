@@ -32,13 +32,34 @@ SGD = OptimizerSpec(name="sgd", lr=0.02, momentum=0.9, weight_decay=0.0)
 #: task -> (definition, share of each device's digits partition): volumes 1:2:3. Three model families that a
 #: 2-core CPU trains in minutes; (MobileNetV3's BatchNorm momentum of 0.01 needs far more steps than this.)
 TASKS = {
-    "digits-resnet18": (TaskConfig(model=ModelSpec(name="resnet18", num_classes=10, input_size=32),
-                                   optimizer=ADAM, batch_size=16, local_epochs=2), 1 / 3),
-    "digits-densenet121": (TaskConfig(model=ModelSpec(name="densenet121", num_classes=10, input_size=32),
-                                      optimizer=ADAM, batch_size=16, local_epochs=1), 2 / 3),
-    "digits-shufflenet": (TaskConfig(model=ModelSpec(name="shufflenet_v2_x0_5", num_classes=10, input_size=48),
-                                     optimizer=SGD, batch_size=16, local_epochs=1), 1.0),
-}  # fmt: skip
+    "digits-resnet18": (
+        TaskConfig(
+            model=ModelSpec(name="resnet18", num_classes=10, input_size=32),
+            optimizer=ADAM,
+            batch_size=16,
+            local_epochs=2,
+        ),
+        1 / 3,
+    ),
+    "digits-densenet121": (
+        TaskConfig(
+            model=ModelSpec(name="densenet121", num_classes=10, input_size=32),
+            optimizer=ADAM,
+            batch_size=16,
+            local_epochs=1,
+        ),
+        2 / 3,
+    ),
+    "digits-shufflenet": (
+        TaskConfig(
+            model=ModelSpec(name="shufflenet_v2_x0_5", num_classes=10, input_size=48),
+            optimizer=SGD,
+            batch_size=16,
+            local_epochs=1,
+        ),
+        1.0,
+    ),
+}
 
 
 class ProcessDied(RuntimeError):
@@ -127,8 +148,12 @@ def run(out: Path, rounds: int, timeout_s: float) -> dict:
         configs = write_configs(out, broker, passwords, rounds)
         processes = {"aggregator": start("aggregator", "aggregator.cli", configs["aggregator"], out / "logs")}
         processes |= {d: start(d, "agent.cli", configs[d], out / "logs") for d in DEVICES}
-        monitor = Monitor(MqttSettings(host=broker.host, port=broker.port, username="monitor",
-                                       password=passwords["monitor"]), out / "state" / "monitor")  # fmt: skip
+        monitor = Monitor(
+            MqttSettings(
+                host=broker.host, port=broker.port, username="monitor", password=passwords["monitor"]
+            ),
+            out / "state" / "monitor",
+        )
 
         def check_alive() -> None:
             for name, process in processes.items():
@@ -136,8 +161,13 @@ def run(out: Path, rounds: int, timeout_s: float) -> dict:
                     tail = (out / "logs" / f"{name}.log").read_text(errors="replace")[-3000:]
                     raise ProcessDied(f"{name} exited with code {process.returncode}:\n{tail}")
 
-        columns = [TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
-                   TimeElapsedColumn()]  # fmt: skip
+        columns = [
+            TextColumn("{task.description:<20}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[acc]}"),
+            TimeElapsedColumn(),
+        ]
         try:
             with Progress(*columns, console=console) as progress:
                 bars = {task: progress.add_task(task, total=rounds, acc="") for task in TASKS}
@@ -158,8 +188,10 @@ def run(out: Path, rounds: int, timeout_s: float) -> dict:
                         if r not in round_done and all(r in accuracy[t] for t in TASKS):
                             round_done[r] = max(monitor.seen_at[(t, r)] for t in TASKS)
                             accs = "  ".join(f"{t.split('-', 1)[1]} {accuracy[t][r]:.1%}" for t in TASKS)
-                            progress.console.print(f"round {r}/{rounds} done in "
-                                                   f"{round_done[r] - round_started[r]:5.1f} s: {accs}")  # fmt: skip
+                            progress.console.print(
+                                f"round {r}/{rounds} done in "
+                                f"{round_done[r] - round_started[r]:5.1f} s: {accs}"
+                            )
         finally:
             monitor.close()
             stop(processes)
@@ -167,7 +199,11 @@ def run(out: Path, rounds: int, timeout_s: float) -> dict:
         "rounds": rounds,
         "devices": DEVICES,
         "tasks": {
-            task: {"model": definition.model.name, "input_size": definition.model.input_size, "data_share": share}
+            task: {
+                "model": definition.model.name,
+                "input_size": definition.model.input_size,
+                "data_share": share,
+            }
             for task, (definition, share) in TASKS.items()
         },
         "accuracy": {task: [accuracy[task][r] for r in range(rounds + 1)] for task in TASKS},

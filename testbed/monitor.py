@@ -76,7 +76,9 @@ class Monitor:
         elif ref.kind == "receipts":
             self.receipts.append(decode(message.payload, Receipt))
         elif ref.kind in ("global", "update"):
-            inbox, kind = (self._globals, GlobalManifest) if ref.kind == "global" else (self._updates, UpdateManifest)
+            inbox, kind = (
+                (self._globals, GlobalManifest) if ref.kind == "global" else (self._updates, UpdateManifest)
+            )
             if ref.part == "manifest":
                 delivery = inbox.add_manifest(decode(message.payload, kind))
             else:

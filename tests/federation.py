@@ -17,7 +17,11 @@ from protocol.schemas import ModelSpec, OptimizerSpec, Receipt, UpdateManifest, 
 from protocol.transport import MqttLink, MqttSettings
 from testbed.broker import Mosquitto
 
-USERS = {"aggregator": "agg-secret", "monitor": "mon-secret", **{f"dev{i}": f"dev{i}-secret" for i in range(1, 5)}}
+USERS = {
+    "aggregator": "agg-secret",
+    "monitor": "mon-secret",
+    **{f"dev{i}": f"dev{i}-secret" for i in range(1, 5)},
+}
 
 SMALL_TASKS = {
     "shuffle": TaskConfig(
@@ -37,7 +41,9 @@ BOTH_V1 = [("shuffle", 1), ("mobile", 1)]  # the first new global version of eac
 
 
 def mqtt(broker: Mosquitto, user: str) -> MqttSettings:
-    return MqttSettings(host=broker.host, port=broker.port, username=user, password=USERS[user], reconnect_max_s=2.0)
+    return MqttSettings(
+        host=broker.host, port=broker.port, username=user, password=USERS[user], reconnect_max_s=2.0
+    )
 
 
 def aggregator_config(tmp: Path, broker: Mosquitto, tasks=None, **rounds) -> AggregatorConfig:
@@ -50,10 +56,17 @@ def aggregator_config(tmp: Path, broker: Mosquitto, tasks=None, **rounds) -> Agg
 
 
 def digits(partition: int, partitions: int = 2, fraction: float = 0.15) -> dict:
-    return {"kind": "digits", "num_partitions": partitions, "partition_index": partition, "fraction": fraction}
+    return {
+        "kind": "digits",
+        "num_partitions": partitions,
+        "partition_index": partition,
+        "fraction": fraction,
+    }
 
 
-def agent_config(tmp: Path, broker: Mosquitto, device: str, tasks: dict[str, dict], policy: str = "concurrent") -> AgentConfig:
+def agent_config(
+    tmp: Path, broker: Mosquitto, device: str, tasks: dict[str, dict], policy: str = "concurrent"
+) -> AgentConfig:
     import msgspec
 
     from agent.dataspec import DataSpec
@@ -127,9 +140,12 @@ class RawDevice:
         assert self.link.wait_connected(10)
         host = HostInfo(hostname="raw", os="test", machine="x", python="3", cpu_count=1, memory_bytes=1)
         profile = DeviceProfile(
-            device=device, ts=time.time(), agent_version="test", host=host,
+            device=device,
+            ts=time.time(),
+            agent_version="test",
+            host=host,
             tasks={task: TaskData(samples=n) for task, n in samples.items()},
-        )  # fmt: skip
+        )
         self.link.publish(topics.device(device, "profile"), encode(profile), retain=True).wait_for_publish(5)
         self.schedules: list = []
         self.receipts: list[Receipt] = []
@@ -151,11 +167,22 @@ class RawDevice:
             self.pump()
 
     def receipt_for(self, update_id: str, timeout_s: float = 20.0) -> Receipt:
-        self.wait(lambda: any(r.update_id == update_id for r in self.receipts), timeout_s, f"receipt of {update_id}")
+        self.wait(
+            lambda: any(r.update_id == update_id for r in self.receipts), timeout_s, f"receipt of {update_id}"
+        )
         return [r for r in self.receipts if r.update_id == update_id][-1]
 
-    def send_update(self, task: str, state: dict[str, np.ndarray], *, samples: int, update_id: str | None = None,
-                    device: str | None = None, base_version: int = 0, round_: int = 1) -> str:  # fmt: skip
+    def send_update(
+        self,
+        task: str,
+        state: dict[str, np.ndarray],
+        *,
+        samples: int,
+        update_id: str | None = None,
+        device: str | None = None,
+        base_version: int = 0,
+        round_: int = 1,
+    ) -> str:
         """Publish `state` as an update under this device's own topic (the manifest may claim another device)."""
         import uuid
 
@@ -166,10 +193,18 @@ class RawDevice:
         update_id = update_id or uuid.uuid4().hex
         payload = encode_state(state)
         manifest = UpdateManifest(
-            task=task, round=round_, device=device or self.device, update_id=update_id, base_version=base_version,
-            samples=samples, codec="delta", transfer=transfer_info(update_id, payload, 64 * 1024),
-        )  # fmt: skip
-        self.link.publish_transfer(topics.update(task, self.device), encode(manifest), manifest.transfer, payload)
+            task=task,
+            round=round_,
+            device=device or self.device,
+            update_id=update_id,
+            base_version=base_version,
+            samples=samples,
+            codec="delta",
+            transfer=transfer_info(update_id, payload, 64 * 1024),
+        )
+        self.link.publish_transfer(
+            topics.update(task, self.device), encode(manifest), manifest.transfer, payload
+        )
         return update_id
 
     def close(self) -> None:

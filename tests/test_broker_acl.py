@@ -48,7 +48,9 @@ def publish_reason(broker, user: str, topic: str):
     ],
 )
 def test_publish_permissions(broker, user, topic, allowed):
-    reason = publish_reason(broker, user, topic)  # e.g. "No matching subscribers" (a success) or "Not authorized"
+    reason = publish_reason(
+        broker, user, topic
+    )  # e.g. "No matching subscribers" (a success) or "Not authorized"
     assert (not reason.is_failure) is allowed, f"{user} -> {topic}: {reason}"
     if not allowed:
         assert str(reason) == "Not authorized"

@@ -32,11 +32,17 @@ def test_a_group_measures_together_or_wave_by_wave():
 
 def test_a_pool_keeps_one_worker_per_key_across_windows_and_batch_sizes():
     with WorkerPool(lambda model, percent: Launch(f"{model}@{percent:g}"), CPU) as pool:
-        first = pool.measure([(("tiny", 50.0), measure(4, seconds=0.2)), (("tiny", 100.0), measure(8, seconds=0.2))])
+        first = pool.measure(
+            [(("tiny", 50.0), measure(4, seconds=0.2)), (("tiny", 100.0), measure(8, seconds=0.2))]
+        )
         pids = {key: ready.pid for key, ready in pool.ready.items()}
         second = pool.measure([(("tiny", 50.0), measure(16, seconds=0.2))])
-        assert {key: ready.pid for key, ready in pool.ready.items()} == pids  # no restart for a new batch size
+        assert {
+            key: ready.pid for key, ready in pool.ready.items()
+        } == pids  # no restart for a new batch size
         with pytest.raises(ValueError, match="only once"):
-            pool.measure([(("tiny", 50.0), measure(4, seconds=0.1)), (("tiny", 50.0), measure(4, seconds=0.1))])
+            pool.measure(
+                [(("tiny", 50.0), measure(4, seconds=0.1)), (("tiny", 50.0), measure(4, seconds=0.1))]
+            )
     assert [r.batch for r in first] == [4, 8] and second[0].batch == 16
     assert all(r.images > 0 and r.seconds >= 0.2 for r in [*first, *second])

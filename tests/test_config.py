@@ -35,12 +35,24 @@ def test_valid_files_load_with_defaults(tmp_path):
         (AGENT + "[mqtt]\nprot = 1883\n", AgentConfig, "unknown key 'mqtt.prot'"),
         (AGENT + "[mqtt]\nport = 70000\n", AgentConfig, "key 'mqtt.port': Expected `int` <= 65535"),
         (AGENT + "[execution]\npolicy = 'fastest'\n", AgentConfig, "key 'execution.policy'"),
-        (AGENT + "[tasks.other]\nkind = 'nope'\n", AgentConfig, "key 'tasks[...].kind': Invalid value 'nope'"),
+        (
+            AGENT + "[tasks.other]\nkind = 'nope'\n",
+            AgentConfig,
+            "key 'tasks[...].kind': Invalid value 'nope'",
+        ),
         ('[mqtt]\nhost = "b"\n', AgentConfig, "missing key 'device'"),
-        (AGENT + '[mqtt]\nusername = "edge-2"\n', AgentConfig, "key 'mqtt.username' is 'edge-2' but device is 'edge-1'"),
+        (
+            AGENT + '[mqtt]\nusername = "edge-2"\n',
+            AgentConfig,
+            "key 'mqtt.username' is 'edge-2' but device is 'edge-1'",
+        ),
         ("state_dir = '/x'\n", AggregatorConfig, "missing key 'tasks'"),
         (AGGREGATOR + "batch_size = 0\n", AggregatorConfig, "batch_size': Expected `int` >= 1"),
-        (AGGREGATOR + "max_batch_size = 8\n", AggregatorConfig, "min_batch_size <= batch_size <= max_batch_size"),
+        (
+            AGGREGATOR + "max_batch_size = 8\n",
+            AggregatorConfig,
+            "min_batch_size <= batch_size <= max_batch_size",
+        ),
         ("[tasks\n", AggregatorConfig, "not valid TOML"),
     ],
 )

@@ -75,8 +75,11 @@ def test_bad_and_spoofed_updates_are_rejected_and_change_nothing(tmp_path, broke
         accepted = dev1.send_update("shuffle", good1, samples=100)
         assert dev1.receipt_for(accepted).status == "accepted"
         dev1.send_update("shuffle", good1, samples=100, update_id=accepted)  # a resend of the same update
-        dev1.wait(lambda: [r.status for r in dev1.receipts if r.update_id == accepted] == ["accepted", "duplicate"],
-                  20, "the duplicate receipt")  # fmt: skip
+        dev1.wait(
+            lambda: [r.status for r in dev1.receipts if r.update_id == accepted] == ["accepted", "duplicate"],
+            20,
+            "the duplicate receipt",
+        )
         second = dev1.send_update("shuffle", good2, samples=100)
         assert dev1.receipt_for(second).reason == "device already reported"
 
@@ -98,7 +101,9 @@ def test_restarted_aggregator_resumes_the_round_and_loses_no_update(tmp_path, br
         good1, good2 = random_delta(base, 1), random_delta(base, 2)
         assert dev1.receipt_for(dev1.send_update("shuffle", good1, samples=100)).status == "accepted"
         aggregator.stop()
-        late = dev2.send_update("shuffle", good2, samples=50)  # the broker queues it for the aggregator's session
+        late = dev2.send_update(
+            "shuffle", good2, samples=50
+        )  # the broker queues it for the aggregator's session
         aggregator = Running(AggregatorService(config))
         assert dev2.receipt_for(late, timeout_s=60).status == "accepted"
         observer.wait_for(lambda: ("shuffle", 1) in observer.globals, 30, "global v1", [aggregator])
@@ -112,7 +117,9 @@ def test_restarted_aggregator_resumes_the_round_and_loses_no_update(tmp_path, br
 
 def test_agent_killed_mid_round_does_not_block_the_round_past_its_deadline(tmp_path, broker, observer):
     timeout_s = 20.0
-    aggregator = Running(AggregatorService(aggregator_config(tmp_path, broker, ONE_TASK, round_timeout_s=timeout_s)))
+    aggregator = Running(
+        AggregatorService(aggregator_config(tmp_path, broker, ONE_TASK, round_timeout_s=timeout_s))
+    )
     dev1 = RawDevice(broker, "dev1", {"shuffle": 100})
     slow = agent_config(tmp_path, broker, "dev2", {"shuffle": {"kind": "synthetic", "samples": 200_000}})
     config_path = tmp_path / "dev2.toml"
@@ -123,14 +130,20 @@ def test_agent_killed_mid_round_does_not_block_the_round_past_its_deadline(tmp_p
     try:
         dev1.wait(lambda: dev1.schedules, 60, "a schedule")
         opened = dev1.schedules[0].issued_at
-        observer.wait_for(lambda: any(e.device == "dev2" and e.kind == "started" for e in observer.events),
-                          60, "dev2 to start training", [aggregator])  # fmt: skip
+        observer.wait_for(
+            lambda: any(e.device == "dev2" and e.kind == "started" for e in observer.events),
+            60,
+            "dev2 to start training",
+            [aggregator],
+        )
         observer.wait_for(lambda: ("shuffle", 0) in observer.globals, 30, "global v0")
         base = observer.globals[("shuffle", 0)]
         update = random_delta(base, 1)
         assert dev1.receipt_for(dev1.send_update("shuffle", update, samples=100)).status == "accepted"
         os.killpg(process.pid, signal.SIGKILL)  # the agent and its task process die mid-round
-        observer.wait_for(lambda: ("shuffle", 1) in observer.globals, timeout_s + 30, "global v1", [aggregator])
+        observer.wait_for(
+            lambda: ("shuffle", 1) in observer.globals, timeout_s + 30, "global v1", [aggregator]
+        )
         finalised = time.time()
     finally:
         if process.poll() is None:
@@ -150,10 +163,19 @@ def test_failing_task_is_reported_and_the_other_tasks_go_on(tmp_path, broker, ob
         Image.new("RGB", (8, 8)).save(bad_folder / f"c{label}" / "x.png")
     with running(
         AggregatorService(aggregator_config(tmp_path, broker, round_timeout_s=600.0)),
-        Agent(agent_config(tmp_path, broker, "dev1", {"shuffle": digits(0), "mobile": {"kind": "imagefolder", "path": str(bad_folder)}})),
+        Agent(
+            agent_config(
+                tmp_path,
+                broker,
+                "dev1",
+                {"shuffle": digits(0), "mobile": {"kind": "imagefolder", "path": str(bad_folder)}},
+            )
+        ),
         Agent(agent_config(tmp_path, broker, "dev2", {"shuffle": digits(1), "mobile": digits(1)})),
-    ) as services:  # fmt: skip
-        observer.wait_for(lambda: all(k in observer.globals for k in BOTH_V1), 240, "v1 of both tasks", services)
+    ) as services:
+        observer.wait_for(
+            lambda: all(k in observer.globals for k in BOTH_V1), 240, "v1 of both tasks", services
+        )
     failures = [e for e in observer.events if e.kind == "failed"]
     assert [(e.device, e.task) for e in failures] == [("dev1", "mobile")]
     assert "classes" in failures[0].message
@@ -163,4 +185,6 @@ def test_failing_task_is_reported_and_the_other_tasks_go_on(tmp_path, broker, ob
     assert sorted(d for d, _, _ in by_task["shuffle"]) == ["dev1", "dev2"]
     assert [d for d, _, _ in by_task["mobile"]] == ["dev2"]
     mobile = [(samples, delta) for _, samples, delta in by_task["mobile"]]
-    assert_states_equal(observer.globals[("mobile", 1)], reference_fedavg(observer.globals[("mobile", 0)], mobile))
+    assert_states_equal(
+        observer.globals[("mobile", 1)], reference_fedavg(observer.globals[("mobile", 0)], mobile)
+    )

@@ -42,9 +42,15 @@ class NVMLError(Exception):
 
 ERRORS = {
     name: type(name, (NVMLError,), {})
-    for name in ("NVMLError_NotSupported", "NVMLError_NoPermission", "NVMLError_LibraryNotFound",
-                 "NVMLError_DriverNotLoaded", "NVMLError_GpuIsLost", "NVMLError_Uninitialized")
-}  # fmt: skip
+    for name in (
+        "NVMLError_NotSupported",
+        "NVMLError_NoPermission",
+        "NVMLError_LibraryNotFound",
+        "NVMLError_DriverNotLoaded",
+        "NVMLError_GpuIsLost",
+        "NVMLError_Uninitialized",
+    )
+}
 CLOCKS = {1: "NVML_CLOCK_SM", 2: "NVML_CLOCK_MEM"}
 ARGUMENTS = {
     "nvmlDeviceGetClockInfo": CLOCKS,
@@ -284,11 +290,13 @@ def test_no_driver_gives_cpu_profile_with_clear_note(monkeypatch, caplog):
     ("module", "note"),
     [
         (None, "NVML unavailable (nvidia-ml-py is not installed); CPU profile"),
-        (FakeNvml({"nvmlInit": {"nvml_error": "NVMLError_DriverNotLoaded"}}),
-         "no NVIDIA driver (NVML: driver not loaded); CPU profile"),
+        (
+            FakeNvml({"nvmlInit": {"nvml_error": "NVMLError_DriverNotLoaded"}}),
+            "no NVIDIA driver (NVML: driver not loaded); CPU profile",
+        ),
         (FakeNvml({**load("nvml_h100"), "devices": []}), "NVML: no GPUs; CPU profile"),
     ],
-)  # fmt: skip
+)
 def test_nvml_unavailable_notes(monkeypatch, module, note):
     install(monkeypatch, "pynvml", module)
     report = gpu_probe.probe()
@@ -317,8 +325,11 @@ def test_telemetry_failure_is_empty_and_logged_once(monkeypatch, caplog):
 
 def fake_torch(*devices: tuple[str, int]) -> SimpleNamespace:
     props = [SimpleNamespace(uuid=uuid, multi_processor_count=sms) for uuid, sms in devices]
-    cuda = SimpleNamespace(is_available=lambda: bool(props), device_count=lambda: len(props),
-                           get_device_properties=lambda i: props[i])  # fmt: skip
+    cuda = SimpleNamespace(
+        is_available=lambda: bool(props),
+        device_count=lambda: len(props),
+        get_device_properties=lambda i: props[i],
+    )
     return SimpleNamespace(cuda=cuda)
 
 
@@ -327,8 +338,13 @@ def test_sm_count_from_torch_policy_and_device_matching(monkeypatch):
     monkeypatch.delitem(sys.modules, "torch", raising=False)
     assert sm_count(0) is None and "torch" not in sys.modules  # not imported without allow_torch
     # CUDA lists the 3090 first (CUDA_DEVICE_ORDER=FASTEST_FIRST), NVML the H100: match by UUID
-    install(monkeypatch, "torch", fake_torch(("00000000-0000-4000-8000-000000003090", 82),
-                                             ("00000000-0000-4000-8000-000000000100", 132)))  # fmt: skip
+    install(
+        monkeypatch,
+        "torch",
+        fake_torch(
+            ("00000000-0000-4000-8000-000000003090", 82), ("00000000-0000-4000-8000-000000000100", 132)
+        ),
+    )
     assert sm_count(0, H100_UUID) == 132
     assert sm_count(0) == 82  # by index where there is no UUID (Jetson)
     assert sm_count(0, "GPU-hidden-by-CUDA_VISIBLE_DEVICES") is None
@@ -391,14 +407,22 @@ def test_orin_profile_maps_jtop_reading_with_units(monkeypatch, tmp_path):
 def test_orin_telemetry_units(monkeypatch, tmp_path):
     on_jetson(monkeypatch, tmp_path)
     assert jetson.read_telemetry(jtop_module()) == [
-        GpuTelemetry(index=0, utilization_percent=37.4, memory_used_bytes=18874368 * 1024, power_w=13.746,
-                     temperature_c=45.2)
-    ]  # fmt: skip
+        GpuTelemetry(
+            index=0,
+            utilization_percent=37.4,
+            memory_used_bytes=18874368 * 1024,
+            power_w=13.746,
+            temperature_c=45.2,
+        )
+    ]
 
 
 def test_jetson_board_keys_from_older_jetson_stats():
-    board = SimpleNamespace(info={"machine": "NVIDIA Jetson Xavier NX", "jetpack": "4.6", "L4T": "32.6.1"},
-                            hardware={}, libraries={"CUDA": "10.2.300"})  # fmt: skip
+    board = SimpleNamespace(
+        info={"machine": "NVIDIA Jetson Xavier NX", "jetpack": "4.6", "L4T": "32.6.1"},
+        hardware={},
+        libraries={"CUDA": "10.2.300"},
+    )
     info = jetson._board_info(board)
     assert (info["jetpack"], info["l4t"], info["cuda"]) == ("4.6", "32.6.1", "10.2.300")
     assert jetson._gpu_temperature({"GPU": 41.5}) == 41.5
@@ -427,8 +451,12 @@ def test_jetson_without_jetson_stats_names_the_fix(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("socket", "error"), [(False, None), (True, "The jtop.service is not active. Please run:\nsudo systemctl restart jtop.service")]
-)  # fmt: skip
+    ("socket", "error"),
+    [
+        (False, None),
+        (True, "The jtop.service is not active. Please run:\nsudo systemctl restart jtop.service"),
+    ],
+)
 def test_jetson_without_jtop_service_names_the_fix(monkeypatch, tmp_path, socket, error):
     on_jetson(monkeypatch, tmp_path, service=socket)
     install(monkeypatch, "jtop", jtop_module(error))

@@ -19,8 +19,22 @@ FAKE = Path(__file__).parent / "fake_mps" / CONTROL
 PID = "nvidia-cuda-mps-control.pid"  # the fake's "daemon runs" flag, as the real daemon's pid file
 
 # (percent, SMs seen by torch) on an H100 with 132 SMs
-H100_MEASURED = [(1, 8), (2, 8), (3, 8), (4, 8), (5, 8), (10, 12), (20, 26), (25, 32), (33, 42), (50, 66), (60, 78),
-                 (75, 98), (90, 118), (100, 132)]
+H100_MEASURED = [
+    (1, 8),
+    (2, 8),
+    (3, 8),
+    (4, 8),
+    (5, 8),
+    (10, 12),
+    (20, 26),
+    (25, 32),
+    (33, 42),
+    (50, 66),
+    (60, 78),
+    (75, 98),
+    (90, 118),
+    (100, 132),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +86,10 @@ def commands(tmp_path: Path) -> list[str]:
 def test_config_from_toml():
     cfg = msgspec.toml.decode(b'manage_daemon = true\npinned_memory_limit = "0=2G,1=512M"', type=MpsConfig)
     assert (cfg.enabled, cfg.manage_daemon, cfg.pipe_dir, cfg.log_dir) == (
-        True, True, "/run/nvidia-mps", "/run/nvidia-mps-log"
+        True,
+        True,
+        "/run/nvidia-mps",
+        "/run/nvidia-mps-log",
     )
     with pytest.raises(msgspec.ValidationError):
         msgspec.toml.decode(b"pipe = '/tmp/x'", type=MpsConfig)
@@ -245,7 +262,9 @@ def test_hanging_binary_times_out(tmp_path, fake, running, monkeypatch):
     monkeypatch.setenv("FAKE_MPS_HANG", "1")
     daemon = MpsDaemon(config(tmp_path, manage_daemon=True), timeout_s=0.3, start_timeout_s=0.3)
     start = time.monotonic()
-    with pytest.raises(MpsError, match=r"'get_server_list' to nvidia-cuda-mps-control did not answer within 0.3 s"):
+    with pytest.raises(
+        MpsError, match=r"'get_server_list' to nvidia-cuda-mps-control did not answer within 0.3 s"
+    ):
         daemon.server_list()
     assert "daemon not running ('get_server_list' to" in daemon.detect().reason
     info = daemon.ensure_running()  # control socket present but no answer: tries -d, which hangs too

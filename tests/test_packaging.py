@@ -12,9 +12,15 @@ import pytest
     "modules, absent",
     [
         ("aggregator.service, aggregator.cli", ("torch", "torchvision", "pynvml", "onnxruntime")),
-        ("protocol.schemas, protocol.tensors, protocol.chunking, protocol.inbox, protocol.models", ("torch", "paho")),
+        (
+            "protocol.schemas, protocol.tensors, protocol.chunking, protocol.inbox, protocol.models",
+            ("torch", "paho"),
+        ),
         ("predictor.runtime, predictor.search, predictor.encoding", ("torch", "torchvision")),
-        ("agent.config, agent.gpu.probe, agent.mps, agent.policies, agent.service", ("torch", "pynvml", "jtop")),
+        (
+            "agent.config, agent.gpu.probe, agent.mps, agent.policies, agent.service",
+            ("torch", "pynvml", "jtop"),
+        ),
     ],
 )
 def test_imports_stay_within_their_install(modules, absent):

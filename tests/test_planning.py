@@ -15,11 +15,23 @@ SHA = "0" * 64
 
 
 def assignment(task: str, model: str, batch: int = 16) -> TaskAssignment:
-    return TaskAssignment(task=task, model=ModelSpec(name=model, num_classes=10, input_size=32), optimizer=OptimizerSpec(),
-                          base_version=0, base_sha256=SHA, batch_size=batch, min_batch_size=8, max_batch_size=64)  # fmt: skip
+    return TaskAssignment(
+        task=task,
+        model=ModelSpec(name=model, num_classes=10, input_size=32),
+        optimizer=OptimizerSpec(),
+        base_version=0,
+        base_sha256=SHA,
+        batch_size=batch,
+        min_batch_size=8,
+        max_batch_size=64,
+    )
 
 
-TASKS = [assignment("a", "resnet18"), assignment("b", "shufflenet_v2_x0_5"), assignment("c", "mobilenet_v3_small")]
+TASKS = [
+    assignment("a", "resnet18"),
+    assignment("b", "shufflenet_v2_x0_5"),
+    assignment("c", "mobilenet_v3_small"),
+]
 SAMPLES = {"a": 100, "b": 200, "c": 400}
 
 
@@ -59,7 +71,9 @@ def test_fedmt_with_a_predictor_plans_batches_shares_and_order(tmp_path):
     assert batches["a"] < batches["b"] < batches["c"]  # Eq. 6: batch sizes follow the data volumes 1:2:4
     assert all(8 <= b <= 64 for b in batches.values())
     assert set(plan.resources) == {"a", "b", "c"} and all(10 <= r <= 100 for r in plan.resources.values())
-    assert [launch.task for launch in plan.launches] == [a.task for a in plan.assignments]  # Algorithm 1's order
+    assert [launch.task for launch in plan.launches] == [
+        a.task for a in plan.assignments
+    ]  # Algorithm 1's order
     assert all(launch.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] for launch in plan.launches)
     assert predictor.calls >= 2  # one inference for Eq. 5/6, one for Algorithm 1
 
@@ -77,7 +91,9 @@ def test_batch_changes_are_damped_across_rounds(tmp_path):
 
 
 def test_fedmt_without_a_predictor_uses_the_heuristic_and_says_why(tmp_path):
-    plan = Planner(sharing(tmp_path, mps=True), None, "no predictor for this GPU").plan("fedmt", TASKS, SAMPLES)
+    plan = Planner(sharing(tmp_path, mps=True), None, "no predictor for this GPU").plan(
+        "fedmt", TASKS, SAMPLES
+    )
     assert sum(plan.resources.values()) == pytest.approx(200, abs=0.2)
     assert [a.batch_size for a in plan.assignments] == [16, 16, 16]  # the schedule's
     assert "heuristic" in plan.note and "no predictor for this GPU" in plan.note
@@ -95,4 +111,6 @@ def test_without_mps_fedmt_falls_back_to_concurrent(tmp_path):
     plan = Planner(sharing(tmp_path, mps=False), predictor, "law").plan("fedmt", TASKS, SAMPLES)
     assert plan.policy == "concurrent" and plan.resources == {}
     assert predictor.calls == 0
-    assert all(launch.env == {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "no-mps")} for launch in plan.launches)
+    assert all(
+        launch.env == {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "no-mps")} for launch in plan.launches
+    )

@@ -15,10 +15,14 @@ CONFIG = MpsConfig(pipe_dir="/run/test-mps", log_dir="/run/test-mps-log")
 
 def plan(policy, mps=True, resources=None):
     return plan_launches(
-        policy, TASKS, WORKLOADS,
+        policy,
+        TASKS,
+        WORKLOADS,
         mps_env=(lambda p: client_env(CONFIG, p)) if mps else None,
-        no_mps_env=NO_MPS, expected_sms=lambda p: expected_sm_count(132, p), resources=resources,
-    )  # fmt: skip
+        no_mps_env=NO_MPS,
+        expected_sms=lambda p: expected_sm_count(132, p),
+        resources=resources,
+    )
 
 
 def percents(launch_plan) -> list[float]:
@@ -27,7 +31,11 @@ def percents(launch_plan) -> list[float]:
 
 def test_temporal_runs_tasks_one_wave_each_without_mps():
     result = plan("temporal")
-    assert [(launch.task, launch.wave) for launch in result.launches] == [("dense", 0), ("vgg", 1), ("mobile", 2)]
+    assert [(launch.task, launch.wave) for launch in result.launches] == [
+        ("dense", 0),
+        ("vgg", 1),
+        ("mobile", 2),
+    ]
     assert all(launch.env == NO_MPS and launch.expected_sms is None for launch in result.launches)
     assert result.resources == {}
 
@@ -42,7 +50,11 @@ def test_isolated_splits_the_sms_equally_to_100_percent():
     result = plan("isolated")
     assert percents(result) == [33.3, 33.3, 33.3]  # one decimal, so CUDA and the SM check agree
     assert sum(result.resources.values()) == pytest.approx(100, abs=0.2)
-    assert [launch.expected_sms for launch in result.launches] == [42, 42, 42]  # 33.3% of 132 SMs, H100 rounding
+    assert [launch.expected_sms for launch in result.launches] == [
+        42,
+        42,
+        42,
+    ]  # 33.3% of 132 SMs, H100 rounding
     assert all(launch.env["CUDA_MPS_PIPE_DIRECTORY"] == "/run/test-mps" for launch in result.launches)
 
 

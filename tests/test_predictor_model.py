@@ -52,18 +52,24 @@ def random_inputs(rows: int, real: int = 3, seed: int = 0) -> tuple[torch.Tensor
 def fake_task(i: int) -> TaskFeatures:
     """Features without building a model (encode_inputs only needs the numbers)."""
     return TaskFeatures(
-        model=f"fake{i}", input_size=32, num_classes=10,
-        flops_per_sample=1e8 * (i + 1), param_bytes=4_000_000 * (i + 1), activation_bytes_per_sample=100_000 * (i + 1),
-    )  # fmt: skip
+        model=f"fake{i}",
+        input_size=32,
+        num_classes=10,
+        flops_per_sample=1e8 * (i + 1),
+        param_bytes=4_000_000 * (i + 1),
+        activation_bytes_per_sample=100_000 * (i + 1),
+    )
 
 
 def dummy_samples(combos: list[tuple[str, ...]]) -> Samples:
     """Samples with only the combinations filled in: all that `split` looks at."""
     n = len(combos)
     return Samples(
-        np.zeros((n, MAX_TASKS, N_INPUTS), np.float32), np.zeros((n, MAX_TASKS), np.float32),
-        np.zeros((n, MAX_TASKS), np.float32), list(combos),
-    )  # fmt: skip
+        np.zeros((n, MAX_TASKS, N_INPUTS), np.float32),
+        np.zeros((n, MAX_TASKS), np.float32),
+        np.zeros((n, MAX_TASKS), np.float32),
+        list(combos),
+    )
 
 
 def tiny_card(gpu: str = "Test GPU") -> str:
@@ -84,9 +90,11 @@ def test_permuting_task_slots_permutes_outputs(perm) -> None:
     torch.testing.assert_close(out_perm, out[:, perm], rtol=1e-5, atol=0)
     for member in model.members:  # each Pre on its own is equivariant too, in log space
         torch.testing.assert_close(
-            member.log_throughput(x[:, perm], mask[:, perm]), member.log_throughput(x, mask)[:, perm],
-            rtol=1e-5, atol=1e-6,
-        )  # fmt: skip
+            member.log_throughput(x[:, perm], mask[:, perm]),
+            member.log_throughput(x, mask)[:, perm],
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 @torch.no_grad()
@@ -278,10 +286,14 @@ class ThreeSlots(torch.nn.Module):
 def test_other_input_layout(tmp_path) -> None:
     path = tmp_path / "three-slots.onnx"
     torch.onnx.export(
-        ThreeSlots(), (torch.zeros(2, 3, N_INPUTS), torch.ones(2, 3)), str(path), dynamo=False,
-        input_names=["features", "mask"], output_names=["throughput"],
+        ThreeSlots(),
+        (torch.zeros(2, 3, N_INPUTS), torch.ones(2, 3)),
+        str(path),
+        dynamo=False,
+        input_names=["features", "mask"],
+        output_names=["throughput"],
         dynamic_axes={"features": {0: "n"}, "mask": {0: "n"}, "throughput": {0: "n"}},
-    )  # fmt: skip
+    )
     card_path(path).write_text(tiny_card())
     with pytest.raises(PredictorUnavailable) as info:
         OnnxPredictor(path)
@@ -384,8 +396,18 @@ def synthetic_records(windows: int = 120, gpu: str = SYNTHETIC_GPU) -> list[Reco
     for i, config in enumerate(sample_configs(1, windows, models=CHEAP, focus=CHEAP_FOCUS)):
         n = len(config.tasks)
         tasks = [TaskSample(m, b, float(r), round(law(flops[m], b, r, n), 3)) for m, b, r in config.tasks]
-        records.append(Record(gpu=gpu, sm_total=100, driver="1.0", torch=str(torch.__version__), resolution=RESOLUTION,
-                              tasks=tasks, window_s=1.0, ts=1_700_000_000.0 + i))  # fmt: skip
+        records.append(
+            Record(
+                gpu=gpu,
+                sm_total=100,
+                driver="1.0",
+                torch=str(torch.__version__),
+                resolution=RESOLUTION,
+                tasks=tasks,
+                window_s=1.0,
+                ts=1_700_000_000.0 + i,
+            )
+        )
     return records
 
 

@@ -95,7 +95,9 @@ def test_fair_objective_normalises_by_alone_throughput() -> None:
 
 
 def test_resource_ties_go_to_the_smaller_rv() -> None:
-    flat = lambda _t, b, r: np.ones_like(b)  # every R scores the same
+    def flat(_t, b, r):
+        return np.ones_like(b)  # every R scores the same
+
     result = best_resources(tasks(2), [8, 8], flat)
     np.testing.assert_array_equal(result.resources, [10, 10])
 
@@ -149,7 +151,9 @@ def test_adapt_batches_obeys_the_mismatch_filter() -> None:
 
 
 def test_adapt_batches_ties_go_to_lower_mismatch_then_lexicographic() -> None:
-    blind = lambda _t, b, r: r**0.5  # batch sizes do not matter
+    def blind(_t, b, r):
+        return r**0.5  # batch sizes do not matter
+
     result = adapt_batches(tasks(2), [1, 2], [[10, 11], [20, 21]], blind, tolerance=100)
     np.testing.assert_array_equal(result.batches, [10, 20])
     result = adapt_batches(tasks(2), [1, 1], [[8, 16], [8, 16]], blind)
@@ -243,7 +247,9 @@ def test_schedule_three_tasks_is_exhaustive_over_162_points() -> None:
 
 
 def test_schedule_keeps_b_star_when_changes_do_not_help() -> None:
-    blind = lambda _t, b, r: np.full(b.shape, 100.0)  # batch sizes do not matter
+    def blind(_t, b, r):
+        return np.full(b.shape, 100.0)  # batch sizes do not matter
+
     result = schedule(tasks(2), [100, 100], [20, 30], [1, 1], [1, 1], blind, [50, 50])
     np.testing.assert_array_equal(result.batches, [20, 30])
     assert result.order == (0, 1)  # a makespan tie between both orders: lexicographic

@@ -41,7 +41,9 @@ def reasm(tmp_path):
 # --- split ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size, chunks", [(0, 1), (1, 1), (CS - 1, 1), (CS, 1), (CS + 1, 2), (5 * CS, 5), (5 * CS + 3, 6)])
+@pytest.mark.parametrize(
+    "size, chunks", [(0, 1), (1, 1), (CS - 1, 1), (CS, 1), (CS + 1, 2), (5 * CS, 5), (5 * CS + 3, 6)]
+)
 def test_transfer_info_and_split_cut_payload_into_ceil_size_over_chunk_size(size, chunks):
     data = payload(size)
     info = transfer_info("t1", data, CS)
@@ -51,7 +53,10 @@ def test_transfer_info_and_split_cut_payload_into_ceil_size_over_chunk_size(size
     assert [c.index for c in parts] == list(range(chunks))
     assert b"".join(c.data for c in parts) == data
     assert all(len(c.data) == CS for c in parts[:-1])
-    assert all((c.transfer, c.total, c.chunk_size, c.size, c.sha256) == ("t1", chunks, CS, size, info.sha256) for c in parts)
+    assert all(
+        (c.transfer, c.total, c.chunk_size, c.size, c.sha256) == ("t1", chunks, CS, size, info.sha256)
+        for c in parts
+    )
 
 
 def test_transfer_info_rejects_non_positive_chunk_size():
@@ -297,7 +302,8 @@ def _multi() -> list:
         pytest.param(lambda: replace(_multi()[0], index=4), id="index-equals-total"),
         pytest.param(lambda: replace(_multi()[0], index=1000), id="index-far-beyond"),
         pytest.param(  # a plausible byte count (0) must not let an out-of-range index count towards completion
-            lambda: replace(chunks_of(payload(2 * CS))[0], index=2, data=b""), id="index-equals-total-empty-data"
+            lambda: replace(chunks_of(payload(2 * CS))[0], index=2, data=b""),
+            id="index-equals-total-empty-data",
         ),
         pytest.param(lambda: replace(_multi()[0], data=_multi()[0].data[:-1]), id="short-data"),
         pytest.param(lambda: replace(_multi()[0], data=_multi()[0].data + b"\0"), id="long-data"),

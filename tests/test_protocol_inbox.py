@@ -26,7 +26,14 @@ def transfer(tid: str, size: int = 5 * CS + 3, seed: int = 0):
     data = payload(size, seed)
     info = transfer_info(tid, data, CS)
     manifest = UpdateManifest(
-        task="cifar10", round=3, device="dev-1", update_id=tid, base_version=2, samples=100, codec="delta", transfer=info
+        task="cifar10",
+        round=3,
+        device="dev-1",
+        update_id=tid,
+        base_version=2,
+        samples=100,
+        codec="delta",
+        transfer=info,
     )
     return manifest, list(split(data, info)), data
 
@@ -77,7 +84,7 @@ def test_interleaved_transfers_pair_with_their_own_manifests(inbox):
     events += [("c", tid, c) for tid, (_, cs, _) in transfers.items() for c in cs]
     random.Random(5).shuffle(events)
     delivered = {}
-    for kind, tid, item in events:
+    for kind, _tid, item in events:
         d = inbox.add_manifest(item, now=0) if kind == "m" else inbox.add_chunk(item, now=0)
         if d is not None:
             assert d.manifest.update_id not in delivered

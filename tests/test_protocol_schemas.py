@@ -16,46 +16,100 @@ SHA = "0123456789abcdef" * 4
 INFO = s.TransferInfo(id="upd-1.r3", size=10, sha256=SHA, chunk_size=4, chunks=3)
 MODEL = s.ModelSpec(name="resnet18", num_classes=10, input_size=32)
 ASSIGNMENT = s.TaskAssignment(
-    task="cifar10", model=MODEL, optimizer=s.OptimizerSpec(name="adam", lr=1e-3), base_version=4, base_sha256=SHA
+    task="cifar10",
+    model=MODEL,
+    optimizer=s.OptimizerSpec(name="adam", lr=1e-3),
+    base_version=4,
+    base_sha256=SHA,
 )
 
 SAMPLES: list[s.Message] = [
     s.Status(state="online", ts=1.5, agent_version="0.1.0"),
     s.Status(state="offline", ts=0.0),
-    s.HostInfo(hostname="jetson", os="Linux", machine="aarch64", python="3.10.12", cpu_count=6, memory_bytes=8 << 30),
+    s.HostInfo(
+        hostname="jetson", os="Linux", machine="aarch64", python="3.10.12", cpu_count=6, memory_bytes=8 << 30
+    ),
     s.GpuInfo(index=0, name="Orin", backend="jtop", memory_total_bytes=8 << 30),
     s.GpuInfo(
-        index=1, name="H100", backend="nvml", memory_total_bytes=80 << 30, memory_free_bytes=1, compute_capability="9.0",
-        sm_count=132, clock_sm_mhz=1980, clock_memory_mhz=2619, power_limit_w=700.0, compute_mode="Default",
-        mig_mode=False, extra={"bus": "0000:01:00.0"},
+        index=1,
+        name="H100",
+        backend="nvml",
+        memory_total_bytes=80 << 30,
+        memory_free_bytes=1,
+        compute_capability="9.0",
+        sm_count=132,
+        clock_sm_mhz=1980,
+        clock_memory_mhz=2619,
+        power_limit_w=700.0,
+        compute_mode="Default",
+        mig_mode=False,
+        extra={"bus": "0000:01:00.0"},
     ),
     s.MpsInfo(available=False, reason="no control binary"),
     s.TaskData(samples=0),
     s.DeviceProfile(
-        device="dev-1", ts=2.0, agent_version="0.1.0",
-        host=s.HostInfo(hostname="h", os="Linux", machine="x86_64", python="3.11", cpu_count=16, memory_bytes=1),
-        driver_version="550.54", cuda_version="12.4",
+        device="dev-1",
+        ts=2.0,
+        agent_version="0.1.0",
+        host=s.HostInfo(
+            hostname="h", os="Linux", machine="x86_64", python="3.11", cpu_count=16, memory_bytes=1
+        ),
+        driver_version="550.54",
+        cuda_version="12.4",
         gpus=[s.GpuInfo(index=0, name="A", backend="nvml", memory_total_bytes=1)],
-        mps=s.MpsInfo(available=True, reason="", control_binary="/usr/bin/nvidia-cuda-mps-control", daemon_running=True),
-        policies=["fedavg", "mps"], predictor="v1.onnx",
+        mps=s.MpsInfo(
+            available=True, reason="", control_binary="/usr/bin/nvidia-cuda-mps-control", daemon_running=True
+        ),
+        policies=["fedavg", "mps"],
+        predictor="v1.onnx",
         tasks={"cifar10": s.TaskData(samples=500), "mnist": s.TaskData(samples=1)},
     ),
     s.GpuTelemetry(index=0, utilization_percent=99.5, memory_used_bytes=3, power_w=10.0, temperature_c=-5.0),
-    s.Telemetry(device="dev-1", ts=3.0, cpu_percent=12.5, memory_used_bytes=1, memory_total_bytes=2,
-                gpus=[s.GpuTelemetry(index=0)]),
+    s.Telemetry(
+        device="dev-1",
+        ts=3.0,
+        cpu_percent=12.5,
+        memory_used_bytes=1,
+        memory_total_bytes=2,
+        gpus=[s.GpuTelemetry(index=0)],
+    ),
     MODEL,
     s.OptimizerSpec(),
     ASSIGNMENT,
-    s.Schedule(device="dev-1", round=1, issued_at=10.0, deadline=70.0, tasks=[ASSIGNMENT] * 2, policy="fedmt"),
-    s.Event(device="dev-1", ts=4.0, kind="finished", round=0, task="cifar10", message="ok",
-            metrics={"loss": 0.25, "acc": 0.9}),
+    s.Schedule(
+        device="dev-1", round=1, issued_at=10.0, deadline=70.0, tasks=[ASSIGNMENT] * 2, policy="fedmt"
+    ),
+    s.Event(
+        device="dev-1",
+        ts=4.0,
+        kind="finished",
+        round=0,
+        task="cifar10",
+        message="ok",
+        metrics={"loss": 0.25, "acc": 0.9},
+    ),
     s.Receipt(update_id="upd-1", task="cifar10", round=3, status="rejected", reason="stale base"),
     INFO,
     s.TensorInfo(name="layer1.0.conv1.weight", dtype="float32", shape=[64, 64, 3, 3]),
-    s.GlobalManifest(task="cifar10", version=4, model=MODEL,
-                     tensors=[s.TensorInfo(name="w", dtype="float32", shape=[])], transfer=INFO, created_at=5.0),
-    s.UpdateManifest(task="cifar10", round=3, device="dev-1", update_id="upd-1.r3", base_version=4, samples=500,
-                     codec="delta", transfer=INFO, metrics={"loss": 1.0}),
+    s.GlobalManifest(
+        task="cifar10",
+        version=4,
+        model=MODEL,
+        tensors=[s.TensorInfo(name="w", dtype="float32", shape=[])],
+        transfer=INFO,
+        created_at=5.0,
+    ),
+    s.UpdateManifest(
+        task="cifar10",
+        round=3,
+        device="dev-1",
+        update_id="upd-1.r3",
+        base_version=4,
+        samples=500,
+        codec="delta",
+        transfer=INFO,
+        metrics={"loss": 1.0},
+    ),
     s.Chunk(transfer="upd-1.r3", index=2, total=3, chunk_size=4, size=10, sha256=SHA, data=b"\x00\xff"),
 ]
 
@@ -144,7 +198,14 @@ def test_messages_are_immutable():
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"\xc1", b'{"state": "online", "ts": 1}', b"\x81", bytes(range(200)), encode(sample(s.Status))[:-1]],
+    [
+        b"",
+        b"\xc1",
+        b'{"state": "online", "ts": 1}',
+        b"\x81",
+        bytes(range(200)),
+        encode(sample(s.Status))[:-1],
+    ],
     ids=["empty", "reserved-byte", "json", "truncated-map", "garbage", "truncated-message"],
 )
 @pytest.mark.parametrize("kind", [s.Status, s.Schedule, s.Chunk])
@@ -192,7 +253,9 @@ def test_unknown_extra_field_is_named(kind):
 
 
 def test_unknown_field_in_nested_message_is_rejected():
-    assert_names(rejected(raw(sample(s.Schedule), "tasks.0.model.sneaky_field", 1), s.Schedule), "sneaky_field")
+    assert_names(
+        rejected(raw(sample(s.Schedule), "tasks.0.model.sneaky_field", 1), s.Schedule), "sneaky_field"
+    )
 
 
 def test_extra_element_in_array_chunk_is_rejected():
@@ -293,17 +356,40 @@ def test_boundary_values_are_accepted(kind, path, value):
 
 def test_schedule_with_empty_or_too_many_tasks_is_rejected():
     assert_names(rejected(raw(sample(s.Schedule), "tasks", []), s.Schedule), "tasks")
-    assert_names(rejected(raw(sample(s.Schedule), "tasks", [to_builtins(ASSIGNMENT)] * 65), s.Schedule), "tasks")
+    assert_names(
+        rejected(raw(sample(s.Schedule), "tasks", [to_builtins(ASSIGNMENT)] * 65), s.Schedule), "tasks"
+    )
 
 
-BAD_NAMES = ["a/b", "a+b", "a#b", "+", "#", "a b", " a", "", "x" * 65, ".hidden", "-dash", "_under", "ä", "a\0b"]
+BAD_NAMES = [
+    "a/b",
+    "a+b",
+    "a#b",
+    "+",
+    "#",
+    "a b",
+    " a",
+    "",
+    "x" * 65,
+    ".hidden",
+    "-dash",
+    "_under",
+    "ä",
+    "a\0b",
+]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
 @pytest.mark.parametrize(
     "kind, path",
-    [(s.Telemetry, "device"), (s.Schedule, "device"), (s.Receipt, "task"), (s.UpdateManifest, "device"),
-     (s.Schedule, "tasks.0.task"), (s.Event, "task")],
+    [
+        (s.Telemetry, "device"),
+        (s.Schedule, "device"),
+        (s.Receipt, "task"),
+        (s.UpdateManifest, "device"),
+        (s.Schedule, "tasks.0.task"),
+        (s.Event, "task"),
+    ],
 )
 def test_invalid_device_and_task_ids_are_rejected(name, kind, path):
     assert_names(rejected(raw(sample(kind), path, name), kind), path.split(".")[-1])
@@ -311,11 +397,15 @@ def test_invalid_device_and_task_ids_are_rejected(name, kind, path):
 
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_invalid_task_id_as_profile_key_is_rejected(name):
-    assert_names(rejected(raw(sample(s.DeviceProfile), "tasks", {name: {"samples": 1}}), s.DeviceProfile), "tasks")
+    assert_names(
+        rejected(raw(sample(s.DeviceProfile), "tasks", {name: {"samples": 1}}), s.DeviceProfile), "tasks"
+    )
 
 
 @pytest.mark.parametrize("bad", ["a/b", "", "x" * 129, ".x", "a b"])
-@pytest.mark.parametrize("kind, path", [(s.TransferInfo, "id"), (s.Receipt, "update_id"), (s.UpdateManifest, "update_id")])
+@pytest.mark.parametrize(
+    "kind, path", [(s.TransferInfo, "id"), (s.Receipt, "update_id"), (s.UpdateManifest, "update_id")]
+)
 def test_invalid_transfer_ids_are_rejected(bad, kind, path):
     assert_names(rejected(raw(sample(kind), path, bad), kind), path)
 
@@ -328,7 +418,11 @@ def test_invalid_sha256_is_rejected(bad, kind, path):
 
 @pytest.mark.parametrize(
     "kind, path, value",
-    [(s.Telemetry, "device", "dev-1\n"), (s.TransferInfo, "sha256", SHA + "\n"), (s.TransferInfo, "id", "upd-1\n")],
+    [
+        (s.Telemetry, "device", "dev-1\n"),
+        (s.TransferInfo, "sha256", SHA + "\n"),
+        (s.TransferInfo, "id", "upd-1\n"),
+    ],
 )
 def test_trailing_newline_is_not_a_valid_id(kind, path, value):
     rejected(raw(sample(kind), path, value), kind)

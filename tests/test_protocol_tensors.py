@@ -117,7 +117,13 @@ def test_big_endian_input_decodes_to_equal_little_endian_values(dtype):
         ("float32", [0x7FC00001, 0xFFC12345, 0x7F800001, 0xFF800001, 0x80000000, 0x7F800000, 0x00000001]),
         (
             "float64",
-            [0x7FF8000000000001, 0xFFF8DEADBEEF0001, 0x7FF0000000000001, 0x8000000000000000, 0x0000000000000001],
+            [
+                0x7FF8000000000001,
+                0xFFF8DEADBEEF0001,
+                0x7FF0000000000001,
+                0x8000000000000000,
+                0x0000000000000001,
+            ],
         ),
     ],
 )
@@ -143,7 +149,9 @@ def test_realistic_state_of_fifty_tensors_round_trips():
     for name, array in state.items():
         assert_bit_exact(decoded[name], array)
     raw_bytes = sum(a.nbytes for a in state.values())
-    assert raw_bytes <= len(payload) < raw_bytes + 64 * len(state)  # no bloat beyond a small per-tensor header
+    assert (
+        raw_bytes <= len(payload) < raw_bytes + 64 * len(state)
+    )  # no bloat beyond a small per-tensor header
 
 
 # --- rejected payloads ---------------------------------------------------------------------------------
@@ -184,7 +192,20 @@ def test_malformed_payload_raises_protocol_error(payload):
 
 
 @pytest.mark.parametrize(
-    "dtype", ["object", "O", "complex128", "complex64", "float128", "uint16", "uint32", "uint64", "<f4", "bfloat16", ""]
+    "dtype",
+    [
+        "object",
+        "O",
+        "complex128",
+        "complex64",
+        "float128",
+        "uint16",
+        "uint32",
+        "uint64",
+        "<f4",
+        "bfloat16",
+        "",
+    ],
 )
 def test_unknown_dtype_name_raises_protocol_error(dtype):
     with pytest.raises(ProtocolError, match="dtype"):

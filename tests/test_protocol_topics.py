@@ -10,7 +10,23 @@ from protocol.topics import TopicRef, parse
 
 DEVICES = ["dev-1", "jetson.orin_02", "A", "x" * 64, "0"]
 TASKS = ["cifar10", "image.net-1k_v2", "T"]
-BAD_IDS = ["", "a/b", "+", "#", "dev+", "dev#", "a b", "x" * 65, ".hidden", "-dash", "_under", "ä", "a\0b", None, 7]
+BAD_IDS = [
+    "",
+    "a/b",
+    "+",
+    "#",
+    "dev+",
+    "dev#",
+    "a b",
+    "x" * 65,
+    ".hidden",
+    "-dash",
+    "_under",
+    "ä",
+    "a\0b",
+    None,
+    7,
+]
 
 
 @pytest.mark.parametrize("leaf", t.DEVICE_LEAVES)
@@ -51,7 +67,9 @@ def test_ids_named_like_tree_keywords_are_still_ids():
         kind="update", task="global", device="manifest", part="manifest"
     )
     assert parse(t.device("devices", "status")) == TopicRef(kind="status", device="devices")
-    assert parse(t.chunk(t.global_model("chunks"), 2)) == TopicRef(kind="global", task="chunks", part="chunk", index=2)
+    assert parse(t.chunk(t.global_model("chunks"), 2)) == TopicRef(
+        kind="global", task="chunks", part="chunk", index=2
+    )
 
 
 def test_all_below_is_a_multilevel_wildcard_under_the_base():

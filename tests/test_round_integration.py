@@ -29,7 +29,9 @@ def test_full_round_two_agents_two_tasks_equals_reference_fedavg(tmp_path, broke
         Agent(agent_config(tmp_path, broker, "dev1", tasks[0])),
         Agent(agent_config(tmp_path, broker, "dev2", tasks[1], policy="isolated")),  # no MPS here: falls back
     ) as services:
-        observer.wait_for(lambda: all(k in observer.globals for k in BOTH_V1), 240, "v1 of both tasks", services)
+        observer.wait_for(
+            lambda: all(k in observer.globals for k in BOTH_V1), 240, "v1 of both tasks", services
+        )
 
     for task in ("shuffle", "mobile"):
         sent = [(m.samples, delta) for m, delta in observer.updates.values() if m.task == task]

@@ -35,7 +35,9 @@ def config(tmp_path):
 
 def join(coordinator: Coordinator, device: str, samples: int = 10) -> None:
     coordinator.device_status(device, True)
-    profile = DeviceProfile(device=device, ts=0, agent_version="x", host=HOST, tasks={"t": TaskData(samples=samples)})
+    profile = DeviceProfile(
+        device=device, ts=0, agent_version="x", host=HOST, tasks={"t": TaskData(samples=samples)}
+    )
     coordinator.device_profile(profile)
 
 
@@ -45,8 +47,16 @@ def update(coordinator: Coordinator, tmp_path, device: str, delta: dict, samples
     path = tmp_path / f"{update_id}.done"
     path.write_bytes(payload)
     version = coordinator.globals["t"].manifest.version
-    manifest = UpdateManifest(task="t", round=round_, device=device, update_id=update_id, base_version=version,
-                              samples=samples, codec="delta", transfer=transfer_info(update_id, payload))  # fmt: skip
+    manifest = UpdateManifest(
+        task="t",
+        round=round_,
+        device=device,
+        update_id=update_id,
+        base_version=version,
+        samples=samples,
+        codec="delta",
+        transfer=transfer_info(update_id, payload),
+    )
     return coordinator.accept_update(manifest, path, device)
 
 

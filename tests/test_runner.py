@@ -33,10 +33,15 @@ def base(tmp_path_factory):
 
 def train_command(base, tmp_path, task: str, samples: int) -> jobs.Train:
     path, sha = base
-    assignment = TaskAssignment(task=task, model=MODEL, optimizer=OptimizerSpec(), base_version=0, base_sha256=sha,
-                                batch_size=8)  # fmt: skip
-    return jobs.Train(assignment=assignment, data=SyntheticData(samples=samples), base_path=str(path),
-                      output_path=str(tmp_path / f"{task}.update"))  # fmt: skip
+    assignment = TaskAssignment(
+        task=task, model=MODEL, optimizer=OptimizerSpec(), base_version=0, base_sha256=sha, batch_size=8
+    )
+    return jobs.Train(
+        assignment=assignment,
+        data=SyntheticData(samples=samples),
+        base_path=str(path),
+        output_path=str(tmp_path / f"{task}.update"),
+    )
 
 
 def collect(launches, commands, **kwargs) -> dict:

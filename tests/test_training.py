@@ -134,9 +134,19 @@ def test_local_steps_replace_epochs_and_may_end_mid_epoch():
 
     model = ModelSpec(name="shufflenet_v2_x0_5", num_classes=10, input_size=16)
     base = state_to_numpy(build_model(model, seed=0))
-    assignment = TaskAssignment(task="t", model=model, optimizer=OptimizerSpec(), base_version=0,
-                                base_sha256="0" * 64, batch_size=8, local_epochs=5, local_steps=7)  # fmt: skip
+    assignment = TaskAssignment(
+        task="t",
+        model=model,
+        optimizer=OptimizerSpec(),
+        base_version=0,
+        base_sha256="0" * 64,
+        batch_size=8,
+        local_epochs=5,
+        local_steps=7,
+    )
     steps = []
-    result = train_task(assignment, SyntheticData(samples=40), base, progress=lambda step, total: steps.append((step, total)))
+    result = train_task(
+        assignment, SyntheticData(samples=40), base, progress=lambda step, total: steps.append((step, total))
+    )
     assert result.steps == 7 and steps[-1] == (7, 7)  # 5 batches per epoch: one epoch and two steps
     assert result.metrics["images"] == 56 and result.samples == 40
