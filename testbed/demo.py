@@ -29,36 +29,19 @@ from testbed.monitor import Monitor
 DEVICES = ["edge-1", "edge-2", "edge-3"]
 ADAM = OptimizerSpec(name="adam", lr=5e-4, weight_decay=0.0)
 SGD = OptimizerSpec(name="sgd", lr=0.02, momentum=0.9, weight_decay=0.0)
+
+
+def _task(model: str, input_size: int, optimizer: OptimizerSpec, epochs: int) -> TaskConfig:
+    spec = ModelSpec(name=model, num_classes=10, input_size=input_size)
+    return TaskConfig(model=spec, optimizer=optimizer, batch_size=16, local_epochs=epochs)
+
+
 #: task -> (definition, share of each device's digits partition): volumes 1:2:3. Three model families that a
-#: 2-core CPU trains in minutes; (MobileNetV3's BatchNorm momentum of 0.01 needs far more steps than this.)
+#: 2-core CPU trains in minutes (MobileNetV3's BatchNorm momentum of 0.01 needs far more steps than this).
 TASKS = {
-    "digits-resnet18": (
-        TaskConfig(
-            model=ModelSpec(name="resnet18", num_classes=10, input_size=32),
-            optimizer=ADAM,
-            batch_size=16,
-            local_epochs=2,
-        ),
-        1 / 3,
-    ),
-    "digits-densenet121": (
-        TaskConfig(
-            model=ModelSpec(name="densenet121", num_classes=10, input_size=32),
-            optimizer=ADAM,
-            batch_size=16,
-            local_epochs=1,
-        ),
-        2 / 3,
-    ),
-    "digits-shufflenet": (
-        TaskConfig(
-            model=ModelSpec(name="shufflenet_v2_x0_5", num_classes=10, input_size=48),
-            optimizer=SGD,
-            batch_size=16,
-            local_epochs=1,
-        ),
-        1.0,
-    ),
+    "digits-resnet18": (_task("resnet18", 32, ADAM, epochs=2), 1 / 3),
+    "digits-densenet121": (_task("densenet121", 32, ADAM, epochs=1), 2 / 3),
+    "digits-shufflenet": (_task("shufflenet_v2_x0_5", 48, SGD, epochs=1), 1.0),
 }
 
 

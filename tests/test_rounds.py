@@ -41,6 +41,15 @@ def join(coordinator: Coordinator, device: str, samples: int = 10) -> None:
     coordinator.device_profile(profile)
 
 
+def started(config, samples=(10, 10)) -> Coordinator:
+    """A started coordinator with devices d1 and d2 online, holding `samples` of the task."""
+    coordinator = Coordinator(config)
+    coordinator.start()
+    join(coordinator, "d1", samples[0])
+    join(coordinator, "d2", samples[1])
+    return coordinator
+
+
 def update(coordinator: Coordinator, tmp_path, device: str, delta: dict, samples: int = 10, round_: int = 1):
     payload = encode_state(delta)
     update_id = uuid.uuid4().hex
@@ -79,10 +88,7 @@ def test_a_round_opens_only_with_enough_devices_and_schedules_them(config):
 
 
 def test_a_task_finalises_when_every_expected_device_reported(config, tmp_path):
-    coordinator = Coordinator(config)
-    coordinator.start()
-    join(coordinator, "d1", samples=10)
-    join(coordinator, "d2", samples=30)
+    coordinator = started(config, (10, 30))
     coordinator.tick(now=1000)
     assert update(coordinator, tmp_path, "d1", delta(1.0), samples=10).status == "accepted"
     assert coordinator.tick(now=1001).globals == []  # d2 still expected
@@ -96,10 +102,7 @@ def test_a_task_finalises_when_every_expected_device_reported(config, tmp_path):
 
 
 def test_the_deadline_finalises_with_min_updates_or_extends_without(config, tmp_path):
-    coordinator = Coordinator(config)
-    coordinator.start()
-    join(coordinator, "d1")
-    join(coordinator, "d2")
+    coordinator = started(config)
     coordinator.tick(now=1000)
     assert coordinator.tick(now=1101).globals == []  # nobody reported: the deadline moves
     assert coordinator.round.deadline == pytest.approx(1201)
@@ -110,10 +113,7 @@ def test_the_deadline_finalises_with_min_updates_or_extends_without(config, tmp_
 
 
 def test_failed_devices_are_not_waited_for(config, tmp_path):
-    coordinator = Coordinator(config)
-    coordinator.start()
-    join(coordinator, "d1")
-    join(coordinator, "d2")
+    coordinator = started(config)
     coordinator.tick(now=1000)
     update(coordinator, tmp_path, "d1", delta(0.5))
     coordinator.task_failed("d2", "t", 1)
@@ -121,10 +121,7 @@ def test_failed_devices_are_not_waited_for(config, tmp_path):
 
 
 def test_the_round_limit_stops_the_federation(config, tmp_path):
-    coordinator = Coordinator(config)
-    coordinator.start()
-    join(coordinator, "d1")
-    join(coordinator, "d2")
+    coordinator = started(config)
     for number in (1, 2):
         coordinator.tick(now=1000 * number)
         for device in ("d1", "d2"):
@@ -135,10 +132,7 @@ def test_the_round_limit_stops_the_federation(config, tmp_path):
 
 
 def test_a_restarted_coordinator_resumes_the_open_round(config, tmp_path):
-    first = Coordinator(config)
-    first.start()
-    join(first, "d1", samples=10)
-    join(first, "d2", samples=30)
+    first = started(config, (10, 30))
     first.tick(now=1000)
     update(first, tmp_path, "d1", delta(1.0), samples=10)
     first.ledger.close()
@@ -163,10 +157,7 @@ def test_initial_weights_come_from_the_configured_file_and_must_be_finite(config
 
 
 def test_updates_for_unscheduled_devices_or_inflated_samples_are_rejected(config, tmp_path):
-    coordinator = Coordinator(config)
-    coordinator.start()
-    join(coordinator, "d1", samples=10)
-    join(coordinator, "d2", samples=10)
+    coordinator = started(config)
     coordinator.tick(now=time.time())
     assert "not scheduled" in update(coordinator, tmp_path, "d9", delta(0.1)).reason
     assert "declared 10" in update(coordinator, tmp_path, "d1", delta(0.1), samples=11).reason
@@ -175,8 +166,5 @@ def test_updates_for_unscheduled_devices_or_inflated_samples_are_rejected(config
 
 def test_the_configured_policy_travels_with_every_schedule(config):
     config.rounds.policy = "isolated"
-    coordinator = Coordinator(config)
-    coordinator.start()
-    join(coordinator, "d1")
-    join(coordinator, "d2")
+    coordinator = started(config)
     assert {s.policy for s in coordinator.tick(now=1000).schedules} == {"isolated"}
