@@ -87,26 +87,7 @@ class Agent:
         root = Path(config.state_dir)
         self.work_dir = root / "work"
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.compute = self._compute_device()
-        self.gpu = probe(allow_torch=self.compute == "cuda")
-        self.mps = MpsDaemon(config.mps)
-        self.mps_info = (
-            self.mps.ensure_running()
-            if self.compute == "cuda"
-            else MpsInfo(available=False, reason="no GPU: task processes run on the CPU, without MPS")
-        )
-        log.info("MPS: %s", self.mps_info.reason)
-        total_sms = self.gpu.gpus[0].sm_count if self.gpu.gpus else None
-        self.sharing = GpuSharing(self.mps, total_sms, self.work_dir)
-        predictor, note = load_predictor(config.execution.predictor, self.gpu, self.compute)
-        log.info("predictor: %s", note)
-        self.planner = Planner(
-            self.sharing,
-            predictor,
-            note,
-            link_mbps=config.execution.link_mbps,
-            damping=config.execution.batch_damping,
-        )
+        self._setup_gpu()
         self.cache = ModelCache(root / "models")
         self.outbox = Outbox(root / "outbox")
         self.receipts = ReceiptLog(root / "receipts.json")
@@ -129,6 +110,27 @@ class Agent:
         self.round: ActiveRound | None = None
         self._sent_at: dict[str, float] = {}
         self._next_telemetry = 0.0
+
+    def _setup_gpu(self) -> None:
+        """Compute device, GPU profile, MPS daemon and the round planner (predictor or heuristic)."""
+        config = self.config
+        self.compute = self._compute_device()
+        self.gpu = probe(allow_torch=self.compute == "cuda")
+        self.mps = MpsDaemon(config.mps)
+        self.mps_info = (
+            self.mps.ensure_running()
+            if self.compute == "cuda"
+            else MpsInfo(available=False, reason="no GPU: task processes run on the CPU, without MPS")
+        )
+        log.info("MPS: %s", self.mps_info.reason)
+        total_sms = self.gpu.gpus[0].sm_count if self.gpu.gpus else None
+        self.sharing = GpuSharing(self.mps, total_sms, self.work_dir)
+        predictor, note = load_predictor(config.execution.predictor, self.gpu, self.compute)
+        log.info("predictor: %s", note)
+        execution = config.execution
+        self.planner = Planner(
+            self.sharing, predictor, note, link_mbps=execution.link_mbps, damping=execution.batch_damping
+        )
 
     # --- main loop --------------------------------------------------------------------------------------
 
