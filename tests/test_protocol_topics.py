@@ -10,14 +10,18 @@ from protocol.topics import TopicRef, parse
 
 DEVICES = ["dev-1", "jetson.orin_02", "A", "x" * 64, "0"]
 TASKS = ["cifar10", "image.net-1k_v2", "T"]
+#: invalid device and task ids (one topic level, file-name safe); the schema tests use the string ones too
 BAD_IDS = [
     "",
     "a/b",
+    "a+b",
+    "a#b",
     "+",
     "#",
     "dev+",
     "dev#",
     "a b",
+    " a",
     "x" * 65,
     ".hidden",
     "-dash",
