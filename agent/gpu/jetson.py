@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from agent.gpu.readout import Readout
 from protocol.schemas import GpuInfo, GpuTelemetry
 
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
@@ -26,16 +26,6 @@ class JtopUnavailable(Exception):
     """jtop cannot be used; the message names the fix."""
 
 
-@dataclass(frozen=True)
-class JtopReport:
-    """The board's GPU as jtop reports it; `error` says why there is none when jtop is unavailable."""
-
-    gpus: list[GpuInfo] = field(default_factory=list)
-    driver_version: str | None = None
-    cuda_version: str | None = None
-    error: str | None = None
-
-
 def is_jetson(tegra_release: Path = TEGRA_RELEASE, model: Path = DEVICE_TREE_MODEL) -> bool:
     """A Jetson (L4T) board: it has an L4T release file or a device-tree model naming Jetson."""
     if tegra_release.exists():
@@ -46,7 +36,7 @@ def is_jetson(tegra_release: Path = TEGRA_RELEASE, model: Path = DEVICE_TREE_MOD
         return False
 
 
-def read_gpus(jtop: ModuleType | None = None) -> JtopReport:
+def read_gpus(jtop: ModuleType | None = None) -> Readout:
     """Profile the board's GPU. `jtop` replaces the jtop module (tests)."""
     try:
         with _session(jtop) as board:
@@ -65,11 +55,9 @@ def read_gpus(jtop: ModuleType | None = None) -> JtopReport:
                 for index, (name, data) in enumerate(_integrated(board.gpu))
             ]
         l4t = info.get("l4t")
-        return JtopReport(
-            gpus=gpus, driver_version=f"L4T {l4t}" if l4t else None, cuda_version=info.get("cuda")
-        )
+        return Readout(gpus=gpus, driver_version=f"L4T {l4t}" if l4t else None, cuda_version=info.get("cuda"))
     except JtopUnavailable as exc:
-        return JtopReport(error=str(exc))
+        return Readout(error=str(exc))
 
 
 def read_telemetry(jtop: ModuleType | None = None) -> list[GpuTelemetry]:

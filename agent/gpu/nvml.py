@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, TypeVar
 
+from agent.gpu.readout import Readout
 from protocol.schemas import GpuInfo, GpuTelemetry
 
 log = logging.getLogger(__name__)
@@ -23,18 +23,7 @@ class NvmlUnavailable(Exception):
     """NVML cannot be used on this machine; the message says why."""
 
 
-@dataclass(frozen=True)
-class NvmlReport:
-    """GPUs and versions as NVML reports them; `error` says why there are none when NVML is unavailable."""
-
-    gpus: list[GpuInfo] = field(default_factory=list)
-    driver_version: str | None = None
-    cuda_version: str | None = None
-    error: str | None = None
-    skipped: list[str] = field(default_factory=list)  # GPUs that failed a required query, with the error
-
-
-def read_gpus(nvml: ModuleType | None = None) -> NvmlReport:
+def read_gpus(nvml: ModuleType | None = None) -> Readout:
     """Profile every GPU NVML sees. `nvml` replaces the pynvml module (tests)."""
     try:
         with _session(nvml) as nv:
@@ -45,14 +34,14 @@ def read_gpus(nvml: ModuleType | None = None) -> NvmlReport:
                 except nv.NVMLError as exc:
                     skipped.append(f"GPU {index}: {exc}")
             cuda = _optional(nv, nv.nvmlSystemGetCudaDriverVersion)
-            return NvmlReport(
+            return Readout(
                 gpus=gpus,
                 driver_version=_text(_optional(nv, nv.nvmlSystemGetDriverVersion)),
                 cuda_version=f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else None,
                 skipped=skipped,
             )
     except NvmlUnavailable as exc:
-        return NvmlReport(error=str(exc))
+        return Readout(error=str(exc))
 
 
 def read_telemetry(nvml: ModuleType | None = None) -> list[GpuTelemetry]:
