@@ -243,10 +243,11 @@ def report(args) -> int:
         )
     lines += [
         "",
-        "| scenario | policy | vs temporal | vs best static MPS (isolated, sharing) | best R_v of the sweep |",
-        "|---|---|---:|---:|---|",
+        "| scenario | device | policy | vs temporal | vs best static MPS (isolated, sharing) | best R_v of the sweep |",
+        "|---|---|---|---:|---:|---|",
     ]
-    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+    devices = {r["scenario"]: r["device"] for r in rows}
+    for scenario in devices:
         p = {(pol, rv): float(r["P"]) for (s, pol, rv), r in runs.items() if s == scenario}
         temporal = p[next(k for k in p if k[0] == "temporal")]
         static = max(v for (pol, _), v in p.items() if pol in ("isolated", "sharing"))
@@ -256,7 +257,7 @@ def report(args) -> int:
             if pol.startswith("fedmt"):
                 sweep_text = f"{best_rv[0]}% ({best_rv[1] / temporal:.2f}x temporal)" if best_rv else "-"
                 lines.append(
-                    f"| {scenario} | {pol} | {v / temporal:.2f}x | {v / static:.2f}x | {sweep_text} |"
+                    f"| {scenario} | {devices[scenario]} | {pol} | {v / temporal:.2f}x | {v / static:.2f}x | {sweep_text} |"
                 )
     table = "\n".join(lines)
     (out / f"{args.name}.md").write_text(table + "\n")

@@ -206,8 +206,11 @@ def report(args) -> int:
         grid_same = [
             float(r["sum_p"]) for r in entry["others"] if r["resources"] == entry["pick"]["resources"]
         ]
+        if name in SETTINGS and len(measured) < _grid_size(name):
+            print(f"{name}: only {len(measured)} of {_grid_size(name)} grid points measured; not reported")
+            continue
         if not measured:
-            continue  # the budget ended before anything to compare with was measured
+            continue  # the budget ended before any random schedule was measured
         if name.startswith("rank"):
             better = sum(m > pick for m in measured)
             ranks.append(
@@ -268,6 +271,11 @@ def report(args) -> int:
     print("\n".join(lines))
     _plot(rows, completion, out / "predictor.png")
     return 0
+
+
+def _grid_size(setting: str) -> int:
+    models, _, levels = SETTINGS[setting]
+    return len(levels) ** len(models)
 
 
 def _plot(rows, completion, path: Path) -> None:

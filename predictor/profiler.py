@@ -72,11 +72,14 @@ class Config:
     tasks: tuple[tuple[str, int, float], ...]  # (model, batch, R_i)
 
 
-def sample_configs(seed: int, windows: int, models=MODELS, focus=FOCUS) -> list[Config]:
-    """Every model alone at a few R levels and all batches first (the baselines), then random co-locations
-    (half of them on `focus`) in random order."""
+def sample_configs(
+    seed: int, windows: int, models=MODELS, focus=FOCUS, measured: frozenset[Config] = frozenset()
+) -> list[Config]:
+    """Every model alone at a few R levels and all batches first (the baselines, unless already `measured`), then
+    random co-locations (half of them on `focus`) in random order."""
     rng = random.Random(seed)
     alone = [Config(((m, b, r),)) for m in models for r in ALONE_LEVELS for b in BATCHES]
+    alone = [c for c in alone if c not in measured]
     together = []
     while len(alone) + len(together) < windows:
         if rng.random() < 0.5:
@@ -97,8 +100,18 @@ def load_records(path: Path) -> list[Record]:
     return [decoder.decode(line) for line in Path(path).read_bytes().splitlines() if line.strip()]
 
 
+def measured_configs(path: Path) -> frozenset[Config]:
+    """The configurations a data file already holds (none if it does not exist yet)."""
+    if not Path(path).exists():
+        return frozenset()
+    return frozenset(
+        Config(tuple((t.model, t.batch, int(t.resource)) for t in r.tasks)) for r in load_records(path)
+    )
+
+
 def profile(out: Path, *, budget_s: float, seed: int, resolution: int, window_s: float = 1.0) -> Path:
-    """Measure until the budget is spent; return the data file (records are appended, never rewritten)."""
+    """Measure until the budget is spent; return the data file (records are appended, never rewritten; baselines
+    it already holds are not measured again)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from agent import jobs
@@ -111,7 +124,7 @@ def profile(out: Path, *, budget_s: float, seed: int, resolution: int, window_s:
     device = describe_device()
     path = dataset_path(out, str(device["gpu"]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    configs = sample_configs(seed, windows=4000)
+    configs = sample_configs(seed, windows=4000, measured=measured_configs(path))
     specs = {m: ModelSpec(name=m, num_classes=10, input_size=resolution) for m in MODELS}
     with (
         mps_sharing() as sharing,
