@@ -2,7 +2,8 @@
 
 The parent sets the environment (e.g. CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) before starting it; the worker
 reports the SM count it actually got so the parent can check it. Stray prints go to stderr; stdout carries
-only protocol lines. SIGTERM asks the current command to stop at the next step.
+only protocol lines. SIGTERM asks the current command to stop at the next step; a parent that went away (a
+closed stdout) ends the worker quietly.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import msgspec
 from agent import jobs
 from protocol.durable import write_atomically
 from protocol.tensors import decode_state, encode_state
+
+PARENT_GONE = 4  # exit status when the parent closed our stdout
 
 
 class Worker:
@@ -190,7 +193,10 @@ def main() -> int:
         worker.stop_requested = True
 
     signal.signal(signal.SIGTERM, request_stop)
-    return worker.serve()
+    try:
+        return worker.serve()
+    except BrokenPipeError:  # the parent is gone: nobody is left to report to, nothing to flush
+        os._exit(PARENT_GONE)
 
 
 if __name__ == "__main__":

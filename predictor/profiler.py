@@ -85,7 +85,7 @@ def sample_configs(
         if rng.random() < 0.5:
             combo = rng.choice(focus)
         else:
-            combo = tuple(rng.sample(models, rng.choice((2, 2, 3, 3, 4, 5))))
+            combo = tuple(rng.sample(models, min(len(models), rng.choice((2, 2, 3, 3, 4, 5)))))
         together.append(Config(tuple((m, rng.choice(BATCHES), rng.choice(R_LEVELS)) for m in combo)))
     return alone + together
 

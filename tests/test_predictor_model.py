@@ -1,7 +1,7 @@
 """predictor.model, predictor.runtime, predictor.training and predictor.dataset: the throughput predictor.
 
 Order invariance of the DeepSets network, ONNX parity on a dynamic batch axis, the run-time checks of
-OnnxPredictor, the shipped H100 predictor and its model card, the fit/export pipeline on a synthetic data file,
+OnnxPredictor, the shipped predictors (H100, H200) and their model cards, the fit/export pipeline on a synthetic data file,
 and the held-out splits behind the card's errors.
 """
 
@@ -22,14 +22,22 @@ from predictor.dataset import Samples, build, mape, split
 from predictor.encoding import MAX_TASKS, N_INPUTS, encode_inputs
 from predictor.features import FEATURE_NAMES, TaskFeatures, extract
 from predictor.model import Ensemble, Pre, ensemble, export_onnx, predict
-from predictor.profiler import Record, TaskSample, load_records, sample_configs
+from predictor.profiler import (
+    ALONE_LEVELS,
+    BATCHES,
+    Record,
+    TaskSample,
+    load_records,
+    measured_configs,
+    sample_configs,
+)
 from predictor.runtime import PREDICTOR_DIR, OnnxPredictor, PredictorUnavailable, card_path, find_predictor
 from predictor.training import export, fit
 from protocol.schemas import ModelSpec
 
 H100 = "NVIDIA H100 80GB HBM3"
-SHIPPED_ONNX = PREDICTOR_DIR / "nvidia-h100-80gb-hbm3.onnx"
-SHIPPED_DATA = Path(__file__).resolve().parents[1] / "predictor" / "data" / "nvidia-h100-80gb-hbm3.jsonl"
+DATA_DIR = Path(__file__).resolve().parents[1] / "predictor" / "data"
+SHIPPED = {H100: "nvidia-h100-80gb-hbm3", "NVIDIA H200": "nvidia-h200"}  # GPU name: file stem
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -307,30 +315,36 @@ def test_find_predictor_for_an_unknown_gpu() -> None:
         find_predictor(PREDICTOR_DIR, "NVIDIA Imaginary GPU 9000")
 
 
-def test_find_predictor_for_the_shipped_gpu() -> None:
-    predictor = find_predictor(PREDICTOR_DIR, H100)
-    assert predictor.path == SHIPPED_ONNX and predictor.card["gpu"] == H100
+@pytest.mark.parametrize("gpu", SHIPPED)
+def test_find_predictor_for_a_shipped_gpu(gpu) -> None:
+    predictor = find_predictor(PREDICTOR_DIR, gpu)
+    assert predictor.path == PREDICTOR_DIR / f"{SHIPPED[gpu]}.onnx" and predictor.card["gpu"] == gpu
 
 
-# --------------------------------------------------------------------------- 4. the shipped H100 predictor
+# ---------------------------------------------------------------------------- 4. the shipped predictors
 
 
-@pytest.fixture(scope="module")
-def shipped() -> OnnxPredictor:
-    return OnnxPredictor(SHIPPED_ONNX, gpu=H100)
+@pytest.fixture(scope="module", params=list(SHIPPED))
+def shipped(request) -> OnnxPredictor:
+    return OnnxPredictor(PREDICTOR_DIR / f"{SHIPPED[request.param]}.onnx", gpu=request.param)
+
+
+def shipped_data(predictor: OnnxPredictor) -> Path:
+    return DATA_DIR / predictor.card["data"]["file"]
 
 
 def test_shipped_card_states_its_errors_and_data(shipped) -> None:
-    card = shipped.card
-    assert card["gpu"] == H100
+    card, data = shipped.card, shipped_data(shipped)
+    assert data.name == f"{SHIPPED[card['gpu']]}.jsonl"
     for name in ("train", "seen", "unseen"):
         value = card["mape_percent"][name]
         assert isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 100
-    assert card["data"]["file"] == SHIPPED_DATA.name
-    assert card["data"]["sha256"] == hashlib.sha256(SHIPPED_DATA.read_bytes()).hexdigest()
-    records = load_records(SHIPPED_DATA)
+    assert card["data"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    records = load_records(data)
     assert card["data"]["records"] == len(records)
-    assert {r.gpu for r in records} == {H100} and {r.resolution for r in records} == {card["resolution"]}
+    assert {r.gpu for r in records} == {card["gpu"]} and {r.resolution for r in records} == {
+        card["resolution"]
+    }
     split_sizes = card["split"]
     assert split_sizes["train_records"] + split_sizes["seen_test_records"] + split_sizes[
         "unseen_test_records"
@@ -339,10 +353,10 @@ def test_shipped_card_states_its_errors_and_data(shipped) -> None:
     assert card["onnx"]["inputs"] == {"features": ["n", MAX_TASKS, N_INPUTS], "mask": ["n", MAX_TASKS]}
 
 
-def test_shipped_card_markdown_matches_the_json() -> None:
-    card = json.loads(card_path(SHIPPED_ONNX).read_text())
-    text = SHIPPED_ONNX.with_suffix(".card.md").read_text()
-    assert H100 in text and card["data"]["sha256"][:16] in text
+def test_shipped_card_markdown_matches_the_json(shipped) -> None:
+    card = json.loads(card_path(shipped.path).read_text())
+    text = shipped.path.with_suffix(".card.md").read_text()
+    assert card["gpu"] in text and card["data"]["sha256"][:16] in text
     assert f"{card['mape_percent']['seen']}%" in text and f"{card['mape_percent']['unseen']}%" in text
 
 
@@ -366,7 +380,7 @@ def test_shipped_predictor_is_order_invariant_end_to_end(shipped) -> None:
 @pytest.mark.slow
 def test_shipped_predictor_reproduces_its_card_errors(shipped) -> None:
     """The ONNX file, run on the committed data with the card's split, gives the MAPE values the card states."""
-    records = load_records(SHIPPED_DATA)
+    records = load_records(shipped_data(shipped))
     samples = build(records)
     parts = split(samples, seed=0)
     assert [list(c) for c in parts.unseen_combos] == shipped.card["split"]["unseen_combinations"]
@@ -374,6 +388,54 @@ def test_shipped_predictor_reproduces_its_card_errors(shipped) -> None:
         s = samples.take(index)
         (out,) = shipped.session.run(["throughput"], {"features": s.x, "mask": s.mask})
         assert mape(out, s.throughput, s.mask) == pytest.approx(shipped.card["mape_percent"][name], abs=0.02)
+
+
+# ---------------------------------------------------------------------------------- profiler sampling
+
+
+def test_profiler_measures_every_baseline_first_then_co_locations() -> None:
+    models = ("resnet18", "vgg16", "densenet121")
+    configs = sample_configs(3, 60, models=models, focus=(("resnet18", "vgg16"),))
+    baselines = len(models) * len(ALONE_LEVELS) * len(BATCHES)
+    alone, together = configs[:baselines], configs[baselines:]
+    assert {c.tasks[0] for c in alone} == {(m, b, r) for m in models for r in ALONE_LEVELS for b in BATCHES}
+    assert len(configs) == 60 and all(len(c.tasks) >= 2 for c in together)
+    assert sample_configs(3, 60, models=models, focus=(("resnet18", "vgg16"),)) == configs  # seeded
+
+
+def test_profiler_skips_baselines_its_data_file_holds(tmp_path) -> None:
+    assert measured_configs(tmp_path / "none.jsonl") == frozenset()
+    held = [
+        Record(
+            gpu="G",
+            sm_total=1,
+            driver=None,
+            torch="t",
+            resolution=32,
+            window_s=1.0,
+            ts=0.0,
+            tasks=[TaskSample("resnet18", b, 100.0, 1.0)],
+        )
+        for b in BATCHES
+    ]
+    held.append(
+        Record(
+            gpu="G",
+            sm_total=1,
+            driver=None,
+            torch="t",
+            resolution=32,
+            window_s=1.0,
+            ts=0.0,
+            tasks=[TaskSample("resnet18", 16, 20.0, 1.0), TaskSample("vgg16", 32, 40.0, 1.0)],
+        )
+    )
+    measured = measured_configs(write_records(tmp_path / "g.jsonl", held))
+    configs = sample_configs(0, 40, models=("resnet18", "vgg16"), measured=measured)
+    alone = {c.tasks[0] for c in configs if len(c.tasks) == 1}
+    assert not alone & {("resnet18", b, 100) for b in BATCHES}  # already measured: not again
+    assert ("resnet18", 16, 60) in alone and ("vgg16", 16, 100) in alone  # the others still are
+    assert len(configs) == 40
 
 
 # ------------------------------------------------------------------------- 5. fit/export on synthetic data

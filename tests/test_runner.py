@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,6 +15,7 @@ import pytest
 from agent import jobs
 from agent.dataspec import SyntheticData
 from agent.runner import Launch, TaskFailed, run_round, start_worker
+from agent.worker import PARENT_GONE
 from protocol.chunking import sha256_hex
 from protocol.models import build_model, state_to_numpy
 from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
@@ -114,3 +117,16 @@ def test_waves_run_one_after_another(base, tmp_path):
     run_round(launches, commands, CPU, on_outcome, on_progress=on_progress)
     assert set(finished) == {"first", "second"}
     assert started["second"] > finished["first"]
+
+
+def test_a_worker_whose_parent_is_gone_ends_quietly():
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "agent.worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    worker.stdout.close()  # the parent stops listening (as when it is killed)
+    _, stderr = worker.communicate(jobs.encode_line(CPU), timeout=60)
+    assert worker.returncode == PARENT_GONE
+    assert b"Traceback" not in stderr and b"Exception ignored" not in stderr
