@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     fit = sub.add_parser("fit", help="train the predictor on a data file (torch); writes weights and errors")
     fit.add_argument("--data", type=Path, required=True)
     fit.add_argument("--out", type=Path, default=Path("predictor/models"))
-    fit.add_argument("--epochs", type=int, default=2000)
+    fit.add_argument("--epochs", type=int, default=8000)
     fit.add_argument("--hidden", type=int, default=32)
     fit.add_argument("--members", type=int, default=5, help="networks in the ensemble")
     fit.add_argument("--seed", type=int, default=0)

@@ -71,7 +71,7 @@ def train(
     *,
     hidden: int = 32,
     members: int = 5,
-    epochs: int = 2000,
+    epochs: int = 8000,
     lr: float = 3e-3,
     weight_decay: float = 1e-4,
     seed: int = 0,

@@ -20,7 +20,7 @@ from predictor.workload import fit_workload
 
 
 def fit(
-    data: Path, out_dir: Path, *, hidden: int = 32, members: int = 5, epochs: int = 2000, seed: int = 0
+    data: Path, out_dir: Path, *, hidden: int = 32, members: int = 5, epochs: int = 8000, seed: int = 0
 ) -> Path:
     """Train on the data file's training split; write `<gpu>.safetensors` and `<gpu>.fit.json`; return the weights."""
     records = load_records(data)
