@@ -105,7 +105,7 @@ def measured_configs(path: Path) -> frozenset[Config]:
     if not Path(path).exists():
         return frozenset()
     return frozenset(
-        Config(tuple((t.model, t.batch, int(t.resource)) for t in r.tasks)) for r in load_records(path)
+        Config(tuple((t.model, t.batch, t.resource) for t in r.tasks)) for r in load_records(path)
     )
 
 
