@@ -262,11 +262,12 @@ def report(args) -> int:
     table = "\n".join(lines)
     (out / f"{args.name}.md").write_text(table + "\n")
     print(table)
-    _plot(runs, out / f"{args.name}.png")
+    _plot(runs, devices, out / f"{args.name}.png")
     return 0
 
 
-def _plot(runs: dict, path: Path) -> None:
+def _plot(runs: dict, devices: dict[str, str], path: Path) -> None:
+    """Bars per scenario and policy, and the R_v sweep; scenarios are labelled with their GPU when several ran."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,7 +287,9 @@ def _plot(runs: dict, path: Path) -> None:
             for sc in scenarios
         ]
         bars.bar([x + i * width for x in range(len(scenarios))], values, width, label=policy)
-    bars.set_xticks([x + 0.4 - width / 2 for x in range(len(scenarios))], scenarios, rotation=15)
+    several_gpus = len(set(devices.values())) > 1
+    labels = [f"{sc}\n{devices[sc].removeprefix('NVIDIA ')}" if several_gpus else sc for sc in scenarios]
+    bars.set_xticks([x + 0.4 - width / 2 for x in range(len(scenarios))], labels, rotation=15, fontsize=8)
     bars.set(ylabel="throughput P / temporal", title="Co-location policies (equal data per task)")
     bars.axhline(1, color="gray", lw=0.8)
     bars.legend(fontsize=8)
