@@ -206,8 +206,9 @@ def report(args) -> int:
         grid_same = [
             float(r["sum_p"]) for r in entry["others"] if r["resources"] == entry["pick"]["resources"]
         ]
-        if name in SETTINGS and len(measured) < _grid_size(name):
-            print(f"{name}: only {len(measured)} of {_grid_size(name)} grid points measured; not reported")
+        expected = _grid_size(name) if name in SETTINGS else 0
+        if len(measured) < expected:
+            print(f"{name}: only {len(measured)} of {expected} grid points measured; not reported")
             continue
         if not measured:
             continue  # the budget ended before any random schedule was measured

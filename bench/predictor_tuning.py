@@ -31,9 +31,10 @@ CANDIDATES = (
 
 
 def tune(args: argparse.Namespace) -> int:
-    from predictor.dataset import build, mape, split
-    from predictor.model import predict, train
+    from predictor.dataset import build, split
+    from predictor.model import train
     from predictor.profiler import load_records
+    from predictor.training import samples_mape
 
     samples = build(load_records(args.data))
     training = samples.take(split(samples, seed=0).train)
@@ -51,12 +52,8 @@ def tune(args: argparse.Namespace) -> int:
         row = {
             "hidden": hidden,
             "epochs": epochs,
-            "train_mape": round(
-                mape(predict(model, fit_set.x, fit_set.mask), fit_set.throughput, fit_set.mask), 2
-            ),
-            "validation_mape": round(
-                mape(predict(model, validation.x, validation.mask), validation.throughput, validation.mask), 2
-            ),
+            "train_mape": samples_mape(model, fit_set),
+            "validation_mape": samples_mape(model, validation),
             "seconds": round(time.perf_counter() - started, 1),
         }
         rows.append(row)

@@ -24,10 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     fit = sub.add_parser("fit", help="train the predictor on a data file (torch); writes weights and errors")
     fit.add_argument("--data", type=Path, required=True)
     fit.add_argument("--out", type=Path, default=Path("predictor/models"))
-    fit.add_argument("--epochs", type=int, default=8000)
-    fit.add_argument("--hidden", type=int, default=32)
-    fit.add_argument("--members", type=int, default=5, help="networks in the ensemble")
-    fit.add_argument("--seed", type=int, default=0)
+    default = argparse.SUPPRESS  # unset options keep predictor.training.fit's defaults
+    fit.add_argument("--epochs", type=int, default=default)
+    fit.add_argument("--hidden", type=int, default=default)
+    fit.add_argument("--members", type=int, default=default, help="networks in the ensemble")
+    fit.add_argument("--seed", type=int, default=default)
     export = sub.add_parser("export", help="export fitted weights to ONNX with a model card")
     export.add_argument("--weights", type=Path, required=True)
     plan = sub.add_parser(
@@ -64,9 +65,8 @@ def _fit(args: argparse.Namespace) -> int:
 
     from predictor.training import fit
 
-    weights = fit(
-        args.data, args.out, hidden=args.hidden, members=args.members, epochs=args.epochs, seed=args.seed
-    )
+    options = {k: v for k, v in vars(args).items() if k in ("epochs", "hidden", "members", "seed")}
+    weights = fit(args.data, args.out, **options)
     report = json.loads(weights.with_suffix(".fit.json").read_text())
     print(f"wrote {weights}; MAPE (percent): {report['mape_percent']}")
     return 0

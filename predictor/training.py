@@ -10,17 +10,28 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file, save_file
 
-from predictor.dataset import build, mape, split
+from predictor.dataset import Samples, build, mape, split
 from predictor.encoding import INPUT_NAMES, MAX_TASKS
 from predictor.features import extract
-from predictor.model import ensemble, export_onnx, predict, train
+from predictor.model import EPOCHS, HIDDEN, MEMBERS, ensemble, export_onnx, predict, train
 from predictor.profiler import load_records
 from predictor.runtime import OnnxPredictor, card_path
 from predictor.workload import fit_workload
 
 
+def samples_mape(model, samples: Samples) -> float:
+    """The model's MAPE (percent, two decimals) on a set of samples."""
+    return round(mape(predict(model, samples.x, samples.mask), samples.throughput, samples.mask), 2)
+
+
 def fit(
-    data: Path, out_dir: Path, *, hidden: int = 32, members: int = 5, epochs: int = 8000, seed: int = 0
+    data: Path,
+    out_dir: Path,
+    *,
+    hidden: int = HIDDEN,
+    members: int = MEMBERS,
+    epochs: int = EPOCHS,
+    seed: int = 0,
 ) -> Path:
     """Train on the data file's training split; write `<gpu>.safetensors` and `<gpu>.fit.json`; return the weights."""
     records = load_records(data)
@@ -43,7 +54,7 @@ def fit(
         seed=seed,
     )
     errors = {
-        name: round(mape(predict(model, s.x, s.mask), s.throughput, s.mask), 2) if len(s) else None
+        name: samples_mape(model, s) if len(s) else None
         for name, s in (
             ("train", train_set),
             ("seen", samples.take(parts.seen)),

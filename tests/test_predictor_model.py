@@ -38,6 +38,8 @@ from protocol.schemas import ModelSpec
 H100 = "NVIDIA H100 80GB HBM3"
 DATA_DIR = Path(__file__).resolve().parents[1] / "predictor" / "data"
 SHIPPED = {H100: "nvidia-h100-80gb-hbm3", "NVIDIA H200": "nvidia-h200"}  # GPU name: file stem
+SYNTHETIC_GPU = "Synthetic GPU 1000"
+RESOLUTION = 32  # of the synthetic records
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -55,6 +57,20 @@ def random_inputs(rows: int, real: int = 3, seed: int = 0) -> tuple[torch.Tensor
     mask = torch.zeros(rows, MAX_TASKS)
     mask[:, :real] = 1.0
     return x, mask
+
+
+def window(tasks: list[TaskSample], *, gpu: str = SYNTHETIC_GPU, ts: float = 1_700_000_000.0) -> Record:
+    """One profiling record of a made-up 100-SM GPU at RESOLUTION."""
+    return Record(
+        gpu=gpu,
+        sm_total=100,
+        driver="1.0",
+        torch=str(torch.__version__),
+        resolution=RESOLUTION,
+        tasks=tasks,
+        window_s=1.0,
+        ts=ts,
+    )
 
 
 def fake_task(i: int) -> TaskFeatures:
@@ -405,31 +421,8 @@ def test_profiler_measures_every_baseline_first_then_co_locations() -> None:
 
 def test_profiler_skips_baselines_its_data_file_holds(tmp_path) -> None:
     assert measured_configs(tmp_path / "none.jsonl") == frozenset()
-    held = [
-        Record(
-            gpu="G",
-            sm_total=1,
-            driver=None,
-            torch="t",
-            resolution=32,
-            window_s=1.0,
-            ts=0.0,
-            tasks=[TaskSample("resnet18", b, 100.0, 1.0)],
-        )
-        for b in BATCHES
-    ]
-    held.append(
-        Record(
-            gpu="G",
-            sm_total=1,
-            driver=None,
-            torch="t",
-            resolution=32,
-            window_s=1.0,
-            ts=0.0,
-            tasks=[TaskSample("resnet18", 16, 20.0, 1.0), TaskSample("vgg16", 32, 40.0, 1.0)],
-        )
-    )
+    held = [window([TaskSample("resnet18", b, 100.0, 1.0)]) for b in BATCHES]
+    held.append(window([TaskSample("resnet18", 16, 20.0, 1.0), TaskSample("vgg16", 32, 40.0, 1.0)]))
     measured = measured_configs(write_records(tmp_path / "g.jsonl", held))
     configs = sample_configs(0, 40, models=("resnet18", "vgg16"), measured=measured)
     alone = {c.tasks[0] for c in configs if len(c.tasks) == 1}
@@ -440,10 +433,8 @@ def test_profiler_skips_baselines_its_data_file_holds(tmp_path) -> None:
 
 # ------------------------------------------------------------------------- 5. fit/export on synthetic data
 
-SYNTHETIC_GPU = "Synthetic GPU 1000"
 CHEAP = ("resnet18", "mobilenet_v3_small", "shufflenet_v2_x1_0", "squeezenet1_0", "mnasnet0_5")
 CHEAP_FOCUS = (("resnet18", "mobilenet_v3_small"), ("squeezenet1_0", "mnasnet0_5", "shufflenet_v2_x1_0"))
-RESOLUTION = 32
 
 
 def law(flops: float, batch: int, resource: float, n_tasks: int) -> float:
@@ -458,18 +449,7 @@ def synthetic_records(windows: int = 120, gpu: str = SYNTHETIC_GPU) -> list[Reco
     for i, config in enumerate(sample_configs(1, windows, models=CHEAP, focus=CHEAP_FOCUS)):
         n = len(config.tasks)
         tasks = [TaskSample(m, b, float(r), round(law(flops[m], b, r, n), 3)) for m, b, r in config.tasks]
-        records.append(
-            Record(
-                gpu=gpu,
-                sm_total=100,
-                driver="1.0",
-                torch=str(torch.__version__),
-                resolution=RESOLUTION,
-                tasks=tasks,
-                window_s=1.0,
-                ts=1_700_000_000.0 + i,
-            )
-        )
+        records.append(window(tasks, gpu=gpu, ts=1_700_000_000.0 + i))
     return records
 
 
