@@ -80,11 +80,19 @@ class UtilizationSampler:
 
 
 class CsvLog:
-    """Appends rows to a CSV as they are measured, so a run cut short keeps what it measured."""
+    """Appends rows to a CSV as they are measured, so a run cut short keeps what it measured.
 
-    def __init__(self, path: Path, columns: Sequence[str]) -> None:
+    A new log starts the file anew; with `append` an existing file with the same columns is continued."""
+
+    def __init__(self, path: Path, columns: Sequence[str], append: bool = False) -> None:
         self.path = path
         self.columns = list(columns)
+        if append and path.exists():
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), None)
+            if header != self.columns:
+                raise ValueError(f"{path} has columns {header}, not {self.columns}: cannot append")
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as f:
             csv.writer(f).writerow(self.columns)

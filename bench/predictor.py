@@ -44,6 +44,7 @@ SETTINGS = {  # name: (models, batches, R grid)
     ),
 }
 RANK_SETTING = ("resnet50", "vgg16", "mobilenet_v3_small")
+RANK_NAME = "rank " + "+".join(RANK_SETTING)
 RANK_SCHEDULES = 125
 COLUMNS = ["setting", "kind", "models", "batches", "resources", "throughputs", "sum_p", "predicted_sum_p"]
 
@@ -64,11 +65,14 @@ def measure(args) -> int:
 
     out, budget = Path(args.out), Budget(args.budget_s)
     predict = OnnxPredictor(Path(args.predictor))
-    log = CsvLog(out / "completion.csv", COLUMNS)
-    write_json(
-        out / "completion.json",
-        {"device": describe_device(), "resolution": args.resolution, "window_s": args.window_s},
-    )
+    log = CsvLog(out / "completion.csv", COLUMNS, append=args.append)
+    runs_file = out / "completion.json"
+    runs = json.loads(runs_file.read_text())["runs"] if args.append and runs_file.exists() else []
+    run = {"device": describe_device(), "resolution": args.resolution, "window_s": args.window_s}
+    write_json(runs_file, {"runs": [*runs, run | {"repeats": args.repeats}]})
+
+    def chosen(name: str) -> bool:
+        return any(name.startswith(prefix) for prefix in args.settings)
 
     def window(pool, setting, kind, specs, batches, resources, tasks) -> None:
         picks = [
@@ -91,20 +95,24 @@ def measure(args) -> int:
         )
 
     with mps_sharing() as sharing, WorkerPool(sharing.launch_for, jobs.Init(device="cuda")) as pool:
-        for name, (models, batches, levels) in SETTINGS.items():
-            if budget.left() < len(levels) ** len(models) * 1.6:
+        for name in filter(chosen, SETTINGS):
+            models, batches, levels = SETTINGS[name]
+            if budget.left() < len(levels) ** len(models) * 1.6 * args.repeats:
                 print(f"budget left {budget.left():.0f} s: skipping {name}", flush=True)
                 continue
             specs = _specs(models, args.resolution)
             tasks = [extract(s) for s in specs]
             pick = best_resources(tasks, batches, predict, grid=levels).resources
-            window(pool, name, "pick", specs, batches, [float(r) for r in pick], tasks)
-            for resources in itertools.product(levels, repeat=len(models)):
-                window(pool, name, "grid", specs, batches, [float(r) for r in resources], tasks)
-            print(f"{name}: measured {len(levels) ** len(models)} grid points", flush=True)
+            for _ in range(args.repeats):  # whole rounds, so that drift spreads over every grid point alike
+                window(pool, name, "pick", specs, batches, [float(r) for r in pick], tasks)
+                for resources in itertools.product(levels, repeat=len(models)):
+                    window(pool, name, "grid", specs, batches, [float(r) for r in resources], tasks)
+            print(f"{name}: measured {len(levels) ** len(models)} grid points x {args.repeats}", flush=True)
+        if not chosen(RANK_NAME):
+            return 0
         specs = _specs(RANK_SETTING, args.resolution)
         tasks = [extract(s) for s in specs]
-        name = "rank " + "+".join(RANK_SETTING)
+        name = RANK_NAME
         pick = adapt_batches(
             tasks, [1] * len(tasks), [BATCHES] * len(tasks), predict, tolerance=1e9, grid=LEVELS_2
         )
@@ -191,28 +199,20 @@ def report(args) -> int:
     rows = read_csv(out / "completion.csv")
     card = json.loads(Path(args.predictor).with_suffix(".card.json").read_text())
     search = json.loads((out / "search_cost.json").read_text())["cases"]
-    settings: dict[str, dict] = {}
+    settings: dict[str, list[dict[str, str]]] = {}
     for row in rows:
-        settings.setdefault(row["setting"], {"pick": None, "others": []})
-        entry = settings[row["setting"]]
-        if row["kind"] == "pick":
-            entry["pick"] = row
-        else:
-            entry["others"].append(row)
+        settings.setdefault(row["setting"], []).append(row)
     completion, ranks = [], []
-    for name, entry in settings.items():
-        pick = float(entry["pick"]["sum_p"])
-        measured = [float(r["sum_p"]) for r in entry["others"]]
-        grid_same = [
-            float(r["sum_p"]) for r in entry["others"] if r["resources"] == entry["pick"]["resources"]
-        ]
-        expected = _grid_size(name) if name in SETTINGS else 0
-        if len(measured) < expected:
-            print(f"{name}: only {len(measured)} of {expected} grid points measured; not reported")
-            continue
-        if not measured:
-            continue  # the budget ended before any random schedule was measured
-        if name.startswith("rank"):
+    for name, windows in settings.items():
+        if name in SETTINGS:
+            points = {r["resources"] for r in windows if r["kind"] == "grid"}
+            if len(points) < _grid_size(name):
+                print(f"{name}: only {len(points)} of {_grid_size(name)} grid points measured; not reported")
+                continue
+            completion.append({"setting": name} | completion_degree(windows))
+        elif name == RANK_NAME and len(windows) > 1:  # else the budget ended before any random schedule
+            pick = next(float(r["sum_p"]) for r in windows if r["kind"] == "pick")
+            measured = [float(r["sum_p"]) for r in windows if r["kind"] == "random"]
             better = sum(m > pick for m in measured)
             ranks.append(
                 {
@@ -220,18 +220,6 @@ def report(args) -> int:
                     "schedules": len(measured),
                     "rank": better + 1,
                     "top_percent": round(100 * (better + 1) / (len(measured) + 1), 1),
-                }
-            )
-        else:  # the pick is also a grid point: average both windows of it against the best of the grid
-            value = statistics.mean([pick, *grid_same])
-            completion.append(
-                {
-                    "setting": name,
-                    "pick": entry["pick"]["resources"],
-                    "best": max(entry["others"], key=lambda r: float(r["sum_p"]))["resources"],
-                    "completion_degree": round(value / max(measured), 3),
-                    "grid_points": len(measured),
-                    "rank_in_grid": 1 + sum(m > value for m in measured),
                 }
             )
     three, five = (search[k]["algorithm1_ms"] for k in search)
@@ -256,11 +244,12 @@ def report(args) -> int:
         f"{card['mape_percent']['unseen']}% (unseen combinations); Algorithm 1 search {three} ms (3 tasks), "
         f"{five} ms (5 tasks); whole plan (Eq. 6, Eq. 5, Algorithm 1) {plan_three} ms and {plan_five} ms.",
         "",
-        "| setting | pick R_i | best measured R_i | completion degree | rank in grid |",
-        "|---|---|---|---:|---:|",
+        "| setting | pick R_i | best measured R_i | windows per point | completion degree | rank in grid |",
+        "|---|---|---|---:|---:|---:|",
     ]
     lines += [
-        f"| {c['setting']} | {c['pick']} | {c['best']} | {c['completion_degree']:.3f} | {c['rank_in_grid']}/{c['grid_points']} |"
+        f"| {c['setting']} | {c['pick']} | {c['best']} | {c['windows_per_point']} | {c['completion_degree']:.3f} "
+        f"| {c['rank_in_grid']}/{c['grid_points']} |"
         for c in completion
     ]
     lines += [
@@ -272,6 +261,32 @@ def report(args) -> int:
     print("\n".join(lines))
     _plot(rows, completion, out / "predictor.png")
     return 0
+
+
+def completion_degree(windows: list[dict[str, str]]) -> dict:
+    """A grid setting's completion degree: mean measured sum P of the pick over that of the best grid point.
+
+    Every R vector is averaged over all its windows (the pick's own windows count towards its grid point), so
+    one lucky window does not make a best point."""
+    picks = {r["resources"] for r in windows if r["kind"] == "pick"}
+    if len(picks) != 1:
+        raise ValueError(
+            f"expected one pick per setting, found {sorted(picks)} (results of different predictors?)"
+        )
+    pick = picks.pop()
+    sums: dict[str, list[float]] = {}
+    for row in windows:
+        sums.setdefault(row["resources"], []).append(float(row["sum_p"]))
+    means = {resources: statistics.mean(values) for resources, values in sums.items()}
+    best = max(means, key=means.__getitem__)
+    return {
+        "pick": pick,
+        "best": best,
+        "completion_degree": round(means[pick] / means[best], 3),
+        "grid_points": len(means),
+        "windows_per_point": min(len(values) for values in sums.values()),
+        "rank_in_grid": 1 + sum(m > means[pick] for m in means.values()),
+    }
 
 
 def _grid_size(setting: str) -> int:
@@ -314,6 +329,19 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--resolution", type=int, default=128)
     sub.choices["measure"].add_argument("--window-s", type=float, default=0.8)
     sub.choices["measure"].add_argument("--budget-s", type=float, default=420.0)
+    sub.choices["measure"].add_argument(
+        "--repeats", type=int, default=1, help="windows per grid point, averaged by report"
+    )
+    sub.choices["measure"].add_argument(
+        "--settings",
+        nargs="+",
+        default=[""],
+        metavar="PREFIX",
+        help="only settings named so (T3-1, rank, ...)",
+    )
+    sub.choices["measure"].add_argument(
+        "--append", action="store_true", help="add to completion.csv/json instead of starting them anew"
+    )
     sub.choices["cost"].add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     return {"measure": measure, "cost": cost, "report": report}[args.command](args)
