@@ -30,11 +30,13 @@ class RoundPlan:
     note: str
 
 
-def batch_candidates(assignment: TaskAssignment) -> list[int]:
-    """Powers of two within the schedule's batch bounds, and the scheduled batch size itself."""
-    low, high = assignment.min_batch_size, assignment.max_batch_size
+def batch_candidates(assignment: TaskAssignment, trusted: tuple[int, int]) -> list[int]:
+    """Powers of two within the schedule's batch bounds and the `trusted` range (the predictor's profiled batch
+    sizes; they must overlap), and the scheduled batch size itself, moved into both."""
+    low = max(assignment.min_batch_size, trusted[0])
+    high = min(assignment.max_batch_size, trusted[1])
     powers = [2**k for k in range(0, 11) if low <= 2**k <= high]
-    return sorted({*powers, assignment.batch_size})
+    return sorted({*powers, min(max(assignment.batch_size, low), high)})
 
 
 class Planner:
@@ -84,6 +86,13 @@ class Planner:
             return False, f"the predictor was fitted at {resolution}x{resolution} inputs: heuristic instead"
         if not 1 <= len(assignments) <= 5:
             return False, "the predictor takes 1..5 tasks: heuristic instead"
+        low, high = self.predictor.batch_range
+        for a in assignments:
+            if a.max_batch_size < low or a.min_batch_size > high:
+                return False, (
+                    f"the predictor was profiled at batch sizes {low}..{high}, task {a.task} allows "
+                    f"{a.min_batch_size}..{a.max_batch_size}: heuristic instead"
+                )
         return True, f"predictor {self.predictor.path.name}"
 
     def _predicted(self, assignments, features, samples) -> tuple[list[TaskAssignment], dict[str, float]]:
@@ -97,7 +106,7 @@ class Planner:
         result = plan(
             tasks,
             [samples[a.task] for a in assignments],
-            [batch_candidates(a) for a in assignments],
+            [batch_candidates(a, self.predictor.batch_range) for a in assignments],
             seconds,
             seconds,
             self.predictor,

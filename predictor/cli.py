@@ -93,6 +93,12 @@ def _plan(args: argparse.Namespace) -> int:
     tasks = [extract(ModelSpec(name=m, num_classes=10, input_size=resolution)) for m in models]
     seconds = [8 * t.param_bytes / (args.link_mbps * 1e6) for t in tasks]
     candidates = [sorted({int(b) for b in args.batches.split(",")})] * len(tasks)
+    low, high = predict.batch_range
+    if not low <= candidates[0][0] <= candidates[0][-1] <= high:
+        raise ValueError(
+            f"--batches {args.batches}: {predict.path.name} was profiled at batch sizes {low}..{high}; "
+            "outside them it extrapolates"
+        )
     started = time.perf_counter()
     result = plan(tasks, volumes, candidates, seconds, seconds, predict, objective=args.objective)
     elapsed_ms = 1000 * (time.perf_counter() - started)

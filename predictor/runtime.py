@@ -42,6 +42,17 @@ class OnnxPredictor:
                 f"predictor {path.name} was fitted on {self.card.get('gpu')}, this GPU is {gpu}"
             )
         try:
+            low, high = self.card["data"]["batch_range"]
+        except (KeyError, TypeError, ValueError):
+            raise PredictorUnavailable(
+                f"model card {card_path(path)} lacks the profiled batch range (data.batch_range): "
+                "re-run fedmt-predictor fit and export"
+            ) from None
+        self.batch_range = (
+            int(low),
+            int(high),
+        )  # batch sizes the predictor has seen; outside it extrapolates
+        try:
             self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types for bad files
             raise PredictorUnavailable(f"cannot load {path}: {exc}") from None

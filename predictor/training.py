@@ -65,6 +65,7 @@ def fit(
     weights = out_dir / (Path(data).stem + ".safetensors")
     save_file(model.state_dict(), str(weights), metadata={"hidden": str(hidden), "members": str(members)})
     first = records[0]
+    batches = [t.batch for r in records for t in r.tasks]
     report = {
         "gpu": first.gpu,
         "sm_total": first.sm_total,
@@ -77,6 +78,7 @@ def fit(
             "records": len(records),
             "task_samples": int(samples.mask.sum()),
             "models": sorted({t.model for r in records for t in r.tasks}),
+            "batch_range": [min(batches), max(batches)],
             "max_tasks_per_record": max(len(r.tasks) for r in records),
         },
         "split": {
@@ -183,12 +185,14 @@ def _workload_text(workload: dict) -> str:
 
 def _markdown(card: dict) -> str:
     m, d, s = card["mape_percent"], card["data"], card["split"]
+    low, high = d["batch_range"]
     return "\n".join(
         [
             f"# Throughput predictor for {card['gpu']}",
             "",
             f"Valid for: **{card['gpu']}** ({card['sm_total']} SMs), driver {card['driver']}, torch {card['torch']}, "
-            f"training at {card['resolution']}x{card['resolution']} inputs, 1..{card['network']['max_tasks']} co-located tasks under MPS.",
+            f"training at {card['resolution']}x{card['resolution']} inputs, batch sizes {low}..{high} (the profiled range; the "
+            f"agent keeps its plans inside it), 1..{card['network']['max_tasks']} co-located tasks under MPS.",
             "",
             "| held-out set | MAPE of per-task throughput |",
             "|---|---:|",

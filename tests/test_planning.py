@@ -40,8 +40,9 @@ class LawPredictor:
 
     path = Path("law.onnx")
 
-    def __init__(self, resolution: int = 32) -> None:
+    def __init__(self, resolution: int = 32, batch_range: tuple[int, int] = (1, 1024)) -> None:
         self.card = {"resolution": resolution}
+        self.batch_range = batch_range
         self.calls = 0
 
     def __call__(self, tasks, batches, resources):
@@ -58,7 +59,28 @@ def sharing(tmp_path, mps: bool) -> GpuSharing:
 
 
 def test_batch_candidates_are_powers_of_two_in_bounds_plus_the_scheduled_size():
-    assert batch_candidates(assignment("x", "resnet18", batch=24)) == [8, 16, 24, 32, 64]
+    assert batch_candidates(assignment("x", "resnet18", batch=24), (1, 1024)) == [8, 16, 24, 32, 64]
+
+
+def test_batch_candidates_stay_inside_the_predictors_profiled_range():
+    assert batch_candidates(assignment("x", "resnet18", batch=24), (16, 32)) == [16, 24, 32]
+    assert batch_candidates(assignment("x", "resnet18", batch=64), (16, 32)) == [16, 32]  # 64 moved to 32
+    assert batch_candidates(assignment("x", "resnet18", batch=8), (12, 128)) == [12, 16, 32, 64]
+
+
+def test_the_plan_keeps_batch_sizes_where_the_predictor_was_profiled(tmp_path):
+    plan = Planner(sharing(tmp_path, mps=True), LawPredictor(batch_range=(16, 32)), "law").plan(
+        "fedmt", TASKS, SAMPLES
+    )
+    assert "predictor law.onnx" in plan.note
+    assert all(16 <= a.batch_size <= 32 for a in plan.assignments)
+
+
+def test_a_predictor_profiled_at_other_batch_sizes_is_not_used(tmp_path):
+    predictor = LawPredictor(batch_range=(128, 512))
+    plan = Planner(sharing(tmp_path, mps=True), predictor, "law").plan("fedmt", TASKS, SAMPLES)
+    assert predictor.calls == 0 and [a.batch_size for a in plan.assignments] == [16, 16, 16]
+    assert "profiled at batch sizes 128..512, task a allows 8..64" in plan.note and "heuristic" in plan.note
 
 
 def test_fedmt_with_a_predictor_plans_batches_shares_and_order(tmp_path):

@@ -97,7 +97,7 @@ def dummy_samples(combos: list[tuple[str, ...]]) -> Samples:
 
 
 def tiny_card(gpu: str = "Test GPU") -> str:
-    return json.dumps({"gpu": gpu}) + "\n"
+    return json.dumps({"gpu": gpu, "data": {"batch_range": [16, 128]}}) + "\n"
 
 
 # ---------------------------------------------------------------------------- 1. order invariance, masks
@@ -280,6 +280,16 @@ def test_unreadable_card(tmp_path, exported) -> None:
         OnnxPredictor(path)
 
 
+def test_card_without_the_profiled_batch_range(tmp_path, exported) -> None:
+    _, source = exported
+    path = tmp_path / "old-card.onnx"
+    path.write_bytes(source.read_bytes())
+    card_path(path).write_text(json.dumps({"gpu": "Test GPU", "data": {}}))
+    with pytest.raises(PredictorUnavailable, match="batch range") as info:
+        OnnxPredictor(path)
+    assert "fedmt-predictor fit" in str(info.value)
+
+
 def test_card_for_another_gpu(tmp_path, exported) -> None:
     _, source = exported
     path = tmp_path / "a100.onnx"
@@ -358,6 +368,8 @@ def test_shipped_card_states_its_errors_and_data(shipped) -> None:
     assert card["data"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
     records = load_records(data)
     assert card["data"]["records"] == len(records)
+    batches = [t.batch for r in records for t in r.tasks]
+    assert shipped.batch_range == (min(batches), max(batches))
     assert {r.gpu for r in records} == {card["gpu"]} and {r.resolution for r in records} == {
         card["resolution"]
     }
@@ -391,6 +403,19 @@ def test_shipped_predictor_is_order_invariant_end_to_end(shipped) -> None:
         np.testing.assert_allclose(permuted, out[:, perm], rtol=1e-5)
     # one configuration at a time gives the same answers as the whole batch
     np.testing.assert_allclose(shipped(tasks, batches[5], resources[5]), out[5:6], rtol=1e-6)
+
+
+def test_plan_command_plans_inside_the_profiled_batch_range_and_refuses_beyond_it(shipped, capsys) -> None:
+    from predictor.cli import main
+
+    low, high = shipped.batch_range
+    tasks = ["--task", "resnet18:1000", "--task", "mobilenet_v3_small:3000"]
+    assert main(["plan", "--predictor", str(shipped.path), *tasks, "--batches", f"{low},{high}"]) == 0
+    table = capsys.readouterr().out
+    assert "resnet18" in table and "mobilenet_v3_small" in table and "R_v" in table
+    assert main(["plan", "--predictor", str(shipped.path), *tasks, "--batches", f"{low},{2 * high}"]) == 2
+    error = capsys.readouterr().err
+    assert f"profiled at batch sizes {low}..{high}" in error and "extrapolates" in error
 
 
 @pytest.mark.slow
