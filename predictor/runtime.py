@@ -48,10 +48,8 @@ class OnnxPredictor:
                 f"model card {card_path(path)} lacks the profiled batch range (data.batch_range): "
                 "re-run fedmt-predictor fit and export"
             ) from None
-        self.batch_range = (
-            int(low),
-            int(high),
-        )  # batch sizes the predictor has seen; outside it extrapolates
+        # the batch sizes the predictor has seen; outside them it extrapolates
+        self.batch_range = (int(low), int(high))
         try:
             self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types for bad files
