@@ -68,8 +68,13 @@ def measure(args) -> int:
     log = CsvLog(out / "completion.csv", COLUMNS, append=args.append)
     runs_file = out / "completion.json"
     runs = json.loads(runs_file.read_text())["runs"] if args.append and runs_file.exists() else []
-    run = {"device": describe_device(), "resolution": args.resolution, "window_s": args.window_s}
-    write_json(runs_file, {"runs": [*runs, run | {"repeats": args.repeats}]})
+    run = {
+        "device": describe_device(),
+        "resolution": args.resolution,
+        "window_s": args.window_s,
+        "repeats": args.repeats,
+    }
+    write_json(runs_file, {"runs": [*runs, run]})
 
     def chosen(name: str) -> bool:
         return any(name.startswith(prefix) for prefix in args.settings)
@@ -205,9 +210,9 @@ def report(args) -> int:
     completion, ranks = [], []
     for name, windows in settings.items():
         if name in SETTINGS:
-            points = {r["resources"] for r in windows if r["kind"] == "grid"}
-            if len(points) < _grid_size(name):
-                print(f"{name}: only {len(points)} of {_grid_size(name)} grid points measured; not reported")
+            points, expected = {r["resources"] for r in windows if r["kind"] == "grid"}, _grid_size(name)
+            if len(points) < expected:
+                print(f"{name}: only {len(points)} of {expected} grid points measured; not reported")
                 continue
             completion.append({"setting": name} | completion_degree(windows))
         elif name == RANK_NAME and len(windows) > 1:  # else the budget ended before any random schedule
