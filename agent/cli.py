@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from agent.policies import POLICIES
-from protocol.daemon import cli_main, cli_parser
+from common.daemon import cli_main, cli_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from agent.config import load
     from agent.service import Agent
-    from protocol.daemon import stop_on_signals
+    from common.daemon import stop_on_signals
 
     Agent(load(args.config), policy=args.policy).run(stop_on_signals())
     return 0

@@ -10,7 +10,7 @@ from msgspec import Meta
 from agent.dataspec import DataSpec
 from agent.mps import MpsConfig
 from agent.policies import Policy
-from protocol.config import load_toml
+from common.config import load_toml
 from protocol.schemas import Name
 from protocol.transport import MqttSettings
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from protocol.durable import move_durably, write_atomically
+from common.durable import move_durably, write_atomically
 from protocol.schemas import GlobalManifest, decode, encode
 from protocol.tensors import check_finite, check_layout, decode_state
 

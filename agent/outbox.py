@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocol import ProtocolError
-from protocol.durable import move_durably, write_atomically
+from common.durable import move_durably, write_atomically
 from protocol.schemas import UpdateManifest, decode, encode
 
 log = logging.getLogger(__name__)

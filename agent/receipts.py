@@ -6,7 +6,7 @@ from pathlib import Path
 
 import msgspec
 
-from protocol.durable import write_atomically
+from common.durable import write_atomically
 
 
 class ReceiptLog:

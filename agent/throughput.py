@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from protocol.models import build_model
+from common.models import build_model
 from protocol.schemas import ModelSpec, OptimizerSpec
 
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from agent.datasets import train_dataset
 from agent.dataspec import DataSpec
-from protocol.models import build_model, load_numpy_state, state_to_numpy
+from common.models import build_model, load_numpy_state, state_to_numpy
 from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
 
 

@@ -19,7 +19,7 @@ from typing import BinaryIO
 import msgspec
 
 from agent import jobs
-from protocol.durable import write_atomically
+from common.durable import write_atomically
 from protocol.tensors import decode_state, encode_state
 
 PARENT_GONE = 4  # exit status when the parent closed our stdout

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from protocol.daemon import cli_main, cli_parser
+from common.daemon import cli_main, cli_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from aggregator.config import load
     from aggregator.service import AggregatorService
-    from protocol.daemon import stop_on_signals
+    from common.daemon import stop_on_signals
 
     service = AggregatorService(load(args.config))
     service.run(stop_on_signals())
@@ -76,7 +76,7 @@ def _status(args: argparse.Namespace) -> int:
 def _init_weights(args: argparse.Namespace) -> int:
     from safetensors.numpy import save_file
 
-    from protocol.models import build_model, state_to_numpy
+    from common.models import build_model, state_to_numpy
     from protocol.schemas import ModelSpec
 
     spec = ModelSpec(name=args.model, num_classes=args.num_classes, input_size=args.input_size)

@@ -8,7 +8,7 @@ import msgspec
 from msgspec import Meta
 
 from protocol.chunking import DEFAULT_CHUNK_SIZE
-from protocol.config import load_toml
+from common.config import load_toml
 from protocol.schemas import ExecutionPolicy, ModelSpec, Name, OptimizerSpec
 from protocol.transport import MqttSettings
 

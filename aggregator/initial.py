@@ -14,7 +14,7 @@ def initial_state(task: str, config: TaskConfig) -> dict[str, np.ndarray]:
         state = load_safetensors(config.init_weights)
     else:
         try:
-            from protocol.models import build_model, state_to_numpy
+            from common.models import build_model, state_to_numpy
 
             state = state_to_numpy(build_model(config.model, seed=config.init_seed))
         except ImportError as exc:

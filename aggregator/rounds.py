@@ -22,7 +22,7 @@ from aggregator.initial import initial_state
 from aggregator.ledger import RoundLedger, RoundRecord
 from protocol import ProtocolError
 from protocol.chunking import transfer_info
-from protocol.durable import move_durably
+from common.durable import move_durably
 from protocol.schemas import (
     DeviceProfile,
     GlobalManifest,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from protocol.daemon import cli_main, cli_parser
+from common.daemon import cli_main, cli_parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from functools import cache
 
 import numpy as np
 
-from protocol.models import build_model
+from common.models import build_model
 from protocol.schemas import ModelSpec
 
 FEATURE_NAMES = ("log10_flops_per_sample", "log10_param_bytes", "log10_activation_bytes_per_sample")

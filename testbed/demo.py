@@ -20,7 +20,7 @@ from pathlib import Path
 
 from agent.config import AgentConfig, ExecutionConfig
 from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig
-from protocol.config import to_toml
+from common.config import to_toml
 from protocol.schemas import ModelSpec, OptimizerSpec
 from protocol.transport import MqttSettings
 from testbed.broker import Mosquitto

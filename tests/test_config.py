@@ -8,7 +8,7 @@ from agent.cli import main as agent_main
 from agent.config import AgentConfig
 from aggregator.cli import main as aggregator_main
 from aggregator.config import AggregatorConfig
-from protocol.config import ConfigError, load_toml, to_toml
+from common.config import ConfigError, load_toml, to_toml
 
 AGENT = 'device = "edge-1"\n[tasks.digits]\nkind = "digits"\nnum_partitions = 2\npartition_index = 1\n'
 AGGREGATOR = '[tasks.digits]\nmodel = { name = "resnet18", num_classes = 10, input_size = 32 }\n'

@@ -16,7 +16,7 @@ from agent.service import Agent
 from aggregator.ledger import RoundLedger
 from aggregator.service import AggregatorService
 from protocol import topics
-from protocol.config import to_toml
+from common.config import to_toml
 from tests.federation import (
     BOTH_V1,
     SMALL_TASKS,

@@ -13,7 +13,7 @@ import pytest
     [
         ("aggregator.service, aggregator.cli", ("torch", "torchvision", "pynvml", "onnxruntime")),
         (
-            "protocol.schemas, protocol.tensors, protocol.chunking, protocol.inbox, protocol.models",
+            "protocol.schemas, protocol.tensors, protocol.chunking, protocol.inbox, common.models",
             ("torch", "paho"),
         ),
         ("predictor.runtime, predictor.search, predictor.encoding", ("torch", "torchvision")),

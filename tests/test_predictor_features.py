@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from predictor.features import FEATURE_NAMES, TaskFeatures, _extract, extract, features_as_array
 from predictor.workload import WorkloadModel, fit_workload
-from protocol.models import build_model
+from common.models import build_model
 from protocol.schemas import ModelSpec
 
 

@@ -17,7 +17,7 @@ from agent.dataspec import SyntheticData
 from agent.runner import Launch, TaskFailed, run_round, start_worker
 from agent.worker import PARENT_GONE
 from protocol.chunking import sha256_hex
-from protocol.models import build_model, state_to_numpy
+from common.models import build_model, state_to_numpy
 from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
 from protocol.tensors import encode_state
 

@@ -11,7 +11,7 @@ import torch
 from agent.datasets import digits_test_set
 from agent.dataspec import DigitsData, SyntheticData, sample_count
 from agent.training import TrainingDiverged, TrainingStopped, TrainResult, evaluate, train_task
-from protocol.models import build_model, state_to_numpy
+from common.models import build_model, state_to_numpy
 from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
 
 MODEL = ModelSpec(name="resnet18", num_classes=10, input_size=16)
@@ -129,7 +129,7 @@ def test_evaluate_rejects_an_empty_dataset(base) -> None:
 
 
 def test_local_steps_replace_epochs_and_may_end_mid_epoch():
-    from protocol.models import build_model, state_to_numpy
+    from common.models import build_model, state_to_numpy
     from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
 
     model = ModelSpec(name="shufflenet_v2_x0_5", num_classes=10, input_size=16)

@@ -1,4 +1,4 @@
-"""protocol.models: deterministic construction, numpy state round trips, strict loading, lazy torch import."""
+"""common.models: deterministic construction, numpy state round trips, strict loading, lazy torch import."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from protocol.models import build_model, load_numpy_state, state_to_numpy
+from common.models import build_model, load_numpy_state, state_to_numpy
 from protocol.schemas import ModelSpec
 from protocol.tensors import decode_state, encode_state
 
@@ -96,6 +96,6 @@ def test_unknown_model_lists_available_names() -> None:
 
 def test_importing_the_module_does_not_import_torch() -> None:
     code = (
-        "import protocol.models, sys; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
+        "import common.models, sys; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -9,7 +9,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 
-from protocol.config import ConfigError
+from common.config import ConfigError
 
 
 def cli_parser(prog: str, description: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
