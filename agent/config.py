@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from agent.dataspec import DataSpec
+from agent.data import DataSpec
 from agent.mps import MpsConfig
 from agent.policies import Policy
 from common.config import load_toml
@@ -25,6 +25,12 @@ class ExecutionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     predictor: str | None = None  # an .onnx file; default: the one shipped for this GPU, if any
     link_mbps: Annotated[float, Meta(gt=0)] = 100.0  # for Algorithm 1's transfer-time estimates
     batch_damping: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    data_budget_mb: Annotated[int, Meta(ge=0)] = (
+        1024  # per task: data held on the device up to this, else streamed
+    )
+    loader_workers: Annotated[int, Meta(ge=0, le=64)] = 2  # file-reading processes of a streamed image folder
+    release_memory: bool = False  # return each worker's cached GPU memory between rounds
+    worker_stall_s: Annotated[float, Meta(gt=0)] = 600.0  # a worker silent this long is replaced
 
 
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -1,7 +1,9 @@
 """Commands to and events from task worker processes (JSON lines over stdin/stdout).
 
-A worker is started with its own environment (e.g. CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), receives `Init`, answers
-`Ready` with the SM count it actually got, then runs `Train` or `Measure` commands until `Exit`.
+A worker is started with its own environment (e.g. CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), receives `Init` and
+answers `Ready` with the SM count it actually got. `Prepare` builds a task's model and opens its data on the
+device (kept until another `Prepare` differs); `Train` (a round) and `Measure` (a timed window) then run on it,
+as often as asked, until `Exit`.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from agent.dataspec import DataSpec
-from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
+from agent.data import DataSpec
+from protocol.schemas import ModelSpec, OptimizerSpec, Precision, TaskAssignment
 
 
 class _Line(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True, tag_field="type"):
@@ -25,21 +27,33 @@ class _Line(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tru
 class Init(_Line, tag="init"):
     device: Literal["cpu", "cuda"]
     threads: Annotated[int, Meta(ge=1)] = 1
-    seed: int = 0
     cudnn_benchmark: bool = False  # autotuning every new shape stalls for seconds, worse under MPS
+
+
+class Prepare(_Line, tag="prepare"):
+    """Build `model` and open `data` on the worker's device; a no-op when the worker holds exactly this."""
+
+    model: ModelSpec
+    data: DataSpec
+    precision: Precision = "fp32"
+    budget_bytes: Annotated[int, Meta(ge=0)] = (
+        1 << 30
+    )  # data held on the device up to this size, else streamed
+    loader_workers: Annotated[int, Meta(ge=0)] = 2
+    seed: int = 0
 
 
 class Train(_Line, tag="train"):
     assignment: TaskAssignment
-    data: DataSpec
     base_path: str
     output_path: str
+    seed: int = 0
+    release_memory: bool = False  # return cached device memory once the update is written
 
 
 class Measure(_Line, tag="measure"):
-    """Train on synthetic data and time it. With `wait_go`, warm up, report `Warm`, and wait for `Go`."""
+    """Time the training step on the prepared data. With `wait_go`, warm up, report `Warm`, and wait for `Go`."""
 
-    model: ModelSpec
     batch: Annotated[int, Meta(ge=1)]
     images: Annotated[int, Meta(ge=1)] | None = None
     seconds: Annotated[float, Meta(gt=0)] | None = None
@@ -56,7 +70,7 @@ class Exit(_Line, tag="exit"):
     pass
 
 
-Command = Init | Train | Measure | Go | Exit
+WorkerCommand = Init | Prepare | Train | Measure | Go | Exit
 
 # --- worker -> parent ------------------------------------------------------------------------------------
 
@@ -67,6 +81,13 @@ class Ready(_Line, tag="ready"):
     sm_count: int | None = None
 
 
+class Prepared(_Line, tag="prepared"):
+    samples: int
+    placement: Literal["device", "stream"]
+    seconds: float
+    reused: bool  # the worker already held this model and data
+
+
 class Progress(_Line, tag="progress"):
     step: int
     total: int
@@ -75,7 +96,7 @@ class Progress(_Line, tag="progress"):
 class Trained(_Line, tag="trained"):
     samples: int
     steps: int
-    seconds: float
+    seconds: float  # the whole command: loading the base, training, the delta, writing it
     metrics: dict[str, float]
     output_path: str
 
@@ -104,20 +125,20 @@ class Failed(_Line, tag="failed"):
     error: str
 
 
-Event = Ready | Progress | Trained | Warm | Measured | Failed
+WorkerEvent = Ready | Prepared | Progress | Trained | Warm | Measured | Failed
 
 _encoder = msgspec.json.Encoder()
-_command_decoder = msgspec.json.Decoder(Command)
-_event_decoder = msgspec.json.Decoder(Event)
+_command_decoder = msgspec.json.Decoder(WorkerCommand)
+_event_decoder = msgspec.json.Decoder(WorkerEvent)
 
 
 def encode_line(message: _Line) -> bytes:
     return _encoder.encode(message) + b"\n"
 
 
-def decode_command(line: bytes) -> Command:
+def decode_command(line: bytes) -> WorkerCommand:
     return _command_decoder.decode(line)
 
 
-def decode_event(line: bytes) -> Event:
+def decode_event(line: bytes) -> WorkerEvent:
     return _event_decoder.decode(line)

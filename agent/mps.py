@@ -24,7 +24,7 @@ import msgspec
 import numpy as np
 from msgspec import Meta
 
-from agent.runner import Launch
+from agent.workers import Launch
 from protocol.schemas import MpsInfo
 
 log = logging.getLogger(__name__)
@@ -313,7 +313,10 @@ class GpuSharing:
         if self.mps_env is None:
             raise MpsError(f"MPS is unavailable: {self.daemon.info.reason}")
         return Launch(
-            f"{model}@{percent:g}", env=self.mps_env(percent), expected_sms=self.expected_sms(percent)
+            f"{model}@{percent:g}",
+            env=self.mps_env(percent),
+            percent=percent,
+            expected_sms=self.expected_sms(percent),
         )
 
 

@@ -6,8 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol import ProtocolError
 from common.durable import move_durably, write_atomically
+from protocol import ProtocolError
 from protocol.schemas import UpdateManifest, decode, encode
 
 log = logging.getLogger(__name__)

@@ -9,13 +9,14 @@ heuristic applies (R_v = 200% split by workload, batch sizes from the schedule) 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import msgspec
 
 from agent.mps import GpuSharing
-from agent.policies import Policy, plan_launches
-from agent.runner import Launch
+from agent.policies import R_GRID, Policy, PolicyLaunches, policy_launches
+from agent.workers import Launch
 from protocol.schemas import TaskAssignment
 
 log = logging.getLogger(__name__)
@@ -56,17 +57,43 @@ class Planner:
         self.damping = damping
         self.previous_batches: dict[str, int] = {}
 
-    def plan(self, policy: Policy, assignments: list[TaskAssignment], samples: dict[str, int]) -> RoundPlan:
+    def plan(
+        self,
+        policy: Policy,
+        assignments: list[TaskAssignment],
+        samples: dict[str, int],
+        *,
+        running: Mapping[str, float | None] | None = None,
+        restart_cost_s: float = 10.0,
+        commit: bool = True,
+    ) -> RoundPlan:
+        """The round's plan. `running` gives the SM share each task's warm worker already runs under: a new share
+        needs a restart (MPS fixes it at process start), so `fedmt` keeps the running shares unless the new ones
+        are predicted to save more than `restart_cost_s` of training (without a predictor: unless some share
+        moves by more than one grid step). With `commit` false nothing is remembered (a look ahead)."""
         from predictor.features import extract
 
         features = {a.task: extract(a.model) for a in assignments}
-        resources, note = None, ""
+        resources, note, usable = None, "", False
         if policy == "fedmt" and self.sharing.mps_env is not None:
             usable, note = self._predictor_for(assignments)
             if usable:
-                assignments, resources = self._predicted(assignments, features, samples)
+                assignments, resources = self._predicted(assignments, features, samples, commit)
         workloads = {a.task: features[a.task].flops_per_sample * a.batch_size for a in assignments}
-        launch_plan = plan_launches(
+        launches = self._launches(policy, assignments, workloads, resources)
+        kept = running is not None and self._keep_running(
+            launches, running, assignments, samples, features, restart_cost_s if usable else None
+        )
+        if kept:
+            launches = self._launches(
+                policy, assignments, workloads, {t: running[t] for t in launches.resources}
+            )
+            note = "; ".join(filter(None, [note, "kept the running SM shares: a restart would not pay"]))
+        note = "; ".join(filter(None, [launches.note, note]))
+        return RoundPlan(launches.policy, assignments, launches.launches, launches.resources, note)
+
+    def _launches(self, policy, assignments, workloads, resources) -> PolicyLaunches:
+        return policy_launches(
             policy,
             [a.task for a in assignments],
             workloads,
@@ -75,8 +102,32 @@ class Planner:
             expected_sms=self.sharing.expected_sms,
             resources=resources,
         )
-        note = "; ".join(filter(None, [launch_plan.note, note]))
-        return RoundPlan(launch_plan.policy, assignments, launch_plan.launches, launch_plan.resources, note)
+
+    def _keep_running(self, launches, running, assignments, samples, features, restart_cost_s) -> bool:
+        """Whether the `fedmt` shares should stay as the warm workers run them (see `plan`)."""
+        new = launches.resources
+        if launches.policy != "fedmt" or not new or any(running.get(t) is None for t in new):
+            return False
+        if all(running[t] == new[t] for t in new):
+            return False
+        if restart_cost_s is None:
+            return max(abs(running[t] - new[t]) for t in new) <= R_GRID
+        import numpy as np
+
+        tasks = [features[a.task] for a in assignments]
+        batches = np.array([[a.batch_size for a in assignments]], dtype=np.float64)
+        work = np.array(
+            [
+                a.local_steps * a.batch_size if a.local_steps else a.local_epochs * samples[a.task]
+                for a in assignments
+            ]
+        )
+
+        def seconds(shares: Mapping[str, float]) -> float:
+            percents = np.array([[shares[a.task] for a in assignments]], dtype=np.float64)
+            return float((work / np.asarray(self.predictor(tasks, batches, percents))[0]).max())
+
+        return seconds(running) - seconds(new) < restart_cost_s
 
     def _predictor_for(self, assignments: list[TaskAssignment]) -> tuple[bool, str]:
         if self.predictor is None:
@@ -95,15 +146,17 @@ class Planner:
                 )
         return True, f"predictor {self.predictor.path.name}"
 
-    def _predicted(self, assignments, features, samples) -> tuple[list[TaskAssignment], dict[str, float]]:
+    def _predicted(
+        self, assignments, features, samples, commit
+    ) -> tuple[list[TaskAssignment], dict[str, float]]:
         import numpy as np
 
-        from predictor.search import plan
+        from predictor.search import configure
 
         tasks = [features[a.task] for a in assignments]
         seconds = [8 * f.param_bytes / (self.link_mbps * 1e6) for f in tasks]  # one model each way
         previous = [self.previous_batches.get(a.task) for a in assignments]
-        result = plan(
+        result = configure(
             tasks,
             [samples[a.task] for a in assignments],
             [batch_candidates(a, self.predictor.batch_range) for a in assignments],
@@ -116,5 +169,6 @@ class Planner:
         planned = [
             msgspec.structs.replace(assignments[i], batch_size=int(result.batches[i])) for i in result.order
         ]
-        self.previous_batches = {a.task: a.batch_size for a in planned}
+        if commit:
+            self.previous_batches = {a.task: a.batch_size for a in planned}
         return planned, {assignments[i].task: float(result.resources[i]) for i in result.order}

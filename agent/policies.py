@@ -6,7 +6,7 @@
 | concurrent | all at once, time-sliced      | no  | -                                                    |
 | isolated   | all at once                   | yes | equal split, summing to 100%                         |
 | sharing    | all at once                   | yes | 100% each                                            |
-| fedmt      | all at once, in the plan order| yes | from the predictor's plan; without one, R_v = 200%   |
+| fedmt      | all at once, in the plan order| yes | the predictor's configuration; without one, R_v=200% |
 |            |                               |     | split by workload (`split_by_workload`)              |
 
 Without MPS (no daemon, Jetson without support, CPU) the MPS policies fall back to `concurrent`, and the
@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import get_args
 
-from agent.runner import Launch
+from agent.workers import Launch
 from protocol.schemas import ExecutionPolicy
 
 Policy = ExecutionPolicy
@@ -27,10 +27,11 @@ POLICIES: tuple[Policy, ...] = get_args(ExecutionPolicy)
 MPS_POLICIES = frozenset({"isolated", "sharing", "fedmt"})
 HEURISTIC_RV = 200.0
 MIN_PERCENT = 10.0
+R_GRID = 10.0  # heuristic shares are multiples of this: small workload changes restart no worker
 
 
 @dataclass(frozen=True)
-class LaunchPlan:
+class PolicyLaunches:
     policy: Policy  # the policy actually applied (after any fallback)
     launches: list[Launch]
     resources: dict[str, float]  # task -> R_i in percent; empty without MPS
@@ -79,7 +80,7 @@ def equal_split(n: int, total: float = 100.0) -> list[float]:
     return [total / n] * n
 
 
-def plan_launches(
+def policy_launches(
     policy: Policy,
     tasks: Sequence[str],
     workloads: Mapping[str, float],
@@ -88,38 +89,38 @@ def plan_launches(
     no_mps_env: Mapping[str, str],
     expected_sms: Callable[[float], int] | None = None,
     resources: Mapping[str, float] | None = None,
-) -> LaunchPlan:
+) -> PolicyLaunches:
     """Launches for `tasks` (in start order) under `policy`.
 
     `mps_env(percent)` gives an MPS client's environment, or is None when MPS is unavailable; `no_mps_env` keeps a
     process away from a running MPS daemon; `expected_sms(percent)` gives the SM count a client must see;
-    `resources` (task -> percent) is the predictor's plan for `fedmt`.
+    `resources` (task -> percent) is the predictor's configuration for `fedmt`.
     """
     if policy in MPS_POLICIES and mps_env is None:
-        plan = plan_launches("concurrent", tasks, workloads, mps_env=None, no_mps_env=no_mps_env)
-        return LaunchPlan(
-            plan.policy, plan.launches, {}, f"{policy} needs MPS, which is unavailable: ran concurrent"
-        )
+        fallback = policy_launches("concurrent", tasks, workloads, mps_env=None, no_mps_env=no_mps_env)
+        note = f"{policy} needs MPS, which is unavailable: ran concurrent"
+        return PolicyLaunches(fallback.policy, fallback.launches, {}, note)
     if policy == "temporal":
         launches = [Launch(task, wave=i, env=dict(no_mps_env)) for i, task in enumerate(tasks)]
-        return LaunchPlan(policy, launches, {}, "one task at a time on the whole GPU")
+        return PolicyLaunches(policy, launches, {}, "one task at a time on the whole GPU")
     if policy == "concurrent":
         launches = [Launch(task, env=dict(no_mps_env)) for task in tasks]
-        return LaunchPlan(policy, launches, {}, "all tasks at once, time-sliced, no MPS")
+        return PolicyLaunches(policy, launches, {}, "all tasks at once, time-sliced, no MPS")
     if policy == "isolated":
         percents, note = equal_split(len(tasks)), "MPS, equal SM split summing to 100%"
     elif policy == "sharing":
         percents, note = [100.0] * len(tasks), "MPS, every task may use 100% of the SMs"
     elif resources is not None:
-        percents, note = [resources[t] for t in tasks], "MPS, R_i from the predictor's plan"
+        percents, note = [resources[t] for t in tasks], "MPS, R_i from the predictor's configuration"
     else:
-        percents = split_by_workload([workloads[t] for t in tasks], HEURISTIC_RV)
+        split = split_by_workload([workloads[t] for t in tasks], HEURISTIC_RV)
+        percents = [max(MIN_PERCENT, round(p / R_GRID) * R_GRID) for p in split]
         note = f"MPS, no predictor for this device: heuristic R_v={HEURISTIC_RV:.0f}% split by workload"
     # One decimal: the environment string and the expected SM count then come from the same short number (an
     # exact third, 33.333...%, sits on an SM rounding boundary where CUDA's arithmetic may differ from ours).
     percents = [round(p, 1) for p in percents]
     launches = [
-        Launch(task, env=mps_env(p), expected_sms=expected_sms(p) if expected_sms else None)
+        Launch(task, env=mps_env(p), percent=p, expected_sms=expected_sms(p) if expected_sms else None)
         for task, p in zip(tasks, percents)
     ]
-    return LaunchPlan(policy, launches, dict(zip(tasks, percents)), note)
+    return PolicyLaunches(policy, launches, dict(zip(tasks, percents)), note)

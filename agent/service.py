@@ -1,7 +1,8 @@
 """The edge agent: MQTT session, global model cache, rounds of co-located task processes, update upload.
 
 One thread (`run`) handles everything that changes state: MQTT messages, task outcomes and timers arrive
-through one queue. Task processes run under `agent.runner` threads that only enqueue outcomes.
+through one queue. Task processes are warm workers (`agent.workers.WorkerPool`, one per task, kept across
+rounds); `agent.runner` threads drive them and only enqueue what happened.
 """
 
 from __future__ import annotations
@@ -16,17 +17,17 @@ from pathlib import Path
 
 from agent import jobs
 from agent.config import AgentConfig
-from agent.dataspec import sample_count
 from agent.gpu.probe import GpuReport, probe
 from agent.model_cache import ModelCache
 from agent.mps import GpuSharing, MpsDaemon
 from agent.outbox import Outbox, Pending
-from agent.planning import Planner
+from agent.planning import Planner, RoundPlan
 from agent.policies import Policy, available_policies
 from agent.profile import build_profile
 from agent.receipts import ReceiptLog
-from agent.runner import TaskOutcome, run_round
+from agent.runner import TaskOutcome, TaskWork, run_round
 from agent.telemetry import read_telemetry
+from agent.workers import Launch, Lease, WorkerPool
 from protocol import ProtocolError, topics
 from protocol.chunking import Reassembler, transfer_info
 from protocol.inbox import TransferInbox
@@ -46,14 +47,18 @@ from protocol.schemas import (
 from protocol.transport import Incoming, LinkEvent, MqttLink
 
 log = logging.getLogger(__name__)
+DEFAULT_RESTART_COST_S = (
+    10.0  # a CUDA worker's start (torch import, context, model, data) before one is measured
+)
 
 
 @dataclass
 class ActiveRound:
     schedule: Schedule
+    received_at: float = field(default_factory=time.monotonic)
     stop: threading.Event = field(default_factory=threading.Event)
     inputs_ready: dict[str, threading.Event] = field(default_factory=dict)
-    started: set[str] = field(default_factory=set)
+    ready_at: dict[str, float] = field(default_factory=dict)  # when each task's global model was cached
     thread: threading.Thread | None = None
     mps_fault: bool = False
     planned: dict[str, TaskAssignment] = field(default_factory=dict)  # with the batch sizes actually used
@@ -66,10 +71,12 @@ class RoundOutcome:
 
 
 @dataclass(frozen=True)
-class RoundProgress:
+class RoundTaskStarted:
+    """A task's worker is ready and its training command sent."""
+
     round: int
     task: str
-    progress: jobs.Progress
+    lease: Lease
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,7 @@ class Agent:
         self.globals: TransferInbox[GlobalManifest] = TransferInbox(
             Reassembler(root / "spool"), lambda m: m.transfer
         )
-        self.samples = {task: sample_count(spec) for task, spec in config.tasks.items()}
+        self.samples = {task: spec.sample_count() for task, spec in config.tasks.items()}
         status = topics.device(self.device, "status")
         self.link = MqttLink(
             config.mqtt,
@@ -108,7 +115,12 @@ class Agent:
             birth=(status, encode(Status(state="online", ts=time.time()))),
         )
         self.round: ActiveRound | None = None
+        self.pool = WorkerPool(
+            jobs.Init(device=self.compute, threads=config.execution.cpu_threads_per_task),
+            log_dir=self.work_dir,
+        )
         self._sent_at: dict[str, float] = {}
+        self._first_sent_at: dict[str, float] = {}
         self._next_telemetry = 0.0
 
     def _setup_gpu(self) -> None:
@@ -149,6 +161,7 @@ class Agent:
                 self.round.stop.set()
                 if self.round.thread is not None:
                     self.round.thread.join(self.config.execution.stop_grace_s)
+            self.pool.close(grace_s=self.config.execution.stop_grace_s)
             self.link.stop(
                 farewell=(
                     topics.device(self.device, "status"),
@@ -165,8 +178,8 @@ class Agent:
                 self.on_connected()
             elif isinstance(item, RoundOutcome):
                 self.on_outcome(item)
-            elif isinstance(item, RoundProgress):
-                self.on_progress(item)
+            elif isinstance(item, RoundTaskStarted):
+                self.on_task_started(item)
             elif isinstance(item, RoundDone):
                 self.on_round_done(item)
         except ProtocolError as exc:
@@ -282,7 +295,7 @@ class Agent:
             metrics={
                 **trained.metrics,
                 "seconds": trained.seconds,
-                "images_per_s": trained.metrics["images"] / max(trained.seconds, 1e-9),
+                "images_per_s": trained.metrics["images"] / max(trained.metrics["train_s"], 1e-9),
                 "batch_size": assignment.batch_size,
             },
         )
@@ -290,21 +303,34 @@ class Agent:
         self.emit_event("finished", item.round, outcome.task, metrics=manifest.metrics)
         self.publish_update(pending)
 
-    def on_progress(self, item: RoundProgress) -> None:
+    def on_task_started(self, item: RoundTaskStarted) -> None:
         current = self.round
-        if current is None or item.round != current.schedule.round or item.task in current.started:
+        if current is None or item.round != current.schedule.round:
             return
-        current.started.add(item.task)
-        self.emit_event("started", item.round, item.task)
+        lease = item.lease
+        metrics = {
+            "wait_global_s": current.ready_at.get(item.task, current.received_at) - current.received_at,
+            "worker_start_s": lease.start_s,
+            "worker_restarted": float(lease.started_process),
+        }
+        self.emit_event("started", item.round, item.task, metrics=metrics)
 
     def on_round_done(self, item: RoundDone) -> None:
-        """After an MPS fault, recover the daemon now that every task process of the round has exited."""
+        """After an MPS fault, recover the daemon now that every task process of the round has exited. Then start
+        the workers whose SM share the next round (planned as this one) changes, while updates upload and the
+        aggregator folds them."""
         current = self.round
-        if current is None or item.round != current.schedule.round or not current.mps_fault:
+        if current is None or item.round != current.schedule.round:
             return
-        self.mps_info = self.mps.recover()
-        log.warning("MPS fault in round %d; after recovery: %s", item.round, self.mps_info.reason)
-        self.publish_profile()
+        if current.mps_fault:
+            self.mps_info = self.mps.recover()
+            log.warning("MPS fault in round %d; after recovery: %s", item.round, self.mps_info.reason)
+            self.publish_profile()
+        assignments = [a for a in current.schedule.tasks if a.task in current.planned]
+        plan = self._plan(current.schedule, assignments, commit=False)
+        for launch in plan.launches:
+            if self._needs_restart(launch):
+                self.pool.prestart(launch.task, launch, self._prepare(current.planned[launch.task]))
 
     def on_receipt(self, receipt: Receipt) -> None:
         if receipt.status == "rejected":
@@ -319,6 +345,11 @@ class Agent:
             self.receipts.mark_done(receipt.task, receipt.round)
         if self.outbox.remove(receipt.update_id):
             self._sent_at.pop(receipt.update_id, None)
+            sent = self._first_sent_at.pop(receipt.update_id, None)
+            if sent is not None and receipt.status != "rejected":
+                self.emit_event(
+                    "acknowledged", receipt.round, receipt.task, metrics={"upload_s": time.monotonic() - sent}
+                )
 
     # --- actions ----------------------------------------------------------------------------------------
 
@@ -331,7 +362,14 @@ class Agent:
             pending.payload_path.read_bytes(),
         )
         self._sent_at[manifest.update_id] = time.monotonic()
-        self.emit_event("uploaded", manifest.round, manifest.task, f"{manifest.transfer.size} bytes")
+        self._first_sent_at.setdefault(manifest.update_id, self._sent_at[manifest.update_id])
+        self.emit_event(
+            "uploaded",
+            manifest.round,
+            manifest.task,
+            f"{manifest.transfer.size} bytes",
+            metrics={"bytes": manifest.transfer.size},
+        )
 
     def emit_event(self, kind: str, round_: int, task: str | None, message: str = "", metrics=None) -> None:
         event = Event(
@@ -345,39 +383,46 @@ class Agent:
         )
         self.link.publish(topics.device(self.device, "events"), encode(event))
 
-    def _start(self, active: ActiveRound, assignments) -> None:
+    def _start(self, active: ActiveRound, assignments: list[TaskAssignment]) -> None:
         number = active.schedule.round
-        plan = self.planner.plan(active.schedule.policy or self.policy, assignments, self.samples)
+        plan = self._plan(active.schedule, assignments)
         active.planned = {a.task: a for a in plan.assignments}
-        metrics = {f"R.{t}": r for t, r in plan.resources.items()} | {
-            f"B.{a.task}": a.batch_size for a in plan.assignments
-        }
+        restarts = sum(self._needs_restart(launch) for launch in plan.launches)
+        metrics = (
+            {f"R.{t}": r for t, r in plan.resources.items()}
+            | {f"B.{a.task}": a.batch_size for a in plan.assignments}
+            | {"restarted": restarts}
+        )
         self.emit_event("plan", number, None, f"{plan.policy}: {plan.note}", metrics)
-        commands = {}
+        work = {}
         for a in plan.assignments:
             ready = threading.Event()
             if self.cache.has(a.task, a.base_version, a.base_sha256):
                 ready.set()
+                active.ready_at[a.task] = active.received_at
             active.inputs_ready[a.task] = ready
-            commands[a.task] = jobs.Train(
-                assignment=a,
-                data=self.config.tasks[a.task],
-                base_path=str(self.cache.payload_path(a.task, a.base_version)),
-                output_path=str(self.work_dir / f"{a.task}-r{number}.update"),
+            work[a.task] = TaskWork(
+                prepare=self._prepare(a),
+                train=jobs.Train(
+                    assignment=a,
+                    base_path=str(self.cache.payload_path(a.task, a.base_version)),
+                    output_path=str(self.work_dir / f"{a.task}-r{number}.update"),
+                    seed=number,
+                    release_memory=self.config.execution.release_memory,
+                ),
             )
-        init = jobs.Init(device=self.compute, threads=self.config.execution.cpu_threads_per_task, seed=number)
         inbox = self.link.inbox
 
         def run() -> None:
             run_round(
                 plan.launches,
-                commands,
-                init,
+                work,
+                self.pool,
                 lambda o: inbox.put(RoundOutcome(number, o)),
                 inputs_ready=active.inputs_ready,
-                on_progress=lambda task, p: inbox.put(RoundProgress(number, task, p)),
+                on_started=lambda task, lease: inbox.put(RoundTaskStarted(number, task, lease)),
                 stop=active.stop,
-                log_dir=self.work_dir,
+                stall_timeout_s=self.config.execution.worker_stall_s,
             )
             inbox.put(RoundDone(number))
 
@@ -385,12 +430,44 @@ class Agent:
         active.thread.start()
         log.info("round %d (%s): training %s", number, plan.policy, [a.task for a in plan.assignments])
 
+    def _plan(self, schedule: Schedule, assignments: list[TaskAssignment], commit: bool = True) -> RoundPlan:
+        """The round's plan, knowing the SM share each warm worker runs under and what a restart costs."""
+        running = {a.task: launch.percent for a in assignments if (launch := self.pool.launch_of(a.task))}
+        return self.planner.plan(
+            schedule.policy or self.policy,
+            assignments,
+            self.samples,
+            running=running,
+            restart_cost_s=self._restart_cost_s(),
+            commit=commit,
+        )
+
+    def _needs_restart(self, launch: Launch) -> bool:
+        running = self.pool.launch_of(launch.task)
+        return running is not None and running.process_key != launch.process_key
+
+    def _prepare(self, assignment: TaskAssignment) -> jobs.Prepare:
+        execution = self.config.execution
+        return jobs.Prepare(
+            model=assignment.model,
+            data=self.config.tasks[assignment.task],
+            precision=assignment.precision,
+            budget_bytes=execution.data_budget_mb << 20,
+            loader_workers=execution.loader_workers,
+        )
+
+    def _restart_cost_s(self) -> float:
+        """What starting a worker costs here: the mean of the measured starts, else a typical CUDA start."""
+        starts = self.pool.start_seconds[-10:]
+        return sum(starts) / len(starts) if starts else DEFAULT_RESTART_COST_S
+
     def _mark_ready(self, task: str, version: int) -> None:
         current = self.round
         if current is None or task not in current.inputs_ready:
             return
         assignment = next(a for a in current.schedule.tasks if a.task == task)
         if assignment.base_version == version and self.cache.has(task, version, assignment.base_sha256):
+            current.ready_at.setdefault(task, time.monotonic())
             current.inputs_ready[task].set()
 
     def _compute_device(self) -> str:

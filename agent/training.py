@@ -1,20 +1,27 @@
-"""Local training of one task from a global model, returning the update as a delta; and test accuracy."""
+"""The one training path of a task worker.
+
+`TaskRuntime` holds a task's model and its training data on the worker's device for as long as the worker lives;
+`train` (a round: from a global model to a delta) and `measure` (a timed window, for calibration and the
+benchmarks) both run `TrainStep` through `run_steps` over that data. There is no other training loop.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import count
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from agent.datasets import train_dataset
-from agent.dataspec import DataSpec
+from agent.data import DataSpec, TrainingData
 from common.models import build_model, load_numpy_state, state_to_numpy
-from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
+from protocol.schemas import ModelSpec, OptimizerSpec, Precision, TaskAssignment
+
+DEFAULT_OPTIMIZER = OptimizerSpec()
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingStopped(Exception):
@@ -25,104 +32,223 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or infinite."""
 
 
-@dataclass(frozen=True)
-class TrainResult:
-    delta: dict[str, np.ndarray]
-    samples: int
-    steps: int
-    metrics: dict[str, float]
+def uses_channels_last(device: str, precision: Precision) -> bool:
+    """NHWC pays where tensor cores run the convolutions: reduced precision on a GPU."""
+    return device.startswith("cuda") and precision != "fp32"
 
 
-class _ShuffledBatches(Sampler[list[int]]):
-    """Seeded shuffled batches covering every sample once per epoch (drop_last=False).
-
-    A trailing batch of one sample joins the previous batch: BatchNorm cannot train on a single sample when
-    the feature map has shrunk to 1x1.
-    """
-
-    def __init__(self, samples: int, batch_size: int, seed: int) -> None:
-        self.samples, self.batch_size = samples, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.samples, self.batch_size)
-        return full + (rest > 1 or full == 0)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(self.samples, generator=self.generator).tolist()
-        batches = [order[i : i + self.batch_size] for i in range(0, self.samples, self.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) == 1:
-            batches[-2].extend(batches.pop())
-        return iter(batches)
-
-
-def _optimizer(spec: OptimizerSpec, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(spec: OptimizerSpec, params) -> torch.optim.Optimizer:
     """SGD with momentum and weight decay, or Adam (which ignores `momentum`)."""
     if spec.name == "sgd":
         return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
-def train_task(
-    assignment: TaskAssignment,
-    data: DataSpec,
-    base_state: Mapping[str, np.ndarray],
-    *,
-    device: str = "cpu",
-    progress: Callable[[int, int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    seed: int = 0,
-) -> TrainResult:
-    """Train `assignment.local_steps` steps, or else `local_epochs` epochs, from `base_state`; the delta is local
-    minus base, per entry.
+def grad_scaler(device: str, precision: Precision) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (a no-op otherwise). Kept with the model across rounds: a fresh scaler skips its
+    first steps while it finds the scale."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
 
-    Raises TrainingStopped when `should_stop()` turns true (checked before every step) and TrainingDiverged
-    when the loss or the trained weights are not finite.
-    """
+
+class TrainStep:
+    """One optimiser step on a batch: forward under autocast for bf16/fp16, fp16 gradients scaled."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        precision: Precision,
+        device: str,
+        scaler: torch.amp.GradScaler | None = None,
+    ):
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.device_type = torch.device(device).type
+        self.dtype = AUTOCAST_DTYPES.get(precision)
+        self.channels_last = uses_channels_last(device, precision)
+        self.scaler = scaler or grad_scaler(device, precision)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train on one batch; the detached loss and logits (left on the device: no synchronisation)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None):
+            logits = self.model(images)
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach(), logits.detach()
+
+
+@dataclass
+class LoopStats:
+    """What `run_steps` did: steps and images, timing (wall clock comparable across processes), and the loss and
+    accuracy over the last (possibly partial) epoch."""
+
+    steps: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    train_loss: float = math.nan
+    train_accuracy: float = math.nan
+
+
+def run_steps(
+    step: TrainStep,
+    data: TrainingData,
+    batch_size: int,
+    seed: int,
+    *,
+    steps: int | None = None,
+    seconds: float | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    progress: Callable[[int, int], None] | None = None,
+    label: str = "training",
+) -> LoopStats:
+    """Step over seeded epochs of `data` until `steps` are done or `seconds` have passed (exactly one given).
+
+    Raises TrainingStopped when `should_stop()` turns true (checked before every step) and TrainingDiverged when
+    an epoch's loss is not finite."""
+    if (steps is None) == (seconds is None):
+        raise ValueError("give exactly one of steps or seconds")
+    stats = LoopStats(started_at=time.time())
     started = time.perf_counter()
-    dataset = train_dataset(data, assignment.model)
-    loader = DataLoader(dataset, batch_sampler=_ShuffledBatches(len(dataset), assignment.batch_size, seed))
-    total = assignment.local_steps or assignment.local_epochs * len(loader)
-    step = 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(assignment.model)
-        load_numpy_state(model, base_state)
-        model.to(device).train()
-        optimizer = _optimizer(assignment.optimizer, model.parameters())
-        images_seen = 0
-        for _ in range(math.ceil(total / len(loader))):
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            epoch_images = 0
-            for images, labels in loader:
-                if step == total:
-                    break
-                if should_stop is not None and should_stop():
-                    raise TrainingStopped(f"task {assignment.task} stopped at step {step}/{total}")
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                logits = model(images)
-                loss = torch.nn.functional.cross_entropy(logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach() * len(labels)
-                correct += (logits.argmax(1) == labels).sum()
-                epoch_images += len(labels)
-                step += 1
-                if progress is not None:
-                    progress(step, total)
-            if not torch.isfinite(loss_sum):
-                raise TrainingDiverged(f"task {assignment.task}: non-finite training loss")
-            images_seen += epoch_images
-    delta = _delta(state_to_numpy(model), base_state, assignment.task)
-    metrics = {  # loss and accuracy over the last (possibly partial) epoch
-        "train_loss": loss_sum.item() / epoch_images,
-        "train_accuracy": correct.item() / epoch_images,
-        "images": float(images_seen),
-        "seconds": time.perf_counter() - started,
-    }
-    return TrainResult(delta=delta, samples=len(dataset), steps=step, metrics=metrics)
+    total = steps or 0
+    for epoch in count():
+        loss_sum = torch.zeros((), device=step.device)
+        correct = torch.zeros((), dtype=torch.int64, device=step.device)
+        epoch_images = 0
+        for images, labels in data.epoch(batch_size, seed=seed * 1_000_003 + epoch):
+            if should_stop():
+                raise TrainingStopped(f"{label} stopped at step {stats.steps}")
+            loss, logits = step(images, labels)
+            loss_sum += loss * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            epoch_images += len(labels)
+            stats.steps += 1
+            if progress is not None:
+                progress(stats.steps, total)
+            if stats.steps == steps or (seconds is not None and time.perf_counter() - started >= seconds):
+                break
+        stats.images += epoch_images
+        if not torch.isfinite(loss_sum):
+            raise TrainingDiverged(f"{label}: non-finite training loss")
+        if stats.steps == steps or (seconds is not None and time.perf_counter() - started >= seconds):
+            break
+    if step.device_type == "cuda":
+        torch.cuda.synchronize()
+    stats.seconds = time.perf_counter() - started
+    stats.ended_at = stats.started_at + stats.seconds
+    stats.train_loss = loss_sum.item() / epoch_images
+    stats.train_accuracy = correct.item() / epoch_images
+    return stats
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    delta: dict[str, np.ndarray]
+    samples: int
+    stats: LoopStats
+
+
+class TaskRuntime:
+    """A task's model and training data on this worker's device, built once and kept across rounds."""
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        data: DataSpec,
+        *,
+        device: str,
+        precision: Precision = "fp32",
+        budget_bytes: int = 1 << 30,
+        loader_workers: int = 2,
+        seed: int = 0,
+    ) -> None:
+        self.spec, self.device, self.precision = model, device, precision
+        with torch.device(device):  # initialise the weights where they live (large models are slow on a CPU)
+            self.model = build_model(model, seed=seed).train()
+        if uses_channels_last(device, precision):
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.data = data.open(model, device, budget_bytes, loader_workers)
+        self.scaler = grad_scaler(device, precision)
+        self._measuring: TrainStep | None = None
+
+    def train(
+        self,
+        assignment: TaskAssignment,
+        base: Mapping[str, np.ndarray],
+        *,
+        seed: int,
+        should_stop: Callable[[], bool] = lambda: False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> TrainResult:
+        """`assignment.local_steps` steps, or else `local_epochs` epochs, from `base`; the delta is local minus
+        base, per entry (a fresh optimiser each round, as FedAvg's local training starts)."""
+        if assignment.model != self.spec or assignment.precision != self.precision:
+            raise ValueError(
+                f"task {assignment.task}: the worker was prepared for another model or precision"
+            )
+        load_numpy_state(self.model, base)
+        self.model.train()
+        self._measuring = None  # its optimiser points at weights the round now owns
+        step = TrainStep(
+            self.model,
+            make_optimizer(assignment.optimizer, self.model.parameters()),
+            self.precision,
+            self.device,
+            self.scaler,
+        )
+        batch = assignment.batch_size
+        total = assignment.local_steps or assignment.local_epochs * self.data.steps_per_epoch(batch)
+        stats = run_steps(
+            step,
+            self.data,
+            batch,
+            seed,
+            steps=total,
+            should_stop=should_stop,
+            progress=progress,
+            label=f"task {assignment.task}",
+        )
+        delta = _delta(state_to_numpy(self.model), base, assignment.task)
+        return TrainResult(delta=delta, samples=self.data.samples, stats=stats)
+
+    def measure(
+        self,
+        batch_size: int,
+        *,
+        images: int | None = None,
+        seconds: float | None = None,
+        warmup_steps: int = 3,
+        optimizer: OptimizerSpec = DEFAULT_OPTIMIZER,
+        before_window: Callable[[], None] = lambda: None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> LoopStats:
+        """Throughput of the training step on this data: `warmup_steps`, then `before_window()` (a synchronised
+        start), then a timed window of `images` (whole batches) or `seconds`."""
+        if (images is None) == (seconds is None):
+            raise ValueError("give exactly one of images or seconds")
+        if self._measuring is None:
+            self._measuring = TrainStep(
+                self.model, make_optimizer(optimizer, self.model.parameters()), self.precision, self.device
+            )
+        if warmup_steps:
+            run_steps(
+                self._measuring, self.data, batch_size, seed=0, steps=warmup_steps, should_stop=should_stop
+            )
+        before_window()
+        return run_steps(
+            self._measuring,
+            self.data,
+            batch_size,
+            seed=1,
+            steps=-(-images // batch_size) if images is not None else None,
+            seconds=seconds,
+            should_stop=should_stop,
+        )
 
 
 def _delta(
@@ -140,7 +266,7 @@ def _delta(
 def evaluate(
     model: ModelSpec,
     state: Mapping[str, np.ndarray],
-    dataset: Dataset,
+    dataset: torch.utils.data.Dataset,
     *,
     device: str = "cpu",
     batch_size: int = 256,
@@ -152,7 +278,7 @@ def evaluate(
     load_numpy_state(net, state)
     net.to(device).eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for images, labels in DataLoader(dataset, batch_size=batch_size):
+    for images, labels in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
         labels = labels.to(device, non_blocking=True)
         correct += (net(images.to(device, non_blocking=True)).argmax(1) == labels).sum()
     return correct.item() / len(dataset)

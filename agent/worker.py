@@ -1,7 +1,8 @@
 """A task worker process: `python -m agent.worker`, driven by JSON lines (agent.jobs) on stdin/stdout.
 
 The parent sets the environment (e.g. CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) before starting it; the worker
-reports the SM count it actually got so the parent can check it. Stray prints go to stderr; stdout carries
+reports the SM count it actually got so the parent can check it. It keeps one `TaskRuntime` (model and data on
+the device) across commands, so a round costs only its training. Stray prints go to stderr; stdout carries
 only protocol lines. SIGTERM asks the current command to stop at the next step; a parent that went away (a
 closed stdout) ends the worker quietly.
 """
@@ -30,10 +31,10 @@ class Worker:
         self.commands = commands
         self.out = out
         self.device = "cpu"
-        self.seed = 0
         self.stop_requested = False
         self._last_progress = 0.0
-        self._trainer: tuple[tuple, object] | None = None
+        self._prepared: jobs.Prepare | None = None
+        self._runtime = None  # agent.training.TaskRuntime, once prepared
 
     def emit(self, event: jobs._Line) -> None:
         self.out.write(jobs.encode_line(event))
@@ -50,6 +51,7 @@ class Worker:
                 return 2
             if isinstance(command, jobs.Exit):
                 return 0
+            self.stop_requested = False  # a stop asked for during an earlier command does not carry over
             try:
                 self.run(command)
             except Exception as exc:  # reported to the parent, which decides what happens next
@@ -60,9 +62,11 @@ class Worker:
                     return 3
         return 0
 
-    def run(self, command: jobs.Command) -> None:
+    def run(self, command: jobs.WorkerCommand) -> None:
         if isinstance(command, jobs.Init):
             self.init(command)
+        elif isinstance(command, jobs.Prepare):
+            self.prepare(command)
         elif isinstance(command, jobs.Train):
             self.train(command)
         elif isinstance(command, jobs.Measure):
@@ -74,7 +78,6 @@ class Worker:
         import torch
 
         torch.set_num_threads(command.threads)
-        self.seed = command.seed
         self.device = command.device
         if command.device == "cuda":
             if not torch.cuda.is_available():
@@ -88,63 +91,97 @@ class Worker:
         else:
             self.emit(jobs.Ready(device_name="cpu", pid=os.getpid()))
 
-    def train(self, command: jobs.Train) -> None:
-        from agent.training import train_task
-
-        base = decode_state(Path(command.base_path).read_bytes())
+    def prepare(self, command: jobs.Prepare) -> None:
         started = time.perf_counter()
-        result = train_task(
+        reused = command == self._prepared
+        if not reused:
+            from agent.training import TaskRuntime
+
+            self._runtime = self._prepared = None
+            release_cached_memory(self.device)
+            self._runtime = TaskRuntime(
+                command.model,
+                command.data,
+                device=self.device,
+                precision=command.precision,
+                budget_bytes=command.budget_bytes,
+                loader_workers=command.loader_workers,
+                seed=command.seed,
+            )
+            self._prepared = command
+        data = self._runtime.data
+        self.emit(
+            jobs.Prepared(
+                samples=data.samples,
+                placement=data.placement,
+                seconds=time.perf_counter() - started,
+                reused=reused,
+            )
+        )
+
+    def train(self, command: jobs.Train) -> None:
+        started = time.perf_counter()
+        result = self._prepared_runtime().train(
             command.assignment,
-            command.data,
-            base,
-            device=self.device,
+            decode_state(Path(command.base_path).read_bytes()),
+            seed=command.seed,
             progress=self._progress,
             should_stop=lambda: self.stop_requested,
-            seed=self.seed,
         )
         write_atomically(Path(command.output_path), encode_state(result.delta))
+        stats = result.stats
+        if command.release_memory:
+            release_cached_memory(self.device)
         self.emit(
             jobs.Trained(
                 samples=result.samples,
-                steps=result.steps,
+                steps=stats.steps,
                 seconds=time.perf_counter() - started,
-                metrics=result.metrics,
+                metrics={
+                    "train_loss": stats.train_loss,
+                    "train_accuracy": stats.train_accuracy,
+                    "images": float(stats.images),
+                    "train_s": stats.seconds,
+                    "train_started_at": stats.started_at,
+                    "train_ended_at": stats.ended_at,
+                    f"precision_{command.assignment.precision}": 1.0,
+                },
                 output_path=command.output_path,
             )
         )
 
     def measure(self, command: jobs.Measure) -> None:
-        from agent.throughput import SyntheticTrainer
+        def before_window() -> None:
+            if command.wait_go:
+                self.emit(jobs.Warm())
+                self._wait_for_go()
 
-        key = (command.model, command.optimizer)
-        if (
-            self._trainer is None or self._trainer[0] != key
-        ):  # keep the model across windows; change the batch
-            self._trainer = None
-            self._trainer = (
-                key,
-                SyntheticTrainer(command.model, self.device, command.optimizer, seed=self.seed),
-            )
-        trainer = self._trainer[1]
-        trainer.set_batch(command.batch)
-        trainer.warm_up(command.warmup_steps)
-        if command.wait_go:
-            self.emit(jobs.Warm())
-            self._wait_for_go()
-        timing = trainer.run(
-            images=command.images, seconds=command.seconds, should_stop=lambda: self.stop_requested
+        stats = self._prepared_runtime().measure(
+            command.batch,
+            images=command.images,
+            seconds=command.seconds,
+            warmup_steps=command.warmup_steps,
+            optimizer=command.optimizer,
+            before_window=before_window,
+            should_stop=lambda: self.stop_requested,
         )
-        trainer.set_batch(None)
-        release_cached_memory(self.device)  # an idle worker keeps its model, not this window's activations
+        release_cached_memory(
+            self.device
+        )  # an idle worker keeps its model and data, not this window's activations
         self.emit(
             jobs.Measured(
                 batch=command.batch,
-                images=timing.images,
-                seconds=timing.seconds,
-                started_at=timing.started_at,
-                ended_at=timing.ended_at,
+                images=stats.images,
+                seconds=stats.seconds,
+                started_at=stats.started_at,
+                ended_at=stats.ended_at,
             )
         )
+
+    def _prepared_runtime(self):
+        if self._runtime is None:
+            raise RuntimeError("no task prepared: send prepare first")
+        return self._runtime
 
     def _wait_for_go(self) -> None:
         line = self.commands.readline()

@@ -7,9 +7,9 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from protocol.chunking import DEFAULT_CHUNK_SIZE
 from common.config import load_toml
-from protocol.schemas import ExecutionPolicy, ModelSpec, Name, OptimizerSpec
+from protocol.chunking import DEFAULT_CHUNK_SIZE
+from protocol.schemas import ExecutionPolicy, ModelSpec, Name, OptimizerSpec, Precision
 from protocol.transport import MqttSettings
 
 PosInt = Annotated[int, Meta(ge=1)]
@@ -25,6 +25,7 @@ class TaskConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batch_size: PosInt = 32
     min_batch_size: PosInt = 1
     max_batch_size: PosInt = 1024
+    precision: Precision = "fp32"
     init_seed: int = 0
     init_weights: str | None = (
         None  # a safetensors file; else built from the torchvision model with init_seed

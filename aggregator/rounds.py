@@ -20,9 +20,9 @@ from aggregator.config import AggregatorConfig
 from aggregator.fedavg import StreamingFedAvg
 from aggregator.initial import initial_state
 from aggregator.ledger import RoundLedger, RoundRecord
+from common.durable import move_durably
 from protocol import ProtocolError
 from protocol.chunking import transfer_info
-from common.durable import move_durably
 from protocol.schemas import (
     DeviceProfile,
     GlobalManifest,
@@ -366,6 +366,7 @@ class Coordinator:
             batch_size=c.batch_size,
             min_batch_size=c.min_batch_size,
             max_batch_size=c.max_batch_size,
+            precision=c.precision,
         )
 
     def _global_model(self, task: str, version: int, state: dict[str, np.ndarray]) -> GlobalModel:

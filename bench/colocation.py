@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import jobs
 from agent.colocation import WorkerGroup
+
+from agent import jobs
 from agent.mps import GpuSharing, mps_sharing
-from agent.policies import POLICIES, LaunchPlan, plan_launches, split_by_workload
+from agent.policies import POLICIES, PolicyLaunches, policy_launches, split_by_workload
 from bench.common import Budget, CsvLog, UtilizationSampler, describe_device, read_csv, write_json
 from protocol.schemas import ModelSpec
 
@@ -61,7 +62,7 @@ COLUMNS = [
 class Run:
     """One configuration to measure, and every (policy, R_v) label it stands for."""
 
-    plan: LaunchPlan
+    policy_launches: PolicyLaunches
     labels: list[tuple[str, str]]
 
 
@@ -75,8 +76,8 @@ def runs_for(
     """The policies (with "sweep": the R_v sweep; "fedmt-predictor": R_i from `planned`); configurations with
     identical R vectors are measured once."""
 
-    def plan(policy: str, resources=None) -> LaunchPlan:
-        return plan_launches(
+    def launches_for(policy: str, resources=None) -> PolicyLaunches:
+        return policy_launches(
             policy,
             models,
             workloads,
@@ -87,22 +88,22 @@ def runs_for(
         )
 
     runs: dict[tuple, Run] = {}
-    candidates = [(plan(p), p, "") for p in policies if p in POLICIES]
+    candidates = [(launches_for(p), p, "") for p in policies if p in POLICIES]
     if "fedmt-predictor" in policies:
-        candidates.append((plan("fedmt", planned), "fedmt-predictor", ""))
+        candidates.append((launches_for("fedmt", planned), "fedmt-predictor", ""))
     for rv in RV_SWEEP if "sweep" in policies else ():
         shares = split_by_workload([workloads[m] for m in models], rv)
-        candidates.append((plan("fedmt", dict(zip(models, shares))), "sweep", str(rv)))
-    for launch_plan, label, rv in candidates:
-        rv = rv or (f"{sum(launch_plan.resources.values()):.0f}" if launch_plan.resources else "")
-        key = tuple((launch.wave, tuple(sorted(launch.env.items()))) for launch in launch_plan.launches)
-        runs.setdefault(key, Run(launch_plan, [])).labels.append((label, rv))
+        candidates.append((launches_for("fedmt", dict(zip(models, shares))), "sweep", str(rv)))
+    for launches, label, rv in candidates:
+        rv = rv or (f"{sum(launches.resources.values()):.0f}" if launches.resources else "")
+        key = tuple((launch.wave, tuple(sorted(launch.env.items()))) for launch in launches.launches)
+        runs.setdefault(key, Run(launches, [])).labels.append((label, rv))
     return list(runs.values())
 
 
 def measure(group: WorkerGroup, run: Run, specs: dict[str, ModelSpec], batch: int, images: int) -> tuple:
     waves: dict[int, list[str]] = {}
-    for launch in run.plan.launches:
+    for launch in run.policy_launches.launches:
         waves.setdefault(launch.wave, []).append(launch.task)
     commands = {
         m: jobs.Measure(model=spec, batch=batch, images=images, warmup_steps=5) for m, spec in specs.items()
@@ -119,7 +120,7 @@ def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: C
     specs = {m: ModelSpec(name=m, num_classes=10, input_size=args.resolution) for m in models}
     workloads = {m: extract(spec).flops_per_sample * args.batch for m, spec in specs.items()}
     planned = (
-        predictor_plan(args.predictor, [extract(s) for s in specs.values()], args.batch)
+        predicted_resources(args.predictor, [extract(s) for s in specs.values()], args.batch)
         if args.predictor
         else None
     )
@@ -127,18 +128,18 @@ def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: C
     init = jobs.Init(device="cuda")
     rows, alone = [], {}
     with ThreadPoolExecutor(len(runs)) as pool:  # start every run's processes at once; idle ones use no SMs
-        pending = [pool.submit(WorkerGroup, run.plan.launches, init) for run in runs]
+        pending = [pool.submit(WorkerGroup, run.policy_launches.launches, init) for run in runs]
     try:
         for run, future in zip(runs, pending):
             with future.result() as group:
                 window, util = measure(group, run, specs, args.batch, args.images)
-            if run.plan.policy == "temporal":
+            if run.policy_launches.policy == "temporal":
                 alone = {m: window.throughput(m) for m in models}
             for label, rv in run.labels:
                 rows += _rows(name, label, rv, run, window, group, alone, util, args, device)
             print(
                 f"{name:>16} {'/'.join(lbl for lbl, _ in run.labels):>20}: "
-                f"{window.images / window.wall_s:8.0f} img/s  {run.plan.note}",
+                f"{window.images / window.wall_s:8.0f} img/s  {run.policy_launches.note}",
                 flush=True,
             )
     finally:
@@ -153,7 +154,7 @@ def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: C
 
 
 def _rows(scenario, label, rv, run, window, group, alone, util, args, device) -> list[dict]:
-    temporal = run.plan.policy == "temporal"
+    temporal = run.policy_launches.policy == "temporal"
     p = window.images / window.wall_s
     pf = sum(
         (r.images / window.wall_s if temporal else r.images_per_s) / alone[m]
@@ -167,7 +168,7 @@ def _rows(scenario, label, rv, run, window, group, alone, util, args, device) ->
             "model": m,
             "batch": args.batch,
             "resolution": args.resolution,
-            "resource_pct": round(run.plan.resources.get(m, 100.0), 1),
+            "resource_pct": round(run.policy_launches.resources.get(m, 100.0), 1),
             "sm_count": group.ready[m].sm_count,
             "images": r.images,
             "seconds": round(r.seconds, 4),
@@ -183,17 +184,17 @@ def _rows(scenario, label, rv, run, window, group, alone, util, args, device) ->
     ]
 
 
-def predictor_plan(path: str, tasks: list, batch: int) -> list[float]:
+def predicted_resources(path: str, tasks: list, batch: int) -> list[float]:
     """R_i (percent) from the ONNX predictor: Eq. 5 at the scenario's fixed batch; every task has the same data,
-    so the plan minimises the predicted makespan max_i D_i / P_i."""
+    so the choice minimises the predicted makespan max_i D_i / P_i."""
     from predictor.runtime import OnnxPredictor
     from predictor.search import best_resources
 
     n = len(tasks)
-    plan = best_resources(
+    choice = best_resources(
         tasks, [batch] * n, OnnxPredictor(Path(path)), objective="makespan", volumes=[1.0] * n
     )
-    return [float(r) for r in plan.resources]
+    return [float(r) for r in choice.resources]
 
 
 def run(args) -> int:

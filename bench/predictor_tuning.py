@@ -33,7 +33,7 @@ CANDIDATES = (
 def tune(args: argparse.Namespace) -> int:
     from predictor.dataset import build, split
     from predictor.model import train
-    from predictor.profiler import load_records
+    from predictor.records import load_records
     from predictor.training import samples_mape
 
     samples = build(load_records(args.data))

@@ -1,4 +1,6 @@
-"""`fedmt-predictor`: profile this GPU, fit the throughput predictor, export it to ONNX, search a plan."""
+"""`fedmt-predictor`: fit the throughput predictor, export it to ONNX, search a configuration.
+
+Its data comes from `fedmt-agent calibrate` on the device (the measurement needs the agent's task runtime)."""
 
 from __future__ import annotations
 
@@ -11,16 +13,6 @@ from common.daemon import cli_main, cli_parser
 
 def main(argv: list[str] | None = None) -> int:
     parser, sub = cli_parser("fedmt-predictor", "FedMT throughput predictor (Eq. 3-6, Algorithm 1).")
-    prof = sub.add_parser(
-        "profile", help="measure co-located throughput on this GPU (needs MPS; appends to a data file)"
-    )
-    prof.add_argument(
-        "--out", type=Path, default=Path("predictor/data"), help="folder of the per-GPU data files"
-    )
-    prof.add_argument("--budget-s", type=float, default=480.0, help="stop after this many seconds")
-    prof.add_argument("--resolution", type=int, default=128)
-    prof.add_argument("--window-s", type=float, default=1.0, help="length of one measurement window")
-    prof.add_argument("--seed", type=int, default=0)
     fit = sub.add_parser("fit", help="train the predictor on a data file (torch); writes weights and errors")
     fit.add_argument("--data", type=Path, required=True)
     fit.add_argument("--out", type=Path, default=Path("predictor/models"))
@@ -51,15 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     return cli_main(parser, COMMANDS, argv, errors=(PredictorUnavailable, FileNotFoundError, ValueError))
 
 
-def _profile(args: argparse.Namespace) -> int:
-    from predictor.profiler import profile
-
-    profile(
-        args.out, budget_s=args.budget_s, seed=args.seed, resolution=args.resolution, window_s=args.window_s
-    )
-    return 0
-
-
 def _fit(args: argparse.Namespace) -> int:
     import json
 
@@ -84,7 +67,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     from predictor.features import extract
     from predictor.runtime import OnnxPredictor
-    from predictor.search import plan
+    from predictor.search import configure
     from protocol.schemas import ModelSpec
 
     predict = OnnxPredictor(args.predictor)
@@ -100,7 +83,7 @@ def _plan(args: argparse.Namespace) -> int:
             "outside them it extrapolates"
         )
     started = time.perf_counter()
-    result = plan(tasks, volumes, candidates, seconds, seconds, predict, objective=args.objective)
+    result = configure(tasks, volumes, candidates, seconds, seconds, predict, objective=args.objective)
     elapsed_ms = 1000 * (time.perf_counter() - started)
     print(f"{'order':>5}  {'model':<22}{'samples':>8}{'batch':>7}{'R_i %':>7}{'pred. img/s':>13}")
     for position, i in enumerate(result.order):
@@ -122,7 +105,7 @@ def _model_and_samples(text: str) -> tuple[str, int]:
     return model, int(samples)
 
 
-COMMANDS = {"profile": _profile, "fit": _fit, "export": _export, "plan": _plan}
+COMMANDS = {"fit": _fit, "export": _export, "plan": _plan}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,7 @@ import numpy as np
 
 from predictor.encoding import encode_inputs
 from predictor.features import extract
-from predictor.profiler import FOCUS, Record
+from predictor.records import FOCUS, Record
 from protocol.schemas import ModelSpec
 
 

@@ -71,6 +71,6 @@ class OnnxPredictor:
 
 def find_predictor(models_dir: Path, gpu: str) -> OnnxPredictor:
     """The predictor shipped for `gpu` in `models_dir` (file name: the GPU name as a slug)."""
-    from predictor.profiler import dataset_path
+    from predictor.records import dataset_path
 
     return OnnxPredictor(dataset_path(models_dir, gpu).with_suffix(".onnx"), gpu=gpu)

@@ -1,4 +1,4 @@
-"""Plan search on one device: SM shares (Eq. 5), batch sizes (Eq. 6 and damping), start order (Algorithm 1).
+"""Configuration search on one device: R_i (Eq. 5), B_i (Eq. 6 and damping), start order (Algorithm 1).
 
 Pure numpy. The throughput predictor is injected: `predict(tasks, B, R) -> P` gets float64 arrays B (batch
 sizes) and R (SM percentages) of shape (N, n), N configurations of the same n co-located tasks, and returns
@@ -32,7 +32,7 @@ _MAX_COMBINATIONS = 1_000_000
 
 
 @dataclass(frozen=True, eq=False)
-class ResourcePlan:
+class ResourceChoice:
     resources: np.ndarray  # R_i, percent of the GPU's SMs
     rv: float  # R_v = sum of R_i
     predicted: np.ndarray  # P_i, images/s
@@ -40,7 +40,7 @@ class ResourcePlan:
 
 
 @dataclass(frozen=True, eq=False)
-class BatchPlan:
+class BatchChoice:
     batches: np.ndarray
     resources: np.ndarray
     predicted: np.ndarray
@@ -48,7 +48,7 @@ class BatchPlan:
 
 
 @dataclass(frozen=True, eq=False)
-class Schedule:
+class StartOrder:
     order: tuple[int, ...]  # start (download) order of the tasks
     batches: np.ndarray
     predicted: np.ndarray  # P_i at these batches and the given resources
@@ -57,8 +57,8 @@ class Schedule:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """A device's plan for one round, as plain tuples so it can be logged or sent as is."""
+class Configuration:
+    """A device's configuration for one round, as plain tuples so it can be logged or sent as is."""
 
     order: tuple[int, ...]
     batches: tuple[int, ...]
@@ -83,7 +83,7 @@ def best_resources(
     volumes: Sequence[float] | np.ndarray | None = None,
     exhaustive_limit: int = 5,
     max_rounds: int = 20,
-) -> ResourcePlan:
+) -> ResourceChoice:
     """R maximising sum P_i ("sum"), sum P_i / P_alone_i ("fair"), or minimising the compute makespan
     max_i D_i / P_i for data volumes D ("makespan") at these batch sizes.
 
@@ -98,7 +98,7 @@ def best_resources(
     resources, predicted, scores = _resource_search(
         tasks, rows, predict, grid, objective, alone, rv_max, exhaustive_limit, max_rounds, volumes
     )
-    return ResourcePlan(
+    return ResourceChoice(
         _frozen(resources[0]), float(resources[0].sum()), _frozen(predicted[0]), float(scores[0])
     )
 
@@ -225,7 +225,7 @@ def adapt_batches(
     exhaustive_limit: int = 5,
     max_rounds: int = 20,
     max_rows: int = 1_000_000,
-) -> BatchPlan:
+) -> BatchChoice:
     """Eq. 6: among batch vectors of low mismatch, the one whose Eq. 5 optimum has the best objective.
 
     Every combination of the per-task `candidates` is scored; those with mismatch <= min * (1 + tolerance) +
@@ -257,7 +257,7 @@ def adapt_batches(
         volumes=d,  # the makespan objective weighs each task by its data volume
     )
     best = _first_best(scores)
-    return BatchPlan(
+    return BatchChoice(
         batches=_frozen(combos[kept[best]]),
         resources=_frozen(resources[best]),
         predicted=_frozen(predicted[best]),
@@ -340,7 +340,7 @@ def _makespans(orders: np.ndarray, compute: np.ndarray, down: np.ndarray, up: np
     return link
 
 
-def schedule(
+def order_tasks(
     tasks: Sequence[TaskFeatures],
     data_volumes: Sequence[float] | np.ndarray,
     batches_star: Sequence[int] | np.ndarray,
@@ -353,7 +353,7 @@ def schedule(
     *,
     limits: Sequence[tuple[int, int]] | None = None,
     max_evaluations: int = 5000,
-) -> Schedule:
+) -> StartOrder:
     """Algorithm 1: start order and batches in {(1-delta)B*, B*, (1+delta)B*} minimising the makespan.
 
     B* and the options are clipped to the per-task (low, high) `limits` (default: at least 1), rounded and
@@ -392,7 +392,7 @@ def schedule(
         spans = _makespans(orders, compute, down, up)
         near = np.argwhere(spans <= spans.min() * (1 + _REL_TOL))  # (order, combo) pairs, lexicographic
         p, c = near[np.argmin((combos[near[:, 1]] != star).sum(axis=1))]
-        return Schedule(
+        return StartOrder(
             tuple(int(i) for i in orders[p]),
             _frozen(combos[c]),
             _frozen(predicted[c]),
@@ -402,7 +402,7 @@ def schedule(
     return _local_search(star, options, compute_times, down, up, max_evaluations)
 
 
-def _local_search(star, options, compute_times, down, up, max_evaluations) -> Schedule:
+def _local_search(star, options, compute_times, down, up, max_evaluations) -> StartOrder:
     compute, predicted = (a[0] for a in compute_times(star[None]))
     order = np.argsort(-compute, kind="stable")  # longest compute first
     span = _makespans(order[None], compute[None], down, up)[0, 0]
@@ -437,7 +437,7 @@ def _local_search(star, options, compute_times, down, up, max_evaluations) -> Sc
             (p for p in points if p[0] <= best * (1 + _REL_TOL)),
             key=lambda p: (int((p[2] != star).sum()), tuple(p[1]), tuple(p[2])),
         )
-    return Schedule(
+    return StartOrder(
         tuple(int(i) for i in order), _frozen(batches), _frozen(predicted), float(span), evaluated
     )
 
@@ -452,10 +452,10 @@ def _bounds(limits: Sequence[tuple[int, int]] | None, n: int) -> np.ndarray:
     return bounds
 
 
-# --- the whole plan ----------------------------------------------------------------------------------------
+# --- the whole configuration -----------------------------------------------------------------------------
 
 
-def plan(
+def configure(
     tasks: Sequence[TaskFeatures],
     data_volumes: Sequence[float] | np.ndarray,
     candidates: Sequence[Sequence[int]],
@@ -473,7 +473,7 @@ def plan(
     damping: float = 0.5,
     exhaustive_limit: int = 5,
     max_evaluations: int = 5000,
-) -> Plan:
+) -> Configuration:
     """Eq. 6 (with Eq. 5 inside) for B* and R, then Algorithm 1 for the start order and final batches.
 
     With `previous` batch sizes, B* is first damped toward the Eq. 6 choice (and R re-solved for it if it
@@ -508,7 +508,7 @@ def plan(
                 exhaustive_limit=exhaustive_limit,
             ).resources
     limits = [(min(c), max(c)) for c in candidates]
-    result = schedule(
+    result = order_tasks(
         tasks,
         data_volumes,
         star,
@@ -521,7 +521,7 @@ def plan(
         limits=limits,
         max_evaluations=max_evaluations,
     )
-    return Plan(
+    return Configuration(
         order=result.order,
         batches=tuple(int(b) for b in result.batches),
         resources=tuple(float(r) for r in resources),

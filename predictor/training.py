@@ -14,7 +14,7 @@ from predictor.dataset import Samples, build, mape, split
 from predictor.encoding import INPUT_NAMES, MAX_TASKS
 from predictor.features import extract
 from predictor.model import EPOCHS, HIDDEN, MEMBERS, ensemble, export_onnx, predict, train
-from predictor.profiler import load_records
+from predictor.records import load_records
 from predictor.runtime import OnnxPredictor, card_path
 from predictor.workload import fit_workload
 

@@ -28,6 +28,8 @@ Metrics = Annotated[dict[Annotated[str, Meta(max_length=64)], float], Meta(max_l
 UpdateCodec = Literal["delta"]
 #: how a device's task processes share its GPU (agent/policies.py)
 ExecutionPolicy = Literal["temporal", "concurrent", "isolated", "sharing", "fedmt"]
+#: arithmetic of local training: fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler)
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
 class Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -146,6 +148,7 @@ class TaskAssignment(Message):
     batch_size: PosInt = 32
     min_batch_size: PosInt = 1
     max_batch_size: PosInt = 1024
+    precision: Precision = "fp32"
 
 
 class Schedule(Message):
@@ -164,7 +167,7 @@ class Schedule(Message):
 class Event(Message):
     device: Name
     ts: NonNegFloat
-    kind: Literal["started", "finished", "failed", "uploaded", "skipped", "plan"]
+    kind: Literal["started", "finished", "failed", "uploaded", "acknowledged", "skipped", "plan"]
     round: NonNegInt
     task: Name | None = None
     message: Text = ""

@@ -1,9 +1,14 @@
-"""`make demo`: a whole federation on this machine, on CPU.
+"""`make demo`: a whole federation on this machine, on CPU by default, on the GPU with --device cuda.
 
 Mosquitto, the aggregator and three agents run as separate processes; three tasks on different model families
 (data volumes 1:2:3, as in the FedMT paper) train for several rounds on scikit-learn's digits. A read-only
-monitor evaluates every global version on the held-out test split. Output in --out: summary.json (accuracy per
-task per round, wall time per round), accuracy.png, logs/ and every process's state.
+monitor evaluates every global version on the held-out test split, on the same device. Output in --out:
+summary.json (accuracy per task per round, wall time and phases of every round), accuracy.png, phases.png,
+logs/ and every process's state.
+
+With --device cuda the agents share the GPU through the MPS daemon already running at the default pipe
+directory (/run/nvidia-mps); the demo does not start one. Every task's batch size is pinned (min = max =
+--batch-size), so the agents' planner only chooses the SM shares R_i.
 """
 
 from __future__ import annotations
@@ -16,13 +21,18 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
+
+import msgspec
 
 from agent.config import AgentConfig, ExecutionConfig
 from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig
 from common.config import to_toml
-from protocol.schemas import ModelSpec, OptimizerSpec
+from protocol.schemas import ExecutionPolicy, ModelSpec, OptimizerSpec, Precision
 from protocol.transport import MqttSettings
+from testbed import phases
 from testbed.broker import Mosquitto
 from testbed.monitor import Monitor
 
@@ -49,7 +59,42 @@ class ProcessDied(RuntimeError):
     pass
 
 
-def write_configs(out: Path, broker: Mosquitto, passwords: dict[str, str], rounds: int) -> dict[str, Path]:
+@dataclass(frozen=True)
+class Options:
+    """What the command line chooses; the defaults are `make demo`'s CPU run."""
+
+    out: Path
+    rounds: int = 6
+    timeout_s: float | None = None  # None: 600 s plus 200 s per round
+    device: Literal["cpu", "cuda"] = "cpu"
+    policy: ExecutionPolicy | None = None  # None: the agents' configured default
+    resolution: int | None = None  # None: each task's own input size
+    local_steps: int | None = None  # None: each task's local epochs
+    batch_size: int = 16
+    precision: Precision = "fp32"
+
+    def tasks(self) -> dict[str, tuple[TaskConfig, float]]:
+        """TASKS with this run's overrides."""
+        tasks = {}
+        for task, (definition, share) in TASKS.items():
+            changes = {"batch_size": self.batch_size, "precision": self.precision}
+            if self.resolution is not None:
+                changes["model"] = msgspec.structs.replace(definition.model, input_size=self.resolution)
+            if self.local_steps is not None:
+                changes["local_steps"] = self.local_steps
+            if self.device == "cuda":
+                changes |= {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
+            tasks[task] = (msgspec.structs.replace(definition, **changes), share)
+        return tasks
+
+    def execution(self) -> ExecutionConfig:
+        policy = {} if self.policy is None else {"policy": self.policy}
+        return ExecutionConfig(device=self.device, cpu_threads_per_task=1, **policy)
+
+
+def write_configs(broker: Mosquitto, passwords: dict[str, str], options: Options) -> dict[str, Path]:
+    out = options.out
+
     def mqtt(user: str) -> MqttSettings:
         return MqttSettings(host=broker.host, port=broker.port, username=user, password=passwords[user])
 
@@ -57,8 +102,8 @@ def write_configs(out: Path, broker: Mosquitto, passwords: dict[str, str], round
         "aggregator": AggregatorConfig(
             state_dir=str(out / "state" / "aggregator"),
             mqtt=mqtt("aggregator"),
-            rounds=RoundsConfig(rounds=rounds, min_devices=len(DEVICES), round_timeout_s=600.0),
-            tasks={task: definition for task, (definition, _) in TASKS.items()},
+            rounds=RoundsConfig(rounds=options.rounds, min_devices=len(DEVICES), round_timeout_s=600.0),
+            tasks={task: definition for task, (definition, _) in options.tasks().items()},
         )
     }
     for index, device in enumerate(DEVICES):
@@ -68,7 +113,7 @@ def write_configs(out: Path, broker: Mosquitto, passwords: dict[str, str], round
             state_dir=str(out / "state" / device),
             telemetry_interval_s=10.0,
             mqtt=mqtt(device),
-            execution=ExecutionConfig(device="cpu", cpu_threads_per_task=1),
+            execution=options.execution(),
             tasks={task: _data_spec({**data, "fraction": share}) for task, (_, share) in TASKS.items()},
         )
     paths = {}
@@ -80,9 +125,7 @@ def write_configs(out: Path, broker: Mosquitto, passwords: dict[str, str], round
 
 
 def _data_spec(fields: dict):
-    import msgspec
-
-    from agent.dataspec import DataSpec
+    from agent.data import DataSpec
 
     return msgspec.convert(fields, DataSpec)
 
@@ -109,26 +152,27 @@ def stop(processes: dict[str, subprocess.Popen]) -> None:
             process.kill()
 
 
-def run(out: Path, rounds: int, timeout_s: float) -> dict:
+def run(options: Options) -> dict:
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from agent.datasets import digits_test_set
+    from agent.data.digits import digits_test_set
     from agent.training import evaluate
 
     torch.set_num_threads(1)  # leave the cores to the task processes
+    out, rounds, tasks = options.out, options.rounds, options.tasks()
+    timeout_s = options.timeout_s if options.timeout_s is not None else 600.0 + 200.0 * rounds
     console = Console()
     shutil.rmtree(out, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
     passwords = {user: secrets.token_urlsafe(16) for user in ["aggregator", "monitor", *DEVICES]}
-    test_sets = {task: digits_test_set(definition.model) for task, (definition, _) in TASKS.items()}
-    accuracy: dict[str, dict[int, float]] = {task: {} for task in TASKS}
-    round_started: dict[int, float] = {}
-    round_done: dict[int, float] = {}
+    test_sets = {task: digits_test_set(definition.model) for task, (definition, _) in tasks.items()}
+    accuracy: dict[str, dict[int, float]] = {task: {} for task in tasks}
+    reported: set[int] = set()
     started = time.time()
     with Mosquitto(out / "broker", passwords) as broker:
-        configs = write_configs(out, broker, passwords, rounds)
+        configs = write_configs(broker, passwords, options)
         processes = {"aggregator": start("aggregator", "aggregator.cli", configs["aggregator"], out / "logs")}
         processes |= {d: start(d, "agent.cli", configs[d], out / "logs") for d in DEVICES}
         monitor = Monitor(
@@ -153,50 +197,64 @@ def run(out: Path, rounds: int, timeout_s: float) -> dict:
         ]
         try:
             with Progress(*columns, console=console) as progress:
-                bars = {task: progress.add_task(task, total=rounds, acc="") for task in TASKS}
+                bars = {task: progress.add_task(task, total=rounds, acc="") for task in tasks}
                 deadline = time.monotonic() + timeout_s
-                while not all(len(accuracy[t]) == rounds + 1 for t in TASKS):
+                while not all(len(accuracy[t]) == rounds + 1 for t in tasks):
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"the demo did not finish {rounds} rounds in {timeout_s:.0f} s")
                     check_alive()
                     monitor.pump(0.5)
-                    for schedule in monitor.schedules.values():
-                        round_started.setdefault(schedule.round, schedule.issued_at)
                     for (task, version), state in sorted(monitor.globals.items()):
                         if task in accuracy and version not in accuracy[task]:
-                            acc = evaluate(TASKS[task][0].model, state, test_sets[task])
+                            model = tasks[task][0].model
+                            acc = evaluate(model, state, test_sets[task], device=options.device)
                             accuracy[task][version] = acc
                             progress.update(bars[task], completed=version, acc=f"test acc {acc:6.1%}")
                     for r in range(1, rounds + 1):
-                        if r not in round_done and all(r in accuracy[t] for t in TASKS):
-                            round_done[r] = max(monitor.seen_at[(t, r)] for t in TASKS)
-                            accs = "  ".join(f"{t.split('-', 1)[1]} {accuracy[t][r]:.1%}" for t in TASKS)
-                            progress.console.print(
-                                f"round {r}/{rounds} done in "
-                                f"{round_done[r] - round_started[r]:5.1f} s: {accs}"
+                        if r not in reported and all(r in accuracy[t] for t in tasks):
+                            reported.add(r)
+                            wall_s = phases.round_wall_s(
+                                r, tasks, monitor.schedule_issued_at, monitor.seen_at
                             )
+                            accs = "  ".join(f"{t.split('-', 1)[1]} {accuracy[t][r]:.1%}" for t in tasks)
+                            progress.console.print(
+                                f"round {r}/{rounds} done in {phases.format_seconds(wall_s, 1):>5} s: {accs}"
+                            )
+            monitor.pump(1.0)  # the last round's trailing events
         finally:
             monitor.close()
             stop(processes)
+    detail = [
+        phases.round_detail(r, monitor.events, monitor.schedule_issued_at, monitor.seen_at)
+        for r in range(1, rounds + 1)
+    ]
     return {
-        "rounds": rounds,
+        "num_rounds": rounds,
+        "device": torch.cuda.get_device_name(0) if options.device == "cuda" else "cpu",
+        "policy": options.execution().policy,
         "devices": DEVICES,
         "tasks": {
             task: {
                 "model": definition.model.name,
                 "input_size": definition.model.input_size,
                 "data_share": share,
+                "batch_size": definition.batch_size,
+                "precision": definition.precision,
+                "local_epochs": definition.local_epochs,
+                "local_steps": definition.local_steps,
             }
-            for task, (definition, share) in TASKS.items()
+            for task, (definition, share) in tasks.items()
         },
-        "accuracy": {task: [accuracy[task][r] for r in range(rounds + 1)] for task in TASKS},
-        "round_wall_time_s": [round(round_done[r] - round_started[r], 2) for r in range(1, rounds + 1)],
+        "accuracy": {task: [accuracy[task][r] for r in range(rounds + 1)] for task in tasks},
+        "round_wall_time_s": [None if rd["wall_s"] is None else round(rd["wall_s"], 2) for rd in detail],
+        "rounds": [{key: rd[key] for key in ("round", "wall_s", "non_training_fraction")} for rd in detail],
+        "rounds_detail": detail,
         "total_wall_time_s": round(time.time() - started, 1),
     }
 
 
 def report(summary: dict, out: Path) -> bool:
-    """Print the table, write summary.json and accuracy.png; True if every task met the demo's bar."""
+    """Print the tables, write summary.json, accuracy.png and phases.png; True if every task met the demo's bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,8 +262,11 @@ def report(summary: dict, out: Path) -> bool:
     from rich.console import Console
     from rich.table import Table
 
-    rounds = summary["rounds"]
-    table = Table(title=f"Test accuracy per round ({len(summary['devices'])} devices, FedAvg)")
+    rounds = summary["num_rounds"]
+    console = Console()
+    table = Table(
+        title=f"Test accuracy per round ({len(summary['devices'])} devices, FedAvg, {summary['device']})"
+    )
     table.add_column("task")
     for r in range(rounds + 1):
         table.add_column(f"r{r}", justify="right")
@@ -214,8 +275,14 @@ def report(summary: dict, out: Path) -> bool:
         ok = accs[-1] >= 0.9 and accs[-1] > accs[0] + 0.2
         passed &= ok
         table.add_row(f"{task} ({'ok' if ok else 'BELOW TARGET'})", *(f"{a:.1%}" for a in accs))
-    table.add_row("round wall time (s)", "", *(f"{t:.1f}" for t in summary["round_wall_time_s"]))
-    Console().print(table)
+    table.add_row(
+        "round wall time (s)", "", *(phases.format_seconds(t, 1) for t in summary["round_wall_time_s"])
+    )
+    console.print(table)
+    console.print(phases.phase_tables(summary["rounds_detail"]))
+    for rd in summary["rounds_detail"]:
+        for note in rd["missing"]:
+            console.print(f"round {rd['round']}: {note}", style="yellow", markup=False)
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for task, accs in summary["accuracy"].items():
@@ -225,24 +292,61 @@ def report(summary: dict, out: Path) -> bool:
     axis.legend()
     figure.tight_layout()
     figure.savefig(out / "accuracy.png", dpi=120)
+    phases.plot_phases(summary["rounds_detail"], out / "phases.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"wrote {out / 'summary.json'} and {out / 'accuracy.png'} in {summary['total_wall_time_s']:.0f} s")
+    print(
+        f"wrote {out / 'summary.json'}, {out / 'accuracy.png'} and {out / 'phases.png'} "
+        f"in {summary['total_wall_time_s']:.0f} s"
+    )
     return passed
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--timeout", type=float, default=1200.0, help="give up after this many seconds")
+    parser.add_argument("--rounds", type=_positive, default=6)
+    parser.add_argument(
+        "--timeout", type=float, help="give up after this many seconds (default: 600 + 200 per round)"
+    )
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where agents and monitor run"
+    )
+    parser.add_argument(
+        "--policy", choices=get_args(ExecutionPolicy), help="the agents' execution policy (default: theirs)"
+    )
+    parser.add_argument("--resolution", type=_positive, help="every task's input size (default: per task)")
+    parser.add_argument(
+        "--local-steps", type=_positive, help="optimiser steps per round for every task (default: epochs)"
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive, default=16, help="per task (on cuda pinned: min = max = this)"
+    )
+    parser.add_argument("--precision", choices=get_args(Precision), default="fp32")
     args = parser.parse_args(argv)
-    out = args.out.resolve()
+    options = Options(
+        out=args.out.resolve(),
+        rounds=args.rounds,
+        timeout_s=args.timeout,
+        device=args.device,
+        policy=args.policy,
+        resolution=args.resolution,
+        local_steps=args.local_steps,
+        batch_size=args.batch_size,
+        precision=args.precision,
+    )
     try:
-        summary = run(out, args.rounds, args.timeout)
+        summary = run(options)
     except (ProcessDied, TimeoutError) as exc:
-        print(f"demo failed: {exc}\nlogs: {out / 'logs'}", file=sys.stderr)
+        print(f"demo failed: {exc}\nlogs: {options.out / 'logs'}", file=sys.stderr)
         return 1
-    return 0 if report(summary, out) else 1
+    return 0 if report(summary, options.out) else 1
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ class Monitor:
     events: list[Event] = field(default_factory=list)
     receipts: list[Receipt] = field(default_factory=list)
     statuses: dict[str, str] = field(default_factory=dict)
-    schedules: dict[str, Schedule] = field(default_factory=dict)
+    schedules: dict[str, Schedule] = field(default_factory=dict)  # the latest per device
+    schedule_issued_at: dict[tuple[str, int], float] = field(default_factory=dict)  # (device, round) -> first
     seen_at: dict[tuple[str, int], float] = field(default_factory=dict)
     malformed: int = 0
 
@@ -68,7 +69,9 @@ class Monitor:
     def _record(self, message: Incoming) -> None:
         ref = topics.parse(message.topic)
         if ref.kind == "schedule":
-            self.schedules[ref.device] = decode(message.payload, Schedule)
+            schedule = decode(message.payload, Schedule)
+            self.schedules[ref.device] = schedule
+            self.schedule_issued_at.setdefault((ref.device, schedule.round), schedule.issued_at)
         elif ref.kind == "status":
             self.statuses[ref.device] = decode(message.payload, Status).state
         elif ref.kind == "events":

@@ -95,7 +95,5 @@ def test_unknown_model_lists_available_names() -> None:
 
 
 def test_importing_the_module_does_not_import_torch() -> None:
-    code = (
-        "import common.models, sys; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
-    )
+    code = "import common.models, sys; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

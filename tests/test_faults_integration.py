@@ -15,8 +15,8 @@ from PIL import Image
 from agent.service import Agent
 from aggregator.ledger import RoundLedger
 from aggregator.service import AggregatorService
-from protocol import topics
 from common.config import to_toml
+from protocol import topics
 from tests.federation import (
     BOTH_V1,
     SMALL_TASKS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.mps import MpsConfig, client_env, expected_sm_count
-from agent.policies import HEURISTIC_RV, POLICIES, available_policies, plan_launches, split_by_workload
+from agent.policies import HEURISTIC_RV, POLICIES, available_policies, policy_launches, split_by_workload
 
 TASKS = ["dense", "vgg", "mobile"]
 WORKLOADS = {"dense": 3.0, "vgg": 5.0, "mobile": 1.0}
@@ -13,8 +13,8 @@ NO_MPS = {"CUDA_MPS_PIPE_DIRECTORY": "/var/empty/no-mps"}
 CONFIG = MpsConfig(pipe_dir="/run/test-mps", log_dir="/run/test-mps-log")
 
 
-def plan(policy, mps=True, resources=None):
-    return plan_launches(
+def launches_for(policy, mps=True, resources=None):
+    return policy_launches(
         policy,
         TASKS,
         WORKLOADS,
@@ -25,12 +25,12 @@ def plan(policy, mps=True, resources=None):
     )
 
 
-def percents(launch_plan) -> list[float]:
-    return [float(launch.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"]) for launch in launch_plan.launches]
+def percents(launches) -> list[float]:
+    return [float(launch.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"]) for launch in launches.launches]
 
 
 def test_temporal_runs_tasks_one_wave_each_without_mps():
-    result = plan("temporal")
+    result = launches_for("temporal")
     assert [(launch.task, launch.wave) for launch in result.launches] == [
         ("dense", 0),
         ("vgg", 1),
@@ -41,13 +41,13 @@ def test_temporal_runs_tasks_one_wave_each_without_mps():
 
 
 def test_concurrent_runs_everything_at_once_without_mps():
-    result = plan("concurrent")
+    result = launches_for("concurrent")
     assert {launch.wave for launch in result.launches} == {0}
     assert all(launch.env == NO_MPS for launch in result.launches)
 
 
 def test_isolated_splits_the_sms_equally_to_100_percent():
-    result = plan("isolated")
+    result = launches_for("isolated")
     assert percents(result) == [33.3, 33.3, 33.3]  # one decimal, so CUDA and the SM check agree
     assert sum(result.resources.values()) == pytest.approx(100, abs=0.2)
     assert [launch.expected_sms for launch in result.launches] == [
@@ -59,21 +59,21 @@ def test_isolated_splits_the_sms_equally_to_100_percent():
 
 
 def test_sharing_gives_every_task_all_sms():
-    result = plan("sharing")
+    result = launches_for("sharing")
     assert percents(result) == [100, 100, 100]
     assert [launch.expected_sms for launch in result.launches] == [132] * 3
 
 
 def test_fedmt_without_a_predictor_uses_the_workload_heuristic():
-    result = plan("fedmt")
+    result = launches_for("fedmt")
     shares = percents(result)
     assert sum(shares) == pytest.approx(HEURISTIC_RV, abs=0.2)
     assert shares[1] > shares[0] > shares[2]  # ordered like the workloads
     assert "heuristic" in result.note
 
 
-def test_fedmt_with_a_plan_uses_its_resources():
-    result = plan("fedmt", resources={"dense": 70.0, "vgg": 40.0, "mobile": 50.0})
+def test_fedmt_with_predicted_resources_uses_them():
+    result = launches_for("fedmt", resources={"dense": 70.0, "vgg": 40.0, "mobile": 50.0})
     assert percents(result) == [70, 40, 50]
     assert [launch.expected_sms for launch in result.launches] == [92, 52, 66]
     assert "predictor" in result.note
@@ -81,7 +81,7 @@ def test_fedmt_with_a_plan_uses_its_resources():
 
 @pytest.mark.parametrize("policy", ["isolated", "sharing", "fedmt"])
 def test_mps_policies_fall_back_to_concurrent_without_mps(policy):
-    result = plan(policy, mps=False)
+    result = launches_for(policy, mps=False)
     assert result.policy == "concurrent"
     assert all(launch.env == NO_MPS and launch.wave == 0 for launch in result.launches)
     assert policy in result.note and "unavailable" in result.note

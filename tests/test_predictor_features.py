@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from common.models import build_model
 from predictor.features import FEATURE_NAMES, TaskFeatures, _extract, extract, features_as_array
 from predictor.workload import WorkloadModel, fit_workload
-from common.models import build_model
 from protocol.schemas import ModelSpec
 
 

@@ -22,7 +22,7 @@ from predictor.dataset import Samples, build, mape, split
 from predictor.encoding import MAX_TASKS, N_INPUTS, encode_inputs
 from predictor.features import FEATURE_NAMES, TaskFeatures, extract
 from predictor.model import Ensemble, Pre, ensemble, export_onnx, predict
-from predictor.profiler import (
+from predictor.records import (
     ALONE_LEVELS,
     BATCHES,
     Record,

@@ -1,4 +1,4 @@
-"""predictor.search: Eq. 5 resource search, Eq. 6 batch adaptation, damping, Algorithm 1, plan()."""
+"""predictor.search: Eq. 5 resource search, Eq. 6 batch adaptation, damping, Algorithm 1, configure()."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from predictor.search import (
     DEFAULT_GRID,
     adapt_batches,
     best_resources,
+    configure,
     damp,
     mismatch,
-    plan,
-    schedule,
+    order_tasks,
     simulate_makespan,
 )
 
@@ -102,14 +102,36 @@ def test_resource_ties_go_to_the_smaller_rv() -> None:
     np.testing.assert_array_equal(result.resources, [10, 10])
 
 
-def test_coordinate_ascent_beyond_the_exhaustive_limit() -> None:
+def improving_moves(work, batches, resources, grid, rv_max=None) -> list[tuple[int, float]]:
+    """(task, R) single-coordinate moves on the grid (within rv_max) that raise sum P_i above `resources`."""
+    current = one(analytic, work, batches, resources).sum()
+    moves = []
+    for i, value in itertools.product(range(len(work)), grid):
+        moved = np.array(resources, dtype=float)
+        moved[i] = value
+        feasible = rv_max is None or moved.sum() <= rv_max
+        if feasible and one(analytic, work, batches, moved).sum() > current * (1 + 1e-9):
+            moves.append((i, value))
+    return moves
+
+
+@pytest.mark.parametrize("rv_max", [None, 240])
+def test_coordinate_ascent_beyond_the_exhaustive_limit_ends_at_a_coordinatewise_optimum(rv_max) -> None:
     work, batches, grid = tasks(6), [16, 32, 64, 16, 32, 64], (20, 40, 60, 80, 100)
-    exact = best_resources(work, batches, analytic, grid, exhaustive_limit=6)
     counting = Counting(analytic)
-    heuristic = best_resources(work, batches, counting, grid, max_rounds=8)
-    assert counting.calls <= 8
-    assert heuristic.score >= 0.98 * exact.score
-    np.testing.assert_allclose(heuristic.predicted, one(analytic, work, batches, heuristic.resources))
+    result = best_resources(work, batches, counting, grid, rv_max=rv_max, max_rounds=8)
+    assert counting.calls < 8  # one predict call per round; it stopped because no move improved
+    assert improving_moves(work, batches, result.resources, grid, rv_max) == []
+    assert rv_max is None or result.rv <= rv_max
+    np.testing.assert_allclose(result.predicted, one(analytic, work, batches, result.resources))
+    assert result.score == pytest.approx(result.predicted.sum())
+    # This objective is smooth enough that the local optimum is the global one.
+    exact = best_resources(work, batches, analytic, grid, rv_max=rv_max, exhaustive_limit=6)
+    np.testing.assert_array_equal(result.resources, exact.resources)
+    assert result.score == pytest.approx(exact.score)
+    # One round stops short of it, so the checks above can tell a converged search from a truncated one.
+    truncated = best_resources(work, batches, analytic, grid, rv_max=rv_max, max_rounds=1)
+    assert improving_moves(work, batches, truncated.resources, grid, rv_max) != []
 
 
 # --- Eq. 6 -----------------------------------------------------------------------------------------------
@@ -210,7 +232,7 @@ def test_simulate_makespan_three_tasks_and_a_finish_tie() -> None:
         simulate_makespan([0, 0, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1])
 
 
-def brute_schedule(work, data, star, down, up, resources, predict, delta=0.2):
+def brute_start_order(work, data, star, down, up, resources, predict, delta=0.2):
     options = [sorted({max(1, int(np.floor(b * f + 0.5))) for f in (1 - delta, 1, 1 + delta)}) for b in star]
     best = None
     for order in itertools.permutations(range(len(work))):
@@ -226,18 +248,18 @@ def brute_schedule(work, data, star, down, up, resources, predict, delta=0.2):
     return best
 
 
-def test_schedule_three_tasks_is_exhaustive_over_162_points() -> None:
+def test_order_tasks_three_tasks_is_exhaustive_over_162_points() -> None:
     work, data, star = tasks(3), [20000, 3000, 4000], [40, 30, 50]
     down, up, resources = [3.0, 0.5, 2.0], [1.0, 4.0, 2.0], [60, 30, 40]
     counting = Counting(batch_coupled)
-    result = schedule(work, data, star, down, up, counting, resources)
+    result = order_tasks(work, data, star, down, up, counting, resources)
     assert result.evaluated_points == 162 and counting.calls == 1
     assert result.order == (1, 0, 2) and result.batches.tolist() == [
         32,
         24,
         60,
     ]  # both order and batches matter
-    (makespan, _), order, combo = brute_schedule(work, data, star, down, up, resources, batch_coupled)
+    (makespan, _), order, combo = brute_start_order(work, data, star, down, up, resources, batch_coupled)
     assert result.makespan == pytest.approx(makespan)
     assert result.order == order
     np.testing.assert_array_equal(result.batches, combo)
@@ -246,46 +268,48 @@ def test_schedule_three_tasks_is_exhaustive_over_162_points() -> None:
     assert simulate_makespan(result.order, compute, down, up) == pytest.approx(result.makespan)
 
 
-def test_schedule_keeps_b_star_when_changes_do_not_help() -> None:
+def test_order_tasks_keeps_b_star_when_changes_do_not_help() -> None:
     def blind(_t, b, r):
         return np.full(b.shape, 100.0)  # batch sizes do not matter
 
-    result = schedule(tasks(2), [100, 100], [20, 30], [1, 1], [1, 1], blind, [50, 50])
+    result = order_tasks(tasks(2), [100, 100], [20, 30], [1, 1], [1, 1], blind, [50, 50])
     np.testing.assert_array_equal(result.batches, [20, 30])
     assert result.order == (0, 1)  # a makespan tie between both orders: lexicographic
 
 
-def test_schedule_limits_clip_the_batch_options() -> None:
-    result = schedule(
+def test_order_tasks_limits_clip_the_batch_options() -> None:
+    result = order_tasks(
         tasks(2), [100, 900], [32, 64], [1, 1], [1, 1], analytic, [50, 50], limits=[(8, 32), (8, 70)]
     )
     assert result.batches[0] <= 32 and result.batches[1] <= 70
     assert result.evaluated_points == 2 * (2 * 3)  # task 0: {26, 32}, task 1: {51, 64, 70}
     # B* itself above the limit is clipped first: 100 -> 64, options {51, 64}
-    result = schedule(
+    result = order_tasks(
         tasks(2), [100, 900], [32, 100], [1, 1], [1, 1], analytic, [50, 50], limits=[(8, 32), (8, 64)]
     )
     assert result.batches.tolist() == [32, 64] and result.evaluated_points == 2 * (2 * 2)
     with pytest.raises(ValueError):
-        schedule(tasks(2), [1, 1], [8, 8], [1, 1], [1, 1], analytic, [50, 50], limits=[(8, 4), (8, 8)])
+        order_tasks(tasks(2), [1, 1], [8, 8], [1, 1], [1, 1], analytic, [50, 50], limits=[(8, 4), (8, 8)])
 
 
 def test_five_tasks_take_one_predict_call_per_phase() -> None:
     work, data = tasks(5), [1000, 2000, 3000, 4000, 5000]
     counting = Counting(batch_coupled)
-    result = schedule(work, data, [16, 32, 48, 64, 80], [1, 2, 1, 2, 1], [2, 1, 2, 1, 2], counting, [40] * 5)
+    result = order_tasks(
+        work, data, [16, 32, 48, 64, 80], [1, 2, 1, 2, 1], [2, 1, 2, 1, 2], counting, [40] * 5
+    )
     assert counting.calls == 1 and result.evaluated_points == 120 * 3**5
     counting = Counting(analytic)
-    plan(work, data, [[8, 16, 32, 48, 64, 80]] * 5, [1, 2, 1, 2, 1], [2, 1, 2, 1, 2], counting)
-    assert counting.calls == 2  # adapt_batches (Eq. 5 inside), schedule
+    configure(work, data, [[8, 16, 32, 48, 64, 80]] * 5, [1, 2, 1, 2, 1], [2, 1, 2, 1, 2], counting)
+    assert counting.calls == 2  # adapt_batches (Eq. 5 inside), order_tasks
 
 
 def test_six_tasks_use_the_bounded_local_search() -> None:
     work, data, star = tasks(6), [1000, 2000, 3000, 4000, 5000, 6000], [16, 32, 48, 64, 80, 96]
     down, up, resources = [1, 2, 1, 2, 1, 3], [2, 1, 2, 1, 2, 1], [40] * 6
-    capped = schedule(work, data, star, down, up, batch_coupled, resources, max_evaluations=100)
+    capped = order_tasks(work, data, star, down, up, batch_coupled, resources, max_evaluations=100)
     assert sorted(capped.order) == list(range(6)) and capped.evaluated_points <= 100
-    result = schedule(work, data, star, down, up, batch_coupled, resources)
+    result = order_tasks(work, data, star, down, up, batch_coupled, resources)
     assert sorted(result.order) == list(range(6)) and result.evaluated_points <= 5000
     compute = np.asarray(data) / result.predicted
     assert simulate_makespan(result.order, compute, down, up) == pytest.approx(result.makespan)
@@ -297,16 +321,16 @@ def test_six_tasks_use_the_bounded_local_search() -> None:
         assert simulate_makespan(swapped, compute, down, up) >= result.makespan * (1 - 1e-9)
 
 
-# --- plan ------------------------------------------------------------------------------------------------
+# --- configure -------------------------------------------------------------------------------------------
 
 
-def test_plan_chains_eq6_and_algorithm_1() -> None:
+def test_configure_chains_eq6_and_algorithm_1() -> None:
     work, data, allowed = tasks(3), [1000, 2000, 3000], [[16, 32, 48, 64, 96, 128]] * 3
     down, up = [1.0, 2.0, 0.5], [1.0, 0.5, 2.0]
-    result = plan(work, data, allowed, down, up, analytic)
+    result = configure(work, data, allowed, down, up, analytic)
     adapted = adapt_batches(work, data, allowed, analytic)
     np.testing.assert_array_equal(result.resources, adapted.resources)
-    expected = schedule(
+    expected = order_tasks(
         work, data, adapted.batches, down, up, analytic, adapted.resources, limits=[(16, 128)] * 3
     )
     assert result.order == expected.order and result.batches == tuple(expected.batches)
@@ -316,17 +340,17 @@ def test_plan_chains_eq6_and_algorithm_1() -> None:
     np.testing.assert_allclose(
         result.predicted_throughput, one(analytic, work, result.batches, result.resources)
     )
-    assert hash(result) == hash(plan(work, data, allowed, down, up, analytic))  # frozen, deterministic
+    assert hash(result) == hash(configure(work, data, allowed, down, up, analytic))  # frozen, deterministic
 
 
-def test_plan_damps_toward_the_eq6_choice() -> None:
+def test_configure_damps_toward_the_eq6_choice() -> None:
     work, data, allowed = tasks(3), [1000, 2000, 3000], [[16, 32, 48, 64, 96, 128]] * 3
     counting = Counting(analytic)
-    result = plan(work, data, allowed, [1, 1, 1], [1, 1, 1], counting, previous=[128, 16, 16], delta=0.0)
+    result = configure(work, data, allowed, [1, 1, 1], [1, 1, 1], counting, previous=[128, 16, 16], delta=0.0)
     # Eq. 6 picks (32, 64, 96); half way from (128, 16, 16) is (80, 40, 56): every task sits between two
     # allowed sizes 16 apart, so the ties go toward the target: (64, 48, 64). delta=0 keeps them.
     assert result.batches == (64, 48, 64)
-    assert counting.calls == 3  # adapt_batches, Eq. 5 again for the damped batches, schedule
+    assert counting.calls == 3  # adapt_batches, Eq. 5 again for the damped batches, order_tasks
     np.testing.assert_array_equal(result.resources, best_resources(work, result.batches, analytic).resources)
 
 
@@ -341,10 +365,10 @@ def test_makespan_objective_balances_completion_times_and_matches_brute_force():
 
     grid = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
     volumes = [1000, 1000]
-    plan = best_resources(tasks, [64, 64], predict, grid=grid, objective="makespan", volumes=volumes)
+    choice = best_resources(tasks, [64, 64], predict, grid=grid, objective="makespan", volumes=volumes)
     rows = np.array([(a, b) for a in grid for b in grid], dtype=float)
     makespans = (np.array(volumes) / predict(tasks, None, rows)).max(axis=1)
-    assert makespans[rows.tolist().index(list(plan.resources))] == pytest.approx(makespans.min())
-    assert plan.resources[0] > plan.resources[1]  # the slower task gets more SMs
+    assert makespans[rows.tolist().index(list(choice.resources))] == pytest.approx(makespans.min())
+    assert choice.resources[0] > choice.resources[1]  # the slower task gets more SMs
     with pytest.raises(ValueError, match="volumes"):
         best_resources(tasks, [64, 64], predict, grid=grid, objective="makespan")

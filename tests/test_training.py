@@ -1,16 +1,18 @@
-"""agent.training: deltas, progress, cancellation, divergence, evaluation."""
+"""agent.training: the task runtime's deltas, progress, cancellation, divergence, precision, measurement windows,
+evaluation."""
 
 from __future__ import annotations
 
 import math
 
+import msgspec
 import numpy as np
 import pytest
 import torch
 
-from agent.datasets import digits_test_set
-from agent.dataspec import DigitsData, SyntheticData, sample_count
-from agent.training import TrainingDiverged, TrainingStopped, TrainResult, evaluate, train_task
+from agent.data import DataSpec, DigitsData, SyntheticData
+from agent.data.digits import digits_test_set
+from agent.training import TaskRuntime, TrainingDiverged, TrainingStopped, TrainResult, evaluate
 from common.models import build_model, state_to_numpy
 from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
 
@@ -27,6 +29,14 @@ def assignment(epochs: int = 1, batch_size: int = 16, **optimizer) -> TaskAssign
         local_epochs=epochs,
         batch_size=batch_size,
     )
+
+
+def train_task(
+    assignment: TaskAssignment, data: DataSpec, base: dict[str, np.ndarray], *, seed: int = 0, **kwargs
+) -> TrainResult:
+    """One round on a freshly prepared runtime."""
+    runtime = TaskRuntime(assignment.model, data, device="cpu", precision=assignment.precision)
+    return runtime.train(assignment, base, seed=seed, **kwargs)
 
 
 def apply(base: dict[str, np.ndarray], result: TrainResult) -> dict[str, np.ndarray]:
@@ -63,11 +73,11 @@ def test_delta_matches_the_base_layout(base) -> None:
     for name, array in base.items():
         assert result.delta[name].dtype == array.dtype and result.delta[name].shape == array.shape, name
     assert np.abs(result.delta["conv1.weight"]).max() > 0
-    assert result.samples == 40 and result.steps == 6  # 3 batches (16, 16, 8) per epoch
+    assert result.samples == 40 and result.stats.steps == 6  # 3 batches (16, 16, 8) per epoch
     assert steps == [(i, 6) for i in range(1, 7)]
     assert result.delta["bn1.num_batches_tracked"] == 6
-    assert set(result.metrics) == {"train_loss", "train_accuracy", "images", "seconds"}
-    assert result.metrics["images"] == 80  # two epochs of 40
+    assert result.stats.images == 80  # two epochs of 40
+    assert result.stats.ended_at - result.stats.started_at == pytest.approx(result.stats.seconds)
 
 
 def test_same_seed_gives_the_same_delta(base) -> None:
@@ -78,15 +88,15 @@ def test_same_seed_gives_the_same_delta(base) -> None:
 def test_single_sample_tail_joins_the_previous_batch(base) -> None:
     # resnet18 at 16x16 has 1x1 feature maps: BatchNorm cannot train on a batch of one
     result = train_task(assignment(batch_size=16), SyntheticData(samples=17), base)
-    assert result.steps == 1 and result.samples == 17
+    assert result.stats.steps == 1 and result.samples == 17
 
 
 @pytest.mark.slow
 def test_training_reduces_loss_and_beats_chance(trained) -> None:
     result, state = trained
-    assert result.samples == sample_count(DigitsData(num_partitions=3))
-    assert result.metrics["train_loss"] < 0.5 * math.log(10)  # an untrained 10-way classifier sits near ln 10
-    assert result.metrics["train_accuracy"] > 0.5
+    assert result.samples == DigitsData(num_partitions=3).sample_count()
+    assert result.stats.train_loss < 0.5 * math.log(10)  # an untrained 10-way classifier sits near ln 10
+    assert result.stats.train_accuracy > 0.5
     assert evaluate(MODEL, state, digits_test_set(MODEL)) > 0.3
 
 
@@ -129,9 +139,6 @@ def test_evaluate_rejects_an_empty_dataset(base) -> None:
 
 
 def test_local_steps_replace_epochs_and_may_end_mid_epoch():
-    from common.models import build_model, state_to_numpy
-    from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
-
     model = ModelSpec(name="shufflenet_v2_x0_5", num_classes=10, input_size=16)
     base = state_to_numpy(build_model(model, seed=0))
     assignment = TaskAssignment(
@@ -148,5 +155,52 @@ def test_local_steps_replace_epochs_and_may_end_mid_epoch():
     result = train_task(
         assignment, SyntheticData(samples=40), base, progress=lambda step, total: steps.append((step, total))
     )
-    assert result.steps == 7 and steps[-1] == (7, 7)  # 5 batches per epoch: one epoch and two steps
-    assert result.metrics["images"] == 56 and result.samples == 40
+    assert result.stats.steps == 7 and steps[-1] == (7, 7)  # 5 batches per epoch: one epoch and two steps
+    assert result.stats.images == 56 and result.samples == 40
+
+
+def test_a_runtime_trains_round_after_round_on_the_data_it_prepared_once(base) -> None:
+    runtime = TaskRuntime(MODEL, SyntheticData(samples=24), device="cpu")
+    data = runtime.data
+    first = runtime.train(assignment(), base, seed=3)
+    second = runtime.train(assignment(), base, seed=3)
+    assert runtime.data is data  # nothing reloaded
+    assert all(
+        np.array_equal(first.delta[n], second.delta[n]) for n in base
+    )  # each round starts from its base
+    with pytest.raises(ValueError, match="another model"):
+        runtime.train(msgspec.structs.replace(assignment(), precision="bf16"), base, seed=3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains_fp32_weights(base, precision) -> None:
+    # reduced precision is slow on a CPU: a few small steps (fp16 skips some while it finds its loss scale)
+    task = msgspec.structs.replace(assignment(batch_size=4), precision=precision, local_steps=12)
+    result = train_task(task, SyntheticData(samples=48), base)
+    assert all(result.delta[n].dtype == base[n].dtype for n in base)
+    assert all(np.isfinite(result.delta[n]).all() for n in base if base[n].dtype.kind == "f")
+    assert np.abs(result.delta["conv1.weight"]).max() > 0 and math.isfinite(result.stats.train_loss)
+
+
+def test_fp16_keeps_its_loss_scale_across_rounds_and_bf16_scales_nothing(base) -> None:
+    runtimes = {
+        p: TaskRuntime(MODEL, SyntheticData(samples=64), device="cpu", precision=p) for p in ("fp16", "bf16")
+    }
+    assert runtimes["fp16"].scaler.is_enabled() and not runtimes["bf16"].scaler.is_enabled()
+    fp16 = msgspec.structs.replace(assignment(), precision="fp16")
+    runtimes["fp16"].train(fp16, base, seed=0)
+    scale = runtimes["fp16"].scaler.get_scale()
+    assert scale < 2.0**16  # overflowing first steps lowered it
+    second = runtimes["fp16"].train(fp16, base, seed=0)
+    assert runtimes["fp16"].scaler.get_scale() <= scale and np.abs(second.delta["conv1.weight"]).max() > 0
+
+
+def test_a_measurement_window_runs_whole_batches_after_its_warm_up() -> None:
+    runtime = TaskRuntime(MODEL, SyntheticData(samples=40), device="cpu")
+    calls = []
+    stats = runtime.measure(16, images=40, warmup_steps=2, before_window=lambda: calls.append("go"))
+    assert calls == ["go"] and stats.images == 40 and stats.steps == 3 and stats.seconds > 0  # 16, 16, 8
+    timed = runtime.measure(8, seconds=0.2, warmup_steps=0)
+    assert timed.seconds >= 0.2 and timed.images == 8 * timed.steps
+    with pytest.raises(ValueError, match="exactly one"):
+        runtime.measure(8, warmup_steps=0)

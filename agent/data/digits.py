@@ -1,37 +1,32 @@
-"""What local data a device holds for a task: small specs, partitions and sample counts (numpy, no torch).
+"""scikit-learn's 8x8 digits (1797 images, shipped with the library).
 
-Three kinds, decoded with `msgspec.convert(obj, DataSpec)` (tagged on "kind"):
-
-- `digits`: scikit-learn's 8x8 digits (1797 images, shipped with the library), split once by a fixed seeded
-  permutation into a training 80% and a held-out test 20%; the training part is divided among
-  `num_partitions` devices (IID or Dirichlet non-IID), and `fraction` keeps a seeded prefix of one partition.
-- `imagefolder`: a torchvision ImageFolder tree (one sub-folder per class).
-- `synthetic`: seeded random images and labels made per item, for throughput work.
-
-`agent.datasets` turns a spec into torch tensors; this module is what the agent's own process needs.
+Split once by a fixed seeded permutation into a training 80% and a held-out test 20%; the training part is
+divided among `num_partitions` devices (IID or Dirichlet non-IID), and `fraction` keeps a seeded prefix of one
+partition. In a worker the images are normalised, upscaled to the model's input size and kept on the device;
+when that would exceed the data budget the 8x8 originals stay there and each batch is upscaled on the device.
 """
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
-from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import msgspec
 import numpy as np
 from msgspec import Meta
+
+from agent.data.base import DataSpecBase, TrainingData, check_classes
+from protocol.schemas import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
 
 DIGITS_SPLIT_SEED = 20240601
 DIGITS_TEST_SHARE = 0.2
 DIRICHLET_ATTEMPTS = 1000
+CLASSES = 10
 
 
-class _Spec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True, tag_field="kind"):
-    """Base of the data specs."""
-
-
-class DigitsData(_Spec, tag="digits"):
+class DigitsData(DataSpecBase, tag="digits"):
     partition: Literal["iid", "dirichlet"] = "iid"
     alpha: Annotated[float, Meta(gt=0)] = 0.5
     num_partitions: Annotated[int, Meta(ge=1)] = 1
@@ -43,20 +38,50 @@ class DigitsData(_Spec, tag="digits"):
         if not 0 <= self.partition_index < self.num_partitions:
             raise ValueError(f"partition_index {self.partition_index} not in [0, {self.num_partitions})")
 
+    def sample_count(self) -> int:
+        return len(digits_indices(self))
 
-class ImageFolderData(_Spec, tag="imagefolder"):
-    path: str
+    def open(self, model: ModelSpec, device: str, budget_bytes: int, loader_workers: int = 0) -> TrainingData:
+        import torch
+
+        from agent.data.tensors import DeviceTensors
+
+        check_classes(CLASSES, model)
+        indices = digits_indices(self)
+        small, labels = _normalised(indices, device), torch.from_numpy(digits_arrays()[1][indices]).to(device)
+        size = model.input_size
+        if len(indices) * size * size * small.element_size() <= budget_bytes:
+            return DeviceTensors(upscale(small, size), labels, lambda x, rng: to_rgb(x))
+        return DeviceTensors(small, labels, lambda x, rng: to_rgb(upscale(x, size)))
 
 
-class SyntheticData(_Spec, tag="synthetic"):
-    samples: Annotated[int, Meta(ge=1)]
-    seed: int = 0
+def upscale(images: torch.Tensor, size: int) -> torch.Tensor:
+    import torch
+
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
 
 
-DataSpec = DigitsData | ImageFolderData | SyntheticData
+def to_rgb(images: torch.Tensor) -> torch.Tensor:
+    return images.expand(-1, 3, -1, -1)
 
 
-# --- digits --------------------------------------------------------------------------------------------
+def _normalised(indices: np.ndarray, device: str) -> torch.Tensor:
+    """(N, 1, 8, 8) float32 images standardised with the training split's mean and deviation."""
+    import torch
+
+    images, _, train, _ = digits_arrays()
+    mean, std = float(images[train].mean()), float(images[train].std())
+    return ((torch.from_numpy(images[indices]).unsqueeze(1) - mean) / std).to(device)
+
+
+def digits_test_set(model: ModelSpec) -> torch.utils.data.TensorDataset:
+    """The held-out test split, shaped for `model` (CPU tensors), disjoint from every training partition."""
+    import torch
+
+    check_classes(CLASSES, model)
+    _, labels, _, test = digits_arrays()
+    images = to_rgb(upscale(_normalised(test, "cpu"), model.input_size))
+    return torch.utils.data.TensorDataset(images, torch.from_numpy(labels[test]))
 
 
 @lru_cache(maxsize=1)
@@ -107,34 +132,3 @@ def digits_indices(spec: DigitsData) -> np.ndarray:
     part = _partitions(spec)[spec.partition_index]
     order = np.random.default_rng([spec.seed, spec.partition_index]).permutation(part)
     return order[: max(1, round(len(order) * spec.fraction))]
-
-
-# --- image folders -------------------------------------------------------------------------------------
-
-#: the extensions torchvision's ImageFolder loads
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def folder_root(spec: ImageFolderData) -> Path:
-    root = Path(spec.path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
-    return root
-
-
-def _image_count(spec: ImageFolderData) -> int:
-    """Images ImageFolder would load: files with an image extension anywhere under each class folder."""
-    count = 0
-    for class_dir in (d for d in folder_root(spec).iterdir() if d.is_dir()):
-        for _, _, files in os.walk(class_dir, followlinks=True):
-            count += sum(name.lower().endswith(IMAGE_EXTENSIONS) for name in files)
-    return count
-
-
-def sample_count(spec: DataSpec) -> int:
-    """How many training samples a spec describes, without loading or decoding any image."""
-    if isinstance(spec, DigitsData):
-        return len(digits_indices(spec))
-    if isinstance(spec, ImageFolderData):
-        return _image_count(spec)
-    return spec.samples

@@ -1,4 +1,5 @@
-"""agent.dataspec and agent.datasets: digits partitions, preprocessing, synthetic and image-folder data, spec validation."""
+"""agent.data: digits partitions, device-resident batches and the budget fallback, synthetic and image-folder
+data (in memory and streamed), spec validation."""
 
 from __future__ import annotations
 
@@ -11,16 +12,9 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from agent.datasets import digits_test_set, train_dataset
-from agent.dataspec import (
-    DataSpec,
-    DigitsData,
-    ImageFolderData,
-    SyntheticData,
-    digits_indices,
-    digits_split,
-    sample_count,
-)
+from agent.data import DataSpec, DigitsData, ImageFolderData, SyntheticData
+from agent.data.digits import digits_indices, digits_split, digits_test_set
+from agent.data.tensors import generator, shuffled_batches
 from protocol.schemas import ModelSpec
 
 MODEL = ModelSpec(name="resnet18", num_classes=10, input_size=16)
@@ -85,18 +79,37 @@ def test_fraction_takes_nested_prefixes_of_the_partition() -> None:
     two_thirds = digits_indices(DigitsData(num_partitions=3, partition_index=1, fraction=2 / 3))
     assert len(third) == round(len(whole) / 3) and len(two_thirds) == round(len(whole) * 2 / 3)
     assert set(third) <= set(two_thirds) <= set(whole)
-    assert sample_count(DigitsData(num_partitions=3, partition_index=1, fraction=2 / 3)) == len(two_thirds)
+    assert DigitsData(num_partitions=3, partition_index=1, fraction=2 / 3).sample_count() == len(two_thirds)
 
 
-def test_digit_tensors_are_normalised_three_channel_and_resized() -> None:
-    data = train_dataset(DigitsData(), ModelSpec(name="resnet18", num_classes=10, input_size=8))
-    images, labels = data.tensors
+def batches(data, batch_size: int = 64, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(data.epoch(batch_size, seed))
+
+
+def test_digits_are_held_on_the_device_normalised_three_channel_and_resized() -> None:
+    data = DigitsData().open(ModelSpec(name="resnet18", num_classes=10, input_size=8), "cpu", 1 << 30)
+    assert data.placement == "device" and data.stored.shape == (len(digits_split()[0]), 1, 8, 8)
+    assert abs(data.stored.mean().item()) < 1e-4 and abs(data.stored.std().item() - 1) < 1e-3
+    images, labels = torch.cat([x for x, _ in batches(data)]), torch.cat([y for _, y in batches(data)])
     assert images.shape == (len(digits_split()[0]), 3, 8, 8) and images.dtype == torch.float32
     assert labels.dtype == torch.int64 and set(labels.tolist()) == set(range(10))
     assert torch.equal(images[:, 0], images[:, 2])
-    assert abs(images.mean().item()) < 1e-4 and abs(images.std().item() - 1) < 1e-3
-    image, label = train_dataset(DigitsData(fraction=0.1), MODEL)[0]
-    assert image.shape == (3, 16, 16) and label.dtype == torch.int64
+
+
+def test_digits_over_the_budget_keep_the_originals_and_upscale_each_batch_the_same_way() -> None:
+    spec, model = DigitsData(num_partitions=3), ModelSpec(name="resnet18", num_classes=10, input_size=24)
+    held, small = spec.open(model, "cpu", 1 << 30), spec.open(model, "cpu", 0)
+    assert held.stored.shape[-1] == 24 and small.stored.shape[-1] == 8
+    for (x, y), (u, v) in zip(batches(held, 32, seed=3), batches(small, 32, seed=3), strict=True):
+        assert torch.equal(y, v) and torch.allclose(x, u, atol=1e-5)
+
+
+def test_an_epoch_covers_every_sample_once_and_a_lone_tail_joins_the_last_batch() -> None:
+    parts = shuffled_batches(33, 8, generator("cpu", 1))
+    assert [len(p) for p in parts] == [8, 8, 8, 9]
+    assert sorted(torch.cat(parts).tolist()) == list(range(33))
+    assert not torch.equal(torch.cat(parts), torch.cat(shuffled_batches(33, 8, generator("cpu", 2))))
+    assert torch.equal(torch.cat(parts), torch.cat(shuffled_batches(33, 8, generator("cpu", 1))))
 
 
 def test_test_set_is_the_held_out_split() -> None:
@@ -107,7 +120,7 @@ def test_test_set_is_the_held_out_split() -> None:
 
 def test_digits_need_ten_classes() -> None:
     with pytest.raises(ValueError, match="10 classes"):
-        train_dataset(DigitsData(), ModelSpec(name="resnet18", num_classes=5, input_size=16))
+        DigitsData().open(ModelSpec(name="resnet18", num_classes=5, input_size=16), "cpu", 1 << 30)
 
 
 def test_more_partitions_than_samples_is_an_error() -> None:
@@ -118,56 +131,96 @@ def test_more_partitions_than_samples_is_an_error() -> None:
 # --- synthetic -----------------------------------------------------------------------------------------
 
 
-def test_synthetic_is_lazy_and_deterministic() -> None:
+def test_synthetic_data_is_made_once_when_it_fits_and_per_batch_when_not() -> None:
     model = ModelSpec(name="resnet18", num_classes=3, input_size=12)
-    data = train_dataset(SyntheticData(samples=10**9, seed=4), model)
-    assert len(data) == sample_count(SyntheticData(samples=10**9)) == 10**9
-    image, label = data[123_456_789]
-    assert image.shape == (3, 12, 12) and image.dtype == torch.float32 and 0 <= label < 3
-    assert torch.equal(train_dataset(SyntheticData(samples=10**9, seed=4), model)[123_456_789][0], image)
-    assert not torch.equal(data[1][0], image)
-    assert not torch.equal(train_dataset(SyntheticData(samples=10**9, seed=5), model)[123_456_789][0], image)
-    with pytest.raises(IndexError):
-        data[10**9]
+    held = SyntheticData(samples=50, seed=4).open(model, "cpu", 1 << 30)
+    made = SyntheticData(samples=50, seed=4).open(model, "cpu", 0)
+    assert (held.placement, made.placement) == ("device", "stream")
+    assert SyntheticData(samples=10**9).sample_count() == 10**9
+    for data in (held, made):
+        x, y = batches(data, 16)[0]
+        assert x.shape == (16, 3, 12, 12) and x.dtype == torch.float32 and 0 <= y.min() <= y.max() < 3
+        assert sum(len(y) for _, y in batches(data, 16)) == 50
+    again = SyntheticData(samples=50, seed=4).open(model, "cpu", 1 << 30)
+    assert torch.equal(again.stored, held.stored)
+    assert not torch.equal(SyntheticData(samples=50, seed=5).open(model, "cpu", 1 << 30).stored, held.stored)
 
 
 # --- image folders -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def folder(tmp_path: Path) -> Path:
+def write_folder(root: Path, suffix: str = ".png", counts=(("cat", 2), ("dog", 3))) -> Path:
     rng = np.random.default_rng(0)
-    for cls, count in [("cat", 2), ("dog", 3)]:
-        (tmp_path / cls).mkdir()
+    for cls, count in counts:
+        (root / cls).mkdir(parents=True)
         for i in range(count):
             pixels = rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(tmp_path / cls / f"{i}.png")
+            Image.fromarray(pixels).save(root / cls / f"{i}{suffix}")
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    write_folder(tmp_path)
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
     return tmp_path
 
 
-def test_image_folder_samples(folder: Path) -> None:
-    data = train_dataset(ImageFolderData(path=str(folder)), MODEL)
-    assert len(data) == sample_count(ImageFolderData(path=str(folder))) == 5
-    image, label = data[4]
-    assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and label == 1
+def test_image_folder_samples_are_decoded_once_and_held_as_bytes(folder: Path) -> None:
+    spec = ImageFolderData(path=str(folder))
+    data = spec.open(MODEL, "cpu", 1 << 30)
+    assert data.samples == spec.sample_count() == 5 and data.placement == "device"
+    assert data.stored.dtype == torch.uint8 and data.stored.shape == (
+        5,
+        3,
+        18,
+        18,
+    )  # 16 * 8/7 margin for crops
+    x, y = batches(data, 8)[0]
+    assert x.shape == (5, 3, 16, 16) and x.dtype == torch.float32 and sorted(y.tolist()) == [0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_a_streamed_folder_gives_the_batches_of_the_held_one(
+    tmp_path: Path, workers: int, suffix: str
+) -> None:
+    spec = ImageFolderData(path=str(write_folder(tmp_path, suffix, [("a", 7), ("b", 6)])), augment=False)
+    held, streamed = spec.open(MODEL, "cpu", 1 << 30, workers), spec.open(MODEL, "cpu", 0, workers)
+    assert (held.placement, streamed.placement) == ("device", "stream")
+    for epoch in range(2):  # the stream's workers persist across epochs
+        for (x, y), (u, v) in zip(batches(held, 4, epoch), batches(streamed, 4, epoch), strict=True):
+            assert torch.equal(y, v) and torch.equal(x, u)
+
+
+def test_augmentation_crops_and_flips_each_image_differently(tmp_path: Path) -> None:
+    spec = ImageFolderData(path=str(write_folder(tmp_path, counts=[("a", 1)])))
+    data = spec.open(MODEL, "cpu", 1 << 30)
+    data.stored = data.stored.expand(64, -1, -1, -1).contiguous()  # one image, many times
+    data.labels = data.labels.expand(64)
+    data.samples = 64
+    x, _ = batches(data, 64)[0]
+    assert x.shape == (64, 3, 16, 16) and torch.isfinite(x).all()
+    assert len({tuple(v.flatten()[:20].tolist()) for v in x}) > 32
+    plain = ImageFolderData(path=spec.path, augment=False).open(MODEL, "cpu", 1 << 30)
+    assert torch.equal(batches(plain, 1, 0)[0][0], batches(plain, 1, 1)[0][0])
 
 
 def test_image_folder_with_more_classes_than_the_model(folder: Path) -> None:
     (folder / "eel").mkdir()
     Image.new("RGB", (8, 8)).save(folder / "eel" / "0.png")
     with pytest.raises(ValueError, match="3 classes"):
-        train_dataset(
-            ImageFolderData(path=str(folder)), ModelSpec(name="resnet18", num_classes=2, input_size=16)
+        ImageFolderData(path=str(folder)).open(
+            ModelSpec(name="resnet18", num_classes=2, input_size=16), "cpu", 1 << 30
         )
 
 
 def test_missing_image_folder_names_the_path(tmp_path: Path) -> None:
     spec = ImageFolderData(path=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        train_dataset(spec, MODEL)
+        spec.open(MODEL, "cpu", 1 << 30)
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        sample_count(spec)
+        spec.sample_count()
 
 
 # --- specs ---------------------------------------------------------------------------------------------

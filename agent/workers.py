@@ -1,0 +1,281 @@
+"""Task worker processes: starting them with their own environment, talking to them, keeping them warm.
+
+`WorkerProcess` wraps one `python -m agent.worker` child. `WorkerPool` keeps workers by key (a task, or a
+(model, R_i) pair when calibrating) across rounds: a worker is reused while its launch environment is unchanged
+(MPS reads CUDA_MPS_ACTIVE_THREAD_PERCENTAGE once, at process start), restarted when it changes, replaced when it
+died or hung, and ended cleanly when the pool closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent import jobs
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class WorkerGone(RuntimeError):
+    """The worker process exited or stopped answering."""
+
+
+class TaskFailed(Exception):
+    def __init__(self, failure: jobs.Failed) -> None:
+        super().__init__(f"{failure.code}: {failure.error}")
+        self.failure = failure
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How one worker process is started: its wave, extra environment, MPS share and the SM count it must see."""
+
+    task: str
+    wave: int = 0
+    env: Mapping[str, str] = field(default_factory=dict)
+    percent: float | None = None  # R_i under MPS; None without MPS
+    expected_sms: int | None = None
+
+    @property
+    def process_key(self) -> tuple:
+        """What a running process cannot change: a worker is reused only for a launch with the same key."""
+        return tuple(sorted(self.env.items())), self.expected_sms
+
+
+class WorkerProcess:
+    """One worker child; its events are read by a thread into a queue."""
+
+    def __init__(self, name: str, env: Mapping[str, str] | None = None, log_path: Path | None = None) -> None:
+        self.name = name
+        child_env = {**os.environ, **(env or {})}
+        child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
+        self._log = open(log_path, "ab") if log_path else None
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log if self._log else None,
+            env=child_env,
+        )
+        self._events: queue.Queue[jobs.WorkerEvent | None] = queue.Queue()
+        threading.Thread(target=self._read, name=f"worker-{name}", daemon=True).start()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send(self, command: jobs._Line) -> None:
+        try:
+            self.proc.stdin.write(jobs.encode_line(command))
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError) as exc:
+            raise WorkerGone(f"worker {self.name} exited (code {self.proc.poll()})") from exc
+
+    def expect(
+        self,
+        *kinds: type,
+        timeout_s: float | None = None,
+        on_progress: Callable[[jobs.Progress], None] | None = None,
+    ) -> jobs.WorkerEvent:
+        """The next event of one of `kinds` (or Failed); Progress events go to `on_progress`. `timeout_s` bounds
+        the silence between two events, so a worker that keeps reporting progress is never cut off."""
+        while True:
+            try:
+                event = self._events.get(timeout=timeout_s)
+            except queue.Empty:
+                raise WorkerGone(f"worker {self.name} sent nothing for {timeout_s:.0f} s") from None
+            if event is None:
+                raise WorkerGone(f"worker {self.name} exited with code {self.proc.wait()}")
+            if isinstance(event, jobs.Progress):
+                if on_progress:
+                    on_progress(event)
+                continue
+            if isinstance(event, (jobs.Failed, *kinds)):
+                return event
+            raise WorkerGone(
+                f"worker {self.name} sent {type(event).__name__}, expected {[k.__name__ for k in kinds]}"
+            )
+
+    def call(self, command: jobs._Line, kind: type, timeout_s: float | None = None, on_progress=None):
+        """Send a command and return its answer of `kind`; a Failed answer raises TaskFailed."""
+        self.send(command)
+        event = self.expect(kind, timeout_s=timeout_s, on_progress=on_progress)
+        if isinstance(event, jobs.Failed):
+            raise TaskFailed(event)
+        return event
+
+    def request_stop(self) -> None:
+        """Ask the current command to stop at its next step (SIGTERM, handled by the worker)."""
+        if self.alive:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def close(self, grace_s: float = 30.0) -> int:
+        """Ask the worker to exit; SIGTERM after `grace_s`, SIGKILL only as a last resort."""
+        if self.alive:
+            try:
+                self.send(jobs.Exit())
+                self.proc.stdin.close()
+            except (WorkerGone, OSError):
+                pass
+            for action in (None, self.proc.terminate, self.proc.kill):
+                if action:
+                    log.warning("worker %s did not exit; %s", self.name, action.__name__)
+                    action()
+                try:
+                    self.proc.wait(grace_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if self._log:
+            self._log.close()
+        return self.proc.returncode
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self._events.put(jobs.decode_event(line))
+            except ValueError:
+                log.error("worker %s wrote a bad line: %r", self.name, line[:200])
+        self._events.put(None)
+
+
+def start_worker(
+    launch: Launch, init: jobs.Init, log_path: Path | None = None, timeout_s: float = 300.0
+) -> tuple[WorkerProcess, jobs.Ready]:
+    """Start a worker for `launch`, initialise it and check the SM count it got; raise on any failure."""
+    worker = WorkerProcess(launch.task, launch.env, log_path)
+    try:
+        ready = worker.call(init, jobs.Ready, timeout_s=timeout_s)
+        if launch.expected_sms is not None and ready.sm_count != launch.expected_sms:
+            raise TaskFailed(
+                jobs.Failed(
+                    code="mps",
+                    error=f"task {launch.task} got {ready.sm_count} SMs, expected {launch.expected_sms} "
+                    "(is the MPS daemon running for this user and pipe directory?)",
+                )
+            )
+        return worker, ready
+    except BaseException:
+        worker.close(grace_s=5)
+        raise
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A worker handed out for one command: how long getting it ready took and whether a process was started."""
+
+    worker: WorkerProcess
+    ready: jobs.Ready
+    prepared: jobs.Prepared | None
+    start_s: float
+    started_process: bool
+
+
+@dataclass
+class _Slot:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    worker: WorkerProcess | None = None
+    ready: jobs.Ready | None = None
+    launch: Launch | None = None
+    fresh: bool = False  # a process was started since the last lease
+
+
+class WorkerPool:
+    """Warm workers by key; `acquire` hands one out exclusively until `release`."""
+
+    def __init__(self, init: jobs.Init, log_dir: Path | None = None, timeout_s: float = 300.0) -> None:
+        self.init, self.log_dir, self.timeout_s = init, log_dir, timeout_s
+        self._slots: dict[Hashable, _Slot] = {}
+        self._guard = threading.Lock()
+        self.start_seconds: list[float] = []  # how long each process start (Init + first Prepare) took
+
+    def acquire(self, key: Hashable, launch: Launch, prepare: jobs.Prepare | None = None) -> Lease:
+        """The worker for `key`, started or restarted as `launch` needs and prepared with `prepare`; blocks while
+        another lease of the same key is out. Raises TaskFailed or WorkerGone (the worker is then discarded)."""
+        slot = self._slot(key)
+        slot.lock.acquire()
+        began = time.perf_counter()
+        try:
+            if slot.worker is not None and (
+                not slot.worker.alive or slot.launch.process_key != launch.process_key
+            ):
+                reason = "it exited" if not slot.worker.alive else "its launch environment changed"
+                log.info("restarting worker %s: %s", launch.task, reason)
+                self._discard(slot)
+            if slot.worker is None:
+                log_path = self.log_dir / f"{launch.task}.log" if self.log_dir else None
+                slot.worker, slot.ready = start_worker(launch, self.init, log_path, self.timeout_s)
+                slot.launch, slot.fresh = launch, True
+            prepared = slot.worker.call(prepare, jobs.Prepared, self.timeout_s) if prepare else None
+            if slot.fresh and prepare is not None:
+                self.start_seconds.append(time.perf_counter() - began)
+            started, slot.fresh = slot.fresh, False
+            return Lease(slot.worker, slot.ready, prepared, time.perf_counter() - began, started)
+        except BaseException:
+            self._discard(slot)
+            slot.lock.release()
+            raise
+
+    def release(self, key: Hashable, healthy: bool = True) -> None:
+        """End a lease; an unhealthy worker (it hung, or answered nonsense) is ended and replaced on next use."""
+        slot = self._slots[key]
+        if not healthy:
+            self._discard(slot)
+        slot.lock.release()
+
+    def prestart(
+        self, key: Hashable, launch: Launch, prepare: jobs.Prepare | None = None
+    ) -> threading.Thread:
+        """Get the worker for `key` ready in the background (a later `acquire` waits for it)."""
+
+        def run() -> None:
+            try:
+                self.acquire(key, launch, prepare)
+            except (TaskFailed, WorkerGone) as exc:
+                log.warning("could not start worker %s ahead of time: %s", launch.task, exc)
+                return
+            self.release(key)
+
+        thread = threading.Thread(target=run, name=f"prestart-{launch.task}", daemon=True)
+        thread.start()
+        return thread
+
+    def launch_of(self, key: Hashable) -> Launch | None:
+        """The launch a live worker for `key` runs under, if any."""
+        slot = self._slots.get(key)
+        return slot.launch if slot is not None and slot.worker is not None and slot.worker.alive else None
+
+    def close(self, grace_s: float = 10.0) -> None:
+        """End every worker (cooperatively first)."""
+        with self._guard:
+            slots = list(self._slots.values())
+            self._slots.clear()
+        for slot in slots:
+            if slot.worker is not None:
+                slot.worker.close(grace_s)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _slot(self, key: Hashable) -> _Slot:
+        with self._guard:
+            return self._slots.setdefault(key, _Slot())
+
+    @staticmethod
+    def _discard(slot: _Slot) -> None:
+        if slot.worker is not None:
+            slot.worker.close(grace_s=5)
+        slot.worker = slot.ready = slot.launch = None

@@ -1,0 +1,231 @@
+"""Warm task workers: reuse across rounds, restart on a new SM share, replacement of crashed or hung workers,
+clean stop, the SM check, waves and cooperative stop (real worker processes on the CPU)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from agent import jobs
+from agent.data import SyntheticData
+from agent.runner import TaskWork, run_round
+from agent.worker import PARENT_GONE
+from agent.workers import Launch, TaskFailed, WorkerGone, WorkerPool, start_worker
+from common.models import build_model, state_to_numpy
+from protocol.chunking import sha256_hex
+from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
+from protocol.tensors import encode_state
+
+pytestmark = pytest.mark.slow
+MODEL = ModelSpec(name="shufflenet_v2_x0_5", num_classes=10, input_size=16)
+CPU = jobs.Init(device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    payload = encode_state(state_to_numpy(build_model(MODEL, seed=0)))
+    path = tmp_path_factory.mktemp("base") / "v0.state"
+    path.write_bytes(payload)
+    return path, sha256_hex(payload)
+
+
+@pytest.fixture
+def pool(tmp_path):
+    with WorkerPool(CPU, log_dir=tmp_path) as pool:
+        yield pool
+
+
+def prepare(samples: int) -> jobs.Prepare:
+    return jobs.Prepare(model=MODEL, data=SyntheticData(samples=samples))
+
+
+def work(base, tmp_path, task: str, samples: int, round_: int = 1) -> TaskWork:
+    path, sha = base
+    assignment = TaskAssignment(
+        task=task, model=MODEL, optimizer=OptimizerSpec(), base_version=0, base_sha256=sha, batch_size=8
+    )
+    train = jobs.Train(
+        assignment=assignment,
+        base_path=str(path),
+        output_path=str(tmp_path / f"{task}-r{round_}.update"),
+        seed=round_,
+    )
+    return TaskWork(prepare(samples), train)
+
+
+def run(pool, launches, works, **kwargs) -> dict:
+    outcomes = {}
+    run_round(launches, works, pool, lambda o: outcomes.__setitem__(o.task, o), **kwargs)
+    return outcomes
+
+
+def pid(pool: WorkerPool, key) -> int:
+    lease = pool.acquire(key, pool.launch_of(key))
+    pool.release(key)
+    return lease.ready.pid
+
+
+def test_a_worker_that_sees_the_wrong_sm_count_is_an_error_not_a_fallback():
+    with pytest.raises(TaskFailed) as failure:
+        start_worker(Launch("t", expected_sms=66), CPU)
+    assert failure.value.failure.code == "mps"
+    assert "got None SMs, expected 66" in str(failure.value)
+
+
+def test_a_worker_is_started_and_prepared_once_and_reused_round_after_round(pool, base, tmp_path):
+    leases = []
+    for round_ in (1, 2, 3):
+        outcomes = run(
+            pool,
+            [Launch("a")],
+            {"a": work(base, tmp_path, "a", 32, round_)},
+            on_started=lambda task, lease: leases.append(lease),
+        )
+        assert outcomes["a"].trained is not None and outcomes["a"].trained.samples == 32
+    assert len({lease.ready.pid for lease in leases}) == 1
+    assert [lease.started_process for lease in leases] == [True, False, False]
+    assert [lease.prepared.reused for lease in leases] == [False, True, True]
+    assert leases[1].start_s < 1.0 and pool.start_seconds == [pytest.approx(leases[0].start_s, abs=0.05)]
+    assert all((tmp_path / f"a-r{r}.update").stat().st_size > 0 for r in (1, 2, 3))
+
+
+def test_a_new_launch_environment_restarts_the_worker_and_new_data_re_prepares_it(pool):
+    first = pool.acquire("a", Launch("a", env={"X": "1"}), prepare(16))
+    pool.release("a")
+    same = pool.acquire(
+        "a", Launch("a", wave=2, env={"X": "1"}), prepare(24)
+    )  # the wave is no process setting
+    pool.release("a")
+    moved = pool.acquire("a", Launch("a", env={"X": "2"}), prepare(24))
+    pool.release("a")
+    assert same.ready.pid == first.ready.pid and not same.started_process and not same.prepared.reused
+    assert same.prepared.samples == 24
+    assert moved.ready.pid != first.ready.pid and moved.started_process
+    assert not first.worker.alive and pool.launch_of("a").env == {"X": "2"}
+
+
+def test_a_worker_that_died_between_rounds_is_replaced(pool, base, tmp_path):
+    first = pool.acquire("a", Launch("a"), prepare(16))
+    pool.release("a")
+    first.worker.proc.send_signal(signal.SIGKILL)
+    first.worker.proc.wait(10)
+    outcomes = run(pool, [Launch("a")], {"a": work(base, tmp_path, "a", 16)})
+    assert outcomes["a"].trained is not None and pid(pool, "a") != first.ready.pid
+
+
+def test_a_crashed_task_is_reported_while_the_other_finishes_and_is_replaced_next_round(pool, base, tmp_path):
+    def kill_doomed(task: str, lease) -> None:
+        if task == "doomed":
+            lease.worker.proc.send_signal(signal.SIGKILL)
+
+    launches = [Launch("doomed"), Launch("healthy")]
+    works = {"doomed": work(base, tmp_path, "doomed", 4000), "healthy": work(base, tmp_path, "healthy", 32)}
+    outcomes = run(pool, launches, works, on_started=kill_doomed)
+    assert outcomes["doomed"].failure is not None and outcomes["doomed"].trained is None
+    assert "exited" in outcomes["doomed"].failure.error
+    assert outcomes["healthy"].trained is not None and outcomes["healthy"].trained.samples == 32
+    again = run(pool, [Launch("doomed")], {"doomed": work(base, tmp_path, "doomed", 16, round_=2)})
+    assert again["doomed"].trained is not None
+
+
+def test_a_hung_worker_is_cut_off_and_replaced(pool, base, tmp_path):
+    def freeze(task: str, lease) -> None:
+        lease.worker.proc.send_signal(signal.SIGSTOP)
+
+    frozen = run(
+        pool, [Launch("a")], {"a": work(base, tmp_path, "a", 16)}, on_started=freeze, stall_timeout_s=2
+    )
+    assert frozen["a"].failure is not None and "sent nothing for 2 s" in frozen["a"].failure.error
+    assert pool.launch_of("a") is None  # discarded
+    outcomes = run(pool, [Launch("a")], {"a": work(base, tmp_path, "a", 16, round_=2)})
+    assert outcomes["a"].trained is not None
+
+
+def test_closing_the_pool_ends_every_worker_cleanly(tmp_path):
+    pool = WorkerPool(CPU, log_dir=tmp_path)
+    leases = [pool.acquire(key, Launch(key), prepare(8)) for key in ("a", "b")]
+    for key in ("a", "b"):
+        pool.release(key)
+    pool.close()
+    assert [lease.worker.proc.returncode for lease in leases] == [0, 0]
+    assert pool.launch_of("a") is None
+
+
+def test_a_failed_preparation_is_reported_and_the_pool_stays_usable(pool, tmp_path):
+    from agent.data import ImageFolderData
+
+    missing = jobs.Prepare(model=MODEL, data=ImageFolderData(path=str(tmp_path / "nowhere")))
+    with pytest.raises(TaskFailed, match="nowhere"):
+        pool.acquire("a", Launch("a"), missing)
+    lease = pool.acquire("a", Launch("a"), prepare(8))  # not left locked
+    pool.release("a")
+    assert lease.prepared.samples == 8
+
+
+def test_prestart_readies_a_worker_that_a_later_acquire_waits_for(pool):
+    thread = pool.prestart("a", Launch("a"), prepare(8))
+    lease = pool.acquire("a", Launch("a"), prepare(8))
+    pool.release("a")
+    thread.join(5)
+    assert not lease.started_process and lease.prepared.reused  # the prestart did both
+
+
+def test_stop_asks_the_task_to_end_cooperatively(pool, base, tmp_path):
+    stop = threading.Event()
+    started = time.monotonic()
+    outcomes = run(
+        pool,
+        [Launch("long")],
+        {"long": work(base, tmp_path, "long", 100_000)},
+        stop=stop,
+        on_started=lambda task, lease: stop.set(),
+    )
+    assert outcomes["long"].failure.code == "stopped"
+    assert time.monotonic() - started < 60  # a 100k-sample epoch would take far longer
+    assert not (tmp_path / "long-r1.update").exists()
+    assert run(pool, [Launch("long")], {"long": work(base, tmp_path, "long", 16, round_=2)})["long"].trained
+
+
+def test_waves_run_one_after_another(pool, base, tmp_path):
+    started, finished = {}, {}
+    launches = [Launch("first", wave=0), Launch("second", wave=1)]
+    works = {t: work(base, tmp_path, t, 64) for t in ("first", "second")}
+    run_round(
+        launches,
+        works,
+        pool,
+        lambda o: finished.__setitem__(o.task, time.monotonic()),
+        on_started=lambda task, lease: started.setdefault(task, (time.monotonic(), lease)),
+    )
+    assert set(finished) == {"first", "second"}
+    assert started["second"][0] > finished["first"]
+    assert not started["second"][1].started_process  # its worker was started while the first wave trained
+
+
+def test_a_worker_whose_parent_is_gone_ends_quietly():
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "agent.worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ},
+    )
+    worker.stdout.close()  # the parent stops listening (as when it is killed)
+    _, stderr = worker.communicate(jobs.encode_line(CPU), timeout=60)
+    assert worker.returncode == PARENT_GONE
+    assert b"Traceback" not in stderr and b"Exception ignored" not in stderr
+
+
+def test_talking_to_an_exited_worker_raises_worker_gone(pool):
+    lease = pool.acquire("a", Launch("a"))
+    lease.worker.proc.kill()
+    lease.worker.proc.wait(10)
+    with pytest.raises(WorkerGone):
+        lease.worker.call(prepare(8), jobs.Prepared, timeout_s=10)
+    pool.release("a", healthy=False)
