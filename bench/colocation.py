@@ -3,8 +3,9 @@
     python -m bench.colocation run --out bench/results      # on a GPU with MPS (as root, or with a running daemon)
     python -m bench.colocation report --out bench/results   # table + plot from the CSV
 
-Each policy runs one worker process per task through the agent's runner (agent.colocation) on synthetic data;
-every task processes the same number of images. P = images of all tasks / wall time (makespan);
+Each policy runs one warm worker process per task (agent.workers), prepared with its model on device-resident
+synthetic data and measured in a synchronised window (agent.windows), the task runtime rounds train with; every
+task processes the same number of images. P = images of all tasks / wall time (makespan);
 P_f (Eq. 2) = sum_i P_i / P_alone_i with P_i a task's throughput while it runs (for `temporal` the tasks never
 co-run, so P_i counts over the whole cycle and P_f = 1). Both are normalised by `temporal`. The R_v sweep splits
 R_v across tasks in proportion to their workload (training FLOPs per step).
@@ -14,15 +15,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.colocation import WorkerGroup
-
 from agent import jobs
+from agent.calibration import SYNTHETIC_SAMPLES
+from agent.data import SyntheticData
 from agent.mps import GpuSharing, mps_sharing
 from agent.policies import POLICIES, PolicyLaunches, policy_launches, split_by_workload
+from agent.windows import Member, Window, measure_window
+from agent.workers import WorkerPool
 from bench.common import Budget, CsvLog, UtilizationSampler, describe_device, read_csv, write_json
 from protocol.schemas import ModelSpec
 
@@ -101,16 +104,28 @@ def runs_for(
     return list(runs.values())
 
 
-def measure(group: WorkerGroup, run: Run, specs: dict[str, ModelSpec], batch: int, images: int) -> tuple:
-    waves: dict[int, list[str]] = {}
-    for launch in run.policy_launches.launches:
-        waves.setdefault(launch.wave, []).append(launch.task)
-    commands = {
-        m: jobs.Measure(model=spec, batch=batch, images=images, warmup_steps=5) for m, spec in specs.items()
-    }
+def measure(
+    pool: WorkerPool, run: Run, prepares: dict[str, jobs.Prepare], batch: int, images: int
+) -> tuple[Window, float | None]:
+    """One synchronised window over the run's workers (one wave per launch wave: `temporal` runs them in turn);
+    results in launch order."""
+    launches = run.policy_launches.launches
+    command = jobs.Measure(batch=batch, images=images, warmup_steps=5)
+    members = [Member(launch.task, launch, prepares[launch.task], command) for launch in launches]
+    waves = [
+        [i for i, launch in enumerate(launches) if launch.wave == wave]
+        for wave in sorted({launch.wave for launch in launches})
+    ]
     with UtilizationSampler() as sampler:
-        window = group.measure(commands, [waves[w] for w in sorted(waves)])
+        window = measure_window(pool, members, waves)
     return window, sampler.mean
+
+
+def _close(pool: WorkerPool, starting: list[threading.Thread]) -> None:
+    """End a run's workers once their background starts are done (a start still under way would outlive it)."""
+    for thread in starting:
+        thread.join()
+    pool.close()
 
 
 def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: CsvLog, device: str) -> None:
@@ -125,27 +140,37 @@ def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: C
         else None
     )
     runs = runs_for(models, workloads, sharing, args.policies, planned and dict(zip(models, planned)))
+    prepares = {
+        m: jobs.Prepare(model=spec, data=SyntheticData(samples=SYNTHETIC_SAMPLES, seed=0))
+        for m, spec in specs.items()
+    }
     init = jobs.Init(device="cuda")
+    pools = [WorkerPool(init) for _ in runs]  # one per run: its workers keyed by task
+    # Start every run's processes at once (idle ones use no SMs); each is prepared when its run is measured.
+    starting = [
+        [pool.prestart(launch.task, launch) for launch in run.policy_launches.launches]
+        for pool, run in zip(pools, runs)
+    ]
     rows, alone = [], {}
-    with ThreadPoolExecutor(len(runs)) as pool:  # start every run's processes at once; idle ones use no SMs
-        pending = [pool.submit(WorkerGroup, run.policy_launches.launches, init) for run in runs]
     try:
-        for run, future in zip(runs, pending):
-            with future.result() as group:
-                window, util = measure(group, run, specs, args.batch, args.images)
+        for run, pool, threads in zip(runs, pools, starting):
+            window, util = measure(pool, run, prepares, args.batch, args.images)
+            _close(pool, threads)
             if run.policy_launches.policy == "temporal":
-                alone = {m: window.throughput(m) for m in models}
+                alone = {
+                    launch.task: r.images_per_s
+                    for launch, r in zip(run.policy_launches.launches, window.results)
+                }
             for label, rv in run.labels:
-                rows += _rows(name, label, rv, run, window, group, alone, util, args, device)
+                rows += _rows(name, label, rv, run, window, alone, util, args, device)
             print(
                 f"{name:>16} {'/'.join(lbl for lbl, _ in run.labels):>20}: "
                 f"{window.images / window.wall_s:8.0f} img/s  {run.policy_launches.note}",
                 flush=True,
             )
     finally:
-        for future in pending:
-            if future.exception() is None:
-                future.result().close()
+        for pool, threads in zip(pools, starting):
+            _close(pool, threads)
     temporal_p = next(r["P"] for r in rows if r["policy"] == "temporal")
     temporal_pf = next(r["P_f"] for r in rows if r["policy"] == "temporal")
     for row in rows:
@@ -153,12 +178,13 @@ def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: C
         log.add(row)
 
 
-def _rows(scenario, label, rv, run, window, group, alone, util, args, device) -> list[dict]:
+def _rows(scenario, label, rv, run, window, alone, util, args, device) -> list[dict]:
     temporal = run.policy_launches.policy == "temporal"
+    tasks = [launch.task for launch in run.policy_launches.launches]
     p = window.images / window.wall_s
     pf = sum(
         (r.images / window.wall_s if temporal else r.images_per_s) / alone[m]
-        for m, r in window.results.items()
+        for m, r in zip(tasks, window.results)
     )
     return [
         {
@@ -169,7 +195,7 @@ def _rows(scenario, label, rv, run, window, group, alone, util, args, device) ->
             "batch": args.batch,
             "resolution": args.resolution,
             "resource_pct": round(run.policy_launches.resources.get(m, 100.0), 1),
-            "sm_count": group.ready[m].sm_count,
+            "sm_count": sm_count,
             "images": r.images,
             "seconds": round(r.seconds, 4),
             "throughput_ips": round(r.images_per_s, 1),
@@ -180,7 +206,7 @@ def _rows(scenario, label, rv, run, window, group, alone, util, args, device) ->
             "gpu_util": util,
             "device": device,
         }
-        for m, r in window.results.items()
+        for m, r, sm_count in zip(tasks, window.results, window.sm_counts)
     ]
 
 

@@ -17,27 +17,22 @@ def describe_device() -> dict[str, str | int | None]:
     """GPU, driver and software versions (the key under which results are comparable)."""
     import torch
 
+    from agent.gpu.probe import probe
+
     info: dict[str, str | int | None] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "command": " ".join(shlex.quote(a) for a in sys.argv),
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # the CUDA device the benchmarks run on (NVML's GPU 0 may be another)
         props = torch.cuda.get_device_properties(0)
         info |= {
             "gpu": props.name,
             "sm_count": props.multi_processor_count,
             "memory_gib": round(props.total_memory / 2**30),
+            "driver": probe().driver_version,  # NVML's, or the L4T release on a Jetson; None if unreadable
         }
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            info["driver"] = pynvml.nvmlSystemGetDriverVersion()
-            pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001 - the driver version is informative only
-            info["driver"] = None
     else:
         info |= {"gpu": f"cpu ({platform.processor() or platform.machine()})", "sm_count": None}
     return info

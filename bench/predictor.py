@@ -5,9 +5,10 @@
     python -m bench.predictor report --predictor M.onnx    # predictor.json / .md / .png from the above + model card
 
 Completion degree: for fixed batches (the paper's Table III settings), every R vector of a grid is measured in
-a synchronised window through a pool of long-lived workers (one per (model, R_i)); the search's pick (Eq. 5 on
-the same grid) is compared with the best measured vector. Rank: the pick of Eq. 5 with free batch sizes among
-random (B_i, R_i) schedules, all measured.
+a synchronised window (agent.windows) through a pool of warm workers, one per (model, R_i), each prepared with
+its model on device-resident synthetic data; the search's pick (Eq. 5 on the same grid) is compared with the
+best measured vector. Rank: the pick of Eq. 5 with free batch sizes among random (B_i, R_i) schedules, all
+measured.
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ def _specs(models, resolution):
 
 
 def measure(args) -> int:
-    from agent.colocation import WorkerPool
-
     from agent import jobs
+    from agent.calibration import SYNTHETIC_SAMPLES
+    from agent.data import SyntheticData
     from agent.mps import mps_sharing
+    from agent.windows import Member, measure_window
+    from agent.workers import WorkerPool
     from predictor.features import extract
     from predictor.runtime import OnnxPredictor
     from predictor.search import adapt_batches, best_resources
@@ -81,11 +84,17 @@ def measure(args) -> int:
         return any(name.startswith(prefix) for prefix in args.settings)
 
     def window(pool, setting, kind, specs, batches, resources, tasks) -> None:
-        picks = [
-            ((s.name, float(r)), jobs.Measure(model=s, batch=int(b), seconds=args.window_s, warmup_steps=2))
+        # One worker per (model, R_i), launched under `sharing` (the MPS daemon of the `with` below).
+        members = [
+            Member(
+                (s.name, float(r)),
+                sharing.launch_for(s.name, float(r)),
+                jobs.Prepare(model=s, data=SyntheticData(samples=SYNTHETIC_SAMPLES, seed=0)),
+                jobs.Measure(batch=int(b), seconds=args.window_s, warmup_steps=2),
+            )
             for s, b, r in zip(specs, batches, resources)
         ]
-        measured = [m.images_per_s for m in pool.measure(picks)]
+        measured = [m.images_per_s for m in measure_window(pool, members).results]
         predicted = predict(tasks, np.array([batches]), np.array([resources]))[0]
         log.add(
             {
@@ -100,7 +109,7 @@ def measure(args) -> int:
             }
         )
 
-    with mps_sharing() as sharing, WorkerPool(sharing.launch_for, jobs.Init(device="cuda")) as pool:
+    with mps_sharing() as sharing, WorkerPool(jobs.Init(device="cuda")) as pool:
         for name in filter(chosen, SETTINGS):
             models, batches, levels = SETTINGS[name]
             if budget.left() < len(levels) ** len(models) * 1.6 * args.repeats:

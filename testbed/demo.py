@@ -69,7 +69,7 @@ class Options:
     device: Literal["cpu", "cuda"] = "cpu"
     policy: ExecutionPolicy | None = None  # None: the agents' configured default
     resolution: int | None = None  # None: each task's own input size
-    local_steps: int | None = None  # None: each task's local epochs
+    local_steps: dict[str, int] | None = None  # task -> optimiser steps per round; None: each task's epochs
     batch_size: int = 16
     precision: Precision = "fp32"
 
@@ -81,7 +81,7 @@ class Options:
             if self.resolution is not None:
                 changes["model"] = msgspec.structs.replace(definition.model, input_size=self.resolution)
             if self.local_steps is not None:
-                changes["local_steps"] = self.local_steps
+                changes["local_steps"] = self.local_steps[task]
             if self.device == "cuda":
                 changes |= {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
             tasks[task] = (msgspec.structs.replace(definition, **changes), share)
@@ -308,6 +308,21 @@ def _positive(text: str) -> int:
     return value
 
 
+def _local_steps(text: str) -> dict[str, int]:
+    """`N` (every task) or `task=N,task=N,...` naming every task of the demo."""
+    if "=" not in text:
+        return dict.fromkeys(TASKS, _positive(text))
+    steps = {}
+    for part in text.split(","):
+        task, _, count = part.partition("=")
+        if task not in TASKS:
+            raise argparse.ArgumentTypeError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+        steps[task] = _positive(count)
+    if set(steps) != set(TASKS):
+        raise argparse.ArgumentTypeError(f"give steps for every task: {', '.join(TASKS)}")
+    return steps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -323,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--resolution", type=_positive, help="every task's input size (default: per task)")
     parser.add_argument(
-        "--local-steps", type=_positive, help="optimiser steps per round for every task (default: epochs)"
+        "--local-steps",
+        type=_local_steps,
+        help="optimiser steps per round: N for every task, or TASK=N,TASK=N,... (default: epochs)",
     )
     parser.add_argument(
         "--batch-size", type=_positive, default=16, help="per task (on cuda pinned: min = max = this)"

@@ -1,0 +1,232 @@
+"""The round's training path against the synthetic loop, through the production worker.
+
+    python -m bench.trainpath --out bench/results            # on a GPU (no MPS needed)
+
+For each model and input size, warm workers (agent.workers.WorkerPool) train exactly as a round does
+(`agent.runner.run_round`: Prepare, then Train from a global model, the delta written) on
+- `memory`: the digits, upscaled once and held on the device, batches gathered with index tensors;
+- `jpeg`: an image folder of generated 256 px JPEGs, streamed (data budget 0): DataLoader workers read the
+  files into pinned memory, nvJPEG decodes on the GPU, random resized crops and flips run on the device;
+and the same worker type measures the synthetic loop: the same training step on random images held on the
+device (`Measure`). real_ips is images over the training loop's time as the worker reports it for a round
+(the second and later rounds of a warm worker); each figure is the median of `--repeats` runs, with the spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from agent import jobs
+from agent.calibration import SYNTHETIC_SAMPLES
+from agent.data import DigitsData, ImageFolderData, SyntheticData
+from agent.runner import TaskWork, run_round
+from agent.windows import Member, measure_window
+from agent.workers import Launch, WorkerPool
+from bench.common import describe_device, write_json
+from common.models import build_model, state_to_numpy
+from protocol.chunking import sha256_hex
+from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
+from protocol.tensors import encode_state
+
+MODELS = ("resnet18", "resnet50", "mobilenet_v3_small")
+SGD = OptimizerSpec(name="sgd", lr=0.01, momentum=0.9)
+
+
+def write_jpegs(root: Path, count: int, size: int = 256, classes: int = 10, seed: int = 0) -> Path:
+    """`count` smooth random colour images (upsampled noise, as photographs compress) as JPEGs in class folders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        folder = root / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize((size, size), Image.BILINEAR)
+        image.save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def real_ips(
+    pool: WorkerPool,
+    key: str,
+    prepare: jobs.Prepare,
+    base: tuple[Path, str],
+    steps: int,
+    batch: int,
+    out: Path,
+    rounds: int,
+) -> list[float]:
+    """Images/s of the training loop in `rounds` rounds after a first one (a warm worker's rounds)."""
+    path, sha = base
+    assignment = TaskAssignment(
+        task=key,
+        model=prepare.model,
+        optimizer=SGD,
+        base_version=0,
+        base_sha256=sha,
+        local_steps=steps,
+        batch_size=batch,
+    )
+    speeds = []
+    for round_ in range(rounds + 1):
+        train = jobs.Train(
+            assignment=assignment, base_path=str(path), output_path=str(out / f"{key}.update"), seed=round_
+        )
+        outcomes: list = []
+        run_round([Launch(key)], {key: TaskWork(prepare, train)}, pool, outcomes.append)
+        outcome = outcomes[0]
+        if outcome.failure is not None:
+            raise RuntimeError(f"{key}: {outcome.failure.error}")
+        metrics = outcome.trained.metrics
+        if round_:
+            speeds.append(metrics["images"] / metrics["train_s"])
+    return speeds
+
+
+def synthetic_ips(
+    pool: WorkerPool, key: str, model: ModelSpec, images: int, batch: int, repeats: int
+) -> list[float]:
+    prepare = jobs.Prepare(model=model, data=SyntheticData(samples=SYNTHETIC_SAMPLES))
+    measure = jobs.Measure(batch=batch, images=images, warmup_steps=10, optimizer=SGD)
+    return [
+        measure_window(pool, [Member(key, Launch(key), prepare, measure)]).results[0].images_per_s
+        for _ in range(repeats)
+    ]
+
+
+def summary(speeds: list[float]) -> dict:
+    return {
+        "median": round(statistics.median(speeds), 1),
+        "min": round(min(speeds), 1),
+        "max": round(max(speeds), 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--resolutions", nargs="+", type=int, default=[128, 224])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=200, help="training steps per round")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--jpegs", type=int, default=3000, help="generated 256 px JPEGs in the image folder")
+    parser.add_argument("--loader-workers", type=int, default=6)
+    args = parser.parse_args(argv)
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    work = Path(tempfile.mkdtemp(prefix="fedmt-trainpath-"))
+    with console.status(f"writing {args.jpegs} JPEGs"):
+        folder = write_jpegs(work / "jpegs", args.jpegs)
+    datas = {
+        "memory": (DigitsData(), 1 << 30),
+        "jpeg": (ImageFolderData(path=str(folder)), 0),  # budget 0: the streamed path
+    }
+    rows = []
+    for resolution in args.resolutions:
+        for name in args.models:
+            model = ModelSpec(name=name, num_classes=10, input_size=resolution)
+            payload = encode_state(state_to_numpy(build_model(model, seed=0)))
+            (work / "base").write_bytes(payload)
+            base = (work / "base", sha256_hex(payload))
+            prepares = {
+                kind: jobs.Prepare(
+                    model=model, data=data, budget_bytes=budget, loader_workers=args.loader_workers
+                )
+                for kind, (data, budget) in datas.items()
+            }
+            with WorkerPool(jobs.Init(device=args.device), log_dir=work) as pool:
+                for kind, prepare in prepares.items():  # start them while the synthetic loop runs
+                    pool.prestart(kind, Launch(kind), prepare)
+                console.print(f"{name} {resolution}px: synthetic loop")
+                synthetic = summary(
+                    synthetic_ips(pool, "synthetic", model, args.steps * args.batch, args.batch, args.repeats)
+                )
+                for kind, (data, budget) in datas.items():
+                    console.print(f"{name} {resolution}px: rounds on {kind}")
+                    real = summary(
+                        real_ips(pool, kind, prepares[kind], base, args.steps, args.batch, work, args.repeats)
+                    )
+                    rows.append(
+                        {
+                            "model": name,
+                            "resolution": resolution,
+                            "batch": args.batch,
+                            "data": kind,
+                            "placement": "device" if budget else "stream",
+                            "real_ips": real["median"],
+                            "real_ips_range": [real["min"], real["max"]],
+                            "synthetic_ips": synthetic["median"],
+                            "synthetic_ips_range": [synthetic["min"], synthetic["max"]],
+                            "ratio": round(real["median"] / synthetic["median"], 3),
+                        }
+                    )
+    device = describe_device()
+    table = Table(
+        title=f"round training path vs synthetic loop ({device['gpu']}, batch {args.batch}, median of {args.repeats})"
+    )
+    for column in ("model", "px", "data", "real img/s", "synthetic img/s", "real / synthetic", "target"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        target = 0.9 if row["data"] == "memory" else 0.7
+        verdict = "ok" if row["ratio"] >= target else "MISSED"
+        table.add_row(
+            row["model"],
+            str(row["resolution"]),
+            row["data"],
+            f"{row['real_ips']:.0f} ({row['real_ips_range'][0]:.0f}-{row['real_ips_range'][1]:.0f})",
+            f"{row['synthetic_ips']:.0f} ({row['synthetic_ips_range'][0]:.0f}-{row['synthetic_ips_range'][1]:.0f})",
+            f"{row['ratio']:.2f}",
+            f">= {target} {verdict}",
+        )
+    console.print(table)
+    write_json(
+        args.out / "trainpath.json",
+        {
+            "device": device["gpu"],
+            "setup": device,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "jpegs": args.jpegs,
+            "rows": rows,
+        },
+    )
+    plot(rows, args.out / "trainpath.png", str(device["gpu"]))
+    return 0
+
+
+def plot(rows: list[dict], path: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\n{r['resolution']}px {r['data']}" for r in rows]
+    figure, axis = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
+    axis.bar(
+        range(len(rows)),
+        [r["ratio"] for r in rows],
+        color=["C0" if r["data"] == "memory" else "C1" for r in rows],
+    )
+    axis.axhline(0.9, color="C0", linestyle="--", linewidth=1, label="target, in memory (0.9)")
+    axis.axhline(0.7, color="C1", linestyle="--", linewidth=1, label="target, JPEG folder (0.7)")
+    axis.set_xticks(range(len(rows)), labels, fontsize=7)
+    axis.set(
+        ylabel="round path / synthetic loop", title=f"Training path throughput ({device})", ylim=(0, 1.2)
+    )
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
