@@ -151,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                 synthetic = summary(
                     synthetic_ips(pool, "synthetic", model, args.steps * args.batch, args.batch, args.repeats)
                 )
-                for kind, (data, budget) in datas.items():
+                for kind, prepare in prepares.items():
                     console.print(f"{name} {resolution}px: rounds on {kind}")
                     real = summary(
-                        real_ips(pool, kind, prepares[kind], base, args.steps, args.batch, work, args.repeats)
+                        real_ips(pool, kind, prepare, base, args.steps, args.batch, work, args.repeats)
                     )
                     rows.append(
                         {
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                             "resolution": resolution,
                             "batch": args.batch,
                             "data": kind,
-                            "placement": "device" if budget else "stream",
+                            "placement": "device" if prepare.budget_bytes else "stream",
                             "real_ips": real["median"],
                             "real_ips_range": [real["min"], real["max"]],
                             "synthetic_ips": synthetic["median"],
