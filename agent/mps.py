@@ -1,7 +1,8 @@
 """NVIDIA MPS: config, SM arithmetic, client environment and the control daemon.
 
 Task processes get `client_env(config, R_i)`; the SM count a child must see is `expected_sm_count(total, R_i)`,
-checked with `check_sm_count` (without a daemon the percentage is silently ignored). `MpsDaemon` finds or starts
+checked by `agent.workers.start_worker` against what the child reports (without a daemon the percentage is
+silently ignored, so a mismatch fails the task). `MpsDaemon` finds or starts
 the control daemon through `nvidia-cuda-mps-control`; when MPS is unavailable its `MpsInfo.reason` says why and
 callers run plain concurrent processes.
 """
@@ -51,10 +52,6 @@ class MpsError(RuntimeError):
     """The control binary is missing, failed, or did not answer in time."""
 
 
-class SmMismatch(RuntimeError):
-    """A task process sees a different SM count than its MPS percentage implies."""
-
-
 # --- SM arithmetic and client environment ---------------------------------------------------------------
 
 
@@ -73,15 +70,6 @@ def expected_sm_count(total_sms: int, percent: float) -> int:
         return total_sms
     even = int(Fraction(total_sms) * Fraction(percent) / 200) * 2
     return min(total_sms, max(MIN_SMS, even))
-
-
-def check_sm_count(observed: int, expected: int, task: str) -> None:
-    """Raise SmMismatch when a task process does not see the SM count its percentage implies."""
-    if observed != expected:
-        raise SmMismatch(
-            f"task {task} sees {observed} SMs, expected {expected}: MPS may not be running for this user and "
-            "pipe directory (without a daemon CUDA_MPS_ACTIVE_THREAD_PERCENTAGE is silently ignored)"
-        )
 
 
 def client_env(config: MpsConfig, percent: float) -> dict[str, str]:

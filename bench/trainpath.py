@@ -15,6 +15,7 @@ device (`Measure`). real_ips is images over the training loop's time as the work
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -61,6 +62,7 @@ def real_ips(
     batch: int,
     out: Path,
     rounds: int,
+    stall_s: float,
 ) -> list[float]:
     """Images/s of the training loop in `rounds` rounds after a first one (a warm worker's rounds)."""
     path, sha = base
@@ -79,7 +81,9 @@ def real_ips(
             assignment=assignment, base_path=str(path), output_path=str(out / f"{key}.update"), seed=round_
         )
         outcomes: list = []
-        run_round([Launch(key)], {key: TaskWork(prepare, train)}, pool, outcomes.append)
+        run_round(
+            [Launch(key)], {key: TaskWork(prepare, train)}, pool, outcomes.append, stall_timeout_s=stall_s
+        )
         outcome = outcomes[0]
         if outcome.failure is not None:
             raise RuntimeError(f"{key}: {outcome.failure.error}")
@@ -119,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--jpegs", type=int, default=3000, help="generated 256 px JPEGs in the image folder")
     parser.add_argument("--loader-workers", type=int, default=6)
+    parser.add_argument("--paths", nargs="+", default=["memory", "jpeg-gpu-decode", "jpeg-cpu-decode"])
+    parser.add_argument("--stall-s", type=float, default=90.0, help="a round silent this long has failed")
+    parser.add_argument("--append", action="store_true", help="add rows to the existing trainpath.json")
     args = parser.parse_args(argv)
     from rich.console import Console
     from rich.table import Table
@@ -127,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="fedmt-trainpath-"))
     with console.status(f"writing {args.jpegs} JPEGs"):
         folder = write_jpegs(work / "jpegs", args.jpegs)
-    datas = {
-        "memory": (DigitsData(), 1 << 30),
-        "jpeg": (ImageFolderData(path=str(folder)), 0),  # budget 0: the streamed path
+    paths = {  # (data kind, spec, budget: 0 streams); each a worker of its own
+        "memory": ("memory", DigitsData(), 1 << 30),
+        "jpeg-gpu-decode": ("jpeg", ImageFolderData(path=str(folder)), 0),
+        "jpeg-cpu-decode": ("jpeg", ImageFolderData(path=str(folder), gpu_decode=False), 0),
     }
-    rows = []
+    paths = {key: paths[key] for key in args.paths}
+    rows = json.loads((args.out / "trainpath.json").read_text())["rows"] if args.append else []
     for resolution in args.resolutions:
         for name in args.models:
             model = ModelSpec(name=name, num_classes=10, input_size=resolution)
@@ -139,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             (work / "base").write_bytes(payload)
             base = (work / "base", sha256_hex(payload))
             prepares = {
-                kind: jobs.Prepare(
-                    model=model, data=data, budget_bytes=budget, loader_workers=args.loader_workers
+                key: jobs.Prepare(
+                    model=model, data=spec, budget_bytes=budget, loader_workers=args.loader_workers
                 )
-                for kind, (data, budget) in datas.items()
+                for key, (_, spec, budget) in paths.items()
             }
             with WorkerPool(jobs.Init(device=args.device), log_dir=work) as pool:
                 for kind, prepare in prepares.items():  # start them while the synthetic loop runs
@@ -151,22 +160,41 @@ def main(argv: list[str] | None = None) -> int:
                 synthetic = summary(
                     synthetic_ips(pool, "synthetic", model, args.steps * args.batch, args.batch, args.repeats)
                 )
-                for kind, prepare in prepares.items():
-                    console.print(f"{name} {resolution}px: rounds on {kind}")
-                    real = summary(
-                        real_ips(pool, kind, prepare, base, args.steps, args.batch, work, args.repeats)
-                    )
+                for key, prepare in prepares.items():
+                    console.print(f"{name} {resolution}px: rounds on {key}")
+                    row = {
+                        "model": name,
+                        "resolution": resolution,
+                        "batch": args.batch,
+                        "data": paths[key][0],
+                        "path": key,
+                        "placement": "device" if prepare.budget_bytes else "stream",
+                        "synthetic_ips": synthetic["median"],
+                        "synthetic_ips_range": [synthetic["min"], synthetic["max"]],
+                    }
+                    try:
+                        real = summary(
+                            real_ips(
+                                pool,
+                                key,
+                                prepare,
+                                base,
+                                args.steps,
+                                args.batch,
+                                work,
+                                args.repeats,
+                                args.stall_s,
+                            )
+                        )
+                    except RuntimeError as exc:  # a failed or stalled path is a result too
+                        rows.append(row | {"real_ips": None, "ratio": None, "error": str(exc)[:500]})
+                        console.print(f"  failed: {exc}")
+                        continue
                     rows.append(
-                        {
-                            "model": name,
-                            "resolution": resolution,
-                            "batch": args.batch,
-                            "data": kind,
-                            "placement": "device" if prepare.budget_bytes else "stream",
+                        row
+                        | {
                             "real_ips": real["median"],
                             "real_ips_range": [real["min"], real["max"]],
-                            "synthetic_ips": synthetic["median"],
-                            "synthetic_ips_range": [synthetic["min"], synthetic["max"]],
                             "ratio": round(real["median"] / synthetic["median"], 3),
                         }
                     )
@@ -178,14 +206,21 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(column, justify="right")
     for row in rows:
         target = 0.9 if row["data"] == "memory" else 0.7
-        verdict = "ok" if row["ratio"] >= target else "MISSED"
+        if row["ratio"] is None:
+            real, ratio, verdict = "failed", "-", "FAILED"
+        else:
+            low, high = row["real_ips_range"]
+            real, ratio = f"{row['real_ips']:.0f} ({low:.0f}-{high:.0f})", f"{row['ratio']:.2f}"
+            verdict = "ok" if row["ratio"] >= target else "MISSED"
+        low, high = row["synthetic_ips_range"]
+        synthetic = f"{row['synthetic_ips']:.0f} ({low:.0f}-{high:.0f})"
         table.add_row(
             row["model"],
             str(row["resolution"]),
-            row["data"],
-            f"{row['real_ips']:.0f} ({row['real_ips_range'][0]:.0f}-{row['real_ips_range'][1]:.0f})",
-            f"{row['synthetic_ips']:.0f} ({row['synthetic_ips_range'][0]:.0f}-{row['synthetic_ips_range'][1]:.0f})",
-            f"{row['ratio']:.2f}",
+            row["path"],
+            real,
+            synthetic,
+            ratio,
             f">= {target} {verdict}",
         )
     console.print(table)
@@ -210,7 +245,8 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['model']}\n{r['resolution']}px {r['data']}" for r in rows]
+    rows = [r for r in rows if r["ratio"] is not None]
+    labels = [f"{r['model']}\n{r['resolution']}px {r['path']}" for r in rows]
     figure, axis = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
     axis.bar(
         range(len(rows)),

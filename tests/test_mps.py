@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from agent import mps
-from agent.mps import CONTROL, MpsConfig, MpsDaemon, MpsError, SmMismatch
+from agent.mps import CONTROL, MpsConfig, MpsDaemon, MpsError
 
 FAKE = Path(__file__).parent / "fake_mps" / CONTROL
 PID = "nvidia-cuda-mps-control.pid"  # the fake's "daemon runs" flag, as the real daemon's pid file
@@ -112,12 +112,6 @@ def test_expected_sm_count_bounds():
             mps.expected_sm_count(132, percent)
     with pytest.raises(ValueError):
         mps.expected_sm_count(0, 50)
-
-
-def test_check_sm_count():
-    mps.check_sm_count(32, 32, "cifar")
-    with pytest.raises(SmMismatch, match=r"task cifar sees 132 SMs, expected 32: MPS may not be running"):
-        mps.check_sm_count(132, 32, "cifar")  # what a client sees at 25% when no daemon runs
 
 
 def test_client_env():

@@ -136,3 +136,49 @@ def test_without_mps_fedmt_falls_back_to_concurrent(tmp_path):
     assert all(
         launch.env == {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "no-mps")} for launch in plan.launches
     )
+
+
+# --- warm workers: a new SM share costs a restart ---------------------------------------------------------
+
+
+def test_heuristic_shares_lie_on_the_grid(tmp_path):
+    plan = Planner(sharing(tmp_path, mps=True)).plan("fedmt", TASKS, SAMPLES)
+    assert all(r % 10 == 0 and 10 <= r <= 100 for r in plan.resources.values())
+
+
+def test_the_heuristic_keeps_running_shares_within_one_grid_step_and_restarts_beyond(tmp_path):
+    planner = Planner(sharing(tmp_path, mps=True))
+    fresh = planner.plan("fedmt", TASKS, SAMPLES).resources
+    near = {t: min(100.0, r + 10) for t, r in fresh.items()}
+    far = {t: 10.0 if r > 50 else 100.0 for t, r in fresh.items()}
+    kept = planner.plan("fedmt", TASKS, SAMPLES, running=near)
+    assert kept.resources == near and "kept the running SM shares" in kept.note
+    assert [launch.percent for launch in kept.launches] == [near[a.task] for a in kept.assignments]
+    assert planner.plan("fedmt", TASKS, SAMPLES, running=far).resources == fresh
+    assert planner.plan("fedmt", TASKS, SAMPLES, running={"a": 50.0}).resources == fresh  # b, c start anew
+
+
+def test_with_a_predictor_a_restart_happens_only_when_its_predicted_gain_pays_for_it(tmp_path):
+    planner = Planner(sharing(tmp_path, mps=True), LawPredictor(), "law")
+    samples = {"a": 10, "b": 2000, "c": 4000}  # b and c set the round's length
+    fresh = planner.plan("fedmt", TASKS, samples, commit=False)
+    assert fresh.resources["b"] > 10 and fresh.resources["c"] > 10
+    slow = {t: 10.0 for t in fresh.resources}  # b and c would train far slower
+    cheap = planner.plan("fedmt", TASKS, samples, running=slow, restart_cost_s=1e-9, commit=False)
+    dear = planner.plan("fedmt", TASKS, samples, running=slow, restart_cost_s=1e9, commit=False)
+    assert cheap.resources == fresh.resources
+    assert dear.resources == slow and "a restart would not pay" in dear.note
+
+
+def test_a_look_ahead_plan_leaves_the_damping_state_alone(tmp_path):
+    planner = Planner(sharing(tmp_path, mps=True), LawPredictor(), "law")
+    planner.plan("fedmt", TASKS, SAMPLES, commit=False)
+    assert planner.previous_batches == {}
+    planner.plan("fedmt", TASKS, SAMPLES)
+    assert set(planner.previous_batches) == {"a", "b", "c"}
+
+
+def test_policies_without_shares_ignore_the_running_ones(tmp_path):
+    planner = Planner(sharing(tmp_path, mps=True))
+    plan = planner.plan("isolated", TASKS, SAMPLES, running={t: 90.0 for t in "abc"})
+    assert set(plan.resources.values()) == {round(100 / 3, 1)}

@@ -35,6 +35,7 @@ DECODE_CHUNK = 64
 class ImageFolderData(DataSpecBase, tag="imagefolder"):
     path: str
     augment: bool = True  # random resized crops and horizontal flips; else the centre square
+    gpu_decode: bool = True  # JPEGs decoded by nvJPEG on a GPU (where it works); else by the CPU
 
     def sample_count(self) -> int:
         return len(scan(self)[0])
@@ -47,7 +48,8 @@ class ImageFolderData(DataSpecBase, tag="imagefolder"):
         if not paths:
             raise ValueError(f"image folder {self.path!r} holds no images")
         size = stored_size(model.input_size, self.augment)
-        decoder = Decoder(device, all(p.lower().endswith(JPEG_EXTENSIONS) for p in paths), size)
+        jpegs_only = all(p.lower().endswith(JPEG_EXTENSIONS) for p in paths)
+        decoder = Decoder(device, self.gpu_decode and jpegs_only, size)
         transform = Augment(model.input_size, self.augment)
         labels_t = torch.from_numpy(labels)
         if len(paths) * 3 * size * size <= budget_bytes:
@@ -96,9 +98,9 @@ def read(path: str) -> torch.Tensor:
 class Decoder:
     """Encoded files to uint8 (B, 3, size, size) squares on the device (shorter side resized, centre cut)."""
 
-    def __init__(self, device: str, all_jpeg: bool, size: int) -> None:
+    def __init__(self, device: str, gpu_jpeg: bool, size: int) -> None:
         self.device, self.size = device, size
-        self.on_device = device.startswith("cuda") and all_jpeg and _gpu_jpeg_works(device)
+        self.on_device = device.startswith("cuda") and gpu_jpeg and _gpu_jpeg_works(device)
 
     def decode(self, encoded: list[torch.Tensor]) -> torch.Tensor:
         """Decode a batch where this decoder decodes (the GPU, else here on the CPU) and square it."""
@@ -234,7 +236,9 @@ class StreamedImages(TrainingData):
             pin_memory=cuda,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
-            multiprocessing_context=("spawn" if cuda else "fork") if workers > 0 else None,
+            multiprocessing_context="spawn"
+            if workers > 0
+            else None,  # no fork of a process with threads or CUDA
         )
 
     def epoch(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
