@@ -141,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     paths = {key: paths[key] for key in args.paths}
     rows = json.loads((args.out / "trainpath.json").read_text())["rows"] if args.append else []
+    device = describe_device()
+
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        results = {"device": device["gpu"], "setup": device, "steps": args.steps, "repeats": args.repeats}
+        write_json(args.out / "trainpath.json", results | {"jpegs": args.jpegs, "rows": rows})
+
     for resolution in args.resolutions:
         for name in args.models:
             model = ModelSpec(name=name, num_classes=10, input_size=resolution)
@@ -189,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     except RuntimeError as exc:  # a failed or stalled path is a result too
                         rows.append(row | {"real_ips": None, "ratio": None, "error": str(exc)[:500]})
                         console.print(f"  failed: {exc}")
+                        save()
                         continue
                     rows.append(
                         row
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                             "ratio": round(real["median"] / synthetic["median"], 3),
                         }
                     )
-    device = describe_device()
+                    save()
     table = Table(
         title=f"round training path vs synthetic loop ({device['gpu']}, batch {args.batch}, median of {args.repeats})"
     )
@@ -224,17 +231,6 @@ def main(argv: list[str] | None = None) -> int:
             f">= {target} {verdict}",
         )
     console.print(table)
-    write_json(
-        args.out / "trainpath.json",
-        {
-            "device": device["gpu"],
-            "setup": device,
-            "steps": args.steps,
-            "repeats": args.repeats,
-            "jpegs": args.jpegs,
-            "rows": rows,
-        },
-    )
     plot(rows, args.out / "trainpath.png", str(device["gpu"]))
     return 0
 
