@@ -261,3 +261,25 @@ def test_partition_index_must_be_below_the_count() -> None:
 def test_invalid_specs_are_rejected(raw: dict) -> None:
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert(raw, DataSpec)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_encoded_files_stream_as_one_buffer_per_batch_and_decode_where_the_decoder_runs(
+    tmp_path, workers
+) -> None:
+    from agent.data.imagefolder import Augment, Decoder, StreamedImages, _collate, scan, stored_size
+
+    spec = ImageFolderData(path=str(write_folder(tmp_path, ".jpg", [("a", 5), ("b", 4)])), augment=False)
+    paths, labels, _ = scan(spec)
+    decoder = Decoder("cpu", gpu_jpeg=False, size=stored_size(16, augment=False))
+    decoder.on_device = (
+        True  # as on a GPU with nvJPEG: readers send the encoded bytes (decoded here on the CPU)
+    )
+    streamed = StreamedImages(paths, torch.from_numpy(labels), decoder, Augment(16, augment=False), workers)
+    held = spec.open(MODEL, "cpu", 1 << 30)
+    for (x, y), (u, v) in zip(batches(held, 4), batches(streamed, 4), strict=True):
+        assert torch.equal(y, v) and torch.equal(x, u)
+    buffer, lengths = _collate(
+        [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3], dtype=torch.uint8)]
+    )
+    assert buffer.tolist() == [1, 2, 3] and lengths.tolist() == [2, 1]

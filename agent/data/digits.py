@@ -62,7 +62,8 @@ def upscale(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def to_rgb(images: torch.Tensor) -> torch.Tensor:
-    return images.expand(-1, 3, -1, -1)
+    """Grey to three equal channels, as an ordinary contiguous batch (no zero-stride input for the first conv)."""
+    return images.expand(-1, 3, -1, -1).contiguous()
 
 
 def _normalised(indices: np.ndarray, device: str) -> torch.Tensor:

@@ -30,6 +30,7 @@ JPEG_EXTENSIONS = (".jpg", ".jpeg")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DECODE_CHUNK = 64
+STREAM_TIMEOUT_S = 120.0
 
 
 class ImageFolderData(DataSpecBase, tag="imagefolder"):
@@ -209,10 +210,14 @@ class _Order:
         return len(self.batches)
 
 
-def _collate(items: list[torch.Tensor]) -> list[torch.Tensor] | torch.Tensor:
+def _collate(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+    """Decoded squares stacked; encoded files joined into one buffer with their lengths (a worker hands each
+    tensor over as a shared-memory file descriptor: two per batch, not one per image)."""
     import torch
 
-    return items if items[0].dim() == 1 else torch.stack(items)
+    if items[0].dim() == 1:
+        return torch.cat(items), torch.tensor([len(item) for item in items])
+    return torch.stack(items)
 
 
 class StreamedImages(TrainingData):
@@ -239,6 +244,7 @@ class StreamedImages(TrainingData):
             # readers never touch CUDA, so forking them is safe, and it starts them at once (a spawned reader
             # imports torch first, one after another: many seconds)
             multiprocessing_context="fork" if workers > 0 else None,
+            timeout=STREAM_TIMEOUT_S if workers > 0 else 0,  # a stuck reader is an error, not a silent stall
         )
 
     def epoch(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -249,8 +255,9 @@ class StreamedImages(TrainingData):
         rng = generator(self.decoder.device, seed)
         device = self.decoder.device
         for index, batch in zip(order, self.loader):
-            if isinstance(batch, list):
-                images = self.decoder.decode(batch)
+            if isinstance(batch, (tuple, list)):  # encoded files, decoded here
+                buffer, lengths = batch
+                images = self.decoder.decode(list(buffer.split(lengths.tolist())))
             else:
                 images = batch.to(device, non_blocking=True)
             yield self.transform(images, rng), self.labels[index].to(device, non_blocking=True)
