@@ -69,7 +69,7 @@ def agent_config(
 ) -> AgentConfig:
     import msgspec
 
-    from agent.dataspec import DataSpec
+    from agent.data import DataSpec
 
     return AgentConfig(
         device=device,
