@@ -47,9 +47,8 @@ from protocol.schemas import (
 from protocol.transport import Incoming, LinkEvent, MqttLink
 
 log = logging.getLogger(__name__)
-DEFAULT_RESTART_COST_S = (
-    10.0  # a CUDA worker's start (torch import, context, model, data) before one is measured
-)
+#: what starting a CUDA worker costs (torch import, context, model, data) until this device has measured it
+DEFAULT_RESTART_COST_S = 10.0
 
 
 @dataclass

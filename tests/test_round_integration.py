@@ -44,3 +44,29 @@ def test_full_round_two_agents_two_tasks_equals_reference_fedavg(tmp_path, broke
     plans = {e.device: e.message for e in observer.events if e.kind == "plan"}
     assert plans["dev1"].startswith("concurrent: all tasks at once")
     assert plans["dev2"].startswith("concurrent: isolated needs MPS, which is unavailable")
+
+
+def test_later_rounds_train_on_the_warm_workers_of_the_first(tmp_path, broker, observer):
+    tasks = [{"shuffle": digits(i), "mobile": digits(i)} for i in range(2)]
+    with running(
+        AggregatorService(aggregator_config(tmp_path, broker, rounds=2)),
+        Agent(agent_config(tmp_path, broker, "dev1", tasks[0])),
+        Agent(agent_config(tmp_path, broker, "dev2", tasks[1])),
+    ) as services:
+        observer.wait_for(
+            lambda: all((t, 2) in observer.globals for t in ("shuffle", "mobile")), 300, "v2", services
+        )
+        acknowledged = lambda: sum(e.kind == "acknowledged" for e in observer.events)  # noqa: E731
+        observer.wait_for(lambda: acknowledged() >= 8, 30, "every acknowledgement", services)
+    started = {(e.device, e.task, e.round): e.metrics for e in observer.events if e.kind == "started"}
+    assert len(started) == 8  # 2 devices x 2 tasks x 2 rounds
+    for (device, task, round_), metrics in started.items():
+        if round_ == 1:
+            assert metrics["worker_restarted"] == 1.0 and metrics["worker_start_s"] > 0.5, (device, task)
+        else:
+            assert metrics["worker_restarted"] == 0.0 and metrics["worker_start_s"] < 0.5, (device, task)
+    finished = [e for e in observer.events if e.kind == "finished"]
+    assert len(finished) == 8 and all(e.metrics["precision_fp32"] == 1.0 for e in finished)
+    assert all(0 < e.metrics["train_s"] <= e.metrics["seconds"] for e in finished)
+    acknowledged = [e for e in observer.events if e.kind == "acknowledged"]
+    assert len(acknowledged) == 8 and all(e.metrics["upload_s"] >= 0 for e in acknowledged)
