@@ -457,7 +457,7 @@ class Agent:
 
     def _restart_cost_s(self) -> float:
         """What starting a worker costs here: the mean of the measured starts, else a typical CUDA start."""
-        starts = self.pool.start_seconds[-10:]
+        starts = self.pool.start_seconds
         return sum(starts) / len(starts) if starts else DEFAULT_RESTART_COST_S
 
     def _mark_ready(self, task: str, version: int) -> None:

@@ -110,12 +110,16 @@ def run_steps(
     """Step over seeded epochs of `data` until `steps` are done or `seconds` have passed (exactly one given).
 
     Raises TrainingStopped when `should_stop()` turns true (checked before every step) and TrainingDiverged when
-    an epoch's loss is not finite."""
+    an epoch's loss was not finite (checked once, at the end: the loop never waits for the device)."""
     if (steps is None) == (seconds is None):
         raise ValueError("give exactly one of steps or seconds")
     stats = LoopStats(started_at=time.time())
     started = time.perf_counter()
-    total = steps or 0
+
+    def done() -> bool:
+        return stats.steps == steps or (seconds is not None and time.perf_counter() - started >= seconds)
+
+    finite = torch.ones((), dtype=torch.bool, device=step.device)
     for epoch in count():
         loss_sum = torch.zeros((), device=step.device)
         correct = torch.zeros((), dtype=torch.int64, device=step.device)
@@ -129,14 +133,15 @@ def run_steps(
             epoch_images += len(labels)
             stats.steps += 1
             if progress is not None:
-                progress(stats.steps, total)
-            if stats.steps == steps or (seconds is not None and time.perf_counter() - started >= seconds):
+                progress(stats.steps, steps or 0)
+            if done():
                 break
         stats.images += epoch_images
-        if not torch.isfinite(loss_sum):
-            raise TrainingDiverged(f"{label}: non-finite training loss")
-        if stats.steps == steps or (seconds is not None and time.perf_counter() - started >= seconds):
+        finite &= torch.isfinite(loss_sum)
+        if done():
             break
+    if not finite:
+        raise TrainingDiverged(f"{label}: non-finite training loss")
     if step.device_type == "cuda":
         torch.cuda.synchronize()
     stats.seconds = time.perf_counter() - started

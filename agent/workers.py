@@ -16,7 +16,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections import deque
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,14 +82,9 @@ class WorkerProcess:
         except (BrokenPipeError, OSError, ValueError) as exc:
             raise WorkerGone(f"worker {self.name} exited (code {self.proc.poll()})") from exc
 
-    def expect(
-        self,
-        *kinds: type,
-        timeout_s: float | None = None,
-        on_progress: Callable[[jobs.Progress], None] | None = None,
-    ) -> jobs.WorkerEvent:
-        """The next event of one of `kinds` (or Failed); Progress events go to `on_progress`. `timeout_s` bounds
-        the silence between two events, so a worker that keeps reporting progress is never cut off."""
+    def expect(self, *kinds: type, timeout_s: float | None = None) -> jobs.WorkerEvent:
+        """The next event of one of `kinds` (or Failed). `timeout_s` bounds the silence between two events: the
+        Progress a training worker sends every half second keeps it from being cut off."""
         while True:
             try:
                 event = self._events.get(timeout=timeout_s)
@@ -97,8 +93,6 @@ class WorkerProcess:
             if event is None:
                 raise WorkerGone(f"worker {self.name} exited with code {self.proc.wait()}")
             if isinstance(event, jobs.Progress):
-                if on_progress:
-                    on_progress(event)
                 continue
             if isinstance(event, (jobs.Failed, *kinds)):
                 return event
@@ -106,10 +100,10 @@ class WorkerProcess:
                 f"worker {self.name} sent {type(event).__name__}, expected {[k.__name__ for k in kinds]}"
             )
 
-    def call(self, command: jobs._Line, kind: type, timeout_s: float | None = None, on_progress=None):
+    def call(self, command: jobs._Line, kind: type, timeout_s: float | None = None):
         """Send a command and return its answer of `kind`; a Failed answer raises TaskFailed."""
         self.send(command)
-        event = self.expect(kind, timeout_s=timeout_s, on_progress=on_progress)
+        event = self.expect(kind, timeout_s=timeout_s)
         if isinstance(event, jobs.Failed):
             raise TaskFailed(event)
         return event
@@ -197,7 +191,7 @@ class WorkerPool:
         self.init, self.log_dir, self.timeout_s = init, log_dir, timeout_s
         self._slots: dict[Hashable, _Slot] = {}
         self._guard = threading.Lock()
-        self.start_seconds: list[float] = []  # how long each process start (Init + first Prepare) took
+        self.start_seconds: deque[float] = deque(maxlen=20)  # recent process starts (Init + first Prepare)
 
     def acquire(self, key: Hashable, launch: Launch, prepare: jobs.Prepare | None = None) -> Lease:
         """The worker for `key`, started or restarted as `launch` needs and prepared with `prepare`; blocks while
