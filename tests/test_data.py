@@ -149,12 +149,14 @@ def test_synthetic_data_is_made_once_when_it_fits_and_per_batch_when_not() -> No
 # --- image folders -------------------------------------------------------------------------------------
 
 
-def write_folder(root: Path, suffix: str = ".png", counts=(("cat", 2), ("dog", 3))) -> Path:
+def write_folder(
+    root: Path, suffix: str = ".png", counts=(("cat", 2), ("dog", 3)), one_size: bool = False
+) -> Path:
     rng = np.random.default_rng(0)
     for cls, count in counts:
         (root / cls).mkdir(parents=True)
         for i in range(count):
-            pixels = rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)
+            pixels = rng.integers(0, 256, (20 if one_size else 20 + i, 30, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / cls / f"{i}{suffix}")
     return root
 
@@ -182,10 +184,12 @@ def test_image_folder_samples_are_decoded_once_and_held_as_bytes(folder: Path) -
 
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
-def test_a_streamed_folder_gives_the_batches_of_the_held_one(
-    tmp_path: Path, workers: int, suffix: str
-) -> None:
-    spec = ImageFolderData(path=str(write_folder(tmp_path, suffix, [("a", 7), ("b", 6)])), augment=False)
+@pytest.mark.parametrize(
+    "one_size", [False, True]
+)  # one size: readers only decode, the batch is squared here
+def test_a_streamed_folder_gives_the_batches_of_the_held_one(tmp_path, workers, suffix, one_size) -> None:
+    folder = write_folder(tmp_path, suffix, [("a", 7), ("b", 6)], one_size)
+    spec = ImageFolderData(path=str(folder), augment=False)
     held, streamed = spec.open(MODEL, "cpu", 1 << 30, workers), spec.open(MODEL, "cpu", 0, workers)
     assert (held.placement, streamed.placement) == ("device", "stream")
     for epoch in range(2):  # the stream's workers persist across epochs
@@ -267,7 +271,7 @@ def test_invalid_specs_are_rejected(raw: dict) -> None:
 def test_encoded_files_stream_as_one_buffer_per_batch_and_decode_where_the_decoder_runs(
     tmp_path, workers
 ) -> None:
-    from agent.data.imagefolder import Augment, Decoder, StreamedImages, _collate, scan, stored_size
+    from agent.data.imagefolder import Augment, Decoder, StreamedImages, _Collate, scan, stored_size
 
     spec = ImageFolderData(path=str(write_folder(tmp_path, ".jpg", [("a", 5), ("b", 4)])), augment=False)
     paths, labels, _ = scan(spec)
@@ -279,7 +283,7 @@ def test_encoded_files_stream_as_one_buffer_per_batch_and_decode_where_the_decod
     held = spec.open(MODEL, "cpu", 1 << 30)
     for (x, y), (u, v) in zip(batches(held, 4), batches(streamed, 4), strict=True):
         assert torch.equal(y, v) and torch.equal(x, u)
-    buffer, lengths = _collate(
+    buffer, lengths = _Collate(decoder)(
         [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3], dtype=torch.uint8)]
     )
     assert buffer.tolist() == [1, 2, 3] and lengths.tolist() == [2, 1]

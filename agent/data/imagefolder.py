@@ -115,12 +115,14 @@ class Decoder:
             images = [torchvision.io.decode_image(e, mode=torchvision.io.ImageReadMode.RGB) for e in encoded]
         return self.square(images).to(self.device, non_blocking=True)
 
-    def square(self, images: list[torch.Tensor]) -> torch.Tensor:
+    def square(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Images (a list, or a batch of one size) as a batch of squares: one batched resize where sizes agree."""
         import torch
         from torchvision.transforms.v2 import functional as F
 
-        if all(image.shape == images[0].shape for image in images):  # one batched resize
-            return F.center_crop(F.resize(torch.stack(images), self.size, antialias=True), self.size)
+        if isinstance(images, torch.Tensor) or all(image.shape == images[0].shape for image in images):
+            batch = images if isinstance(images, torch.Tensor) else torch.stack(images)
+            return F.center_crop(F.resize(batch, self.size, antialias=True), self.size)
         return torch.stack([F.center_crop(F.resize(i, self.size, antialias=True), self.size) for i in images])
 
 
@@ -178,7 +180,7 @@ class Augment:
 
 
 class _Files:
-    """Map-style dataset for the loader workers: a file's bytes (GPU decoding) or its decoded square."""
+    """Map-style dataset for the loader workers: a file's bytes (GPU decoding) or its decoded image."""
 
     def __init__(self, paths: list[str], decoder: Decoder) -> None:
         self.paths, self.decoder = paths, decoder
@@ -192,9 +194,7 @@ class _Files:
             return encoded
         import torchvision
 
-        return self.decoder.square(
-            [torchvision.io.decode_image(encoded, mode=torchvision.io.ImageReadMode.RGB)]
-        )[0]
+        return torchvision.io.decode_image(encoded, mode=torchvision.io.ImageReadMode.RGB)
 
 
 class _Order:
@@ -210,14 +210,23 @@ class _Order:
         return len(self.batches)
 
 
-def _collate(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-    """Decoded squares stacked; encoded files joined into one buffer with their lengths (a worker hands each
-    tensor over as a shared-memory file descriptor: two per batch, not one per image)."""
-    import torch
+class _Collate:
+    """A reader's batch: encoded files joined into one buffer with their lengths (a reader hands each tensor over
+    as a shared-memory file descriptor: two per batch, not one per image); decoded images of one size stacked as
+    they are (squared on the device, batched: resizing costs a CPU reader more than decoding); images of mixed
+    sizes squared here."""
 
-    if items[0].dim() == 1:
-        return torch.cat(items), torch.tensor([len(item) for item in items])
-    return torch.stack(items)
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+
+    def __call__(self, items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        import torch
+
+        if items[0].dim() == 1:
+            return torch.cat(items), torch.tensor([len(item) for item in items])
+        if all(item.shape == items[0].shape for item in items):
+            return torch.stack(items)
+        return self.decoder.square(items)
 
 
 class StreamedImages(TrainingData):
@@ -237,7 +246,7 @@ class StreamedImages(TrainingData):
             _Files(paths, decoder),
             batch_sampler=self.order,
             num_workers=workers,
-            collate_fn=_collate,
+            collate_fn=_Collate(decoder),
             pin_memory=cuda,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
@@ -260,4 +269,6 @@ class StreamedImages(TrainingData):
                 images = self.decoder.decode(list(buffer.split(lengths.tolist())))
             else:
                 images = batch.to(device, non_blocking=True)
+                if images.shape[-2:] != (self.decoder.size, self.decoder.size):
+                    images = self.decoder.square(images)
             yield self.transform(images, rng), self.labels[index].to(device, non_blocking=True)
