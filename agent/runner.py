@@ -41,12 +41,11 @@ def run_round(
     stall_timeout_s: float = 600.0,
 ) -> None:
     """Run every launch (wave by wave, tasks of a wave concurrently); block until all reported an outcome.
-    Workers of later waves are started ahead, while the first wave trains."""
+    Every worker is got ready at once, ahead: while the global models download and earlier waves train."""
     stop = stop or threading.Event()
     waves = sorted({launch.wave for launch in launches})
     for launch in launches:
-        if launch.wave != waves[0]:
-            pool.prestart(launch.task, launch, work[launch.task].prepare)
+        pool.prestart(launch.task, launch, work[launch.task].prepare)
     for wave in waves:
         threads = [
             threading.Thread(

@@ -193,12 +193,16 @@ class WorkerPool:
         self._guard = threading.Lock()
         self.start_seconds: deque[float] = deque(maxlen=20)  # recent process starts (Init + first Prepare)
 
-    def acquire(self, key: Hashable, launch: Launch, prepare: jobs.Prepare | None = None) -> Lease:
+    def acquire(
+        self, key: Hashable, launch: Launch, prepare: jobs.Prepare | None = None, *, ahead: bool = False
+    ) -> Lease:
         """The worker for `key`, started or restarted as `launch` needs and prepared with `prepare`; blocks while
-        another lease of the same key is out. Raises TaskFailed or WorkerGone (the worker is then discarded)."""
+        another lease of the same key is out. Raises TaskFailed or WorkerGone (the worker is then discarded).
+        A lease says whether a process was started for it, also when that happened `ahead` (see `prestart`)."""
         slot = self._slot(key)
         slot.lock.acquire()
         began = time.perf_counter()
+        started_here = False
         try:
             if slot.worker is not None and (
                 not slot.worker.alive or slot.launch.process_key != launch.process_key
@@ -209,11 +213,12 @@ class WorkerPool:
             if slot.worker is None:
                 log_path = self.log_dir / f"{launch.task}.log" if self.log_dir else None
                 slot.worker, slot.ready = start_worker(launch, self.init, log_path, self.timeout_s)
-                slot.launch, slot.fresh = launch, True
+                slot.launch, slot.fresh, started_here = launch, True, True
             prepared = slot.worker.call(prepare, jobs.Prepared, self.timeout_s) if prepare else None
-            if slot.fresh and prepare is not None:
+            if started_here and prepare is not None:
                 self.start_seconds.append(time.perf_counter() - began)
-            started, slot.fresh = slot.fresh, False
+            started = slot.fresh
+            slot.fresh = slot.fresh and ahead
             return Lease(slot.worker, slot.ready, prepared, time.perf_counter() - began, started)
         except BaseException:
             self._discard(slot)
@@ -234,7 +239,7 @@ class WorkerPool:
 
         def run() -> None:
             try:
-                self.acquire(key, launch, prepare)
+                self.acquire(key, launch, prepare, ahead=True)
             except (TaskFailed, WorkerGone) as exc:
                 log.warning("could not start worker %s ahead of time: %s", launch.task, exc)
                 return

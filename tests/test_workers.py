@@ -90,10 +90,9 @@ def test_a_worker_is_started_and_prepared_once_and_reused_round_after_round(pool
         assert outcomes["a"].trained is not None and outcomes["a"].trained.samples == 32
     assert len({lease.ready.pid for lease in leases}) == 1
     assert [lease.started_process for lease in leases] == [True, False, False]
-    assert [lease.prepared.reused for lease in leases] == [False, True, True]
-    assert leases[1].start_s < 1.0 and list(pool.start_seconds) == [
-        pytest.approx(leases[0].start_s, abs=0.05)
-    ]
+    assert all(lease.prepared.reused for lease in leases)  # prepared once, when the first round got it ready
+    assert leases[1].start_s < 1.0 and len(pool.start_seconds) == 1  # one process start, timed
+    assert pool.start_seconds[0] >= leases[0].start_s  # the round waited for (part of) it
     assert all((tmp_path / f"a-r{r}.update").stat().st_size > 0 for r in (1, 2, 3))
 
 
@@ -175,7 +174,12 @@ def test_prestart_readies_a_worker_that_a_later_acquire_waits_for(pool):
     lease = pool.acquire("a", Launch("a"), prepare(8))
     pool.release("a")
     thread.join(5)
-    assert not lease.started_process and lease.prepared.reused  # the prestart did both
+    assert (
+        lease.started_process and lease.prepared.reused
+    )  # started for this lease, by the prestart, and prepared
+    again = pool.acquire("a", Launch("a"), prepare(8))
+    pool.release("a")
+    assert not again.started_process and again.ready.pid == lease.ready.pid
 
 
 def test_stop_asks_the_task_to_end_cooperatively(pool, base, tmp_path):
@@ -207,7 +211,10 @@ def test_waves_run_one_after_another(pool, base, tmp_path):
     )
     assert set(finished) == {"first", "second"}
     assert started["second"][0] > finished["first"]
-    assert not started["second"][1].started_process  # its worker was started while the first wave trained
+    second = started["second"][1]
+    assert (
+        second.started_process and second.start_s < 1.0
+    )  # started for this round, while the first wave trained
 
 
 def test_a_worker_whose_parent_is_gone_ends_quietly():
