@@ -44,10 +44,6 @@ class DeviceTensors(TrainingData):
         for index in shuffled_batches(self.samples, batch_size, rng):
             yield self.transform(self.stored.index_select(0, index), rng), self.labels.index_select(0, index)
 
-    @property
-    def nbytes(self) -> int:
-        return self.stored.nbytes + self.labels.nbytes
-
 
 class GeneratedBatches(TrainingData):
     """Batches made on the device by `make(batch_size, generator)` when the samples would not fit in memory."""
