@@ -57,14 +57,14 @@ def measure_window(
         for lease, member in zip(leases, members):
             lease.worker.send(msgspec.structs.replace(member.measure, wait_go=True))
         for lease in leases:
-            _expect(lease, jobs.Warm, timeout_s)
+            lease.worker.expect(jobs.Warm, timeout_s=timeout_s)
         results: list[jobs.Measured | None] = [None] * len(members)
         wall = 0.0
         for wave in waves or [range(len(members))]:
             for i in wave:
                 leases[i].worker.send(jobs.Go())
             for i in wave:
-                results[i] = _expect(leases[i], jobs.Measured, timeout_s)
+                results[i] = leases[i].worker.expect(jobs.Measured, timeout_s=timeout_s)
             wall += max(results[i].ended_at for i in wave) - min(results[i].started_at for i in wave)
     except (TaskFailed, WorkerGone):  # the workers may be mid-window: start them afresh next time
         for member in members:
@@ -91,10 +91,3 @@ def _acquire_all(pool: WorkerPool, members: Sequence[Member]) -> list[Lease]:
                 pool.release(member.key)
         raise TaskFailed(jobs.Failed(code="error", error="; ".join(errors)))
     return leases
-
-
-def _expect(lease: Lease, kind: type, timeout_s: float):
-    event = lease.worker.expect(kind, timeout_s=timeout_s)
-    if isinstance(event, jobs.Failed):
-        raise TaskFailed(event)
-    return event

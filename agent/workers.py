@@ -83,8 +83,8 @@ class WorkerProcess:
             raise WorkerGone(f"worker {self.name} exited (code {self.proc.poll()})") from exc
 
     def expect(self, *kinds: type, timeout_s: float | None = None) -> jobs.WorkerEvent:
-        """The next event of one of `kinds` (or Failed). `timeout_s` bounds the silence between two events: the
-        Progress a training worker sends every half second keeps it from being cut off."""
+        """The next event of one of `kinds`; a Failed answer raises TaskFailed. `timeout_s` bounds the silence
+        between two events: the Progress a training worker sends every half second keeps it from being cut off."""
         while True:
             try:
                 event = self._events.get(timeout=timeout_s)
@@ -94,7 +94,9 @@ class WorkerProcess:
                 raise WorkerGone(f"worker {self.name} exited with code {self.proc.wait()}")
             if isinstance(event, jobs.Progress):
                 continue
-            if isinstance(event, (jobs.Failed, *kinds)):
+            if isinstance(event, jobs.Failed):
+                raise TaskFailed(event)
+            if isinstance(event, kinds):
                 return event
             raise WorkerGone(
                 f"worker {self.name} sent {type(event).__name__}, expected {[k.__name__ for k in kinds]}"
@@ -103,10 +105,7 @@ class WorkerProcess:
     def call(self, command: jobs._Line, kind: type, timeout_s: float | None = None):
         """Send a command and return its answer of `kind`; a Failed answer raises TaskFailed."""
         self.send(command)
-        event = self.expect(kind, timeout_s=timeout_s)
-        if isinstance(event, jobs.Failed):
-            raise TaskFailed(event)
-        return event
+        return self.expect(kind, timeout_s=timeout_s)
 
     def request_stop(self) -> None:
         """Ask the current command to stop at its next step (SIGTERM, handled by the worker)."""
