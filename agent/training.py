@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
+from contextlib import closing
 from dataclasses import dataclass
 from itertools import count
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from agent.data import DataSpec, TrainingData
+from agent.data.prefetch import Prefetched
 from common.models import build_model, load_numpy_state, state_to_numpy
 from protocol.schemas import ModelSpec, OptimizerSpec, Precision, TaskAssignment
 
@@ -124,18 +126,19 @@ def run_steps(
         loss_sum = torch.zeros((), device=step.device)
         correct = torch.zeros((), dtype=torch.int64, device=step.device)
         epoch_images = 0
-        for images, labels in data.epoch(batch_size, seed=seed * 1_000_003 + epoch):
-            if should_stop():
-                raise TrainingStopped(f"{label} stopped at step {stats.steps}")
-            loss, logits = step(images, labels)
-            loss_sum += loss * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
-            epoch_images += len(labels)
-            stats.steps += 1
-            if progress is not None:
-                progress(stats.steps, steps or 0)
-            if done():
-                break
+        with closing(data.epoch(batch_size, seed=seed * 1_000_003 + epoch)) as batches:
+            for images, labels in batches:
+                if should_stop():
+                    raise TrainingStopped(f"{label} stopped at step {stats.steps}")
+                loss, logits = step(images, labels)
+                loss_sum += loss * len(labels)
+                correct += (logits.argmax(1) == labels).sum()
+                epoch_images += len(labels)
+                stats.steps += 1
+                if progress is not None:
+                    progress(stats.steps, steps or 0)
+                if done():
+                    break
         stats.images += epoch_images
         finite &= torch.isfinite(loss_sum)
         if done():
@@ -158,6 +161,15 @@ class TrainResult:
     stats: LoopStats
 
 
+def open_data(
+    spec: DataSpec, model: ModelSpec, device: str, budget_bytes: int, loader_workers: int
+) -> TrainingData:
+    """A task's training data as the runtime trains on it: held on the device, or streamed and made ahead in a
+    thread beside the training step."""
+    data = spec.open(model, device, budget_bytes, loader_workers)
+    return Prefetched(data, device) if data.placement == "stream" else data
+
+
 class TaskRuntime:
     """A task's model and training data on this worker's device, built once and kept across rounds."""
 
@@ -177,9 +189,13 @@ class TaskRuntime:
             self.model = build_model(model, seed=seed).train()
         if uses_channels_last(device, precision):
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.data = data.open(model, device, budget_bytes, loader_workers)
+        self.data = open_data(data, model, device, budget_bytes, loader_workers)
         self.scaler = grad_scaler(device, precision)
         self._measuring: TrainStep | None = None
+
+    def close(self) -> None:
+        """End what the data runs beside this process (reader processes); the runtime is unusable after."""
+        self.data.close()
 
     def train(
         self,

@@ -97,7 +97,7 @@ class Worker:
         if not reused:
             from agent.training import TaskRuntime
 
-            self._runtime = self._prepared = None
+            self.close()
             release_cached_memory(self.device)
             self._runtime = TaskRuntime(
                 command.model,
@@ -178,6 +178,12 @@ class Worker:
             )
         )
 
+    def close(self) -> None:
+        """Let go of the prepared task (its data's reader processes end now)."""
+        if self._runtime is not None:
+            self._runtime.close()
+        self._runtime = self._prepared = None
+
     def _prepared_runtime(self):
         if self._runtime is None:
             raise RuntimeError("no task prepared: send prepare first")
@@ -231,9 +237,15 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     try:
-        return worker.serve()
+        code = worker.serve()
     except BrokenPipeError:  # the parent is gone: nobody is left to report to, nothing to flush
         os._exit(PARENT_GONE)
+    worker.close()
+    # Everything a command produced is on disk and reported: skip the interpreter's teardown. On the H200,
+    # workers streaming an image folder hung in it (threads and CUDA libraries torn down in no fixed order),
+    # and a worker that the parent must kill can wedge the MPS server.
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

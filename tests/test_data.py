@@ -287,3 +287,61 @@ def test_encoded_files_stream_as_one_buffer_per_batch_and_decode_where_the_decod
         [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3], dtype=torch.uint8)]
     )
     assert buffer.tolist() == [1, 2, 3] and lengths.tolist() == [2, 1]
+
+
+# --- batches made ahead ----------------------------------------------------------------------------------
+
+
+def counted(samples: int, fail_at: int | None = None):
+    """Generated batches whose labels are the sample indices; raises at batch `fail_at`."""
+    from agent.data.tensors import GeneratedBatches
+
+    made = []
+
+    def make(index, rng):
+        if len(made) == fail_at:
+            raise OSError("disk went away")
+        made.append(index)
+        return torch.randn(len(index), 3, 4, 4, generator=rng), index
+
+    return GeneratedBatches(samples, "cpu", make), made
+
+
+def test_prefetched_batches_are_the_data_s_own_in_order() -> None:
+    from agent.data.prefetch import Prefetched
+
+    data, _ = counted(100)
+    ahead = Prefetched(data, "cpu", depth=2)
+    assert (ahead.samples, ahead.placement) == (100, "stream")
+    for (x, y), (u, v) in zip(batches(data, 16, seed=3), batches(ahead, 16, seed=3), strict=True):
+        assert torch.equal(x, u) and torch.equal(y, v)
+
+
+def test_a_producer_error_reaches_the_training_loop() -> None:
+    from agent.data.prefetch import Prefetched
+
+    data, _ = counted(100, fail_at=2)
+    with pytest.raises(OSError, match="disk went away"):
+        batches(Prefetched(data, "cpu"), 16)
+
+
+def test_leaving_an_epoch_early_stops_its_producer_within_the_depth() -> None:
+    import threading
+
+    from agent.data.prefetch import Prefetched
+
+    data, made = counted(10_000)
+    epoch = Prefetched(data, "cpu", depth=2).epoch(10, seed=0)
+    next(epoch)
+    epoch.close()
+    assert not [t for t in threading.enumerate() if t.name == "prefetch"]
+    assert len(made) <= 1 + 2 + 1  # the batch taken, the queue's depth, one on its way in
+
+
+def test_a_closed_image_stream_refuses_further_epochs(tmp_path) -> None:
+    spec = ImageFolderData(path=str(write_folder(tmp_path, ".png", [("a", 3), ("b", 3)])))
+    data = spec.open(MODEL, "cpu", 0, 1)
+    assert len(batches(data, 4)) == 2
+    data.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batches(data, 4)

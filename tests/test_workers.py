@@ -158,6 +158,31 @@ def test_closing_the_pool_ends_every_worker_cleanly(tmp_path):
     assert pool.launch_of("a") is None
 
 
+def test_a_worker_streaming_an_image_folder_through_reader_processes_exits_promptly(base, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from agent.data import ImageFolderData
+
+    for i in range(12):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        pixels = np.random.default_rng(i).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"c{i % 2}" / f"{i}.jpg")
+    streamed = jobs.Prepare(
+        model=MODEL, data=ImageFolderData(path=str(tmp_path)), budget_bytes=0, loader_workers=2
+    )
+    pool = WorkerPool(CPU, log_dir=tmp_path)
+    outcome = run(pool, [Launch("a")], {"a": TaskWork(streamed, work(base, tmp_path, "a", 8).train)})["a"]
+    assert outcome.failure is None
+    lease = pool.acquire("a", Launch("a"), streamed)
+    pool.release("a")
+    assert lease.prepared.reused and lease.prepared.placement == "stream"
+    worker = lease.worker
+    began = time.monotonic()
+    pool.close(grace_s=10)
+    assert worker.proc.returncode == 0 and time.monotonic() - began < 5
+
+
 def test_a_failed_preparation_is_reported_and_the_pool_stays_usable(pool, tmp_path):
     from agent.data import ImageFolderData
 

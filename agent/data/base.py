@@ -47,3 +47,6 @@ class TrainingData(ABC):
     @abstractmethod
     def epoch(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One pass over every sample in a seeded random order: (images float (B, 3, S, S), labels int64 (B,))."""
+
+    def close(self) -> None:  # noqa: B027 (a hook: most kinds hold nothing to let go of)
+        """Let go of what the data holds beyond memory (reader processes); idempotent."""

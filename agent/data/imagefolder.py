@@ -105,9 +105,14 @@ class Decoder:
 
     def decode(self, encoded: list[torch.Tensor]) -> torch.Tensor:
         """Decode a batch where this decoder decodes (the GPU, else here on the CPU) and square it."""
+        import torch
         import torchvision
 
         if self.on_device:
+            # nvJPEG writes on a stream of its own into memory allocated on this one: memory that this stream
+            # freed may still be read by its queued kernels, so let them finish first
+            if self.device.startswith("cuda"):
+                torch.cuda.current_stream(self.device).synchronize()
             images = torchvision.io.decode_jpeg(
                 encoded, mode=torchvision.io.ImageReadMode.RGB, device=self.device
             )
@@ -256,8 +261,16 @@ class StreamedImages(TrainingData):
             timeout=STREAM_TIMEOUT_S if workers > 0 else 0,  # a stuck reader is an error, not a silent stall
         )
 
+    def close(self) -> None:
+        """End the reader processes now (dropping the loader shuts them down), not at interpreter exit, where the
+        pinning thread and the readers' queues are torn down in no particular order and exit can hang."""
+        self.loader = None
+
     def epoch(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from agent.data.tensors import generator, shuffled_batches
+
+        if self.loader is None:
+            raise RuntimeError("the image stream was closed")
 
         order = shuffled_batches(self.samples, batch_size, generator("cpu", seed))
         self.order.batches = [index.tolist() for index in order]
