@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.policies import POLICIES
 from common.daemon import cli_main, cli_parser
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the agent service")
     run.add_argument("--config", required=True, help="TOML config file")
     run.add_argument("--policy", choices=POLICIES, help="override the config's execution policy")
-    check = sub.add_parser("check-config", help="validate a config file and summarise it")
+    check = sub.add_parser(
+        "check-config", help="validate a config file, check the files it names and whether the broker answers"
+    )
     check.add_argument("--config", required=True)
     profile = sub.add_parser("profile", help="print this device's profile as JSON")
     profile.add_argument("--config", required=True)
@@ -36,21 +42,43 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from agent.config import load
     from agent.service import Agent
-    from common.daemon import stop_on_signals
+    from common.daemon import SystemdNotifier, stop_on_signals
+    from common.preflight import before_run
 
-    Agent(load(args.config), policy=args.policy).run(stop_on_signals())
+    config = load(args.config)
+    before_run(_problems(config), config.mqtt)
+    notifier = SystemdNotifier.from_environment()
+    Agent(config, policy=args.policy).run(stop_on_signals(notifier), alive=notifier.alive)
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
     from agent.config import load
+    from common.preflight import report
 
     config = load(args.config)
-    print(
-        f"ok: device {config.device}, tasks {', '.join(config.tasks) or '(none)'}, "
-        f"policy {config.execution.policy}, broker {config.mqtt.host}:{config.mqtt.port}"
+    summary = (
+        f"device {config.device}, tasks {', '.join(config.tasks) or '(none)'}, "
+        f"policy {config.execution.policy}, state in {config.state_dir}"
     )
-    return 0
+    return report(summary, _problems(config), config.mqtt)
+
+
+def _problems(config: AgentConfig) -> list[str]:
+    """What stops this config from running here: the files it names and the data each task reads."""
+    from common.preflight import file_problem, mqtt_problems, state_dir_problem
+
+    problems = [
+        state_dir_problem("state_dir", config.state_dir),
+        *mqtt_problems(config.mqtt),
+        file_problem("execution.predictor", config.execution.predictor),
+    ]
+    for task, spec in config.tasks.items():
+        try:  # counting a task's samples reads its data folder (or the library's dataset)
+            spec.sample_count()
+        except (OSError, ValueError) as exc:
+            problems.append(f"tasks.{task}: {exc}")
+    return [p for p in problems if p]
 
 
 def _profile(args: argparse.Namespace) -> int:

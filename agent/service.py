@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,7 +105,6 @@ class Agent:
         status = topics.device(self.device, "status")
         self.link = MqttLink(
             config.mqtt,
-            client_id=f"fedmt-agent-{self.device}",
             subscriptions=[
                 topics.device(self.device, "schedule"),
                 topics.device(self.device, "receipts"),
@@ -145,11 +145,13 @@ class Agent:
 
     # --- main loop --------------------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, alive: Callable[[], None] = lambda: None) -> None:
+        """Handle messages, task outcomes and timers until `stop`; `alive()` on every pass (systemd's watchdog)."""
         log.info("agent %s starting; tasks %s", self.device, self.samples)
         self.link.start()
         try:
             while not stop.is_set():
+                alive()
                 try:
                     self.handle(self.link.inbox.get(timeout=0.5))
                 except queue.Empty:

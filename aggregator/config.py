@@ -59,6 +59,10 @@ class AggregatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     transfers: TransferConfig = msgspec.field(default_factory=TransferConfig)
     tasks: Annotated[dict[Name, TaskConfig], Meta(min_length=1)]
 
+    def __post_init__(self) -> None:
+        if self.mqtt.username is None:  # also the client id, which names the persistent session
+            self.mqtt.username = "aggregator"
+
 
 def load(path: str) -> AggregatorConfig:
     return load_toml(path, AggregatorConfig)

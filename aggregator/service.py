@@ -9,6 +9,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from aggregator.config import AggregatorConfig
@@ -55,15 +56,19 @@ class AggregatorService:
         )
         self.senders: dict[str, str] = {}  # transfer id -> device whose topic it arrived on
         self.telemetry: dict[str, Telemetry] = {}
-        self.link = MqttLink(config.mqtt, "fedmt-aggregator", SUBSCRIPTIONS, persistent_session=True)
+        self.link = MqttLink(config.mqtt, SUBSCRIPTIONS, persistent_session=True)
         self._published_chunks: dict[str, int] = {}
 
-    def run(self, stop: threading.Event, tick_s: float = 0.5) -> None:
+    def run(
+        self, stop: threading.Event, tick_s: float = 0.5, alive: Callable[[], None] = lambda: None
+    ) -> None:
+        """Handle messages and timers until `stop`; `alive()` is called on every pass (systemd's watchdog)."""
         self.coordinator.start()
         self.link.start()
         next_tick = 0.0
         try:
             while not stop.is_set():
+                alive()
                 try:
                     self.handle(self.link.inbox.get(timeout=tick_s))
                 except queue.Empty:

@@ -1,15 +1,25 @@
-"""Process plumbing shared by both daemons: the CLI entry, logging, and a stop event set by SIGTERM/SIGINT."""
+"""Process plumbing shared by both daemons: the CLI entry, logging, a stop event set by SIGTERM/SIGINT, and
+systemd's notification protocol (Type=notify: READY=1, WATCHDOG=1 pings from the main loop, STOPPING=1)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 
 from common.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class CommandError(Exception):
+    """A command that cannot run here, explained in one line for the operator."""
 
 
 def cli_parser(prog: str, description: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -33,7 +43,7 @@ def cli_main(
         return commands[args.command](args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
-    except errors as exc:
+    except (CommandError, *errors) as exc:
         print(f"error: {exc}", file=sys.stderr)
     return 2
 
@@ -42,14 +52,58 @@ def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
-def stop_on_signals() -> threading.Event:
-    """An event set on SIGTERM or SIGINT (systemd stop, Ctrl-C), for a clean shutdown."""
+def stop_on_signals(notifier: SystemdNotifier | None = None) -> threading.Event:
+    """An event set on SIGTERM or SIGINT (systemd stop, Ctrl-C), for a clean shutdown; tells systemd too."""
     stop = threading.Event()
 
     def handler(signum, frame) -> None:
-        logging.getLogger(__name__).info("received %s; shutting down", signal.Signals(signum).name)
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        if notifier is not None:
+            notifier.stopping()
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return stop
+
+
+class SystemdNotifier:
+    """sd_notify(3) without libsystemd: datagrams to $NOTIFY_SOCKET. `alive()`, called on every pass of the
+    daemon's main loop, says READY=1 the first time and WATCHDOG=1 every half of $WATCHDOG_USEC, so a loop that
+    hangs is restarted by systemd. Outside systemd (no socket) every call does nothing."""
+
+    def __init__(self, socket_path: str | None, watchdog_s: float | None) -> None:
+        self.address = "\0" + socket_path[1:] if socket_path and socket_path.startswith("@") else socket_path
+        self.ping_every_s = watchdog_s / 2 if watchdog_s else None
+        self._ready = False
+        self._next_ping = 0.0
+
+    @classmethod
+    def from_environment(cls) -> SystemdNotifier:
+        """The notifier systemd asked for; the variables are removed so task processes do not inherit them."""
+        path = os.environ.pop("NOTIFY_SOCKET", None)
+        usec = os.environ.pop("WATCHDOG_USEC", None)
+        pid = os.environ.pop("WATCHDOG_PID", None)
+        for_us = usec and usec.isdigit() and (pid is None or pid == str(os.getpid()))
+        return cls(path, int(usec) / 1e6 if for_us else None)
+
+    def alive(self) -> None:
+        if not self._ready:
+            self._ready = True
+            self.notify("READY=1", f"MAINPID={os.getpid()}")
+        now = time.monotonic()
+        if self.ping_every_s and now >= self._next_ping:
+            self._next_ping = now + self.ping_every_s
+            self.notify("WATCHDOG=1")
+
+    def stopping(self) -> None:
+        self.notify("STOPPING=1")
+
+    def notify(self, *assignments: str) -> None:
+        if not self.address:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendto("\n".join(assignments).encode(), self.address)
+        except OSError as exc:
+            log.warning("cannot notify systemd at %s: %s", self.address, exc)

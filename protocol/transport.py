@@ -71,18 +71,23 @@ class LinkEvent:
 
 
 class MqttLink:
-    """One paho client: connects in the background, resubscribes and republishes the birth on every connect."""
+    """One paho client: connects in the background, resubscribes and republishes the birth on every connect.
+
+    The client id is the username: the shipped broker config (use_username_as_clientid) binds them, so a
+    persistent session belongs to its identity and one client cannot take over another's session.
+    """
 
     def __init__(
         self,
         settings: MqttSettings,
-        client_id: str,
         subscriptions: Iterable[str] = (),
         *,
         will: tuple[str, bytes] | None = None,
         birth: tuple[str, bytes] | None = None,
         persistent_session: bool = False,
     ) -> None:
+        if persistent_session and not settings.username:
+            raise ValueError("a persistent MQTT session needs a username: it names the session")
         self.settings = settings
         self.inbox: queue.Queue[Incoming | LinkEvent] = queue.Queue()
         self.connected = threading.Event()
@@ -90,7 +95,9 @@ class MqttLink:
         self._birth = birth
         self._persistent = persistent_session
         self._stopping = False
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        client = mqtt.Client(  # anonymous: the broker assigns an id
+            mqtt.CallbackAPIVersion.VERSION2, client_id=settings.username or "", protocol=mqtt.MQTTv5
+        )
         if settings.username:
             client.username_pw_set(settings.username, settings.resolved_password())
         if settings.tls:

@@ -1,7 +1,9 @@
 """Start a real Mosquitto 2.x broker for tests and the demo: in Docker when an engine answers, else the binary.
 
-The broker uses the project's own ACL (broker_config/acl) with generated credentials, so tests exercise the
-same authorisation rules as production.
+The broker runs the shipped config (broker_config/mosquitto.conf: every setting, with this broker's paths and
+port) and the project's own ACL (broker_config/acl) with generated credentials, so tests exercise the same
+authorisation rules and limits as production. It serves one listener: the shipped localhost listener with
+passwords, or, given a certificate folder made by scripts/provision-certs.sh, the shipped TLS listener only.
 """
 
 from __future__ import annotations
@@ -17,8 +19,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ACL_FILE = Path(__file__).resolve().parent.parent / "broker_config" / "acl"
+BROKER_CONFIG_DIR = Path(__file__).resolve().parent.parent / "broker_config"
+ACL_FILE = BROKER_CONFIG_DIR / "acl"
+SHIPPED_CONFIG = BROKER_CONFIG_DIR / "mosquitto.conf"
 DOCKER_IMAGE = "eclipse-mosquitto:2"
+CONTAINER_CONFIG_DIR = "/mosquitto/config"
+CONTAINER_DATA_DIR = "/mosquitto/data"
+CERT_FILES = ("ca.crt", "server.crt", "server.key")  # what the broker needs of a provisioned folder
 
 
 class BrokerUnavailable(RuntimeError):
@@ -55,14 +62,16 @@ def mosquitto_binary() -> str | None:
 
 @dataclass
 class Mosquitto:
-    """A broker on 127.0.0.1:`port` with the given users; use as a context manager or start()/stop()."""
+    """A broker on 127.0.0.1:`port` with the given users (password listener), or TLS-only with client
+    certificates when `certs` names a folder made by scripts/provision-certs.sh; use as a context manager or
+    start()/stop()."""
 
     workdir: Path
     users: dict[str, str]
     port: int = field(default_factory=free_port)
     use_docker: bool | None = None
-    message_size_limit: int = 4 << 20
     host: str = "127.0.0.1"
+    certs: Path | None = None
     _process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _container: str | None = field(default=None, init=False, repr=False)
 
@@ -82,6 +91,11 @@ class Mosquitto:
             "".join(password_line(u, p) + "\n" for u, p in self.users.items())
         )
         shutil.copyfile(ACL_FILE, self.workdir / "acl")
+        if self.certs is not None:
+            (self.workdir / "certs").mkdir(exist_ok=True)
+            for name in CERT_FILES:
+                shutil.copyfile(self.certs / name, self.workdir / "certs" / name)
+                os.chmod(self.workdir / "certs" / name, 0o644)  # the container's mosquitto user reads them
         (self.workdir / "mosquitto.conf").write_text(self._config(config_dir, data_dir, docker))
         for name in ("passwd", "acl", "mosquitto.conf"):
             os.chmod(self.workdir / name, 0o644)
@@ -136,29 +150,21 @@ class Mosquitto:
         self.stop()
 
     def _config(self, config_dir: str, data_dir: str, docker: bool) -> str:
+        """The shipped config with this broker's directories, log and listener (see the module docstring)."""
         listener = "listener 1883" if docker else f"listener {self.port} {self.host}"
         log = "log_dest stdout" if docker else f"log_dest file {self.workdir / 'mosquitto.log'}"
         # As root the binary would drop to the `mosquitto` user, which cannot write our work directory.
         stay_root = ["user root"] if not docker and os.geteuid() == 0 else []
-        return "\n".join(
-            stay_root
-            + [
-                "per_listener_settings false",
-                "allow_anonymous false",
-                f"password_file {config_dir}/passwd",
-                f"acl_file {config_dir}/acl",
-                listener,
-                f"message_size_limit {self.message_size_limit}",
-                "max_inflight_messages 64",
-                "max_queued_messages 20000",
-                "persistence true",
-                f"persistence_location {data_dir}/",
-                log,
-                "log_type error",
-                "log_type warning",
-                "log_type notice",
-                "",
-            ]
+        common, listeners = shipped_sections(SHIPPED_CONFIG.read_text())
+        tls = self.certs is not None
+        (served,) = [block for block in listeners if ("certfile" in " ".join(block)) == tls]
+        lines = stay_root + [
+            log if line.startswith("log_dest ") else line for line in common if not line.startswith("user ")
+        ]
+        lines += [listener, *served[1:]]
+        text = "\n".join(lines) + "\n"
+        return text.replace(f"{CONTAINER_CONFIG_DIR}/", f"{config_dir}/").replace(
+            f"{CONTAINER_DATA_DIR}/", f"{data_dir}/"
         )
 
     def _wait_ready(self, timeout_s: float) -> None:
@@ -176,3 +182,29 @@ class Mosquitto:
         raise BrokerUnavailable(
             f"mosquitto did not accept connections on {self.host}:{self.port} in {timeout_s:.0f} s"
         )
+
+
+def shipped_sections(text: str) -> tuple[list[str], list[list[str]]]:
+    """A mosquitto.conf as (its settings before the first listener, one list of lines per listener block,
+    starting with its `listener` line); comments and blank lines dropped."""
+    common: list[str] = []
+    listeners: list[list[str]] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("listener "):
+            listeners.append([line])
+        elif listeners and line.split()[0] in LISTENER_OPTIONS:
+            listeners[-1].append(line)
+        else:
+            common.append(line)
+    return common, listeners
+
+
+#: the options of the shipped config that belong to the listener above them (mosquitto.conf(5))
+LISTENER_OPTIONS = frozenset(
+    "cafile capath certfile keyfile require_certificate use_identity_as_username use_subject_as_username "
+    "use_username_as_clientid tls_version ciphers ciphers_tls1.3 crlfile max_connections protocol "
+    "socket_domain bind_interface mount_point http_dir".split()
+)

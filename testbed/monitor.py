@@ -6,7 +6,6 @@ It needs credentials with read access to the whole tree (the `monitor` user of b
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ class Monitor:
     def __post_init__(self) -> None:
         self._globals = TransferInbox(Reassembler(self.spool / "globals"), lambda m: m.transfer)
         self._updates = TransferInbox(Reassembler(self.spool / "updates"), lambda m: m.transfer)
-        self.link = MqttLink(self.settings, f"monitor-{uuid.uuid4().hex[:8]}", [f"{topics.PREFIX}/#"])
+        self.link = MqttLink(self.settings, [f"{topics.PREFIX}/#"])
         self.link.start()
         if not self.link.wait_connected(15):
             raise TimeoutError(f"monitor could not connect to {self.settings.host}:{self.settings.port}")

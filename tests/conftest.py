@@ -1,6 +1,10 @@
-"""Shared fixtures: a real Mosquitto broker per test (Docker when an engine answers, else the local binary)."""
+"""Shared fixtures: a real Mosquitto broker per test (Docker when an engine answers, else the local binary),
+with passwords or, as `tls_broker`, TLS-only with certificates from scripts/provision-certs.sh."""
 
 from __future__ import annotations
+
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -8,14 +12,34 @@ from testbed.broker import BrokerUnavailable, Mosquitto
 from testbed.monitor import Monitor
 from tests.federation import USERS, mqtt
 
+PROVISION = Path(__file__).resolve().parent.parent / "scripts" / "provision-certs.sh"
 
-@pytest.fixture
-def broker(tmp_path):
+
+def _started(workdir: Path, certs: Path | None = None):
     try:
-        with Mosquitto(tmp_path / "broker", USERS) as mosquitto:
+        with Mosquitto(workdir, USERS, certs=certs) as mosquitto:
             yield mosquitto
     except BrokerUnavailable as exc:
         pytest.fail(f"integration tests need a Mosquitto broker: {exc}")
+
+
+@pytest.fixture
+def broker(tmp_path):
+    yield from _started(tmp_path / "broker")
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory) -> Path:
+    """A CA, the broker's certificate (localhost, 127.0.0.1) and a client certificate per test user."""
+    out = tmp_path_factory.mktemp("certs")
+    hosts = ["--server-host", "localhost", "--server-host", "127.0.0.1"]
+    subprocess.run([PROVISION, "--out", out, *hosts, *USERS], check=True, capture_output=True, timeout=120)
+    return out
+
+
+@pytest.fixture
+def tls_broker(tmp_path, certs):
+    yield from _started(tmp_path / "tls-broker", certs)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from agent.config import AgentConfig, ExecutionConfig
 from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig
 from protocol import topics
 from protocol.schemas import ModelSpec, OptimizerSpec, Receipt, UpdateManifest, decode
-from protocol.transport import MqttLink, MqttSettings
+from protocol.transport import MqttLink, MqttSettings, TlsSettings
 from testbed.broker import Mosquitto
 
 USERS = {
@@ -41,6 +41,14 @@ BOTH_V1 = [("shuffle", 1), ("mobile", 1)]  # the first new global version of eac
 
 
 def mqtt(broker: Mosquitto, user: str) -> MqttSettings:
+    """`user`'s settings: its password, or its provisioned certificate on a TLS broker."""
+    if broker.certs is not None:
+        tls = TlsSettings(
+            ca_file=str(broker.certs / "ca.crt"),
+            cert_file=str(broker.certs / f"{user}.crt"),
+            key_file=str(broker.certs / f"{user}.key"),
+        )
+        return MqttSettings(host=broker.host, port=broker.port, username=user, tls=tls, reconnect_max_s=2.0)
     return MqttSettings(
         host=broker.host, port=broker.port, username=user, password=USERS[user], reconnect_max_s=2.0
     )
@@ -132,7 +140,6 @@ class RawDevice:
         self.device = device
         self.link = MqttLink(
             mqtt(broker, device),
-            f"raw-{device}",
             [topics.device(device, "schedule"), topics.device(device, "receipts")],
             birth=(topics.device(device, "status"), encode(Status(state="online", ts=time.time()))),
         )
