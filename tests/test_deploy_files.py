@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import importlib
+import json
 import os
 import re
 import shlex
@@ -201,6 +202,38 @@ def test_systemd_analyze_verify_harness_catches_a_typo(tmp_path):
     assert not any("is not executable" in line for line in bad), lines
 
 
+MAX_EXPOSURE = 5.0  # systemd-analyze security: below 5 is "OK" (issue 10)
+_EXPOSURE = re.compile(r"Overall exposure level for (?P<unit>\S+): (?P<level>\d+(\.\d+)?)")
+
+
+def exposure(unit_path: Path) -> float:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    proc = subprocess.run(
+        [analyze, "security", "--offline=true", "--no-pager", str(unit_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": "cat"},
+    )
+    match = _EXPOSURE.search(proc.stdout + proc.stderr)
+    assert match and match["unit"] == unit_path.name, proc.stdout + proc.stderr
+    return float(match["level"])
+
+
+@pytest.mark.parametrize("unit_path", [AGENT_UNIT, AGGREGATOR_UNIT], ids=lambda p: p.name)
+def test_daemon_units_are_sandboxed_below_exposure_5(unit_path):
+    assert exposure(unit_path) < MAX_EXPOSURE
+
+
+def test_exposure_harness_scores_an_unhardened_unit_as_exposed(tmp_path):
+    bare = tmp_path / "fedmt-bare.service"
+    bare.write_text("[Service]\nExecStart=/opt/none/bin/x run\n")
+    assert exposure(bare) > MAX_EXPOSURE
+
+
 def test_there_are_the_three_units():
     assert {p.name for p in UNIT_FILES} == {
         "fedmt-agent.service",
@@ -300,11 +333,44 @@ def test_agent_unit_keeps_gpu_devices_and_stops_cooperatively():
     assert single(unit, "KillMode") == "mixed"
 
 
-def test_agent_unit_may_write_the_mps_directories():
+def test_agent_unit_may_write_the_mps_directories_and_starts_without_them():
+    """A "-" prefix: hosts without MPS (CPU hosts, Jetsons) have no such directory, and systemd refuses to
+    start a unit whose ReadWritePaths= is missing unless the path is marked optional."""
     mps = MpsConfig()
-    writable = {Path(strip_path_prefix(p)) for p in words(load_unit(AGENT_UNIT), "ReadWritePaths")}
+    paths = words(load_unit(AGENT_UNIT), "ReadWritePaths")
     for path in (mps.pipe_dir, mps.log_dir):
-        assert any(Path(path).is_relative_to(w) for w in writable), (path, writable)
+        covering = [p for p in paths if Path(path).is_relative_to(strip_path_prefix(p))]
+        assert covering, (path, paths)
+        assert all(p.startswith("-") for p in covering), f"{covering}: not optional"
+
+
+@pytest.mark.parametrize("unit_path", [AGENT_UNIT, AGGREGATOR_UNIT], ids=lambda p: p.name)
+def test_daemon_units_wait_for_ready_and_watch_the_main_loop(unit_path):
+    """Type=notify with a watchdog: common.daemon.SystemdNotifier says READY=1 from the main loop and pings at
+    half of WatchdogSec=; both loops pass at least every 0.5 s when idle."""
+    unit = load_unit(unit_path)
+    assert single(unit, "Type") == "notify"
+    assert single(unit, "NotifyAccess") in (None, "main")
+    watchdog = single(unit, "WatchdogSec")
+    assert watchdog and watchdog.isdigit() and int(watchdog) >= 10, watchdog
+    assert single(unit, "Restart") == "on-failure"  # a watchdog timeout restarts the daemon
+
+
+def test_agent_unit_joins_the_jetson_gpu_group_and_no_group_a_host_may_lack():
+    """systemd refuses to start a unit that names a group the host lacks: only video, which every Debian,
+    Ubuntu and Jetson L4T system has (/dev/nvhost-*, /dev/nvmap on a Jetson). jtop's group exists only where
+    jetson-stats is installed: the README adds the user to it there (a User='s own groups apply)."""
+    assert words(load_unit(AGENT_UNIT), "SupplementaryGroups") == ["video"]
+    assert words(load_unit(AGGREGATOR_UNIT), "SupplementaryGroups") == []
+
+
+@pytest.mark.parametrize("unit_path", [AGENT_UNIT, AGGREGATOR_UNIT], ids=lambda p: p.name)
+def test_daemon_units_run_as_a_fixed_user_that_can_be_given_its_key_file(unit_path):
+    """DynamicUser= gets a fresh UID that no file in /etc/fedmt can be made readable by; a fixed system user
+    reads its TLS key or password file through group permissions (README, "Running as services")."""
+    unit = load_unit(unit_path)
+    assert not is_true(single(unit, "DynamicUser"))
+    assert single(unit, "User") not in (None, "root") and single(unit, "Group")
 
 
 # --- 3. the Mosquitto ACL ------------------------------------------------------------------------------
@@ -569,7 +635,49 @@ def test_mosquitto_conf_is_authenticated_persistent_and_fits_chunks():
     conf = _conf()
     _check_secure(conf, CONTAINER_CONFIG_DIR)
     assert conf["persistence_location"][-1].rstrip("/") == "/mosquitto/data"
-    assert [v.split()[0] for v in conf["listener"]] == ["1883"]
+    assert "message_size_limit" not in conf  # deprecated in Mosquitto 2.x: max_packet_size
+
+
+def _listeners() -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The shipped config's settings before any listener, and {listener line: {option: value}}."""
+    from testbed.broker import shipped_sections
+
+    common, blocks = shipped_sections((BROKER_DIR / "mosquitto.conf").read_text())
+    return common, {block[0]: dict(line.split(" ", 1) for line in block[1:]) for block in blocks}
+
+
+def _is_tls(options: dict[str, str]) -> bool:
+    return "certfile" in options
+
+
+def test_mosquitto_conf_serves_devices_over_mutual_tls_with_the_certificate_as_identity():
+    _, listeners = _listeners()
+    tls = [options for options in listeners.values() if _is_tls(options)]
+    assert len(tls) == 1, listeners
+    (options,) = tls
+    certs = f"{CONTAINER_CONFIG_DIR}/certs"
+    assert {options[k] for k in ("cafile", "certfile", "keyfile")} == {
+        f"{certs}/ca.crt",
+        f"{certs}/server.crt",
+        f"{certs}/server.key",
+    }  # what scripts/provision-certs.sh writes
+    assert options.get("require_certificate") == "true"
+    assert options.get("use_identity_as_username") == "true"  # the CN is the username the ACL's %u sees
+
+
+def test_mosquitto_conf_plain_listener_is_for_the_brokers_own_host_only():
+    _, listeners = _listeners()
+    for line, options in listeners.items():
+        if not _is_tls(options):
+            assert line.split()[2:] == ["127.0.0.1"], f"{line}: a password listener open to the network"
+
+
+def test_every_listener_binds_the_client_id_to_the_username():
+    """Mosquitto 2.0 keeps use_username_as_clientid per listener; before any `listener` line it silently opens
+    a default listener on port 1883, on every interface, instead."""
+    common, listeners = _listeners()
+    assert all(options.get("use_username_as_clientid") == "true" for options in listeners.values()), listeners
+    assert not [line for line in common if line.startswith("use_username_as_clientid")]
 
 
 def test_mosquitto_limit_admits_the_largest_configurable_chunk():
@@ -634,26 +742,53 @@ def _mounts(volumes: list[str]) -> dict[str, str]:
     return mounts
 
 
-def test_compose_uses_mosquitto_2_and_mounts_config_acl_and_passwd():
+def test_compose_uses_mosquitto_2_and_mounts_config_acl_passwd_and_certs():
     from testbed.broker import DOCKER_IMAGE
 
     service = load_compose_service()
     assert service["image"] == "eclipse-mosquitto:2" == DOCKER_IMAGE
     mounts = _mounts(service["volumes"])
-    for name in ("mosquitto.conf", "acl", "passwd"):
+    for name in ("mosquitto.conf", "acl", "passwd", "certs"):
         assert mounts.get(f"{CONTAINER_CONFIG_DIR}/{name}") == f"./{name}", mounts
-    for name in ("mosquitto.conf", "acl"):  # passwd is created by the operator (README)
+    for name in ("mosquitto.conf", "acl"):  # passwd and certs/ are made by the operator (README)
         assert (BROKER_DIR / name).is_file()
 
 
-def test_compose_mounts_what_mosquitto_conf_points_at():
+def test_compose_mounts_what_mosquitto_conf_points_at_and_publishes_only_tls():
     conf, service = _conf(), load_compose_service()
     mounts = _mounts(service["volumes"])
     assert conf["acl_file"][-1] in mounts and conf["password_file"][-1] in mounts
+    _, listeners = _listeners()
+    for options in listeners.values():
+        for key in ("cafile", "certfile", "keyfile"):
+            if key in options:
+                assert str(Path(options[key]).parent) in mounts, options[key]
     data = conf["persistence_location"][-1].rstrip("/")
     assert data in mounts, f"persistence_location {data} is not a volume: retained models vanish on recreate"
-    ports = {p.split(":")[-1].split("/")[0] for p in service["ports"]}
-    assert {v.split()[0] for v in conf["listener"]} <= ports
+    published = {p.split(":")[-1].split("/")[0] for p in service["ports"]}
+    tls_ports = {line.split()[1] for line, options in listeners.items() if _is_tls(options)}
+    assert published == tls_ports, (published, tls_ports)
+
+
+def test_compose_health_check_uses_a_user_that_may_read_the_uptime_only():
+    test = " ".join(load_compose_healthcheck())
+    user = re.search(r"-u (\S+)", test)[1]
+    assert "-h 127.0.0.1" in test and "-p 1883" in test  # the container's own localhost listener
+    rules = load_acl()
+    assert allowed(rules, user, "$SYS/broker/uptime", READ)
+    for topic in _device_topics(user) + _update_topics(user) + _device_topics(DEV) + _global_topics():
+        assert not allowed(rules, user, topic, READ) and not allowed(rules, user, topic, WRITE), topic
+    assert user not in ("monitor", "aggregator")  # one connection per username: it would kick them off
+
+
+def load_compose_healthcheck(path: Path = BROKER_DIR / "docker-compose.yml") -> list[str]:
+    """The mosquitto service's health check command (PyYAML when importable, else its one-line JSON list)."""
+    try:
+        import yaml
+    except ImportError:
+        line = next(ln for ln in path.read_text().splitlines() if ln.strip().startswith("test:"))
+        return json.loads(line.split(":", 1)[1])
+    return yaml.safe_load(path.read_text())["services"]["mosquitto"]["healthcheck"]["test"]
 
 
 def test_compose_text_reader_matches_yaml_semantics():
@@ -681,17 +816,34 @@ def test_testbed_broker_uses_the_production_acl():
     assert Path(ACL_FILE).resolve() == (BROKER_DIR / "acl").resolve()
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["password", "tls"])
 @pytest.mark.parametrize("docker", [True, False], ids=["docker", "binary"])
-def test_testbed_broker_config_is_as_strict_as_production(tmp_path, docker):
-    from testbed.broker import Mosquitto
+def test_testbed_broker_runs_the_shipped_config_with_its_own_paths(tmp_path, docker, tls):
+    """Every shipped setting reaches the test broker (paths moved, its log and port its own) and it serves one
+    shipped listener: the localhost password listener, or the TLS listener only."""
+    from testbed.broker import Mosquitto, shipped_sections
 
     config_dir = CONTAINER_CONFIG_DIR if docker else str(tmp_path)
-    broker = Mosquitto(workdir=tmp_path, users={"aggregator": "x"}, port=18830)
-    conf = load_mosquitto_conf(broker._config(config_dir, f"{tmp_path}/data", docker))
+    data_dir = "/mosquitto/data" if docker else f"{tmp_path}/data"
+    broker = Mosquitto(
+        workdir=tmp_path, users={"aggregator": "x"}, port=18830, certs=tmp_path if tls else None
+    )
+    generated = broker._config(config_dir, data_dir, docker)
+    conf = load_mosquitto_conf(generated)
     _check_secure(conf, config_dir)
-    production = _conf()
-    for key in ("allow_anonymous", "per_listener_settings", "message_size_limit", "persistence"):
-        assert conf.get(key) == production.get(key), key
+    shipped_common, shipped_listeners = shipped_sections((BROKER_DIR / "mosquitto.conf").read_text())
+    common, [[listener, *served]] = shipped_sections(generated)  # one listener
+    moved = [
+        line.replace(f"{CONTAINER_CONFIG_DIR}/", f"{config_dir}/").replace("/mosquitto/data/", f"{data_dir}/")
+        for line in shipped_common
+    ]
+    own = ("log_dest ", "user ")
+    assert [x for x in common if not x.startswith(own)] == [x for x in moved if not x.startswith(own)]
+    assert listener == ("listener 1883" if docker else "listener 18830 127.0.0.1")
+    (expected,) = [
+        block[1:] for block in shipped_listeners if any(x.startswith("certfile") for x in block) == tls
+    ]
+    assert served == [x.replace(f"{CONTAINER_CONFIG_DIR}/", f"{config_dir}/") for x in expected]
 
 
 def test_testbed_broker_start_installs_the_production_acl(tmp_path, monkeypatch):
