@@ -10,9 +10,8 @@ import pytest
 
 from testbed.broker import BrokerUnavailable, Mosquitto
 from testbed.monitor import Monitor
+from tests.examples import EXAMPLE_DEVICE, PROVISION
 from tests.federation import USERS, mqtt
-
-PROVISION = Path(__file__).resolve().parent.parent / "scripts" / "provision-certs.sh"
 
 
 def _started(workdir: Path, certs: Path | None = None):
@@ -30,10 +29,16 @@ def broker(tmp_path):
 
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory) -> Path:
-    """A CA, the broker's certificate (localhost, 127.0.0.1) and a client certificate per test user."""
+    """A CA, the broker's certificate (localhost, 127.0.0.1) and a client certificate per test user and for the
+    device of examples/agent.toml."""
     out = tmp_path_factory.mktemp("certs")
     hosts = ["--server-host", "localhost", "--server-host", "127.0.0.1"]
-    subprocess.run([PROVISION, "--out", out, *hosts, *USERS], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [PROVISION, "--out", out, *hosts, *USERS, EXAMPLE_DEVICE],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     return out
 
 

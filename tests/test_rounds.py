@@ -12,6 +12,7 @@ from safetensors.numpy import save_file
 from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig
 from aggregator.initial import initial_state
 from aggregator.rounds import Coordinator
+from common.config import ConfigError
 from protocol import ProtocolError
 from protocol.chunking import transfer_info
 from protocol.schemas import DeviceProfile, HostInfo, ModelSpec, TaskData, UpdateManifest
@@ -152,8 +153,11 @@ def test_initial_weights_come_from_the_configured_file_and_must_be_finite(config
     save_file({"w": np.array([np.nan], np.float32)}, str(bad))
     with pytest.raises(ProtocolError, match="non-finite"):
         initial_state("t", TaskConfig(model=task.model, init_weights=str(bad)))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="tasks.t.init_weights: .* does not exist"):
         initial_state("t", TaskConfig(model=task.model, init_weights=str(tmp_path / "absent.safetensors")))
+    (tmp_path / "text.safetensors").write_text("not safetensors")
+    with pytest.raises(ConfigError, match="tasks.t.init_weights: .* not a safetensors file"):
+        initial_state("t", TaskConfig(model=task.model, init_weights=str(tmp_path / "text.safetensors")))
 
 
 def test_updates_for_unscheduled_devices_or_inflated_samples_are_rejected(config, tmp_path):
