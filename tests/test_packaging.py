@@ -89,19 +89,25 @@ def _run(*command: str | Path) -> str:
     return result.stdout
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Installed:
-    """The wheel built from a copy of the source (an in-tree build would write build/ into the checkout),
-    installed without dependencies into a fresh venv whose third-party packages come from this interpreter's
-    site-packages through a plain .pth path line (it adds the folder but runs none of its .pth hooks, so the
-    dev venv's editable install stays out)."""
-    root = tmp_path_factory.mktemp("wheel")
+def build_wheel(root: Path) -> Path:
+    """The project's wheel, built from a copy of the source under `root` (an in-tree build would write build/
+    into the checkout)."""
     source = root / "source"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*NOT_SOURCE))
     wheels = root / "wheels"
     build = ("-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index")
     _run(sys.executable, *build, "-w", wheels, source)
     (wheel,) = wheels.glob("fedmt_edge-*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Installed:
+    """The wheel installed without dependencies into a fresh venv whose third-party packages come from this
+    interpreter's site-packages through a plain .pth path line (it adds the folder but runs none of its .pth
+    hooks, so the dev venv's editable install stays out)."""
+    root = tmp_path_factory.mktemp("wheel")
+    wheel = build_wheel(root)
     venv = root / "venv"
     _run(sys.executable, "-m", "venv", venv)
     python = venv / "bin" / "python"
