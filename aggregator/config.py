@@ -45,7 +45,7 @@ class RoundsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class TransferConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    # The broker's message_size_limit (broker_config/mosquitto.conf) is 4 MiB; leave room for the chunk header.
+    # The broker's max_packet_size (broker_config/mosquitto.conf) is 4 MiB; leave room for the chunk header.
     chunk_size: Annotated[int, Meta(ge=1024, le=(4 << 20) - 4096)] = DEFAULT_CHUNK_SIZE
     max_update_bytes: PosInt = 1 << 30
     reassembly_timeout_s: Annotated[float, Meta(gt=0)] = 120.0

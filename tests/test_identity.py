@@ -15,6 +15,7 @@ from paho.mqtt.properties import Properties
 from agent.service import Agent
 from aggregator.service import AggregatorService
 from protocol import topics
+from protocol.schemas import Status, decode
 from protocol.transport import MqttLink
 from tests.federation import agent_config, aggregator_config
 from tests.federation import mqtt as settings_for
@@ -116,14 +117,18 @@ def test_the_aggregators_queued_messages_wait_for_the_aggregator_not_for_a_devic
     resuming "its" session gets none of it, and the aggregator's next start does."""
     config = aggregator_config(tmp_path, any_broker)
     first = AggregatorService(config).link
-    first.start()
-    assert first.wait_connected(10)
-    first.stop()  # a clean stop: the session stays for session_expiry_s
-
     device = MqttLink(settings_for(any_broker, "dev1"))
+    first.start()
     device.start()
-    assert device.wait_connected(10)
+    assert first.wait_connected(10) and device.wait_connected(10)
     update = topics.manifest(topics.update("shuffle", "dev1"))
+    for _ in range(10):  # until the aggregator's subscriptions are in place (they follow its CONNACK)
+        device.publish(update, b"while the aggregator is up").wait_for_publish(5)
+        if any(m.topic == update for m in first.received(1.0)):
+            break
+    else:
+        pytest.fail("the aggregator's subscriptions never took effect")
+    first.stop()  # a clean stop: the session stays for session_expiry_s
     device.publish(update, b"queued while the aggregator is down").wait_for_publish(5)
     device.stop()
 
@@ -141,3 +146,26 @@ def test_the_aggregators_queued_messages_wait_for_the_aggregator_not_for_a_devic
         assert queued is not None and queued.payload == b"queued while the aggregator is down"
     finally:
         second.stop()
+
+
+def test_a_restarted_agent_replaces_its_dead_connection_and_ends_online(tmp_path, broker):
+    """Same identity, new connection (the agent restarted before the broker noticed the old one die): Mosquitto
+    closes the old connection and publishes its will ("offline") before the new connection's birth, so the
+    retained status ends "online"."""
+    status = topics.device("dev1", "status")
+    watcher = MqttLink(settings_for(broker, "monitor"), [status])
+    watcher.start()
+    old = Agent(agent_config(tmp_path / "old", broker, "dev1", {})).link
+    old.start()
+    states = lambda timeout_s: [decode(m.payload, Status).state for m in watcher.received(timeout_s)]  # noqa: E731
+    assert watcher.wait_connected(10) and old.wait_connected(10)
+    assert "online" in states(QUIET_S)  # the old connection's birth (or, retained, on subscribing)
+    old.client.loop_stop()  # the process froze or died: its socket stays open, nothing answers
+    new = Agent(agent_config(tmp_path / "new", broker, "dev1", {})).link
+    new.start()
+    try:
+        assert new.wait_connected(10)
+        assert states(QUIET_S) == ["offline", "online"]
+    finally:
+        new.stop()
+        watcher.stop()
