@@ -1,8 +1,9 @@
 """Checks of a daemon's config against this machine: the files it names can be read, and the broker answers.
 
 `check-config` prints them; `run` refuses to start on a file problem (one line) and warns when the broker does
-not answer (the daemon keeps retrying). The broker probe sends no MQTT packet: a CONNECT with the daemon's
-identity would take over the running daemon's session (the client id is the username).
+not answer (the daemon keeps retrying). The broker probe never logs in: a CONNECT with the daemon's identity
+would take over the running daemon's session (the client id is the username). On a password listener it sends
+an anonymous CONNECT; over TLS none at all, since the certificate would name the identity.
 """
 
 from __future__ import annotations
@@ -24,18 +25,17 @@ log = logging.getLogger(__name__)
 ALERT_WAIT_S = 0.5
 
 
-def file_problem(key: str, path: str | None, *, folder: bool = False) -> str | None:
-    """Why the file (or folder) a config key names cannot be used by this user, or None."""
+def file_problem(key: str, path: str | None) -> str | None:
+    """Why the file a config key names cannot be read by this user, or None."""
     if path is None:
         return None
     target = Path(path)
-    kind = "folder" if folder else "file"
     if not target.exists():
-        return f"{key}: {kind} {path} does not exist"
-    if target.is_dir() != folder:
-        return f"{key}: {path} is not a {kind}"
-    if not os.access(target, os.R_OK | (os.X_OK if folder else 0)):
-        return f"{key}: {kind} {path} is not readable by user {getpass.getuser()}"
+        return f"{key}: file {path} does not exist"
+    if not target.is_file():
+        return f"{key}: {path} is not a file"
+    if not os.access(target, os.R_OK):
+        return f"{key}: file {path} is not readable by user {getpass.getuser()}"
     return None
 
 
