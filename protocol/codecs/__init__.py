@@ -14,7 +14,7 @@ Any of them can be wrapped in lossless zstd: `<name>+zstd`.
 
 from __future__ import annotations
 
-from protocol.codecs.base import Codec, Dense, Part, Sparse
+from protocol.codecs.base import Codec, Dense, Part, PartialCodec, Sparse
 from protocol.codecs.dct import DctCodec
 from protocol.codecs.dense import DenseCodec
 from protocol.codecs.fp16 import Fp16Codec
@@ -36,7 +36,7 @@ def make_codec(name: str, fraction: float | None = None) -> Codec:
     kind = CODECS.get(base)
     if kind is None:
         raise ValueError(f"unknown codec {name!r}; known: {sorted(CODECS)} (each also with {ZSTD_SUFFIX})")
-    codec = kind() if fraction is None or kind in (DenseCodec, Fp16Codec) else kind(fraction)
+    codec = kind(fraction) if issubclass(kind, PartialCodec) else kind()
     return Zstd(codec) if zstd else codec
 
 

@@ -3,6 +3,7 @@ running sum can take one at a time, without densifying a sparse update as a whol
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -76,6 +77,23 @@ class Codec(ABC):
         """The whole delta as dense arrays in the layout's dtypes."""
         info = {t.name: t for t in layout}
         return {name: part.to_dense(info[name]) for name, part in self.parts(payload, layout)}
+
+
+class PartialCodec(Codec):
+    """A lossy codec that keeps a `fraction` of each floating tensor (at least one element) and sends it in
+    the per-tensor entries of protocol.codecs.wire."""
+
+    lossy = True
+    default_fraction: ClassVar[float]
+
+    def __init__(self, fraction: float | None = None) -> None:
+        fraction = self.default_fraction if fraction is None else fraction
+        if not 0 < fraction <= 1:
+            raise ValueError(f"{self.name} fraction must be in (0, 1], got {fraction}")
+        self.fraction = fraction
+
+    def kept(self, size: int) -> int:
+        return min(size, max(1, math.ceil(self.fraction * size)))
 
 
 def check_names(found: list[str], layout: list[TensorInfo], what: str) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from protocol.codecs.base import FLOAT_DTYPES, Codec, Dense, Part, Sparse
+from protocol.codecs.base import FLOAT_DTYPES, Dense, Part, PartialCodec, Sparse
 from protocol.codecs.fp16 import to_half
 from protocol.codecs.wire import (
     Entry,
@@ -23,20 +23,10 @@ from protocol.codecs.wire import (
 from protocol.errors import ProtocolError
 from protocol.schemas import TensorInfo
 
-DEFAULT_FRACTION = 0.01
 
-
-class TopKCodec(Codec):
+class TopKCodec(PartialCodec):
     name = "topk"
-    lossy = True
-
-    def __init__(self, fraction: float = DEFAULT_FRACTION) -> None:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"top-k fraction must be in (0, 1], got {fraction}")
-        self.fraction = fraction
-
-    def kept(self, size: int) -> int:
-        return min(size, max(1, math.ceil(self.fraction * size)))
+    default_fraction = 0.01
 
     def encode(self, delta: Mapping[str, np.ndarray]) -> bytes:
         return encode_entries(delta, self._entry)
