@@ -70,6 +70,12 @@ _MIGRATIONS = (
         FOREIGN KEY (task, round) REFERENCES task_rounds (task, round)
     );
     """,
+    # what an update counts for after the operator's limits: its weight, and the factor its delta was scaled by
+    """
+    ALTER TABLE updates ADD COLUMN weight INTEGER CHECK (weight >= 1);
+    UPDATE updates SET weight = samples;
+    ALTER TABLE updates ADD COLUMN scale REAL NOT NULL DEFAULT 1.0 CHECK (scale > 0 AND scale <= 1);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -99,10 +105,12 @@ class UpdateRecord:
     round: int
     device: str
     update_id: str
-    samples: int
+    samples: int  # as the device declared
     payload_path: Path
     sha256: str
     received_at: float
+    weight: int  # what the update weighs in the aggregation (samples unless the operator's limits changed it)
+    scale: float  # the factor its delta is multiplied by (1.0 unless clipped to the task's norm bound)
 
 
 @dataclass(frozen=True)
@@ -239,8 +247,12 @@ class RoundLedger:
         payload_path: Path,
         sha256: str,
         received_at: float,
+        *,
+        weight: int | None = None,
+        scale: float = 1.0,
     ) -> UpdateOutcome:
-        """Record a device's update for a task round; the first update of a device wins.
+        """Record a device's update for a task round; the first update of a device wins. `weight` (default:
+        `samples`) and `scale` say what it counts for after the operator's limits.
 
         "duplicate": this update id is already recorded for the same task, round and device;
         "conflict": the device already has another update here, or another task/round/device owns the id;
@@ -266,15 +278,23 @@ class RoundLedger:
                 raise ProtocolError(f"update {update_id}: task {task!r} {why} round {round}")
             self._db.execute(
                 "INSERT INTO updates (task, round, device, update_id, samples, payload_path, sha256, "
-                "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (*key, update_id, samples, str(payload_path), sha256, received_at),
+                "received_at, weight, scale) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    *key,
+                    update_id,
+                    samples,
+                    str(payload_path),
+                    sha256,
+                    received_at,
+                    samples if weight is None else weight,
+                    scale,
+                ),
             )
             return "accepted"
 
     def update_by_id(self, update_id: str) -> UpdateRecord | None:
         row = self._db.execute(
-            "SELECT task, round, device, update_id, samples, payload_path, sha256, received_at FROM updates "
-            "WHERE update_id = ?",
+            f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE update_id = ?",
             (update_id,),
         ).fetchone()
         return None if row is None else _update_record(row)
@@ -282,8 +302,7 @@ class RoundLedger:
     def updates_for(self, task: str, round: int) -> list[UpdateRecord]:
         """A task round's recorded updates, in arrival (insertion) order."""
         rows = self._db.execute(
-            "SELECT task, round, device, update_id, samples, payload_path, sha256, received_at FROM updates "
-            "WHERE task = ? AND round = ? ORDER BY rowid",
+            f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE task = ? AND round = ? ORDER BY rowid",
             (task, round),
         )
         return [_update_record(row) for row in rows]
@@ -386,9 +405,14 @@ class RoundLedger:
         return existing
 
 
+_UPDATE_COLUMNS = "task, round, device, update_id, samples, payload_path, sha256, received_at, weight, scale"
+
+
 def _update_record(row: tuple) -> UpdateRecord:
-    task, round, device, update_id, samples, path, sha256, received_at = row
-    return UpdateRecord(task, round, device, update_id, samples, Path(path), sha256, received_at)
+    task, round, device, update_id, samples, path, sha256, received_at, weight, scale = row
+    return UpdateRecord(
+        task, round, device, update_id, samples, Path(path), sha256, received_at, weight, scale
+    )
 
 
 def _global_record(row: tuple) -> GlobalRecord:

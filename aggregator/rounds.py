@@ -9,6 +9,7 @@ the current one are final. Everything accepted is in the ledger before a receipt
 from __future__ import annotations
 
 import logging
+import mmap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,10 @@ import numpy as np
 
 from aggregator.checkpoints import CheckpointStore
 from aggregator.config import AggregatorConfig
-from aggregator.fedavg import StreamingFedAvg
 from aggregator.initial import initial_state
 from aggregator.ledger import RoundLedger, RoundRecord
+from aggregator.limits import limit_update, scale_delta
+from aggregator.strategies import Strategy
 from common.durable import move_durably
 from protocol import ProtocolError
 from protocol.chunking import transfer_info
@@ -47,11 +49,11 @@ class GlobalModel:
 
 @dataclass
 class TaskRound:
-    """The in-memory side of one task's open round: the running average and who still has to report."""
+    """The in-memory side of one task's open round: its aggregation and who still has to report."""
 
     base_version: int
     expected: dict[str, int]  # device -> samples it declared
-    fedavg: StreamingFedAvg
+    strategy: Strategy
     reported: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
     final: bool = False
@@ -118,7 +120,8 @@ class Coordinator:
             task_round.final = task_record.state == "finalized"
             if not task_round.final:
                 for update in self.ledger.updates_for(task, record.round):
-                    task_round.fedavg.fold(decode_state(update.payload_path.read_bytes()), update.samples)
+                    delta = scale_delta(read_delta(update.payload_path), update.scale)
+                    task_round.strategy.fold(delta, update.weight)
                     task_round.reported.add(update.device)
             self.task_rounds[task] = task_round
         log.info("resumed round %d (%d tasks)", record.round, len(record.tasks))
@@ -159,11 +162,18 @@ class Coordinator:
         return self.receipt(manifest, "duplicate" if same else "rejected", "" if same else "update id reused")
 
     def accept_update(self, manifest: UpdateManifest, payload_path: Path, sender: str) -> Receipt:
-        """Validate an update fully, record it durably, fold it; the receipt says what happened."""
+        """Validate an update fully and apply the task's limits, record it durably, fold it; the receipt says
+        what happened (and what the limits changed)."""
         try:
             task_round = self._check_update(manifest, sender)
-            delta = decode_state(payload_path.read_bytes())
-            task_round.fedavg.validate(delta, manifest.samples)
+            delta = read_delta(payload_path)
+            task_round.strategy.validate(delta, manifest.samples)
+            limited = limit_update(
+                delta,
+                manifest.samples,
+                self.config.tasks[manifest.task].limits,
+                self.config.registered_samples.get(manifest.device, {}).get(manifest.task),
+            )
         except ProtocolError as exc:
             payload_path.unlink(missing_ok=True)
             log.warning("rejected update %s from %s: %s", manifest.update_id, sender, exc)
@@ -185,23 +195,31 @@ class Coordinator:
             durable,
             manifest.transfer.sha256,
             time.time(),
+            weight=limited.weight,
+            scale=limited.scale,
         )
         if outcome != "accepted":
             durable.unlink(missing_ok=True)
             status = "duplicate" if outcome == "duplicate" else "rejected"
             return self.receipt(manifest, status, "" if status == "duplicate" else "device already reported")
-        task_round.fedavg.fold(delta, manifest.samples)
+        task_round.strategy.fold(limited.delta, limited.weight)
         task_round.reported.add(manifest.device)
         log.info(
-            "task %s round %d: update from %s (%d samples), %d/%d",
+            "task %s round %d: update from %s (weight %d, delta norm %.4g), %d/%d",
             manifest.task,
             manifest.round,
             manifest.device,
-            manifest.samples,
-            task_round.fedavg.count,
+            limited.weight,
+            limited.norm,
+            task_round.strategy.count,
             len(task_round.expected),
         )
-        return self.receipt(manifest, "accepted")
+        changed = "; ".join(limited.notes)
+        if changed:
+            log.warning(
+                "task %s round %d: update from %s: %s", manifest.task, manifest.round, sender, changed
+            )
+        return self.receipt(manifest, "accepted", changed)
 
     def _check_update(self, manifest: UpdateManifest, sender: str) -> TaskRound:
         if manifest.device != sender:
@@ -238,14 +256,14 @@ class Coordinator:
         for task, task_round in self.task_rounds.items():
             if task_round.final:
                 continue
-            if not task_round.waiting_for and task_round.fedavg.count > 0:
+            if not task_round.waiting_for and task_round.strategy.count > 0:
                 out.globals.append(self._finalize(task, task_round, now))
-            elif deadline_passed and task_round.fedavg.count >= self.config.rounds.min_updates:
+            elif deadline_passed and task_round.strategy.count >= self.config.rounds.min_updates:
                 log.warning(
                     "task %s round %d: deadline passed, finalising with %d updates",
                     task,
                     self.round.round,
-                    task_round.fedavg.count,
+                    task_round.strategy.count,
                 )
                 out.globals.append(self._finalize(task, task_round, now))
             elif deadline_passed:
@@ -265,7 +283,7 @@ class Coordinator:
         return out
 
     def _finalize(self, task: str, task_round: TaskRound, now: float) -> GlobalModel:
-        state = task_round.fedavg.result()
+        state = task_round.strategy.result()
         version = task_round.base_version + 1
         ref = self.checkpoints.save(task, version, state)
         model = self._global_model(task, version, state)
@@ -281,8 +299,8 @@ class Coordinator:
             "task %s: global v%d from %d updates (%d samples)",
             task,
             version,
-            task_round.fedavg.count,
-            task_round.fedavg.total_weight,
+            task_round.strategy.count,
+            task_round.strategy.total_weight,
         )
         return model
 
@@ -325,7 +343,7 @@ class Coordinator:
             if current.manifest.version == base_version
             else self.checkpoints.load(task, base_version)
         )
-        return TaskRound(base_version, dict(expected), StreamingFedAvg(base))
+        return TaskRound(base_version, dict(expected), self.config.tasks[task].strategy.build(base))
 
     def schedules(self) -> list[Schedule]:
         """This round's schedule of every expected device that still has tasks to report."""
@@ -367,6 +385,7 @@ class Coordinator:
             min_batch_size=c.min_batch_size,
             max_batch_size=c.max_batch_size,
             precision=c.precision,
+            proximal_mu=c.strategy.proximal_mu,
         )
 
     def _global_model(self, task: str, version: int, state: dict[str, np.ndarray]) -> GlobalModel:
@@ -390,3 +409,12 @@ class Coordinator:
             status=status,
             reason=reason,
         )
+
+
+def read_delta(path: Path) -> dict[str, np.ndarray]:
+    """An update's tensors as read-only views of its payload file, memory-mapped: a strategy that holds updates
+    (a window) holds file pages the OS may drop, not copies."""
+    with open(path, "rb") as file:
+        if not file.seek(0, 2):
+            raise ProtocolError("update payload is empty")
+        return decode_state(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))

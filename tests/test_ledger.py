@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.ledger import SCHEMA_VERSION, GlobalRecord, RoundLedger, TaskRoundRecord, UpdateRecord
+from aggregator.ledger import (
+    _MIGRATIONS,
+    SCHEMA_VERSION,
+    GlobalRecord,
+    RoundLedger,
+    TaskRoundRecord,
+    UpdateRecord,
+)
 from protocol import ProtocolError
 
 SHA_A = "a" * 64
@@ -55,6 +62,28 @@ def test_newer_schema_is_refused(db):
     conn.close()
     with pytest.raises(RuntimeError, match="schema"):
         RoundLedger(db)
+
+
+def test_a_v1_ledger_gains_weights_and_scales_from_its_samples(db):
+    conn = sqlite3.connect(db)
+    conn.executescript(_MIGRATIONS[0] + "PRAGMA user_version = 1;")
+    conn.executescript(
+        "INSERT INTO globals VALUES ('cifar', 0, '/ckpt', 'a', 1.0);"
+        "INSERT INTO rounds VALUES (1, 1.0, 2.0, 'open');"
+        "INSERT INTO task_rounds (task, round, base_version) VALUES ('cifar', 1, 0);"
+        "INSERT INTO updates VALUES ('cifar', 1, 'jetson1', 'u1', 42, '/spool/u1', 'b', 3.0);"
+    )
+    conn.close()
+    with RoundLedger(db) as ledger:
+        (old,) = ledger.updates_for("cifar", 1)
+        assert (old.samples, old.weight, old.scale) == (42, 42, 1.0)
+        outcome = ledger.record_update(
+            "cifar", 1, "rtx1", "u2", 10**6, Path("/spool/u2"), SHA_B, 4.0, weight=500, scale=0.25
+        )
+        assert outcome == "accepted"
+        assert ledger.update_by_id("u2").weight == 500 and ledger.update_by_id("u2").scale == 0.25
+        with pytest.raises(sqlite3.IntegrityError):
+            ledger.record_update("cifar", 1, "rtx2", "u3", 1, Path("/spool/u3"), SHA_B, 4.0, scale=2.0)
 
 
 def test_open_round_and_reopen_is_idempotent(ledger):
@@ -112,8 +141,8 @@ def test_record_update_accepted_duplicate_conflict(ledger):
     assert update(ledger, "rtx1", "u3", samples=250, at=6.0) == "accepted"
     assert update(ledger, "jetson1", "u4", task="mnist") == "accepted"  # same device, other task
     assert ledger.updates_for("cifar", 1) == [
-        UpdateRecord("cifar", 1, "jetson1", "u1", 10, Path("/spool/u1.bin"), SHA_B, 5.0),
-        UpdateRecord("cifar", 1, "rtx1", "u3", 250, Path("/spool/u3.bin"), SHA_B, 6.0),
+        UpdateRecord("cifar", 1, "jetson1", "u1", 10, Path("/spool/u1.bin"), SHA_B, 5.0, 10, 1.0),
+        UpdateRecord("cifar", 1, "rtx1", "u3", 250, Path("/spool/u3.bin"), SHA_B, 6.0, 250, 1.0),
     ]
     assert [u.update_id for u in ledger.updates_for("mnist", 1)] == ["u4"]
     assert ledger.updates_for("cifar", 2) == []
