@@ -8,6 +8,7 @@ import msgspec
 from msgspec import Meta
 
 from common.config import load_toml
+from common.metrics import MetricsConfig
 from protocol.chunking import DEFAULT_CHUNK_SIZE
 from protocol.schemas import ExecutionPolicy, ModelSpec, Name, OptimizerSpec, Precision
 from protocol.transport import MqttSettings
@@ -57,6 +58,9 @@ class AggregatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     mqtt: MqttSettings = msgspec.field(default_factory=lambda: MqttSettings(username="aggregator"))
     rounds: RoundsConfig = msgspec.field(default_factory=RoundsConfig)
     transfers: TransferConfig = msgspec.field(default_factory=TransferConfig)
+    metrics: MetricsConfig = msgspec.field(
+        default_factory=MetricsConfig
+    )  # Prometheus endpoint; off by default
     tasks: Annotated[dict[Name, TaskConfig], Meta(min_length=1)]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,14 @@ from protocol.schemas import (
 from protocol.tensors import decode_state, describe, encode_state
 
 log = logging.getLogger(__name__)
+
+
+class Rejected(ProtocolError):
+    """An update refused for a `reason` that metrics count: a short fixed label, unlike the message."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -84,6 +93,8 @@ class Coordinator:
         self.online: set[str] = set()
         self.profiles: dict[str, DeviceProfile] = {}
         self.known_devices: set[str] = set()
+        #: called with (task, reason) for every rejected update; the service counts them
+        self.on_rejected: Callable[[str, str], None] = lambda task, reason: None
 
     # --- start-up ---------------------------------------------------------------------------------------
 
@@ -128,6 +139,7 @@ class Coordinator:
     def device_status(self, device: str, online: bool) -> None:
         self.known_devices.add(device)
         (self.online.add if online else self.online.discard)(device)
+        self.ledger.record_device(device, online, time.time())
 
     def device_profile(self, profile: DeviceProfile) -> None:
         self.known_devices.add(profile.device)
@@ -146,28 +158,35 @@ class Coordinator:
 
     # --- updates ----------------------------------------------------------------------------------------
 
-    def known_update(self, manifest: UpdateManifest) -> Receipt | None:
-        """A receipt for an update already recorded (a resend), so it need not be transferred again."""
+    def screen(self, manifest: UpdateManifest, device: str, task: str) -> Receipt | None:
+        """The answer to an update manifest that arrived on `device`'s update topic for `task`, when it needs no
+        transfer: rejected if it names another device or task (the one sender check), a duplicate receipt for
+        an update already recorded (a resend); None: receive its payload."""
+        if (manifest.device, manifest.task) != (device, task):
+            reason = f"update names device {manifest.device}, task {manifest.task}; sent as {device}, {task}"
+            return self._reject(manifest, Rejected("wrong_sender", reason))
         recorded = self.ledger.update_by_id(manifest.update_id)
         if recorded is None:
             return None
-        same = (recorded.task, recorded.round, recorded.device) == (
+        if (recorded.task, recorded.round, recorded.device) != (
             manifest.task,
             manifest.round,
             manifest.device,
-        )
-        return self.receipt(manifest, "duplicate" if same else "rejected", "" if same else "update id reused")
+        ):
+            return self._reject(manifest, Rejected("id_reused", "update id reused"))
+        return self.receipt(manifest, "duplicate")
 
     def accept_update(self, manifest: UpdateManifest, payload_path: Path, sender: str) -> Receipt:
-        """Validate an update fully, record it durably, fold it; the receipt says what happened."""
+        """Validate an update (that passed `screen`) fully, record it durably, fold it; the receipt says what
+        happened."""
         try:
-            task_round = self._check_update(manifest, sender)
+            task_round = self._check_update(manifest)
             delta = decode_state(payload_path.read_bytes())
             task_round.fedavg.validate(delta, manifest.samples)
         except ProtocolError as exc:
             payload_path.unlink(missing_ok=True)
             log.warning("rejected update %s from %s: %s", manifest.update_id, sender, exc)
-            return self.receipt(manifest, "rejected", str(exc))
+            return self._reject(manifest, exc)
         durable = (
             self.updates_dir
             / manifest.task
@@ -186,10 +205,12 @@ class Coordinator:
             manifest.transfer.sha256,
             time.time(),
         )
+        if outcome == "duplicate":
+            durable.unlink(missing_ok=True)
+            return self.receipt(manifest, "duplicate")
         if outcome != "accepted":
             durable.unlink(missing_ok=True)
-            status = "duplicate" if outcome == "duplicate" else "rejected"
-            return self.receipt(manifest, status, "" if status == "duplicate" else "device already reported")
+            return self._reject(manifest, Rejected("already_reported", "device already reported"))
         task_round.fedavg.fold(delta, manifest.samples)
         task_round.reported.add(manifest.device)
         log.info(
@@ -203,26 +224,34 @@ class Coordinator:
         )
         return self.receipt(manifest, "accepted")
 
-    def _check_update(self, manifest: UpdateManifest, sender: str) -> TaskRound:
-        if manifest.device != sender:
-            raise ProtocolError(f"update names device {manifest.device} but was sent by {sender}")
+    def _check_update(self, manifest: UpdateManifest) -> TaskRound:
         if manifest.task not in self.config.tasks:
-            raise ProtocolError(f"unknown task {manifest.task}")
+            raise Rejected("unknown_task", f"unknown task {manifest.task}")
         task_round = self.task_rounds.get(manifest.task)
         if self.round is None or manifest.round != self.round.round or task_round is None or task_round.final:
-            raise ProtocolError(f"task {manifest.task} round {manifest.round} is not open")
+            raise Rejected("round_not_open", f"task {manifest.task} round {manifest.round} is not open")
         declared = task_round.expected.get(manifest.device)
         if declared is None:
-            raise ProtocolError(
-                f"device {manifest.device} is not scheduled for {manifest.task} round {manifest.round}"
+            raise Rejected(
+                "not_scheduled",
+                f"device {manifest.device} is not scheduled for {manifest.task} round {manifest.round}",
             )
         if manifest.base_version != task_round.base_version:
-            raise ProtocolError(
-                f"update is based on v{manifest.base_version}, round uses v{task_round.base_version}"
+            raise Rejected(
+                "stale_base",
+                f"update is based on v{manifest.base_version}, round uses v{task_round.base_version}",
             )
         if manifest.samples > declared:
-            raise ProtocolError(f"update claims {manifest.samples} samples; the device declared {declared}")
+            raise Rejected(
+                "too_many_samples",
+                f"update claims {manifest.samples} samples; the device declared {declared}",
+            )
         return task_round
+
+    def _reject(self, manifest: UpdateManifest, error: ProtocolError) -> Receipt:
+        """The rejected receipt for `error`, counted by its reason (an invalid payload unless it says)."""
+        self.on_rejected(manifest.task, getattr(error, "reason", "invalid_update"))
+        return self.receipt(manifest, "rejected", str(error))
 
     # --- time -------------------------------------------------------------------------------------------
 
