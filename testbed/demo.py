@@ -195,7 +195,7 @@ def run(options: Options) -> dict:
     test_sets = {task: digits_test_set(definition.model) for task, (definition, _) in tasks.items()}
     accuracy: dict[str, dict[int, float]] = {task: {} for task in tasks}
     reported: set[int] = set()
-    scraped: list[dict] = []  # after each round: every process's round counter, from its metrics endpoint
+    scraped: list[dict] = []  # per round, once its globals are out: each process's round counter (endpoint)
     started = time.time()
     with Mosquitto(out / "broker", passwords) as broker:
         configs, metrics_urls = write_configs(broker, passwords, options)
@@ -231,6 +231,13 @@ def run(options: Options) -> dict:
                         raise TimeoutError(f"the demo did not finish {rounds} rounds in {timeout_s:.0f} s")
                     check_alive()
                     monitor.pump(0.5)
+                    # as soon as a round's globals are out (before they are evaluated)
+                    while len(scraped) < rounds and all(
+                        (t, len(scraped) + 1) in monitor.globals for t in tasks
+                    ):
+                        scraped.append(
+                            {"round": len(scraped) + 1, "rounds_done": round_counters(metrics_urls)}
+                        )
                     for (task, version), state in sorted(monitor.globals.items()):
                         if task in accuracy and version not in accuracy[task]:
                             model = tasks[task][0].model
@@ -244,8 +251,7 @@ def run(options: Options) -> dict:
                                 r, tasks, monitor.schedule_issued_at, monitor.seen_at
                             )
                             accs = "  ".join(f"{t.split('-', 1)[1]} {accuracy[t][r]:.1%}" for t in tasks)
-                            counters = round_counters(metrics_urls)
-                            scraped.append({"round": r, "rounds_done": counters})
+                            counters = scraped[r - 1]["rounds_done"]
                             progress.console.print(
                                 f"round {r}/{rounds} done in {phases.format_seconds(wall_s, 1):>5} s: {accs}  "
                                 f"(metrics: rounds done {' '.join(_count(c) for c in counters.values())})"

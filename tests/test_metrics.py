@@ -81,27 +81,27 @@ def join(service: AggregatorService, device: str) -> None:
     deliver(service, topics.device(device, "profile"), profile)
 
 
-def send_update(
-    service: AggregatorService,
-    device: str,
-    *,
-    round_: int = 1,
-    base_version: int = 0,
-    named: str | None = None,
-) -> UpdateManifest:
-    """An update of `device` on its own topics (the manifest may name another device), manifest then chunks."""
-    payload = encode_state({"w": np.full((3, 4), 0.5, np.float32)})
+def update_manifest(device: str, payload: bytes, *, round_: int = 1, base_version: int = 0) -> UpdateManifest:
+    """The manifest of a 10-sample update of task t, cut in 16-byte chunks."""
     update_id = uuid.uuid4().hex
-    manifest = UpdateManifest(
+    return UpdateManifest(
         task="t",
         round=round_,
-        device=named or device,
+        device=device,
         update_id=update_id,
         base_version=base_version,
         samples=10,
         codec="delta",
         transfer=transfer_info(update_id, payload, 16),
     )
+
+
+def send_update(
+    service: AggregatorService, device: str, *, named: str | None = None, **fields
+) -> UpdateManifest:
+    """An update of `device` on its own topics (the manifest may name another device), manifest then chunks."""
+    payload = encode_state({"w": np.full((3, 4), 0.5, np.float32)})
+    manifest = update_manifest(named or device, payload, **fields)
     resend(service, device, manifest, payload)
     return manifest
 
@@ -178,17 +178,7 @@ def test_the_sender_check_rejects_before_any_transfer(aggregator):
     join(aggregator, "d1")
     join(aggregator, "d2")
     aggregator.tick(time.monotonic())
-    payload = encode_state({"w": np.zeros((3, 4), np.float32)})
-    manifest = UpdateManifest(
-        task="t",
-        round=1,
-        device="d2",
-        update_id="u1",
-        base_version=0,
-        samples=10,
-        codec="delta",
-        transfer=transfer_info("u1", payload),
-    )
+    manifest = update_manifest("d2", encode_state({"w": np.zeros((3, 4), np.float32)}))
     receipt = aggregator.coordinator.screen(manifest, "d1", "t")
     assert receipt.status == "rejected" and "names device d2" in receipt.reason
     assert aggregator.coordinator.screen(manifest, "d2", "other") is not None  # another task's topic
@@ -267,22 +257,13 @@ def test_agent_metrics_follow_its_handlers(agent, tmp_path):
 
     payload = tmp_path / "update.bin"
     payload.write_bytes(b"delta")
-    manifest = UpdateManifest(
-        task="t",
-        round=1,
-        device="d1",
-        update_id="u1",
-        base_version=0,
-        samples=10,
-        codec="delta",
-        transfer=transfer_info("u1", b"delta"),
-    )
+    manifest = update_manifest("d1", b"delta")
     agent.publish_update(agent.outbox.put(manifest, payload))  # publishes and emits its `uploaded` event
     agent.tick(time.monotonic())
     assert value(registry, "fedmt_agent_outbox_updates") == 1
     assert value(registry, "fedmt_agent_uploaded_bytes_total", task="t") == 5
 
-    receipt = Receipt(update_id="u1", task="t", round=1, status="accepted")
+    receipt = Receipt(update_id=manifest.update_id, task="t", round=1, status="accepted")
     agent.handle(Incoming(topics.device("d1", "receipts"), encode(receipt), False))
     agent.tick(time.monotonic())
     assert value(registry, "fedmt_agent_receipts_total", task="t", status="accepted") == 1
