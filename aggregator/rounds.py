@@ -93,6 +93,9 @@ class Coordinator:
         self.online: set[str] = set()
         self.profiles: dict[str, DeviceProfile] = {}
         self.known_devices: set[str] = set()
+        self._recorded_status: dict[
+            str, bool
+        ] = {}  # device -> online, as this process wrote it to the ledger
         #: called with (task, reason) for every rejected update; the service counts them
         self.on_rejected: Callable[[str, str], None] = lambda task, reason: None
 
@@ -137,9 +140,12 @@ class Coordinator:
     # --- device registry --------------------------------------------------------------------------------
 
     def device_status(self, device: str, online: bool) -> None:
+        """A device's status; the ledger notes changes (retained statuses repeat on every reconnect)."""
+        if self._recorded_status.get(device) != online:
+            self.ledger.record_device(device, online, time.time())
+            self._recorded_status[device] = online
         self.known_devices.add(device)
         (self.online.add if online else self.online.discard)(device)
-        self.ledger.record_device(device, online, time.time())
 
     def device_profile(self, profile: DeviceProfile) -> None:
         self.known_devices.add(profile.device)
@@ -168,11 +174,12 @@ class Coordinator:
         recorded = self.ledger.update_by_id(manifest.update_id)
         if recorded is None:
             return None
-        if (recorded.task, recorded.round, recorded.device) != (
+        same = (recorded.task, recorded.round, recorded.device) == (
             manifest.task,
             manifest.round,
             manifest.device,
-        ):
+        )
+        if not same:
             return self._reject(manifest, Rejected("id_reused", "update id reused"))
         return self.receipt(manifest, "duplicate")
 
@@ -249,7 +256,7 @@ class Coordinator:
         return task_round
 
     def _reject(self, manifest: UpdateManifest, error: ProtocolError) -> Receipt:
-        """The rejected receipt for `error`, counted by its reason (an invalid payload unless it says)."""
+        """The rejected receipt for `error`, counted by its reason (`invalid_update` if it names none)."""
         self.on_rejected(manifest.task, getattr(error, "reason", "invalid_update"))
         return self.receipt(manifest, "rejected", str(error))
 
