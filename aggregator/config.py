@@ -10,6 +10,7 @@ from msgspec import Meta
 from aggregator.limits import UpdateLimits
 from aggregator.strategies import FedAvgSpec, StrategySpec
 from common.config import load_toml
+from common.metrics import MetricsConfig
 from protocol.chunking import DEFAULT_CHUNK_SIZE
 from protocol.schemas import ExecutionPolicy, ModelSpec, Name, OptimizerSpec, Precision
 from protocol.transport import MqttSettings
@@ -61,6 +62,9 @@ class AggregatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     mqtt: MqttSettings = msgspec.field(default_factory=lambda: MqttSettings(username="aggregator"))
     rounds: RoundsConfig = msgspec.field(default_factory=RoundsConfig)
     transfers: TransferConfig = msgspec.field(default_factory=TransferConfig)
+    metrics: MetricsConfig = msgspec.field(
+        default_factory=MetricsConfig
+    )  # Prometheus endpoint; off by default
     tasks: Annotated[dict[Name, TaskConfig], Meta(min_length=1)]
     # device -> task -> samples the operator knows it holds: its update's weight instead of its own word
     registered_samples: dict[Name, dict[Name, PosInt]] = {}

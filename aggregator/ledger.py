@@ -70,11 +70,19 @@ _MIGRATIONS = (
         FOREIGN KEY (task, round) REFERENCES task_rounds (task, round)
     );
     """,
-    # what an update counts for after the operator's limits: its weight, and the factor its delta was scaled by
+    # 2: what an update counts for after the operator's limits: its weight, and the factor its delta was scaled by
     """
     ALTER TABLE updates ADD COLUMN weight INTEGER CHECK (weight >= 1);
     UPDATE updates SET weight = samples;
     ALTER TABLE updates ADD COLUMN scale REAL NOT NULL DEFAULT 1.0 CHECK (scale > 0 AND scale <= 1);
+    """,
+    # 3: devices as the aggregator last saw them (for `fedmt-aggregator status`)
+    """
+    CREATE TABLE devices (
+        device     TEXT PRIMARY KEY,
+        online     INTEGER NOT NULL CHECK (online IN (0, 1)),
+        changed_at REAL NOT NULL
+    );
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -114,6 +122,13 @@ class UpdateRecord:
 
 
 @dataclass(frozen=True)
+class DeviceRecord:
+    device: str
+    online: bool
+    changed_at: float  # when it last went online or offline
+
+
+@dataclass(frozen=True)
 class GlobalRecord:
     task: str
     version: int
@@ -126,10 +141,24 @@ class RoundLedger:
     """One SQLite connection, used from one thread. Caller mistakes raise ValueError; a device's update that
     does not belong to an open task round raises ProtocolError."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """Open (creating or migrating) the ledger at `path`; `read_only` reads one that a running aggregator
+        may be writing, and needs its schema to be this code's."""
         self.path = Path(path)
         # Transactions are explicit. The ledger may be created on one thread and then used by another (the
         # service thread), but never by two at once.
+        if read_only:
+            self._db = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None
+            )
+            (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            if version != SCHEMA_VERSION:
+                self._db.close()
+                raise RuntimeError(
+                    f"ledger {self.path} has schema v{version}, this code reads v{SCHEMA_VERSION}: "
+                    "run the aggregator of this version on it first"
+                )
+            return
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -225,6 +254,11 @@ class RoundLedger:
         (highest,) = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()
         return None if highest is None else self.get_round(highest)
 
+    def recent_rounds(self, limit: int) -> list[RoundRecord]:
+        """The last `limit` rounds opened, latest first."""
+        rows = self._db.execute("SELECT round FROM rounds ORDER BY round DESC LIMIT ?", (limit,))
+        return [self._require_round(number) for (number,) in rows.fetchall()]
+
     def finalize_round(self, round: int) -> RoundRecord:
         """Mark a round finalized once all its tasks are; idempotent."""
         with self._transaction():
@@ -306,6 +340,22 @@ class RoundLedger:
             (task, round),
         )
         return [_update_record(row) for row in rows]
+
+    # --- devices -----------------------------------------------------------------------------------------
+
+    def record_device(self, device: str, online: bool, at: float) -> None:
+        """Note a device's status; `changed_at` moves only when it changes."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO devices (device, online, changed_at) VALUES (?, ?, ?) ON CONFLICT (device) DO "
+                "UPDATE SET online = excluded.online, changed_at = excluded.changed_at "
+                "WHERE online != excluded.online",
+                (check_name("device", device), int(online), at),
+            )
+
+    def devices(self) -> list[DeviceRecord]:
+        rows = self._db.execute("SELECT device, online, changed_at FROM devices ORDER BY device")
+        return [DeviceRecord(device, bool(online), changed_at) for device, online, changed_at in rows]
 
     # --- global versions ---------------------------------------------------------------------------------
 

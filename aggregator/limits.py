@@ -19,7 +19,7 @@ import msgspec
 import numpy as np
 from msgspec import Meta
 
-from protocol.errors import ProtocolError
+from aggregator.errors import Rejected
 
 #: what happens to an update beyond a limit: scaled down to it, or refused with a receipt saying why
 Excess = Literal["clip", "reject"]
@@ -50,7 +50,7 @@ def limit_update(
     delta: Mapping[str, np.ndarray], samples: int, limits: UpdateLimits, registered: int | None = None
 ) -> LimitedUpdate:
     """Apply `limits` to a validated update (expected layout, finite values) whose device declared `samples`;
-    `registered`, when given, is the operator's count for the device and replaces its word. ProtocolError:
+    `registered`, when given, is the operator's count for the device and replaces its word. Rejected (a ProtocolError):
     the limits reject the update."""
     notes = []
     weight = samples
@@ -60,7 +60,9 @@ def limit_update(
     cap = limits.max_samples
     if cap is not None and weight > cap:
         if limits.samples_excess == "reject":
-            raise ProtocolError(f"update claims {weight} samples, above the task's cap of {cap}")
+            raise Rejected(
+                "over_sample_cap", f"update claims {weight} samples, above the task's cap of {cap}"
+            )
         notes.append(f"weight capped at {cap} samples (declared {samples})")
         weight = cap
     scale = 1.0
@@ -69,7 +71,9 @@ def limit_update(
     norm = peak * root
     if bound is not None and norm > bound:
         if limits.norm_excess == "reject":
-            raise ProtocolError(f"update norm {norm:.4g} exceeds the task's bound of {bound:.4g}")
+            raise Rejected(
+                "over_norm_bound", f"update norm {norm:.4g} exceeds the task's bound of {bound:.4g}"
+            )
         scale = bound / peak / root  # in this order: finite and > 0 even where the norm overflows
         notes.append(f"delta norm {norm:.4g} clipped to {bound:.4g}")
     return LimitedUpdate(scale_delta(delta, scale), weight, scale, norm, tuple(notes))

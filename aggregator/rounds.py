@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import mmap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from aggregator.checkpoints import CheckpointStore
 from aggregator.config import AggregatorConfig
+from aggregator.errors import Rejected
 from aggregator.initial import initial_state
 from aggregator.ledger import RoundLedger, RoundRecord
 from aggregator.limits import limit_update, scale_delta
@@ -86,6 +88,11 @@ class Coordinator:
         self.online: set[str] = set()
         self.profiles: dict[str, DeviceProfile] = {}
         self.known_devices: set[str] = set()
+        self._recorded_status: dict[
+            str, bool
+        ] = {}  # device -> online, as this process wrote it to the ledger
+        #: called with (task, reason) for every rejected update; the service counts them
+        self.on_rejected: Callable[[str, str], None] = lambda task, reason: None
 
     # --- start-up ---------------------------------------------------------------------------------------
 
@@ -129,6 +136,10 @@ class Coordinator:
     # --- device registry --------------------------------------------------------------------------------
 
     def device_status(self, device: str, online: bool) -> None:
+        """A device's status; the ledger notes changes (retained statuses repeat on every reconnect)."""
+        if self._recorded_status.get(device) != online:
+            self.ledger.record_device(device, online, time.time())
+            self._recorded_status[device] = online
         self.known_devices.add(device)
         (self.online.add if online else self.online.discard)(device)
 
@@ -149,8 +160,13 @@ class Coordinator:
 
     # --- updates ----------------------------------------------------------------------------------------
 
-    def known_update(self, manifest: UpdateManifest) -> Receipt | None:
-        """A receipt for an update already recorded (a resend), so it need not be transferred again."""
+    def screen(self, manifest: UpdateManifest, device: str, task: str) -> Receipt | None:
+        """The answer to an update manifest that arrived on `device`'s update topic for `task`, when it needs no
+        transfer: rejected if it names another device or task (the one sender check), a duplicate receipt for
+        an update already recorded (a resend); None: receive its payload."""
+        if (manifest.device, manifest.task) != (device, task):
+            reason = f"update names device {manifest.device}, task {manifest.task}; sent as {device}, {task}"
+            return self._reject(manifest, Rejected("wrong_sender", reason))
         recorded = self.ledger.update_by_id(manifest.update_id)
         if recorded is None:
             return None
@@ -159,13 +175,15 @@ class Coordinator:
             manifest.round,
             manifest.device,
         )
-        return self.receipt(manifest, "duplicate" if same else "rejected", "" if same else "update id reused")
+        if not same:
+            return self._reject(manifest, Rejected("id_reused", "update id reused"))
+        return self.receipt(manifest, "duplicate")
 
     def accept_update(self, manifest: UpdateManifest, payload_path: Path, sender: str) -> Receipt:
-        """Validate an update fully and apply the task's limits, record it durably, fold it; the receipt says
-        what happened (and what the limits changed)."""
+        """Validate an update (that passed `screen`) fully and apply the task's limits, record it durably, fold
+        it; the receipt says what happened (and what the limits changed)."""
         try:
-            task_round = self._check_update(manifest, sender)
+            task_round = self._check_update(manifest)
             delta = read_delta(payload_path)
             task_round.strategy.validate(delta, manifest.samples)
             limited = limit_update(
@@ -177,7 +195,7 @@ class Coordinator:
         except ProtocolError as exc:
             payload_path.unlink(missing_ok=True)
             log.warning("rejected update %s from %s: %s", manifest.update_id, sender, exc)
-            return self.receipt(manifest, "rejected", str(exc))
+            return self._reject(manifest, exc)
         durable = (
             self.updates_dir
             / manifest.task
@@ -198,10 +216,12 @@ class Coordinator:
             weight=limited.weight,
             scale=limited.scale,
         )
+        if outcome == "duplicate":
+            durable.unlink(missing_ok=True)
+            return self.receipt(manifest, "duplicate")
         if outcome != "accepted":
             durable.unlink(missing_ok=True)
-            status = "duplicate" if outcome == "duplicate" else "rejected"
-            return self.receipt(manifest, status, "" if status == "duplicate" else "device already reported")
+            return self._reject(manifest, Rejected("already_reported", "device already reported"))
         task_round.strategy.fold(limited.delta, limited.weight)
         task_round.reported.add(manifest.device)
         log.info(
@@ -221,26 +241,34 @@ class Coordinator:
             )
         return self.receipt(manifest, "accepted", changed)
 
-    def _check_update(self, manifest: UpdateManifest, sender: str) -> TaskRound:
-        if manifest.device != sender:
-            raise ProtocolError(f"update names device {manifest.device} but was sent by {sender}")
+    def _check_update(self, manifest: UpdateManifest) -> TaskRound:
         if manifest.task not in self.config.tasks:
-            raise ProtocolError(f"unknown task {manifest.task}")
+            raise Rejected("unknown_task", f"unknown task {manifest.task}")
         task_round = self.task_rounds.get(manifest.task)
         if self.round is None or manifest.round != self.round.round or task_round is None or task_round.final:
-            raise ProtocolError(f"task {manifest.task} round {manifest.round} is not open")
+            raise Rejected("round_not_open", f"task {manifest.task} round {manifest.round} is not open")
         declared = task_round.expected.get(manifest.device)
         if declared is None:
-            raise ProtocolError(
-                f"device {manifest.device} is not scheduled for {manifest.task} round {manifest.round}"
+            raise Rejected(
+                "not_scheduled",
+                f"device {manifest.device} is not scheduled for {manifest.task} round {manifest.round}",
             )
         if manifest.base_version != task_round.base_version:
-            raise ProtocolError(
-                f"update is based on v{manifest.base_version}, round uses v{task_round.base_version}"
+            raise Rejected(
+                "stale_base",
+                f"update is based on v{manifest.base_version}, round uses v{task_round.base_version}",
             )
         if manifest.samples > declared:
-            raise ProtocolError(f"update claims {manifest.samples} samples; the device declared {declared}")
+            raise Rejected(
+                "too_many_samples",
+                f"update claims {manifest.samples} samples; the device declared {declared}",
+            )
         return task_round
+
+    def _reject(self, manifest: UpdateManifest, error: ProtocolError) -> Receipt:
+        """The rejected receipt for `error`, counted by its reason (`invalid_update` if it names none)."""
+        self.on_rejected(manifest.task, getattr(error, "reason", "invalid_update"))
+        return self.receipt(manifest, "rejected", str(error))
 
     # --- time -------------------------------------------------------------------------------------------
 

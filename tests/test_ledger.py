@@ -257,3 +257,49 @@ def test_recorded_update_survives_a_crash_without_close(db):
     with RoundLedger(db) as ledger:
         assert [u.update_id for u in ledger.updates_for("cifar", 1)] == ["u1"]
         assert ledger.current_round().round == 1
+
+
+def test_device_status_changes_are_recorded_with_when_they_changed(ledger):
+    ledger.record_device("dev1", True, 10.0)
+    ledger.record_device("dev1", True, 20.0)  # the same state again: still online since 10
+    ledger.record_device("dev2", True, 15.0)
+    ledger.record_device("dev2", False, 30.0)
+    assert [(d.device, d.online, d.changed_at) for d in ledger.devices()] == [
+        ("dev1", True, 10.0),
+        ("dev2", False, 30.0),
+    ]
+    with pytest.raises(ProtocolError):
+        ledger.record_device("bad/id", True, 1.0)
+
+
+def test_a_read_only_ledger_sees_the_writers_commits_and_cannot_write(ledger, db):
+    with RoundLedger(db, read_only=True) as reader:
+        ledger.open_round(1, {"cifar": 0}, 100.0, 200.0, {"cifar": {"dev1": 5}})
+        ledger.record_device("dev1", True, 100.0)
+        assert reader.current_round().round == 1 and [d.device for d in reader.devices()] == ["dev1"]
+        assert [r.round for r in reader.recent_rounds(5)] == [1]
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            reader.record_device("dev2", True, 1.0)
+
+
+def test_a_read_only_ledger_needs_this_schema(db):
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with pytest.raises(RuntimeError, match=f"has schema v1, this code reads v{SCHEMA_VERSION}"):
+        RoundLedger(db, read_only=True)
+
+
+def test_a_schema_v1_ledger_is_migrated_and_keeps_its_records(db):
+    from aggregator.ledger import _MIGRATIONS
+
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.executescript(f"BEGIN; {_MIGRATIONS[0]}; PRAGMA user_version = 1; COMMIT;")
+    conn.execute("INSERT INTO globals VALUES ('cifar', 0, '/ckpt/v0', ?, 1.0)", (SHA_A,))
+    conn.close()
+    with RoundLedger(db) as ledger:
+        assert ledger.latest_global("cifar").sha256 == SHA_A
+        assert ledger.devices() == []
+        ledger.record_device("dev1", True, 5.0)
+    with RoundLedger(db, read_only=True) as reader:
+        assert [d.device for d in reader.devices()] == ["dev1"]

@@ -62,10 +62,9 @@ def update(
     round_: int = 1,
     sender: str | None = None,
 ):
+    """As the service hands it over: screened when its manifest arrives, then its payload accepted."""
     payload = encode_state(delta)
     update_id = uuid.uuid4().hex
-    path = tmp_path / f"{update_id}.done"
-    path.write_bytes(payload)
     version = coordinator.globals["t"].manifest.version
     manifest = UpdateManifest(
         task="t",
@@ -77,6 +76,11 @@ def update(
         codec="delta",
         transfer=transfer_info(update_id, payload),
     )
+    answer = coordinator.screen(manifest, sender or device, "t")
+    if answer is not None:
+        return answer
+    path = tmp_path / f"{update_id}.done"
+    path.write_bytes(payload)
     return coordinator.accept_update(manifest, path, sender or device)
 
 
@@ -260,5 +264,5 @@ def test_an_update_naming_another_device_than_its_sender_is_rejected(config, tmp
     coordinator = started(config)
     coordinator.tick(now=1000)
     receipt = update(coordinator, tmp_path, "d2", delta(0.1), sender="d1")
-    assert "names device d2 but was sent by d1" in receipt.reason
+    assert receipt.status == "rejected" and "names device d2, task t; sent as d1" in receipt.reason
     assert coordinator.ledger.updates_for("t", 1) == [] and list(tmp_path.glob("*.done")) == []
