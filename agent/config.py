@@ -11,6 +11,7 @@ from agent.data import DataSpec
 from agent.mps import MpsConfig
 from agent.policies import Policy
 from common.config import load_toml
+from common.metrics import MetricsConfig
 from protocol.schemas import Name
 from protocol.transport import MqttSettings
 
@@ -43,6 +44,9 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
     execution: ExecutionConfig = msgspec.field(default_factory=ExecutionConfig)
     mps: MpsConfig = msgspec.field(default_factory=MpsConfig)
+    metrics: MetricsConfig = msgspec.field(
+        default_factory=MetricsConfig
+    )  # Prometheus endpoint; off by default
     tasks: dict[Name, DataSpec] = {}
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from agent import jobs
 from agent.config import AgentConfig
 from agent.gpu.probe import GpuReport, probe
+from agent.metrics import AgentMetrics
 from agent.model_cache import ModelCache
 from agent.mps import GpuSharing, MpsDaemon
 from agent.outbox import Outbox, Pending
@@ -29,6 +30,7 @@ from agent.receipts import ReceiptLog
 from agent.runner import TaskOutcome, TaskWork, run_round
 from agent.telemetry import read_telemetry
 from agent.workers import Launch, Lease, WorkerPool
+from common.metrics import serve
 from protocol import ProtocolError, topics
 from protocol.chunking import Reassembler, transfer_info
 from protocol.inbox import TransferInbox
@@ -102,6 +104,7 @@ class Agent:
             Reassembler(root / "spool"), lambda m: m.transfer
         )
         self.samples = {task: spec.sample_count() for task, spec in config.tasks.items()}
+        self.metrics = AgentMetrics(config.tasks)
         status = topics.device(self.device, "status")
         self.link = MqttLink(
             config.mqtt,
@@ -148,6 +151,7 @@ class Agent:
     def run(self, stop: threading.Event, alive: Callable[[], None] = lambda: None) -> None:
         """Handle messages, task outcomes and timers until `stop`; `alive()` on every pass (systemd's watchdog)."""
         log.info("agent %s starting; tasks %s", self.device, self.samples)
+        server = serve(self.config.metrics, self.metrics.registry)
         self.link.start()
         try:
             while not stop.is_set():
@@ -170,13 +174,17 @@ class Agent:
                 )
             )
             self.mps.stop()  # only a daemon this agent started
+            if server is not None:
+                server.close()
 
     def handle(self, item: object) -> None:
         try:
             if isinstance(item, Incoming):
                 self.on_message(item)
-            elif isinstance(item, LinkEvent) and item.connected:
-                self.on_connected()
+            elif isinstance(item, LinkEvent):
+                self.metrics.broker_connected.set(item.connected)
+                if item.connected:
+                    self.on_connected()
             elif isinstance(item, RoundOutcome):
                 self.on_outcome(item)
             elif isinstance(item, RoundTaskStarted):
@@ -184,18 +192,22 @@ class Agent:
             elif isinstance(item, RoundDone):
                 self.on_round_done(item)
         except ProtocolError as exc:
+            self.metrics.dropped.inc()
             log.warning("dropped bad input: %s", exc)
 
     def tick(self, now: float) -> None:
-        if not self.link.connected.is_set():
-            return
         if now >= self._next_telemetry:
             self._next_telemetry = now + self.config.telemetry_interval_s
             telemetry = read_telemetry(self.device, self.gpu)
+            self.metrics.telemetry.update(telemetry)
             self.link.publish(topics.device(self.device, "telemetry"), encode(telemetry), qos=0)
+        waiting = self.outbox.pending()
+        self.metrics.outbox.set(len(waiting))
+        if not self.link.connected.is_set():
+            return
         for dropped in self.globals.expire(now):
             log.warning("dropped incomplete global model transfer %s", dropped)
-        for pending in self.outbox.pending():
+        for pending in waiting:
             if now - self._sent_at.get(pending.manifest.update_id, 0.0) > self.config.receipt_timeout_s:
                 self.publish_update(pending)
 
@@ -204,6 +216,7 @@ class Agent:
     def on_connected(self) -> None:
         self.publish_profile()
         self._sent_at.clear()  # resend whatever still waits for a receipt
+        self._next_telemetry = 0.0  # and report the load now
 
     def publish_profile(self) -> None:
         policies = available_policies(self.mps_info.available)
@@ -253,6 +266,7 @@ class Agent:
             )
             current.stop.set()
         self.outbox.drop_older_than(schedule.round)
+        self.metrics.round.set(schedule.round)
         active = ActiveRound(schedule)
         self.round = active
         to_train = []
@@ -320,6 +334,7 @@ class Agent:
         """After an MPS fault, recover the daemon now that every task process of the round has exited. Then start
         the workers whose SM share the next round (planned as this one) changes, while updates upload and the
         aggregator folds them."""
+        self.metrics.rounds_trained.inc()
         current = self.round
         if current is None or item.round != current.schedule.round:
             return
@@ -334,6 +349,7 @@ class Agent:
                 self.pool.prestart(launch.task, launch, self._prepare(current.planned[launch.task]))
 
     def on_receipt(self, receipt: Receipt) -> None:
+        self.metrics.receipts.labels(self.metrics.events.task_label(receipt.task), receipt.status).inc()
         if receipt.status == "rejected":
             log.error(
                 "update %s for %s round %d rejected: %s",
@@ -382,6 +398,7 @@ class Agent:
             message=message,
             metrics=metrics or {},
         )
+        self.metrics.events.observe(event)
         self.link.publish(topics.device(self.device, "events"), encode(event))
 
     def _start(self, active: ActiveRound, assignments: list[TaskAssignment]) -> None:

@@ -52,8 +52,28 @@ def grad_scaler(device: str, precision: Precision) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
 
 
+class ProximalTerm:
+    """FedProx's mu/2 * ||w - w_start||^2 on the local loss, where w_start are the weights when the term is made
+    (the round's global model). It is applied as its gradient, mu * (w - w_start), added to the parameters'
+    gradients with foreach ops: no autograd graph, one extra copy of the parameters."""
+
+    def __init__(self, model: torch.nn.Module, mu: float) -> None:
+        self.mu = mu
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.start = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def add_gradient(self) -> None:
+        """Add the term's gradient to every parameter that has one (those the loss reached)."""
+        pairs = [(p, w) for p, w in zip(self.params, self.start) if p.grad is not None]
+        if pairs:
+            params, start = zip(*pairs)
+            torch._foreach_add_([p.grad for p in params], torch._foreach_sub(params, start), alpha=self.mu)
+
+
 class TrainStep:
-    """One optimiser step on a batch: forward under autocast for bf16/fp16, fp16 gradients scaled."""
+    """One optimiser step on a batch: forward under autocast for bf16/fp16, fp16 gradients scaled; with
+    `proximal_mu` > 0, FedProx's proximal term around the weights the model has when the step is made."""
 
     def __init__(
         self,
@@ -62,12 +82,14 @@ class TrainStep:
         precision: Precision,
         device: str,
         scaler: torch.amp.GradScaler | None = None,
+        proximal_mu: float = 0.0,
     ):
         self.model, self.optimizer, self.device = model, optimizer, device
         self.device_type = torch.device(device).type
         self.dtype = AUTOCAST_DTYPES.get(precision)
         self.channels_last = uses_channels_last(device, precision)
         self.scaler = scaler or grad_scaler(device, precision)
+        self.proximal = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Train on one batch; the detached loss and logits (left on the device: no synchronisation)."""
@@ -78,6 +100,9 @@ class TrainStep:
             loss = torch.nn.functional.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.proximal is not None:
+            self.scaler.unscale_(self.optimizer)  # the term's gradient is added unscaled (fp16)
+            self.proximal.add_gradient()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach(), logits.detach()
@@ -206,8 +231,9 @@ class TaskRuntime:
         should_stop: Callable[[], bool] = lambda: False,
         progress: Callable[[int, int], None] | None = None,
     ) -> TrainResult:
-        """`assignment.local_steps` steps, or else `local_epochs` epochs, from `base`; the delta is local minus
-        base, per entry (a fresh optimiser each round, as FedAvg's local training starts)."""
+        """`assignment.local_steps` steps, or else `local_epochs` epochs, from `base` (with FedProx's proximal
+        term around `base` when `assignment.proximal_mu` > 0); the delta is local minus base, per entry (a fresh
+        optimiser each round, as FedAvg's local training starts)."""
         if assignment.model != self.spec or assignment.precision != self.precision:
             raise ValueError(
                 f"task {assignment.task}: the worker was prepared for another model or precision"
@@ -221,6 +247,7 @@ class TaskRuntime:
             self.precision,
             self.device,
             self.scaler,
+            proximal_mu=assignment.proximal_mu,
         )
         batch = assignment.batch_size
         total = assignment.local_steps or assignment.local_epochs * self.data.steps_per_epoch(batch)

@@ -21,8 +21,11 @@ def main(argv: list[str] | None = None) -> int:
         "check-config", help="validate a config file, check the files it names and whether the broker answers"
     )
     check.add_argument("--config", required=True)
-    status = sub.add_parser("status", help="print the round ledger of a state directory")
+    status = sub.add_parser(
+        "status", help="devices, the open round (deadline, who is missing) and recent rounds; read-only"
+    )
     status.add_argument("--config", required=True)
+    status.add_argument("--rounds", type=int, default=5, help="how many recent rounds to list (default 5)")
     init = sub.add_parser(
         "init-weights",
         help="write a task's initial weights to a safetensors file (needs torch: run it where torch is installed)",
@@ -73,26 +76,24 @@ def _problems(config: AggregatorConfig) -> list[str]:
 
 
 def _status(args: argparse.Namespace) -> int:
+    import sqlite3
+    import time
+
     from aggregator.config import load
     from aggregator.ledger import RoundLedger
+    from aggregator.status import report
 
     config = load(args.config)
     path = Path(config.state_dir) / "ledger.sqlite"
     if not path.exists():
         print(f"no ledger at {path}: the aggregator has not run yet")
         return 1
-    with RoundLedger(path) as ledger:
-        current = ledger.current_round()
-        for task in config.tasks:
-            record = ledger.latest_global(task)
-            print(f"{task}: global v{record.version if record else '-'}")
-        if current is None:
-            print("no round opened yet")
-        else:
-            print(f"round {current.round}: {current.state}")
-            for task, record in current.tasks.items():
-                updates = ledger.updates_for(task, current.round)
-                print(f"  {task}: {record.state}, {len(updates)} updates, base v{record.base_version}")
+    try:
+        with RoundLedger(path, read_only=True) as ledger:
+            print("\n".join(report(ledger, config.tasks, time.time(), recent=args.rounds)))
+    except (RuntimeError, sqlite3.Error) as exc:
+        print(f"error: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

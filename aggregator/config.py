@@ -7,7 +7,10 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from aggregator.limits import UpdateLimits
+from aggregator.strategies import FedAvgSpec, StrategySpec
 from common.config import load_toml
+from common.metrics import MetricsConfig
 from protocol.chunking import DEFAULT_CHUNK_SIZE
 from protocol.schemas import ExecutionPolicy, ModelSpec, Name, OptimizerSpec, Precision
 from protocol.transport import MqttSettings
@@ -30,6 +33,8 @@ class TaskConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     init_weights: str | None = (
         None  # a safetensors file; else built from the torchvision model with init_seed
     )
+    strategy: StrategySpec = msgspec.field(default_factory=FedAvgSpec)  # how the round combines its updates
+    limits: UpdateLimits = msgspec.field(default_factory=UpdateLimits)  # what one update may weigh
 
     def __post_init__(self) -> None:
         if not self.min_batch_size <= self.batch_size <= self.max_batch_size:
@@ -57,11 +62,25 @@ class AggregatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     mqtt: MqttSettings = msgspec.field(default_factory=lambda: MqttSettings(username="aggregator"))
     rounds: RoundsConfig = msgspec.field(default_factory=RoundsConfig)
     transfers: TransferConfig = msgspec.field(default_factory=TransferConfig)
+    metrics: MetricsConfig = msgspec.field(
+        default_factory=MetricsConfig
+    )  # Prometheus endpoint; off by default
     tasks: Annotated[dict[Name, TaskConfig], Meta(min_length=1)]
+    # device -> task -> samples the operator knows it holds: its update's weight instead of its own word
+    registered_samples: dict[Name, dict[Name, PosInt]] = {}
 
     def __post_init__(self) -> None:
         if self.mqtt.username is None:  # also the client id, which names the persistent session
             self.mqtt.username = "aggregator"
+        for device, counts in self.registered_samples.items():
+            for task, samples in counts.items():
+                if task not in self.tasks:
+                    raise ValueError(f"registered_samples.{device}: unknown task {task!r}")
+                cap = self.tasks[task].limits.max_samples
+                if cap is not None and samples > cap:
+                    raise ValueError(
+                        f"registered_samples.{device}.{task}: {samples} is above the task's max_samples {cap}"
+                    )
 
 
 def load(path: str) -> AggregatorConfig:

@@ -70,6 +70,20 @@ _MIGRATIONS = (
         FOREIGN KEY (task, round) REFERENCES task_rounds (task, round)
     );
     """,
+    # 2: what an update counts for after the operator's limits: its weight, and the factor its delta was scaled by
+    """
+    ALTER TABLE updates ADD COLUMN weight INTEGER CHECK (weight >= 1);
+    UPDATE updates SET weight = samples;
+    ALTER TABLE updates ADD COLUMN scale REAL NOT NULL DEFAULT 1.0 CHECK (scale > 0 AND scale <= 1);
+    """,
+    # 3: devices as the aggregator last saw them (for `fedmt-aggregator status`)
+    """
+    CREATE TABLE devices (
+        device     TEXT PRIMARY KEY,
+        online     INTEGER NOT NULL CHECK (online IN (0, 1)),
+        changed_at REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -99,10 +113,19 @@ class UpdateRecord:
     round: int
     device: str
     update_id: str
-    samples: int
+    samples: int  # as the device declared
     payload_path: Path
     sha256: str
     received_at: float
+    weight: int  # what the update weighs in the aggregation (samples unless the operator's limits changed it)
+    scale: float  # the factor its delta is multiplied by (1.0 unless clipped to the task's norm bound)
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device: str
+    online: bool
+    changed_at: float  # when it last went online or offline
 
 
 @dataclass(frozen=True)
@@ -118,10 +141,24 @@ class RoundLedger:
     """One SQLite connection, used from one thread. Caller mistakes raise ValueError; a device's update that
     does not belong to an open task round raises ProtocolError."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """Open (creating or migrating) the ledger at `path`; `read_only` reads one that a running aggregator
+        may be writing, and needs its schema to be this code's."""
         self.path = Path(path)
         # Transactions are explicit. The ledger may be created on one thread and then used by another (the
         # service thread), but never by two at once.
+        if read_only:
+            self._db = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None
+            )
+            (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            if version != SCHEMA_VERSION:
+                self._db.close()
+                raise RuntimeError(
+                    f"ledger {self.path} has schema v{version}, this code reads v{SCHEMA_VERSION}: "
+                    "run the aggregator of this version on it first"
+                )
+            return
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -217,6 +254,11 @@ class RoundLedger:
         (highest,) = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()
         return None if highest is None else self.get_round(highest)
 
+    def recent_rounds(self, limit: int) -> list[RoundRecord]:
+        """The last `limit` rounds opened, latest first."""
+        rows = self._db.execute("SELECT round FROM rounds ORDER BY round DESC LIMIT ?", (limit,))
+        return [self._require_round(number) for (number,) in rows.fetchall()]
+
     def finalize_round(self, round: int) -> RoundRecord:
         """Mark a round finalized once all its tasks are; idempotent."""
         with self._transaction():
@@ -239,8 +281,12 @@ class RoundLedger:
         payload_path: Path,
         sha256: str,
         received_at: float,
+        *,
+        weight: int | None = None,
+        scale: float = 1.0,
     ) -> UpdateOutcome:
-        """Record a device's update for a task round; the first update of a device wins.
+        """Record a device's update for a task round; the first update of a device wins. `weight` (default:
+        `samples`) and `scale` say what it counts for after the operator's limits.
 
         "duplicate": this update id is already recorded for the same task, round and device;
         "conflict": the device already has another update here, or another task/round/device owns the id;
@@ -266,15 +312,23 @@ class RoundLedger:
                 raise ProtocolError(f"update {update_id}: task {task!r} {why} round {round}")
             self._db.execute(
                 "INSERT INTO updates (task, round, device, update_id, samples, payload_path, sha256, "
-                "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (*key, update_id, samples, str(payload_path), sha256, received_at),
+                "received_at, weight, scale) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    *key,
+                    update_id,
+                    samples,
+                    str(payload_path),
+                    sha256,
+                    received_at,
+                    samples if weight is None else weight,
+                    scale,
+                ),
             )
             return "accepted"
 
     def update_by_id(self, update_id: str) -> UpdateRecord | None:
         row = self._db.execute(
-            "SELECT task, round, device, update_id, samples, payload_path, sha256, received_at FROM updates "
-            "WHERE update_id = ?",
+            f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE update_id = ?",
             (update_id,),
         ).fetchone()
         return None if row is None else _update_record(row)
@@ -282,11 +336,26 @@ class RoundLedger:
     def updates_for(self, task: str, round: int) -> list[UpdateRecord]:
         """A task round's recorded updates, in arrival (insertion) order."""
         rows = self._db.execute(
-            "SELECT task, round, device, update_id, samples, payload_path, sha256, received_at FROM updates "
-            "WHERE task = ? AND round = ? ORDER BY rowid",
+            f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE task = ? AND round = ? ORDER BY rowid",
             (task, round),
         )
         return [_update_record(row) for row in rows]
+
+    # --- devices -----------------------------------------------------------------------------------------
+
+    def record_device(self, device: str, online: bool, at: float) -> None:
+        """Note a device's status; `changed_at` moves only when it changes."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO devices (device, online, changed_at) VALUES (?, ?, ?) ON CONFLICT (device) DO "
+                "UPDATE SET online = excluded.online, changed_at = excluded.changed_at "
+                "WHERE online != excluded.online",
+                (check_name("device", device), int(online), at),
+            )
+
+    def devices(self) -> list[DeviceRecord]:
+        rows = self._db.execute("SELECT device, online, changed_at FROM devices ORDER BY device")
+        return [DeviceRecord(device, bool(online), changed_at) for device, online, changed_at in rows]
 
     # --- global versions ---------------------------------------------------------------------------------
 
@@ -386,9 +455,14 @@ class RoundLedger:
         return existing
 
 
+_UPDATE_COLUMNS = "task, round, device, update_id, samples, payload_path, sha256, received_at, weight, scale"
+
+
 def _update_record(row: tuple) -> UpdateRecord:
-    task, round, device, update_id, samples, path, sha256, received_at = row
-    return UpdateRecord(task, round, device, update_id, samples, Path(path), sha256, received_at)
+    task, round, device, update_id, samples, path, sha256, received_at, weight, scale = row
+    return UpdateRecord(
+        task, round, device, update_id, samples, Path(path), sha256, received_at, weight, scale
+    )
 
 
 def _global_record(row: tuple) -> GlobalRecord:

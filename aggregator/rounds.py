@@ -9,7 +9,9 @@ the current one are final. Everything accepted is in the ledger before a receipt
 from __future__ import annotations
 
 import logging
+import mmap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +19,11 @@ import numpy as np
 
 from aggregator.checkpoints import CheckpointStore
 from aggregator.config import AggregatorConfig
-from aggregator.fedavg import StreamingFedAvg
+from aggregator.errors import Rejected
 from aggregator.initial import initial_state
 from aggregator.ledger import RoundLedger, RoundRecord
+from aggregator.limits import limit_update, scale_delta
+from aggregator.strategies import Strategy
 from common.durable import move_durably
 from protocol import ProtocolError
 from protocol.chunking import transfer_info
@@ -47,11 +51,11 @@ class GlobalModel:
 
 @dataclass
 class TaskRound:
-    """The in-memory side of one task's open round: the running average and who still has to report."""
+    """The in-memory side of one task's open round: its aggregation and who still has to report."""
 
     base_version: int
     expected: dict[str, int]  # device -> samples it declared
-    fedavg: StreamingFedAvg
+    strategy: Strategy
     reported: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
     final: bool = False
@@ -84,6 +88,11 @@ class Coordinator:
         self.online: set[str] = set()
         self.profiles: dict[str, DeviceProfile] = {}
         self.known_devices: set[str] = set()
+        self._recorded_status: dict[
+            str, bool
+        ] = {}  # device -> online, as this process wrote it to the ledger
+        #: called with (task, reason) for every rejected update; the service counts them
+        self.on_rejected: Callable[[str, str], None] = lambda task, reason: None
 
     # --- start-up ---------------------------------------------------------------------------------------
 
@@ -118,7 +127,8 @@ class Coordinator:
             task_round.final = task_record.state == "finalized"
             if not task_round.final:
                 for update in self.ledger.updates_for(task, record.round):
-                    task_round.fedavg.fold(decode_state(update.payload_path.read_bytes()), update.samples)
+                    delta = scale_delta(read_delta(update.payload_path), update.scale)
+                    task_round.strategy.fold(delta, update.weight)
                     task_round.reported.add(update.device)
             self.task_rounds[task] = task_round
         log.info("resumed round %d (%d tasks)", record.round, len(record.tasks))
@@ -126,6 +136,10 @@ class Coordinator:
     # --- device registry --------------------------------------------------------------------------------
 
     def device_status(self, device: str, online: bool) -> None:
+        """A device's status; the ledger notes changes (retained statuses repeat on every reconnect)."""
+        if self._recorded_status.get(device) != online:
+            self.ledger.record_device(device, online, time.time())
+            self._recorded_status[device] = online
         self.known_devices.add(device)
         (self.online.add if online else self.online.discard)(device)
 
@@ -146,8 +160,13 @@ class Coordinator:
 
     # --- updates ----------------------------------------------------------------------------------------
 
-    def known_update(self, manifest: UpdateManifest) -> Receipt | None:
-        """A receipt for an update already recorded (a resend), so it need not be transferred again."""
+    def screen(self, manifest: UpdateManifest, device: str, task: str) -> Receipt | None:
+        """The answer to an update manifest that arrived on `device`'s update topic for `task`, when it needs no
+        transfer: rejected if it names another device or task (the one sender check), a duplicate receipt for
+        an update already recorded (a resend); None: receive its payload."""
+        if (manifest.device, manifest.task) != (device, task):
+            reason = f"update names device {manifest.device}, task {manifest.task}; sent as {device}, {task}"
+            return self._reject(manifest, Rejected("wrong_sender", reason))
         recorded = self.ledger.update_by_id(manifest.update_id)
         if recorded is None:
             return None
@@ -156,18 +175,27 @@ class Coordinator:
             manifest.round,
             manifest.device,
         )
-        return self.receipt(manifest, "duplicate" if same else "rejected", "" if same else "update id reused")
+        if not same:
+            return self._reject(manifest, Rejected("id_reused", "update id reused"))
+        return self.receipt(manifest, "duplicate")
 
     def accept_update(self, manifest: UpdateManifest, payload_path: Path, sender: str) -> Receipt:
-        """Validate an update fully, record it durably, fold it; the receipt says what happened."""
+        """Validate an update (that passed `screen`) fully and apply the task's limits, record it durably, fold
+        it; the receipt says what happened (and what the limits changed)."""
         try:
-            task_round = self._check_update(manifest, sender)
-            delta = decode_state(payload_path.read_bytes())
-            task_round.fedavg.validate(delta, manifest.samples)
+            task_round = self._check_update(manifest)
+            delta = read_delta(payload_path)
+            task_round.strategy.validate(delta, manifest.samples)
+            limited = limit_update(
+                delta,
+                manifest.samples,
+                self.config.tasks[manifest.task].limits,
+                self.config.registered_samples.get(manifest.device, {}).get(manifest.task),
+            )
         except ProtocolError as exc:
             payload_path.unlink(missing_ok=True)
             log.warning("rejected update %s from %s: %s", manifest.update_id, sender, exc)
-            return self.receipt(manifest, "rejected", str(exc))
+            return self._reject(manifest, exc)
         durable = (
             self.updates_dir
             / manifest.task
@@ -185,44 +213,62 @@ class Coordinator:
             durable,
             manifest.transfer.sha256,
             time.time(),
+            weight=limited.weight,
+            scale=limited.scale,
         )
+        if outcome == "duplicate":
+            durable.unlink(missing_ok=True)
+            return self.receipt(manifest, "duplicate")
         if outcome != "accepted":
             durable.unlink(missing_ok=True)
-            status = "duplicate" if outcome == "duplicate" else "rejected"
-            return self.receipt(manifest, status, "" if status == "duplicate" else "device already reported")
-        task_round.fedavg.fold(delta, manifest.samples)
+            return self._reject(manifest, Rejected("already_reported", "device already reported"))
+        task_round.strategy.fold(limited.delta, limited.weight)
         task_round.reported.add(manifest.device)
         log.info(
-            "task %s round %d: update from %s (%d samples), %d/%d",
+            "task %s round %d: update from %s (weight %d, delta norm %.4g), %d/%d",
             manifest.task,
             manifest.round,
             manifest.device,
-            manifest.samples,
-            task_round.fedavg.count,
+            limited.weight,
+            limited.norm,
+            task_round.strategy.count,
             len(task_round.expected),
         )
-        return self.receipt(manifest, "accepted")
+        changed = "; ".join(limited.notes)
+        if changed:
+            log.warning(
+                "task %s round %d: update from %s: %s", manifest.task, manifest.round, sender, changed
+            )
+        return self.receipt(manifest, "accepted", changed)
 
-    def _check_update(self, manifest: UpdateManifest, sender: str) -> TaskRound:
-        if manifest.device != sender:
-            raise ProtocolError(f"update names device {manifest.device} but was sent by {sender}")
+    def _check_update(self, manifest: UpdateManifest) -> TaskRound:
         if manifest.task not in self.config.tasks:
-            raise ProtocolError(f"unknown task {manifest.task}")
+            raise Rejected("unknown_task", f"unknown task {manifest.task}")
         task_round = self.task_rounds.get(manifest.task)
         if self.round is None or manifest.round != self.round.round or task_round is None or task_round.final:
-            raise ProtocolError(f"task {manifest.task} round {manifest.round} is not open")
+            raise Rejected("round_not_open", f"task {manifest.task} round {manifest.round} is not open")
         declared = task_round.expected.get(manifest.device)
         if declared is None:
-            raise ProtocolError(
-                f"device {manifest.device} is not scheduled for {manifest.task} round {manifest.round}"
+            raise Rejected(
+                "not_scheduled",
+                f"device {manifest.device} is not scheduled for {manifest.task} round {manifest.round}",
             )
         if manifest.base_version != task_round.base_version:
-            raise ProtocolError(
-                f"update is based on v{manifest.base_version}, round uses v{task_round.base_version}"
+            raise Rejected(
+                "stale_base",
+                f"update is based on v{manifest.base_version}, round uses v{task_round.base_version}",
             )
         if manifest.samples > declared:
-            raise ProtocolError(f"update claims {manifest.samples} samples; the device declared {declared}")
+            raise Rejected(
+                "too_many_samples",
+                f"update claims {manifest.samples} samples; the device declared {declared}",
+            )
         return task_round
+
+    def _reject(self, manifest: UpdateManifest, error: ProtocolError) -> Receipt:
+        """The rejected receipt for `error`, counted by its reason (`invalid_update` if it names none)."""
+        self.on_rejected(manifest.task, getattr(error, "reason", "invalid_update"))
+        return self.receipt(manifest, "rejected", str(error))
 
     # --- time -------------------------------------------------------------------------------------------
 
@@ -238,14 +284,14 @@ class Coordinator:
         for task, task_round in self.task_rounds.items():
             if task_round.final:
                 continue
-            if not task_round.waiting_for and task_round.fedavg.count > 0:
+            if not task_round.waiting_for and task_round.strategy.count > 0:
                 out.globals.append(self._finalize(task, task_round, now))
-            elif deadline_passed and task_round.fedavg.count >= self.config.rounds.min_updates:
+            elif deadline_passed and task_round.strategy.count >= self.config.rounds.min_updates:
                 log.warning(
                     "task %s round %d: deadline passed, finalising with %d updates",
                     task,
                     self.round.round,
-                    task_round.fedavg.count,
+                    task_round.strategy.count,
                 )
                 out.globals.append(self._finalize(task, task_round, now))
             elif deadline_passed:
@@ -265,7 +311,7 @@ class Coordinator:
         return out
 
     def _finalize(self, task: str, task_round: TaskRound, now: float) -> GlobalModel:
-        state = task_round.fedavg.result()
+        state = task_round.strategy.result()
         version = task_round.base_version + 1
         ref = self.checkpoints.save(task, version, state)
         model = self._global_model(task, version, state)
@@ -281,8 +327,8 @@ class Coordinator:
             "task %s: global v%d from %d updates (%d samples)",
             task,
             version,
-            task_round.fedavg.count,
-            task_round.fedavg.total_weight,
+            task_round.strategy.count,
+            task_round.strategy.total_weight,
         )
         return model
 
@@ -325,7 +371,7 @@ class Coordinator:
             if current.manifest.version == base_version
             else self.checkpoints.load(task, base_version)
         )
-        return TaskRound(base_version, dict(expected), StreamingFedAvg(base))
+        return TaskRound(base_version, dict(expected), self.config.tasks[task].strategy.build(base))
 
     def schedules(self) -> list[Schedule]:
         """This round's schedule of every expected device that still has tasks to report."""
@@ -367,6 +413,7 @@ class Coordinator:
             min_batch_size=c.min_batch_size,
             max_batch_size=c.max_batch_size,
             precision=c.precision,
+            proximal_mu=c.strategy.proximal_mu,
         )
 
     def _global_model(self, task: str, version: int, state: dict[str, np.ndarray]) -> GlobalModel:
@@ -390,3 +437,12 @@ class Coordinator:
             status=status,
             reason=reason,
         )
+
+
+def read_delta(path: Path) -> dict[str, np.ndarray]:
+    """An update's tensors as read-only views of its payload file, memory-mapped: a strategy that holds updates
+    (a window) holds file pages the OS may drop, not copies."""
+    with open(path, "rb") as file:
+        if not file.seek(0, 2):
+            raise ProtocolError("update payload is empty")
+        return decode_state(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))

@@ -13,7 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aggregator.config import AggregatorConfig
+from aggregator.metrics import AggregatorMetrics
 from aggregator.rounds import Coordinator, GlobalModel, Outbound
+from common.metrics import serve
 from protocol import ProtocolError, topics
 from protocol.chunking import Reassembler
 from protocol.inbox import TransferInbox
@@ -44,6 +46,8 @@ class AggregatorService:
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
         self.coordinator = Coordinator(config)
+        self.metrics = AggregatorMetrics(config.tasks)
+        self.coordinator.on_rejected = self.metrics.rejection
         transfers = config.transfers
         self.updates: TransferInbox[UpdateManifest] = TransferInbox(
             Reassembler(
@@ -63,10 +67,11 @@ class AggregatorService:
         self, stop: threading.Event, tick_s: float = 0.5, alive: Callable[[], None] = lambda: None
     ) -> None:
         """Handle messages and timers until `stop`; `alive()` is called on every pass (systemd's watchdog)."""
-        self.coordinator.start()
-        self.link.start()
-        next_tick = 0.0
+        server = serve(self.config.metrics, self.metrics.registry)
         try:
+            self.coordinator.start()
+            self.link.start()
+            next_tick = 0.0
             while not stop.is_set():
                 alive()
                 try:
@@ -76,16 +81,28 @@ class AggregatorService:
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick_s
-                    self.publish(self.coordinator.tick())
-                    for dropped in self.updates.expire(now):
-                        self.senders.pop(dropped, None)
-                        log.warning("dropped incomplete update transfer %s", dropped)
+                    self.tick(now)
         finally:
             self.link.stop()
+            if server is not None:
+                server.close()
             self.coordinator.ledger.close()
+
+    def tick(self, now: float) -> None:
+        """Finalise and open rounds as due, drop stalled transfers, bring the metrics up to date."""
+        out = self.coordinator.tick()
+        self.publish(out)
+        for model in out.globals:
+            self.metrics.finalized(model.manifest.task)
+        for dropped in self.updates.expire(now):
+            self.senders.pop(dropped, None)
+            self.metrics.transfers_expired.inc()
+            log.warning("dropped incomplete update transfer %s", dropped)
+        self.metrics.rounds(self.coordinator)
 
     def handle(self, item: object) -> None:
         if isinstance(item, LinkEvent):
+            self.metrics.broker_connected.set(item.connected)
             if item.connected:  # republish retained state: idempotent, and repairs a broker that lost it
                 self.publish(
                     Outbound(
@@ -97,15 +114,18 @@ class AggregatorService:
         try:
             self.on_message(item)
         except ProtocolError as exc:
+            self.metrics.dropped.labels(_topic_kind(item.topic)).inc()
             log.warning("dropped message on %s: %s", item.topic, exc)
 
     def on_message(self, message: Incoming) -> None:
         ref = topics.parse(message.topic)
         if ref.kind == "update":
+            self.metrics.update_bytes(ref.task, len(message.payload))
             self.on_update_part(ref, message.payload)
         elif ref.kind == "status":
             online = bool(message.payload) and decode(message.payload, Status).state == "online"
             self.coordinator.device_status(ref.device, online)
+            self.metrics.device_status(ref.device, online)
         elif not message.payload:
             return
         elif ref.kind == "profile":
@@ -123,21 +143,19 @@ class AggregatorService:
                 event.round,
                 event.message,
             )
+            self.metrics.event(event)
             if event.kind == "failed" and event.task:
                 self.coordinator.task_failed(event.device, event.task, event.round)
         elif ref.kind == "telemetry":
             telemetry = decode(message.payload, Telemetry)
             _check_sender(telemetry.device, ref.device)
             self.telemetry[ref.device] = telemetry
+            self.metrics.device_telemetry(telemetry)
 
     def on_update_part(self, ref: topics.TopicRef, payload: bytes) -> None:
         if ref.part == "manifest":
             manifest = decode(payload, UpdateManifest)
-            if (manifest.device, manifest.task) != (ref.device, ref.task):
-                reason = f"update names device {manifest.device}, task {manifest.task}; sent as {ref.device}, {ref.task}"
-                self.send_receipt(ref.device, Coordinator.receipt(manifest, "rejected", reason))
-                return
-            receipt = self.coordinator.known_update(manifest)
+            receipt = self.coordinator.screen(manifest, ref.device, ref.task)
             if receipt is not None:
                 self.send_receipt(ref.device, receipt)
                 return
@@ -154,6 +172,7 @@ class AggregatorService:
             )
 
     def send_receipt(self, device: str, receipt: Receipt) -> None:
+        self.metrics.receipt(receipt)
         self.link.publish(topics.device(device, "receipts"), encode(receipt))
 
     def publish(self, out: Outbound) -> None:
@@ -172,6 +191,7 @@ class AggregatorService:
         for index in range(manifest.transfer.chunks, previous):  # clear retained chunks a shorter model left
             self.link.publish(topics.chunk(base, index), b"", retain=True)
         self._published_chunks[manifest.task] = manifest.transfer.chunks
+        self.metrics.global_published(manifest.task, manifest.transfer.size)
         log.info(
             "published global %s v%d (%d bytes)", manifest.task, manifest.version, manifest.transfer.size
         )
@@ -180,6 +200,14 @@ class AggregatorService:
         owner = self.senders.setdefault(transfer_id, device)
         if owner != device:
             raise ProtocolError(f"transfer {transfer_id} belongs to {owner}; {device} cannot add to it")
+
+
+def _topic_kind(topic: str) -> str:
+    """A dropped message's topic kind for its metric label (a bounded set: never a device or task name)."""
+    try:
+        return topics.parse(topic).kind
+    except ProtocolError:
+        return "unknown"
 
 
 def _check_sender(claimed: str, topic_device: str) -> None:

@@ -30,6 +30,8 @@ UpdateCodec = Literal["delta"]
 ExecutionPolicy = Literal["temporal", "concurrent", "isolated", "sharing", "fedmt"]
 #: arithmetic of local training: fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler)
 Precision = Literal["fp32", "bf16", "fp16"]
+#: the largest FedProx coefficient a schedule may carry (the FedProx paper tunes mu in 0.001..1)
+MAX_PROXIMAL_MU = 100.0
 
 
 class Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -149,6 +151,8 @@ class TaskAssignment(Message):
     min_batch_size: PosInt = 1
     max_batch_size: PosInt = 1024
     precision: Precision = "fp32"
+    # FedProx: add proximal_mu / 2 * ||w - w_base||^2 to the local loss; 0 trains plain local SGD (FedAvg)
+    proximal_mu: Annotated[float, Meta(ge=0, le=MAX_PROXIMAL_MU)] = 0.0
 
 
 class Schedule(Message):

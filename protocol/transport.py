@@ -26,6 +26,8 @@ from protocol.chunking import split
 from protocol.schemas import TransferInfo, encode
 
 log = logging.getLogger(__name__)
+#: MQTT v5 CONNACK reason codes of a refused login
+BAD_CREDENTIALS, NOT_AUTHORIZED = 0x86, 0x87
 
 
 class TlsSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -86,6 +88,8 @@ class MqttLink:
         birth: tuple[str, bytes] | None = None,
         persistent_session: bool = False,
     ) -> None:
+        if isinstance(subscriptions, str):  # MqttLink(settings, "client-id") from before ids were usernames
+            raise TypeError("subscriptions must be a list of topic filters, not one string")
         if persistent_session and not settings.username:
             raise ValueError("a persistent MQTT session needs a username: it names the session")
         self.settings = settings
@@ -95,6 +99,7 @@ class MqttLink:
         self._birth = birth
         self._persistent = persistent_session
         self._stopping = False
+        self._last_problem = ""  # the connection problem logged last; repeats go to DEBUG
         client = mqtt.Client(  # anonymous: the broker assigns an id
             mqtt.CallbackAPIVersion.VERSION2, client_id=settings.username or "", protocol=mqtt.MQTTv5
         )
@@ -110,6 +115,7 @@ class MqttLink:
         client.max_inflight_messages_set(settings.max_inflight)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
         self._connect_properties = Properties(PacketTypes.CONNECT)
         self._connect_properties.SessionExpiryInterval = (
@@ -167,25 +173,55 @@ class MqttLink:
         self.client.disconnect()
         self.client.loop_stop()
 
-    # paho callbacks (network thread): enqueue only
+    @property
+    def broker(self) -> str:
+        return f"{self.settings.host}:{self.settings.port}"
+
+    def _problem(self, level: int, message: str, *args: object) -> None:
+        """Log a connection problem; the same one again (every reconnect attempt) only at DEBUG."""
+        text = message % args
+        log.log(level if text != self._last_problem else logging.DEBUG, "%s", text)
+        self._last_problem = text
+
+    # paho callbacks (network thread): log and enqueue only
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error(
-                "broker %s:%s refused the connection: %s", self.settings.host, self.settings.port, reason_code
-            )
+            user = self.settings.username
+            if reason_code.value in (BAD_CREDENTIALS, NOT_AUTHORIZED):
+                self._problem(
+                    logging.ERROR,
+                    "broker %s refused user %r (%s): wrong credentials? check [mqtt] username and password "
+                    "or password_file; retrying",
+                    self.broker,
+                    user,
+                    reason_code,
+                )
+            else:
+                self._problem(logging.ERROR, "broker %s refused the connection: %s", self.broker, reason_code)
             return
         for topic_filter in self._subscriptions:
             client.subscribe(topic_filter, qos=1)
         if self._birth:
             client.publish(self._birth[0], self._birth[1], qos=1, retain=True)
+        self._last_problem = ""
+        session = "resumed session" if flags.session_present else "new session"
+        log.info("connected to broker %s as %r (%s)", self.broker, self.settings.username, session)
         self.connected.set()
         self.inbox.put(LinkEvent(True, str(reason_code)))
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        self._problem(logging.WARNING, "cannot reach broker %s; retrying", self.broker)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
         if was_connected and not self._stopping:
-            log.warning("disconnected from broker: %s (reconnecting)", reason_code)
+            log.warning(
+                "lost the connection to broker %s: %s (reason code %d); reconnecting",
+                self.broker,
+                reason_code,
+                reason_code.value,
+            )
             self.inbox.put(LinkEvent(False, str(reason_code)))
 
     def _on_message(self, client, userdata, message) -> None:

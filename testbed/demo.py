@@ -3,8 +3,8 @@
 Mosquitto, the aggregator and three agents run as separate processes; three tasks on different model families
 (data volumes 1:2:3, as in the FedMT paper) train for several rounds on scikit-learn's digits. A read-only
 monitor evaluates every global version on the held-out test split, on the same device. Output in --out:
-summary.json (accuracy per task per round, wall time and phases of every round), accuracy.png, phases.png,
-logs/ and every process's state.
+summary.json (accuracy per task per round, wall time and phases of every round, the Prometheus endpoint of
+every process and what they showed after each round), accuracy.png, phases.png, logs/ and every process's state.
 
 With --device cuda the agents share the GPU through the MPS daemon already running at the default pipe
 directory (/run/nvidia-mps); the demo does not start one. Every task's batch size is pinned (min = max =
@@ -30,13 +30,20 @@ import msgspec
 from agent.config import AgentConfig, ExecutionConfig
 from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig
 from common.config import to_toml
+from common.metrics import MetricsConfig
 from protocol.schemas import ExecutionPolicy, ModelSpec, OptimizerSpec, Precision
 from protocol.transport import MqttSettings
 from testbed import phases
-from testbed.broker import Mosquitto
+from testbed.broker import Mosquitto, free_port
 from testbed.monitor import Monitor
+from testbed.scrape import scrape
 
 DEVICES = ["edge-1", "edge-2", "edge-3"]
+#: per process: the metric that counts its finished rounds
+ROUND_COUNTERS = {
+    "aggregator": "fedmt_aggregator_rounds_completed_total",
+    "agent": "fedmt_agent_rounds_trained_total",
+}
 ADAM = OptimizerSpec(name="adam", lr=5e-4, weight_decay=0.0)
 SGD = OptimizerSpec(name="sgd", lr=0.02, momentum=0.9, weight_decay=0.0)
 
@@ -92,16 +99,22 @@ class Options:
         return ExecutionConfig(device=self.device, cpu_threads_per_task=1, **policy)
 
 
-def write_configs(broker: Mosquitto, passwords: dict[str, str], options: Options) -> dict[str, Path]:
+def write_configs(
+    broker: Mosquitto, passwords: dict[str, str], options: Options
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """Every process's config file, and its metrics URL (each listens on a free port of 127.0.0.1)."""
     out = options.out
 
     def mqtt(user: str) -> MqttSettings:
         return MqttSettings(host=broker.host, port=broker.port, username=user, password=passwords[user])
 
+    ports = {name: free_port() for name in ["aggregator", *DEVICES]}
+    metrics = {name: MetricsConfig(port=port) for name, port in ports.items()}
     configs = {
         "aggregator": AggregatorConfig(
             state_dir=str(out / "state" / "aggregator"),
             mqtt=mqtt("aggregator"),
+            metrics=metrics["aggregator"],
             rounds=RoundsConfig(rounds=options.rounds, min_devices=len(DEVICES), round_timeout_s=600.0),
             tasks={task: definition for task, (definition, _) in options.tasks().items()},
         )
@@ -113,6 +126,7 @@ def write_configs(broker: Mosquitto, passwords: dict[str, str], options: Options
             state_dir=str(out / "state" / device),
             telemetry_interval_s=10.0,
             mqtt=mqtt(device),
+            metrics=metrics[device],
             execution=options.execution(),
             tasks={task: _data_spec({**data, "fraction": share}) for task, (_, share) in TASKS.items()},
         )
@@ -121,7 +135,18 @@ def write_configs(broker: Mosquitto, passwords: dict[str, str], options: Options
         paths[name] = out / "config" / f"{name}.toml"
         paths[name].parent.mkdir(parents=True, exist_ok=True)
         paths[name].write_text(to_toml(config))
-    return paths
+    return paths, {name: f"http://127.0.0.1:{port}/metrics" for name, port in ports.items()}
+
+
+def round_counters(urls: dict[str, str]) -> dict[str, float | None]:
+    """Each process's count of finished rounds, scraped from its endpoint (None: it did not answer)."""
+    counts = {}
+    for name, url in urls.items():
+        try:
+            counts[name] = scrape(url).get(ROUND_COUNTERS["aggregator" if name == "aggregator" else "agent"])
+        except OSError:
+            counts[name] = None
+    return counts
 
 
 def _data_spec(fields: dict):
@@ -170,9 +195,11 @@ def run(options: Options) -> dict:
     test_sets = {task: digits_test_set(definition.model) for task, (definition, _) in tasks.items()}
     accuracy: dict[str, dict[int, float]] = {task: {} for task in tasks}
     reported: set[int] = set()
+    scraped: list[dict] = []  # per round, once its globals are out: each process's round counter (endpoint)
     started = time.time()
     with Mosquitto(out / "broker", passwords) as broker:
-        configs = write_configs(broker, passwords, options)
+        configs, metrics_urls = write_configs(broker, passwords, options)
+        console.print("metrics: " + ", ".join(f"{name} {url}" for name, url in metrics_urls.items()))
         processes = {"aggregator": start("aggregator", "aggregator.cli", configs["aggregator"], out / "logs")}
         processes |= {d: start(d, "agent.cli", configs[d], out / "logs") for d in DEVICES}
         monitor = Monitor(
@@ -204,6 +231,13 @@ def run(options: Options) -> dict:
                         raise TimeoutError(f"the demo did not finish {rounds} rounds in {timeout_s:.0f} s")
                     check_alive()
                     monitor.pump(0.5)
+                    # as soon as a round's globals are out (before they are evaluated)
+                    while len(scraped) < rounds and all(
+                        (t, len(scraped) + 1) in monitor.globals for t in tasks
+                    ):
+                        scraped.append(
+                            {"round": len(scraped) + 1, "rounds_done": round_counters(metrics_urls)}
+                        )
                     for (task, version), state in sorted(monitor.globals.items()):
                         if task in accuracy and version not in accuracy[task]:
                             model = tasks[task][0].model
@@ -217,8 +251,10 @@ def run(options: Options) -> dict:
                                 r, tasks, monitor.schedule_issued_at, monitor.seen_at
                             )
                             accs = "  ".join(f"{t.split('-', 1)[1]} {accuracy[t][r]:.1%}" for t in tasks)
+                            counters = scraped[r - 1]["rounds_done"]
                             progress.console.print(
-                                f"round {r}/{rounds} done in {phases.format_seconds(wall_s, 1):>5} s: {accs}"
+                                f"round {r}/{rounds} done in {phases.format_seconds(wall_s, 1):>5} s: {accs}  "
+                                f"(metrics: rounds done {' '.join(_count(c) for c in counters.values())})"
                             )
             monitor.pump(1.0)  # the last round's trailing events
         finally:
@@ -250,7 +286,13 @@ def run(options: Options) -> dict:
         "rounds": [{key: rd[key] for key in ("round", "wall_s", "non_training_fraction")} for rd in detail],
         "rounds_detail": detail,
         "total_wall_time_s": round(time.time() - started, 1),
+        "metrics_urls": metrics_urls,
+        "metrics_after_round": scraped,
     }
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def report(summary: dict, out: Path) -> bool:

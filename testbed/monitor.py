@@ -1,6 +1,7 @@
 """A read-only MQTT client for dashboards, the demo and the tests: it follows everything under fedmt/v1.
 
-It needs credentials with read access to the whole tree (the `monitor` user of broker_config/acl).
+With the `monitor` user of broker_config/acl it sees everything but the devices' raw updates (the demo needs no
+more: it evaluates the global models); with the `auditor` user it reassembles the updates too.
 """
 
 from __future__ import annotations

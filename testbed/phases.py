@@ -13,29 +13,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.phases import AGGREGATION, MEASURED, PHASES
 from protocol.schemas import Event
 
 if TYPE_CHECKING:
     from rich.console import Group
 
-#: per-task phases, in the order they happen (and are stacked in the plot)
-PHASE_LABELS = {
-    "wait_global_s": "wait for global",
-    "worker_start_s": "worker start",
-    "train_s": "training",
-    "upload_s": "upload",
-    "aggregation_s": "aggregation",
-}
+#: per-task phases (common/phases.py), in the order they happen (and are stacked in the plot)
+PHASE_LABELS = dict(
+    zip(PHASES, ("wait for global", "worker start", "training", "upload", "aggregation"), strict=True)
+)
 #: short column headers of the printed tables, in PHASE_LABELS' order
 TABLE_HEADERS = ("wait", "start", "train", "upload", "aggr")
 TABLE_CAPTION = "wait: schedule -> global cached, start: worker start, aggr: last receipt -> global seen"
-#: phase -> (event kind, metric) for the phases the agents measure themselves; aggregation_s is derived
-MEASURED = {
-    "wait_global_s": ("started", "wait_global_s"),
-    "worker_start_s": ("started", "worker_start_s"),
-    "train_s": ("finished", "train_s"),
-    "upload_s": ("acknowledged", "upload_s"),
-}
 
 Key = tuple[str, int]  # (device, round) or (task, version)
 
@@ -90,7 +80,7 @@ def round_detail(
         }
         global_seen = seen_at.get((task, round_))
         has_both = global_seen is not None and task in last_ack
-        values["aggregation_s"] = global_seen - last_ack[task] if has_both else None
+        values[AGGREGATION] = global_seen - last_ack[task] if has_both else None
         phases.setdefault(device, {})[task] = values
         if unknown := [phase for phase, value in values.items() if value is None]:
             failed = latest.get((device, task, "failed"))

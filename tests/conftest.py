@@ -49,7 +49,8 @@ def tls_broker(tmp_path, certs):
 
 @pytest.fixture
 def observer(tmp_path, broker):
-    """A read-only client on the broker that reassembles every global model and update."""
-    monitor = Monitor(mqtt(broker, "monitor"), tmp_path / "observer")
+    """A read-only client on the broker that reassembles every global model and update (the auditor: the
+    monitor user may not read updates)."""
+    monitor = Monitor(mqtt(broker, "auditor"), tmp_path / "observer")
     yield monitor
     monitor.close()

@@ -4,12 +4,13 @@ from the broker's CA (scripts/provision-certs.sh), initial weights by `fedmt-agg
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
 
 from aggregator.cli import main as aggregator_main
-from testbed.broker import Mosquitto
+from testbed.broker import Mosquitto, free_port
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,7 +32,8 @@ def localise(text: str, root: Path, broker: Mosquitto) -> str:
     ):
         assert old in text, f"the example no longer holds {old!r}: update tests/examples.py"
         text = text.replace(old, new)
-    return text
+    metrics = re.compile(r"^(\[metrics\][^\[]*?^port = )\d+", re.MULTILINE | re.DOTALL)
+    return metrics.sub(lambda m: f"{m[1]}{free_port()}", text)  # a free port for a Prometheus endpoint
 
 
 def install_example(name: str, root: Path, broker: Mosquitto, *, weights: bool = True) -> Path:

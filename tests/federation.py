@@ -20,6 +20,7 @@ from testbed.broker import Mosquitto
 USERS = {
     "aggregator": "agg-secret",
     "monitor": "mon-secret",
+    "auditor": "aud-secret",
     **{f"dev{i}": f"dev{i}-secret" for i in range(1, 5)},
 }
 

@@ -43,6 +43,8 @@ def publish_reason(broker, user: str, topic: str):
         ("dev1", "fedmt/v1/tasks/t/global/manifest", False),  # only the aggregator publishes models
         ("monitor", "fedmt/v1/devices/monitor/status", False),  # read-only, also under its own name
         ("monitor", "fedmt/v1/tasks/t/updates/monitor/manifest", False),
+        ("auditor", "fedmt/v1/devices/auditor/status", False),  # reads updates, but publishes nothing
+        ("auditor", "fedmt/v1/tasks/t/updates/auditor/manifest", False),
         ("aggregator", "fedmt/v1/tasks/t/global/manifest", True),
         ("aggregator", "fedmt/v1/devices/dev1/schedule", True),
     ],

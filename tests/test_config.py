@@ -54,6 +54,18 @@ def test_valid_files_load_with_defaults(tmp_path):
             "min_batch_size <= batch_size <= max_batch_size",
         ),
         ("[tasks\n", AggregatorConfig, "not valid TOML"),
+        (AGGREGATOR + 'strategy = { name = "krum" }\n', AggregatorConfig, "'tasks[...].strategy.name'"),
+        (AGGREGATOR + "limits = { max_norm = -1 }\n", AggregatorConfig, "'tasks[...].limits.max_norm'"),
+        (
+            AGGREGATOR + "[registered_samples.dev1]\nother = 5\n",
+            AggregatorConfig,
+            "registered_samples.dev1: unknown task 'other'",
+        ),
+        (
+            AGGREGATOR + "limits = { max_samples = 10 }\n[registered_samples.dev1]\ndigits = 50\n",
+            AggregatorConfig,
+            "registered_samples.dev1.digits: 50 is above the task's max_samples 10",
+        ),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path, text, kind, message):

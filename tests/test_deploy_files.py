@@ -548,20 +548,34 @@ def test_aggregator_owns_the_whole_tree():
     assert _field_default(AggregatorConfig, "mqtt").username == "aggregator"
 
 
-def test_monitor_user_rules_are_read_only():
+@pytest.mark.parametrize("observer", ["monitor", "auditor"])
+def test_observer_rules_are_read_only(observer):
     rules = load_acl()
-    monitor = [r for r in rules if r[0] == "topic" and r[1] == "monitor"]
-    assert monitor and all(access in (READ, 0) for _, _, access, _ in monitor), monitor  # read or deny
-    assert ("topic", "monitor", READ, f"{topics.PREFIX}/#") in monitor
+    own = [r for r in rules if r[0] == "topic" and r[1] == observer]
+    assert own and all(access in (READ, 0) for _, _, access, _ in own), own  # read or deny
     for topic in _device_topics(DEV) + _update_topics(DEV) + _global_topics():
-        assert allowed(rules, "monitor", topic, READ), topic
-        assert not allowed(rules, "monitor", topic, WRITE), topic
+        assert not allowed(rules, observer, topic, WRITE), topic
 
 
-def test_monitor_cannot_publish_anything():
+def test_monitor_reads_device_channels_and_global_models_but_no_update():
     rules = load_acl()
-    for topic in _device_topics("monitor") + _update_topics("monitor"):
-        assert not allowed(rules, "monitor", topic, WRITE), topic
+    for topic in _device_topics(DEV) + _global_topics():
+        assert allowed(rules, "monitor", topic, READ), topic
+    for topic in _update_topics(DEV) + _update_topics("monitor"):
+        assert not allowed(rules, "monitor", topic, READ), topic
+
+
+def test_auditor_reads_the_whole_tree_updates_included():
+    rules = load_acl()
+    for topic in _device_topics(DEV) + _update_topics(DEV) + _global_topics():
+        assert allowed(rules, "auditor", topic, READ), topic
+
+
+@pytest.mark.parametrize("observer", ["monitor", "auditor"])
+def test_observers_cannot_publish_anything(observer):
+    rules = load_acl()
+    for topic in _device_topics(observer) + _update_topics(observer):
+        assert not allowed(rules, observer, topic, WRITE), topic
 
 
 def test_acl_evaluator_follows_mosquitto_semantics():

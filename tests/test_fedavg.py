@@ -8,7 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from aggregator.fedavg import StreamingFedAvg
+from aggregator.strategies.fedavg import StreamingFedAvg
 from protocol import ProtocolError
 
 SAMPLES = (10, 250, 3)

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.ledger import SCHEMA_VERSION, GlobalRecord, RoundLedger, TaskRoundRecord, UpdateRecord
+from aggregator.ledger import (
+    _MIGRATIONS,
+    SCHEMA_VERSION,
+    GlobalRecord,
+    RoundLedger,
+    TaskRoundRecord,
+    UpdateRecord,
+)
 from protocol import ProtocolError
 
 SHA_A = "a" * 64
@@ -55,6 +62,28 @@ def test_newer_schema_is_refused(db):
     conn.close()
     with pytest.raises(RuntimeError, match="schema"):
         RoundLedger(db)
+
+
+def test_a_v1_ledger_gains_weights_and_scales_from_its_samples(db):
+    conn = sqlite3.connect(db)
+    conn.executescript(_MIGRATIONS[0] + "PRAGMA user_version = 1;")
+    conn.executescript(
+        "INSERT INTO globals VALUES ('cifar', 0, '/ckpt', 'a', 1.0);"
+        "INSERT INTO rounds VALUES (1, 1.0, 2.0, 'open');"
+        "INSERT INTO task_rounds (task, round, base_version) VALUES ('cifar', 1, 0);"
+        "INSERT INTO updates VALUES ('cifar', 1, 'jetson1', 'u1', 42, '/spool/u1', 'b', 3.0);"
+    )
+    conn.close()
+    with RoundLedger(db) as ledger:
+        (old,) = ledger.updates_for("cifar", 1)
+        assert (old.samples, old.weight, old.scale) == (42, 42, 1.0)
+        outcome = ledger.record_update(
+            "cifar", 1, "rtx1", "u2", 10**6, Path("/spool/u2"), SHA_B, 4.0, weight=500, scale=0.25
+        )
+        assert outcome == "accepted"
+        assert ledger.update_by_id("u2").weight == 500 and ledger.update_by_id("u2").scale == 0.25
+        with pytest.raises(sqlite3.IntegrityError):
+            ledger.record_update("cifar", 1, "rtx2", "u3", 1, Path("/spool/u3"), SHA_B, 4.0, scale=2.0)
 
 
 def test_open_round_and_reopen_is_idempotent(ledger):
@@ -112,8 +141,8 @@ def test_record_update_accepted_duplicate_conflict(ledger):
     assert update(ledger, "rtx1", "u3", samples=250, at=6.0) == "accepted"
     assert update(ledger, "jetson1", "u4", task="mnist") == "accepted"  # same device, other task
     assert ledger.updates_for("cifar", 1) == [
-        UpdateRecord("cifar", 1, "jetson1", "u1", 10, Path("/spool/u1.bin"), SHA_B, 5.0),
-        UpdateRecord("cifar", 1, "rtx1", "u3", 250, Path("/spool/u3.bin"), SHA_B, 6.0),
+        UpdateRecord("cifar", 1, "jetson1", "u1", 10, Path("/spool/u1.bin"), SHA_B, 5.0, 10, 1.0),
+        UpdateRecord("cifar", 1, "rtx1", "u3", 250, Path("/spool/u3.bin"), SHA_B, 6.0, 250, 1.0),
     ]
     assert [u.update_id for u in ledger.updates_for("mnist", 1)] == ["u4"]
     assert ledger.updates_for("cifar", 2) == []
@@ -228,3 +257,49 @@ def test_recorded_update_survives_a_crash_without_close(db):
     with RoundLedger(db) as ledger:
         assert [u.update_id for u in ledger.updates_for("cifar", 1)] == ["u1"]
         assert ledger.current_round().round == 1
+
+
+def test_device_status_changes_are_recorded_with_when_they_changed(ledger):
+    ledger.record_device("dev1", True, 10.0)
+    ledger.record_device("dev1", True, 20.0)  # the same state again: still online since 10
+    ledger.record_device("dev2", True, 15.0)
+    ledger.record_device("dev2", False, 30.0)
+    assert [(d.device, d.online, d.changed_at) for d in ledger.devices()] == [
+        ("dev1", True, 10.0),
+        ("dev2", False, 30.0),
+    ]
+    with pytest.raises(ProtocolError):
+        ledger.record_device("bad/id", True, 1.0)
+
+
+def test_a_read_only_ledger_sees_the_writers_commits_and_cannot_write(ledger, db):
+    with RoundLedger(db, read_only=True) as reader:
+        ledger.open_round(1, {"cifar": 0}, 100.0, 200.0, {"cifar": {"dev1": 5}})
+        ledger.record_device("dev1", True, 100.0)
+        assert reader.current_round().round == 1 and [d.device for d in reader.devices()] == ["dev1"]
+        assert [r.round for r in reader.recent_rounds(5)] == [1]
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            reader.record_device("dev2", True, 1.0)
+
+
+def test_a_read_only_ledger_needs_this_schema(db):
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with pytest.raises(RuntimeError, match=f"has schema v1, this code reads v{SCHEMA_VERSION}"):
+        RoundLedger(db, read_only=True)
+
+
+def test_a_schema_v1_ledger_is_migrated_and_keeps_its_records(db):
+    from aggregator.ledger import _MIGRATIONS
+
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.executescript(f"BEGIN; {_MIGRATIONS[0]}; PRAGMA user_version = 1; COMMIT;")
+    conn.execute("INSERT INTO globals VALUES ('cifar', 0, '/ckpt/v0', ?, 1.0)", (SHA_A,))
+    conn.close()
+    with RoundLedger(db) as ledger:
+        assert ledger.latest_global("cifar").sha256 == SHA_A
+        assert ledger.devices() == []
+        ledger.record_device("dev1", True, 5.0)
+    with RoundLedger(db, read_only=True) as reader:
+        assert [d.device for d in reader.devices()] == ["dev1"]

@@ -11,7 +11,10 @@ from safetensors.numpy import save_file
 
 from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig
 from aggregator.initial import initial_state
+from aggregator.limits import UpdateLimits
 from aggregator.rounds import Coordinator
+from aggregator.strategies.fedprox import FedProxSpec
+from aggregator.strategies.median import MedianSpec
 from common.config import ConfigError
 from protocol import ProtocolError
 from protocol.chunking import transfer_info
@@ -51,11 +54,18 @@ def started(config, samples=(10, 10)) -> Coordinator:
     return coordinator
 
 
-def update(coordinator: Coordinator, tmp_path, device: str, delta: dict, samples: int = 10, round_: int = 1):
+def update(
+    coordinator: Coordinator,
+    tmp_path,
+    device: str,
+    delta: dict,
+    samples: int = 10,
+    round_: int = 1,
+    sender: str | None = None,
+):
+    """As the service hands it over: screened when its manifest arrives, then its payload accepted."""
     payload = encode_state(delta)
     update_id = uuid.uuid4().hex
-    path = tmp_path / f"{update_id}.done"
-    path.write_bytes(payload)
     version = coordinator.globals["t"].manifest.version
     manifest = UpdateManifest(
         task="t",
@@ -67,7 +77,12 @@ def update(coordinator: Coordinator, tmp_path, device: str, delta: dict, samples
         codec="delta",
         transfer=transfer_info(update_id, payload),
     )
-    return coordinator.accept_update(manifest, path, device)
+    answer = coordinator.screen(manifest, sender or device, "t")
+    if answer is not None:
+        return answer
+    path = tmp_path / f"{update_id}.done"
+    path.write_bytes(payload)
+    return coordinator.accept_update(manifest, path, sender or device)
 
 
 def delta(value: float) -> dict:
@@ -165,10 +180,93 @@ def test_updates_for_unscheduled_devices_or_inflated_samples_are_rejected(config
     coordinator.tick(now=time.time())
     assert "not scheduled" in update(coordinator, tmp_path, "d9", delta(0.1)).reason
     assert "declared 10" in update(coordinator, tmp_path, "d1", delta(0.1), samples=11).reason
-    assert coordinator.task_rounds["t"].fedavg.count == 0
+    assert coordinator.task_rounds["t"].strategy.count == 0
 
 
 def test_the_configured_policy_travels_with_every_schedule(config):
     config.rounds.policy = "isolated"
     coordinator = started(config)
     assert {s.policy for s in coordinator.tick(now=1000).schedules} == {"isolated"}
+
+
+def test_the_weight_cap_and_norm_bound_are_applied_recorded_and_resumed(config, tmp_path):
+    config.tasks["t"].limits = UpdateLimits(max_samples=20, max_norm=1.0)
+    first = started(config, (10, 10**6))
+    first.tick(now=1000)
+    receipt = update(first, tmp_path, "d2", delta(5.0), samples=10**6)
+    norm = float(np.linalg.norm(delta(5.0)["w"]))  # 12 x 5.0: 17.3, the int tensor is not part of it
+    assert receipt.status == "accepted"
+    assert (
+        receipt.reason
+        == f"weight capped at 20 samples (declared 1000000); delta norm {norm:.4g} clipped to 1"
+    )
+    (recorded,) = first.ledger.updates_for("t", 1)
+    assert (recorded.samples, recorded.weight, recorded.scale) == (10**6, 20, pytest.approx(1 / norm))
+    first.ledger.close()
+    config.tasks["t"].limits = UpdateLimits()  # what was recorded counts, not the config of the restart
+    second = Coordinator(config)
+    second.start()
+    assert update(second, tmp_path, "d1", delta(0.1), samples=10).reason == ""
+    new = second.tick(now=1001).globals[0]
+    clipped = np.float32(5.0) * np.float32(1 / norm)
+    np.testing.assert_allclose(new.state["w"], BASE["w"] + (10 * 0.1 + 20 * clipped) / 30, rtol=1e-6)
+    assert new.state["steps"] == 9  # integer tensors are neither part of the norm nor scaled
+
+
+def test_rejecting_limits_refuse_the_update_and_keep_nothing(config, tmp_path):
+    config.tasks["t"].limits = UpdateLimits(
+        max_samples=20, samples_excess="reject", max_norm=1.0, norm_excess="reject"
+    )
+    coordinator = started(config, (10**6, 10))
+    coordinator.tick(now=1000)
+    assert (
+        "above the task's cap of 20" in update(coordinator, tmp_path, "d1", delta(0.1), samples=10**6).reason
+    )
+    assert "exceeds the task's bound of 1" in update(coordinator, tmp_path, "d2", delta(5.0)).reason
+    assert coordinator.ledger.updates_for("t", 1) == [] and coordinator.task_rounds["t"].strategy.count == 0
+    assert list(tmp_path.glob("*.done")) == [] and not any(coordinator.updates_dir.rglob("*.state"))
+    assert update(coordinator, tmp_path, "d1", delta(0.1), samples=20).status == "accepted"
+
+
+def test_registered_samples_weigh_an_update_instead_of_the_devices_word(config, tmp_path):
+    config.registered_samples = {"d2": {"t": 30}}
+    coordinator = started(config, (10, 10**6))
+    coordinator.tick(now=1000)
+    update(coordinator, tmp_path, "d1", delta(1.0), samples=10)
+    assert "registry" in update(coordinator, tmp_path, "d2", delta(-1.0), samples=10**6).reason
+    new = coordinator.tick(now=1001).globals[0]
+    np.testing.assert_allclose(new.state["w"], BASE["w"] + (10 * 1.0 + 30 * -1.0) / 40, rtol=1e-6)
+
+
+def test_a_windowed_strategy_survives_restarts_mid_round(config, tmp_path):
+    config.tasks["t"].strategy = MedianSpec(window=2)
+    coordinator = started(config)
+    join(coordinator, "d3")
+    coordinator.tick(now=1000)
+    for device, value in (
+        ("d1", 1.0),
+        ("d2", -3.0),
+        ("d3", 0.5),
+    ):  # restart with a partial, then a full window
+        assert update(coordinator, tmp_path, device, delta(value), samples=10).status == "accepted"
+        coordinator.ledger.close()
+        coordinator = Coordinator(config)
+        coordinator.start()
+    new = coordinator.tick(now=1001).globals[0]
+    # windows (d1, d2) and (d3): median(1, -3) = -1 for two updates, 0.5 for one: (2 * -1 + 0.5) / 3
+    np.testing.assert_allclose(new.state["w"], BASE["w"] + np.float32(-0.5), rtol=1e-6)
+
+
+def test_the_strategys_proximal_mu_travels_with_every_schedule(config):
+    assert {a.proximal_mu for s in started(config).tick(now=1000).schedules for a in s.tasks} == {0.0}
+    config.tasks["t"].strategy = FedProxSpec(mu=0.3)
+    config.state_dir += "-fedprox"
+    assert {a.proximal_mu for s in started(config).tick(now=1000).schedules for a in s.tasks} == {0.3}
+
+
+def test_an_update_naming_another_device_than_its_sender_is_rejected(config, tmp_path):
+    coordinator = started(config)
+    coordinator.tick(now=1000)
+    receipt = update(coordinator, tmp_path, "d2", delta(0.1), sender="d1")
+    assert receipt.status == "rejected" and "names device d2, task t; sent as d1" in receipt.reason
+    assert coordinator.ledger.updates_for("t", 1) == [] and list(tmp_path.glob("*.done")) == []

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 def test_one_round_over_tls_only_equals_reference_fedavg(tmp_path, tls_broker):
     assert not probe_broker(MqttSettings(host=tls_broker.host, port=tls_broker.port)).answers  # no plain MQTT
-    monitor = Monitor(mqtt(tls_broker, "monitor"), tmp_path / "observer")  # a certificate too
+    monitor = Monitor(mqtt(tls_broker, "auditor"), tmp_path / "observer")  # a certificate too; reads updates
     tasks = {"mobile": SMALL_TASKS["mobile"]}
     try:
         with running(

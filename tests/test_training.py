@@ -12,7 +12,7 @@ import torch
 
 from agent.data import DataSpec, DigitsData, SyntheticData
 from agent.data.digits import digits_test_set
-from agent.training import TaskRuntime, TrainingDiverged, TrainingStopped, TrainResult, evaluate
+from agent.training import TaskRuntime, TrainingDiverged, TrainingStopped, TrainResult, TrainStep, evaluate
 from common.models import build_model, state_to_numpy
 from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
 
@@ -204,3 +204,78 @@ def test_a_measurement_window_runs_whole_batches_after_its_warm_up() -> None:
     assert timed.seconds >= 0.2 and timed.images == 8 * timed.steps
     with pytest.raises(ValueError, match="exactly one"):
         runtime.measure(8, warmup_steps=0)
+
+
+def plain_training(mu: float, steps: int = 6) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A small net trained by a hand-written loop (SGD with momentum) whose loss carries the lecture's proximal
+    term mu/2 * ||w - w_start||^2, and the same net trained by TrainStep with `proximal_mu=mu`."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(steps, 8, 3, 6, 6), torch.randint(0, 4, (steps, 8))
+    nets = []
+    for by_hand in (True, False):
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(64, 4))
+        start = [p.detach().clone() for p in net.parameters()]
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        step = TrainStep(net, optimizer, "fp32", "cpu", proximal_mu=mu)
+        assert (step.proximal is None) == (mu == 0)
+        for x, y in zip(images, labels):
+            if by_hand:
+                loss = torch.nn.functional.cross_entropy(net(x), y)
+                loss = loss + mu / 2 * sum(((p - s) ** 2).sum() for p, s in zip(net.parameters(), start))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            else:
+                step(x, y)
+        nets.append({name: value.detach() for name, value in net.state_dict().items()})
+    return nets[0], nets[1]
+
+
+def test_mu_zero_is_exactly_the_plain_training_step() -> None:
+    by_hand, stepped = plain_training(0.0)
+    assert all(torch.equal(by_hand[name], stepped[name]) for name in by_hand)
+
+
+def test_the_proximal_gradient_equals_the_proximal_term_on_the_loss() -> None:
+    by_hand, stepped = plain_training(0.5)
+    for name in by_hand:
+        torch.testing.assert_close(stepped[name], by_hand[name], rtol=1e-5, atol=1e-6)
+    unregularised, _ = plain_training(0.0)
+    assert not torch.allclose(unregularised["2.weight"], stepped["2.weight"], atol=1e-4)
+
+
+def parameter_distance(delta: dict[str, np.ndarray]) -> float:
+    """L2 norm of the delta of the model's parameters (the weights the proximal term is about)."""
+    names = {name for name, _ in build_model(MODEL).named_parameters()}
+    return float(np.sqrt(sum(np.sum(np.square(delta[n], dtype=np.float64)) for n in names)))
+
+
+def test_fedprox_keeps_the_local_model_closer_to_the_global_one(base) -> None:
+    def drift(mu: float) -> float:
+        task = msgspec.structs.replace(
+            assignment(batch_size=8, name="sgd", lr=0.05), local_steps=10, proximal_mu=mu
+        )
+        return parameter_distance(train_task(task, SyntheticData(samples=80), base, seed=4).delta)
+
+    free, held = drift(0.0), drift(2.0)
+    assert held < 0.8 * free, (held, free)
+
+
+def test_the_proximal_term_is_added_unscaled_under_fp16_loss_scaling() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 4, (8,))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    scaler = torch.amp.GradScaler("cpu", init_scale=64.0)  # the gradients stay finite at this scale
+    step = TrainStep(net, torch.optim.SGD(net.parameters(), lr=0.0), "fp16", "cpu", scaler, proximal_mu=3.0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)  # one away from where the term was made
+    step(x, y)
+    plain = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    for with_term, without in zip(plain, (p.grad for p in net.parameters())):
+        torch.testing.assert_close(with_term, without + 3.0, rtol=1e-3, atol=1e-3)  # + mu * (w - w_start)

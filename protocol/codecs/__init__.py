@@ -1,0 +1,43 @@
+"""Update codecs: how a delta travels. A codec is named in the aggregator's task config, the schedule and the
+update manifest; the aggregator folds what a codec decodes one tensor at a time (`Codec.parts`).
+
+Adding a codec is one module with a `Codec` subclass and one line in `CODECS`:
+
+- `dense`: every tensor as it is (protocol.tensors);
+- `fp16`: floating tensors as float16;
+- `topk`: the largest `fraction` of each floating tensor, as indices and float16 values (with error feedback
+  on the sender, agent.compression);
+- `dct`: the lowest `fraction` of each floating tensor's DCT coefficients (FedFT).
+
+Any of them can be wrapped in lossless zstd: `<name>+zstd`.
+"""
+
+from __future__ import annotations
+
+from protocol.codecs.base import Codec, Dense, Part, PartialCodec, Sparse
+from protocol.codecs.dct import DctCodec
+from protocol.codecs.dense import DenseCodec
+from protocol.codecs.fp16 import Fp16Codec
+from protocol.codecs.topk import TopKCodec
+from protocol.codecs.zstd import Zstd
+
+CODECS: dict[str, type[Codec]] = {
+    DenseCodec.name: DenseCodec,
+    Fp16Codec.name: Fp16Codec,
+    TopKCodec.name: TopKCodec,
+    DctCodec.name: DctCodec,
+}
+ZSTD_SUFFIX = "+zstd"
+
+
+def make_codec(name: str, fraction: float | None = None) -> Codec:
+    """The codec called `name` (`<codec>` or `<codec>+zstd`); `fraction` for the codecs that keep a part."""
+    base, zstd = (name[: -len(ZSTD_SUFFIX)], True) if name.endswith(ZSTD_SUFFIX) else (name, False)
+    kind = CODECS.get(base)
+    if kind is None:
+        raise ValueError(f"unknown codec {name!r}; known: {sorted(CODECS)} (each also with {ZSTD_SUFFIX})")
+    codec = kind(fraction) if issubclass(kind, PartialCodec) else kind()
+    return Zstd(codec) if zstd else codec
+
+
+__all__ = ["CODECS", "Codec", "Dense", "Part", "Sparse", "make_codec"]

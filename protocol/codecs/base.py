@@ -1,0 +1,104 @@
+"""What an update codec is: it turns a delta (name -> array) into bytes and back into per-tensor parts that a
+running sum can take one at a time, without densifying a sparse update as a whole."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from protocol.errors import ProtocolError
+from protocol.schemas import TensorInfo
+
+#: wire names of the dtypes a codec may leave untouched (integers, flags) or must carry as floats
+FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
+
+
+@dataclass(frozen=True)
+class Dense:
+    """A whole tensor."""
+
+    array: np.ndarray
+
+    def add_into(self, total: np.ndarray, weight: float) -> None:
+        total += np.multiply(self.array, weight, dtype=np.float64)
+
+    def to_dense(self, info: TensorInfo) -> np.ndarray:
+        return self.array.astype(info.dtype, copy=False)
+
+    def is_finite(self) -> bool:
+        return self.array.dtype.kind != "f" or bool(np.isfinite(self.array).all())
+
+
+@dataclass(frozen=True)
+class Sparse:
+    """Values at flat indices of a tensor; zero elsewhere. Indices are unique (a codec's guarantee, checked)."""
+
+    indices: np.ndarray  # int64, flat positions
+    values: np.ndarray
+
+    def add_into(self, total: np.ndarray, weight: float) -> None:
+        flat = total.reshape(-1)
+        flat[self.indices] += np.multiply(self.values, weight, dtype=np.float64)
+
+    def to_dense(self, info: TensorInfo) -> np.ndarray:
+        dense = np.zeros(int(np.prod(info.shape)), dtype=info.dtype)
+        dense[self.indices] = self.values
+        return dense.reshape(info.shape)
+
+    def is_finite(self) -> bool:
+        return bool(np.isfinite(self.values).all())
+
+
+Part = Dense | Sparse
+
+
+class Codec(ABC):
+    """An update codec: `name` is what schedules and manifests carry. `lossy` codecs lose information that an
+    agent can keep as a residual and send later (error feedback)."""
+
+    name: ClassVar[str]
+    lossy: ClassVar[bool]
+
+    @abstractmethod
+    def encode(self, delta: Mapping[str, np.ndarray]) -> bytes:
+        """The bytes of `delta` (every tensor, canonical order)."""
+
+    @abstractmethod
+    def parts(self, payload: bytes | memoryview, layout: list[TensorInfo]) -> Iterator[tuple[str, Part]]:
+        """Each tensor of a payload, checked against `layout` (names, shapes, dtypes, index ranges); raises
+        ProtocolError on anything else, possibly after yielding some parts (validate before folding)."""
+
+    def decode(self, payload: bytes | memoryview, layout: list[TensorInfo]) -> dict[str, np.ndarray]:
+        """The whole delta as dense arrays in the layout's dtypes."""
+        info = {t.name: t for t in layout}
+        return {name: part.to_dense(info[name]) for name, part in self.parts(payload, layout)}
+
+
+class PartialCodec(Codec):
+    """A lossy codec that keeps a `fraction` of each floating tensor (at least one element) and sends it in
+    the per-tensor entries of protocol.codecs.wire."""
+
+    lossy = True
+    default_fraction: ClassVar[float]
+
+    def __init__(self, fraction: float | None = None) -> None:
+        fraction = self.default_fraction if fraction is None else fraction
+        if not 0 < fraction <= 1:
+            raise ValueError(f"{self.name} fraction must be in (0, 1], got {fraction}")
+        self.fraction = fraction
+
+    def kept(self, size: int) -> int:
+        return min(size, max(1, math.ceil(self.fraction * size)))
+
+
+def check_names(found: list[str], layout: list[TensorInfo], what: str) -> None:
+    """Raise ProtocolError unless a payload holds exactly the layout's tensors."""
+    want = {t.name for t in layout}
+    if set(found) != want or len(found) != len(want):
+        missing, extra = sorted(want - set(found)), sorted(set(found) - want)
+        raise ProtocolError(f"{what}: tensor names differ (missing {missing[:5]}, unexpected {extra[:5]})")

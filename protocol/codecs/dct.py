@@ -1,0 +1,74 @@
+"""`dct`: FedFT-style frequency-space updates. Each floating tensor, flattened, goes through an orthonormal
+DCT-II and only its lowest `keep` fraction of coefficients travels (float32); the receiver zero-fills the rest and
+inverts. Integer and boolean tensors travel dense. The transform is linear, so averaging decoded updates equals
+decoding averaged coefficients."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+
+from protocol.codecs.base import FLOAT_DTYPES, Dense, Part, PartialCodec
+from protocol.codecs.wire import (
+    Entry,
+    dense_entry,
+    dense_values,
+    encode_entries,
+    little,
+    read_array,
+    read_entries,
+)
+from protocol.errors import ProtocolError
+from protocol.schemas import TensorInfo
+
+
+class DctCodec(PartialCodec):
+    name = "dct"
+    default_fraction = 0.8  # of the coefficients: 20% fewer bytes, within FedFT's 5-30%
+
+    def encode(self, delta: Mapping[str, np.ndarray]) -> bytes:
+        return encode_entries(delta, self._entry)
+
+    def _entry(self, array: np.ndarray) -> Entry:
+        if array.dtype.name not in FLOAT_DTYPES or array.size < 2:
+            return dense_entry(array)
+        coefficients = dct(array.reshape(-1).astype(np.float64))[: self.kept(array.size)]
+        return Entry(list(array.shape), "float32", coefficients.size, little(coefficients.astype(np.float32)))
+
+    def parts(self, payload: bytes | memoryview, layout: list[TensorInfo]) -> Iterator[tuple[str, Part]]:
+        for info, entry in read_entries(payload, layout):
+            size = math.prod(info.shape)
+            if info.dtype not in FLOAT_DTYPES or size < 2 or entry.index is not None:
+                yield info.name, Dense(dense_values(info, entry))
+                continue
+            if entry.dtype != "float32" or not 0 < entry.count <= size:
+                raise ProtocolError(f"tensor {info.name!r}: not {size} or fewer float32 coefficients")
+            full = np.zeros(size, dtype=np.float64)
+            full[: entry.count] = read_array(entry.data, "float32", entry.count, info.name)
+            yield info.name, Dense(idct(full).reshape(info.shape))
+
+
+def dct(x: np.ndarray) -> np.ndarray:
+    """Orthonormal DCT-II of a 1-D array (Makhoul's reordering and one FFT of the same length)."""
+    n = x.size
+    v = np.concatenate([x[::2], x[1::2][::-1]])
+    y = 2 * (np.fft.fft(v) * np.exp(-0.5j * np.pi * np.arange(n) / n)).real
+    y[0] *= math.sqrt(1 / (4 * n))
+    y[1:] *= math.sqrt(1 / (2 * n))
+    return y
+
+
+def idct(y: np.ndarray) -> np.ndarray:
+    """The inverse of `dct` (an orthonormal DCT-III)."""
+    n = y.size
+    scaled = y * math.sqrt(2 * n)
+    scaled[0] = y[0] * math.sqrt(4 * n)
+    reversed_ = np.concatenate([[0.0], scaled[:0:-1]])
+    v = np.fft.ifft((scaled - 1j * reversed_) * np.exp(0.5j * np.pi * np.arange(n) / n) / 2).real
+    x = np.empty(n)
+    half = (n + 1) // 2
+    x[::2] = v[:half]
+    x[1::2] = v[half:][::-1]
+    return x

@@ -1,0 +1,81 @@
+"""The container of the sparse and transformed codecs: per tensor, either the dense wire tensor of
+protocol.tensors or a compressed entry (the codec says how to read it), in name order, msgpack."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+
+import msgspec
+import numpy as np
+
+from protocol.codecs.base import check_names
+from protocol.errors import ProtocolError
+from protocol.schemas import TensorInfo
+from protocol.tensors import MAX_TENSORS, wire_dtype
+
+
+class Entry(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """One tensor of `shape`. `index` (little-endian uint32 or uint64 flat positions) marks a sparse entry: `data`
+    holds its values in `dtype`. Without `index`, `data` holds `count` leading elements of the codec's
+    representation (all of them for a dense tensor)."""
+
+    shape: list[int]
+    dtype: str
+    count: int
+    data: memoryview
+    index: memoryview | None = None
+    index_dtype: str | None = None
+
+
+_decoder = msgspec.msgpack.Decoder(dict[str, Entry])
+_encoder = msgspec.msgpack.Encoder()
+
+
+def little(array: np.ndarray) -> memoryview:
+    """An array's bytes, little-endian, C order."""
+    return memoryview(
+        np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
+    )
+
+
+def dense_entry(array: np.ndarray) -> Entry:
+    array = np.asarray(array)
+    return Entry(list(array.shape), wire_dtype(array), array.size, little(array))
+
+
+def encode_entries(delta: Mapping[str, np.ndarray], entry: Callable[[np.ndarray], Entry]) -> bytes:
+    return _encoder.encode({name: entry(np.asarray(array)) for name, array in sorted(delta.items())})
+
+
+def read_entries(payload: bytes | memoryview, layout: list[TensorInfo]) -> Iterator[tuple[TensorInfo, Entry]]:
+    """Each entry with the layout it must match; names checked first."""
+    try:
+        entries = _decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"bad update payload: {exc}") from None
+    if len(entries) > MAX_TENSORS:
+        raise ProtocolError(f"update has {len(entries)} tensors; at most {MAX_TENSORS} allowed")
+    check_names(list(entries), layout, "update")
+    for info in layout:
+        entry = entries[info.name]
+        if entry.shape != info.shape:
+            raise ProtocolError(
+                f"update: tensor {info.name!r} has shape {entry.shape}, expected {info.shape}"
+            )
+        yield info, entry
+
+
+def read_array(data: memoryview, dtype: str, count: int, name: str) -> np.ndarray:
+    """`count` little-endian elements of `dtype` (the caller allows it) from `data`, which must hold exactly them."""
+    wire = np.dtype(dtype).newbyteorder("<")
+    if len(data) != count * wire.itemsize:
+        raise ProtocolError(f"tensor {name!r}: {len(data)} bytes for {count} {dtype} values")
+    return np.frombuffer(data, dtype=wire)
+
+
+def dense_values(info: TensorInfo, entry: Entry) -> np.ndarray:
+    """A dense entry as the layout's tensor; raises ProtocolError unless it is exactly that."""
+    if entry.index is not None or entry.dtype != info.dtype or entry.count != math.prod(info.shape):
+        raise ProtocolError(f"tensor {info.name!r}: expected a dense {info.dtype}{info.shape}")
+    return read_array(entry.data, entry.dtype, entry.count, info.name).reshape(info.shape)

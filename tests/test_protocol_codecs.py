@@ -1,0 +1,153 @@
+"""Update codecs: round trips (shapes, dtypes; integer and boolean tensors untouched), what each keeps, sparse
+folding without densifying, the registry and zstd, and strict rejection of malformed payloads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from protocol.codecs import CODECS, Sparse, make_codec
+from protocol.codecs.dct import dct, idct
+from protocol.errors import ProtocolError
+from protocol.tensors import describe, encode_state
+
+ALL = [name + suffix for name in CODECS for suffix in ("", "+zstd")]
+
+
+def delta(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "conv.weight": (rng.normal(size=(16, 3, 3, 3)) * 1e-2).astype(np.float32),
+        "fc.bias": rng.normal(size=10).astype(np.float32),
+        "bn.num_batches_tracked": np.array(7, dtype=np.int64),
+        "mask": rng.random(5) < 0.5,
+        "scalar": np.array(0.25, dtype=np.float32),
+        "empty": np.zeros((0, 4), dtype=np.float32),
+    }
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_codec_round_trips_shapes_dtypes_and_leaves_integers_and_flags_untouched(name):
+    d = delta()
+    out = make_codec(name).decode(make_codec(name).encode(d), describe(d))
+    assert sorted(out) == sorted(d)
+    for key, array in d.items():
+        assert out[key].shape == array.shape and out[key].dtype == array.dtype, key
+    assert out["bn.num_batches_tracked"] == 7 and np.array_equal(out["mask"], d["mask"])
+
+
+@pytest.mark.parametrize("name", ["dense", "dense+zstd"])
+def test_dense_is_exact_and_is_todays_wire_format(name):
+    d = delta()
+    payload = make_codec(name).encode(d)
+    assert name.endswith("zstd") or payload == encode_state(d)
+    out = make_codec(name).decode(payload, describe(d))
+    assert all(np.array_equal(out[k], d[k]) for k in d)
+
+
+def test_fp16_halves_float_bytes_and_rounds_like_float16():
+    d = {"w": np.random.default_rng(1).normal(size=(256, 256)).astype(np.float32)}
+    payload = make_codec("fp16").encode(d)
+    assert len(encode_state(d)) / len(payload) > 1.99
+    out = make_codec("fp16").decode(payload, describe(d))
+    assert np.array_equal(out["w"], d["w"].astype(np.float16).astype(np.float32))
+
+
+def test_fp16_saturates_instead_of_overflowing_to_infinity():
+    d = {"w": np.array([1e6, -1e6, 1.0], dtype=np.float32)}
+    out = make_codec("fp16").decode(make_codec("fp16").encode(d), describe(d))
+    assert np.isfinite(out["w"]).all() and out["w"][0] == 65504
+
+
+def test_topk_keeps_the_largest_magnitudes_of_each_float_tensor():
+    rng = np.random.default_rng(2)
+    d = {"w": rng.normal(size=(100, 50)).astype(np.float32), "b": rng.normal(size=7).astype(np.float32)}
+    codec = make_codec("topk", 0.1)
+    out = codec.decode(codec.encode(d), describe(d))
+    kept = np.flatnonzero(out["w"])
+    assert len(kept) == 500
+    assert set(kept) == set(np.argsort(np.abs(d["w"]).ravel())[-500:])
+    assert np.allclose(out["w"].ravel()[kept], d["w"].ravel()[kept], rtol=1e-3)
+    assert np.count_nonzero(out["b"]) == 1 and out["b"][np.argmax(np.abs(d["b"]))] != 0
+
+
+def test_topk_at_one_percent_is_over_fifty_times_smaller_than_dense():
+    d = {"w": np.random.default_rng(3).normal(size=(512, 512)).astype(np.float32)}
+    assert len(encode_state(d)) / len(make_codec("topk", 0.01).encode(d)) > 60
+
+
+def test_sparse_parts_fold_into_a_running_sum_without_densifying():
+    d = {"w": np.random.default_rng(4).normal(size=(40, 40)).astype(np.float32)}
+    codec = make_codec("topk", 0.05)
+    parts = dict(codec.parts(codec.encode(d), describe(d)))
+    assert isinstance(parts["w"], Sparse) and parts["w"].values.size == 80
+    total = np.zeros((40, 40))
+    parts["w"].add_into(total, 2.0)
+    parts["w"].add_into(total, 0.5)
+    assert np.allclose(total, 2.5 * codec.decode(codec.encode(d), describe(d))["w"])
+
+
+def test_dct_matches_the_orthonormal_dct_and_inverts():
+    from scipy.fft import dct as reference
+
+    for n in (2, 3, 64, 1001):
+        x = np.random.default_rng(n).normal(size=n)
+        assert np.allclose(dct(x), reference(x, norm="ortho"))
+        assert np.allclose(idct(dct(x)), x)
+
+
+def test_dct_keeps_the_lowest_frequencies_and_is_exact_when_keeping_all():
+    x = np.cos(np.linspace(0, 3, 1000)).astype(np.float32)  # smooth: its energy is at low frequencies
+    d = {"w": x}
+    low = make_codec("dct", 0.1)
+    payload = low.encode(d)
+    assert len(encode_state(d)) / len(payload) > 9
+    assert np.abs(low.decode(payload, describe(d))["w"] - x).max() < 1e-3
+    exact = make_codec("dct", 1.0)
+    assert np.allclose(exact.decode(exact.encode(d), describe(d))["w"], x, atol=1e-6)
+
+
+def test_unknown_codec_names_and_fractions_are_refused():
+    with pytest.raises(ValueError, match="unknown codec"):
+        make_codec("gzip")
+    with pytest.raises(ValueError, match="fraction"):
+        make_codec("topk", 0.0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_payload_for_another_layout_is_rejected(name):
+    d = delta()
+    payload = make_codec(name).encode(d)
+    other = dict(d, **{"fc.bias": np.zeros(11, dtype=np.float32)})
+    with pytest.raises(ProtocolError):
+        make_codec(name).decode(payload, describe(other))
+    with pytest.raises(ProtocolError):
+        make_codec(name).decode(payload, describe({k: v for k, v in d.items() if k != "mask"}))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_garbage_is_a_protocol_error(name):
+    with pytest.raises(ProtocolError):
+        make_codec(name).decode(b"\x93not a payload", describe(delta()))
+
+
+def test_topk_rejects_repeated_or_out_of_range_indices():
+    import msgspec
+
+    from protocol.codecs.wire import Entry, little
+
+    d = {"w": np.zeros(10, dtype=np.float32)}
+    for index in ([3, 3], [2, 10], [5, 1]):
+        entry = Entry(
+            [10], "float16", 2, little(np.ones(2, np.float16)), little(np.array(index, np.uint32)), "uint32"
+        )
+        with pytest.raises(ProtocolError, match="indices"):
+            make_codec("topk").decode(msgspec.msgpack.encode({"w": entry}), describe(d))
+
+
+def test_zstd_refuses_to_expand_beyond_what_the_layout_holds():
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (8 << 20))
+    with pytest.raises(ProtocolError, match="zstd"):
+        make_codec("dense+zstd").decode(bomb, describe({"w": np.zeros(4, np.float32)}))
