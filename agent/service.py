@@ -1,7 +1,7 @@
 """The edge agent: MQTT session, global model cache, rounds of co-located task processes, update upload.
 
 One thread (`run`) handles everything that changes state: MQTT messages, task outcomes and timers arrive
-through one queue. Task processes are warm workers (`agent.workers.WorkerPool`, one per task, kept across
+through one queue; an error while handling one of them drops it with a log line. Task processes are warm workers (`agent.workers.WorkerPool`, one per task, kept across
 rounds); `agent.runner` threads drive them and only enqueue what happened.
 """
 
@@ -28,6 +28,7 @@ from agent.receipts import ReceiptLog
 from agent.runner import TaskOutcome, TaskWork, run_round
 from agent.telemetry import read_telemetry
 from agent.workers import Launch, Lease, WorkerPool
+from common.daemon import drop_on_error
 from protocol import ProtocolError, topics
 from protocol.chunking import Reassembler, transfer_info
 from protocol.inbox import TransferInbox
@@ -170,7 +171,8 @@ class Agent:
             self.mps.stop()  # only a daemon this agent started
 
     def handle(self, item: object) -> None:
-        try:
+        """Handle one message, connection event or round event; an error drops it with one log line."""
+        with drop_on_error(log, item):
             if isinstance(item, Incoming):
                 self.on_message(item)
             elif isinstance(item, LinkEvent) and item.connected:
@@ -181,8 +183,6 @@ class Agent:
                 self.on_task_started(item)
             elif isinstance(item, RoundDone):
                 self.on_round_done(item)
-        except ProtocolError as exc:
-            log.warning("dropped bad input: %s", exc)
 
     def tick(self, now: float) -> None:
         if not self.link.connected.is_set():
@@ -232,7 +232,10 @@ class Agent:
         else:
             delivery = self.globals.add_chunk(decode(payload, Chunk))
         if delivery is not None:
-            self.cache.store(delivery.manifest, delivery.path)
+            try:
+                self.cache.store(delivery.manifest, delivery.path)
+            finally:
+                delivery.path.unlink(missing_ok=True)  # moved into the cache, or rejected
             log.info("global model %s v%d cached", delivery.manifest.task, delivery.manifest.version)
             self._mark_ready(delivery.manifest.task, delivery.manifest.version)
 
@@ -264,7 +267,12 @@ class Agent:
             else:
                 to_train.append(assignment)
         if to_train:
-            self._start(active, to_train)
+            try:
+                self._start(active, to_train)
+            except Exception as exc:
+                for assignment in to_train:  # so the aggregator stops waiting for them
+                    self.emit_event("failed", schedule.round, assignment.task, f"error: {exc}"[:2000])
+                raise
 
     def on_outcome(self, item: RoundOutcome) -> None:
         current = self.round
@@ -332,23 +340,28 @@ class Agent:
                 self.pool.prestart(launch.task, launch, self._prepare(current.planned[launch.task]))
 
     def on_receipt(self, receipt: Receipt) -> None:
+        """The aggregator's answer to an update in the outbox (receipts for other ids change nothing)."""
+        pending = self.outbox.get(receipt.update_id)
+        if pending is None:
+            return
+        manifest = pending.manifest
         if receipt.status == "rejected":
             log.error(
                 "update %s for %s round %d rejected: %s",
                 receipt.update_id,
-                receipt.task,
-                receipt.round,
+                manifest.task,
+                manifest.round,
                 receipt.reason,
             )
         else:
-            self.receipts.mark_done(receipt.task, receipt.round)
-        if self.outbox.remove(receipt.update_id):
-            self._sent_at.pop(receipt.update_id, None)
-            sent = self._first_sent_at.pop(receipt.update_id, None)
-            if sent is not None and receipt.status != "rejected":
-                self.emit_event(
-                    "acknowledged", receipt.round, receipt.task, metrics={"upload_s": time.monotonic() - sent}
-                )
+            self.receipts.mark_done(manifest.task, manifest.round)
+        self.outbox.remove(receipt.update_id)
+        self._sent_at.pop(receipt.update_id, None)
+        sent = self._first_sent_at.pop(receipt.update_id, None)
+        if sent is not None and receipt.status != "rejected":
+            self.emit_event(
+                "acknowledged", manifest.round, manifest.task, metrics={"upload_s": time.monotonic() - sent}
+            )
 
     # --- actions ----------------------------------------------------------------------------------------
 

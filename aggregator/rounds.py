@@ -9,6 +9,7 @@ the current one are final. Everything accepted is in the ledger before a receipt
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,7 @@ class Coordinator:
         if current is not None and current.state == "open":
             self._resume(current)
             out.schedules = self.schedules()
+        self._remove_orphaned_updates()
         return out
 
     def _resume(self, record: RoundRecord) -> None:
@@ -122,6 +124,24 @@ class Coordinator:
                     task_round.reported.add(update.device)
             self.task_rounds[task] = task_round
         log.info("resumed round %d (%d tasks)", record.round, len(record.tasks))
+
+    def _remove_orphaned_updates(self) -> None:
+        """Delete update payloads that no open task round holds in the ledger: moved but never recorded (the
+        process stopped in between), or left behind by a round already finalised."""
+        keep = {
+            update.payload_path.resolve()
+            for task, task_round in self.task_rounds.items()
+            if not task_round.final
+            for update in self.ledger.updates_for(task, self.round.round)
+        }
+        orphans = [p for p in self.updates_dir.rglob("*") if p.is_file() and p.resolve() not in keep]
+        for path in orphans:
+            path.unlink()
+        for folder in sorted((p for p in self.updates_dir.rglob("*") if p.is_dir()), reverse=True):
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        if orphans:
+            log.warning("removed %d update payloads no open round holds: %s", len(orphans), orphans[:5])
 
     # --- device registry --------------------------------------------------------------------------------
 
@@ -158,38 +178,38 @@ class Coordinator:
         )
         return self.receipt(manifest, "duplicate" if same else "rejected", "" if same else "update id reused")
 
-    def accept_update(self, manifest: UpdateManifest, payload_path: Path, sender: str) -> Receipt:
-        """Validate an update fully, record it durably, fold it; the receipt says what happened."""
+    def accept_update(self, manifest: UpdateManifest, payload_path: Path) -> Receipt:
+        """Validate an update fully, record it durably, fold it; the receipt says what happened.
+
+        The caller has checked that the device the manifest names sent it (its topic). A disk that is full (or
+        fails) while the update is stored refuses it with a receipt and leaves no file behind.
+        """
         try:
-            task_round = self._check_update(manifest, sender)
+            task_round = self._check_update(manifest)
             delta = decode_state(payload_path.read_bytes())
             task_round.fedavg.validate(delta, manifest.samples)
         except ProtocolError as exc:
             payload_path.unlink(missing_ok=True)
-            log.warning("rejected update %s from %s: %s", manifest.update_id, sender, exc)
+            log.warning("rejected update %s from %s: %s", manifest.update_id, manifest.device, exc)
             return self.receipt(manifest, "rejected", str(exc))
-        durable = (
-            self.updates_dir
-            / manifest.task
-            / f"r{manifest.round:06d}"
-            / f"{manifest.device}.{manifest.update_id}.state"
-        )
-        durable.parent.mkdir(parents=True, exist_ok=True)
-        move_durably(payload_path, durable)
-        outcome = self.ledger.record_update(
-            manifest.task,
-            manifest.round,
-            manifest.device,
-            manifest.update_id,
-            manifest.samples,
-            durable,
-            manifest.transfer.sha256,
-            time.time(),
-        )
+        known = self.known_update(manifest)  # recorded while this copy was in transit: keep the recorded file
+        if known is None and manifest.device in task_round.reported:
+            known = self.receipt(manifest, "rejected", "device already reported")
+        if known is not None:
+            payload_path.unlink(missing_ok=True)
+            return known
+        try:
+            outcome, durable = self._record(manifest, payload_path)
+        except (OSError, sqlite3.OperationalError) as exc:
+            log.error(
+                "refused update %s from %s: cannot store it: %s", manifest.update_id, manifest.device, exc
+            )
+            return self.receipt(manifest, "rejected", f"the aggregator cannot store updates now: {exc}")
+        if outcome == "duplicate":  # the ledger holds this very update at `durable`: keep the file
+            return self.receipt(manifest, "duplicate")
         if outcome != "accepted":
             durable.unlink(missing_ok=True)
-            status = "duplicate" if outcome == "duplicate" else "rejected"
-            return self.receipt(manifest, status, "" if status == "duplicate" else "device already reported")
+            return self.receipt(manifest, "rejected", "device already reported")
         task_round.fedavg.fold(delta, manifest.samples)
         task_round.reported.add(manifest.device)
         log.info(
@@ -203,9 +223,34 @@ class Coordinator:
         )
         return self.receipt(manifest, "accepted")
 
-    def _check_update(self, manifest: UpdateManifest, sender: str) -> TaskRound:
-        if manifest.device != sender:
-            raise ProtocolError(f"update names device {manifest.device} but was sent by {sender}")
+    def _record(self, manifest: UpdateManifest, payload_path: Path) -> tuple[str, Path]:
+        """Move the payload to its durable place and record it in the ledger; on failure delete both files."""
+        durable = (
+            self.updates_dir
+            / manifest.task
+            / f"r{manifest.round:06d}"
+            / f"{manifest.device}.{manifest.update_id}.state"
+        )
+        try:
+            durable.parent.mkdir(parents=True, exist_ok=True)
+            move_durably(payload_path, durable)
+            outcome = self.ledger.record_update(
+                manifest.task,
+                manifest.round,
+                manifest.device,
+                manifest.update_id,
+                manifest.samples,
+                durable,
+                manifest.transfer.sha256,
+                time.time(),
+            )
+        except BaseException:
+            payload_path.unlink(missing_ok=True)
+            durable.unlink(missing_ok=True)
+            raise
+        return outcome, durable
+
+    def _check_update(self, manifest: UpdateManifest) -> TaskRound:
         if manifest.task not in self.config.tasks:
             raise ProtocolError(f"unknown task {manifest.task}")
         task_round = self.task_rounds.get(manifest.task)

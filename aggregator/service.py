@@ -1,6 +1,7 @@
 """The aggregator daemon: MQTT in, the round coordinator in the middle, retained globals and schedules out.
 
-One thread (`run`) handles every message and timer, so the coordinator needs no locks.
+One thread (`run`) handles every message and timer, so the coordinator needs no locks. An error while handling
+one message drops that message with a log line; update transfers are admitted against the spool quotas.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import threading
 import time
 from pathlib import Path
 
+from aggregator.admission import Refused, UpdateAdmission
 from aggregator.config import AggregatorConfig
 from aggregator.rounds import Coordinator, GlobalModel, Outbound
+from common.daemon import drop_on_error
 from protocol import ProtocolError, topics
 from protocol.chunking import Reassembler
 from protocol.inbox import TransferInbox
@@ -53,7 +56,7 @@ class AggregatorService:
             ),
             lambda m: m.transfer,
         )
-        self.senders: dict[str, str] = {}  # transfer id -> device whose topic it arrived on
+        self.admission = UpdateAdmission(transfers)
         self.telemetry: dict[str, Telemetry] = {}
         self.link = MqttLink(config.mqtt, "fedmt-aggregator", SUBSCRIPTIONS, persistent_session=True)
         self._published_chunks: dict[str, int] = {}
@@ -73,26 +76,24 @@ class AggregatorService:
                     next_tick = now + tick_s
                     self.publish(self.coordinator.tick())
                     for dropped in self.updates.expire(now):
-                        self.senders.pop(dropped, None)
                         log.warning("dropped incomplete update transfer %s", dropped)
+                    self.admission.forget_gone(self.updates.held_bytes())
         finally:
             self.link.stop()
             self.coordinator.ledger.close()
 
-    def handle(self, item: object) -> None:
-        if isinstance(item, LinkEvent):
-            if item.connected:  # republish retained state: idempotent, and repairs a broker that lost it
+    def handle(self, item: Incoming | LinkEvent) -> None:
+        """Handle one message or connection event; an error drops it with one log line."""
+        with drop_on_error(log, item):
+            if isinstance(item, Incoming):
+                self.on_message(item)
+            elif item.connected:  # republish retained state: idempotent, and repairs a broker that lost it
                 self.publish(
                     Outbound(
                         globals=list(self.coordinator.globals.values()),
                         schedules=self.coordinator.schedules(),
                     )
                 )
-            return
-        try:
-            self.on_message(item)
-        except ProtocolError as exc:
-            log.warning("dropped message on %s: %s", item.topic, exc)
 
     def on_message(self, message: Incoming) -> None:
         ref = topics.parse(message.topic)
@@ -126,6 +127,8 @@ class AggregatorService:
             self.telemetry[ref.device] = telemetry
 
     def on_update_part(self, ref: topics.TopicRef, payload: bytes) -> None:
+        """A chunk or the manifest of an update transfer. The manifest must name the device and task of its
+        topic (the one sender check); the transfer must be admitted (quotas) and fit on the disk."""
         if ref.part == "manifest":
             manifest = decode(payload, UpdateManifest)
             if (manifest.device, manifest.task) != (ref.device, ref.task):
@@ -133,20 +136,45 @@ class AggregatorService:
                 self.send_receipt(ref.device, Coordinator.receipt(manifest, "rejected", reason))
                 return
             receipt = self.coordinator.known_update(manifest)
+            if receipt is None and (
+                refusal := self._admit(manifest.transfer.id, ref.device, manifest.transfer.size)
+            ):
+                receipt = Coordinator.receipt(manifest, "rejected", refusal)
             if receipt is not None:
                 self.send_receipt(ref.device, receipt)
                 return
-            self._claim(manifest.transfer.id, ref.device)
             delivery = self.updates.add_manifest(manifest)
         else:
             chunk = decode(payload, Chunk)
-            self._claim(chunk.transfer, ref.device)
-            delivery = self.updates.add_chunk(chunk)
+            if self._admit(chunk.transfer, ref.device, chunk.size):
+                return
+            try:
+                delivery = self.updates.add_chunk(chunk)
+            except OSError as exc:  # the spool file cannot be written: refuse the transfer, keep running
+                self._refuse(chunk.transfer, f"the aggregator cannot spool updates now: {exc}")
+                return
         if delivery is not None:
-            sender = self.senders.pop(delivery.manifest.transfer.id)
-            self.send_receipt(
-                sender, self.coordinator.accept_update(delivery.manifest, delivery.path, sender)
-            )
+            self.admission.release(delivery.manifest.transfer.id)
+            self.send_receipt(ref.device, self.coordinator.accept_update(delivery.manifest, delivery.path))
+
+    def _admit(self, transfer_id: str, device: str, size: int) -> str | None:
+        """Why the transfer may not go on (a quota; logged once per transfer), or None."""
+        try:
+            self.admission.claim(transfer_id, device, size, self.updates.held_bytes)
+        except Refused as refused:
+            if refused.new:
+                log.warning("refused update transfer %s of %s: %s", transfer_id, device, refused)
+            return str(refused)
+        return None
+
+    def _refuse(self, transfer_id: str, reason: str) -> None:
+        """Refuse a transfer already under way: drop what is held of it, answer its manifest if it came."""
+        log.error("refused update transfer %s: %s", transfer_id, reason)
+        device = self.admission.owners.get(transfer_id)
+        manifest = self.updates.discard(transfer_id)
+        self.admission.refuse(transfer_id, reason)
+        if manifest is not None and device is not None:
+            self.send_receipt(device, Coordinator.receipt(manifest, "rejected", reason))
 
     def send_receipt(self, device: str, receipt: Receipt) -> None:
         self.link.publish(topics.device(device, "receipts"), encode(receipt))
@@ -170,11 +198,6 @@ class AggregatorService:
         log.info(
             "published global %s v%d (%d bytes)", manifest.task, manifest.version, manifest.transfer.size
         )
-
-    def _claim(self, transfer_id: str, device: str) -> None:
-        owner = self.senders.setdefault(transfer_id, device)
-        if owner != device:
-            raise ProtocolError(f"transfer {transfer_id} belongs to {owner}; {device} cannot add to it")
 
 
 def _check_sender(claimed: str, topic_device: str) -> None:

@@ -1,4 +1,5 @@
-"""Process plumbing shared by both daemons: the CLI entry, logging, and a stop event set by SIGTERM/SIGINT."""
+"""Process plumbing shared by both daemons: the CLI entry, logging, a stop event set by SIGTERM/SIGINT, and the
+fence around the handling of one input."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 from common.config import ConfigError
+from protocol import ProtocolError
 
 
 def cli_parser(prog: str, description: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -53,3 +56,24 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return stop
+
+
+@contextmanager
+def drop_on_error(log: logging.Logger, item: object) -> Iterator[None]:
+    """Handle one input (a message, an event): any error drops it with one log line and the service goes on.
+
+    A ProtocolError is bad input (a warning); anything else is an error of this service, logged as such with
+    its traceback at DEBUG level.
+    """
+    try:
+        yield
+    except ProtocolError as exc:
+        log.warning("dropped %s: %.500s", _describe(item), exc)
+    except Exception as exc:  # noqa: BLE001 - the fence: no single input may stop a service
+        log.error("dropped %s: %s: %.500s", _describe(item), type(exc).__name__, exc)
+        log.debug("traceback of the dropped input", exc_info=True)
+
+
+def _describe(item: object) -> str:
+    topic = getattr(item, "topic", None)
+    return f"message on {topic[:200]!r}" if isinstance(topic, str) else type(item).__name__

@@ -66,7 +66,7 @@ def update(coordinator: Coordinator, tmp_path, device: str, delta: dict, samples
         codec="delta",
         transfer=transfer_info(update_id, payload),
     )
-    return coordinator.accept_update(manifest, path, device)
+    return coordinator.accept_update(manifest, path)
 
 
 def delta(value: float) -> dict:
