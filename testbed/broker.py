@@ -61,7 +61,7 @@ class Mosquitto:
     users: dict[str, str]
     port: int = field(default_factory=free_port)
     use_docker: bool | None = None
-    message_size_limit: int = 4 << 20
+    max_packet_size: int = 4 << 20
     host: str = "127.0.0.1"
     _process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _container: str | None = field(default=None, init=False, repr=False)
@@ -148,9 +148,11 @@ class Mosquitto:
                 f"password_file {config_dir}/passwd",
                 f"acl_file {config_dir}/acl",
                 listener,
-                f"message_size_limit {self.message_size_limit}",
+                f"max_packet_size {self.max_packet_size}",
                 "max_inflight_messages 64",
                 "max_queued_messages 20000",
+                "max_queued_bytes 1073741824",
+                "memory_limit 4294967296",
                 "persistence true",
                 f"persistence_location {data_dir}/",
                 log,
