@@ -32,6 +32,7 @@ from common.daemon import drop_on_error
 from protocol import ProtocolError, topics
 from protocol.chunking import Reassembler, transfer_info
 from protocol.inbox import TransferInbox
+from protocol.limits import MAX_TEXT
 from protocol.schemas import (
     Chunk,
     Event,
@@ -271,7 +272,7 @@ class Agent:
                 self._start(active, to_train)
             except Exception as exc:
                 for assignment in to_train:  # so the aggregator stops waiting for them
-                    self.emit_event("failed", schedule.round, assignment.task, f"error: {exc}"[:2000])
+                    self.emit_event("failed", schedule.round, assignment.task, f"error: {exc}")
                 raise
 
     def on_outcome(self, item: RoundOutcome) -> None:
@@ -390,7 +391,7 @@ class Agent:
             kind=kind,
             round=round_,
             task=task,
-            message=message,
+            message=message[:MAX_TEXT],  # a long error would make the whole event invalid
             metrics=metrics or {},
         )
         self.link.publish(topics.device(self.device, "events"), encode(event))

@@ -41,5 +41,8 @@ MAX_TIMESTAMP = 1e11
 MAX_TEXT = 2000
 MAX_SHORT_TEXT = 256
 MAX_PATH = 4096
-#: entries of a metrics map or of a string map in a profile
+#: entries of a string map in a profile
 MAX_MAP_ENTRIES = 64
+#: entries of a metrics map (a plan event has two per task) and the length of a metric's name
+MAX_METRICS = 256
+MAX_METRIC_NAME = 128

@@ -35,7 +35,9 @@ LocalSteps = Annotated[int, Meta(ge=1, le=lim.MAX_LOCAL_STEPS)]
 Text = Annotated[str, Meta(max_length=lim.MAX_TEXT)]
 ShortText = Annotated[str, Meta(max_length=lim.MAX_SHORT_TEXT)]
 PathText = Annotated[str, Meta(max_length=lim.MAX_PATH)]
-Metrics = Annotated[dict[Annotated[str, Meta(max_length=64)], float], Meta(max_length=lim.MAX_MAP_ENTRIES)]
+Metrics = Annotated[
+    dict[Annotated[str, Meta(max_length=lim.MAX_METRIC_NAME)], float], Meta(max_length=lim.MAX_METRICS)
+]
 UpdateCodec = Literal["delta"]
 #: how a device's task processes share its GPU (agent/policies.py)
 ExecutionPolicy = Literal["temporal", "concurrent", "isolated", "sharing", "fedmt"]

@@ -567,7 +567,9 @@ def _check_secure(conf: dict[str, list[str]], config_dir: str) -> None:
     assert conf["persistence"][-1] == "true"
     assert message_limit(conf) >= required_message_size(), (message_limit(conf), required_message_size())
     for key in BROKER_LIMITS:
-        assert int(conf[key][-1]) > 0, f"{key} must be set and positive: without it one client can exhaust the broker"
+        assert int(conf[key][-1]) > 0, (
+            f"{key} must be set and positive: without it one client can exhaust the broker"
+        )
 
 
 def test_mosquitto_conf_is_authenticated_persistent_and_fits_chunks():
@@ -617,7 +619,9 @@ def test_shipped_mosquitto_conf_starts_with_the_local_binary_and_enforces_its_pa
                 time.sleep(0.1)
         client.loop_start()
         limit = message_limit(_conf())
-        client.publish("fedmt/v1/tasks/t/global/chunks/0", bytes(DEFAULT_CHUNK_SIZE), qos=1).wait_for_publish(10)
+        client.publish("fedmt/v1/tasks/t/global/chunks/0", bytes(DEFAULT_CHUNK_SIZE), qos=1).wait_for_publish(
+            10
+        )
         assert not disconnected.is_set() and broker.poll() is None
         client.publish("fedmt/v1/tasks/t/global/chunks/1", bytes(limit), qos=1)
         assert disconnected.wait(10), "a packet over max_packet_size was accepted"
