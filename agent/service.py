@@ -270,10 +270,12 @@ class Agent:
         if to_train:
             try:
                 self._start(active, to_train)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - e.g. a model this agent cannot build: the tasks fail
+                log.error(
+                    "round %d: cannot start its tasks: %s: %.500s", schedule.round, type(exc).__name__, exc
+                )
                 for assignment in to_train:  # so the aggregator stops waiting for them
-                    self.emit_event("failed", schedule.round, assignment.task, f"error: {exc}")
-                raise
+                    self.emit_event("failed", schedule.round, assignment.task, f"cannot start: {exc}")
 
     def on_outcome(self, item: RoundOutcome) -> None:
         current = self.round

@@ -26,7 +26,7 @@ class Refused(Exception):
 class UpdateAdmission:
     def __init__(self, limits: TransferConfig, remember_refused: int = 4096) -> None:
         self.limits = limits
-        self.owners: dict[str, str] = {}  # transfer id -> device whose topic it arrived on
+        self.owners: dict[str, tuple[str, int]] = {}  # transfer id -> (device whose topic it came on, size)
         self._refused: dict[str, str] = {}  # transfer id -> reason; insertion-ordered, bounded
         self._remember = remember_refused
 
@@ -34,7 +34,8 @@ class UpdateAdmission:
         """Admit a message of `device` for a transfer of `size` bytes; `held()` gives every transfer the spool
         holds and its size (asked only for a new transfer).
 
-        Raises Refused for a refused transfer (now or earlier), ProtocolError for another device's transfer.
+        Raises Refused for a refused transfer (now or earlier), ProtocolError for another device's transfer or
+        for a size other than the one the transfer was admitted with.
         """
         reason = self._refused.get(transfer_id)
         if reason is not None:
@@ -45,9 +46,11 @@ class UpdateAdmission:
             if reason is not None:
                 self.refuse(transfer_id, reason)
                 raise Refused(reason, new=True)
-            self.owners[transfer_id] = device
-        elif owner != device:
-            raise ProtocolError(f"transfer {transfer_id} belongs to {owner}; {device} cannot add to it")
+            self.owners[transfer_id] = (device, size)
+        elif owner[0] != device:
+            raise ProtocolError(f"transfer {transfer_id} belongs to {owner[0]}; {device} cannot add to it")
+        elif owner[1] != size:
+            raise ProtocolError(f"transfer {transfer_id} was admitted with {owner[1]} bytes, not {size}")
 
     def refuse(self, transfer_id: str, reason: str) -> None:
         """Refuse a transfer from now on (its owner is forgotten)."""
@@ -56,9 +59,9 @@ class UpdateAdmission:
         if len(self._refused) > self._remember:
             self._refused.pop(next(iter(self._refused)))
 
-    def release(self, transfer_id: str) -> str | None:
-        """Forget a transfer that left the spool; return the device that sent it."""
-        return self.owners.pop(transfer_id, None)
+    def release(self, transfer_id: str) -> None:
+        """Forget a transfer that left the spool."""
+        self.owners.pop(transfer_id, None)
 
     def forget_gone(self, held: Mapping[str, int]) -> None:
         """Forget the owners of transfers the spool no longer holds (rejected, expired or delivered)."""
@@ -69,7 +72,7 @@ class UpdateAdmission:
         limits = self.limits
         if size > limits.max_update_bytes:
             return f"update of {size} bytes exceeds max_update_bytes {limits.max_update_bytes}"
-        mine = [held[t] for t, owner in self.owners.items() if owner == device and t in held]
+        mine = [held[t] for t, (owner, _) in self.owners.items() if owner == device and t in held]
         if len(mine) >= limits.max_device_transfers:
             return f"quota: {device} already has {len(mine)} transfers in progress (max_device_transfers)"
         if sum(mine) + size > limits.max_device_spool_bytes:

@@ -74,13 +74,17 @@ class AggregatorService:
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick_s
-                    self.publish(self.coordinator.tick())
-                    for dropped in self.updates.expire(now):
-                        log.warning("dropped incomplete update transfer %s", dropped)
-                    self.admission.forget_gone(self.updates.held_bytes())
+                    self.tick(now)
         finally:
             self.link.stop()
             self.coordinator.ledger.close()
+
+    def tick(self, now: float) -> None:
+        """Timers: finalise or open rounds, drop stalled transfers (`now`: time.monotonic())."""
+        self.publish(self.coordinator.tick())
+        for dropped in self.updates.expire(now):
+            log.warning("dropped incomplete update transfer %s", dropped)
+        self.admission.forget_gone(self.updates.held_bytes())
 
     def handle(self, item: Incoming | LinkEvent) -> None:
         """Handle one message or connection event; an error drops it with one log line."""
@@ -155,7 +159,11 @@ class AggregatorService:
                 return
         if delivery is not None:
             self.admission.release(delivery.manifest.transfer.id)
-            self.send_receipt(ref.device, self.coordinator.accept_update(delivery.manifest, delivery.path))
+            try:
+                receipt = self.coordinator.accept_update(delivery.manifest, delivery.path)
+            finally:
+                delivery.path.unlink(missing_ok=True)  # moved to the updates folder, or rejected
+            self.send_receipt(ref.device, receipt)
 
     def _admit(self, transfer_id: str, device: str, size: int) -> str | None:
         """Why the transfer may not go on (a quota; logged once per transfer), or None."""
@@ -170,11 +178,10 @@ class AggregatorService:
     def _refuse(self, transfer_id: str, reason: str) -> None:
         """Refuse a transfer already under way: drop what is held of it, answer its manifest if it came."""
         log.error("refused update transfer %s: %s", transfer_id, reason)
-        device = self.admission.owners.get(transfer_id)
         manifest = self.updates.discard(transfer_id)
         self.admission.refuse(transfer_id, reason)
-        if manifest is not None and device is not None:
-            self.send_receipt(device, Coordinator.receipt(manifest, "rejected", reason))
+        if manifest is not None:
+            self.send_receipt(manifest.device, Coordinator.receipt(manifest, "rejected", reason))
 
     def send_receipt(self, device: str, receipt: Receipt) -> None:
         self.link.publish(topics.device(device, "receipts"), encode(receipt))
