@@ -100,14 +100,19 @@ class AggregatorService:
                 )
 
     def on_message(self, message: Incoming) -> None:
+        if message.retain and message.payload and not topics.retained_by_devices(message.topic):
+            self.link.publish(message.topic, b"", retain=True)  # the broker keeps no device junk
+            log.warning(
+                "cleared a retained message on %.200r: devices retain only status and profile", message.topic
+            )
         ref = topics.parse(message.topic)
-        if ref.kind == "update":
-            self.on_update_part(ref, message.payload)
-        elif ref.kind == "status":
+        if ref.kind == "status":
             online = bool(message.payload) and decode(message.payload, Status).state == "online"
             self.coordinator.device_status(ref.device, online)
         elif not message.payload:
             return
+        elif ref.kind == "update":
+            self.on_update_part(ref, message.payload)
         elif ref.kind == "profile":
             profile = decode(message.payload, DeviceProfile)
             _check_sender(profile.device, ref.device)

@@ -27,6 +27,7 @@ from protocol.limits import MAX_CHUNKS
 
 PREFIX = "fedmt/v1"
 DEVICE_LEAVES = ("status", "profile", "telemetry", "events", "schedule", "receipts")
+RETAINED_BY_DEVICES = ("status", "profile")  # a device's other messages are never retained
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"  # \Z: `$` would admit a trailing newline
 _NAME = re.compile(NAME_PATTERN)
 _CHUNK_INDEX = re.compile(rf"^(0|[1-9][0-9]{{0,{len(str(MAX_CHUNKS - 1)) - 1}}})\Z")
@@ -46,6 +47,12 @@ def device(device_id: str, leaf: str) -> str:
     if leaf not in DEVICE_LEAVES:
         raise ValueError(f"unknown device channel {leaf!r}; expected one of {DEVICE_LEAVES}")
     return f"{PREFIX}/devices/{check_name('device', device_id)}/{leaf}"
+
+
+def retained_by_devices(topic: str) -> bool:
+    """Whether a device may leave a retained message on `topic`: only its status and profile."""
+    levels = topic.split("/")
+    return len(levels) == 5 and levels[2] == "devices" and levels[4] in RETAINED_BY_DEVICES
 
 
 def global_model(task: str) -> str:

@@ -21,6 +21,7 @@ from protocol import topics
 from protocol.chunking import transfer_info
 from protocol.schemas import Receipt, UpdateManifest, decode, encode
 from protocol.tensors import encode_state
+from protocol.transport import Incoming
 from tests.fuzzing import LAYOUT, RecordingLink
 from tests.test_fuzz_handlers import LATER, QUOTAS, aggregator_with_round, feed, sent_transfer
 
@@ -254,3 +255,28 @@ def test_orphaned_payloads_are_removed_at_start_and_recorded_ones_kept(tmp_path,
     assert not old.parent.exists() and spool_files(restarted) == []
     assert restarted.coordinator.task_rounds["t"].reported == {"dev1"}
     assert restarted.coordinator.task_rounds["t"].fedavg.count == 1
+
+
+# --- retained messages ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "fedmt/v1/devices/dev3/telemetry",
+        "fedmt/v1/devices/dev3/events",
+        "fedmt/v1/tasks/t/updates/dev3/manifest",
+        "fedmt/v1/tasks/t/updates/dev3/chunks/7",
+        "fedmt/v1/tasks/t/updates/dev3/status",  # not a device's status: under its update transfers
+        "fedmt/v1/tasks/t/updates/dev3/chunks/" + "9" * 5000,
+    ],
+)
+def test_a_retained_message_where_devices_may_not_retain_is_cleared(service, topic):
+    service.handle(Incoming(topic, b"junk", retain=True))
+    assert (topic, b"", True) in service.link.published
+
+
+@pytest.mark.parametrize("leaf", ["status", "profile"])
+def test_a_devices_retained_status_and_profile_stay(service, leaf):
+    service.handle(Incoming(topics.device("dev3", leaf), b"junk", retain=True))
+    assert not [p for p in service.link.published if p[0].endswith(f"dev3/{leaf}")]

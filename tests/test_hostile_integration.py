@@ -199,12 +199,11 @@ def test_retained_poison_does_not_stop_a_restart(tmp_path, broker, observer):
         },
         "tasks": {"shuffle": {"samples": 2**64 - 1}},
     }
-    online = encode(Status(state="online", ts=time.time()))
     publish_retained(
         broker,
         "dev3",
         [
-            (topics.device("dev3", "status"), online),
+            (topics.device("dev3", "status"), encode(online())),
             (topics.device("dev3", "profile"), msgspec.msgpack.encode(profile)),
             (f"{topics.update('shuffle', 'dev3')}/chunks/{HUGE_INDEX}", b"\x00"),
             (topics.manifest(topics.update("shuffle", "dev3")), msgspec.msgpack.encode({"round": 2**64 - 1})),
@@ -244,6 +243,43 @@ def test_retained_poison_does_not_stop_a_restart(tmp_path, broker, observer):
         observer.wait_for(lambda: ("shuffle", 1) in observer.globals, 300, "global v1", services)
     assert all(c["all"] >= 3 for c in counts), counts
     assert_exact_round(observer)
+
+
+def retained_topics(broker, timeout_s: float = 2.0) -> set[str]:
+    """Topics under fedmt/v1 on which the broker holds a retained message (as the monitor user sees them)."""
+    link = MqttLink(mqtt(broker, "monitor"), "retained-check", [f"{topics.PREFIX}/#"])
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        return {m.topic for m in link.received(timeout_s) if m.retain and m.payload}
+    finally:
+        link.stop()
+
+
+def test_retained_junk_on_a_devices_topics_is_cleared_from_the_broker(tmp_path, broker):
+    """The ACL lets a device write its own telemetry, events and update topics, retained or not; the aggregator
+    clears what a device left retained there, before it started or while it runs."""
+    before = [
+        (topics.device("dev3", "telemetry"), b"junk"),
+        (f"{topics.update('t', 'dev3')}/chunks/1", b"junk"),
+    ]
+    after = [(topics.device("dev3", "events"), b"junk"), (f"{topics.update('t', 'dev3')}/a/b/c", b"junk")]
+    publish_retained(broker, "dev3", before)
+    assert {t for t, _ in before} <= retained_topics(broker)
+    aggregator = Running(AggregatorService(aggregator_config(tmp_path, broker, ONE_TASK)))
+    try:
+        publish_retained(broker, "dev3", [*after, (topics.device("dev3", "status"), encode(online()))])
+        time.sleep(1.0)
+        aggregator()
+    finally:
+        aggregator.stop()
+    left = retained_topics(broker)
+    assert not {t for t, _ in before + after} & left, left
+    assert topics.device("dev3", "status") in left  # a device's status stays retained
+
+
+def online() -> Status:
+    return Status(state="online", ts=time.time())
 
 
 # --- quotas and a full disk ----------------------------------------------------------------------------------
