@@ -199,6 +199,21 @@ def _elements(dtype: np.dtype):
     return st.integers(-1000, 1000)
 
 
+def update_manifest(task: str, device: str, update_id: str, payload_size: int) -> UpdateManifest:
+    """The manifest of an update of `payload_size` bytes for round 1 (1 MiB chunks)."""
+    info = transfer_info(update_id, bytes(payload_size), 1 << 20)
+    return UpdateManifest(
+        task=task,
+        round=1,
+        device=device,
+        update_id=update_id,
+        base_version=0,
+        samples=1,
+        codec="delta",
+        transfer=info,
+    )
+
+
 @dataclass(frozen=True)
 class SentUpdate:
     """A well-formed update a generated transfer carried (the aggregator may still refuse it)."""
@@ -229,10 +244,12 @@ def transfer_messages(draw, base: str, manifest_of, payload: bytes) -> tuple[lis
 def update_transfer(draw, task: str, device: str, declared: int, base_version: int = 0):
     """(messages, SentUpdate or None) of one update transfer from `device` for its scheduled round 1."""
     payload, delta = draw(state_payload(LAYOUT))
-    samples = draw(st.sampled_from([1, declared, declared, declared + 1]))
-    round_ = draw(st.sampled_from([1, 1, 1, 2]))
-    version = draw(st.sampled_from([base_version, base_version, base_version + 1]))
-    claimed = draw(st.sampled_from([device, device, device, "dev1"]))
+    samples, round_, version, claimed = draw(st.integers(1, declared)), 1, base_version, device
+    if draw(st.booleans()):  # a manifest that is wrong, or fits another round
+        samples = draw(st.sampled_from([samples, declared + 1]))
+        round_ = draw(st.sampled_from([1, 2]))
+        version = draw(st.sampled_from([base_version, base_version + 1]))
+        claimed = draw(st.sampled_from([device, "dev1"]))
 
     def manifest_of(update_id, info):
         return UpdateManifest(
@@ -286,7 +303,7 @@ def aggregator_traffic(draw, devices: list[str], tasks: list[str], declared: int
     device, task = draw(st.sampled_from(devices)), draw(st.sampled_from(tasks))
     kind = draw(
         st.sampled_from(
-            ["status", "profile", "telemetry", "events", "manifest", "chunk", "transfer", "transfer", "odd"]
+            ["status", "profile", "telemetry", "events", "manifest", "chunk", "odd"] + ["transfer"] * 4
         )
     )
     if kind in topics.DEVICE_LEAVES:

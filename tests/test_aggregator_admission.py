@@ -22,7 +22,7 @@ from protocol.chunking import transfer_info
 from protocol.schemas import Receipt, UpdateManifest, decode, encode
 from protocol.tensors import encode_state
 from protocol.transport import Incoming
-from tests.fuzzing import LAYOUT, RecordingLink
+from tests.fuzzing import LAYOUT, RecordingLink, update_manifest
 from tests.test_fuzz_handlers import LATER, QUOTAS, aggregator_with_round, feed, sent_transfer
 
 KIB = 1 << 10
@@ -42,18 +42,7 @@ def receipts(service: AggregatorService, device: str) -> dict[str, Receipt]:
 
 def manifest_only(device: str, size: int, update_id: str) -> tuple[str, bytes]:
     """The manifest of an update of `size` bytes whose chunks have not come yet (it holds its size in the spool)."""
-    info = transfer_info(update_id, b"\0" * size, 1 << 20)
-    manifest = UpdateManifest(
-        task="t",
-        round=1,
-        device=device,
-        update_id=update_id,
-        base_version=0,
-        samples=1,
-        codec="delta",
-        transfer=info,
-    )
-    return topics.manifest(topics.update("t", device)), encode(manifest)
+    return topics.manifest(topics.update("t", device)), encode(update_manifest("t", device, update_id, size))
 
 
 def spool_files(service: AggregatorService) -> list[str]:

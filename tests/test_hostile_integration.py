@@ -22,8 +22,8 @@ from agent.service import Agent
 from aggregator.config import TransferConfig
 from aggregator.service import AggregatorService
 from protocol import ProtocolError, topics
-from protocol.chunking import DEFAULT_CHUNK_SIZE, transfer_info
-from protocol.schemas import GlobalManifest, Schedule, Status, UpdateManifest, decode, encode
+from protocol.chunking import DEFAULT_CHUNK_SIZE
+from protocol.schemas import GlobalManifest, Schedule, Status, decode, encode
 from protocol.tensors import encode_state
 from protocol.transport import Incoming, MqttLink
 from tests.federation import (
@@ -38,7 +38,7 @@ from tests.federation import (
     reference_fedavg,
     running,
 )
-from tests.fuzzing import agent_traffic, aggregator_traffic
+from tests.fuzzing import agent_traffic, aggregator_traffic, update_manifest
 from tests.test_faults_integration import ONE_TASK
 from tests.test_round_integration import assert_states_equal
 
@@ -309,17 +309,7 @@ def test_quota_and_full_disk_refusals_reach_the_device_and_the_round_stays_exact
             ("hold", 6 * mib),
             ("over", 3 * mib),
         ):  # manifests first: they hold their size
-            info = transfer_info(update_id, bytes(size), 1 << 20)
-            manifest = UpdateManifest(
-                task="shuffle",
-                round=1,
-                device="dev3",
-                update_id=update_id,
-                base_version=0,
-                samples=1,
-                codec="delta",
-                transfer=info,
-            )
+            manifest = update_manifest("shuffle", "dev3", update_id, size)
             attacker.link.publish(topics.manifest(topics.update("shuffle", "dev3")), encode(manifest))
         refused = attacker.receipt_for("over")
         assert refused.status == "rejected" and "max_device_spool_bytes" in refused.reason, refused
