@@ -1,8 +1,9 @@
 """The edge agent: MQTT session, global model cache, rounds of co-located task processes, update upload.
 
 One thread (`run`) handles everything that changes state: MQTT messages, task outcomes and timers arrive
-through one queue; an error while handling one of them drops it with a log line. Task processes are warm workers (`agent.workers.WorkerPool`, one per task, kept across
-rounds); `agent.runner` threads drive them and only enqueue what happened.
+through one queue; an error while handling one of them drops it with a log line. Task processes are warm
+workers (`agent.workers.WorkerPool`, one per task, kept across rounds); `agent.runner` threads drive them and
+only enqueue what happened.
 """
 
 from __future__ import annotations
