@@ -43,6 +43,10 @@ class Outbox:
             entries.append(Pending(manifest, path.with_suffix(".payload")))
         return entries
 
+    def get(self, update_id: str) -> Pending | None:
+        """The waiting update with this id, if any."""
+        return next((p for p in self.pending() if p.manifest.update_id == update_id), None)
+
     def find(self, task: str, round_: int) -> Pending | None:
         return next(
             (p for p in self.pending() if (p.manifest.task, p.manifest.round) == (task, round_)), None

@@ -1,8 +1,9 @@
 """The edge agent: MQTT session, global model cache, rounds of co-located task processes, update upload.
 
 One thread (`run`) handles everything that changes state: MQTT messages, task outcomes and timers arrive
-through one queue. Task processes are warm workers (`agent.workers.WorkerPool`, one per task, kept across
-rounds); `agent.runner` threads drive them and only enqueue what happened.
+through one queue; an error while handling one of them drops it with a log line. Task processes are warm
+workers (`agent.workers.WorkerPool`, one per task, kept across rounds); `agent.runner` threads drive them and
+only enqueue what happened.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from agent.receipts import ReceiptLog
 from agent.runner import TaskOutcome, TaskWork, run_round
 from agent.telemetry import read_telemetry
 from agent.workers import Launch, Lease, WorkerPool
+from common.daemon import drop_on_error
 from common.metrics import serve
 from protocol import ProtocolError, topics
 from protocol.chunking import Reassembler, transfer_info
 from protocol.inbox import TransferInbox
+from protocol.limits import MAX_TEXT
 from protocol.schemas import (
     Chunk,
     Event,
@@ -178,7 +181,8 @@ class Agent:
                 server.close()
 
     def handle(self, item: object) -> None:
-        try:
+        """Handle one message, connection event or round event; an error drops it with one log line."""
+        with drop_on_error(log, item, self.metrics.dropped.inc):
             if isinstance(item, Incoming):
                 self.on_message(item)
             elif isinstance(item, LinkEvent):
@@ -191,9 +195,6 @@ class Agent:
                 self.on_task_started(item)
             elif isinstance(item, RoundDone):
                 self.on_round_done(item)
-        except ProtocolError as exc:
-            self.metrics.dropped.inc()
-            log.warning("dropped bad input: %s", exc)
 
     def tick(self, now: float) -> None:
         if now >= self._next_telemetry:
@@ -247,7 +248,10 @@ class Agent:
         else:
             delivery = self.globals.add_chunk(decode(payload, Chunk))
         if delivery is not None:
-            self.cache.store(delivery.manifest, delivery.path)
+            try:
+                self.cache.store(delivery.manifest, delivery.path)
+            finally:
+                delivery.path.unlink(missing_ok=True)  # moved into the cache, or rejected
             log.info("global model %s v%d cached", delivery.manifest.task, delivery.manifest.version)
             self._mark_ready(delivery.manifest.task, delivery.manifest.version)
 
@@ -280,7 +284,14 @@ class Agent:
             else:
                 to_train.append(assignment)
         if to_train:
-            self._start(active, to_train)
+            try:
+                self._start(active, to_train)
+            except Exception as exc:  # noqa: BLE001 - e.g. a model this agent cannot build: the tasks fail
+                log.error(
+                    "round %d: cannot start its tasks: %s: %.500s", schedule.round, type(exc).__name__, exc
+                )
+                for assignment in to_train:  # so the aggregator stops waiting for them
+                    self.emit_event("failed", schedule.round, assignment.task, f"cannot start: {exc}")
 
     def on_outcome(self, item: RoundOutcome) -> None:
         current = self.round
@@ -349,24 +360,29 @@ class Agent:
                 self.pool.prestart(launch.task, launch, self._prepare(current.planned[launch.task]))
 
     def on_receipt(self, receipt: Receipt) -> None:
+        """The aggregator's answer to an update in the outbox (receipts for other ids change nothing)."""
+        pending = self.outbox.get(receipt.update_id)
+        if pending is None:
+            return
+        manifest = pending.manifest
         self.metrics.receipts.labels(self.metrics.events.task_label(receipt.task), receipt.status).inc()
         if receipt.status == "rejected":
             log.error(
                 "update %s for %s round %d rejected: %s",
                 receipt.update_id,
-                receipt.task,
-                receipt.round,
+                manifest.task,
+                manifest.round,
                 receipt.reason,
             )
         else:
-            self.receipts.mark_done(receipt.task, receipt.round)
-        if self.outbox.remove(receipt.update_id):
-            self._sent_at.pop(receipt.update_id, None)
-            sent = self._first_sent_at.pop(receipt.update_id, None)
-            if sent is not None and receipt.status != "rejected":
-                self.emit_event(
-                    "acknowledged", receipt.round, receipt.task, metrics={"upload_s": time.monotonic() - sent}
-                )
+            self.receipts.mark_done(manifest.task, manifest.round)
+        self.outbox.remove(receipt.update_id)
+        self._sent_at.pop(receipt.update_id, None)
+        sent = self._first_sent_at.pop(receipt.update_id, None)
+        if sent is not None and receipt.status != "rejected":
+            self.emit_event(
+                "acknowledged", manifest.round, manifest.task, metrics={"upload_s": time.monotonic() - sent}
+            )
 
     # --- actions ----------------------------------------------------------------------------------------
 
@@ -395,7 +411,7 @@ class Agent:
             kind=kind,
             round=round_,
             task=task,
-            message=message,
+            message=message[:MAX_TEXT],  # a long error would make the whole event invalid
             metrics=metrics or {},
         )
         self.metrics.events.observe(event)

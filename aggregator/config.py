@@ -12,7 +12,17 @@ from aggregator.strategies import FedAvgSpec, StrategySpec
 from common.config import load_toml
 from common.metrics import MetricsConfig
 from protocol.chunking import DEFAULT_CHUNK_SIZE
-from protocol.schemas import ExecutionPolicy, ModelSpec, Name, OptimizerSpec, Precision
+from protocol.limits import MAX_TRANSFER_BYTES
+from protocol.schemas import (
+    BatchSize,
+    ExecutionPolicy,
+    LocalEpochs,
+    LocalSteps,
+    ModelSpec,
+    Name,
+    OptimizerSpec,
+    Precision,
+)
 from protocol.transport import MqttSettings
 
 PosInt = Annotated[int, Meta(ge=1)]
@@ -23,11 +33,11 @@ class TaskConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     model: ModelSpec
     optimizer: OptimizerSpec = msgspec.field(default_factory=OptimizerSpec)
-    local_epochs: PosInt = 1
-    local_steps: PosInt | None = None  # instead of epochs: a fixed number of optimiser steps per round
-    batch_size: PosInt = 32
-    min_batch_size: PosInt = 1
-    max_batch_size: PosInt = 1024
+    local_epochs: LocalEpochs = 1
+    local_steps: LocalSteps | None = None  # instead of epochs: a fixed number of optimiser steps per round
+    batch_size: BatchSize = 32
+    min_batch_size: BatchSize = 1
+    max_batch_size: BatchSize = 1024
     precision: Precision = "fp32"
     init_seed: int = 0
     init_weights: str | None = (
@@ -50,10 +60,22 @@ class RoundsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class TransferConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Chunking of global models, and what the update spool may hold (a transfer over a quota is refused)."""
+
     # The broker's max_packet_size (broker_config/mosquitto.conf) is 4 MiB; leave room for the chunk header.
     chunk_size: Annotated[int, Meta(ge=1024, le=(4 << 20) - 4096)] = DEFAULT_CHUNK_SIZE
-    max_update_bytes: PosInt = 1 << 30
+    max_update_bytes: Annotated[int, Meta(ge=1, le=MAX_TRANSFER_BYTES)] = 1 << 30
     reassembly_timeout_s: Annotated[float, Meta(gt=0)] = 120.0
+    max_device_spool_bytes: PosInt = 2 << 30  # one device's update transfers held at once
+    max_device_transfers: Annotated[int, Meta(ge=1, le=4096)] = 16  # one device's transfers held at once
+    max_spool_bytes: PosInt = 16 << 30  # every device's update transfers held at once
+
+    def __post_init__(self) -> None:
+        if not self.max_update_bytes <= self.max_device_spool_bytes <= self.max_spool_bytes:
+            raise ValueError(
+                "transfers: need max_update_bytes <= max_device_spool_bytes <= max_spool_bytes, got "
+                f"{self.max_update_bytes}, {self.max_device_spool_bytes}, {self.max_spool_bytes}"
+            )
 
 
 class AggregatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

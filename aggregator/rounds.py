@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.errors import Rejected
 from aggregator.initial import initial_state
 from aggregator.ledger import RoundLedger, RoundRecord
-from aggregator.limits import limit_update, scale_delta
+from aggregator.limits import LimitedUpdate, limit_update, scale_delta
 from aggregator.strategies import Strategy
 from common.durable import move_durably
 from protocol import ProtocolError
@@ -117,6 +118,7 @@ class Coordinator:
         if current is not None and current.state == "open":
             self._resume(current)
             out.schedules = self.schedules()
+        self._remove_orphaned_updates()
         return out
 
     def _resume(self, record: RoundRecord) -> None:
@@ -132,6 +134,24 @@ class Coordinator:
                     task_round.reported.add(update.device)
             self.task_rounds[task] = task_round
         log.info("resumed round %d (%d tasks)", record.round, len(record.tasks))
+
+    def _remove_orphaned_updates(self) -> None:
+        """Delete update payloads that no open task round holds in the ledger: moved but never recorded (the
+        process stopped in between), or left behind by a round already finalised."""
+        keep = {
+            update.payload_path.resolve()
+            for task, task_round in self.task_rounds.items()
+            if not task_round.final
+            for update in self.ledger.updates_for(task, self.round.round)
+        }
+        orphans = [p for p in self.updates_dir.rglob("*") if p.is_file() and p.resolve() not in keep]
+        for path in orphans:
+            path.unlink()
+        for folder in sorted((p for p in self.updates_dir.rglob("*") if p.is_dir()), reverse=True):
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        if orphans:
+            log.warning("removed %d update payloads no open round holds: %s", len(orphans), orphans[:5])
 
     # --- device registry --------------------------------------------------------------------------------
 
@@ -167,6 +187,10 @@ class Coordinator:
         if (manifest.device, manifest.task) != (device, task):
             reason = f"update names device {manifest.device}, task {manifest.task}; sent as {device}, {task}"
             return self._reject(manifest, Rejected("wrong_sender", reason))
+        return self._recorded(manifest)
+
+    def _recorded(self, manifest: UpdateManifest) -> Receipt | None:
+        """The receipt of an update id the ledger holds already: a duplicate, or rejected if it was another's."""
         recorded = self.ledger.update_by_id(manifest.update_id)
         if recorded is None:
             return None
@@ -179,9 +203,10 @@ class Coordinator:
             return self._reject(manifest, Rejected("id_reused", "update id reused"))
         return self.receipt(manifest, "duplicate")
 
-    def accept_update(self, manifest: UpdateManifest, payload_path: Path, sender: str) -> Receipt:
+    def accept_update(self, manifest: UpdateManifest, payload_path: Path) -> Receipt:
         """Validate an update (that passed `screen`) fully and apply the task's limits, record it durably, fold
-        it; the receipt says what happened (and what the limits changed)."""
+        it; the receipt says what happened (and what the limits changed). A disk that is full (or fails) while
+        the update is stored refuses it with a receipt and leaves no file behind."""
         try:
             task_round = self._check_update(manifest)
             delta = read_delta(payload_path)
@@ -194,30 +219,24 @@ class Coordinator:
             )
         except ProtocolError as exc:
             payload_path.unlink(missing_ok=True)
-            log.warning("rejected update %s from %s: %s", manifest.update_id, sender, exc)
+            log.warning("rejected update %s from %s: %s", manifest.update_id, manifest.device, exc)
             return self._reject(manifest, exc)
-        durable = (
-            self.updates_dir
-            / manifest.task
-            / f"r{manifest.round:06d}"
-            / f"{manifest.device}.{manifest.update_id}.state"
-        )
-        durable.parent.mkdir(parents=True, exist_ok=True)
-        move_durably(payload_path, durable)
-        outcome = self.ledger.record_update(
-            manifest.task,
-            manifest.round,
-            manifest.device,
-            manifest.update_id,
-            manifest.samples,
-            durable,
-            manifest.transfer.sha256,
-            time.time(),
-            weight=limited.weight,
-            scale=limited.scale,
-        )
-        if outcome == "duplicate":
-            durable.unlink(missing_ok=True)
+        known = self._recorded(manifest)  # recorded while this copy was in transit: keep the recorded file
+        if known is None and manifest.device in task_round.reported:
+            known = self._reject(manifest, Rejected("already_reported", "device already reported"))
+        if known is not None:
+            payload_path.unlink(missing_ok=True)
+            return known
+        try:
+            outcome, durable = self._record(manifest, payload_path, limited)
+        except (OSError, sqlite3.OperationalError) as exc:
+            log.error(
+                "refused update %s from %s: cannot store it: %s", manifest.update_id, manifest.device, exc
+            )
+            return self._reject(
+                manifest, Rejected("cannot_store", f"the aggregator cannot store updates now: {exc}")
+            )
+        if outcome == "duplicate":  # the ledger holds this very update at `durable`: keep the file
             return self.receipt(manifest, "duplicate")
         if outcome != "accepted":
             durable.unlink(missing_ok=True)
@@ -237,9 +256,45 @@ class Coordinator:
         changed = "; ".join(limited.notes)
         if changed:
             log.warning(
-                "task %s round %d: update from %s: %s", manifest.task, manifest.round, sender, changed
+                "task %s round %d: update from %s: %s",
+                manifest.task,
+                manifest.round,
+                manifest.device,
+                changed,
             )
         return self.receipt(manifest, "accepted", changed)
+
+    def _record(
+        self, manifest: UpdateManifest, payload_path: Path, limited: LimitedUpdate
+    ) -> tuple[str, Path]:
+        """Move the payload to its durable place and record it in the ledger with the weight and scale the limits
+        gave it; on failure delete both files."""
+        durable = (
+            self.updates_dir
+            / manifest.task
+            / f"r{manifest.round:06d}"
+            / f"{manifest.device}.{manifest.update_id}.state"
+        )
+        try:
+            durable.parent.mkdir(parents=True, exist_ok=True)
+            move_durably(payload_path, durable)
+            outcome = self.ledger.record_update(
+                manifest.task,
+                manifest.round,
+                manifest.device,
+                manifest.update_id,
+                manifest.samples,
+                durable,
+                manifest.transfer.sha256,
+                time.time(),
+                weight=limited.weight,
+                scale=limited.scale,
+            )
+        except BaseException:
+            payload_path.unlink(missing_ok=True)
+            durable.unlink(missing_ok=True)
+            raise
+        return outcome, durable
 
     def _check_update(self, manifest: UpdateManifest) -> TaskRound:
         if manifest.task not in self.config.tasks:

@@ -1,6 +1,7 @@
 """The aggregator daemon: MQTT in, the round coordinator in the middle, retained globals and schedules out.
 
-One thread (`run`) handles every message and timer, so the coordinator needs no locks.
+One thread (`run`) handles every message and timer, so the coordinator needs no locks. An error while handling
+one message drops that message with a log line; update transfers are admitted against the spool quotas.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from aggregator.admission import Refused, UpdateAdmission
 from aggregator.config import AggregatorConfig
 from aggregator.metrics import AggregatorMetrics
 from aggregator.rounds import Coordinator, GlobalModel, Outbound
+from common.daemon import drop_on_error
 from common.metrics import serve
 from protocol import ProtocolError, topics
 from protocol.chunking import Reassembler
@@ -58,7 +61,7 @@ class AggregatorService:
             ),
             lambda m: m.transfer,
         )
-        self.senders: dict[str, str] = {}  # transfer id -> device whose topic it arrived on
+        self.admission = UpdateAdmission(transfers)
         self.telemetry: dict[str, Telemetry] = {}
         self.link = MqttLink(config.mqtt, SUBSCRIPTIONS, persistent_session=True)
         self._published_chunks: dict[str, int] = {}
@@ -89,45 +92,50 @@ class AggregatorService:
             self.coordinator.ledger.close()
 
     def tick(self, now: float) -> None:
-        """Finalise and open rounds as due, drop stalled transfers, bring the metrics up to date."""
+        """Timers: finalise or open rounds, drop stalled transfers (`now`: time.monotonic()), bring the metrics
+        up to date."""
         out = self.coordinator.tick()
         self.publish(out)
         for model in out.globals:
             self.metrics.finalized(model.manifest.task)
         for dropped in self.updates.expire(now):
-            self.senders.pop(dropped, None)
             self.metrics.transfers_expired.inc()
             log.warning("dropped incomplete update transfer %s", dropped)
+        self.admission.forget_gone(self.updates.held_bytes())
         self.metrics.rounds(self.coordinator)
 
-    def handle(self, item: object) -> None:
+    def handle(self, item: Incoming | LinkEvent) -> None:
+        """Handle one message or connection event; an error drops it with one log line, counted by topic kind."""
         if isinstance(item, LinkEvent):
             self.metrics.broker_connected.set(item.connected)
-            if item.connected:  # republish retained state: idempotent, and repairs a broker that lost it
+        kind = _topic_kind(item.topic) if isinstance(item, Incoming) else "link"
+        with drop_on_error(log, item, self.metrics.dropped.labels(kind).inc):
+            if isinstance(item, Incoming):
+                self.on_message(item)
+            elif item.connected:  # republish retained state: idempotent, and repairs a broker that lost it
                 self.publish(
                     Outbound(
                         globals=list(self.coordinator.globals.values()),
                         schedules=self.coordinator.schedules(),
                     )
                 )
-            return
-        try:
-            self.on_message(item)
-        except ProtocolError as exc:
-            self.metrics.dropped.labels(_topic_kind(item.topic)).inc()
-            log.warning("dropped message on %s: %s", item.topic, exc)
 
     def on_message(self, message: Incoming) -> None:
+        if message.retain and message.payload and not topics.retained_by_devices(message.topic):
+            self.link.publish(message.topic, b"", retain=True)  # the broker keeps no device junk
+            log.warning(
+                "cleared a retained message on %.200r: devices retain only status and profile", message.topic
+            )
         ref = topics.parse(message.topic)
-        if ref.kind == "update":
-            self.metrics.update_bytes(ref.task, len(message.payload))
-            self.on_update_part(ref, message.payload)
-        elif ref.kind == "status":
+        if ref.kind == "status":
             online = bool(message.payload) and decode(message.payload, Status).state == "online"
             self.coordinator.device_status(ref.device, online)
             self.metrics.device_status(ref.device, online)
         elif not message.payload:
             return
+        elif ref.kind == "update":
+            self.metrics.update_bytes(ref.task, len(message.payload))
+            self.on_update_part(ref, message.payload)
         elif ref.kind == "profile":
             profile = decode(message.payload, DeviceProfile)
             _check_sender(profile.device, ref.device)
@@ -153,23 +161,55 @@ class AggregatorService:
             self.metrics.device_telemetry(telemetry)
 
     def on_update_part(self, ref: topics.TopicRef, payload: bytes) -> None:
+        """A chunk or the manifest of an update transfer. The manifest must name the device and task of its
+        topic (the one sender check); the transfer must be admitted (quotas) and fit on the disk."""
         if ref.part == "manifest":
             manifest = decode(payload, UpdateManifest)
             receipt = self.coordinator.screen(manifest, ref.device, ref.task)
+            if receipt is None and (
+                refusal := self._admit(manifest.transfer.id, ref.device, manifest.transfer.size)
+            ):
+                self.metrics.rejection(manifest.task, "quota")
+                receipt = Coordinator.receipt(manifest, "rejected", refusal)
             if receipt is not None:
                 self.send_receipt(ref.device, receipt)
                 return
-            self._claim(manifest.transfer.id, ref.device)
             delivery = self.updates.add_manifest(manifest)
         else:
             chunk = decode(payload, Chunk)
-            self._claim(chunk.transfer, ref.device)
-            delivery = self.updates.add_chunk(chunk)
+            if self._admit(chunk.transfer, ref.device, chunk.size):
+                return
+            try:
+                delivery = self.updates.add_chunk(chunk)
+            except OSError as exc:  # the spool file cannot be written: refuse the transfer, keep running
+                self._refuse(chunk.transfer, f"the aggregator cannot spool updates now: {exc}")
+                return
         if delivery is not None:
-            sender = self.senders.pop(delivery.manifest.transfer.id)
-            self.send_receipt(
-                sender, self.coordinator.accept_update(delivery.manifest, delivery.path, sender)
-            )
+            self.admission.release(delivery.manifest.transfer.id)
+            try:
+                receipt = self.coordinator.accept_update(delivery.manifest, delivery.path)
+            finally:
+                delivery.path.unlink(missing_ok=True)  # moved to the updates folder, or rejected
+            self.send_receipt(ref.device, receipt)
+
+    def _admit(self, transfer_id: str, device: str, size: int) -> str | None:
+        """Why the transfer may not go on (a quota; logged once per transfer), or None."""
+        try:
+            self.admission.claim(transfer_id, device, size, self.updates.held_bytes)
+        except Refused as refused:
+            if refused.new:
+                log.warning("refused update transfer %s of %s: %s", transfer_id, device, refused)
+            return str(refused)
+        return None
+
+    def _refuse(self, transfer_id: str, reason: str) -> None:
+        """Refuse a transfer already under way: drop what is held of it, answer its manifest if it came."""
+        log.error("refused update transfer %s: %s", transfer_id, reason)
+        manifest = self.updates.discard(transfer_id)
+        self.admission.refuse(transfer_id, reason)
+        if manifest is not None:
+            self.metrics.rejection(manifest.task, "cannot_spool")
+            self.send_receipt(manifest.device, Coordinator.receipt(manifest, "rejected", reason))
 
     def send_receipt(self, device: str, receipt: Receipt) -> None:
         self.metrics.receipt(receipt)
@@ -195,11 +235,6 @@ class AggregatorService:
         log.info(
             "published global %s v%d (%d bytes)", manifest.task, manifest.version, manifest.transfer.size
         )
-
-    def _claim(self, transfer_id: str, device: str) -> None:
-        owner = self.senders.setdefault(transfer_id, device)
-        if owner != device:
-            raise ProtocolError(f"transfer {transfer_id} belongs to {owner}; {device} cannot add to it")
 
 
 def _topic_kind(topic: str) -> str:

@@ -1,5 +1,6 @@
-"""Process plumbing shared by both daemons: the CLI entry, logging, a stop event set by SIGTERM/SIGINT, and
-systemd's notification protocol (Type=notify: READY=1, WATCHDOG=1 pings from the main loop, STOPPING=1)."""
+"""Process plumbing shared by both daemons: the CLI entry, logging, a stop event set by SIGTERM/SIGINT, the
+fence around the handling of one input, and systemd's notification protocol (Type=notify: READY=1, WATCHDOG=1
+pings from the main loop, STOPPING=1)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 from common.config import ConfigError
+from protocol import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +110,29 @@ class SystemdNotifier:
                 sock.sendto("\n".join(assignments).encode(), self.address)
         except OSError as exc:
             log.warning("cannot notify systemd at %s: %s", self.address, exc)
+
+
+@contextmanager
+def drop_on_error(
+    log: logging.Logger, item: object, dropped: Callable[[], None] = lambda: None
+) -> Iterator[None]:
+    """Handle one input (a message, an event): any error drops it with one log line (and `dropped()`, to count
+    it) and the service goes on.
+
+    A ProtocolError is bad input (a warning); anything else is an error of this service, logged as such with
+    its traceback at DEBUG level.
+    """
+    try:
+        yield
+    except ProtocolError as exc:
+        log.warning("dropped %s: %.500s", _describe(item), exc)
+        dropped()
+    except Exception as exc:  # noqa: BLE001 - the fence: no single input may stop a service
+        log.error("dropped %s: %s: %.500s", _describe(item), type(exc).__name__, exc)
+        log.debug("traceback of the dropped input", exc_info=True)
+        dropped()
+
+
+def _describe(item: object) -> str:
+    topic = getattr(item, "topic", None)
+    return f"message on {topic[:200]!r}" if isinstance(topic, str) else type(item).__name__

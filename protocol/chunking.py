@@ -2,9 +2,10 @@
 
 A payload is cut into `Chunk`s of `chunk_size` bytes (default 1 MiB), each carrying the transfer id, its index,
 the chunk count and the whole payload's size and sha256. The `Reassembler` writes chunks at their offsets into a
-spool file, so it holds O(chunk) memory whatever the number of concurrent transfers. It tolerates duplicated
-and reordered chunks, rejects a payload whose sha256 does not match, and drops transfers that made no progress
-for `timeout_s` (deleting their spool files).
+spool file, so it holds O(chunk) memory (plus one byte per chunk of each pending transfer) whatever the number of
+concurrent transfers. It tolerates duplicated and reordered chunks, rejects a payload whose sha256 does not
+match, drops transfers that made no progress for `timeout_s` (deleting their spool files), and drops a transfer
+whose spool file cannot be written (disk full) before re-raising the OSError.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.errors import ProtocolError
@@ -81,7 +82,8 @@ class _Pending:
     size: int
     sha256: str
     path: Path
-    received: set[int] = field(default_factory=set)
+    received: bytearray  # one flag per chunk
+    count: int = 0
     last_progress: float = 0.0
 
 
@@ -89,7 +91,8 @@ class Reassembler:
     """Collects chunks of many concurrent transfers into spool files under `spool_dir`.
 
     `add` returns the verified, complete payload once the last missing chunk arrives; the caller owns its file
-    (move or delete it). Each completed transfer is reported once; its later duplicates are ignored.
+    (move or delete it). Each completed transfer is reported once; its later duplicates are ignored. Spool files
+    left by an earlier process (partial or complete but never claimed) are deleted at start.
     """
 
     def __init__(
@@ -103,7 +106,7 @@ class Reassembler:
     ) -> None:
         self.spool_dir = Path(spool_dir)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.spool_dir.glob("*.part"):
+        for stale in [*self.spool_dir.glob("*.part"), *self.spool_dir.glob("*.done")]:
             stale.unlink()
         self.timeout_s = timeout_s
         self.max_payload_bytes = max_payload_bytes
@@ -118,6 +121,10 @@ class Reassembler:
 
     def pending_ids(self) -> list[str]:
         return list(self._pending)
+
+    def pending_sizes(self) -> dict[str, int]:
+        """Declared payload size of each pending transfer (what its spool file will hold)."""
+        return {tid: pending.size for tid, pending in self._pending.items()}
 
     def add(self, chunk: Chunk, now: float | None = None) -> Assembled | None:
         """Store one chunk; return the complete payload when this chunk completes a transfer."""
@@ -137,14 +144,19 @@ class Reassembler:
             raise ProtocolError(
                 f"chunk {chunk.index} of transfer {chunk.transfer} disagrees with earlier chunks"
             )
-        if chunk.index in pending.received:
+        if pending.received[chunk.index]:
             return None
-        with open(pending.path, "r+b") as f:
-            f.seek(chunk.index * chunk.chunk_size)
-            f.write(chunk.data)
-        pending.received.add(chunk.index)
+        try:
+            with open(pending.path, "r+b") as f:
+                f.seek(chunk.index * chunk.chunk_size)
+                f.write(chunk.data)
+        except OSError:
+            self.discard(chunk.transfer)
+            raise
+        pending.received[chunk.index] = 1
+        pending.count += 1
         pending.last_progress = now
-        if len(pending.received) < pending.total:
+        if pending.count < pending.total:
             return None
         return self._finish(chunk.transfer, pending)
 
@@ -187,9 +199,21 @@ class Reassembler:
 
     def _start(self, chunk: Chunk, now: float) -> _Pending:
         path = self.spool_dir / f"{chunk.transfer}.part"
-        with open(path, "wb") as f:
-            f.truncate(chunk.size)
-        pending = _Pending(chunk.total, chunk.chunk_size, chunk.size, chunk.sha256, path, last_progress=now)
+        try:
+            with open(path, "wb") as f:
+                f.truncate(chunk.size)
+        except OSError:
+            path.unlink(missing_ok=True)
+            raise
+        pending = _Pending(
+            chunk.total,
+            chunk.chunk_size,
+            chunk.size,
+            chunk.sha256,
+            path,
+            bytearray(chunk.total),
+            last_progress=now,
+        )
         self._pending[chunk.transfer] = pending
         return pending
 

@@ -66,6 +66,22 @@ class TransferInbox(Generic[M]):
             dropped.append(tid)
         return dropped
 
+    def discard(self, transfer_id: str) -> M | None:
+        """Forget everything held for a transfer and delete its files; return its manifest if it was waiting."""
+        self.reassembler.discard(transfer_id)
+        payload = self._payloads.pop(transfer_id, None)
+        if payload is not None:
+            payload[0].path.unlink(missing_ok=True)
+        waiting = self._manifests.pop(transfer_id, None)
+        return None if waiting is None else waiting[0]
+
+    def held_bytes(self) -> dict[str, int]:
+        """Each transfer held right now (manifest waiting, partial or complete payload) and its declared size."""
+        held = {tid: self._transfer_of(manifest).size for tid, (manifest, _) in self._manifests.items()}
+        held.update(self.reassembler.pending_sizes())
+        held.update({tid: assembled.size for tid, (assembled, _) in self._payloads.items()})
+        return held
+
     @property
     def waiting(self) -> int:
         """Manifests, payloads and partial transfers held right now."""

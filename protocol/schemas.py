@@ -1,7 +1,8 @@
 """Message schemas of protocol v1 and their msgpack encoding.
 
 Every message is a msgspec Struct: decoding checks types, ranges and names, and rejects unknown fields,
-so a message is either valid as a whole or raises ProtocolError and is never half-applied.
+so a message is either valid as a whole or raises ProtocolError and is never half-applied. Every integer, string,
+list and map is bounded (protocol/limits.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta
 
+from protocol import limits as lim
 from protocol.errors import ProtocolError
 from protocol.topics import NAME_PATTERN
 
@@ -19,12 +21,23 @@ PROTOCOL_VERSION = 1
 Name = Annotated[str, Meta(pattern=NAME_PATTERN)]
 TransferId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")]
 Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
-NonNegInt = Annotated[int, Meta(ge=0)]
-PosInt = Annotated[int, Meta(ge=1)]
-NonNegFloat = Annotated[float, Meta(ge=0)]
-Percent = Annotated[float, Meta(gt=0, le=100)]
-Text = Annotated[str, Meta(max_length=2000)]
-Metrics = Annotated[dict[Annotated[str, Meta(max_length=64)], float], Meta(max_length=64)]
+Round = Annotated[int, Meta(ge=1, le=lim.MAX_ROUND)]
+RoundOrNone = Annotated[int, Meta(ge=0, le=lim.MAX_ROUND)]  # 0: not about a round
+Version = Annotated[int, Meta(ge=0, le=lim.MAX_ROUND)]
+Samples = Annotated[int, Meta(ge=0, le=lim.MAX_SAMPLES)]
+Timestamp = Annotated[float, Meta(ge=0, le=lim.MAX_TIMESTAMP)]
+ByteCount = Annotated[int, Meta(ge=0, le=lim.MAX_REPORTED_BYTES)]
+HardwareCount = Annotated[int, Meta(ge=0, le=lim.MAX_HARDWARE_COUNT)]
+Measure = Annotated[float, Meta(ge=0, le=1e12)]  # a reported load, power or percentage
+BatchSize = Annotated[int, Meta(ge=1, le=lim.MAX_BATCH_SIZE)]
+LocalEpochs = Annotated[int, Meta(ge=1, le=lim.MAX_LOCAL_EPOCHS)]
+LocalSteps = Annotated[int, Meta(ge=1, le=lim.MAX_LOCAL_STEPS)]
+Text = Annotated[str, Meta(max_length=lim.MAX_TEXT)]
+ShortText = Annotated[str, Meta(max_length=lim.MAX_SHORT_TEXT)]
+PathText = Annotated[str, Meta(max_length=lim.MAX_PATH)]
+Metrics = Annotated[
+    dict[Annotated[str, Meta(max_length=lim.MAX_METRIC_NAME)], float], Meta(max_length=lim.MAX_METRICS)
+]
 UpdateCodec = Literal["delta"]
 #: how a device's task processes share its GPU (agent/policies.py)
 ExecutionPolicy = Literal["temporal", "concurrent", "isolated", "sharing", "fedmt"]
@@ -43,80 +56,80 @@ class Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=T
 
 class Status(Message):
     state: Literal["online", "offline"]
-    ts: NonNegFloat
-    agent_version: str = ""
+    ts: Timestamp
+    agent_version: ShortText = ""
 
 
 class HostInfo(Message):
-    hostname: str
-    os: str
-    machine: str
-    python: str
-    cpu_count: PosInt
-    memory_bytes: NonNegInt
+    hostname: ShortText
+    os: ShortText
+    machine: ShortText
+    python: ShortText
+    cpu_count: Annotated[int, Meta(ge=1, le=lim.MAX_HARDWARE_COUNT)]
+    memory_bytes: ByteCount
 
 
 class GpuInfo(Message):
     """One GPU as NVML (or jtop on Jetson) sees it."""
 
-    index: NonNegInt
-    name: str
+    index: HardwareCount
+    name: ShortText
     backend: Literal["nvml", "jtop"]
-    memory_total_bytes: NonNegInt
-    memory_free_bytes: NonNegInt | None = None
-    compute_capability: str | None = None
-    sm_count: PosInt | None = None
-    clock_sm_mhz: NonNegInt | None = None
-    clock_memory_mhz: NonNegInt | None = None
-    power_limit_w: NonNegFloat | None = None
-    compute_mode: str | None = None
+    memory_total_bytes: ByteCount
+    memory_free_bytes: ByteCount | None = None
+    compute_capability: ShortText | None = None
+    sm_count: Annotated[int, Meta(ge=1, le=lim.MAX_HARDWARE_COUNT)] | None = None
+    clock_sm_mhz: HardwareCount | None = None
+    clock_memory_mhz: HardwareCount | None = None
+    power_limit_w: Measure | None = None
+    compute_mode: ShortText | None = None
     mig_mode: bool | None = None
-    extra: dict[str, str] = {}
+    extra: Annotated[dict[ShortText, ShortText], Meta(max_length=lim.MAX_MAP_ENTRIES)] = {}
 
 
 class MpsInfo(Message):
     available: bool
-    reason: str
-    control_binary: str | None = None
-    pipe_dir: str | None = None
+    reason: Text
+    control_binary: PathText | None = None
+    pipe_dir: PathText | None = None
     daemon_running: bool = False
 
 
 class TaskData(Message):
     """What a device holds for one task: its local training samples."""
 
-    samples: NonNegInt
+    samples: Samples
 
 
 class DeviceProfile(Message):
     device: Name
-    ts: NonNegFloat
-    agent_version: str
+    ts: Timestamp
+    agent_version: ShortText
     host: HostInfo
-    driver_version: str | None = None
-    cuda_version: str | None = None
-    gpus: list[GpuInfo] = []
+    driver_version: ShortText | None = None
+    cuda_version: ShortText | None = None
+    gpus: Annotated[list[GpuInfo], Meta(max_length=lim.MAX_GPUS)] = []
     mps: MpsInfo | None = None
-    policies: list[str] = []
-    predictor: str | None = None
-    tasks: dict[Name, TaskData] = {}
+    policies: Annotated[list[ShortText], Meta(max_length=16)] = []
+    predictor: ShortText | None = None
+    tasks: Annotated[dict[Name, TaskData], Meta(max_length=lim.MAX_TASKS)] = {}
 
 
 class GpuTelemetry(Message):
-    index: NonNegInt
-    utilization_percent: NonNegFloat | None = None
-    memory_used_bytes: NonNegInt | None = None
-    power_w: NonNegFloat | None = None
-    temperature_c: float | None = None
+    index: HardwareCount
+    utilization_percent: Measure | None = None
+    memory_used_bytes: ByteCount | None = None
+    power_w: Measure | None = None
+    temperature_c: Annotated[float, Meta(ge=-1000, le=1000)] | None = None
 
 
 class Telemetry(Message):
     device: Name
-    ts: NonNegFloat
-    cpu_percent: NonNegFloat
-    memory_used_bytes: NonNegInt
-    memory_total_bytes: NonNegInt
-    gpus: list[GpuTelemetry] = []
+    ts: Timestamp
+    cpu_percent: Measure
+    memory_used_bytes: ByteCount
+    memory_total_bytes: ByteCount
+    gpus: Annotated[list[GpuTelemetry], Meta(max_length=lim.MAX_GPUS)] = []
 
 
 # --- tasks and schedules -------------------------------------------------------------------------------
@@ -143,13 +156,13 @@ class TaskAssignment(Message):
     task: Name
     model: ModelSpec
     optimizer: OptimizerSpec
-    base_version: NonNegInt
+    base_version: Version
     base_sha256: Sha256
-    local_epochs: PosInt = 1
-    local_steps: PosInt | None = None  # when set, train this many steps instead of whole epochs
-    batch_size: PosInt = 32
-    min_batch_size: PosInt = 1
-    max_batch_size: PosInt = 1024
+    local_epochs: LocalEpochs = 1
+    local_steps: LocalSteps | None = None  # when set, train this many steps instead of whole epochs
+    batch_size: BatchSize = 32
+    min_batch_size: BatchSize = 1
+    max_batch_size: BatchSize = 1024
     precision: Precision = "fp32"
     # FedProx: add proximal_mu / 2 * ||w - w_base||^2 to the local loss; 0 trains plain local SGD (FedAvg)
     proximal_mu: Annotated[float, Meta(ge=0, le=MAX_PROXIMAL_MU)] = 0.0
@@ -157,10 +170,10 @@ class TaskAssignment(Message):
 
 class Schedule(Message):
     device: Name
-    round: PosInt
-    issued_at: NonNegFloat
-    deadline: NonNegFloat
-    tasks: Annotated[list[TaskAssignment], Meta(min_length=1, max_length=64)]
+    round: Round
+    issued_at: Timestamp
+    deadline: Timestamp
+    tasks: Annotated[list[TaskAssignment], Meta(min_length=1, max_length=lim.MAX_TASKS)]
     codec: UpdateCodec = "delta"
     policy: ExecutionPolicy | None = None  # None: the device's own choice
 
@@ -170,9 +183,9 @@ class Schedule(Message):
 
 class Event(Message):
     device: Name
-    ts: NonNegFloat
+    ts: Timestamp
     kind: Literal["started", "finished", "failed", "uploaded", "acknowledged", "skipped", "plan"]
-    round: NonNegInt
+    round: RoundOrNone
     task: Name | None = None
     message: Text = ""
     metrics: Metrics = {}
@@ -181,46 +194,52 @@ class Event(Message):
 class Receipt(Message):
     update_id: TransferId
     task: Name
-    round: NonNegInt
+    round: RoundOrNone
     status: Literal["accepted", "duplicate", "rejected"]
     reason: Text = ""
 
 
 # --- transfers -----------------------------------------------------------------------------------------
 
+PayloadSize = Annotated[int, Meta(ge=0, le=lim.MAX_TRANSFER_BYTES)]
+ChunkSize = Annotated[int, Meta(ge=1, le=lim.MAX_CHUNK_BYTES)]
+ChunkCount = Annotated[int, Meta(ge=1, le=lim.MAX_CHUNKS)]
+#: dtypes allowed on the wire (numpy names); bfloat16 travels as float32
+WireDtype = Literal["float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"]
+
 
 class TransferInfo(Message):
     """How a payload was cut into chunks; the whole-payload sha256 is checked on reassembly."""
 
     id: TransferId
-    size: NonNegInt
+    size: PayloadSize
     sha256: Sha256
-    chunk_size: PosInt
-    chunks: NonNegInt
+    chunk_size: ChunkSize
+    chunks: ChunkCount
 
 
 class TensorInfo(Message):
-    name: Annotated[str, Meta(min_length=1, max_length=512)]
-    dtype: str
-    shape: list[NonNegInt]
+    name: Annotated[str, Meta(min_length=1, max_length=lim.MAX_TENSOR_NAME)]
+    dtype: WireDtype
+    shape: Annotated[list[Annotated[int, Meta(ge=0, le=lim.MAX_DIM)]], Meta(max_length=lim.MAX_NDIM)]
 
 
 class GlobalManifest(Message):
     task: Name
-    version: NonNegInt
+    version: Version
     model: ModelSpec
-    tensors: list[TensorInfo]
+    tensors: Annotated[list[TensorInfo], Meta(max_length=lim.MAX_TENSORS)]
     transfer: TransferInfo
-    created_at: NonNegFloat
+    created_at: Timestamp
 
 
 class UpdateManifest(Message):
     task: Name
-    round: PosInt
+    round: Round
     device: Name
     update_id: TransferId
-    base_version: NonNegInt
-    samples: PosInt
+    base_version: Version
+    samples: Annotated[int, Meta(ge=1, le=lim.MAX_SAMPLES)]
     codec: UpdateCodec
     transfer: TransferInfo
     metrics: Metrics = {}
@@ -230,12 +249,12 @@ class Chunk(Message, array_like=True):
     """One piece of a chunked payload (encoded as a msgpack array: the header costs ~100 bytes)."""
 
     transfer: TransferId
-    index: NonNegInt
-    total: PosInt
-    chunk_size: PosInt
-    size: NonNegInt
+    index: Annotated[int, Meta(ge=0, lt=lim.MAX_CHUNKS)]
+    total: ChunkCount
+    chunk_size: ChunkSize
+    size: PayloadSize
     sha256: Sha256
-    data: bytes
+    data: Annotated[bytes, Meta(max_length=lim.MAX_CHUNK_BYTES)]
 
 
 # --- codec ---------------------------------------------------------------------------------------------

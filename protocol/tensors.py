@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import get_args
 
 import msgspec
 import numpy as np
 
 from protocol.errors import ProtocolError
-from protocol.schemas import TensorInfo
+from protocol.limits import MAX_DIM, MAX_NDIM, MAX_TENSOR_NAME, MAX_TENSORS
+from protocol.schemas import TensorInfo, WireDtype
 
 #: dtypes allowed on the wire (numpy names). bfloat16 travels as float32.
-WIRE_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"})
-MAX_TENSORS = 100_000
-MAX_NDIM = 8
-MAX_DIM = 2**31 - 1
+WIRE_DTYPES = frozenset(get_args(WireDtype))
 
 
 class _WireTensor(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
@@ -62,6 +61,8 @@ def decode_state(payload: bytes | memoryview) -> dict[str, np.ndarray]:
         raise ProtocolError(f"state dict has {len(wire)} tensors; at most {MAX_TENSORS} allowed")
     state = {}
     for name, tensor in wire.items():
+        if not 1 <= len(name) <= MAX_TENSOR_NAME:
+            raise ProtocolError(f"tensor name of {len(name)} characters; 1..{MAX_TENSOR_NAME} allowed")
         if tensor.dtype not in WIRE_DTYPES:
             raise ProtocolError(f"tensor {name!r}: dtype {tensor.dtype!r} not allowed")
         if len(tensor.shape) > MAX_NDIM or any(not 0 <= d <= MAX_DIM for d in tensor.shape):
@@ -72,7 +73,10 @@ def decode_state(payload: bytes | memoryview) -> dict[str, np.ndarray]:
             raise ProtocolError(
                 f"tensor {name!r}: {len(tensor.data)} bytes for shape {tensor.shape} {tensor.dtype}, expected {expected}"
             )
-        state[name] = np.frombuffer(tensor.data, dtype=dtype).reshape(tensor.shape)
+        try:
+            state[name] = np.frombuffer(tensor.data, dtype=dtype).reshape(tensor.shape)
+        except ValueError as exc:  # e.g. a zero-sized shape whose other dimensions overflow numpy's size
+            raise ProtocolError(f"tensor {name!r}: shape {tensor.shape}: {exc}") from None
     return state
 
 

@@ -13,7 +13,8 @@ fedmt/v1/tasks/{task}/updates/{device}/manifest  update manifest                
 fedmt/v1/tasks/{task}/updates/{device}/chunks/{i} update chunks                           agent -> aggregator
 ```
 
-The device id is the MQTT username, so the broker ACL (`%u`) confines a device to its own topics.
+The device id is the MQTT username, so the broker ACL (`%u`) confines a device to its own topics. Ids are 1-64
+characters and chunk indices below protocol.limits.MAX_CHUNKS; anything else is not a v1 topic.
 """
 
 from __future__ import annotations
@@ -22,18 +23,21 @@ import re
 from dataclasses import dataclass
 
 from protocol.errors import ProtocolError
+from protocol.limits import MAX_CHUNKS
 
 PREFIX = "fedmt/v1"
 DEVICE_LEAVES = ("status", "profile", "telemetry", "events", "schedule", "receipts")
+RETAINED_BY_DEVICES = ("status", "profile")  # a device's other messages are never retained
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"  # \Z: `$` would admit a trailing newline
 _NAME = re.compile(NAME_PATTERN)
+_CHUNK_INDEX = re.compile(rf"^(0|[1-9][0-9]{{0,{len(str(MAX_CHUNKS - 1)) - 1}}})\Z")
 
 
 def check_name(kind: str, name: str) -> str:
     """Return `name` if it is a valid device or task id (one topic level, no wildcards, file-name safe)."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise ProtocolError(
-            f"invalid {kind} id {name!r}: expected 1-64 of [A-Za-z0-9_.-], not starting with . - _"
+            f"invalid {kind} id {name if not isinstance(name, str) else name[:80]!r}: expected 1-64 of [A-Za-z0-9_.-], not starting with . - _"
         )
     return name
 
@@ -43,6 +47,12 @@ def device(device_id: str, leaf: str) -> str:
     if leaf not in DEVICE_LEAVES:
         raise ValueError(f"unknown device channel {leaf!r}; expected one of {DEVICE_LEAVES}")
     return f"{PREFIX}/devices/{check_name('device', device_id)}/{leaf}"
+
+
+def retained_by_devices(topic: str) -> bool:
+    """Whether a device may leave a retained message on `topic`: only its status and profile."""
+    levels = topic.split("/")
+    return len(levels) == 5 and levels[2] == "devices" and levels[4] in RETAINED_BY_DEVICES
 
 
 def global_model(task: str) -> str:
@@ -83,7 +93,7 @@ def parse(topic: str) -> TopicRef:
     """Parse a v1 topic; raise ProtocolError for anything outside the tree."""
     levels = topic.split("/")
     if levels[:2] != PREFIX.split("/"):
-        raise ProtocolError(f"topic {topic!r} is not under {PREFIX}/")
+        raise ProtocolError(f"topic {topic[:200]!r} is not under {PREFIX}/")
     rest = levels[2:]
     if len(rest) == 3 and rest[0] == "devices" and rest[2] in DEVICE_LEAVES:
         return TopicRef(kind=rest[2], device=check_name("device", rest[1]))
@@ -93,12 +103,14 @@ def parse(topic: str) -> TopicRef:
             return _transfer_ref("global", task, None, rest[3:], topic)
         if rest[2] == "updates" and len(rest) >= 4:
             return _transfer_ref("update", task, check_name("device", rest[3]), rest[4:], topic)
-    raise ProtocolError(f"topic {topic!r} is not in the v1 topic tree")
+    raise ProtocolError(f"topic {topic[:200]!r} is not in the v1 topic tree")
 
 
 def _transfer_ref(kind: str, task: str, device_id: str | None, tail: list[str], topic: str) -> TopicRef:
     if tail == ["manifest"]:
         return TopicRef(kind=kind, task=task, device=device_id, part="manifest")
-    if len(tail) == 2 and tail[0] == "chunks" and tail[1].isascii() and tail[1].isdigit():
+    if len(tail) == 2 and tail[0] == "chunks" and _CHUNK_INDEX.match(tail[1]) and int(tail[1]) < MAX_CHUNKS:
         return TopicRef(kind=kind, task=task, device=device_id, part="chunk", index=int(tail[1]))
-    raise ProtocolError(f"topic {topic!r}: expected .../manifest or .../chunks/<index>")
+    raise ProtocolError(
+        f"topic {topic[:200]!r}: expected .../manifest or .../chunks/<index below {MAX_CHUNKS}>"
+    )

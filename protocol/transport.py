@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 from msgspec import Meta
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from protocol import topics
 from protocol.chunking import split
@@ -199,8 +200,10 @@ class MqttLink:
             else:
                 self._problem(logging.ERROR, "broker %s refused the connection: %s", self.broker, reason_code)
             return
-        for topic_filter in self._subscriptions:
-            client.subscribe(topic_filter, qos=1)
+        for (
+            topic_filter
+        ) in self._subscriptions:  # retain flags as published: a receiver sees what was retained
+            client.subscribe(topic_filter, options=SubscribeOptions(qos=1, retainAsPublished=True))
         if self._birth:
             client.publish(self._birth[0], self._birth[1], qos=1, retain=True)
         self._last_problem = ""

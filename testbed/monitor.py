@@ -50,7 +50,7 @@ class Monitor:
             if message.payload:
                 try:
                     self._record(message)
-                except ProtocolError:
+                except (ProtocolError, OSError):  # bad input, or a payload the spool cannot hold
                     self.malformed += 1
 
     def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str, watch=()) -> None:

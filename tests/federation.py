@@ -133,19 +133,26 @@ def reference_fedavg(base: dict[str, np.ndarray], updates: list[tuple[int, dict[
 
 
 class RawDevice:
-    """A hand-driven device: announces itself, waits for its schedule, sends whatever updates a test crafts."""
+    """A hand-driven device: announces itself, waits for its schedule, sends whatever updates a test crafts.
+    With `samples` None it never announces itself (and is never scheduled)."""
 
-    def __init__(self, broker: Mosquitto, device: str, samples: dict[str, int]) -> None:
+    def __init__(self, broker: Mosquitto, device: str, samples: dict[str, int] | None) -> None:
         from protocol.schemas import DeviceProfile, HostInfo, Status, TaskData, encode
 
         self.device = device
         self.link = MqttLink(
             mqtt(broker, device),
             [topics.device(device, "schedule"), topics.device(device, "receipts")],
-            birth=(topics.device(device, "status"), encode(Status(state="online", ts=time.time()))),
+            birth=(topics.device(device, "status"), encode(Status(state="online", ts=time.time())))
+            if samples is not None
+            else None,
         )
         self.link.start()
         assert self.link.wait_connected(10)
+        self.schedules: list = []
+        self.receipts: list[Receipt] = []
+        if samples is None:
+            return
         host = HostInfo(hostname="raw", os="test", machine="x", python="3", cpu_count=1, memory_bytes=1)
         profile = DeviceProfile(
             device=device,
@@ -155,8 +162,6 @@ class RawDevice:
             tasks={task: TaskData(samples=n) for task, n in samples.items()},
         )
         self.link.publish(topics.device(device, "profile"), encode(profile), retain=True).wait_for_publish(5)
-        self.schedules: list = []
-        self.receipts: list[Receipt] = []
 
     def pump(self, timeout_s: float = 0.2) -> None:
         from protocol.schemas import Schedule

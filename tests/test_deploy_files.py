@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import msgspec
@@ -624,14 +625,15 @@ def required_message_size() -> int:
     return max(len(encode(chunk)), DEFAULT_CHUNK_SIZE + 1024)
 
 
-def message_limit(conf: dict[str, list[str]]) -> float:
-    limits = []
-    for key in ("message_size_limit", "max_packet_size"):
-        if key in conf:
-            value = int(conf[key][-1])
-            limits.append(float("inf") if value == 0 else value)
-    assert limits, "neither message_size_limit nor max_packet_size is set (chunks need more than the default)"
-    return min(limits)
+#: what keeps one client from exhausting the broker: packet size, per-client queue and the broker's heap
+BROKER_LIMITS = ("max_packet_size", "max_queued_messages", "max_queued_bytes", "memory_limit")
+
+
+def message_limit(conf: dict[str, list[str]]) -> int:
+    """The largest MQTT packet the broker takes (message_size_limit is deprecated in Mosquitto 2.x)."""
+    assert "message_size_limit" not in conf, "message_size_limit is deprecated: use max_packet_size"
+    assert "max_packet_size" in conf, "max_packet_size is not set (chunks need a limit, and clients one too)"
+    return int(conf["max_packet_size"][-1])
 
 
 def _check_secure(conf: dict[str, list[str]], config_dir: str) -> None:
@@ -643,6 +645,10 @@ def _check_secure(conf: dict[str, list[str]], config_dir: str) -> None:
     assert conf["password_file"][-1] == f"{config_dir}/passwd"
     assert conf["persistence"][-1] == "true"
     assert message_limit(conf) >= required_message_size(), (message_limit(conf), required_message_size())
+    for key in BROKER_LIMITS:
+        assert int(conf[key][-1]) > 0, (
+            f"{key} must be set and positive: without it one client can exhaust the broker"
+        )
 
 
 def test_mosquitto_conf_is_authenticated_persistent_and_fits_chunks():
@@ -697,6 +703,41 @@ def test_every_listener_binds_the_client_id_to_the_username():
 def test_mosquitto_limit_admits_the_largest_configurable_chunk():
     largest = _largest_chunk_size()
     assert message_limit(_conf()) >= largest + 1024
+
+
+@pytest.mark.broker
+def test_shipped_mosquitto_conf_starts_with_the_local_binary_and_enforces_its_packet_limit(tmp_path):
+    """The shipped file, as the testbed runs it (its localhost password listener, paths moved here), runs under
+    the local mosquitto without warnings; a chunk-sized publish passes, a packet over max_packet_size disconnects
+    its sender."""
+    import paho.mqtt.client as mqtt
+
+    from testbed.broker import Mosquitto
+
+    with Mosquitto(tmp_path, {"aggregator": "secret"}, use_docker=False) as broker:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="aggregator", protocol=mqtt.MQTTv311)
+        client.username_pw_set("aggregator", "secret")
+        disconnected = threading.Event()
+        client.on_disconnect = lambda *args: disconnected.set()
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        limit = message_limit(_conf())
+        client.publish("fedmt/v1/tasks/t/global/chunks/0", bytes(DEFAULT_CHUNK_SIZE), qos=1).wait_for_publish(
+            10
+        )
+        assert not disconnected.is_set()
+        client.publish("fedmt/v1/tasks/t/global/chunks/1", bytes(limit), qos=1)
+        assert disconnected.wait(10), "a packet over max_packet_size was accepted"
+        client.loop_stop()
+    known = ("should not be run as root", "ACL pattern 'fedmt/v1/tasks/+/global/#' does not contain")
+    output = (tmp_path / "mosquitto.log").read_text()
+    assert "disconnected due to oversize packet" in output, output
+    problems = [
+        line
+        for line in output.splitlines()
+        if re.search(r"error|warning|deprecated", line, re.I) and not any(k in line for k in known)
+    ]
+    assert not problems, problems
 
 
 def _largest_chunk_size() -> int:

@@ -222,15 +222,16 @@ def test_discard_deletes_spool_file_and_ignores_unknown_ids(reasm):
     assert spool_files(reasm) == []
 
 
-def test_new_reassembler_deletes_stale_part_files(tmp_path):
+def test_new_reassembler_deletes_stale_part_files_and_unclaimed_payloads(tmp_path):
+    """A payload still in the spool was never claimed (a claimed one is moved out): an orphan after a restart."""
     spool = tmp_path / "spool"
     spool.mkdir()
     for name in ("old1.part", "old2.part"):
         (spool / name).write_bytes(b"partial")
-    (spool / "kept.done").write_bytes(b"owned by a receiver")
+    (spool / "orphan.done").write_bytes(b"complete, never paired with its manifest")
     (spool / "notes.txt").write_text("unrelated")
     Reassembler(spool)
-    assert sorted(p.name for p in spool.iterdir()) == ["kept.done", "notes.txt"]
+    assert sorted(p.name for p in spool.iterdir()) == ["notes.txt"]
 
 
 def test_reassembler_creates_missing_spool_dir(tmp_path):

@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from protocol import ProtocolError
+from protocol import limits as lim
 from protocol import schemas as s
 from protocol.schemas import decode, encode, to_builtins
 from tests.test_protocol_topics import BAD_IDS
@@ -319,8 +320,8 @@ def test_wrong_type_is_rejected_naming_the_field(kind, path, value):
         (s.TransferInfo, "chunk_size", 0),
         (s.TransferInfo, "size", -1),
         (s.Event, "message", "x" * 2001),
-        (s.Event, "metrics", {f"m{i}": 1.0 for i in range(65)}),
-        (s.Event, "metrics", {"k" * 65: 1.0}),
+        (s.Event, "metrics", {f"m{i}": 1.0 for i in range(lim.MAX_METRICS + 1)}),
+        (s.Event, "metrics", {"k" * (lim.MAX_METRIC_NAME + 1): 1.0}),
         (s.TensorInfo, "name", ""),
         (s.TensorInfo, "shape", [3, -1]),
         (s.ModelSpec, "name", "ResNet18"),
@@ -355,10 +356,95 @@ def test_boundary_values_are_accepted(kind, path, value):
     assert to_builtins(decoded)[path] == value
 
 
+@pytest.mark.parametrize(
+    "kind, path, value",
+    [
+        (s.Schedule, "round", lim.MAX_ROUND + 1),
+        (s.Event, "round", 2**64 - 1),
+        (s.Receipt, "round", 2**63),
+        (s.UpdateManifest, "round", lim.MAX_ROUND + 1),
+        (s.UpdateManifest, "samples", lim.MAX_SAMPLES + 1),
+        (s.UpdateManifest, "base_version", 2**63 - 1),
+        (s.TaskData, "samples", 2**64 - 1),  # reached SQLite as an OverflowError before
+        (s.GlobalManifest, "version", lim.MAX_ROUND + 1),
+        (s.TaskAssignment, "base_version", lim.MAX_ROUND + 1),
+        (s.TaskAssignment, "batch_size", lim.MAX_BATCH_SIZE + 1),
+        (s.TaskAssignment, "max_batch_size", 2**63),
+        (s.TaskAssignment, "local_epochs", lim.MAX_LOCAL_EPOCHS + 1),
+        (s.TaskAssignment, "local_steps", lim.MAX_LOCAL_STEPS + 1),
+        (s.TransferInfo, "size", lim.MAX_TRANSFER_BYTES + 1),
+        (s.TransferInfo, "chunk_size", lim.MAX_CHUNK_BYTES + 1),
+        (s.TransferInfo, "chunks", lim.MAX_CHUNKS + 1),
+        (s.TransferInfo, "chunks", 0),
+        (s.TensorInfo, "shape", [lim.MAX_DIM + 1]),
+        (s.TensorInfo, "shape", [1] * (lim.MAX_NDIM + 1)),
+        (s.TensorInfo, "dtype", "object"),
+        (s.TensorInfo, "name", "n" * (lim.MAX_TENSOR_NAME + 1)),
+        (
+            s.GlobalManifest,
+            "tensors",
+            [{"name": "w", "dtype": "float32", "shape": []}] * (lim.MAX_TENSORS + 1),
+        ),
+        (s.HostInfo, "memory_bytes", 2**64 - 1),
+        (s.HostInfo, "cpu_count", lim.MAX_HARDWARE_COUNT + 1),
+        (s.HostInfo, "hostname", "h" * (lim.MAX_SHORT_TEXT + 1)),
+        (s.GpuInfo, "extra", {f"k{i}": "v" for i in range(lim.MAX_MAP_ENTRIES + 1)}),
+        (s.GpuInfo, "sm_count", 2**40),
+        (s.MpsInfo, "pipe_dir", "/" * (lim.MAX_PATH + 1)),
+        (s.DeviceProfile, "tasks", {f"t{i}": {"samples": 1} for i in range(lim.MAX_TASKS + 1)}),
+        (s.DeviceProfile, "policies", ["fedmt"] * 17),
+        (s.Telemetry, "gpus", [{"index": 0}] * (lim.MAX_GPUS + 1)),
+        (s.Telemetry, "memory_total_bytes", 2**63),
+        (s.GpuTelemetry, "temperature_c", float("inf")),
+        (s.Status, "ts", float("inf")),
+        (s.Schedule, "deadline", lim.MAX_TIMESTAMP * 2),
+        (s.Status, "agent_version", "v" * (lim.MAX_SHORT_TEXT + 1)),
+    ],
+)
+def test_values_beyond_the_protocol_limits_are_rejected(kind, path, value):
+    assert_names(rejected(raw(sample(kind), path, value), kind), path.split(".")[-1])
+
+
+@pytest.mark.parametrize(
+    "index, value",
+    [
+        (1, lim.MAX_CHUNKS),
+        (2, lim.MAX_CHUNKS + 1),
+        (3, lim.MAX_CHUNK_BYTES + 1),
+        (4, lim.MAX_TRANSFER_BYTES + 1),
+    ],
+    ids=["index", "total", "chunk_size", "size"],
+)
+def test_chunk_header_beyond_the_limits_is_rejected(index, value):
+    fields = msgspec.msgpack.decode(encode(sample(s.Chunk)))
+    fields[index] = value
+    rejected(msgspec.msgpack.encode(fields), s.Chunk)
+
+
+@pytest.mark.parametrize(
+    "kind, path, value",
+    [
+        (s.Schedule, "round", lim.MAX_ROUND),
+        (s.UpdateManifest, "samples", lim.MAX_SAMPLES),
+        (s.TaskData, "samples", lim.MAX_SAMPLES),
+        (s.TensorInfo, "shape", [lim.MAX_DIM] * lim.MAX_NDIM),
+        (s.TransferInfo, "chunks", lim.MAX_CHUNKS),
+        (s.TaskAssignment, "local_steps", lim.MAX_LOCAL_STEPS),
+        (s.Event, "metrics", {f"m{i}": float("nan") for i in range(lim.MAX_METRICS)}),  # a diverged loss
+    ],
+)
+def test_values_at_the_protocol_limits_are_accepted(kind, path, value):
+    decoded = to_builtins(decode(raw(sample(kind), path, value), kind))[path]
+    assert decoded == value or (isinstance(value, dict) and decoded.keys() == value.keys())
+
+
 def test_schedule_with_empty_or_too_many_tasks_is_rejected():
     assert_names(rejected(raw(sample(s.Schedule), "tasks", []), s.Schedule), "tasks")
     assert_names(
-        rejected(raw(sample(s.Schedule), "tasks", [to_builtins(ASSIGNMENT)] * 65), s.Schedule), "tasks"
+        rejected(
+            raw(sample(s.Schedule), "tasks", [to_builtins(ASSIGNMENT)] * (lim.MAX_TASKS + 1)), s.Schedule
+        ),
+        "tasks",
     )
 
 

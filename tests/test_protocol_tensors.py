@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from protocol import ProtocolError
+from protocol.limits import MAX_TENSOR_NAME
 from protocol.schemas import TensorInfo
 from protocol.tensors import (
+    MAX_DIM,
     MAX_NDIM,
     WIRE_DTYPES,
     check_finite,
@@ -219,6 +221,11 @@ def test_negative_dimensions_raise_even_when_byte_count_matches(shape):
         decode_state(wire(w=["float32", shape, b"\0" * nbytes]))
 
 
+def test_tensor_name_longer_than_the_limit_raises():
+    with pytest.raises(ProtocolError, match="name"):
+        decode_state(wire(**{"n" * (MAX_TENSOR_NAME + 1): ["float32", [1], b"\0" * 4]}))
+
+
 def test_too_many_dimensions_raise_but_max_ndim_is_accepted():
     ok = decode_state(wire(w=["float32", [1] * MAX_NDIM, b"\0" * 4]))
     assert ok["w"].shape == (1,) * MAX_NDIM
@@ -226,7 +233,11 @@ def test_too_many_dimensions_raise_but_max_ndim_is_accepted():
         decode_state(wire(w=["float32", [1] * (MAX_NDIM + 1), b"\0" * 4]))
 
 
-@pytest.mark.parametrize("shape", [[0, 2**62], [0, 2**63], [0, 2**40, 2**40]])
+@pytest.mark.parametrize(
+    "shape",
+    [[0, 2**62], [0, 2**63], [0, 2**40, 2**40], [0] + [MAX_DIM] * (MAX_NDIM - 1)],
+    ids=["2^62", "2^63", "2^40x2^40", "max-dims"],
+)
 def test_zero_size_tensor_with_oversized_dimension_raises_protocol_error(shape):
     with pytest.raises(ProtocolError):
         decode_state(wire(w=["float32", shape, b""]))

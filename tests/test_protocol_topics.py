@@ -6,6 +6,7 @@ import pytest
 
 from protocol import ProtocolError
 from protocol import topics as t
+from protocol.limits import MAX_CHUNKS
 from protocol.topics import TopicRef, parse
 
 DEVICES = ["dev-1", "jetson.orin_02", "A", "x" * 64, "0"]
@@ -208,3 +209,26 @@ def test_check_name_returns_valid_name_and_error_names_the_kind():
 def test_device_builder_rejects_unknown_channel(leaf):
     with pytest.raises(ValueError):
         t.device("dev-1", leaf)
+
+
+@pytest.mark.parametrize(
+    "index",
+    ["9" * 5000, str(MAX_CHUNKS), "99999999", "007", "00"],
+    ids=["5000-digits", "max-chunks", "8-digits", "leading-zero", "double-zero"],
+)
+def test_parse_rejects_chunk_indices_beyond_the_limit_or_not_canonical(index):
+    """A 5000-digit index used to raise ValueError (int() refuses it), which stopped a service."""
+    for base in (t.global_model("t"), t.update("t", "dev-1")):
+        with pytest.raises(ProtocolError):
+            parse(f"{base}/chunks/{index}")
+
+
+def test_parse_accepts_the_last_chunk_index():
+    assert parse(t.chunk(t.global_model("t"), MAX_CHUNKS - 1)).index == MAX_CHUNKS - 1
+    assert parse(t.chunk(t.global_model("t"), 0)).index == 0
+
+
+def test_invalid_id_error_quotes_a_long_id_only_in_part():
+    with pytest.raises(ProtocolError) as exc:
+        t.check_name("device", "-" + "x" * 60_000)
+    assert len(str(exc.value)) < 300

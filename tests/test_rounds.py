@@ -82,7 +82,7 @@ def update(
         return answer
     path = tmp_path / f"{update_id}.done"
     path.write_bytes(payload)
-    return coordinator.accept_update(manifest, path, sender or device)
+    return coordinator.accept_update(manifest, path)
 
 
 def delta(value: float) -> dict:

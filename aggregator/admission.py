@@ -1,0 +1,88 @@
+"""Which device sends each update transfer, and whether the spool may take another one (quotas).
+
+A transfer is admitted when its first message (a chunk or the manifest) arrives: it must fit the largest update
+size, the sender's quota (bytes and number of transfers held at once) and the spool's total quota, all counted
+on the sizes the held transfers declared. A refused transfer stays refused (its later chunks are dropped) and
+its manifest is answered with a rejected receipt naming the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from aggregator.config import TransferConfig
+from protocol import ProtocolError
+
+
+class Refused(Exception):
+    """A transfer the aggregator will not take; the message is the reason sent with the receipt. `new`: refused
+    by this message (not an earlier one)."""
+
+    def __init__(self, reason: str, new: bool) -> None:
+        super().__init__(reason)
+        self.new = new
+
+
+class UpdateAdmission:
+    def __init__(self, limits: TransferConfig, remember_refused: int = 4096) -> None:
+        self.limits = limits
+        self.owners: dict[str, tuple[str, int]] = {}  # transfer id -> (device whose topic it came on, size)
+        self._refused: dict[str, str] = {}  # transfer id -> reason; insertion-ordered, bounded
+        self._remember = remember_refused
+
+    def claim(self, transfer_id: str, device: str, size: int, held: Callable[[], Mapping[str, int]]) -> None:
+        """Admit a message of `device` for a transfer of `size` bytes; `held()` gives every transfer the spool
+        holds and its size (asked only for a new transfer).
+
+        Raises Refused for a refused transfer (now or earlier), ProtocolError for another device's transfer or
+        for a size other than the one the transfer was admitted with.
+        """
+        reason = self._refused.get(transfer_id)
+        if reason is not None:
+            raise Refused(reason, new=False)
+        owner = self.owners.get(transfer_id)
+        if owner is None:
+            reason = self._over_quota(device, size, held())
+            if reason is not None:
+                self.refuse(transfer_id, reason)
+                raise Refused(reason, new=True)
+            self.owners[transfer_id] = (device, size)
+        elif owner[0] != device:
+            raise ProtocolError(f"transfer {transfer_id} belongs to {owner[0]}; {device} cannot add to it")
+        elif owner[1] != size:
+            raise ProtocolError(f"transfer {transfer_id} was admitted with {owner[1]} bytes, not {size}")
+
+    def refuse(self, transfer_id: str, reason: str) -> None:
+        """Refuse a transfer from now on (its owner is forgotten)."""
+        self.owners.pop(transfer_id, None)
+        self._refused[transfer_id] = reason
+        if len(self._refused) > self._remember:
+            self._refused.pop(next(iter(self._refused)))
+
+    def release(self, transfer_id: str) -> None:
+        """Forget a transfer that left the spool."""
+        self.owners.pop(transfer_id, None)
+
+    def forget_gone(self, held: Mapping[str, int]) -> None:
+        """Forget the owners of transfers the spool no longer holds (rejected, expired or delivered)."""
+        for transfer_id in [t for t in self.owners if t not in held]:
+            del self.owners[transfer_id]
+
+    def _over_quota(self, device: str, size: int, held: Mapping[str, int]) -> str | None:
+        limits = self.limits
+        if size > limits.max_update_bytes:
+            return f"update of {size} bytes exceeds max_update_bytes {limits.max_update_bytes}"
+        mine = [held[t] for t, (owner, _) in self.owners.items() if owner == device and t in held]
+        if len(mine) >= limits.max_device_transfers:
+            return f"quota: {device} already has {len(mine)} transfers in progress (max_device_transfers)"
+        if sum(mine) + size > limits.max_device_spool_bytes:
+            return (
+                f"quota: {device}'s transfers would hold {sum(mine) + size} bytes "
+                f"(max_device_spool_bytes {limits.max_device_spool_bytes})"
+            )
+        total = sum(held.values()) + size
+        if total > limits.max_spool_bytes:
+            return (
+                f"quota: the update spool would hold {total} bytes (max_spool_bytes {limits.max_spool_bytes})"
+            )
+        return None
