@@ -41,6 +41,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     state_dir: str = "/var/lib/fedmt-agent"
     telemetry_interval_s: Annotated[float, Meta(ge=1)] = 30.0
     receipt_timeout_s: Annotated[float, Meta(ge=1)] = 120.0
+    retry_after_s: Annotated[float, Meta(ge=1)] = 30.0  # resend an update the aggregator could not take yet
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
     execution: ExecutionConfig = msgspec.field(default_factory=ExecutionConfig)
     mps: MpsConfig = msgspec.field(default_factory=MpsConfig)

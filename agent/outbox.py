@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from common.durable import move_durably, write_atomically
 from protocol import ProtocolError
@@ -46,6 +49,14 @@ class Outbox:
     def get(self, update_id: str) -> Pending | None:
         """The waiting update with this id, if any."""
         return next((p for p in self.pending() if p.manifest.update_id == update_id), None)
+
+    def renew_transfer(self, pending: Pending) -> Pending:
+        """The same update as a new transfer (a fresh transfer id): a transfer the aggregator refused stays
+        refused there, while the update it carries is still wanted."""
+        transfer = msgspec.structs.replace(pending.manifest.transfer, id=uuid.uuid4().hex)
+        manifest = msgspec.structs.replace(pending.manifest, transfer=transfer)
+        write_atomically(self.root / f"{manifest.update_id}.manifest", encode(manifest))
+        return Pending(manifest, pending.payload_path)
 
     def find(self, task: str, round_: int) -> Pending | None:
         return next(

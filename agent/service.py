@@ -124,7 +124,7 @@ class Agent:
             jobs.Init(device=self.compute, threads=config.execution.cpu_threads_per_task),
             log_dir=self.work_dir,
         )
-        self._sent_at: dict[str, float] = {}
+        self._resend_at: dict[str, float] = {}  # update id -> when to send it again unless a receipt came
         self._first_sent_at: dict[str, float] = {}
         self._next_telemetry = 0.0
 
@@ -209,14 +209,14 @@ class Agent:
         for dropped in self.globals.expire(now):
             log.warning("dropped incomplete global model transfer %s", dropped)
         for pending in waiting:
-            if now - self._sent_at.get(pending.manifest.update_id, 0.0) > self.config.receipt_timeout_s:
+            if now >= self._resend_at.get(pending.manifest.update_id, 0.0):
                 self.publish_update(pending)
 
     # --- handlers ---------------------------------------------------------------------------------------
 
     def on_connected(self) -> None:
         self.publish_profile()
-        self._sent_at.clear()  # resend whatever still waits for a receipt
+        self._resend_at.clear()  # resend whatever still waits for a receipt
         self._next_telemetry = 0.0  # and report the load now
 
     def publish_profile(self) -> None:
@@ -366,6 +366,18 @@ class Agent:
             return
         manifest = pending.manifest
         self.metrics.receipts.labels(self.metrics.events.task_label(receipt.task), receipt.status).inc()
+        if receipt.status == "retry":
+            log.warning(
+                "update %s for %s round %d not taken yet (%s); sending it again in %.0f s",
+                receipt.update_id,
+                manifest.task,
+                manifest.round,
+                receipt.reason,
+                self.config.retry_after_s,
+            )
+            self.outbox.renew_transfer(pending)  # its old transfer stays refused
+            self._resend_at[receipt.update_id] = time.monotonic() + self.config.retry_after_s
+            return
         if receipt.status == "rejected":
             log.error(
                 "update %s for %s round %d rejected: %s",
@@ -377,7 +389,7 @@ class Agent:
         else:
             self.receipts.mark_done(manifest.task, manifest.round)
         self.outbox.remove(receipt.update_id)
-        self._sent_at.pop(receipt.update_id, None)
+        self._resend_at.pop(receipt.update_id, None)
         sent = self._first_sent_at.pop(receipt.update_id, None)
         if sent is not None and receipt.status != "rejected":
             self.emit_event(
@@ -394,8 +406,9 @@ class Agent:
             manifest.transfer,
             pending.payload_path.read_bytes(),
         )
-        self._sent_at[manifest.update_id] = time.monotonic()
-        self._first_sent_at.setdefault(manifest.update_id, self._sent_at[manifest.update_id])
+        now = time.monotonic()
+        self._resend_at[manifest.update_id] = now + self.config.receipt_timeout_s
+        self._first_sent_at.setdefault(manifest.update_id, now)
         self.emit_event(
             "uploaded",
             manifest.round,

@@ -16,18 +16,19 @@ from protocol import ProtocolError
 
 class Refused(Exception):
     """A transfer the aggregator will not take; the message is the reason sent with the receipt. `new`: refused
-    by this message (not an earlier one)."""
+    by this message (not an earlier one). `transient`: the update may be taken later as another transfer (a
+    quota of transfers in progress), unlike one too large ever to be taken."""
 
-    def __init__(self, reason: str, new: bool) -> None:
+    def __init__(self, reason: str, new: bool, transient: bool = True) -> None:
         super().__init__(reason)
-        self.new = new
+        self.new, self.transient = new, transient
 
 
 class UpdateAdmission:
     def __init__(self, limits: TransferConfig, remember_refused: int = 4096) -> None:
         self.limits = limits
         self.owners: dict[str, tuple[str, int]] = {}  # transfer id -> (device whose topic it came on, size)
-        self._refused: dict[str, str] = {}  # transfer id -> reason; insertion-ordered, bounded
+        self._refused: dict[str, Refused] = {}  # transfer id -> why; insertion-ordered, bounded
         self._remember = remember_refused
 
     def claim(self, transfer_id: str, device: str, size: int, held: Callable[[], Mapping[str, int]]) -> None:
@@ -37,25 +38,25 @@ class UpdateAdmission:
         Raises Refused for a refused transfer (now or earlier), ProtocolError for another device's transfer or
         for a size other than the one the transfer was admitted with.
         """
-        reason = self._refused.get(transfer_id)
-        if reason is not None:
-            raise Refused(reason, new=False)
+        refused = self._refused.get(transfer_id)
+        if refused is not None:
+            raise Refused(str(refused), new=False, transient=refused.transient)
         owner = self.owners.get(transfer_id)
         if owner is None:
-            reason = self._over_quota(device, size, held())
-            if reason is not None:
-                self.refuse(transfer_id, reason)
-                raise Refused(reason, new=True)
+            refused = self._over_quota(device, size, held())
+            if refused is not None:
+                self.refuse(transfer_id, str(refused), refused.transient)
+                raise refused
             self.owners[transfer_id] = (device, size)
         elif owner[0] != device:
             raise ProtocolError(f"transfer {transfer_id} belongs to {owner[0]}; {device} cannot add to it")
         elif owner[1] != size:
             raise ProtocolError(f"transfer {transfer_id} was admitted with {owner[1]} bytes, not {size}")
 
-    def refuse(self, transfer_id: str, reason: str) -> None:
+    def refuse(self, transfer_id: str, reason: str, transient: bool = True) -> None:
         """Refuse a transfer from now on (its owner is forgotten)."""
         self.owners.pop(transfer_id, None)
-        self._refused[transfer_id] = reason
+        self._refused[transfer_id] = Refused(reason, new=False, transient=transient)
         if len(self._refused) > self._remember:
             self._refused.pop(next(iter(self._refused)))
 
@@ -68,21 +69,23 @@ class UpdateAdmission:
         for transfer_id in [t for t in self.owners if t not in held]:
             del self.owners[transfer_id]
 
-    def _over_quota(self, device: str, size: int, held: Mapping[str, int]) -> str | None:
+    def _over_quota(self, device: str, size: int, held: Mapping[str, int]) -> Refused | None:
         limits = self.limits
         if size > limits.max_update_bytes:
-            return f"update of {size} bytes exceeds max_update_bytes {limits.max_update_bytes}"
+            reason = f"update of {size} bytes exceeds max_update_bytes {limits.max_update_bytes}"
+            return Refused(reason, new=True, transient=False)
         mine = [held[t] for t, (owner, _) in self.owners.items() if owner == device and t in held]
         if len(mine) >= limits.max_device_transfers:
-            return f"quota: {device} already has {len(mine)} transfers in progress (max_device_transfers)"
-        if sum(mine) + size > limits.max_device_spool_bytes:
-            return (
+            reason = f"quota: {device} already has {len(mine)} transfers in progress (max_device_transfers)"
+        elif sum(mine) + size > limits.max_device_spool_bytes:
+            reason = (
                 f"quota: {device}'s transfers would hold {sum(mine) + size} bytes "
                 f"(max_device_spool_bytes {limits.max_device_spool_bytes})"
             )
-        total = sum(held.values()) + size
-        if total > limits.max_spool_bytes:
-            return (
+        elif (total := sum(held.values()) + size) > limits.max_spool_bytes:
+            reason = (
                 f"quota: the update spool would hold {total} bytes (max_spool_bytes {limits.max_spool_bytes})"
             )
-        return None
+        else:
+            return None
+        return Refused(reason, new=True)

@@ -233,9 +233,8 @@ class Coordinator:
             log.error(
                 "refused update %s from %s: cannot store it: %s", manifest.update_id, manifest.device, exc
             )
-            return self._reject(
-                manifest, Rejected("cannot_store", f"the aggregator cannot store updates now: {exc}")
-            )
+            self.on_rejected(manifest.task, "cannot_store")
+            return self.receipt(manifest, "retry", f"the aggregator cannot store updates now: {exc}")
         if outcome == "duplicate":  # the ledger holds this very update at `durable`: keep the file
             return self.receipt(manifest, "duplicate")
         if outcome != "accepted":

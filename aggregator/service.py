@@ -167,10 +167,9 @@ class AggregatorService:
             manifest = decode(payload, UpdateManifest)
             receipt = self.coordinator.screen(manifest, ref.device, ref.task)
             if receipt is None and (
-                refusal := self._admit(manifest.transfer.id, ref.device, manifest.transfer.size)
+                refused := self._admit(manifest.transfer.id, ref.device, manifest.transfer.size)
             ):
-                self.metrics.rejection(manifest.task, "quota")
-                receipt = Coordinator.receipt(manifest, "rejected", refusal)
+                receipt = self._refusal(manifest, refused)
             if receipt is not None:
                 self.send_receipt(ref.device, receipt)
                 return
@@ -192,24 +191,30 @@ class AggregatorService:
                 delivery.path.unlink(missing_ok=True)  # moved to the updates folder, or rejected
             self.send_receipt(ref.device, receipt)
 
-    def _admit(self, transfer_id: str, device: str, size: int) -> str | None:
+    def _admit(self, transfer_id: str, device: str, size: int) -> Refused | None:
         """Why the transfer may not go on (a quota; logged once per transfer), or None."""
         try:
             self.admission.claim(transfer_id, device, size, self.updates.held_bytes)
         except Refused as refused:
             if refused.new:
                 log.warning("refused update transfer %s of %s: %s", transfer_id, device, refused)
-            return str(refused)
+            return refused
         return None
 
+    def _refusal(self, manifest: UpdateManifest, refused: Refused) -> Receipt:
+        """The receipt of a refused transfer: retry (as another transfer, later) unless it can never be taken."""
+        self.metrics.rejection(manifest.task, "quota" if refused.transient else "too_large")
+        return Coordinator.receipt(manifest, "retry" if refused.transient else "rejected", str(refused))
+
     def _refuse(self, transfer_id: str, reason: str) -> None:
-        """Refuse a transfer already under way: drop what is held of it, answer its manifest if it came."""
+        """Refuse a transfer already under way (its spool file cannot be written): drop what is held of it,
+        answer its manifest, if it came, with a retry."""
         log.error("refused update transfer %s: %s", transfer_id, reason)
         manifest = self.updates.discard(transfer_id)
         self.admission.refuse(transfer_id, reason)
         if manifest is not None:
             self.metrics.rejection(manifest.task, "cannot_spool")
-            self.send_receipt(manifest.device, Coordinator.receipt(manifest, "rejected", reason))
+            self.send_receipt(manifest.device, Coordinator.receipt(manifest, "retry", reason))
 
     def send_receipt(self, device: str, receipt: Receipt) -> None:
         self.metrics.receipt(receipt)

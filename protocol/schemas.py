@@ -195,7 +195,8 @@ class Receipt(Message):
     update_id: TransferId
     task: Name
     round: RoundOrNone
-    status: Literal["accepted", "duplicate", "rejected"]
+    #: retry: not taken now (the aggregator's spool is full, its disk too): send it again later
+    status: Literal["accepted", "duplicate", "rejected", "retry"]
     reason: Text = ""
 
 

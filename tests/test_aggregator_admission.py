@@ -83,11 +83,11 @@ def test_chunks_of_a_transfer_from_two_devices_are_kept_apart(service, caplog):
 # --- quotas --------------------------------------------------------------------------------------------
 
 
-def test_transfers_beyond_a_device_quota_are_refused_with_a_receipt(service, caplog):
+def test_transfers_beyond_a_device_quota_are_refused_with_a_receipt_to_retry(service, caplog):
     feed(service, [manifest_only("dev3", 10 * KIB, f"u{i}") for i in range(3)])  # 30 of dev3's 32 KiB
     feed(service, [manifest_only("dev3", 3 * KIB, "u3")])
     refused = receipts(service, "dev3")["u3"]
-    assert refused.status == "rejected" and "max_device_spool_bytes" in refused.reason, refused
+    assert refused.status == "retry" and "max_device_spool_bytes" in refused.reason, refused
     assert caplog.text.count("refused update transfer u3") == 1
 
     feed(service, [manifest_only("dev3", 1 * KIB, "u4")])  # fits the bytes: a fourth transfer
@@ -100,7 +100,7 @@ def test_a_refused_transfer_stays_refused_and_its_chunks_are_dropped(service):
     feed(service, [manifest_only("dev3", 8 * KIB, f"u{i}") for i in range(4)])  # dev3's whole quota
     messages = sent_transfer("t", "dev3", delta(3), 50, "late")
     feed(service, messages)  # its first chunk is refused; the rest dropped quietly; the manifest answered
-    assert receipts(service, "dev3")["late"].status == "rejected"
+    assert receipts(service, "dev3")["late"].status == "retry"
     assert "late.part" not in spool_files(service)
     service.tick(time.monotonic() + LATER)  # the held transfers expire: dev3 may send again ...
     feed(service, messages)  # ... but not this transfer
@@ -119,7 +119,8 @@ def test_the_total_quota_holds_across_devices(service):
 
 def test_an_update_larger_than_max_update_bytes_is_refused_by_its_manifest_or_first_chunk(service):
     feed(service, [manifest_only("dev3", QUOTAS.max_update_bytes + 1, "big")])
-    assert "max_update_bytes" in receipts(service, "dev3")["big"].reason
+    refused = receipts(service, "dev3")["big"]
+    assert refused.status == "rejected" and "max_update_bytes" in refused.reason  # never, not later
     payload = encode_state({**delta(3), "w": np.zeros((64, 64), np.float32)})  # 16 KiB+ of tensors
     info = transfer_info("big2", payload, 64)
     chunk_first = [
@@ -167,7 +168,7 @@ def test_disk_full_while_spooling_refuses_the_update_and_the_service_goes_on(
     with caplog.at_level(logging.ERROR):
         feed(service, sent_transfer("t", "dev1", delta(1), 100, "full"))
     refused = receipts(service, "dev1")["full"]
-    assert refused.status == "rejected" and "No space left on device" in refused.reason
+    assert refused.status == "retry" and "No space left on device" in refused.reason
     assert "refused update transfer full" in caplog.text and spool_files(service) == []
 
     monkeypatch.undo()  # space again: the device's next update goes through, the round completes exactly
@@ -181,6 +182,7 @@ def test_disk_full_while_recording_refuses_the_update_and_leaves_no_file(service
 
     monkeypatch.setattr(aggregator.rounds, "move_durably", move_fails)
     feed(service, sent_transfer("t", "dev1", delta(1), 100, "move"))
+    assert receipts(service, "dev1")["move"].status == "retry"
     assert "No space left on device" in receipts(service, "dev1")["move"].reason
     monkeypatch.undo()
 

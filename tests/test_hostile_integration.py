@@ -246,8 +246,8 @@ def test_retained_poison_does_not_stop_a_restart(tmp_path, broker, observer):
 
 
 def retained_topics(broker, timeout_s: float = 2.0) -> set[str]:
-    """Topics under fedmt/v1 on which the broker holds a retained message (as the monitor user sees them)."""
-    link = MqttLink(mqtt(broker, "monitor"), [f"{topics.PREFIX}/#"])
+    """Topics under fedmt/v1 on which the broker holds a retained message (as the auditor, who reads updates too)."""
+    link = MqttLink(mqtt(broker, "auditor"), [f"{topics.PREFIX}/#"])
     link.start()
     try:
         assert link.wait_connected(10)
@@ -312,7 +312,7 @@ def test_quota_and_full_disk_refusals_reach_the_device_and_the_round_stays_exact
             manifest = update_manifest("shuffle", "dev3", update_id, size)
             attacker.link.publish(topics.manifest(topics.update("shuffle", "dev3")), encode(manifest))
         refused = attacker.receipt_for("over")
-        assert refused.status == "rejected" and "max_device_spool_bytes" in refused.reason, refused
+        assert refused.status == "retry" and "max_device_spool_bytes" in refused.reason, refused
 
         spool = Path(config.state_dir) / "spool"
         real_open = open
@@ -324,7 +324,7 @@ def test_quota_and_full_disk_refusals_reach_the_device_and_the_round_stays_exact
 
         monkeypatch.setattr(protocol.chunking, "open", full_disk, raising=False)
         full = dev1.receipt_for(dev1.send_update("shuffle", good1, samples=100))
-        assert full.status == "rejected" and "No space left on device" in full.reason, full
+        assert full.status == "retry" and "No space left on device" in full.reason, full
         monkeypatch.undo()
 
         assert dev1.receipt_for(dev1.send_update("shuffle", good1, samples=100)).status == "accepted"

@@ -65,3 +65,38 @@ def test_a_round_the_agent_cannot_start_fails_its_tasks_in_one_line(agent, caplo
     failed = [e for e in map(lambda p: decode(p, Event), agent.link.on("/dev1/events")) if e.kind == "failed"]
     assert [(e.task, e.round) for e in failed] == [("t", 3)] and "no_such_model" in failed[0].message
     assert len(error_lines(caplog)) == 1 and "round 3: cannot start its tasks" in error_lines(caplog)[0]
+
+
+def test_an_update_the_aggregator_cannot_take_yet_is_kept_and_sent_again_as_a_new_transfer(agent, tmp_path):  # noqa: F811
+    import uuid
+
+    from protocol.chunking import transfer_info
+    from protocol.schemas import UpdateManifest
+
+    payload = tmp_path / "u.payload"
+    payload.write_bytes(b"update bytes")
+    update_id = uuid.uuid4().hex
+    manifest = UpdateManifest(
+        task="t",
+        round=1,
+        device="dev1",
+        update_id=update_id,
+        base_version=0,
+        samples=5,
+        codec="delta",
+        transfer=transfer_info(update_id, payload.read_bytes()),
+    )
+    pending = agent.outbox.put(manifest, payload)
+    agent.link.connected.set()
+    agent.publish_update(pending)
+    retry = Receipt(update_id=update_id, task="t", round=1, status="retry", reason="quota: spool full")
+    feed(agent, [(topics.device("dev1", "receipts"), encode(retry))])
+    (kept,) = agent.outbox.pending()
+    assert kept.manifest.update_id == update_id and kept.manifest.transfer.id != manifest.transfer.id
+    assert kept.manifest.transfer.sha256 == manifest.transfer.sha256 and not agent.receipts.done("t", 1)
+    sent = len(agent.link.on("/updates/dev1/manifest"))
+    agent.tick(time.monotonic())
+    assert len(agent.link.on("/updates/dev1/manifest")) == sent, "sent again before retry_after_s"
+    agent.tick(time.monotonic() + agent.config.retry_after_s + 1)
+    again = decode(agent.link.on("/updates/dev1/manifest")[-1], UpdateManifest)
+    assert again.transfer.id == kept.manifest.transfer.id
