@@ -9,7 +9,7 @@ from msgspec import Meta
 
 from common.config import load_toml
 from protocol.chunking import DEFAULT_CHUNK_SIZE
-from protocol.schemas import ExecutionPolicy, ModelSpec, Name, OptimizerSpec, Precision
+from protocol.schemas import BatchPolicy, ExecutionPolicy, LrScaling, ModelSpec, Name, OptimizerSpec, Precision
 from protocol.transport import MqttSettings
 
 PosInt = Annotated[int, Meta(ge=1)]
@@ -26,6 +26,8 @@ class TaskConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     min_batch_size: PosInt = 1
     max_batch_size: PosInt = 1024
     precision: Precision = "fp32"
+    lr_scaling: LrScaling = "auto"  # when a device plans another batch size (README: batch adaptation)
+    batch_policy: BatchPolicy = "scale_lr"
     init_seed: int = 0
     init_weights: str | None = (
         None  # a safetensors file; else built from the torchvision model with init_seed

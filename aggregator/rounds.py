@@ -367,6 +367,8 @@ class Coordinator:
             min_batch_size=c.min_batch_size,
             max_batch_size=c.max_batch_size,
             precision=c.precision,
+            lr_scaling=c.lr_scaling,
+            batch_policy=c.batch_policy,
         )
 
     def _global_model(self, task: str, version: int, state: dict[str, np.ndarray]) -> GlobalModel:

@@ -30,6 +30,12 @@ UpdateCodec = Literal["delta"]
 ExecutionPolicy = Literal["temporal", "concurrent", "isolated", "sharing", "fedmt"]
 #: arithmetic of local training: fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler)
 Precision = Literal["fp32", "bf16", "fp16"]
+#: how the learning rate follows a planned batch size B from the configured B0 (agent/batching.py): "auto" is
+#: linear (lr * B/B0) for SGD and square root for Adam
+LrScaling = Literal["auto", "linear", "sqrt", "none"]
+#: "scale_lr": a round processes the configured images and the lr follows `LrScaling`; "hold_steps": a round
+#: takes the configured number of optimiser steps at the configured lr
+BatchPolicy = Literal["scale_lr", "hold_steps"]
 
 
 class Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -149,6 +155,8 @@ class TaskAssignment(Message):
     min_batch_size: PosInt = 1
     max_batch_size: PosInt = 1024
     precision: Precision = "fp32"
+    lr_scaling: LrScaling = "auto"
+    batch_policy: BatchPolicy = "scale_lr"
 
 
 class Schedule(Message):
