@@ -11,6 +11,7 @@ plan says so. A changed batch size changes the round's learning rate or steps as
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -143,8 +144,12 @@ class Planner:
             for t, share in zip(training, shares):
                 share = round(share, 1)
                 remaining = t.remaining_s
-                if share - t.launch.percent >= R_GRID and remaining is not None and remaining >= restart_cost_s:
-                    moves[t.task] = msgspec.structs.replace(
+                if (
+                    share - t.launch.percent >= R_GRID
+                    and remaining is not None
+                    and remaining >= restart_cost_s
+                ):
+                    moves[t.task] = dataclasses.replace(
                         self.sharing.launch(t.task, share), wave=t.launch.wave
                     )
             if moves:

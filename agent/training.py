@@ -206,7 +206,8 @@ def run_steps(
     if step.device_type == "cuda":
         torch.cuda.synchronize()
     stats.seconds = at.seconds + time.perf_counter() - began
-    stats.ended_at = time.time()
+    # a resumed loop's training time leaves out the hand-over; its end is the clock's
+    stats.ended_at = time.time() if start is not None else stats.started_at + stats.seconds
     stats.train_loss = loss_sum.item() / epoch_images
     stats.train_accuracy = correct.item() / epoch_images
     return stats

@@ -18,7 +18,7 @@ import numpy as np
 
 from predictor.features import TaskFeatures
 
-PRIOR_WEIGHT = 2.0
+PRIOR_WEIGHT = 1.0
 HALF_LIFE = 20.0
 
 
@@ -54,24 +54,15 @@ def fit_correction(observations: Iterable[tuple[str, float, float]]) -> Correcti
 
 
 class CorrectedPredictor:
-    """A predictor (`predictor.search.Predict`, e.g. an OnnxPredictor) times a Correction; its card, path and
-    batch range are the base predictor's."""
+    """A predictor (`predictor.search.Predict`, e.g. an OnnxPredictor) times a Correction; everything else (its
+    card, path, batch range, input sizes) is the base predictor's."""
 
     def __init__(self, base, correction: Correction | None = None) -> None:
         self.base = base
         self.correction = correction or Correction()
 
-    @property
-    def card(self) -> dict:
-        return self.base.card
-
-    @property
-    def path(self):
-        return self.base.path
-
-    @property
-    def batch_range(self) -> tuple[int, int]:
-        return self.base.batch_range
+    def __getattr__(self, name: str):
+        return getattr(self.base, name)
 
     def __call__(self, tasks: Sequence[TaskFeatures], batches: np.ndarray, resources: np.ndarray) -> np.ndarray:
         factors = np.array([self.correction.factor(workload_key(t.model, t.input_size)) for t in tasks])
