@@ -63,7 +63,12 @@ class AutoCalibration:
     def maybe_start(self, assignments: Sequence[TaskAssignment], planner) -> bool:
         """Start calibrating for these tasks if it is on, MPS is there, no predictor was profiled with them and
         this target's budget is not spent; whether it started."""
-        if not self.config.auto or self.running or self.sharing.mps_env is None or planner.profiled(assignments):
+        if (
+            not self.config.auto
+            or self.running
+            or self.sharing.mps_env is None
+            or planner.profiled(assignments)
+        ):
             return False
         target = target_for(assignments)
         state = self._state(target)
@@ -76,7 +81,9 @@ class AutoCalibration:
             target=self._calibrate, args=(target, state, left), name="calibration", daemon=True
         )
         self._thread.start()
-        log.info("calibrating this GPU for %s between rounds (%.0f s of measuring left)", target.workloads, left)
+        log.info(
+            "calibrating this GPU for %s between rounds (%.0f s of measuring left)", target.workloads, left
+        )
         return True
 
     def pause(self) -> None:

@@ -169,7 +169,9 @@ def calibrate(
                 if len(config.tasks) == 1 and "oom" in str(exc):
                     infeasible.add(config.tasks[0][:2])
                 if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
-                    raise RuntimeError(f"calibration: {failed_in_a_row} windows failed in a row: {exc}") from exc
+                    raise RuntimeError(
+                        f"calibration: {failed_in_a_row} windows failed in a row: {exc}"
+                    ) from exc
                 continue
             failed_in_a_row = 0
             f.write(msgspec.json.encode(record) + b"\n")
@@ -200,7 +202,9 @@ def fit_and_export(data: Path, target: Target, epochs: int | None = None) -> Pat
     return export(fit(data, data.parent, protected=target.protected, **options))
 
 
-def _measure_config(config: Config, measure: Measure, device: Device, window_s: float, repeats: int) -> Record:
+def _measure_config(
+    config: Config, measure: Measure, device: Device, window_s: float, repeats: int
+) -> Record:
     """`repeats` windows of one configuration as one record: per task the median and the spread."""
     runs = [measure(config) for _ in range(repeats)]
     samples = []
@@ -294,5 +298,7 @@ def calibrate_gpu(target: Target, directory: Path, sharing, **options) -> Result
     gpu = report.gpus[0]
     device = Device(gpu.name, gpu.sm_count or 0, report.driver_version, torch.__version__)
     init = jobs.Init(device="cuda")
-    with PoolMeasure(target, sharing, init, window_s=options["window_s"], seed=options.get("seed", 0)) as measure:
+    with PoolMeasure(
+        target, sharing, init, window_s=options["window_s"], seed=options.get("seed", 0)
+    ) as measure:
         return calibrate(target, directory, device, measure, **options)

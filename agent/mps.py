@@ -300,7 +300,9 @@ class GpuSharing:
         """A worker's launch under MPS at `percent` of the SMs."""
         if self.mps_env is None:
             raise MpsError(f"MPS is unavailable: {self.daemon.info.reason}")
-        return Launch(name, env=self.mps_env(percent), percent=percent, expected_sms=self.expected_sms(percent))
+        return Launch(
+            name, env=self.mps_env(percent), percent=percent, expected_sms=self.expected_sms(percent)
+        )
 
     def launch_for(self, model: str, percent: float) -> Launch:
         """A pool worker's launch: `model` under MPS at `percent` (workers of WorkerPool)."""

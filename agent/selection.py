@@ -40,7 +40,11 @@ def candidates(search: Sequence[float] | None, workloads: Sequence[float]) -> li
     same split listed once (under its first name)."""
     n = len(workloads)
     named = [("fedmt", search)] if search is not None else []
-    named += [("isolated", equal_split(n)), ("sharing", [100.0] * n), ("heuristic", heuristic_shares(workloads))]
+    named += [
+        ("isolated", equal_split(n)),
+        ("sharing", [100.0] * n),
+        ("heuristic", heuristic_shares(workloads)),
+    ]
     seen, result = set(), []
     for name, shares in named:
         shares = tuple(round(float(r), 1) for r in shares)
@@ -64,7 +68,9 @@ def choose(
     """The candidate to run (see the module docstring). `measured(candidate)` gives this device's per-task
     median throughputs for it, or None; `error_note` says why the model is not trusted."""
     rows = np.array([c.resources for c in options], dtype=np.float64)
-    predicted = np.asarray(predict(tasks, np.tile(np.asarray(batches, dtype=np.float64), (len(options), 1)), rows))
+    predicted = np.asarray(
+        predict(tasks, np.tile(np.asarray(batches, dtype=np.float64), (len(options), 1)), rows)
+    )
     work = np.asarray(work, dtype=np.float64)
     scored = []
     for candidate, guess in zip(options, predicted):

@@ -9,7 +9,15 @@ from msgspec import Meta
 
 from common.config import load_toml
 from protocol.chunking import DEFAULT_CHUNK_SIZE
-from protocol.schemas import BatchPolicy, ExecutionPolicy, LrScaling, ModelSpec, Name, OptimizerSpec, Precision
+from protocol.schemas import (
+    BatchPolicy,
+    ExecutionPolicy,
+    LrScaling,
+    ModelSpec,
+    Name,
+    OptimizerSpec,
+    Precision,
+)
 from protocol.transport import MqttSettings
 
 PosInt = Annotated[int, Meta(ge=1)]

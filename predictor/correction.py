@@ -64,6 +64,8 @@ class CorrectedPredictor:
     def __getattr__(self, name: str):
         return getattr(self.base, name)
 
-    def __call__(self, tasks: Sequence[TaskFeatures], batches: np.ndarray, resources: np.ndarray) -> np.ndarray:
+    def __call__(
+        self, tasks: Sequence[TaskFeatures], batches: np.ndarray, resources: np.ndarray
+    ) -> np.ndarray:
         factors = np.array([self.correction.factor(workload_key(t.model, t.input_size)) for t in tasks])
         return np.asarray(self.base(tasks, batches, resources), dtype=np.float64) * factors

@@ -131,7 +131,9 @@ def load_records(path: Path) -> list[Record]:
     return [decoder.decode(line) for line in Path(path).read_bytes().splitlines() if line.strip()]
 
 
-def measured_configs(path: Path, key: Callable[[Record, TaskSample], Hashable] | None = None) -> frozenset[Config]:
+def measured_configs(
+    path: Path, key: Callable[[Record, TaskSample], Hashable] | None = None
+) -> frozenset[Config]:
     """The configurations a data file already holds (none if it does not exist yet), each task named by
     `key(record, sample)` (default: its model name)."""
     if not Path(path).exists():
