@@ -52,7 +52,8 @@ class AutoCalibration:
         self.config, self.directory, self.sharing = config, Path(directory), sharing
         self.on_ready, self._measure = on_ready, measure
         self._stop = threading.Event()
-        self._measuring = threading.Event()  # set while the GPU is measured
+        self._idle = threading.Event()  # the GPU is not being measured
+        self._idle.set()
         self._thread: threading.Thread | None = None
         self._state_path = self.directory / "calibration.json"
 
@@ -76,7 +77,7 @@ class AutoCalibration:
             return False
         left = max(0.0, self.config.budget_s * (1 - FIT_SHARE) - state["measured_s"])
         self._stop.clear()
-        self._measuring.set()
+        self._idle.clear()
         self._thread = threading.Thread(
             target=self._calibrate, args=(target, state, left), name="calibration", daemon=True
         )
@@ -90,7 +91,7 @@ class AutoCalibration:
         """Stop measuring after the current window (a round is about to start); a fit under way continues."""
         if self.running:
             self._stop.set()
-            self._measuring.wait()
+            self._idle.wait()
 
     def _calibrate(self, target: Target, state: dict, measure_s: float) -> None:
         def progress(done: int, total: int | None) -> None:
@@ -109,8 +110,8 @@ class AutoCalibration:
                 on_progress=progress,
                 fit=False,
             )
-            self._measuring.clear()
             self._save(state | {"measured_s": state["measured_s"] + result.measured_s})
+            self._idle.set()
             if result.stopped:
                 return
             path = fit_and_export(result.data, target, self.config.epochs)
@@ -119,7 +120,7 @@ class AutoCalibration:
             self._save(self._state(target) | {"finished": True})
             return
         finally:
-            self._measuring.clear()
+            self._idle.set()
         self._save(self._state(target) | {"finished": True})
         log.info("calibrated predictor %s ready for the next round", path)
         self.on_ready(path)
