@@ -96,6 +96,7 @@ def test_the_target_is_the_configured_tasks_around_their_batch_sizes():
     assert target.protected == (("mobilenet_v3_small", "resnet18", "shufflenet_v2_x0_5"),)
 
 
+@pytest.mark.slow
 def test_calibration_measures_baselines_then_co_locations_within_its_budget_and_exports_a_predictor(tmp_path):
     gpu = FakeGpu()
     target = target_for(TASKS)
