@@ -178,16 +178,12 @@ def test_a_batch_size_that_runs_out_of_memory_alone_is_not_tried_again(tmp_path)
     assert result.failed == 1 and 64 not in {t.batch for r in load_records(result.data) for t in r.tasks}
 
 
-def test_the_agent_prefers_the_predictor_calibrated_here_over_the_shipped_one(tmp_path):
-    report = GpuReport(
-        gpus=[GpuInfo(index=0, name=GPU, backend="nvml", memory_total_bytes=1)], backend="nvml"
-    )
-    shipped, note = load_predictor(None, report, "cuda", tmp_path)
-    assert shipped.path.parent.name == "models" and "nvidia-h200.onnx" in note
+def quick_calibration(directory) -> Result:
+    """60 windows and a 50-epoch fit: a rough predictor for TASKS in `directory`."""
     gpu = FakeGpu()
-    calibrate(
+    return calibrate(
         target_for(TASKS),
-        tmp_path,
+        directory,
         DEVICE,
         gpu,
         measure_s=60 * 6.0,
@@ -195,6 +191,15 @@ def test_the_agent_prefers_the_predictor_calibrated_here_over_the_shipped_one(tm
         fit_epochs=50,
         clock=gpu.clock,
     )
+
+
+def test_the_agent_prefers_the_predictor_calibrated_here_over_the_shipped_one(tmp_path):
+    report = GpuReport(
+        gpus=[GpuInfo(index=0, name=GPU, backend="nvml", memory_total_bytes=1)], backend="nvml"
+    )
+    shipped, note = load_predictor(None, report, "cuda", tmp_path)
+    assert shipped.path.parent.name == "models" and "nvidia-h200.onnx" in note
+    quick_calibration(tmp_path)
     own, note = load_predictor(None, report, "cuda", tmp_path)
     assert own.path == tmp_path / "nvidia-h200.onnx" and own.input_sizes == {32, 48}
 
@@ -267,17 +272,7 @@ def test_rounds_write_their_refinement_into_the_card_of_a_predictor_calibrated_h
     from agent.learning import RoundLearning
     from agent.runner import TaskOutcome
 
-    gpu = FakeGpu()
-    result = calibrate(
-        target_for(TASKS),
-        tmp_path,
-        DEVICE,
-        gpu,
-        measure_s=60 * 6.0,
-        window_s=2.0,
-        fit_epochs=50,
-        clock=gpu.clock,
-    )
+    result = quick_calibration(tmp_path)
     planner = Planner(sharing(tmp_path, mps=True), OnnxPredictor(result.predictor, gpu=GPU), "calibrated")
     info = GpuInfo(index=0, name=GPU, backend="nvml", memory_total_bytes=1, sm_count=132)
     learning = RoundLearning(tmp_path, info, "580.1", planner)
