@@ -163,6 +163,8 @@ def calibrate(
             try:
                 record = _measure_config(config, measure, device, window_s, repeats)
             except (TaskFailed, WorkerGone) as exc:
+                if stop.is_set():  # the window was cut short to give the GPU back
+                    break
                 result.failed += 1
                 failed_in_a_row += 1
                 log.warning("calibration window %s failed: %s", config.tasks, exc)
@@ -244,11 +246,23 @@ class PoolMeasure:
     """Windows measured by warm workers under MPS (one per workload and R level, all started up front) through
     the task runtime (agent.windows); a context manager that ends its workers."""
 
-    def __init__(self, target: Target, sharing, init: jobs.Init, *, window_s: float, seed: int = 0) -> None:
+    def __init__(
+        self,
+        target: Target,
+        sharing,
+        init: jobs.Init,
+        *,
+        window_s: float,
+        seed: int = 0,
+        stop: threading.Event | None = None,
+    ) -> None:
         from agent.workers import WorkerPool
 
         self.sharing, self.window_s = sharing, window_s
         self.pool = WorkerPool(init)
+        self._closed = threading.Event()
+        if stop is not None:  # cut a window short when asked to stop: the GPU is wanted
+            threading.Thread(target=self._stop_on, args=(stop,), name="calibration-stop", daemon=True).start()
         self.prepares = {
             w: jobs.Prepare(
                 model=ModelSpec(name=w.model, num_classes=w.num_classes, input_size=w.input_size),
@@ -276,7 +290,17 @@ class PoolMeasure:
         return key, self.sharing.launch(name, percent), self.prepares[workload]
 
     def close(self) -> None:
+        self._closed.set()
         self.pool.close()
+
+    def _stop_on(self, stop: threading.Event) -> None:
+        """Once `stop` is set, ask the workers to stop until the pool closes (a worker forgets a stop asked for
+        before its current command began)."""
+        while not stop.wait(0.2):
+            if self._closed.is_set():
+                return
+        while not self._closed.wait(0.5):
+            self.pool.request_stop()
 
     def __enter__(self) -> PoolMeasure:
         return self
@@ -298,7 +322,6 @@ def calibrate_gpu(target: Target, directory: Path, sharing, **options) -> Result
     gpu = report.gpus[0]
     device = Device(gpu.name, gpu.sm_count or 0, report.driver_version, torch.__version__)
     init = jobs.Init(device="cuda")
-    with PoolMeasure(
-        target, sharing, init, window_s=options["window_s"], seed=options.get("seed", 0)
-    ) as measure:
+    window_s, seed, stop = options["window_s"], options.get("seed", 0), options.get("stop")
+    with PoolMeasure(target, sharing, init, window_s=window_s, seed=seed, stop=stop) as measure:
         return calibrate(target, directory, device, measure, **options)

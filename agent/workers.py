@@ -275,6 +275,13 @@ class WorkerPool:
         a.launch, b.launch = b.launch, a.launch
         a.fresh = b.fresh = False
 
+    def request_stop(self) -> None:
+        """Ask every worker's current command to stop at its next step."""
+        with self._guard:
+            workers = [slot.worker for slot in self._slots.values() if slot.worker is not None]
+        for worker in workers:
+            worker.request_stop()
+
     def launch_of(self, key: Hashable) -> Launch | None:
         """The launch a live worker for `key` runs under, if any."""
         slot = self._slots.get(key)

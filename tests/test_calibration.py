@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import msgspec
 import numpy as np
@@ -290,3 +291,33 @@ def test_rounds_write_their_refinement_into_the_card_of_a_predictor_calibrated_h
     card = json.loads(result.predictor.with_suffix(".card.json").read_text())
     assert card["refinement"]["recent_rounds"] == 1 and card["refinement"]["mape_recent_percent"] == 0.0
     assert msgspec.json.decode(result.data.read_bytes().splitlines()[-1])["round"] == 1
+
+
+@pytest.mark.slow
+def test_calibration_measures_through_real_workers_and_a_stop_cuts_a_long_window_short(tmp_path):
+    """On the CPU under a faked MPS (shares without SM counts): real worker processes, one per R level, measure
+    windows through the task runtime; a stop during a 60 s window ends the run within seconds."""
+    from agent import jobs
+    from agent.calibration import PoolMeasure
+    from tests.test_handover import fake_mps
+
+    target = target_for([task("a", "shufflenet_v2_x0_5", 16, batch=8)])
+    device = Device("Fake CPU GPU", 1, None, "2.x")
+    with PoolMeasure(target, fake_mps(tmp_path), jobs.Init(device="cpu"), window_s=0.3) as measure:
+        result = calibrate(
+            target, tmp_path, device, measure, measure_s=15.0, window_s=0.3, repeats=2, fit=False
+        )
+    records = load_records(result.data)
+    assert result.windows == len(records) >= 1 and result.failed == 0
+    assert all(t.throughput > 0 and t.spread is not None for r in records for t in r.tasks)
+    stop = threading.Event()
+    with PoolMeasure(
+        target, fake_mps(tmp_path), jobs.Init(device="cpu"), window_s=60.0, stop=stop
+    ) as measure:
+        timer = threading.Timer(8.0, stop.set)
+        timer.start()
+        began = time.monotonic()
+        stopped = calibrate(
+            target, tmp_path, device, measure, measure_s=1e6, window_s=60.0, stop=stop, fit=False
+        )
+    assert stopped.stopped and stopped.windows == 0 and time.monotonic() - began < 30
