@@ -116,7 +116,8 @@ class Planner:
             note = "; ".join(filter(None, [note, "kept the running SM shares: a restart would not pay"]))
             shares = "kept"
         note = "; ".join(filter(None, [launches.note, note]))
-        predicted = self._throughputs(assignments, features, launches.resources) if usable else {}
+        predicts = launches.resources and (usable or self.predictor_for(assignments)[0])
+        predicted = self._throughputs(assignments, features, launches.resources) if predicts else {}
         return RoundPlan(
             launches.policy,
             assignments,

@@ -58,6 +58,7 @@ def run_policy(args, policy: str, partition: str) -> dict:
         models=dict.fromkeys(TASKS, args.models) if args.models else None,
         gpus=tuple(args.gpus.split(",")) if args.gpus else None,
         reallocate=args.reallocate,
+        predictor=str(args.predictor.resolve()) if args.predictor else None,
         timeout_s=args.timeout,
     )
     summary = run(options)
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             "local_steps": args.local_steps,
             "models": args.models,
             "reallocate": args.reallocate,
+            "predictor": str(args.predictor) if args.predictor else None,
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -164,6 +166,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--local-steps", type=_local_steps, help="N or TASK=N,... (default: epochs)")
     parser.add_argument("--models", help="one torchvision model for every task (smoke runs)")
     parser.add_argument("--reallocate", choices=["off", "handover"], default="off")
+    parser.add_argument(
+        "--predictor", type=Path, help="the agents' ONNX predictor, e.g. one `fedmt-agent calibrate` made"
+    )
     parser.add_argument("--timeout", type=float, help="per run (default: the demo's)")
     return parser.parse_args(argv)
 

@@ -28,6 +28,7 @@ from typing import Literal, get_args
 
 import msgspec
 
+from agent.autocalibration import CalibrationConfig
 from agent.config import AgentConfig, ExecutionConfig
 from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig
 from common.config import to_toml
@@ -80,6 +81,9 @@ class Options:
     models: dict[str, str] | None = None  # task -> another torchvision model
     gpus: tuple[str, ...] | None = None  # CUDA_VISIBLE_DEVICES of each agent, in turn
     reallocate: Literal["off", "handover"] = "off"
+    predictor: str | None = (
+        None  # the agents' ONNX predictor (default: calibrated in their state, or shipped)
+    )
 
     def devices(self) -> list[str]:
         return [f"edge-{i + 1}" for i in range(self.agents)]
@@ -107,7 +111,11 @@ class Options:
     def execution(self) -> ExecutionConfig:
         policy = {} if self.policy is None else {"policy": self.policy}
         return ExecutionConfig(
-            device=self.device, cpu_threads_per_task=1, reallocate=self.reallocate, **policy
+            device=self.device,
+            cpu_threads_per_task=1,
+            reallocate=self.reallocate,
+            predictor=self.predictor,
+            **policy,
         )
 
     def agent_env(self, index: int) -> dict[str, str]:
@@ -142,6 +150,7 @@ def write_configs(broker: Mosquitto, passwords: dict[str, str], options: Options
             telemetry_interval_s=10.0,
             mqtt=mqtt(device),
             execution=options.execution(),
+            calibration=CalibrationConfig(auto=False),  # runs compare policies: no profiling between rounds
             tasks={task: _data_spec({**data, "fraction": share}) for task, (_, share) in TASKS.items()},
         )
     paths = {}
