@@ -303,6 +303,7 @@ class Agent:
         outcome = item.outcome
         assignment = current.planned[outcome.task]
         current.outcomes[outcome.task] = outcome
+        predicted = current.plan.predicted.get(outcome.task)
         if outcome.failure is not None:
             log.error("task %s failed in round %d: %s", outcome.task, item.round, outcome.failure.error)
             current.mps_fault |= outcome.failure.code == "mps"
@@ -328,7 +329,7 @@ class Agent:
                 "images_per_s": trained.metrics["images"] / max(trained.metrics["train_s"], 1e-9),
                 "batch_size": assignment.batch_size,
                 "handovers": float(outcome.handovers),
-                **({"predicted_images_per_s": p} if (p := current.plan.predicted.get(outcome.task)) else {}),
+                **({"predicted_images_per_s": predicted} if predicted else {}),
             },
         )
         pending = self.outbox.put(manifest, payload_path)
@@ -360,8 +361,11 @@ class Agent:
             self.publish_profile()
         assignments = [a for a in current.schedule.tasks if a.task in current.planned]
         if self.learning is not None and current.plan is not None:
-            self.learning.observe(item.round, current.plan, current.outcomes)
-            self.calibration.maybe_start(assignments, self.planner)
+            try:
+                self.learning.observe(item.round, current.plan, current.outcomes)
+                self.calibration.maybe_start(assignments, self.planner)
+            except Exception:  # noqa: BLE001 - learning from a round must never stop the agent
+                log.exception("learning from round %d failed", item.round)
         plan = self._plan(current.schedule, assignments, commit=False)
         for launch in plan.launches:
             if self._needs_restart(launch):

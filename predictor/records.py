@@ -8,6 +8,7 @@ and the sampling of configurations: every model alone first, then random co-loca
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -17,6 +18,7 @@ from typing import NamedTuple
 
 import msgspec
 
+log = logging.getLogger(__name__)
 MODELS = (
     "resnet18",
     "resnet34",
@@ -127,8 +129,18 @@ def dataset_path(root: Path, gpu: str) -> Path:
 
 
 def load_records(path: Path) -> list[Record]:
+    """The records of a data file; a line that does not decode (one cut short by a crash) is skipped, with a
+    warning, so appending after it loses nothing else."""
     decoder = msgspec.json.Decoder(Record)
-    return [decoder.decode(line) for line in Path(path).read_bytes().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(decoder.decode(line))
+        except msgspec.DecodeError as exc:
+            log.warning("%s line %d skipped: %s", path, number, exc)
+    return records
 
 
 def measured_configs(

@@ -202,3 +202,13 @@ def test_rounds_correct_the_predictor_and_the_report_shows_predicted_against_mea
         report["correction"]["device_factor"] * report["correction"]["factors"][workload_key("resnet18", 32)]
     )
     assert corrected == pytest.approx(0.6, rel=0.1)
+
+
+def test_a_history_line_cut_short_by_a_crash_is_skipped_not_fatal(tmp_path):
+    import msgspec
+
+    path = tmp_path / "g.jsonl"
+    good = msgspec.json.encode(record(1, [("resnet18", 16, 40.0, 100.0, 90.0)]))
+    path.write_bytes(good + b"\n" + good[: len(good) // 2] + b"\n")
+    history = DeviceHistory(path)
+    assert len(history.rounds) == 1 and history.measured([("resnet18", 32, 16, 40.0)]) == [100.0]
