@@ -123,10 +123,12 @@ class TaskControl:
                 self._moving = False
             return
         with self._lock:
-            if self._done:
-                pool.release(key, healthy=False)
-                return
-            self._standby = (lease, launch)
+            late = self._done
+            if not late:
+                self._standby = (lease, launch)
+        if late:  # the task finished while its standby got ready
+            pool.release(key, healthy=False)
+            return
         log.info("task %s: standby ready at %s%% of the SMs; handing over", self.task, launch.percent)
         while True:
             with self._lock:
