@@ -1,105 +1,327 @@
-"""Calibration: measuring co-located training throughput on this device's GPU, for fitting the predictor
-(FedMT Sec. IV), through the same task runtime rounds train with.
+"""Calibration: profiling this device's GPU for the throughput predictor (FedMT Sec. IV) through the task runtime
+rounds train with, then fitting and exporting the predictor next to its data (predictor/training.py).
 
-A pool of warm workers, one per (model, R_i) (MPS fixes R_i at process start; batch sizes change freely), each
-prepared with its model on device-resident synthetic data, measures random co-locations of 1..5 tasks with
-random (B_i, R_i) in synchronised windows, plus every model alone. Each window appends one record
-(predictor.records) to a JSON-lines file named after the GPU, with the driver and torch versions, so a dataset
-always says where it is valid.
+What is profiled (`Target`): the configured tasks' workloads (model, input size, classes) at batch sizes around
+each task's configured one, or, for a generic predictor, predictor.records.MODELS at one input size. A pool of
+warm workers, one per (workload, R_i) (MPS fixes R_i at process start; batch sizes change freely), each prepared
+with its model on device-resident synthetic data, measures every workload alone at a few R_i and all its batch
+sizes, then random co-locations of 1..5 tasks, half of them the configured combination. Each configuration is
+measured in `repeats` synchronised windows of `window_s`; its record keeps each task's median and spread.
 
-    fedmt-agent calibrate --out predictor/data --budget-s 480
+Records are appended to `<dir>/<gpu>.jsonl` as they are measured, so a run that is stopped (the agent stops it
+when a round starts) keeps them and a later run skips the baselines the file holds. When the measuring share of
+the budget is spent, the predictor is fitted and exported to `<dir>/<gpu>.onnx` with its model card.
+
+    fedmt-agent calibrate --config /etc/fedmt/agent.toml --budget-s 900
 """
 
 from __future__ import annotations
 
-import json
+import logging
+import statistics
+import threading
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 
 from agent import jobs
 from agent.data import SyntheticData
-from agent.gpu.probe import probe
-from agent.mps import mps_sharing
-from agent.windows import Member, measure_window
-from agent.workers import WorkerPool
+from agent.workers import TaskFailed, WorkerGone
 from predictor.records import (
+    FOCUS,
     MODELS,
     R_LEVELS,
+    Config,
     Record,
     TaskSample,
+    Workload,
     dataset_path,
     measured_configs,
     sample_configs,
+    task_spec,
 )
-from protocol.schemas import ModelSpec
+from protocol.schemas import ModelSpec, TaskAssignment
 
+log = logging.getLogger(__name__)
 SYNTHETIC_SAMPLES = 512  # per worker, held on the device: enough distinct batches, little memory
+FIT_SHARE = 0.25  # of a calibration's time budget kept for fitting and exporting
+MAX_FAILED_IN_A_ROW = 10  # then the GPU or MPS is in trouble: stop
+MIN_FIT_RECORDS = 20
 
 
-def calibrate(out: Path, *, budget_s: float, seed: int, resolution: int, window_s: float = 1.0) -> Path:
-    """Measure until the budget is spent; return the data file (records are appended, never rewritten; baselines
-    it already holds are not measured again)."""
-    import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+@dataclass(frozen=True)
+class Target:
+    """What to profile: workloads, the batch sizes of each, and the combinations profiled densely."""
 
-    started = time.monotonic()
-    gpu = probe(allow_torch=True)
-    if not gpu.gpus or not torch.cuda.is_available():
-        raise RuntimeError(f"calibration needs a CUDA GPU: {gpu.note}")
-    name, sm_total = gpu.gpus[0].name, gpu.gpus[0].sm_count
-    path = dataset_path(out, name)
+    workloads: tuple[Workload, ...]
+    batches: dict[Workload, tuple[int, ...]]
+    focus: tuple[tuple[Workload, ...], ...]
+
+    @property
+    def protected(self) -> tuple[tuple[str, ...], ...]:
+        """The focus combinations by model, as the predictor's fit keeps them out of its unseen split."""
+        return tuple(tuple(sorted(w.model for w in combo)) for combo in self.focus)
+
+
+def calibration_batches(assignment: TaskAssignment) -> tuple[int, ...]:
+    """Powers of two from a quarter to four times the configured batch size, within the task's bounds, and the
+    configured size itself: the range a plan moves in."""
+    low = max(assignment.min_batch_size, assignment.batch_size // 4, 1)
+    high = min(assignment.max_batch_size, assignment.batch_size * 4)
+    return tuple(sorted({*(2**k for k in range(11) if low <= 2**k <= high), assignment.batch_size}))
+
+
+def target_for(assignments: Sequence[TaskAssignment]) -> Target:
+    """The configured tasks (a schedule's assignments) as a calibration target; one workload per distinct model
+    spec, with the union of its tasks' batch sizes."""
+    batches: dict[Workload, set[int]] = {}
+    for a in assignments:
+        workload = Workload(a.model.name, a.model.input_size, a.model.num_classes)
+        batches.setdefault(workload, set()).update(calibration_batches(a))
+    workloads = tuple(batches)
+    return Target(workloads, {w: tuple(sorted(b)) for w, b in batches.items()}, (workloads,))
+
+
+def generic_target(resolution: int, batches: Sequence[int] = (16, 32, 64, 128)) -> Target:
+    """predictor.records.MODELS at one input size: a predictor for any task mix at that size."""
+    workloads = tuple(Workload(m, resolution) for m in MODELS)
+    focus = tuple(tuple(Workload(m, resolution) for m in combo) for combo in FOCUS)
+    return Target(workloads, dict.fromkeys(workloads, tuple(batches)), focus)
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where the records are valid: GPU, SM count, driver and torch versions."""
+
+    gpu: str
+    sm_total: int
+    driver: str | None
+    torch: str
+
+
+#: one window of a configuration: each task's images/s and the SM count it saw
+Measure = Callable[[Config], tuple[list[float], list[int | None]]]
+
+
+@dataclass
+class Result:
+    data: Path
+    windows: int = 0  # configurations measured in this run
+    failed: int = 0
+    measured_s: float = 0.0
+    predictor: Path | None = None  # the exported ONNX file, once fitted
+    stopped: bool = False  # stopped before the budget was spent
+    fit_s: float | None = None
+    spreads: list[float] = field(default_factory=list)
+
+
+def calibrate(
+    target: Target,
+    directory: Path,
+    device: Device,
+    measure: Measure,
+    *,
+    measure_s: float,
+    window_s: float,
+    repeats: int = 3,
+    seed: int = 0,
+    stop: threading.Event | None = None,
+    on_progress: Callable[[int, int | None], None] = lambda done, total: None,
+    fit: bool = True,
+    fit_epochs: int | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Result:
+    """Measure `target` for `measure_s` or until `stop` is set, then (with `fit`, unless stopped) fit and export
+    the predictor into `directory`. `on_progress(done, estimated_total)` follows the windows."""
+    started = clock()
+    stop = stop or threading.Event()
+    path = dataset_path(directory, device.gpu)
     path.parent.mkdir(parents=True, exist_ok=True)
-    configs = sample_configs(seed, windows=4000, measured=measured_configs(path))
-    prepares = {
-        m: jobs.Prepare(
-            model=ModelSpec(name=m, num_classes=10, input_size=resolution),
-            data=SyntheticData(samples=SYNTHETIC_SAMPLES, seed=seed),
-        )
-        for m in MODELS
-    }
-    with mps_sharing() as sharing, WorkerPool(jobs.Init(device="cuda")) as pool, open(path, "ab") as f:
-
-        def member(model: str, batch: int, percent: float) -> Member:
-            measure = jobs.Measure(batch=batch, seconds=window_s, warmup_steps=2)
-            key = (model, float(percent))
-            return Member(key, sharing.launch_for(model, float(percent)), prepares[model], measure)
-
-        for model in MODELS:  # start every (model, R_i) worker once, up front
-            for percent in R_LEVELS:
-                pool.prestart(
-                    (model, float(percent)), sharing.launch_for(model, float(percent)), prepares[model]
-                )
-        columns = [TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-        with Progress(*columns) as progress:
-            bar = progress.add_task("windows", total=None)
-            measuring_since = time.monotonic()
-            done = 0
-            for config in configs:
-                elapsed = time.monotonic() - started
-                if elapsed > budget_s:
+    result = Result(path)
+    measured = measured_configs(path, key=lambda r, t: _workload(r, t))
+    configs = sample_configs(
+        seed,
+        windows=4000,
+        models=target.workloads,
+        focus=target.focus,
+        measured=measured,
+        batches=target.batches,
+    )
+    deadline = started + measure_s
+    infeasible: set[tuple[Workload, int]] = set()
+    failed_in_a_row = 0
+    with open(path, "ab") as f:
+        for config in configs:
+            now = clock()
+            if now >= deadline or stop.is_set():
+                break
+            if any((w, b) in infeasible for w, b, _ in config.tasks):
+                continue
+            try:
+                record = _measure_config(config, measure, device, window_s, repeats)
+            except (TaskFailed, WorkerGone) as exc:
+                if stop.is_set():  # the window was cut short to give the GPU back
                     break
-                if done == 20:  # the pace is known now: estimate how many windows the budget allows
-                    pace = (time.monotonic() - measuring_since) / done
-                    progress.update(bar, total=done + int((budget_s - elapsed) / pace))
-                window = measure_window(pool, [member(m, b, r) for m, b, r in config.tasks])
-                record = Record(
-                    gpu=name,
-                    sm_total=int(sm_total),
-                    driver=gpu.driver_version,
-                    torch=torch.__version__,
-                    resolution=resolution,
-                    window_s=window_s,
-                    ts=time.time(),
-                    tasks=[
-                        TaskSample(m, b, float(r), round(result.images_per_s, 2), sms)
-                        for (m, b, r), result, sms in zip(config.tasks, window.results, window.sm_counts)
-                    ],
-                )
-                f.write(msgspec.json.encode(record) + b"\n")
-                f.flush()
-                done += 1
-                progress.update(bar, completed=done)
-    print(json.dumps({"data": str(path), "windows": done, "seconds": round(time.monotonic() - started)}))
-    return path
+                result.failed += 1
+                failed_in_a_row += 1
+                log.warning("calibration window %s failed: %s", config.tasks, exc)
+                if len(config.tasks) == 1 and "oom" in str(exc):
+                    infeasible.add(config.tasks[0][:2])
+                if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+                    raise RuntimeError(
+                        f"calibration: {failed_in_a_row} windows failed in a row: {exc}"
+                    ) from exc
+                continue
+            failed_in_a_row = 0
+            f.write(msgspec.json.encode(record) + b"\n")
+            f.flush()
+            result.windows += 1
+            result.spreads += [t.spread for t in record.tasks if t.spread is not None]
+            pace = (clock() - started) / result.windows
+            on_progress(result.windows, result.windows + int(max(0.0, deadline - clock()) / pace))
+    result.measured_s = clock() - started
+    result.stopped = stop.is_set()
+    if fit and not result.stopped:
+        fitted = clock()
+        result.predictor = fit_and_export(path, target, fit_epochs)
+        result.fit_s = clock() - fitted
+    return result
+
+
+def fit_and_export(data: Path, target: Target, epochs: int | None = None) -> Path:
+    """Fit the predictor on a data file (the target's focus combinations stay out of the unseen split) and export
+    it to ONNX with its model card, next to the data. ValueError when the file holds too few records."""
+    from predictor.records import load_records
+    from predictor.training import export, fit
+
+    held = len(load_records(data))
+    if held < MIN_FIT_RECORDS:
+        raise ValueError(f"{data} holds {held} records; fitting a predictor needs at least {MIN_FIT_RECORDS}")
+    options = {} if epochs is None else {"epochs": epochs}
+    return export(fit(data, data.parent, protected=target.protected, **options))
+
+
+def _measure_config(
+    config: Config, measure: Measure, device: Device, window_s: float, repeats: int
+) -> Record:
+    """`repeats` windows of one configuration as one record: per task the median and the spread."""
+    runs = [measure(config) for _ in range(repeats)]
+    samples = []
+    for i, (workload, batch, percent) in enumerate(config.tasks):
+        values = [throughputs[i] for throughputs, _ in runs]
+        median = statistics.median(values)
+        samples.append(
+            TaskSample(
+                workload.model,
+                batch,
+                float(percent),
+                round(median, 2),
+                runs[-1][1][i],
+                input_size=workload.input_size,
+                num_classes=workload.num_classes,
+                spread=round((max(values) - min(values)) / median, 4) if median > 0 else None,
+            )
+        )
+    return Record(
+        gpu=device.gpu,
+        sm_total=device.sm_total,
+        driver=device.driver,
+        torch=device.torch,
+        resolution=config.tasks[0][0].input_size,
+        window_s=window_s,
+        ts=time.time(),
+        tasks=samples,
+    )
+
+
+def _workload(record: Record, task: TaskSample) -> Workload:
+    spec = task_spec(record, task)
+    return Workload(spec.name, spec.input_size, spec.num_classes)
+
+
+class PoolMeasure:
+    """Windows measured by warm workers under MPS (one per workload and R level, all started up front) through
+    the task runtime (agent.windows); a context manager that ends its workers."""
+
+    def __init__(
+        self,
+        target: Target,
+        sharing,
+        init: jobs.Init,
+        *,
+        window_s: float,
+        seed: int = 0,
+        stop: threading.Event | None = None,
+    ) -> None:
+        from agent.workers import WorkerPool
+
+        self.sharing, self.window_s = sharing, window_s
+        self.pool = WorkerPool(init)
+        self._closed = threading.Event()
+        if stop is not None:  # cut a window short when asked to stop: the GPU is wanted
+            threading.Thread(target=self._stop_on, args=(stop,), name="calibration-stop", daemon=True).start()
+        self.prepares = {
+            w: jobs.Prepare(
+                model=ModelSpec(name=w.model, num_classes=w.num_classes, input_size=w.input_size),
+                data=SyntheticData(samples=SYNTHETIC_SAMPLES, seed=seed),
+            )
+            for w in target.workloads
+        }
+        for workload in target.workloads:
+            for percent in R_LEVELS:
+                self.pool.prestart(*self._worker(workload, float(percent)))
+
+    def __call__(self, config: Config) -> tuple[list[float], list[int | None]]:
+        from agent.windows import Member, measure_window
+
+        members = [
+            Member(*self._worker(w, float(r)), jobs.Measure(batch=b, seconds=self.window_s, warmup_steps=2))
+            for w, b, r in config.tasks
+        ]
+        window = measure_window(self.pool, members)
+        return [r.images_per_s for r in window.results], window.sm_counts
+
+    def _worker(self, workload: Workload, percent: float):
+        key = (workload, percent)
+        name = f"{workload.model}-{workload.input_size}@{percent:g}"
+        return key, self.sharing.launch(name, percent), self.prepares[workload]
+
+    def close(self) -> None:
+        self._closed.set()
+        self.pool.close()
+
+    def _stop_on(self, stop: threading.Event) -> None:
+        """Once `stop` is set, ask the workers to stop until the pool closes (a worker forgets a stop asked for
+        before its current command began)."""
+        while not stop.wait(0.2):
+            if self._closed.is_set():
+                return
+        while not self._closed.wait(0.5):
+            self.pool.request_stop()
+
+    def __enter__(self) -> PoolMeasure:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def calibrate_gpu(target: Target, directory: Path, sharing, **options) -> Result:
+    """`calibrate` on this machine's first CUDA GPU, through warm workers under `sharing`'s MPS daemon;
+    `options` are calibrate's."""
+    import torch
+
+    from agent.gpu.probe import probe
+
+    report = probe(allow_torch=True)
+    if not report.gpus or not torch.cuda.is_available():
+        raise RuntimeError(f"calibration needs a CUDA GPU: {report.note}")
+    gpu = report.gpus[0]
+    device = Device(gpu.name, gpu.sm_count or 0, report.driver_version, torch.__version__)
+    init = jobs.Init(device="cuda")
+    window_s, seed, stop = options["window_s"], options.get("seed", 0), options.get("stop")
+    with PoolMeasure(target, sharing, init, window_s=window_s, seed=seed, stop=stop) as measure:
+        return calibrate(target, directory, device, measure, **options)

@@ -27,14 +27,21 @@ def main(argv: list[str] | None = None) -> int:
     profile.add_argument("--config", required=True)
     cal = sub.add_parser(
         "calibrate",
-        help="measure co-located training throughput on this GPU for the predictor (needs MPS; appends to a data file)",
+        help="profile this GPU for the throughput predictor (needs MPS), then fit and export it",
     )
+    cal.add_argument("--config", help="agent config: its MPS daemon, and its state dir as the default --out")
+    cal.add_argument("--out", type=Path, help="folder of the GPU's data file and predictor")
     cal.add_argument(
-        "--out", type=Path, default=Path("predictor/data"), help="folder of the per-GPU data files"
+        "--task",
+        action="append",
+        metavar="MODEL:SIZE:BATCH",
+        help="a configured task (repeat); without any: the generic model list at --resolution",
     )
-    cal.add_argument("--budget-s", type=float, default=480.0, help="stop after this many seconds")
-    cal.add_argument("--resolution", type=int, default=128)
-    cal.add_argument("--window-s", type=float, default=1.0, help="length of one measurement window")
+    cal.add_argument("--resolution", type=int, default=128, help="input size of the generic model list")
+    cal.add_argument("--budget-s", type=float, default=900.0, help="the whole run, fitting included")
+    cal.add_argument("--window-s", type=float, default=2.0, help="length of one measurement window")
+    cal.add_argument("--repeats", type=int, default=3, help="windows per configuration (median and spread)")
+    cal.add_argument("--epochs", type=int, help="predictor training epochs (default: predictor.model.EPOCHS)")
     cal.add_argument("--seed", type=int, default=0)
     return cli_main(parser, COMMANDS, argv)
 
@@ -101,12 +108,79 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from agent.calibration import calibrate
+    import json
+    import statistics
+    from contextlib import nullcontext
 
-    calibrate(
-        args.out, budget_s=args.budget_s, seed=args.seed, resolution=args.resolution, window_s=args.window_s
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from agent.calibration import FIT_SHARE, calibrate_gpu, generic_target, target_for
+    from agent.mps import GpuSharing, MpsDaemon, mps_sharing
+
+    config = None
+    if args.config:
+        from agent.config import load
+
+        config = load(args.config)
+    out = args.out or (Path(config.state_dir) / "predictor" if config else None)
+    if out is None:
+        raise SystemExit("calibrate: give --out or --config")
+    target = target_for([_assignment(t) for t in args.task]) if args.task else generic_target(args.resolution)
+    if config is None:
+        sharing_context = mps_sharing()
+    else:
+        daemon = MpsDaemon(config.mps)
+        if not daemon.ensure_running().available:
+            raise SystemExit(f"calibrate: MPS is needed: {daemon.info.reason}")
+        sharing_context = nullcontext(GpuSharing(daemon, _sm_count(), Path(config.state_dir) / "work"))
+    columns = [TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with sharing_context as sharing, Progress(*columns) as progress:
+        bar = progress.add_task("windows", total=None)
+        result = calibrate_gpu(
+            target,
+            out,
+            sharing,
+            measure_s=args.budget_s * (1 - FIT_SHARE),
+            window_s=args.window_s,
+            repeats=args.repeats,
+            seed=args.seed,
+            fit_epochs=args.epochs,
+            on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
+        )
+    summary = {
+        "data": str(result.data),
+        "predictor": str(result.predictor) if result.predictor else None,
+        "windows": result.windows,
+        "failed": result.failed,
+        "measure_minutes": round(result.measured_s / 60, 2),
+        "fit_minutes": round(result.fit_s / 60, 2) if result.fit_s is not None else None,
+        "median_spread": statistics.median(result.spreads) if result.spreads else None,
+    }
+    print(json.dumps(summary))
     return 0
+
+
+def _assignment(text: str):
+    """A TaskAssignment standing for a configured task given as MODEL:SIZE:BATCH."""
+    from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
+
+    parts = text.split(":")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        raise SystemExit(f"--task expects MODEL:SIZE:BATCH, e.g. resnet50:128:64; got {text!r}")
+    return TaskAssignment(
+        task="calibration",
+        model=ModelSpec(name=parts[0], num_classes=10, input_size=int(parts[1])),
+        optimizer=OptimizerSpec(),
+        base_version=0,
+        base_sha256="0" * 64,
+        batch_size=int(parts[2]),
+    )
+
+
+def _sm_count() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(0).multi_processor_count
 
 
 COMMANDS = {"run": _run, "check-config": _check, "profile": _profile, "calibrate": _calibrate}

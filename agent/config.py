@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from agent.autocalibration import CalibrationConfig
 from agent.data import DataSpec
 from agent.mps import MpsConfig
 from agent.policies import Policy
@@ -32,6 +33,11 @@ class ExecutionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     loader_workers: Annotated[int, Meta(ge=0, le=64)] = 2  # file-reading processes of a streamed image folder
     release_memory: bool = False  # return each worker's cached GPU memory between rounds
     worker_stall_s: Annotated[float, Meta(gt=0)] = 600.0  # a worker silent this long is replaced
+    # a finished task's SM share: "off" (kept until the round ends) or "handover" (standby workers, README)
+    reallocate: Literal["off", "handover"] = "off"
+    plan_objective: Literal["makespan", "sum"] = "makespan"  # Eq. 5: tasks finish together, or sum of P_i
+    max_prediction_error_pct: Annotated[float, Meta(gt=0)] = 20.0  # above it: the best measured shares
+    error_rounds: Annotated[int, Meta(ge=1)] = 5  # recent rounds the prediction error is taken over
 
 
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -48,6 +54,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     metrics: MetricsConfig = msgspec.field(
         default_factory=MetricsConfig
     )  # Prometheus endpoint; off by default
+    calibration: CalibrationConfig = msgspec.field(default_factory=CalibrationConfig)
     tasks: dict[Name, DataSpec] = {}
 
     def __post_init__(self) -> None:

@@ -44,11 +44,21 @@ class Prepare(_Line, tag="prepare"):
 
 
 class Train(_Line, tag="train"):
+    """A round of `assignment` from the global model at `base_path`; the delta goes to `output_path`.
+
+    `reference_batch_size` is the task's configured batch size when the plan changed it (agent/batching.py).
+    With `handover_path`, SIGUSR1 pauses the round before its next step: its state goes to that file and the
+    answer is `HandedOver`; the same command with `resume_path` set to it continues the round in another worker.
+    """
+
     assignment: TaskAssignment
     base_path: str
     output_path: str
     seed: int = 0
     release_memory: bool = False  # return cached device memory once the update is written
+    reference_batch_size: Annotated[int, Meta(ge=1)] | None = None
+    handover_path: str | None = None
+    resume_path: str | None = None
 
 
 class Measure(_Line, tag="measure"):
@@ -101,6 +111,13 @@ class Trained(_Line, tag="trained"):
     output_path: str
 
 
+class HandedOver(_Line, tag="handed_over"):
+    """The round paused after `steps` steps; its state is in `path`, for another worker to continue."""
+
+    path: str
+    steps: int
+
+
 class Warm(_Line, tag="warm"):
     pass
 
@@ -125,7 +142,7 @@ class Failed(_Line, tag="failed"):
     error: str
 
 
-WorkerEvent = Ready | Prepared | Progress | Trained | Warm | Measured | Failed
+WorkerEvent = Ready | Prepared | Progress | Trained | HandedOver | Warm | Measured | Failed
 
 _encoder = msgspec.json.Encoder()
 _command_decoder = msgspec.json.Decoder(WorkerCommand)

@@ -296,16 +296,17 @@ class GpuSharing:
     def expected_sms(self, percent: float) -> int | None:
         return expected_sm_count(self.total_sms, percent) if self.total_sms else None
 
-    def launch_for(self, model: str, percent: float) -> Launch:
-        """A pool worker's launch: `model` under MPS at `percent` (workers of WorkerPool)."""
+    def launch(self, name: str, percent: float) -> Launch:
+        """A worker's launch under MPS at `percent` of the SMs."""
         if self.mps_env is None:
             raise MpsError(f"MPS is unavailable: {self.daemon.info.reason}")
         return Launch(
-            f"{model}@{percent:g}",
-            env=self.mps_env(percent),
-            percent=percent,
-            expected_sms=self.expected_sms(percent),
+            name, env=self.mps_env(percent), percent=percent, expected_sms=self.expected_sms(percent)
         )
+
+    def launch_for(self, model: str, percent: float) -> Launch:
+        """A pool worker's launch: `model` under MPS at `percent` (workers of WorkerPool)."""
+        return self.launch(f"{model}@{percent:g}", percent)
 
 
 @contextmanager

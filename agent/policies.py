@@ -76,6 +76,11 @@ def split_by_workload(
     return shares
 
 
+def heuristic_shares(workloads: Sequence[float]) -> list[float]:
+    """The `fedmt` heuristic: R_v = HEURISTIC_RV split by workload, on the R_GRID."""
+    return [max(MIN_PERCENT, round(p / R_GRID) * R_GRID) for p in split_by_workload(workloads, HEURISTIC_RV)]
+
+
 def equal_split(n: int, total: float = 100.0) -> list[float]:
     return [total / n] * n
 
@@ -113,8 +118,7 @@ def policy_launches(
     elif resources is not None:
         percents, note = [resources[t] for t in tasks], "MPS, R_i from the predictor's configuration"
     else:
-        split = split_by_workload([workloads[t] for t in tasks], HEURISTIC_RV)
-        percents = [max(MIN_PERCENT, round(p / R_GRID) * R_GRID) for p in split]
+        percents = heuristic_shares([workloads[t] for t in tasks])
         note = f"MPS, no predictor for this device: heuristic R_v={HEURISTIC_RV:.0f}% split by workload"
     # One decimal: the environment string and the expected SM count then come from the same short number (an
     # exact third, 33.333...%, sits on an SM rounding boundary where CUDA's arithmetic may differ from ours).

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import jobs
+from agent.autocalibration import AutoCalibration
 from agent.config import AgentConfig
 from agent.gpu.probe import GpuReport, probe
+from agent.learning import RoundLearning
 from agent.metrics import AgentMetrics
 from agent.model_cache import ModelCache
 from agent.mps import GpuSharing, MpsDaemon
@@ -67,6 +69,8 @@ class ActiveRound:
     thread: threading.Thread | None = None
     mps_fault: bool = False
     planned: dict[str, TaskAssignment] = field(default_factory=dict)  # with the batch sizes actually used
+    plan: RoundPlan | None = None
+    outcomes: dict[str, TaskOutcome] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,13 @@ class RoundDone:
     """Every task process of the round has exited."""
 
     round: int
+
+
+@dataclass(frozen=True)
+class PredictorReady:
+    """Calibration exported a predictor for this GPU."""
+
+    path: Path
 
 
 class Agent:
@@ -142,11 +153,26 @@ class Agent:
         log.info("MPS: %s", self.mps_info.reason)
         total_sms = self.gpu.gpus[0].sm_count if self.gpu.gpus else None
         self.sharing = GpuSharing(self.mps, total_sms, self.work_dir)
-        predictor, note = load_predictor(config.execution.predictor, self.gpu, self.compute)
+        own = Path(config.state_dir) / "predictor"  # calibration's data and predictor, the rounds' history
+        predictor, note = load_predictor(config.execution.predictor, self.gpu, self.compute, own)
         log.info("predictor: %s", note)
         execution = config.execution
         self.planner = Planner(
-            self.sharing, predictor, note, link_mbps=execution.link_mbps, damping=execution.batch_damping
+            self.sharing,
+            predictor,
+            note,
+            link_mbps=execution.link_mbps,
+            damping=execution.batch_damping,
+            objective=execution.plan_objective,
+            max_error_percent=execution.max_prediction_error_pct,
+            error_rounds=execution.error_rounds,
+        )
+        on_gpu = self.compute == "cuda" and self.gpu.gpus
+        self.learning = (
+            RoundLearning(own, self.gpu.gpus[0], self.gpu.driver_version, self.planner) if on_gpu else None
+        )
+        self.calibration = AutoCalibration(
+            config.calibration, own, self.sharing, lambda path: self.link.inbox.put(PredictorReady(path))
         )
 
     # --- main loop --------------------------------------------------------------------------------------
@@ -165,6 +191,7 @@ class Agent:
                     pass
                 self.tick(time.monotonic())
         finally:
+            self.calibration.pause()
             if self.round is not None:
                 self.round.stop.set()
                 if self.round.thread is not None:
@@ -195,6 +222,8 @@ class Agent:
                 self.on_task_started(item)
             elif isinstance(item, RoundDone):
                 self.on_round_done(item)
+            elif isinstance(item, PredictorReady):
+                self.on_predictor_ready(item)
 
     def tick(self, now: float) -> None:
         if now >= self._next_telemetry:
@@ -284,6 +313,7 @@ class Agent:
             else:
                 to_train.append(assignment)
         if to_train:
+            self.calibration.pause()  # the GPU is the round's now
             try:
                 self._start(active, to_train)
             except Exception as exc:  # noqa: BLE001 - e.g. a model this agent cannot build: the tasks fail
@@ -299,6 +329,8 @@ class Agent:
             return  # a stopped, superseded round
         outcome = item.outcome
         assignment = current.planned[outcome.task]
+        current.outcomes[outcome.task] = outcome
+        predicted = current.plan.predicted.get(outcome.task)
         if outcome.failure is not None:
             log.error("task %s failed in round %d: %s", outcome.task, item.round, outcome.failure.error)
             current.mps_fault |= outcome.failure.code == "mps"
@@ -323,6 +355,8 @@ class Agent:
                 "seconds": trained.seconds,
                 "images_per_s": trained.metrics["images"] / max(trained.metrics["train_s"], 1e-9),
                 "batch_size": assignment.batch_size,
+                "handovers": float(outcome.handovers),
+                **({"predicted_images_per_s": predicted} if predicted else {}),
             },
         )
         pending = self.outbox.put(manifest, payload_path)
@@ -354,10 +388,24 @@ class Agent:
             log.warning("MPS fault in round %d; after recovery: %s", item.round, self.mps_info.reason)
             self.publish_profile()
         assignments = [a for a in current.schedule.tasks if a.task in current.planned]
+        if self.learning is not None and current.plan is not None:
+            try:
+                self.learning.observe(item.round, current.plan, current.outcomes)
+                self.calibration.maybe_start(assignments, self.planner)
+            except Exception:  # noqa: BLE001 - learning from a round must never stop the agent
+                log.exception("learning from round %d failed", item.round)
         plan = self._plan(current.schedule, assignments, commit=False)
         for launch in plan.launches:
             if self._needs_restart(launch):
                 self.pool.prestart(launch.task, launch, self._prepare(current.planned[launch.task]))
+
+    def on_predictor_ready(self, item: PredictorReady) -> None:
+        """Plan with a predictor calibration just exported, from the next round on."""
+        predictor, self.planner.predictor_note = load_predictor(str(item.path), self.gpu, self.compute)
+        if self.learning is not None:
+            self.learning.use(predictor)
+        log.info("predictor: %s", self.planner.predictor_note)
+        self.publish_profile()
 
     def on_receipt(self, receipt: Receipt) -> None:
         """The aggregator's answer to an update in the outbox (receipts for other ids change nothing)."""
@@ -433,13 +481,17 @@ class Agent:
     def _start(self, active: ActiveRound, assignments: list[TaskAssignment]) -> None:
         number = active.schedule.round
         plan = self._plan(active.schedule, assignments)
-        active.planned = {a.task: a for a in plan.assignments}
+        active.planned, active.plan = {a.task: a for a in plan.assignments}, plan
         restarts = sum(self._needs_restart(launch) for launch in plan.launches)
+        error = self.planner.history.recent_error(self.planner.error_rounds) if self.planner.history else None
         metrics = (
             {f"R.{t}": r for t, r in plan.resources.items()}
             | {f"B.{a.task}": a.batch_size for a in plan.assignments}
+            | {f"P_pred.{t}": p for t, p in plan.predicted.items()}
             | {"restarted": restarts}
+            | ({"prediction_error_pct": error} if error is not None else {})
         )
+        handover = self.config.execution.reallocate == "handover"
         self.emit_event("plan", number, None, f"{plan.policy}: {plan.note}", metrics)
         work = {}
         for a in plan.assignments:
@@ -456,9 +508,12 @@ class Agent:
                     output_path=str(self.work_dir / f"{a.task}-r{number}.update"),
                     seed=number,
                     release_memory=self.config.execution.release_memory,
+                    reference_batch_size=plan.reference_batches.get(a.task),
+                    handover_path=str(self.work_dir / f"{a.task}-r{number}.handover") if handover else None,
                 ),
             )
         inbox = self.link.inbox
+        reallocate = self.planner.reallocation(plan, self._restart_cost_s()) if handover else None
 
         def run() -> None:
             run_round(
@@ -470,6 +525,7 @@ class Agent:
                 on_started=lambda task, lease: inbox.put(RoundTaskStarted(number, task, lease)),
                 stop=active.stop,
                 stall_timeout_s=self.config.execution.worker_stall_s,
+                reallocate=reallocate,
             )
             inbox.put(RoundDone(number))
 
@@ -526,18 +582,19 @@ class Agent:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_predictor(path: str | None, gpu: GpuReport, compute: str):
-    """The throughput predictor for this GPU, or None and why (the planner then uses the heuristic)."""
+def load_predictor(path: str | None, gpu: GpuReport, compute: str, own: Path | None = None):
+    """The throughput predictor for this GPU, or None and why (the planner then uses the heuristic): the
+    configured file, else the one calibrated on this device (in `own`), else the one shipped for this GPU."""
+    from predictor.records import dataset_path
     from predictor.runtime import PREDICTOR_DIR, OnnxPredictor, PredictorUnavailable, find_predictor
 
     if compute != "cuda" or not gpu.gpus:
         return None, "no GPU: no throughput predictor needed"
+    name = gpu.gpus[0].name
+    calibrated = dataset_path(own, name).with_suffix(".onnx") if own is not None else None
+    chosen = Path(path) if path else calibrated if calibrated and calibrated.exists() else None
     try:
-        predictor = (
-            OnnxPredictor(Path(path), gpu=gpu.gpus[0].name)
-            if path
-            else find_predictor(PREDICTOR_DIR, gpu.gpus[0].name)
-        )
+        predictor = OnnxPredictor(chosen, gpu=name) if chosen else find_predictor(PREDICTOR_DIR, name)
     except PredictorUnavailable as exc:
         return None, f"no predictor for this device ({exc}): heuristic R_v=200% split by workload"
     return predictor, f"predictor {predictor.path.name} (MAPE {predictor.card['mape_percent']})"

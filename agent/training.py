@@ -13,10 +13,13 @@ from collections.abc import Callable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
 from itertools import count
+from pathlib import Path
 
+import msgspec
 import numpy as np
 import torch
 
+from agent.batching import RoundRecipe, round_recipe
 from agent.data import DataSpec, TrainingData
 from agent.data.prefetch import Prefetched
 from common.models import build_model, load_numpy_state, state_to_numpy
@@ -83,6 +86,7 @@ class TrainStep:
         device: str,
         scaler: torch.amp.GradScaler | None = None,
         proximal_mu: float = 0.0,
+        lr_at: Callable[[int], float] | None = None,
     ):
         self.model, self.optimizer, self.device = model, optimizer, device
         self.device_type = torch.device(device).type
@@ -90,9 +94,15 @@ class TrainStep:
         self.channels_last = uses_channels_last(device, precision)
         self.scaler = scaler or grad_scaler(device, precision)
         self.proximal = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
+        self.lr_at = lr_at  # step index -> learning rate (a warm-up); None keeps the optimiser's
+        self.steps = 0
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Train on one batch; the detached loss and logits (left on the device: no synchronisation)."""
+        if self.lr_at is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(self.steps)
+        self.steps += 1
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None):
@@ -122,6 +132,29 @@ class LoopStats:
     train_accuracy: float = math.nan
 
 
+class LoopPosition(msgspec.Struct, kw_only=True, frozen=True):
+    """Where a round's loop stands between two steps: what another process needs to continue it."""
+
+    epoch: int = 0
+    batch: int = 0  # batches of `epoch` already trained
+    steps: int = 0
+    images: int = 0  # of the finished epochs
+    epoch_images: int = 0  # of `epoch` so far, with its loss sum and correct predictions
+    loss_sum: float = 0.0
+    correct: int = 0
+    finite: bool = True  # every loss so far was finite
+    seconds: float = 0.0  # of training so far
+    started_at: float = 0.0
+
+
+class TrainingPaused(Exception):
+    """`should_pause` turned true: the loop stopped between two steps at `position`."""
+
+    def __init__(self, position: LoopPosition) -> None:
+        super().__init__(f"paused at step {position.steps}")
+        self.position = position
+
+
 def run_steps(
     step: TrainStep,
     data: TrainingData,
@@ -130,31 +163,56 @@ def run_steps(
     *,
     steps: int | None = None,
     seconds: float | None = None,
+    start: LoopPosition | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    should_pause: Callable[[], bool] = lambda: False,
     progress: Callable[[int, int], None] | None = None,
     label: str = "training",
 ) -> LoopStats:
-    """Step over seeded epochs of `data` until `steps` are done or `seconds` have passed (exactly one given).
+    """Step over seeded epochs of `data` until `steps` are done or `seconds` have passed (exactly one given),
+    from the beginning or from a paused loop's `start` (the batches before it in its epoch are drawn and skipped,
+    so the data order is the same as without the pause).
 
-    Raises TrainingStopped when `should_stop()` turns true (checked before every step) and TrainingDiverged when
-    an epoch's loss was not finite (checked once, at the end: the loop never waits for the device)."""
+    Before every step: TrainingStopped when `should_stop()` turns true, TrainingPaused when `should_pause()`
+    does. TrainingDiverged when an epoch's loss was not finite (checked once, at the end: the loop never waits
+    for the device)."""
     if (steps is None) == (seconds is None):
         raise ValueError("give exactly one of steps or seconds")
-    stats = LoopStats(started_at=time.time())
-    started = time.perf_counter()
+    at = start or LoopPosition(started_at=time.time())
+    stats = LoopStats(steps=at.steps, images=at.images, started_at=at.started_at)
+    began = time.perf_counter()
 
     def done() -> bool:
-        return stats.steps == steps or (seconds is not None and time.perf_counter() - started >= seconds)
+        return stats.steps == steps or (seconds is not None and time.perf_counter() - began >= seconds)
 
-    finite = torch.ones((), dtype=torch.bool, device=step.device)
-    for epoch in count():
-        loss_sum = torch.zeros((), device=step.device)
-        correct = torch.zeros((), dtype=torch.int64, device=step.device)
-        epoch_images = 0
+    finite = torch.tensor(at.finite, device=step.device)
+    for epoch in count(at.epoch):
+        resumed = epoch == at.epoch
+        loss_sum = torch.tensor(at.loss_sum if resumed else 0.0, device=step.device)
+        correct = torch.tensor(at.correct if resumed else 0, dtype=torch.int64, device=step.device)
+        epoch_images = at.epoch_images if resumed else 0
         with closing(data.epoch(batch_size, seed=seed * 1_000_003 + epoch)) as batches:
-            for images, labels in batches:
+            for index, (images, labels) in enumerate(batches):
+                if resumed and index < at.batch:
+                    continue
                 if should_stop():
                     raise TrainingStopped(f"{label} stopped at step {stats.steps}")
+                if should_pause():
+                    ok = bool((finite & torch.isfinite(loss_sum)).item())
+                    raise TrainingPaused(
+                        LoopPosition(
+                            epoch=epoch,
+                            batch=index,
+                            steps=stats.steps,
+                            images=stats.images,
+                            epoch_images=epoch_images,
+                            loss_sum=loss_sum.item() if ok else 0.0,
+                            correct=int(correct.item()),
+                            finite=ok,
+                            seconds=at.seconds + time.perf_counter() - began,
+                            started_at=stats.started_at,
+                        )
+                    )
                 loss, logits = step(images, labels)
                 loss_sum += loss * len(labels)
                 correct += (logits.argmax(1) == labels).sum()
@@ -172,8 +230,9 @@ def run_steps(
         raise TrainingDiverged(f"{label}: non-finite training loss")
     if step.device_type == "cuda":
         torch.cuda.synchronize()
-    stats.seconds = time.perf_counter() - started
-    stats.ended_at = stats.started_at + stats.seconds
+    stats.seconds = at.seconds + time.perf_counter() - began
+    # a resumed loop's training time leaves out the hand-over; its end is the clock's
+    stats.ended_at = time.time() if start is not None else stats.started_at + stats.seconds
     stats.train_loss = loss_sum.item() / epoch_images
     stats.train_accuracy = correct.item() / epoch_images
     return stats
@@ -184,6 +243,7 @@ class TrainResult:
     delta: dict[str, np.ndarray]
     samples: int
     stats: LoopStats
+    recipe: RoundRecipe
 
 
 def open_data(
@@ -228,16 +288,28 @@ class TaskRuntime:
         base: Mapping[str, np.ndarray],
         *,
         seed: int,
+        reference_batch: int | None = None,
+        resume_from: Path | None = None,
+        pause_to: Path | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        should_pause: Callable[[], bool] = lambda: False,
         progress: Callable[[int, int], None] | None = None,
     ) -> TrainResult:
-        """`assignment.local_steps` steps, or else `local_epochs` epochs, from `base` (with FedProx's proximal
-        term around `base` when `assignment.proximal_mu` > 0); the delta is local minus base, per entry (a fresh
-        optimiser each round, as FedAvg's local training starts)."""
+        """A round from `base`: the steps and learning rate of `round_recipe` (the task configured at
+        `reference_batch`, default the assignment's), with FedProx's proximal term around `base` when
+        `assignment.proximal_mu` > 0; the delta is local minus base, per entry (a fresh optimiser each round, as
+        FedAvg's local training starts).
+
+        A round can move between processes: when `should_pause()` turns true before a step, the model, optimiser,
+        loss scaler, random state and loop position are written to `pause_to` and TrainingPaused is raised;
+        `resume_from` such a file continues that round here (same `base`, `seed` and assignment)."""
         if assignment.model != self.spec or assignment.precision != self.precision:
             raise ValueError(
                 f"task {assignment.task}: the worker was prepared for another model or precision"
             )
+        from agent import checkpoint
+
+        recipe = round_recipe(assignment, self.data.samples, reference_batch)
         load_numpy_state(self.model, base)
         self.model.train()
         self._measuring = None  # its optimiser points at weights the round now owns
@@ -248,21 +320,29 @@ class TaskRuntime:
             self.device,
             self.scaler,
             proximal_mu=assignment.proximal_mu,
+            lr_at=recipe.lr_at if recipe.lr != recipe.base_lr else None,
         )
-        batch = assignment.batch_size
-        total = assignment.local_steps or assignment.local_epochs * self.data.steps_per_epoch(batch)
-        stats = run_steps(
-            step,
-            self.data,
-            batch,
-            seed,
-            steps=total,
-            should_stop=should_stop,
-            progress=progress,
-            label=f"task {assignment.task}",
-        )
+        start = None
+        if resume_from is not None:
+            start = checkpoint.load_round(resume_from, step)
+        try:
+            stats = run_steps(
+                step,
+                self.data,
+                assignment.batch_size,
+                seed,
+                steps=recipe.steps,
+                start=start,
+                should_stop=should_stop,
+                should_pause=should_pause if pause_to is not None else lambda: False,
+                progress=progress,
+                label=f"task {assignment.task}",
+            )
+        except TrainingPaused as paused:
+            checkpoint.save_round(pause_to, step, paused.position)
+            raise
         delta = _delta(state_to_numpy(self.model), base, assignment.task)
-        return TrainResult(delta=delta, samples=self.data.samples, stats=stats)
+        return TrainResult(delta=delta, samples=self.data.samples, stats=stats, recipe=recipe)
 
     def measure(
         self,

@@ -3,8 +3,8 @@
 The parent sets the environment (e.g. CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) before starting it; the worker
 reports the SM count it actually got so the parent can check it. It keeps one `TaskRuntime` (model and data on
 the device) across commands, so a round costs only its training. Stray prints go to stderr; stdout carries
-only protocol lines. SIGTERM asks the current command to stop at the next step; a parent that went away (a
-closed stdout) ends the worker quietly.
+only protocol lines. SIGTERM asks the current command to stop at the next step, SIGUSR1 to hand its round over
+(agent/handover.py); a parent that went away (a closed stdout) ends the worker quietly.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Worker:
         self.out = out
         self.device = "cpu"
         self.stop_requested = False
+        self.handover_requested = False
         self._last_progress = 0.0
         self._prepared: jobs.Prepare | None = None
         self._runtime = None  # agent.training.TaskRuntime, once prepared
@@ -51,7 +52,8 @@ class Worker:
                 return 2
             if isinstance(command, jobs.Exit):
                 return 0
-            self.stop_requested = False  # a stop asked for during an earlier command does not carry over
+            # a stop or hand-over asked for during an earlier command does not carry over
+            self.stop_requested = self.handover_requested = False
             try:
                 self.run(command)
             except Exception as exc:  # reported to the parent, which decides what happens next
@@ -120,14 +122,24 @@ class Worker:
         )
 
     def train(self, command: jobs.Train) -> None:
+        from agent.training import TrainingPaused
+
         started = time.perf_counter()
-        result = self._prepared_runtime().train(
-            command.assignment,
-            decode_state(Path(command.base_path).read_bytes()),
-            seed=command.seed,
-            progress=self._progress,
-            should_stop=lambda: self.stop_requested,
-        )
+        try:
+            result = self._prepared_runtime().train(
+                command.assignment,
+                decode_state(Path(command.base_path).read_bytes()),
+                seed=command.seed,
+                reference_batch=command.reference_batch_size,
+                resume_from=Path(command.resume_path) if command.resume_path else None,
+                pause_to=Path(command.handover_path) if command.handover_path else None,
+                progress=self._progress,
+                should_stop=lambda: self.stop_requested,
+                should_pause=lambda: self.handover_requested,
+            )
+        except TrainingPaused as paused:
+            self.emit(jobs.HandedOver(path=command.handover_path, steps=paused.position.steps))
+            return
         write_atomically(Path(command.output_path), encode_state(result.delta))
         stats = result.stats
         if command.release_memory:
@@ -145,6 +157,8 @@ class Worker:
                     "train_started_at": stats.started_at,
                     "train_ended_at": stats.ended_at,
                     f"precision_{command.assignment.precision}": 1.0,
+                    "lr": result.recipe.lr,
+                    "resumed": float(command.resume_path is not None),
                 },
                 output_path=command.output_path,
             )
@@ -235,7 +249,11 @@ def main() -> int:
     def request_stop(signum, frame) -> None:
         worker.stop_requested = True
 
+    def request_handover(signum, frame) -> None:
+        worker.handover_requested = True
+
     signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGUSR1, request_handover)
     try:
         code = worker.serve()
     except BrokenPipeError:  # the parent is gone: nobody is left to report to, nothing to flush

@@ -54,7 +54,8 @@ class Launch:
 
 
 class WorkerProcess:
-    """One worker child; its events are read by a thread into a queue."""
+    """One worker child; its events are read by a thread into a queue. The progress of its current command is
+    kept as read by `expect`."""
 
     def __init__(self, name: str, env: Mapping[str, str] | None = None, log_path: Path | None = None) -> None:
         self.name = name
@@ -69,6 +70,9 @@ class WorkerProcess:
             env=child_env,
         )
         self._events: queue.Queue[jobs.WorkerEvent | None] = queue.Queue()
+        # the first and the last (step, total, monotonic time) the current command reported
+        self.first_progress: tuple[int, int, float] | None = None
+        self.progress: tuple[int, int, float] | None = None
         threading.Thread(target=self._read, name=f"worker-{name}", daemon=True).start()
 
     @property
@@ -76,6 +80,7 @@ class WorkerProcess:
         return self.proc.poll() is None
 
     def send(self, command: jobs._Line) -> None:
+        self.first_progress = self.progress = None
         try:
             self.proc.stdin.write(jobs.encode_line(command))
             self.proc.stdin.flush()
@@ -93,6 +98,8 @@ class WorkerProcess:
             if event is None:
                 raise WorkerGone(f"worker {self.name} exited with code {self.proc.wait()}")
             if isinstance(event, jobs.Progress):
+                self.progress = (event.step, event.total, time.monotonic())
+                self.first_progress = self.first_progress or self.progress
                 continue
             if isinstance(event, jobs.Failed):
                 raise TaskFailed(event)
@@ -111,6 +118,18 @@ class WorkerProcess:
         """Ask the current command to stop at its next step (SIGTERM, handled by the worker)."""
         if self.alive:
             self.proc.send_signal(signal.SIGTERM)
+
+    def pace(self) -> float | None:
+        """Steps per second of the current command between its first and last progress report (None before two)."""
+        if self.first_progress is None or self.progress is None:
+            return None
+        (s0, _, t0), (s1, _, t1) = self.first_progress, self.progress
+        return (s1 - s0) / (t1 - t0) if s1 > s0 and t1 > t0 else None
+
+    def request_handover(self) -> None:
+        """Ask the current round to pause before its next step and hand its state over (SIGUSR1)."""
+        if self.alive:
+            self.proc.send_signal(signal.SIGUSR1)
 
     def close(self, grace_s: float = 30.0) -> int:
         """Ask the worker to exit; SIGTERM after `grace_s`, SIGKILL only as a last resort."""
@@ -247,6 +266,21 @@ class WorkerPool:
         thread = threading.Thread(target=run, name=f"prestart-{launch.task}", daemon=True)
         thread.start()
         return thread
+
+    def exchange(self, key: Hashable, other: Hashable) -> None:
+        """Swap the workers of two keys; the caller holds the leases of both."""
+        a, b = self._slots[key], self._slots[other]
+        a.worker, b.worker = b.worker, a.worker
+        a.ready, b.ready = b.ready, a.ready
+        a.launch, b.launch = b.launch, a.launch
+        a.fresh = b.fresh = False
+
+    def request_stop(self) -> None:
+        """Ask every worker's current command to stop at its next step."""
+        with self._guard:
+            workers = [slot.worker for slot in self._slots.values() if slot.worker is not None]
+        for worker in workers:
+            worker.request_stop()
 
     def launch_of(self, key: Hashable) -> Launch | None:
         """The launch a live worker for `key` runs under, if any."""

@@ -14,10 +14,12 @@ from common.metrics import MetricsConfig
 from protocol.chunking import DEFAULT_CHUNK_SIZE
 from protocol.limits import MAX_TRANSFER_BYTES
 from protocol.schemas import (
+    BatchPolicy,
     BatchSize,
     ExecutionPolicy,
     LocalEpochs,
     LocalSteps,
+    LrScaling,
     ModelSpec,
     Name,
     OptimizerSpec,
@@ -39,6 +41,8 @@ class TaskConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     min_batch_size: BatchSize = 1
     max_batch_size: BatchSize = 1024
     precision: Precision = "fp32"
+    lr_scaling: LrScaling = "auto"  # when a device plans another batch size (README: batch adaptation)
+    batch_policy: BatchPolicy = "scale_lr"
     init_seed: int = 0
     init_weights: str | None = (
         None  # a safetensors file; else built from the torchvision model with init_seed

@@ -468,6 +468,8 @@ class Coordinator:
             max_batch_size=c.max_batch_size,
             precision=c.precision,
             proximal_mu=c.strategy.proximal_mu,
+            lr_scaling=c.lr_scaling,
+            batch_policy=c.batch_policy,
         )
 
     def _global_model(self, task: str, version: int, state: dict[str, np.ndarray]) -> GlobalModel:

@@ -9,11 +9,18 @@ task processes the same number of images. P = images of all tasks / wall time (m
 P_f (Eq. 2) = sum_i P_i / P_alone_i with P_i a task's throughput while it runs (for `temporal` the tasks never
 co-run, so P_i counts over the whole cycle and P_f = 1). Both are normalised by `temporal`. The R_v sweep splits
 R_v across tasks in proportion to their workload (training FLOPs per step).
+
+Measurements that beat the noise: every configuration runs `--repeats` windows (default 3) of at least
+`--min-window-s` (default 5 s; a first window sizes the image count and is discarded); rows hold the medians and
+`P_spread`, (max - min) / median of P over the repetitions. The report calls a difference no larger than the
+spread of either side a tie.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
 import threading
 from dataclasses import dataclass
@@ -26,7 +33,16 @@ from agent.mps import GpuSharing, mps_sharing
 from agent.policies import POLICIES, PolicyLaunches, policy_launches, split_by_workload
 from agent.windows import Member, Window, measure_window
 from agent.workers import WorkerPool
-from bench.common import Budget, CsvLog, UtilizationSampler, describe_device, read_csv, write_json
+from bench.common import (
+    Budget,
+    CsvLog,
+    UtilizationSampler,
+    compare,
+    describe_device,
+    read_csv,
+    spread,
+    write_json,
+)
 from protocol.schemas import ModelSpec
 
 SCENARIOS = {
@@ -58,6 +74,8 @@ COLUMNS = [
     "P_f_norm",
     "gpu_util",
     "device",
+    "repeats",
+    "P_spread",
 ]
 
 
@@ -105,20 +123,34 @@ def runs_for(
 
 
 def measure(
-    pool: WorkerPool, run: Run, prepares: dict[str, jobs.Prepare], batch: int, images: int
-) -> tuple[Window, float | None]:
-    """One synchronised window over the run's workers (one wave per launch wave: `temporal` runs them in turn);
-    results in launch order."""
+    pool: WorkerPool,
+    run: Run,
+    prepares: dict[str, jobs.Prepare],
+    batch: int,
+    images: int,
+    repeats: int = 3,
+    min_window_s: float = 5.0,
+) -> tuple[list[Window], float | None]:
+    """`repeats` synchronised windows over the run's workers (one wave per launch wave: `temporal` runs them in
+    turn), each at least `min_window_s` long (a first window sizes the image count; it is not kept); results in
+    launch order."""
     launches = run.policy_launches.launches
-    command = jobs.Measure(batch=batch, images=images, warmup_steps=5)
-    members = [Member(launch.task, launch, prepares[launch.task], command) for launch in launches]
     waves = [
         [i for i, launch in enumerate(launches) if launch.wave == wave]
         for wave in sorted({launch.wave for launch in launches})
     ]
+
+    def window(count: int) -> Window:
+        command = jobs.Measure(batch=batch, images=count, warmup_steps=5)
+        members = [Member(launch.task, launch, prepares[launch.task], command) for launch in launches]
+        return measure_window(pool, members, waves)
+
+    probe = window(images)
+    if probe.wall_s < min_window_s:
+        images = batch * math.ceil(images * 1.1 * min_window_s / probe.wall_s / batch)
     with UtilizationSampler() as sampler:
-        window = measure_window(pool, members, waves)
-    return window, sampler.mean
+        windows = [window(images) for _ in range(repeats)]
+    return windows, sampler.mean
 
 
 def _close(pool: WorkerPool, starting: list[threading.Thread]) -> None:
@@ -154,18 +186,21 @@ def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: C
     rows, alone = [], {}
     try:
         for run, pool, threads in zip(runs, pools, starting):
-            window, util = measure(pool, run, prepares, args.batch, args.images)
+            windows, util = measure(
+                pool, run, prepares, args.batch, args.images, args.repeats, args.min_window_s
+            )
             _close(pool, threads)
             if run.policy_launches.policy == "temporal":
                 alone = {
-                    launch.task: r.images_per_s
-                    for launch, r in zip(run.policy_launches.launches, window.results)
+                    launch.task: statistics.median(w.results[i].images_per_s for w in windows)
+                    for i, launch in enumerate(run.policy_launches.launches)
                 }
             for label, rv in run.labels:
-                rows += _rows(name, label, rv, run, window, alone, util, args, device)
+                rows += _rows(name, label, rv, run, windows, alone, util, args, device)
+            p = [w.images / w.wall_s for w in windows]
             print(
-                f"{name:>16} {'/'.join(lbl for lbl, _ in run.labels):>20}: "
-                f"{window.images / window.wall_s:8.0f} img/s  {run.policy_launches.note}",
+                f"{name:>16} {'/'.join(lbl for lbl, _ in run.labels):>20}: {statistics.median(p):8.0f} img/s "
+                f"(spread {spread(p):.1%})  {run.policy_launches.note}",
                 flush=True,
             )
     finally:
@@ -178,14 +213,19 @@ def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: C
         log.add(row)
 
 
-def _rows(scenario, label, rv, run, window, alone, util, args, device) -> list[dict]:
+def _rows(scenario, label, rv, run, windows, alone, util, args, device) -> list[dict]:
+    """One row per task: medians over the repeated windows (the task's own values from the median window)."""
     temporal = run.policy_launches.policy == "temporal"
     tasks = [launch.task for launch in run.policy_launches.launches]
-    p = window.images / window.wall_s
-    pf = sum(
-        (r.images / window.wall_s if temporal else r.images_per_s) / alone[m]
-        for m, r in zip(tasks, window.results)
-    )
+    ps = [w.images / w.wall_s for w in windows]
+    pfs = [
+        sum(
+            (r.images / w.wall_s if temporal else r.images_per_s) / alone[m] for m, r in zip(tasks, w.results)
+        )
+        for w in windows
+    ]
+    window = sorted(windows, key=lambda w: w.images / w.wall_s)[len(windows) // 2]
+    p, pf = statistics.median(ps), statistics.median(pfs)
     return [
         {
             "scenario": scenario,
@@ -205,22 +245,37 @@ def _rows(scenario, label, rv, run, window, alone, util, args, device) -> list[d
             "P_f": round(pf, 3),
             "gpu_util": util,
             "device": device,
+            "repeats": len(windows),
+            "P_spread": round(spread(ps), 4),
         }
         for m, r, sm_count in zip(tasks, window.results, window.sm_counts)
     ]
 
 
 def predicted_resources(path: str, tasks: list, batch: int) -> list[float]:
-    """R_i (percent) from the ONNX predictor: Eq. 5 at the scenario's fixed batch; every task has the same data,
-    so the choice minimises the predicted makespan max_i D_i / P_i."""
+    """R_i (percent) as the agent's `fedmt` plan chooses them with the ONNX predictor (refined by the rounds'
+    correction when `<predictor>.refinement.json` lies next to it): Eq. 5 at the scenario's fixed batch, every
+    task with the same data, so minimising the predicted makespan max_i D_i / P_i; then the best of that and the
+    static splits by the same predictor (agent/selection.py)."""
+    import json
+
+    import msgspec
+
+    from agent.selection import candidates, choose
+    from predictor.correction import CorrectedPredictor, Correction
     from predictor.runtime import OnnxPredictor
     from predictor.search import best_resources
 
+    predict = CorrectedPredictor(OnnxPredictor(Path(path)))
+    refinement = Path(path).with_suffix(".refinement.json")
+    if refinement.exists():
+        predict.correction = msgspec.convert(json.loads(refinement.read_text())["correction"], Correction)
     n = len(tasks)
-    choice = best_resources(
-        tasks, [batch] * n, OnnxPredictor(Path(path)), objective="makespan", volumes=[1.0] * n
-    )
-    return [float(r) for r in choice.resources]
+    search = best_resources(tasks, [batch] * n, predict, objective="makespan", volumes=[1.0] * n)
+    options = candidates([float(r) for r in search.resources], [t.flops_per_sample * batch for t in tasks])
+    choice = choose(options, tasks, [batch] * n, [1.0] * n, predict, lambda c: None, trust_model=True)
+    print(f"fedmt-predictor: {choice.note}", flush=True)
+    return list(choice.candidate.resources)
 
 
 def run(args) -> int:
@@ -275,16 +330,22 @@ def report(args) -> int:
     ]
     devices = {r["scenario"]: r["device"] for r in rows}
     for scenario in devices:
-        p = {(pol, rv): float(r["P"]) for (s, pol, rv), r in runs.items() if s == scenario}
+        # P and its spread (rows measured before repetitions have none: spread 0)
+        p = {
+            (pol, rv): (float(r["P"]), float(r.get("P_spread") or 0))
+            for (s, pol, rv), r in runs.items()
+            if s == scenario
+        }
         temporal = p[next(k for k in p if k[0] == "temporal")]
-        static = max(v for (pol, _), v in p.items() if pol in ("isolated", "sharing"))
-        sweep = [(rv, v) for (pol, rv), v in p.items() if pol == "sweep"]
+        static = max((v for (pol, _), v in p.items() if pol in ("isolated", "sharing")), key=lambda v: v[0])
+        sweep = [(rv, v[0]) for (pol, rv), v in p.items() if pol == "sweep"]
         best_rv = max(sweep, key=lambda x: x[1]) if sweep else None
         for (pol, _), v in p.items():
             if pol.startswith("fedmt"):
-                sweep_text = f"{best_rv[0]}% ({best_rv[1] / temporal:.2f}x temporal)" if best_rv else "-"
+                sweep_text = f"{best_rv[0]}% ({best_rv[1] / temporal[0]:.2f}x temporal)" if best_rv else "-"
                 lines.append(
-                    f"| {scenario} | {devices[scenario]} | {pol} | {v / temporal:.2f}x | {v / static:.2f}x | {sweep_text} |"
+                    f"| {scenario} | {devices[scenario]} | {pol} | {compare(*v, *temporal)} | "
+                    f"{compare(*v, *static)} | {sweep_text} |"
                 )
     table = "\n".join(lines)
     (out / f"{args.name}.md").write_text(table + "\n")
@@ -344,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         "--policies", nargs="+", default=[*POLICIES, "sweep"], choices=[*POLICIES, "sweep", "fedmt-predictor"]
     )
     r.add_argument("--predictor", help="ONNX predictor for the fedmt-predictor policy")
+    r.add_argument("--repeats", type=int, default=3, help="windows per configuration (median and spread)")
+    r.add_argument("--min-window-s", type=float, default=5.0, help="shortest window per configuration")
     for command in (r, sub.add_parser("report")):
         command.add_argument("--out", default="bench/results")
         command.add_argument("--name", default="colocation", help="file name stem of the results")

@@ -115,3 +115,18 @@ class Budget:
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
+
+
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median of repeated measurements: how far apart the repetitions landed, relative."""
+    import statistics
+
+    middle = statistics.median(values)
+    return (max(values) - min(values)) / middle if middle else 0.0
+
+
+def compare(a: float, a_spread: float, b: float, b_spread: float) -> str:
+    """a / b as text, or a tie when the difference is no larger than either measurement's spread."""
+    ratio = a / b
+    text = f"{ratio:.2f}x"
+    return f"tie ({text})" if abs(ratio - 1) <= max(a_spread, b_spread) else text

@@ -14,8 +14,7 @@ import numpy as np
 
 from predictor.encoding import encode_inputs
 from predictor.features import extract
-from predictor.records import FOCUS, Record
-from protocol.schemas import ModelSpec
+from predictor.records import FOCUS, Record, task_spec
 
 
 @dataclass(frozen=True)
@@ -34,13 +33,10 @@ class Samples:
         return len(self.combos)
 
 
-def build(records: list[Record], num_classes: int = 10) -> Samples:
+def build(records: list[Record]) -> Samples:
     xs, masks, ys, combos = [], [], [], []
     for record in records:
-        tasks = [
-            extract(ModelSpec(name=t.model, num_classes=num_classes, input_size=record.resolution))
-            for t in record.tasks
-        ]
+        tasks = [extract(task_spec(record, t)) for t in record.tasks]
         x, mask = encode_inputs(
             tasks, np.array([[t.batch for t in record.tasks]]), np.array([[t.resource for t in record.tasks]])
         )

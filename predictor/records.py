@@ -8,13 +8,17 @@ and the sampling of configurations: every model alone first, then random co-loca
 
 from __future__ import annotations
 
+import logging
 import random
 import re
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
+log = logging.getLogger(__name__)
 MODELS = (
     "resnet18",
     "resnet34",
@@ -46,12 +50,17 @@ class TaskSample(msgspec.Struct, frozen=True):
     model: str
     batch: int
     resource: float
-    throughput: float = 0.0
+    throughput: float = 0.0  # images/s (the median over the window's repetitions)
     sm: int | None = None
+    input_size: int | None = None  # None: the record's resolution
+    num_classes: int | None = None  # None: 10
+    spread: float | None = None  # (max - min) / median throughput over the repetitions
+    predicted: float | None = None  # what the planner predicted for a round
 
 
 class Record(msgspec.Struct, frozen=True, kw_only=True):
-    """One measured co-location: what ran, where, and each task's throughput (images/s)."""
+    """One measured co-location: what ran, where, and each task's throughput (images/s). Calibration windows
+    and a device's rounds (with `round`, the `policy` its plan chose and the predictions) share the format."""
 
     gpu: str
     sm_total: int
@@ -61,20 +70,48 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     tasks: list[TaskSample]
     window_s: float
     ts: float
+    round: int | None = None
+    policy: str | None = None
+
+
+def task_spec(record: Record, task: TaskSample):
+    """The ModelSpec a sample was measured with."""
+    from protocol.schemas import ModelSpec
+
+    return ModelSpec(
+        name=task.model, num_classes=task.num_classes or 10, input_size=task.input_size or record.resolution
+    )
 
 
 @dataclass(frozen=True)
 class Config:
-    tasks: tuple[tuple[str, int, float], ...]  # (model, batch, R_i)
+    tasks: tuple[tuple[Hashable, int, float], ...]  # (model, batch, R_i); the model may be a Workload
+
+
+class Workload(NamedTuple):
+    """A task's model as calibration profiles it: name, input size and classes."""
+
+    model: str
+    input_size: int
+    num_classes: int = 10
 
 
 def sample_configs(
-    seed: int, windows: int, models=MODELS, focus=FOCUS, measured: frozenset[Config] = frozenset()
+    seed: int,
+    windows: int,
+    models: Sequence[Hashable] = MODELS,
+    focus: Sequence[Sequence[Hashable]] = FOCUS,
+    measured: frozenset[Config] = frozenset(),
+    batches: Mapping[Hashable, Sequence[int]] | None = None,
 ) -> list[Config]:
-    """Every model alone at a few R levels and all batches first (the baselines, unless already `measured`), then
-    random co-locations (half of them on `focus`) in random order."""
+    """Every model alone at a few R levels and all its batch sizes (`batches`, default BATCHES) first (the
+    baselines, unless already `measured`), then random co-locations (half of them on `focus`) in random order."""
     rng = random.Random(seed)
-    alone = [Config(((m, b, r),)) for m in models for r in ALONE_LEVELS for b in BATCHES]
+
+    def options(model: Hashable) -> Sequence[int]:
+        return BATCHES if batches is None else batches[model]
+
+    alone = [Config(((m, b, r),)) for m in models for r in ALONE_LEVELS for b in options(m)]
     alone = [c for c in alone if c not in measured]
     together = []
     while len(alone) + len(together) < windows:
@@ -82,7 +119,7 @@ def sample_configs(
             combo = rng.choice(focus)
         else:
             combo = tuple(rng.sample(models, min(len(models), rng.choice((2, 2, 3, 3, 4, 5)))))
-        together.append(Config(tuple((m, rng.choice(BATCHES), rng.choice(R_LEVELS)) for m in combo)))
+        together.append(Config(tuple((m, rng.choice(options(m)), rng.choice(R_LEVELS)) for m in combo)))
     return alone + together
 
 
@@ -92,14 +129,28 @@ def dataset_path(root: Path, gpu: str) -> Path:
 
 
 def load_records(path: Path) -> list[Record]:
+    """The records of a data file; a line that does not decode (one cut short by a crash) is skipped, with a
+    warning, so appending after it loses nothing else."""
     decoder = msgspec.json.Decoder(Record)
-    return [decoder.decode(line) for line in Path(path).read_bytes().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(decoder.decode(line))
+        except msgspec.DecodeError as exc:
+            log.warning("%s line %d skipped: %s", path, number, exc)
+    return records
 
 
-def measured_configs(path: Path) -> frozenset[Config]:
-    """The configurations a data file already holds (none if it does not exist yet)."""
+def measured_configs(
+    path: Path, key: Callable[[Record, TaskSample], Hashable] | None = None
+) -> frozenset[Config]:
+    """The configurations a data file already holds (none if it does not exist yet), each task named by
+    `key(record, sample)` (default: its model name)."""
     if not Path(path).exists():
         return frozenset()
+    key = key or (lambda record, task: task.model)
     return frozenset(
-        Config(tuple((t.model, t.batch, t.resource) for t in r.tasks)) for r in load_records(path)
+        Config(tuple((key(r, t), t.batch, t.resource) for t in r.tasks)) for r in load_records(path)
     )

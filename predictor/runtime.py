@@ -48,8 +48,9 @@ class OnnxPredictor:
                 f"model card {card_path(path)} lacks the profiled batch range (data.batch_range): "
                 "re-run fedmt-predictor fit and export"
             ) from None
-        # the batch sizes the predictor has seen; outside them it extrapolates
+        # the batch sizes and input sizes the predictor has seen; outside them it extrapolates
         self.batch_range = (int(low), int(high))
+        self.input_sizes = frozenset(self.card["data"].get("input_sizes") or [self.card.get("resolution")])
         try:
             self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types for bad files

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from predictor.dataset import Samples, build, mape, split
 from predictor.encoding import INPUT_NAMES, MAX_TASKS
 from predictor.features import extract
 from predictor.model import EPOCHS, HIDDEN, MEMBERS, ensemble, export_onnx, predict, train
-from predictor.records import load_records
+from predictor.records import FOCUS, load_records, task_spec
 from predictor.runtime import OnnxPredictor, card_path
 from predictor.workload import fit_workload
 
@@ -32,8 +33,10 @@ def fit(
     members: int = MEMBERS,
     epochs: int = EPOCHS,
     seed: int = 0,
+    protected: Sequence[Sequence[str]] = FOCUS,
 ) -> Path:
-    """Train on the data file's training split; write `<gpu>.safetensors` and `<gpu>.fit.json`; return the weights."""
+    """Train on the data file's training split (model combinations in `protected` are never held out as unseen);
+    write `<gpu>.safetensors` and `<gpu>.fit.json`; return the weights."""
     records = load_records(data)
     if not records:
         raise ValueError(f"{data} holds no profiling records")
@@ -41,7 +44,7 @@ def fit(
     if len(gpus) != 1:
         raise ValueError(f"{data} mixes GPUs {sorted(gpus)}; fit one GPU at a time")
     samples = build(records)
-    parts = split(samples, seed=seed)
+    parts = split(samples, seed=seed, protected=protected)
     train_set = samples.take(parts.train)
     started = time.perf_counter()
     model = train(
@@ -78,6 +81,7 @@ def fit(
             "records": len(records),
             "task_samples": int(samples.mask.sum()),
             "models": sorted({t.model for r in records for t in r.tasks}),
+            "input_sizes": sorted({task_spec(r, t).input_size for r in records for t in r.tasks}),
             "batch_range": [min(batches), max(batches)],
             "max_tasks_per_record": max(len(r.tasks) for r in records),
         },
@@ -110,14 +114,8 @@ MIN_ALONE_RECORDS = 4
 
 def _workload(records) -> dict:
     """Eq. 3's alpha (s/FLOP) and beta (s/byte) from single-task step times on the whole GPU, when there are enough."""
-    from protocol.schemas import ModelSpec
-
     alone = [
-        (
-            extract(ModelSpec(name=t.model, num_classes=10, input_size=r.resolution)),
-            t.batch,
-            t.batch / t.throughput,
-        )
+        (extract(task_spec(r, t)), t.batch, t.batch / t.throughput)
         for r in records
         if len(r.tasks) == 1 and r.tasks[0].resource == 100
         for t in r.tasks

@@ -45,6 +45,12 @@ ExecutionPolicy = Literal["temporal", "concurrent", "isolated", "sharing", "fedm
 Precision = Literal["fp32", "bf16", "fp16"]
 #: the largest FedProx coefficient a schedule may carry (the FedProx paper tunes mu in 0.001..1)
 MAX_PROXIMAL_MU = 100.0
+#: how the learning rate follows a planned batch size B from the configured B0 (agent/batching.py): "auto" is
+#: linear (lr * B/B0) for SGD and square root for Adam
+LrScaling = Literal["auto", "linear", "sqrt", "none"]
+#: "scale_lr": a round processes the configured images and the lr follows `LrScaling`; "hold_steps": a round
+#: takes the configured number of optimiser steps at the configured lr
+BatchPolicy = Literal["scale_lr", "hold_steps"]
 
 
 class Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -166,6 +172,8 @@ class TaskAssignment(Message):
     precision: Precision = "fp32"
     # FedProx: add proximal_mu / 2 * ||w - w_base||^2 to the local loss; 0 trains plain local SGD (FedAvg)
     proximal_mu: Annotated[float, Meta(ge=0, le=MAX_PROXIMAL_MU)] = 0.0
+    lr_scaling: LrScaling = "auto"
+    batch_policy: BatchPolicy = "scale_lr"
 
 
 class Schedule(Message):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import shutil
 import signal
@@ -27,6 +28,7 @@ from typing import Literal, get_args
 
 import msgspec
 
+from agent.autocalibration import CalibrationConfig
 from agent.config import AgentConfig, ExecutionConfig
 from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig
 from common.config import to_toml
@@ -44,6 +46,7 @@ ROUND_COUNTERS = {
     "aggregator": "fedmt_aggregator_rounds_completed_total",
     "agent": "fedmt_agent_rounds_trained_total",
 }
+Partition = Literal["iid", "dirichlet"]
 ADAM = OptimizerSpec(name="adam", lr=5e-4, weight_decay=0.0)
 SGD = OptimizerSpec(name="sgd", lr=0.02, momentum=0.9, weight_decay=0.0)
 
@@ -79,24 +82,52 @@ class Options:
     local_steps: dict[str, int] | None = None  # task -> optimiser steps per round; None: each task's epochs
     batch_size: int = 16
     precision: Precision = "fp32"
+    agents: int = len(DEVICES)  # each holds one partition of every task's digits (with one: all of them)
+    partition: Partition = "iid"
+    batch_range: tuple[int, int] | None = None  # the plans' batch bounds; None: free on cpu, pinned on cuda
+    models: dict[str, str] | None = None  # task -> another torchvision model
+    gpus: tuple[str, ...] | None = None  # CUDA_VISIBLE_DEVICES of each agent, in turn
+    reallocate: Literal["off", "handover"] = "off"
+    predictor: str | None = (
+        None  # the agents' ONNX predictor (default: calibrated in their state, or shipped)
+    )
+
+    def devices(self) -> list[str]:
+        return [f"edge-{i + 1}" for i in range(self.agents)]
 
     def tasks(self) -> dict[str, tuple[TaskConfig, float]]:
         """TASKS with this run's overrides."""
         tasks = {}
         for task, (definition, share) in TASKS.items():
             changes = {"batch_size": self.batch_size, "precision": self.precision}
+            model = definition.model
+            if self.models is not None:
+                model = msgspec.structs.replace(model, name=self.models[task])
             if self.resolution is not None:
-                changes["model"] = msgspec.structs.replace(definition.model, input_size=self.resolution)
+                model = msgspec.structs.replace(model, input_size=self.resolution)
+            changes["model"] = model
             if self.local_steps is not None:
                 changes["local_steps"] = self.local_steps[task]
-            if self.device == "cuda":
+            if self.batch_range is not None:
+                changes |= {"min_batch_size": self.batch_range[0], "max_batch_size": self.batch_range[1]}
+            elif self.device == "cuda":
                 changes |= {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
             tasks[task] = (msgspec.structs.replace(definition, **changes), share)
         return tasks
 
     def execution(self) -> ExecutionConfig:
         policy = {} if self.policy is None else {"policy": self.policy}
-        return ExecutionConfig(device=self.device, cpu_threads_per_task=1, **policy)
+        return ExecutionConfig(
+            device=self.device,
+            cpu_threads_per_task=1,
+            reallocate=self.reallocate,
+            predictor=self.predictor,
+            **policy,
+        )
+
+    def agent_env(self, index: int) -> dict[str, str]:
+        """The environment of agent `index`: its GPU when several are given."""
+        return {"CUDA_VISIBLE_DEVICES": self.gpus[index % len(self.gpus)]} if self.gpus else {}
 
 
 def write_configs(
@@ -108,19 +139,24 @@ def write_configs(
     def mqtt(user: str) -> MqttSettings:
         return MqttSettings(host=broker.host, port=broker.port, username=user, password=passwords[user])
 
-    ports = {name: free_port() for name in ["aggregator", *DEVICES]}
+    ports = {name: free_port() for name in ["aggregator", *options.devices()]}
     metrics = {name: MetricsConfig(port=port) for name, port in ports.items()}
     configs = {
         "aggregator": AggregatorConfig(
             state_dir=str(out / "state" / "aggregator"),
             mqtt=mqtt("aggregator"),
             metrics=metrics["aggregator"],
-            rounds=RoundsConfig(rounds=options.rounds, min_devices=len(DEVICES), round_timeout_s=600.0),
+            rounds=RoundsConfig(rounds=options.rounds, min_devices=options.agents, round_timeout_s=600.0),
             tasks={task: definition for task, (definition, _) in options.tasks().items()},
         )
     }
-    for index, device in enumerate(DEVICES):
-        data = {"kind": "digits", "num_partitions": len(DEVICES), "partition_index": index}
+    for index, device in enumerate(options.devices()):
+        data = {
+            "kind": "digits",
+            "num_partitions": options.agents,
+            "partition_index": index,
+            "partition": options.partition,
+        }
         configs[device] = AgentConfig(
             device=device,
             state_dir=str(out / "state" / device),
@@ -128,6 +164,7 @@ def write_configs(
             mqtt=mqtt(device),
             metrics=metrics[device],
             execution=options.execution(),
+            calibration=CalibrationConfig(auto=False),  # runs compare policies: no profiling between rounds
             tasks={task: _data_spec({**data, "fraction": share}) for task, (_, share) in TASKS.items()},
         )
     paths = {}
@@ -155,13 +192,16 @@ def _data_spec(fields: dict):
     return msgspec.convert(fields, DataSpec)
 
 
-def start(name: str, module: str, config: Path, logs: Path) -> subprocess.Popen:
+def start(
+    name: str, module: str, config: Path, logs: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     log = open(logs / f"{name}.log", "wb")
     return subprocess.Popen(
         [sys.executable, "-m", module, "run", "--config", str(config)],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env={**os.environ, **env} if env else None,
     )
 
 
@@ -191,7 +231,8 @@ def run(options: Options) -> dict:
     console = Console()
     shutil.rmtree(out, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
-    passwords = {user: secrets.token_urlsafe(16) for user in ["aggregator", "monitor", *DEVICES]}
+    devices = options.devices()
+    passwords = {user: secrets.token_urlsafe(16) for user in ["aggregator", "monitor", *devices]}
     test_sets = {task: digits_test_set(definition.model) for task, (definition, _) in tasks.items()}
     accuracy: dict[str, dict[int, float]] = {task: {} for task in tasks}
     reported: set[int] = set()
@@ -201,7 +242,10 @@ def run(options: Options) -> dict:
         configs, metrics_urls = write_configs(broker, passwords, options)
         console.print("metrics: " + ", ".join(f"{name} {url}" for name, url in metrics_urls.items()))
         processes = {"aggregator": start("aggregator", "aggregator.cli", configs["aggregator"], out / "logs")}
-        processes |= {d: start(d, "agent.cli", configs[d], out / "logs") for d in DEVICES}
+        processes |= {
+            d: start(d, "agent.cli", configs[d], out / "logs", options.agent_env(i))
+            for i, d in enumerate(devices)
+        }
         monitor = Monitor(
             MqttSettings(
                 host=broker.host, port=broker.port, username="monitor", password=passwords["monitor"]
@@ -268,7 +312,8 @@ def run(options: Options) -> dict:
         "num_rounds": rounds,
         "device": torch.cuda.get_device_name(0) if options.device == "cuda" else "cpu",
         "policy": options.execution().policy,
-        "devices": DEVICES,
+        "devices": devices,
+        "partition": options.partition,
         "tasks": {
             task: {
                 "model": definition.model.name,
@@ -283,6 +328,7 @@ def run(options: Options) -> dict:
         },
         "accuracy": {task: [accuracy[task][r] for r in range(rounds + 1)] for task in tasks},
         "round_wall_time_s": [None if rd["wall_s"] is None else round(rd["wall_s"], 2) for rd in detail],
+        "round_end_s": phases.round_ends_s(rounds, tasks, monitor.schedule_issued_at, monitor.seen_at),
         "rounds": [{key: rd[key] for key in ("round", "wall_s", "non_training_fraction")} for rd in detail],
         "rounds_detail": detail,
         "total_wall_time_s": round(time.time() - started, 1),

@@ -51,6 +51,19 @@ def round_wall_s(
     return max(done) - min(opened)
 
 
+def round_ends_s(
+    rounds: int, tasks: Iterable[str], issued_at: Mapping[Key, float], seen_at: Mapping[Key, float]
+) -> list[float | None]:
+    """Seconds from round 1's first schedule to the last of the tasks' global version r, for r = 1..rounds."""
+    tasks = list(tasks)
+    opened = [at for (_, r), at in issued_at.items() if r == 1]
+    ends = []
+    for r in range(1, rounds + 1):
+        done = [seen_at.get((task, r)) for task in tasks]
+        ends.append(None if not opened or None in done else round(max(done) - min(opened), 2))
+    return ends
+
+
 def round_detail(
     round_: int, events: Iterable[Event], issued_at: Mapping[Key, float], seen_at: Mapping[Key, float]
 ) -> dict:

@@ -42,6 +42,7 @@ class LawPredictor:
 
     def __init__(self, resolution: int = 32, batch_range: tuple[int, int] = (1, 1024)) -> None:
         self.card = {"resolution": resolution}
+        self.input_sizes = frozenset({resolution})
         self.batch_range = batch_range
         self.calls = 0
 
@@ -125,7 +126,7 @@ def test_a_predictor_for_another_input_size_is_not_used(tmp_path):
     predictor = LawPredictor(resolution=128)
     plan = Planner(sharing(tmp_path, mps=True), predictor, "law").plan("fedmt", TASKS, SAMPLES)
     assert predictor.calls == 0
-    assert "fitted at 128x128" in plan.note and "heuristic" in plan.note
+    assert "fitted at input sizes [128] px" in plan.note and "heuristic" in plan.note
 
 
 def test_without_mps_fedmt_falls_back_to_concurrent(tmp_path):
@@ -159,7 +160,7 @@ def test_the_heuristic_keeps_running_shares_within_one_grid_step_and_restarts_be
 
 
 def test_with_a_predictor_a_restart_happens_only_when_its_predicted_gain_pays_for_it(tmp_path):
-    planner = Planner(sharing(tmp_path, mps=True), LawPredictor(), "law")
+    planner = Planner(sharing(tmp_path, mps=True), LawPredictor(), "law", objective="sum")
     samples = {"a": 10, "b": 2000, "c": 4000}  # b and c set the round's length
     fresh = planner.plan("fedmt", TASKS, samples, commit=False)
     assert fresh.resources["b"] > 10 and fresh.resources["c"] > 10

@@ -41,8 +41,9 @@ class TrainingData(ABC):
     placement: Literal["device", "stream"]
 
     def steps_per_epoch(self, batch_size: int) -> int:
-        full, rest = divmod(self.samples, batch_size)
-        return full + (rest > 1 or full == 0)
+        from agent.batching import steps_per_epoch
+
+        return steps_per_epoch(self.samples, batch_size)
 
     @abstractmethod
     def epoch(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,0 +1,79 @@
+"""How a round trains when its plan changed the task's batch size: the learning-rate rule (torch-free).
+
+The plan (agent/planning.py, Eq. 6) may set a batch size B other than the task's configured B0. The task's
+config says how training keeps its accuracy (`lr_scaling` and `batch_policy`, sent in the TaskAssignment):
+
+- `batch_policy = "scale_lr"` (default): the round processes the images it would at B0 (its local epochs, or
+  local_steps x B0 images), so it takes about B0/B times the steps, and the learning rate follows `lr_scaling`:
+  `linear` lr x B/B0 (Goyal et al. 2017), `sqrt` lr x sqrt(B/B0), `none`, or `auto`: linear for SGD, square
+  root for Adam. When the rate grows it ramps up linearly from the configured rate over the first
+  WARMUP_SHARE of the round's steps (every round starts a fresh optimiser).
+- `batch_policy = "hold_steps"`: the round takes the optimiser steps it would at B0, at the configured rate,
+  and so processes B/B0 times the images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from protocol.schemas import TaskAssignment
+
+WARMUP_SHARE = 0.1  # of a round's steps, when the learning rate grows
+
+
+def steps_per_epoch(samples: int, batch_size: int) -> int:
+    """Optimiser steps of one epoch: a trailing batch of one sample joins the previous batch."""
+    full, rest = divmod(samples, batch_size)
+    return full + (rest > 1 or full == 0)
+
+
+def lr_factor(assignment: TaskAssignment, ratio: float) -> float:
+    """The learning-rate multiplier for a batch `ratio` B/B0 under the assignment's `lr_scaling`."""
+    rule = assignment.lr_scaling
+    if rule == "auto":
+        rule = "linear" if assignment.optimizer.name == "sgd" else "sqrt"
+    return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
+
+
+@dataclass(frozen=True)
+class RoundRecipe:
+    """A round's optimiser steps and learning rate (after a warm-up from `base_lr` over `warmup_steps`)."""
+
+    steps: int
+    lr: float
+    base_lr: float
+    warmup_steps: int = 0
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step `step` (0-based)."""
+        if step >= self.warmup_steps:
+            return self.lr
+        return self.base_lr + (self.lr - self.base_lr) * step / self.warmup_steps
+
+
+def round_recipe(assignment: TaskAssignment, samples: int, reference_batch: int | None = None) -> RoundRecipe:
+    """Steps and learning rate of a round at `assignment.batch_size` for a task configured at `reference_batch`
+    (None: the assignment's batch size is the configured one) holding `samples` local samples."""
+    batch, base_lr = assignment.batch_size, assignment.optimizer.lr
+    reference = reference_batch or batch
+    if batch == reference or assignment.batch_policy == "hold_steps":
+        steps = assignment.local_steps or assignment.local_epochs * steps_per_epoch(samples, reference)
+        return RoundRecipe(steps, base_lr, base_lr)
+    if assignment.local_steps:
+        steps = math.ceil(assignment.local_steps * reference / batch)
+    else:
+        steps = assignment.local_epochs * steps_per_epoch(samples, batch)
+    lr = base_lr * lr_factor(assignment, batch / reference)
+    warmup = math.ceil(WARMUP_SHARE * steps) if lr > base_lr else 0
+    return RoundRecipe(steps, lr, base_lr, warmup)
+
+
+def round_images(assignment: TaskAssignment, samples: int, reference_batch: int | None = None) -> int:
+    """About how many images the round trains on: the work a plan's makespan is estimated from."""
+    reference = reference_batch or assignment.batch_size
+    if assignment.local_steps is None and (
+        assignment.batch_policy == "scale_lr" or assignment.batch_size == reference
+    ):
+        return assignment.local_epochs * samples
+    return round_recipe(assignment, samples, reference_batch).steps * assignment.batch_size

@@ -1,0 +1,147 @@
+"""Calibration from scratch, and after rounds of refinement: bench/results/calibration.json.
+
+    python -m bench.calibration --budget-s 900 --out bench/results     # GPU + MPS (root, or a running daemon)
+
+1. The path of `fedmt-agent calibrate` (agent.calibration.calibrate_gpu) from an empty folder, for the generic
+   model list at --resolution, within --budget-s: `minutes` is the whole run, fitting included; `mape_unseen` the
+   model card's MAPE on the model combinations its fit left out (never seen in training).
+2. Refinement as rounds do it: --rounds co-locations of bench.colocation's scenarios (in turn) at batch 64, each
+   at the SM shares the corrected predictor's Eq. 5 picks (makespan, equal data), measured in a window through
+   the same workers and folded into the residual correction (predictor.correction) as a round's measurement is;
+   `mape_unseen_refined` is the corrected predictor's MAPE on the same unseen records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import describe_device, write_json
+
+#: (models, batch, R_i per task) -> measured images/s per task
+Measure = Callable[[Sequence[str], int, Sequence[float]], list[float]]
+
+
+def refine(predictor, scenarios: Sequence[Sequence[str]], measure: Measure, resolution: int, rounds: int):
+    """`rounds` round-like measurements folded into `predictor` (a CorrectedPredictor) one after another;
+    the (predicted before, measured) pairs of each round."""
+    from predictor.correction import fit_correction, workload_key
+    from predictor.features import extract
+    from predictor.search import best_resources
+    from protocol.schemas import ModelSpec
+
+    observations, history = [], []
+    for number in range(rounds):
+        models = scenarios[number % len(scenarios)]
+        tasks = [extract(ModelSpec(name=m, num_classes=10, input_size=resolution)) for m in models]
+        batches = [64] * len(models)
+        shares = best_resources(tasks, batches, predictor, objective="makespan", volumes=[1.0] * len(models))
+        resources = [float(r) for r in shares.resources]
+        rows = np.array([batches], dtype=np.float64), np.array([resources])
+        before = predictor(tasks, *rows)[0]
+        base = predictor.base(tasks, *rows)[0]
+        measured = measure(models, 64, resources)
+        history.append((list(before), measured))
+        observations += [
+            (workload_key(m, resolution), float(b), m_) for m, b, m_ in zip(models, base, measured)
+        ]
+        predictor.correction = fit_correction(observations)
+    return history
+
+
+def unseen_mape(predictor, data: Path, card: dict) -> float | None:
+    """MAPE (percent) of `predictor` on the data file's records of the card's unseen model combinations (None
+    when its fit left none out)."""
+    from predictor.features import extract
+    from predictor.records import load_records, task_spec
+
+    unseen = {tuple(c) for c in card["split"]["unseen_combinations"]}
+    errors = []
+    for record in load_records(data):
+        if tuple(sorted(t.model for t in record.tasks)) not in unseen:
+            continue
+        tasks = [extract(task_spec(record, t)) for t in record.tasks]
+        predicted = predictor(
+            tasks,
+            np.array([[t.batch for t in record.tasks]], dtype=np.float64),
+            np.array([[t.resource for t in record.tasks]], dtype=np.float64),
+        )[0]
+        errors += [abs(p - t.throughput) / t.throughput for p, t in zip(predicted, record.tasks)]
+    return round(100 * statistics.fmean(errors), 2) if errors else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+
+    from agent import jobs
+    from agent.calibration import FIT_SHARE, PoolMeasure, calibrate_gpu, generic_target
+    from agent.mps import mps_sharing
+    from bench.colocation import SCENARIOS
+    from predictor.correction import CorrectedPredictor
+    from predictor.runtime import OnnxPredictor, card_path
+
+    args = parse(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="calibration-", dir=args.out))
+    target = generic_target(args.resolution)
+    scenarios = [SCENARIOS[name] for name in ("heavy", "light", "hybrid")]
+    with mps_sharing() as sharing:
+        began = time.monotonic()
+        result = calibrate_gpu(
+            target,
+            folder,
+            sharing,
+            measure_s=args.budget_s * (1 - FIT_SHARE),
+            window_s=args.window_s,
+            repeats=args.repeats,
+        )
+        minutes = (time.monotonic() - began) / 60
+        card = json.loads(card_path(result.predictor).read_text())
+        predictor = CorrectedPredictor(OnnxPredictor(result.predictor))
+        with PoolMeasure(target, sharing, jobs.Init(device="cuda"), window_s=args.window_s) as pool:
+
+            def measure(models, batch, resources):
+                from predictor.records import Config, Workload
+
+                config = Config(
+                    tuple((Workload(m, args.resolution), batch, r) for m, r in zip(models, resources))
+                )
+                return pool(config)[0]
+
+            rounds = refine(predictor, scenarios, measure, args.resolution, args.rounds)
+    report = {
+        "device": describe_device(),
+        "minutes": round(minutes, 2),
+        "mape_unseen": unseen_mape(predictor.base, result.data, card),
+        "mape_unseen_refined": unseen_mape(predictor, result.data, card),
+        "card_mape_percent": card["mape_percent"],
+        "windows": result.windows,
+        "median_spread": statistics.median(result.spreads) if result.spreads else None,
+        "rounds": [{"predicted": p, "measured": m} for p, m in rounds],
+        "data": str(result.data),
+    }
+    write_json(args.out / "calibration.json", report)
+    print(json.dumps({k: report[k] for k in ("minutes", "mape_unseen", "mape_unseen_refined")}))
+    return 0
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--budget-s", type=float, default=900.0)
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--window-s", type=float, default=2.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=10)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Time to accuracy: the whole federation once per execution policy, until every task reaches the target.
+
+    python -m bench.time_to_accuracy --device cuda --rounds 12 --out bench/results        # one GPU, one agent
+    python -m bench.time_to_accuracy --device cuda --agents 4 --gpus 0,1,2,3 --out ...     # N GPUs, an agent each
+    python -m bench.time_to_accuracy --device cpu --rounds 1 --policies temporal fedmt \\
+        --models shufflenet_v2_x0_5 --resolution 16 --local-steps 4 --out /tmp/tta      # a smoke run
+
+Each run is testbed.demo's federation (Mosquitto, the aggregator and the agents as processes, a monitor that
+evaluates every global version on the held-out digits): three tasks (ResNet18, DenseNet121, ShuffleNetV2) with
+data volumes 1:2:3, partitioned IID or Dirichlet(0.5) across the agents. Agents sharing one GPU would co-locate
+each other's tasks and blur the policies, so on a one-GPU host one agent holds what three devices would (the
+whole training split; a non-IID split needs two agents or more, so with one agent only `iid` runs and the JSON
+says so). With --agents N --gpus ..., each agent gets its own GPU through CUDA_VISIBLE_DEVICES.
+
+Writes <out>/time_to_accuracy.json: {"device", "target", "seconds_to_target": {policy: seconds or null},
+"accuracy": {policy: {task: [per round, round 0 first]}}, "round_wall_s": {policy: [...]}} for the first
+partition, the same per partition under "partitions", and <out>/time_to_accuracy.png: the lowest task accuracy
+against wall time, per policy. Every run's processes log under <out>/time_to_accuracy/<partition>-<policy>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import get_args
+
+from bench.common import describe_device, write_json
+from protocol.schemas import ExecutionPolicy
+from testbed.demo import TASKS, Options, ProcessDied, _local_steps, run
+
+POLICIES = ("temporal", "isolated", "sharing", "fedmt")
+
+
+def seconds_to_target(
+    accuracy: dict[str, list[float]], ends_s: list[float | None], target: float
+) -> float | None:
+    """Wall seconds from the first schedule until the first global version with every task at `target`."""
+    for version, end in enumerate(ends_s, 1):
+        if end is not None and all(accs[version] >= target for accs in accuracy.values()):
+            return end
+    return None
+
+
+def run_policy(args, policy: str, partition: str) -> dict:
+    """One federation run; its accuracy per round, round wall times and time to the target."""
+    options = Options(
+        out=(args.out / "time_to_accuracy" / f"{partition}-{policy}").resolve(),
+        rounds=args.rounds,
+        device=args.device,
+        policy=policy,
+        resolution=args.resolution,
+        local_steps=args.local_steps,
+        batch_size=args.batch_size,
+        agents=args.agents,
+        partition=partition,
+        batch_range=args.batch_range,
+        models=dict.fromkeys(TASKS, args.models) if args.models else None,
+        gpus=tuple(args.gpus.split(",")) if args.gpus else None,
+        reallocate=args.reallocate,
+        predictor=str(args.predictor.resolve()) if args.predictor else None,
+        timeout_s=args.timeout,
+    )
+    summary = run(options)
+    reached = seconds_to_target(summary["accuracy"], summary["round_end_s"], args.target)
+    print(f"{partition:>9} {policy:>9}: target {args.target:.0%} after {reached} s", flush=True)
+    return {
+        "accuracy": summary["accuracy"],
+        "round_wall_s": summary["round_wall_time_s"],
+        "round_end_s": summary["round_end_s"],
+        "seconds_to_target": reached,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    partitions = args.partitions if args.agents > 1 else ["iid"]
+    results: dict[str, dict[str, dict]] = {p: {} for p in partitions}
+    try:
+        for partition in partitions:
+            for policy in args.policies:
+                results[partition][policy] = run_policy(args, policy, partition)
+    except (ProcessDied, TimeoutError) as exc:
+        print(f"time_to_accuracy: a run failed: {exc}", file=sys.stderr)
+        return 1
+    by_partition = {
+        p: {
+            key: {policy: r[key] for policy, r in runs.items()}
+            for key in ("seconds_to_target", "accuracy", "round_wall_s")
+        }
+        | {"round_end_s": {policy: r["round_end_s"] for policy, r in runs.items()}}
+        for p, runs in results.items()
+    }
+    report = {
+        "device": describe_device() | {"agents": args.agents, "gpus": args.gpus},
+        "target": args.target,
+        **{k: v for k, v in by_partition[partitions[0]].items() if k != "round_end_s"},
+        "partition": partitions[0],
+        "partitions": by_partition,
+        "note": (
+            "one agent holds what three devices would (the whole training split): a non-IID split needs two "
+            "agents or more"
+            if args.agents == 1
+            else f"{args.agents} agents, one GPU each"
+        ),
+        "settings": {
+            "rounds": args.rounds,
+            "batch_size": args.batch_size,
+            "batch_range": args.batch_range,
+            "resolution": args.resolution,
+            "local_steps": args.local_steps,
+            "models": args.models,
+            "reallocate": args.reallocate,
+            "predictor": str(args.predictor) if args.predictor else None,
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "time_to_accuracy.json", report)
+    plot(by_partition, args.target, args.out / "time_to_accuracy.png")
+    print(f"wrote {args.out / 'time_to_accuracy.json'} and {args.out / 'time_to_accuracy.png'}")
+    return 0
+
+
+def plot(by_partition: dict, target: float, path: Path) -> None:
+    """The lowest task accuracy after each round against wall time, per policy, one panel per partition."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(by_partition), figsize=(6 * len(by_partition), 4), squeeze=False)
+    for axis, (partition, data) in zip(axes[0], by_partition.items()):
+        for policy, accuracy in data["accuracy"].items():
+            ends = data["round_end_s"][policy]
+            lowest = [min(accs[r] for accs in accuracy.values()) for r in range(len(ends) + 1)]
+            times = [0.0, *ends]
+            points = [(t, 100 * a) for t, a in zip(times, lowest) if t is not None]
+            axis.plot([t for t, _ in points], [a for _, a in points], marker="o", label=policy)
+        axis.axhline(100 * target, color="gray", lw=0.8, ls="--")
+        axis.set(xlabel="wall time (s)", ylabel="lowest task accuracy (%)", ylim=(0, 100), title=partition)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    parser.add_argument("--policies", nargs="+", choices=get_args(ExecutionPolicy), default=list(POLICIES))
+    parser.add_argument("--partitions", nargs="+", choices=["iid", "dirichlet"], default=["iid", "dirichlet"])
+    parser.add_argument("--agents", type=int, default=1, help="agents, one GPU each (see --gpus)")
+    parser.add_argument("--gpus", help="CUDA_VISIBLE_DEVICES of the agents, comma-separated, in turn")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--target", type=float, default=0.95)
+    parser.add_argument("--resolution", type=int, default=128, help="every task's input size")
+    parser.add_argument("--batch-size", type=int, default=16, help="every task's configured batch size")
+    parser.add_argument(
+        "--batch-range",
+        type=lambda t: tuple(int(x) for x in t.split("-")),
+        default=(16, 128),
+        metavar="LOW-HIGH",
+        help="the batch sizes a plan may choose (the learning rate follows the tasks' rule)",
+    )
+    parser.add_argument("--local-steps", type=_local_steps, help="N or TASK=N,... (default: epochs)")
+    parser.add_argument("--models", help="one torchvision model for every task (smoke runs)")
+    parser.add_argument("--reallocate", choices=["off", "handover"], default="off")
+    parser.add_argument(
+        "--predictor", type=Path, help="the agents' ONNX predictor, e.g. one `fedmt-agent calibrate` made"
+    )
+    parser.add_argument("--timeout", type=float, help="per run (default: the demo's)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Calibration on the device (agent.calibration, agent.autocalibration) with fake worker timings: what is profiled,
+repetitions and their spread, the time budget, stopping and resuming, failed windows, the fit and export into the
+state directory, and the agent preferring that predictor over the shipped one."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import msgspec
+import numpy as np
+import pytest
+
+from agent.autocalibration import AutoCalibration, CalibrationConfig
+from agent.calibration import (
+    Device,
+    Result,
+    calibrate,
+    calibration_batches,
+    target_for,
+)
+from agent.gpu.probe import GpuReport
+from agent.jobs import Failed
+from agent.planning import Planner
+from agent.service import load_predictor
+from agent.workers import TaskFailed
+from predictor.features import extract
+from predictor.records import ALONE_LEVELS, Workload, dataset_path, load_records, task_spec
+from predictor.runtime import OnnxPredictor
+from protocol.schemas import GpuInfo, ModelSpec, OptimizerSpec, TaskAssignment
+from tests.test_planning import sharing
+
+GPU = "NVIDIA H200"  # a GPU the repository ships a predictor for
+DEVICE = Device(GPU, 132, "580.1", "2.x")
+WINDOW_S, REPEATS = 2.0, 3
+
+
+def task(name: str, model: str, size: int, batch: int = 16) -> TaskAssignment:
+    return TaskAssignment(
+        task=name,
+        model=ModelSpec(name=model, num_classes=10, input_size=size),
+        optimizer=OptimizerSpec(),
+        base_version=0,
+        base_sha256="0" * 64,
+        batch_size=batch,
+        min_batch_size=8,
+        max_batch_size=256,
+    )
+
+
+TASKS = [task("a", "resnet18", 32), task("b", "shufflenet_v2_x0_5", 32), task("c", "mobilenet_v3_small", 48)]
+
+
+class FakeGpu:
+    """Window timings from a throughput law, 2% apart between repetitions, on a clock that each window advances
+    by its length (so budgets are exact). `oom` batch sizes fail alone."""
+
+    def __init__(self, oom: int | None = None, stop_after: int | None = None) -> None:
+        self.now, self.windows, self.oom, self.stop_after = 0.0, 0, oom, stop_after
+        self.stop = threading.Event()
+
+    def clock(self) -> float:
+        return self.now
+
+    def __call__(self, config) -> tuple[list[float], list[int | None]]:
+        self.now += WINDOW_S
+        self.windows += 1
+        if self.stop_after is not None and self.windows >= self.stop_after * REPEATS:
+            self.stop.set()
+        n = len(config.tasks)
+        if n == 1 and config.tasks[0][1] == self.oom:
+            raise TaskFailed(Failed(code="oom", error="CUDA out of memory"))
+        jitter = 1 + 0.02 * (self.windows % REPEATS - 1)
+        return [law(w, b, r, n) * jitter for w, b, r in config.tasks], [
+            int(1.32 * r) for _, _, r in config.tasks
+        ]
+
+
+def law(workload: Workload, batch: int, resource: float, n: int) -> float:
+    flops = extract(ModelSpec(name=workload.model, num_classes=10, input_size=workload.input_size))
+    return (
+        1e11 / flops.flops_per_sample * batch / (batch + 16) * (resource / 100) ** 0.6 / (1 + 0.3 * (n - 1))
+    )
+
+
+def test_the_target_is_the_configured_tasks_around_their_batch_sizes():
+    target = target_for(TASKS)
+    assert target.workloads == (
+        Workload("resnet18", 32),
+        Workload("shufflenet_v2_x0_5", 32),
+        Workload("mobilenet_v3_small", 48),
+    )
+    assert target.batches[Workload("resnet18", 32)] == (8, 16, 32, 64) == calibration_batches(TASKS[0])
+    assert calibration_batches(task("x", "resnet18", 32, batch=24)) == (8, 16, 24, 32, 64)
+    assert target.focus == (target.workloads,)
+    assert target.protected == (("mobilenet_v3_small", "resnet18", "shufflenet_v2_x0_5"),)
+
+
+@pytest.mark.slow
+def test_calibration_measures_baselines_then_co_locations_within_its_budget_and_exports_a_predictor(tmp_path):
+    gpu = FakeGpu()
+    target = target_for(TASKS)
+    progress = []
+    result = calibrate(
+        target,
+        tmp_path,
+        DEVICE,
+        gpu,
+        measure_s=80 * WINDOW_S * REPEATS,
+        window_s=WINDOW_S,
+        repeats=REPEATS,
+        fit_epochs=300,
+        clock=gpu.clock,
+        on_progress=lambda done, total: progress.append((done, total)),
+    )
+    records = load_records(result.data)
+    assert result.data == dataset_path(tmp_path, GPU) and len(records) == result.windows == 80
+    assert gpu.windows == 80 * REPEATS and result.measured_s == pytest.approx(80 * WINDOW_S * REPEATS)
+    baselines = 3 * len(ALONE_LEVELS) * 4
+    assert all(len(r.tasks) == 1 for r in records[:baselines]) and all(
+        len(r.tasks) > 1 for r in records[baselines:]
+    )
+    assert {Workload(t.model, task_spec(r, t).input_size) for r in records for t in r.tasks} == set(
+        target.workloads
+    )
+    assert {t.batch for r in records for t in r.tasks} == {8, 16, 32, 64}
+    first = records[0].tasks[0]
+    workload = Workload(first.model, first.input_size)
+    assert first.throughput == pytest.approx(
+        law(workload, first.batch, first.resource, 1), rel=1e-3
+    )  # median
+    assert first.spread == pytest.approx(0.04, abs=1e-3) and first.sm == int(1.32 * first.resource)
+    assert progress[-1][0] == 80 and progress[-1][1] == 80 and progress[20][1] >= 80
+    # the predictor: exported next to its data, with its card, covering the configured tasks
+    assert result.predictor == tmp_path / "nvidia-h200.onnx" and result.fit_s is not None
+    predictor = OnnxPredictor(result.predictor, gpu=GPU)
+    assert predictor.input_sizes == {32, 48} and predictor.batch_range == (8, 64)
+    assert predictor.card["data"]["models"] == sorted(w.model for w in target.workloads)
+    planner = Planner(sharing(tmp_path, mps=True), predictor, "calibrated")
+    assert planner.profiled(TASKS) and not planner.profiled([*TASKS[:2], task("d", "vgg16", 32)])
+    tasks = [
+        extract(ModelSpec(name=w.model, num_classes=10, input_size=w.input_size)) for w in target.workloads
+    ]
+    predicted = predictor(tasks, np.array([[16, 16, 16]]), np.array([[40.0, 60.0, 80.0]]))[0]
+    truth = [law(w, 16, r, 3) for w, r in zip(target.workloads, (40.0, 60.0, 80.0))]
+    assert np.all(np.abs(predicted / truth - 1) < 0.5)  # a rough fit from 80 windows and 300 epochs
+
+
+def test_a_stopped_calibration_keeps_its_records_and_the_next_run_skips_the_baselines_it_holds(tmp_path):
+    gpu = FakeGpu(stop_after=10)
+    target = target_for(TASKS)
+    stopped = calibrate(
+        target, tmp_path, DEVICE, gpu, measure_s=1e6, window_s=WINDOW_S, stop=gpu.stop, clock=gpu.clock
+    )
+    assert stopped.stopped and stopped.windows == 10 and stopped.predictor is None
+    held = {(r.tasks[0].model, r.tasks[0].batch, r.tasks[0].resource) for r in load_records(stopped.data)}
+    again = FakeGpu(stop_after=5)
+    calibrate(
+        target, tmp_path, DEVICE, again, measure_s=1e6, window_s=WINDOW_S, stop=again.stop, clock=again.clock
+    )
+    records = load_records(stopped.data)
+    assert len(records) == 15
+    assert not held & {(r.tasks[0].model, r.tasks[0].batch, r.tasks[0].resource) for r in records[10:]}
+
+
+def test_a_batch_size_that_runs_out_of_memory_alone_is_not_tried_again(tmp_path):
+    gpu = FakeGpu(oom=64)
+    result = calibrate(
+        target_for(TASKS[:1]),
+        tmp_path,
+        DEVICE,
+        gpu,
+        measure_s=12 * WINDOW_S * REPEATS,
+        window_s=WINDOW_S,
+        clock=gpu.clock,
+        fit=False,
+    )
+    assert result.failed == 1 and 64 not in {t.batch for r in load_records(result.data) for t in r.tasks}
+
+
+def quick_calibration(directory) -> Result:
+    """60 windows and a 50-epoch fit: a rough predictor for TASKS in `directory`."""
+    gpu = FakeGpu()
+    return calibrate(
+        target_for(TASKS),
+        directory,
+        DEVICE,
+        gpu,
+        measure_s=60 * 6.0,
+        window_s=2.0,
+        fit_epochs=50,
+        clock=gpu.clock,
+    )
+
+
+def test_the_agent_prefers_the_predictor_calibrated_here_over_the_shipped_one(tmp_path):
+    report = GpuReport(
+        gpus=[GpuInfo(index=0, name=GPU, backend="nvml", memory_total_bytes=1)], backend="nvml"
+    )
+    shipped, note = load_predictor(None, report, "cuda", tmp_path)
+    assert shipped.path.parent.name == "models" and "nvidia-h200.onnx" in note
+    quick_calibration(tmp_path)
+    own, note = load_predictor(None, report, "cuda", tmp_path)
+    assert own.path == tmp_path / "nvidia-h200.onnx" and own.input_sizes == {32, 48}
+
+
+def fake_measure(delay_s: float = 0.0):
+    """calibrate_gpu's stand-in: calibrate() on a FakeGpu, each window taking `delay_s` of real time."""
+
+    def measure(target, directory, sharing_, **options) -> Result:
+        gpu = FakeGpu()
+
+        def slow(config):
+            threading.Event().wait(delay_s)
+            return gpu(config)
+
+        return calibrate(target, directory, DEVICE, slow, clock=gpu.clock, **options)
+
+    return measure
+
+
+def test_the_agent_calibrates_between_rounds_and_hands_the_predictor_over(tmp_path):
+    ready = []
+    config = CalibrationConfig(budget_s=60 * 6.0 / 0.75, window_s=2.0, epochs=50)
+    auto = AutoCalibration(
+        config, tmp_path, sharing(tmp_path, mps=True), ready.append, measure=fake_measure()
+    )
+    planner = Planner(sharing(tmp_path, mps=True))
+    assert auto.maybe_start(TASKS, planner)
+    auto._thread.join(120)
+    assert ready == [tmp_path / "nvidia-h200.onnx"]
+    state = json.loads((tmp_path / "calibration.json").read_text())
+    assert state["finished"] and state["measured_s"] == pytest.approx(60 * 6.0)
+    assert not auto.maybe_start(TASKS, planner)  # done for these tasks
+    planner.predictor = OnnxPredictor(ready[0], gpu=GPU)
+    assert planner.profiled(TASKS)
+    off = AutoCalibration(
+        CalibrationConfig(auto=False), tmp_path / "off", sharing(tmp_path, mps=True), ready.append
+    )
+    assert not off.maybe_start(TASKS, Planner(sharing(tmp_path, mps=True)))
+    no_mps = AutoCalibration(config, tmp_path / "cpu", sharing(tmp_path, mps=False), ready.append)
+    assert not no_mps.maybe_start(TASKS, Planner(sharing(tmp_path, mps=False)))
+
+
+def test_a_round_pauses_calibration_and_the_next_idle_time_resumes_it(tmp_path):
+    ready = []
+    config = CalibrationConfig(budget_s=1e6, window_s=2.0)
+    auto = AutoCalibration(
+        config, tmp_path, sharing(tmp_path, mps=True), ready.append, measure=fake_measure(delay_s=0.01)
+    )
+    planner = Planner(sharing(tmp_path, mps=True))
+    assert auto.maybe_start(TASKS, planner)
+    threading.Event().wait(0.5)
+    auto.pause()
+    auto._thread.join(5)
+    assert not auto.running and ready == []
+    first = json.loads((tmp_path / "calibration.json").read_text())
+    assert not first["finished"] and first["measured_s"] > 0
+    held = len(load_records(dataset_path(tmp_path, GPU)))
+    assert auto.maybe_start(TASKS, planner)  # resumes, appending
+    threading.Event().wait(0.3)
+    auto.pause()
+    auto._thread.join(5)
+    second = json.loads((tmp_path / "calibration.json").read_text())
+    assert (
+        second["measured_s"] > first["measured_s"] and len(load_records(dataset_path(tmp_path, GPU))) > held
+    )
+
+
+def test_rounds_write_their_refinement_into_the_card_of_a_predictor_calibrated_here(tmp_path):
+    from agent import jobs
+    from agent.learning import RoundLearning
+    from agent.runner import TaskOutcome
+
+    result = quick_calibration(tmp_path)
+    planner = Planner(sharing(tmp_path, mps=True), OnnxPredictor(result.predictor, gpu=GPU), "calibrated")
+    info = GpuInfo(index=0, name=GPU, backend="nvml", memory_total_bytes=1, sm_count=132)
+    learning = RoundLearning(tmp_path, info, "580.1", planner)
+    plan = planner.plan("fedmt", TASKS, {"a": 300, "b": 600, "c": 900})
+    outcomes = {
+        t: TaskOutcome(
+            t,
+            trained=jobs.Trained(
+                samples=1, steps=1, seconds=1.0, metrics={"images": 10 * p, "train_s": 10.0}, output_path="x"
+            ),
+        )
+        for t, p in plan.predicted.items()
+    }
+    learning.observe(1, plan, outcomes)
+    card = json.loads(result.predictor.with_suffix(".card.json").read_text())
+    assert card["refinement"]["recent_rounds"] == 1 and card["refinement"]["mape_recent_percent"] == 0.0
+    assert msgspec.json.decode(result.data.read_bytes().splitlines()[-1])["round"] == 1
+
+
+@pytest.mark.slow
+def test_calibration_measures_through_real_workers_and_a_stop_cuts_a_long_window_short(tmp_path):
+    """On the CPU under a faked MPS (shares without SM counts): real worker processes, one per R level, measure
+    windows through the task runtime; a stop during a 60 s window ends the run within seconds."""
+    from agent import jobs
+    from agent.calibration import PoolMeasure
+    from tests.test_handover import fake_mps
+
+    target = target_for([task("a", "shufflenet_v2_x0_5", 16, batch=8)])
+    device = Device("Fake CPU GPU", 1, None, "2.x")
+    with PoolMeasure(target, fake_mps(tmp_path), jobs.Init(device="cpu"), window_s=0.3) as measure:
+        result = calibrate(
+            target, tmp_path, device, measure, measure_s=15.0, window_s=0.3, repeats=2, fit=False
+        )
+    records = load_records(result.data)
+    assert result.windows == len(records) >= 1 and result.failed == 0
+    assert all(t.throughput > 0 and t.spread is not None for r in records for t in r.tasks)
+    stop = threading.Event()
+    with PoolMeasure(
+        target, fake_mps(tmp_path), jobs.Init(device="cpu"), window_s=60.0, stop=stop
+    ) as measure:
+        timer = threading.Timer(8.0, stop.set)
+        timer.start()
+        began = time.monotonic()
+        stopped = calibrate(
+            target, tmp_path, device, measure, measure_s=1e6, window_s=60.0, stop=stop, fit=False
+        )
+    assert stopped.stopped and stopped.windows == 0 and time.monotonic() - began < 30
