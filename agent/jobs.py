@@ -109,6 +109,8 @@ class Trained(_Line, tag="trained"):
     seconds: float  # the whole command: loading the base, training, the delta, writing it
     metrics: dict[str, float]
     output_path: str
+    size: int  # the update's bytes at output_path and their sha256: its transfer, without reading it again
+    sha256: str
 
 
 class HandedOver(_Line, tag="handed_over"):

@@ -1,7 +1,8 @@
 """The edge agent: MQTT session, global model cache, rounds of co-located task processes, update upload.
 
-One thread (`run`) handles everything that changes state: MQTT messages, task outcomes and timers arrive
-through one queue; an error while handling one of them drops it with a log line. Task processes are warm
+One thread (`run`) handles everything that changes state: MQTT messages (the link feeds them in), task
+outcomes and timers arrive through the agent's own event queue; an error while handling one of them drops it
+with a log line. Updates go out through `agent.uploads` until the aggregator's receipt. Task processes are warm
 workers (`agent.workers.WorkerPool`, one per task, kept across rounds); `agent.runner` threads drive them and
 only enqueue what happened.
 """
@@ -32,15 +33,15 @@ from agent.profile import build_profile
 from agent.receipts import ReceiptLog
 from agent.runner import TaskOutcome, TaskWork, run_round
 from agent.telemetry import read_telemetry
+from agent.uploads import Uploads
 from agent.workers import Launch, Lease, WorkerPool
 from common.daemon import drop_on_error
 from common.metrics import serve
 from protocol import ProtocolError, topics
-from protocol.chunking import Reassembler, transfer_info
+from protocol.chunking import Reassembler, describe_transfer
 from protocol.inbox import TransferInbox
 from protocol.limits import MAX_TEXT
 from protocol.schemas import (
-    Chunk,
     Event,
     GlobalManifest,
     MpsInfo,
@@ -52,11 +53,13 @@ from protocol.schemas import (
     decode,
     encode,
 )
-from protocol.transport import Incoming, LinkEvent, MqttLink
+from protocol.transport import Incoming, LinkEvent, MqttLink, PublishError
 
 log = logging.getLogger(__name__)
 #: what starting a CUDA worker costs (torch import, context, model, data) until this device has measured it
 DEFAULT_RESTART_COST_S = 10.0
+#: events the agent's queue holds before the MQTT network thread (or a round thread) waits for the agent
+EVENT_QUEUE_SIZE = 256
 
 
 @dataclass
@@ -115,11 +118,12 @@ class Agent:
         self.outbox = Outbox(root / "outbox")
         self.receipts = ReceiptLog(root / "receipts.json")
         self.globals: TransferInbox[GlobalManifest] = TransferInbox(
-            Reassembler(root / "spool"), lambda m: m.transfer
+            Reassembler(root / "spool"), GlobalManifest
         )
         self.samples = {task: spec.sample_count() for task, spec in config.tasks.items()}
         self.metrics = AgentMetrics(config.tasks)
         status = topics.device(self.device, "status")
+        self.events: queue.Queue = queue.Queue(EVENT_QUEUE_SIZE)  # the link's messages and the rounds' events
         self.link = MqttLink(
             config.mqtt,
             subscriptions=[
@@ -129,14 +133,20 @@ class Agent:
             ],
             will=(status, encode(Status(state="offline", ts=time.time()))),
             birth=(status, encode(Status(state="online", ts=time.time()))),
+            inbox=self.events,
+        )
+        self.uploads = Uploads(
+            self.link,
+            self.outbox,
+            self.device,
+            receipt_timeout_s=config.receipt_timeout_s,
+            retry_after_s=config.retry_after_s,
         )
         self.round: ActiveRound | None = None
         self.pool = WorkerPool(
             jobs.Init(device=self.compute, threads=config.execution.cpu_threads_per_task),
             log_dir=self.work_dir,
         )
-        self._resend_at: dict[str, float] = {}  # update id -> when to send it again unless a receipt came
-        self._first_sent_at: dict[str, float] = {}
         self._next_telemetry = 0.0
 
     def _setup_gpu(self) -> None:
@@ -172,7 +182,7 @@ class Agent:
             RoundLearning(own, self.gpu.gpus[0], self.gpu.driver_version, self.planner) if on_gpu else None
         )
         self.calibration = AutoCalibration(
-            config.calibration, own, self.sharing, lambda path: self.link.inbox.put(PredictorReady(path))
+            config.calibration, own, self.sharing, lambda path: self.events.put(PredictorReady(path))
         )
 
     # --- main loop --------------------------------------------------------------------------------------
@@ -186,7 +196,7 @@ class Agent:
             while not stop.is_set():
                 alive()
                 try:
-                    self.handle(self.link.inbox.get(timeout=0.5))
+                    self.handle(self.events.get(timeout=0.5))
                 except queue.Empty:
                     pass
                 self.tick(time.monotonic())
@@ -230,22 +240,24 @@ class Agent:
             self._next_telemetry = now + self.config.telemetry_interval_s
             telemetry = read_telemetry(self.device, self.gpu)
             self.metrics.telemetry.update(telemetry)
-            self.link.publish(topics.device(self.device, "telemetry"), encode(telemetry), qos=0)
+            try:
+                self.link.publish(topics.device(self.device, "telemetry"), encode(telemetry), qos=0)
+            except PublishError as exc:  # disconnected: this sample is skipped, the next one goes
+                log.debug("telemetry not sent: %s", exc)
         waiting = self.outbox.pending()
         self.metrics.outbox.set(len(waiting))
         if not self.link.connected.is_set():
             return
         for dropped in self.globals.expire(now):
             log.warning("dropped incomplete global model transfer %s", dropped)
-        for pending in waiting:
-            if now >= self._resend_at.get(pending.manifest.update_id, 0.0):
-                self.publish_update(pending)
+        for pending in self.uploads.due(waiting, now):
+            self.publish_update(pending)
 
     # --- handlers ---------------------------------------------------------------------------------------
 
     def on_connected(self) -> None:
         self.publish_profile()
-        self._resend_at.clear()  # resend whatever still waits for a receipt
+        self.uploads.send_all_again()  # whatever still waits for a receipt
         self._next_telemetry = 0.0  # and report the load now
 
     def publish_profile(self) -> None:
@@ -266,23 +278,25 @@ class Agent:
             self.on_global_part(ref, message.payload)
 
     def on_global_part(self, ref: topics.TopicRef, payload: bytes) -> None:
-        if ref.part == "manifest":
-            manifest = decode(payload, GlobalManifest)
-            if manifest.task != ref.task:
-                raise ProtocolError(f"global manifest for {manifest.task} published under task {ref.task}")
-            if self.cache.has(manifest.task, manifest.version, manifest.transfer.sha256):
-                self._mark_ready(manifest.task, manifest.version)
-                return
-            delivery = self.globals.add_manifest(manifest)
-        else:
-            delivery = self.globals.add_chunk(decode(payload, Chunk))
+        delivery = self.globals.receive(
+            ref.part, payload, admit_manifest=lambda m: self._wants_global(m, ref)
+        )
         if delivery is not None:
             try:
                 self.cache.store(delivery.manifest, delivery.path)
             finally:
-                delivery.path.unlink(missing_ok=True)  # moved into the cache, or rejected
+                self.globals.release(delivery)  # moved into the cache, or rejected
             log.info("global model %s v%d cached", delivery.manifest.task, delivery.manifest.version)
             self._mark_ready(delivery.manifest.task, delivery.manifest.version)
+
+    def _wants_global(self, manifest: GlobalManifest, ref: topics.TopicRef) -> bool:
+        """Whether to download a global model: not one this agent has cached already."""
+        if manifest.task != ref.task:
+            raise ProtocolError(f"global manifest for {manifest.task} published under task {ref.task}")
+        if self.cache.has(manifest.task, manifest.version, manifest.transfer.sha256):
+            self._mark_ready(manifest.task, manifest.version)
+            return False
+        return True
 
     def on_schedule(self, schedule: Schedule) -> None:
         if schedule.device != self.device:
@@ -349,7 +363,7 @@ class Agent:
             base_version=assignment.base_version,
             samples=trained.samples,
             codec=current.schedule.codec,
-            transfer=transfer_info(update_id, payload_path.read_bytes()),
+            transfer=describe_transfer(update_id, trained.size, trained.sha256),
             metrics={
                 **trained.metrics,
                 "seconds": trained.seconds,
@@ -409,12 +423,12 @@ class Agent:
 
     def on_receipt(self, receipt: Receipt) -> None:
         """The aggregator's answer to an update in the outbox (receipts for other ids change nothing)."""
-        pending = self.outbox.get(receipt.update_id)
-        if pending is None:
+        settled = self.uploads.settle(receipt)
+        if settled is None:
             return
-        manifest = pending.manifest
+        manifest = settled.manifest
         self.metrics.receipts.labels(self.metrics.events.task_label(receipt.task), receipt.status).inc()
-        if receipt.status == "retry":
+        if not settled.done:
             log.warning(
                 "update %s for %s round %d not taken yet (%s); sending it again in %.0f s",
                 receipt.update_id,
@@ -423,10 +437,7 @@ class Agent:
                 receipt.reason,
                 self.config.retry_after_s,
             )
-            self.outbox.renew_transfer(pending)  # its old transfer stays refused
-            self._resend_at[receipt.update_id] = time.monotonic() + self.config.retry_after_s
-            return
-        if receipt.status == "rejected":
+        elif receipt.status == "rejected":
             log.error(
                 "update %s for %s round %d rejected: %s",
                 receipt.update_id,
@@ -436,34 +447,24 @@ class Agent:
             )
         else:
             self.receipts.mark_done(manifest.task, manifest.round)
-        self.outbox.remove(receipt.update_id)
-        self._resend_at.pop(receipt.update_id, None)
-        sent = self._first_sent_at.pop(receipt.update_id, None)
-        if sent is not None and receipt.status != "rejected":
-            self.emit_event(
-                "acknowledged", manifest.round, manifest.task, metrics={"upload_s": time.monotonic() - sent}
-            )
+            if settled.upload_s is not None:
+                self.emit_event(
+                    "acknowledged", manifest.round, manifest.task, metrics={"upload_s": settled.upload_s}
+                )
 
     # --- actions ----------------------------------------------------------------------------------------
 
     def publish_update(self, pending: Pending) -> None:
+        """Send an update of the outbox (again); its `uploaded` event once the link took it."""
         manifest = pending.manifest
-        self.link.publish_transfer(
-            topics.update(manifest.task, self.device),
-            encode(manifest),
-            manifest.transfer,
-            pending.payload_path.read_bytes(),
-        )
-        now = time.monotonic()
-        self._resend_at[manifest.update_id] = now + self.config.receipt_timeout_s
-        self._first_sent_at.setdefault(manifest.update_id, now)
-        self.emit_event(
-            "uploaded",
-            manifest.round,
-            manifest.task,
-            f"{manifest.transfer.size} bytes",
-            metrics={"bytes": manifest.transfer.size},
-        )
+        if self.uploads.send(pending):
+            self.emit_event(
+                "uploaded",
+                manifest.round,
+                manifest.task,
+                f"{manifest.transfer.size} bytes",
+                metrics={"bytes": manifest.transfer.size},
+            )
 
     def emit_event(self, kind: str, round_: int, task: str | None, message: str = "", metrics=None) -> None:
         event = Event(
@@ -476,7 +477,10 @@ class Agent:
             metrics=metrics or {},
         )
         self.metrics.events.observe(event)
-        self.link.publish(topics.device(self.device, "events"), encode(event))
+        try:
+            self.link.publish(topics.device(self.device, "events"), encode(event))
+        except PublishError as exc:
+            log.warning("%s event of %s round %d not sent: %s", kind, task, round_, exc)
 
     def _start(self, active: ActiveRound, assignments: list[TaskAssignment]) -> None:
         number = active.schedule.round
@@ -512,7 +516,7 @@ class Agent:
                     handover_path=str(self.work_dir / f"{a.task}-r{number}.handover") if handover else None,
                 ),
             )
-        inbox = self.link.inbox
+        inbox = self.events
         reallocate = self.planner.reallocation(plan, self._restart_cost_s()) if handover else None
 
         def run() -> None:

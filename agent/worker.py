@@ -21,6 +21,7 @@ import msgspec
 
 from agent import jobs
 from common.durable import write_atomically
+from protocol.chunking import sha256_hex
 from protocol.tensors import decode_state, encode_state
 
 PARENT_GONE = 4  # exit status when the parent closed our stdout
@@ -140,7 +141,8 @@ class Worker:
         except TrainingPaused as paused:
             self.emit(jobs.HandedOver(path=command.handover_path, steps=paused.position.steps))
             return
-        write_atomically(Path(command.output_path), encode_state(result.delta))
+        payload = encode_state(result.delta)
+        write_atomically(Path(command.output_path), payload)
         stats = result.stats
         if command.release_memory:
             release_cached_memory(self.device)
@@ -161,6 +163,8 @@ class Worker:
                     "resumed": float(command.resume_path is not None),
                 },
                 output_path=command.output_path,
+                size=len(payload),
+                sha256=sha256_hex(payload),
             )
         )
 

@@ -64,6 +64,10 @@ class UpdateAdmission:
         """Forget a transfer that left the spool."""
         self.owners.pop(transfer_id, None)
 
+    def restore(self, owners: Mapping[str, tuple[str, int]]) -> None:
+        """Take up the transfers a restarted spool still holds: transfer id -> (device, size)."""
+        self.owners.update(owners)
+
     def forget_gone(self, held: Mapping[str, int]) -> None:
         """Forget the owners of transfers the spool no longer holds (rejected, expired or delivered)."""
         for transfer_id in [t for t in self.owners if t not in held]:

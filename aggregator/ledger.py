@@ -1,7 +1,8 @@
 """The aggregator's durable record of rounds, accepted updates and global versions (SQLite, WAL, fsync'd).
 
-Every method commits before it returns, so a caller may acknowledge what it recorded as soon as the call ends.
-Writes are idempotent: repeating a call with the same arguments changes nothing. Update payload files and
+Every method commits before it returns, so a caller may acknowledge what it recorded as soon as the call ends,
+unless a batch is open (`begin_batch`): then writes wait for `commit_batch`, one commit (one fsync) for many
+writes, and only then may the caller acknowledge them. Writes are idempotent: repeating a call with the same arguments changes nothing. Update payload files and
 checkpoints are written by the caller; the ledger stores their paths and sha256.
 """
 
@@ -145,6 +146,7 @@ class RoundLedger:
         """Open (creating or migrating) the ledger at `path`; `read_only` reads one that a running aggregator
         may be writing, and needs its schema to be this code's."""
         self.path = Path(path)
+        self._batch = False  # a batch is open: writes wait for commit_batch
         # Transactions are explicit. The ledger may be created on one thread and then used by another (the
         # service thread), but never by two at once.
         if read_only:
@@ -403,16 +405,47 @@ class RoundLedger:
 
     # --- internals ---------------------------------------------------------------------------------------
 
+    def begin_batch(self) -> None:
+        """Hold the commits of the writes that follow until `commit_batch` (or `rollback_batch`)."""
+        if not self._batch:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._batch = True
+
+    def commit_batch(self) -> None:
+        """Commit the writes of the open batch, if any; on failure nothing of it is kept and the error raised."""
+        if not self._batch:
+            return
+        self._batch = False
+        try:
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    def rollback_batch(self) -> None:
+        """Drop the writes of the open batch, if any."""
+        if self._batch:
+            self._batch = False
+            self._db.execute("ROLLBACK")
+
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        """A write transaction committed (fsync'd) on success and rolled back on any error."""
-        self._db.execute("BEGIN IMMEDIATE")
+        """A write transaction committed (fsync'd) on success and rolled back on any error; in a batch, a
+        savepoint that rolls back alone and commits with the batch."""
+        begin, commit, rollback = (
+            ("SAVEPOINT step", "RELEASE step", "ROLLBACK TO step; RELEASE step")
+            if self._batch
+            else ("BEGIN IMMEDIATE", "COMMIT", "ROLLBACK")
+        )
+        self._db.execute(begin)
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            for statement in rollback.split("; "):
+                self._db.execute(statement)
             raise
-        self._db.execute("COMMIT")
+        self._db.execute(commit)
 
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()

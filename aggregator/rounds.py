@@ -3,13 +3,16 @@
 No MQTT here: the service feeds device news and updates in and publishes what comes back. A round opens for
 all tasks at once (one synchronisation cycle); each task finalises on its own as soon as every expected device
 reported (or failed), or at the deadline with at least `min_updates`; the next round opens when all tasks of
-the current one are final. Everything accepted is in the ledger before a receipt is issued.
+the current one are final. Updates are taken in groups: each is validated and staged (`accept_update`), the
+group made durable at once (`commit`: payloads and ledger rows, one commit) and then folded (`fold_accepted`);
+everything accepted is in the ledger before a receipt is issued.
 """
 
 from __future__ import annotations
 
 import logging
 import mmap
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aggregator.buffers import BufferPool
 from aggregator.checkpoints import CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.errors import Rejected
@@ -25,7 +29,7 @@ from aggregator.initial import initial_state
 from aggregator.ledger import RoundLedger, RoundRecord
 from aggregator.limits import LimitedUpdate, limit_update, scale_delta
 from aggregator.strategies import Strategy
-from common.durable import move_durably
+from common.durable import fsync_dirs
 from protocol import ProtocolError
 from protocol.chunking import transfer_info
 from protocol.schemas import (
@@ -66,6 +70,16 @@ class TaskRound:
         return set(self.expected) - self.reported - self.failed
 
 
+@dataclass(frozen=True)
+class Staged:
+    """An update validated, limited, linked to its durable place and written to the ledger's open batch."""
+
+    manifest: UpdateManifest
+    limited: LimitedUpdate
+    task_round: TaskRound
+    path: Path
+
+
 @dataclass
 class Outbound:
     """What the service must publish after a call."""
@@ -84,6 +98,9 @@ class Coordinator:
         self.ledger = RoundLedger(root / "ledger.sqlite")
         self.checkpoints = CheckpointStore(root / "checkpoints")
         self.globals: dict[str, GlobalModel] = {}
+        self.buffers: dict[str, BufferPool] = {task: BufferPool() for task in config.tasks}
+        self._staged: list[Staged] = []  # in the ledger's open batch
+        self._accepted: list[Staged] = []  # committed, not folded yet
         self.round: RoundRecord | None = None
         self.task_rounds: dict[str, TaskRound] = {}
         self.online: set[str] = set()
@@ -203,10 +220,11 @@ class Coordinator:
             return self._reject(manifest, Rejected("id_reused", "update id reused"))
         return self.receipt(manifest, "duplicate")
 
-    def accept_update(self, manifest: UpdateManifest, payload_path: Path) -> Receipt:
-        """Validate an update (that passed `screen`) fully and apply the task's limits, record it durably, fold
-        it; the receipt says what happened (and what the limits changed). A disk that is full (or fails) while
-        the update is stored refuses it with a receipt and leaves no file behind."""
+    def accept_update(self, manifest: UpdateManifest, payload_path: Path) -> Receipt | None:
+        """Validate an update (that passed `screen`) fully, apply the task's limits and stage it: its payload is
+        linked to its durable place (the caller keeps `payload_path`) and its ledger row written in the open
+        batch. None: staged, `commit` gives its receipt. Otherwise the receipt now: rejected, duplicate, or retry
+        (the disk cannot take it)."""
         try:
             task_round = self._check_update(manifest)
             delta = read_delta(payload_path)
@@ -218,65 +236,105 @@ class Coordinator:
                 self.config.registered_samples.get(manifest.device, {}).get(manifest.task),
             )
         except ProtocolError as exc:
-            payload_path.unlink(missing_ok=True)
             log.warning("rejected update %s from %s: %s", manifest.update_id, manifest.device, exc)
             return self._reject(manifest, exc)
+        if any(staged.manifest.update_id == manifest.update_id for staged in self._staged):
+            return None  # a copy of an update staged in this batch: its receipt comes with the commit
         known = self._recorded(manifest)  # recorded while this copy was in transit: keep the recorded file
         if known is None and manifest.device in task_round.reported:
             known = self._reject(manifest, Rejected("already_reported", "device already reported"))
         if known is not None:
-            payload_path.unlink(missing_ok=True)
             return known
         try:
             outcome, durable = self._record(manifest, payload_path, limited)
         except (OSError, sqlite3.OperationalError) as exc:
-            log.error(
-                "refused update %s from %s: cannot store it: %s", manifest.update_id, manifest.device, exc
-            )
-            self.on_rejected(manifest.task, "cannot_store")
-            return self.receipt(manifest, "retry", f"the aggregator cannot store updates now: {exc}")
+            return self._cannot_store(manifest, exc)
         if outcome == "duplicate":  # the ledger holds this very update at `durable`: keep the file
             return self.receipt(manifest, "duplicate")
         if outcome != "accepted":
             durable.unlink(missing_ok=True)
             return self._reject(manifest, Rejected("already_reported", "device already reported"))
-        task_round.strategy.fold(limited.delta, limited.weight)
-        task_round.reported.add(manifest.device)
-        log.info(
-            "task %s round %d: update from %s (weight %d, delta norm %.4g), %d/%d",
-            manifest.task,
-            manifest.round,
-            manifest.device,
-            limited.weight,
-            limited.norm,
-            task_round.strategy.count,
-            len(task_round.expected),
-        )
-        changed = "; ".join(limited.notes)
-        if changed:
-            log.warning(
-                "task %s round %d: update from %s: %s",
+        self._staged.append(Staged(manifest, limited, task_round, durable))
+        return None
+
+    def commit(self, sync: Callable[[set[Path]], None] = fsync_dirs) -> list[tuple[str, Receipt]]:
+        """Make the staged updates durable together (`sync` their folders, with whatever else the caller makes
+        durable first, then one ledger commit) and return their devices and receipts: accepted (saying what the
+        limits changed), or retry when the ledger cannot take them (nothing kept). A failed fsync is raised,
+        nothing committed: what the page cache holds can no longer be trusted (the caller stops)."""
+        staged, self._staged = self._staged, []
+        try:
+            sync({update.path.parent for update in staged})
+        except BaseException:
+            self._drop(staged)
+            raise
+        try:
+            self.ledger.commit_batch()
+        except sqlite3.Error as exc:
+            self._drop(staged)
+            return [(update.manifest.device, self._cannot_store(update.manifest, exc)) for update in staged]
+        self._accepted.extend(staged)
+        receipts = []
+        for update in staged:
+            changed = "; ".join(update.limited.notes)
+            if changed:
+                manifest = update.manifest
+                log.warning(
+                    "task %s round %d: update from %s: %s",
+                    manifest.task,
+                    manifest.round,
+                    manifest.device,
+                    changed,
+                )
+            receipts.append((update.manifest.device, self.receipt(update.manifest, "accepted", changed)))
+        return receipts
+
+    def _drop(self, staged: list[Staged]) -> None:
+        self.ledger.rollback_batch()
+        for update in staged:
+            update.path.unlink(missing_ok=True)
+
+    def fold_accepted(self) -> None:
+        """Fold the committed updates into their task rounds, in the order the ledger holds them."""
+        accepted, self._accepted = self._accepted, []
+        for update in accepted:
+            manifest, limited, task_round = update.manifest, update.limited, update.task_round
+            task_round.strategy.fold_valid(limited.delta, limited.weight)
+            task_round.reported.add(manifest.device)
+            log.info(
+                "task %s round %d: update from %s (weight %d, delta norm %.4g), %d/%d",
                 manifest.task,
                 manifest.round,
                 manifest.device,
-                changed,
+                limited.weight,
+                limited.norm,
+                task_round.strategy.count,
+                len(task_round.expected),
             )
-        return self.receipt(manifest, "accepted", changed)
+
+    def _cannot_store(self, manifest: UpdateManifest, exc: Exception) -> Receipt:
+        log.error("refused update %s from %s: cannot store it: %s", manifest.update_id, manifest.device, exc)
+        self.on_rejected(manifest.task, "cannot_store")
+        return self.receipt(manifest, "retry", f"the aggregator cannot store updates now: {exc}")
 
     def _record(
         self, manifest: UpdateManifest, payload_path: Path, limited: LimitedUpdate
     ) -> tuple[str, Path]:
-        """Move the payload to its durable place and record it in the ledger with the weight and scale the limits
-        gave it; on failure delete both files."""
+        """Link the payload to its durable place (durable once `commit` syncs its folder) and record it in the
+        ledger's open batch with the weight and scale the limits gave it; on failure remove the link."""
         durable = (
             self.updates_dir
             / manifest.task
             / f"r{manifest.round:06d}"
             / f"{manifest.device}.{manifest.update_id}.state"
         )
+        linking = durable.with_name(f".{durable.name}.link")
         try:
             durable.parent.mkdir(parents=True, exist_ok=True)
-            move_durably(payload_path, durable)
+            linking.unlink(missing_ok=True)
+            os.link(payload_path, linking)
+            os.replace(linking, durable)  # over an earlier copy of this very update: the same bytes
+            self.ledger.begin_batch()
             outcome = self.ledger.record_update(
                 manifest.task,
                 manifest.round,
@@ -290,7 +348,7 @@ class Coordinator:
                 scale=limited.scale,
             )
         except BaseException:
-            payload_path.unlink(missing_ok=True)
+            linking.unlink(missing_ok=True)
             durable.unlink(missing_ok=True)
             raise
         return outcome, durable
@@ -373,6 +431,7 @@ class Coordinator:
             task, self.round.round, version, ref.path, model.manifest.transfer.sha256, now
         )
         task_round.final = True
+        task_round.strategy.release()
         self.globals[task] = model
         self.checkpoints.prune(task, keep=self.config.keep_checkpoints)
         for update in self.ledger.updates_for(task, self.round.round):
@@ -425,7 +484,8 @@ class Coordinator:
             if current.manifest.version == base_version
             else self.checkpoints.load(task, base_version)
         )
-        return TaskRound(base_version, dict(expected), self.config.tasks[task].strategy.build(base))
+        strategy = self.config.tasks[task].strategy.build(base, self.buffers[task])
+        return TaskRound(base_version, dict(expected), strategy)
 
     def schedules(self) -> list[Schedule]:
         """This round's schedule of every expected device that still has tasks to report."""

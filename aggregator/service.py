@@ -1,13 +1,19 @@
 """The aggregator daemon: MQTT in, the round coordinator in the middle, retained globals and schedules out.
 
-One thread (`run`) handles every message and timer, so the coordinator needs no locks. An error while handling
-one message drops that message with a log line; update transfers are admitted against the spool quotas.
+One thread (`run`) handles every message and timer, so the coordinator needs no locks. Each message is
+handled as it is taken (an error drops that message with a log line; update transfers are admitted against
+the spool quotas and their chunks spooled as they come). What the messages changed is made durable in groups
+(`settle`: spool files, update payloads and their folders fsynced together, then one ledger commit), and only
+then are the group's accepted receipts sent and its messages acknowledged to the broker, which meanwhile sends
+no more than RECEIVE_MAXIMUM unacknowledged messages: memory stays flat whatever the number of devices, and a
+crash loses nothing acknowledged. A group settles as soon as an update is complete (its receipt waits), when
+half the broker's window or SYNC_BYTES of chunks wait, or when no message came for SETTLE_WAIT_S. Accepted
+updates are folded after their receipts; a task whose last expected update was folded is finalised at once.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -20,10 +26,9 @@ from aggregator.rounds import Coordinator, GlobalModel, Outbound
 from common.daemon import drop_on_error
 from common.metrics import serve
 from protocol import ProtocolError, topics
-from protocol.chunking import Reassembler
-from protocol.inbox import TransferInbox
+from protocol.chunking import Reassembler, SpoolError
+from protocol.inbox import Delivery, TransferInbox
 from protocol.schemas import (
-    Chunk,
     DeviceProfile,
     Event,
     Receipt,
@@ -33,15 +38,18 @@ from protocol.schemas import (
     decode,
     encode,
 )
-from protocol.transport import Incoming, LinkEvent, MqttLink
+from protocol.transport import Incoming, LinkEvent, MqttLink, PublishError
 
 log = logging.getLogger(__name__)
+#: QoS 1 messages the broker sends before their acknowledgements
+RECEIVE_MAXIMUM = 128
+#: chunk bytes spooled before a group settles anyway (the sync at the end of a large update stays short)
+SYNC_BYTES = 8 << 20
+#: how long unacknowledged messages wait for more to come before their group settles
+SETTLE_WAIT_S = 0.005
 SUBSCRIPTIONS = [
-    f"{topics.PREFIX}/devices/+/status",
-    f"{topics.PREFIX}/devices/+/profile",
-    f"{topics.PREFIX}/devices/+/telemetry",
-    f"{topics.PREFIX}/devices/+/events",
-    f"{topics.PREFIX}/tasks/+/updates/#",
+    *(topics.every_device(leaf) for leaf in ("status", "profile", "telemetry", "events")),
+    topics.every_update(),
 ]
 
 
@@ -58,13 +66,24 @@ class AggregatorService:
                 timeout_s=transfers.reassembly_timeout_s,
                 max_payload_bytes=transfers.max_update_bytes,
                 max_chunk_bytes=max(transfers.chunk_size, 16 << 20),
+                durable=True,
             ),
-            lambda m: m.transfer,
+            UpdateManifest,
         )
         self.admission = UpdateAdmission(transfers)
+        owners = self.updates.owners()
+        self.admission.restore({tid: (owners[tid], size) for tid, size in self.updates.held_bytes().items()})
         self.telemetry: dict[str, Telemetry] = {}
-        self.link = MqttLink(config.mqtt, SUBSCRIPTIONS, persistent_session=True)
+        self.link = MqttLink(
+            config.mqtt,
+            SUBSCRIPTIONS,
+            persistent_session=True,
+            manual_ack=True,
+            receive_maximum=RECEIVE_MAXIMUM,
+        )
         self._published_chunks: dict[str, int] = {}
+        self._unsettled: list[Incoming] = []  # handled, acknowledged once their group is durable
+        self._delivered: list[Delivery[UpdateManifest]] = []  # payloads of this group, released then
 
     def run(
         self, stop: threading.Event, tick_s: float = 0.5, alive: Callable[[], None] = lambda: None
@@ -72,21 +91,23 @@ class AggregatorService:
         """Handle messages and timers until `stop`; `alive()` is called on every pass (systemd's watchdog)."""
         server = serve(self.config.metrics, self.metrics.registry)
         try:
-            self.coordinator.start()
+            self.coordinator.start()  # its globals and schedules go out when the link connects
+            self.settle()  # deliveries the spool completed before a restart
             self.link.start()
             next_tick = 0.0
             while not stop.is_set():
                 alive()
-                try:
-                    self.handle(self.link.inbox.get(timeout=tick_s))
-                except queue.Empty:
-                    pass
+                items = self.link.take(SETTLE_WAIT_S if self._unsettled else tick_s, RECEIVE_MAXIMUM)
+                self.receive(items)
+                if self._settle_due(idle=not items):
+                    self.settle()
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick_s
                     self.tick(now)
         finally:
             self.link.stop()
+            self.updates.reassembler.close()
             if server is not None:
                 server.close()
             self.coordinator.ledger.close()
@@ -94,17 +115,64 @@ class AggregatorService:
     def tick(self, now: float) -> None:
         """Timers: finalise or open rounds, drop stalled transfers (`now`: time.monotonic()), bring the metrics
         up to date."""
-        out = self.coordinator.tick()
-        self.publish(out)
-        for model in out.globals:
-            self.metrics.finalized(model.manifest.task)
+        self.advance()
         for dropped in self.updates.expire(now):
             self.metrics.transfers_expired.inc()
             log.warning("dropped incomplete update transfer %s", dropped)
         self.admission.forget_gone(self.updates.held_bytes())
         self.metrics.rounds(self.coordinator)
 
+    def advance(self) -> None:
+        """Finalise what is complete or due, open the next round when possible, and publish the outcome."""
+        out = self.coordinator.tick()
+        self.publish(out)
+        for model in out.globals:
+            self.metrics.finalized(model.manifest.task)
+
     def handle(self, item: Incoming | LinkEvent) -> None:
+        """Handle one message or connection event and settle at once."""
+        self.receive([item])
+        self.settle()
+
+    def receive(self, items: list[Incoming | LinkEvent]) -> None:
+        """Handle messages and connection events; they settle later."""
+        for item in items:
+            self._handle_one(item)
+            if isinstance(item, Incoming):
+                self._unsettled.append(item)
+
+    def _settle_due(self, idle: bool) -> bool:
+        if not self._unsettled and not self.updates.recovered:
+            return False
+        return (
+            idle
+            or bool(self._delivered)
+            or len(self._unsettled) >= RECEIVE_MAXIMUM // 2
+            or self.updates.reassembler.unsynced_bytes >= SYNC_BYTES
+        )
+
+    def settle(self) -> None:
+        """Make what the handled messages changed durable (spool, then the accepted updates: one commit), then
+        send the accepted receipts, acknowledge the messages, fold the updates and finalise what they completed.
+        An fsync that fails stops the service (nothing of the group acknowledged): its restart resumes from the
+        spool's journals and the broker sends the group again."""
+        for delivery in self.updates.recovered:  # complete before a restart
+            self._deliver(delivery)
+        self.updates.recovered = []
+        receipts = self.coordinator.commit(sync=self.updates.sync)
+        for device, receipt in receipts:
+            self.send_receipt(device, receipt)
+        unsettled, self._unsettled = self._unsettled, []
+        for message in unsettled:
+            self.link.ack(message)
+        delivered, self._delivered = self._delivered, []
+        for delivery in delivered:
+            self.updates.release(delivery)
+        self.coordinator.fold_accepted()
+        if receipts:
+            self.advance()
+
+    def _handle_one(self, item: Incoming | LinkEvent) -> None:
         """Handle one message or connection event; an error drops it with one log line, counted by topic kind."""
         if isinstance(item, LinkEvent):
             self.metrics.broker_connected.set(item.connected)
@@ -163,33 +231,39 @@ class AggregatorService:
     def on_update_part(self, ref: topics.TopicRef, payload: bytes) -> None:
         """A chunk or the manifest of an update transfer. The manifest must name the device and task of its
         topic (the one sender check); the transfer must be admitted (quotas) and fit on the disk."""
-        if ref.part == "manifest":
-            manifest = decode(payload, UpdateManifest)
-            receipt = self.coordinator.screen(manifest, ref.device, ref.task)
-            if receipt is None and (
-                refused := self._admit(manifest.transfer.id, ref.device, manifest.transfer.size)
-            ):
-                receipt = self._refusal(manifest, refused)
-            if receipt is not None:
-                self.send_receipt(ref.device, receipt)
-                return
-            delivery = self.updates.add_manifest(manifest)
-        else:
-            chunk = decode(payload, Chunk)
-            if self._admit(chunk.transfer, ref.device, chunk.size):
-                return
-            try:
-                delivery = self.updates.add_chunk(chunk)
-            except OSError as exc:  # the spool file cannot be written: refuse the transfer, keep running
-                self._refuse(chunk.transfer, f"the aggregator cannot spool updates now: {exc}")
-                return
+        try:
+            delivery = self.updates.receive(
+                ref.part,
+                payload,
+                ref.device,
+                admit_manifest=lambda manifest: self._admit_manifest(manifest, ref),
+                admit_chunk=lambda chunk: self._admit(chunk.transfer, ref.device, chunk.size) is None,
+            )
+        except SpoolError as exc:  # the spool file cannot be written: refuse the transfer, keep running
+            self._refuse(exc.transfer, f"the aggregator cannot spool updates now: {exc}")
+            return
         if delivery is not None:
-            self.admission.release(delivery.manifest.transfer.id)
-            try:
-                receipt = self.coordinator.accept_update(delivery.manifest, delivery.path)
-            finally:
-                delivery.path.unlink(missing_ok=True)  # moved to the updates folder, or rejected
+            self._deliver(delivery)
+
+    def _admit_manifest(self, manifest: UpdateManifest, ref: topics.TopicRef) -> bool:
+        """Whether to keep a manifest: one that needs no transfer (refused, rejected, a duplicate) is answered."""
+        receipt = self.coordinator.screen(manifest, ref.device, ref.task)
+        if receipt is None and (
+            refused := self._admit(manifest.transfer.id, ref.device, manifest.transfer.size)
+        ):
+            receipt = self._refusal(manifest, refused)
+        if receipt is not None:
             self.send_receipt(ref.device, receipt)
+        return receipt is None
+
+    def _deliver(self, delivery: Delivery[UpdateManifest]) -> None:
+        """A complete update: accepted into the coordinator's group, or answered now; its spool files are
+        released once the group is durable."""
+        self.admission.release(delivery.manifest.transfer.id)
+        self._delivered.append(delivery)
+        receipt = self.coordinator.accept_update(delivery.manifest, delivery.path)
+        if receipt is not None:
+            self.send_receipt(delivery.manifest.device, receipt)
 
     def _admit(self, transfer_id: str, device: str, size: int) -> Refused | None:
         """Why the transfer may not go on (a quota; logged once per transfer), or None."""
@@ -217,8 +291,13 @@ class AggregatorService:
             self.send_receipt(manifest.device, Coordinator.receipt(manifest, "retry", reason))
 
     def send_receipt(self, device: str, receipt: Receipt) -> None:
+        """Send a receipt; one that cannot be sent is logged (the device sends its update again and gets a
+        duplicate receipt)."""
         self.metrics.receipt(receipt)
-        self.link.publish(topics.device(device, "receipts"), encode(receipt))
+        try:
+            self.link.publish(topics.device(device, "receipts"), encode(receipt))
+        except PublishError as exc:
+            log.error("receipt of update %s for %s not sent: %s", receipt.update_id, device, exc)
 
     def publish(self, out: Outbound) -> None:
         for model in out.globals:

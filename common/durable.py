@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -12,6 +13,11 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dirs(directories: Iterable[Path]) -> None:
+    for directory in directories:
+        fsync_dir(directory)
 
 
 def write_atomically(path: Path, data: bytes | memoryview) -> None:

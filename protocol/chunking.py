@@ -1,11 +1,20 @@
 """Chunked streaming of large payloads and their reassembly.
 
 A payload is cut into `Chunk`s of `chunk_size` bytes (default 1 MiB), each carrying the transfer id, its index,
-the chunk count and the whole payload's size and sha256. The `Reassembler` writes chunks at their offsets into a
-spool file, so it holds O(chunk) memory (plus one byte per chunk of each pending transfer) whatever the number of
-concurrent transfers. It tolerates duplicated and reordered chunks, rejects a payload whose sha256 does not
-match, drops transfers that made no progress for `timeout_s` (deleting their spool files), and drops a transfer
-whose spool file cannot be written (disk full) before re-raising the OSError.
+the chunk count and the whole payload's size and sha256. The `Reassembler` writes each chunk at its offset into
+a spool file as it arrives and hashes the payload in order on the way (a chunk that comes early is hashed from
+the spool once the gap before it is filled), so completing a transfer costs no second read. It holds O(chunk)
+memory (plus one byte per chunk of each pending transfer) whatever the number of concurrent transfers,
+tolerates duplicated and reordered chunks, rejects a payload whose sha256 does not match, drops transfers that
+made no progress for `timeout_s` (deleting their spool files), and drops a transfer whose spool file cannot be
+written (disk full) before raising `SpoolError`.
+
+A `durable` reassembler (the aggregator's) keeps a journal per transfer (who sends it, its header, the chunks
+written) next to its spool file; `sync()` makes everything written since the last call durable at once (the
+files' fsyncs issued together), so a receiver may acknowledge the messages it spooled, and a new reassembler on
+the same folder resumes every transfer from its journal. Journals are written at `sync()`, and not at all for a
+transfer that completed and was handed over (`hand_over`) before it: a small update costs one fsync of its
+payload. Without `durable`, files left by an earlier process are deleted.
 """
 
 from __future__ import annotations
@@ -13,15 +22,21 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import struct
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import msgspec
 
 from protocol.errors import ProtocolError
 from protocol.schemas import Chunk, TransferInfo
 
 DEFAULT_CHUNK_SIZE = 1 << 20
+_INDEX = struct.Struct("<I")  # a journal record: the index of one chunk written
+_SYNC_THREADS = 8  # fsyncs issued at once: the file system commits them together
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -36,21 +51,31 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def transfer_info(transfer_id: str, payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> TransferInfo:
-    """Describe how `payload` will be chunked."""
+def describe_transfer(
+    transfer_id: str, size: int, sha256: str, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> TransferInfo:
+    """How a payload of `size` bytes with this sha256 will be chunked."""
     if chunk_size < 1:
         raise ValueError("chunk_size must be positive")
     return TransferInfo(
         id=transfer_id,
-        size=len(payload),
-        sha256=sha256_hex(payload),
+        size=size,
+        sha256=sha256,
         chunk_size=chunk_size,
-        chunks=max(1, math.ceil(len(payload) / chunk_size)),
+        chunks=max(1, math.ceil(size / chunk_size)),
     )
 
 
-def split(payload: bytes, info: TransferInfo) -> Iterator[Chunk]:
-    """The chunks of `payload` as described by `info` (an empty payload is one empty chunk)."""
+def transfer_info(
+    transfer_id: str, payload: bytes | memoryview, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> TransferInfo:
+    """Describe how `payload` will be chunked."""
+    return describe_transfer(transfer_id, len(payload), sha256_hex(payload), chunk_size)
+
+
+def split(payload: bytes | memoryview, info: TransferInfo) -> Iterator[Chunk]:
+    """The chunks of `payload` (bytes, or any buffer such as a memory map) as described by `info` (an empty
+    payload is one empty chunk)."""
     view = memoryview(payload)
     for index in range(info.chunks):
         start = index * info.chunk_size
@@ -65,34 +90,57 @@ def split(payload: bytes, info: TransferInfo) -> Iterator[Chunk]:
         )
 
 
+class SpoolError(OSError):
+    """A chunk of `transfer` could not be spooled (disk full, I/O error); the transfer was dropped."""
+
+    def __init__(self, transfer: str, cause: OSError) -> None:
+        super().__init__(cause.errno, f"transfer {transfer}: {cause.strerror or cause}")
+        self.transfer = transfer
+
+
 @dataclass(frozen=True)
 class Assembled:
-    """A complete payload whose sha256 was verified; the receiver owns the file at `path`."""
+    """A complete payload whose sha256 was verified; give it back with `Reassembler.release` once handled."""
 
     transfer: str
     path: Path
+    size: int
+    sha256: str
+    owner: str = ""
+
+
+class _Header(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """What a journal says about its transfer, before the indices of the chunks written."""
+
+    owner: str
+    total: int
+    chunk_size: int
     size: int
     sha256: str
 
 
 @dataclass
 class _Pending:
-    total: int
-    chunk_size: int
-    size: int
-    sha256: str
+    header: _Header
     path: Path
     received: bytearray  # one flag per chunk
+    hasher: hashlib._Hash
+    hashed: int = 0  # the leading chunks already hashed
     count: int = 0
     last_progress: float = 0.0
+    journaled: bool = False  # its journal exists (the header is written)
+    unjournaled: list[int] = field(default_factory=list)  # chunks written since the last sync
+
+    def chunk_bytes(self, index: int) -> int:
+        return min(self.header.chunk_size, self.header.size - index * self.header.chunk_size)
 
 
 class Reassembler:
     """Collects chunks of many concurrent transfers into spool files under `spool_dir`.
 
-    `add` returns the verified, complete payload once the last missing chunk arrives; the caller owns its file
-    (move or delete it). Each completed transfer is reported once; its later duplicates are ignored. Spool files
-    left by an earlier process (partial or complete but never claimed) are deleted at start.
+    `add` returns the verified, complete payload once the last missing chunk arrives; the caller gives it back
+    with `release` (after moving or linking its file elsewhere). Each completed transfer is reported once; its
+    later duplicates are ignored.
     """
 
     def __init__(
@@ -103,17 +151,30 @@ class Reassembler:
         max_payload_bytes: int = 1 << 30,
         max_chunk_bytes: int = 16 << 20,
         remember_completed: int = 4096,
+        durable: bool = False,
     ) -> None:
         self.spool_dir = Path(spool_dir)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.spool_dir.glob("*.part"), *self.spool_dir.glob("*.done")]:
-            stale.unlink()
         self.timeout_s = timeout_s
         self.max_payload_bytes = max_payload_bytes
         self.max_chunk_bytes = max_chunk_bytes
+        self.durable = durable
         self._pending: dict[str, _Pending] = {}
         self._completed: dict[str, None] = {}  # insertion-ordered set, bounded
         self._remember = remember_completed
+        self._open: dict[str, dict[str, int]] = {}  # transfer -> its files written since the last sync
+        self._completed_unjournaled: dict[
+            str, _Pending
+        ] = {}  # complete since the last sync, journal unwritten
+        self._handed_over: set[str] = set()  # complete and taken by the receiver: no journal needed
+        self._pool: ThreadPoolExecutor | None = None
+        self.unsynced_bytes = 0  # chunk bytes written since the last sync
+        self.recovered: list[Assembled] = []  # complete payloads found at start (durable), not yet claimed
+        if durable:
+            self._recover(time.monotonic())
+        else:
+            for stale in [*self.spool_dir.glob("*.part"), *self.spool_dir.glob("*.done")]:
+                stale.unlink()
 
     @property
     def pending_transfers(self) -> int:
@@ -124,22 +185,27 @@ class Reassembler:
 
     def pending_sizes(self) -> dict[str, int]:
         """Declared payload size of each pending transfer (what its spool file will hold)."""
-        return {tid: pending.size for tid, pending in self._pending.items()}
+        return {tid: pending.header.size for tid, pending in self._pending.items()}
 
-    def add(self, chunk: Chunk, now: float | None = None) -> Assembled | None:
-        """Store one chunk; return the complete payload when this chunk completes a transfer."""
+    def pending_owners(self) -> dict[str, str]:
+        """Who sends each pending transfer (the `owner` its first chunk came with)."""
+        return {tid: pending.header.owner for tid, pending in self._pending.items()}
+
+    def add(self, chunk: Chunk, now: float | None = None, owner: str = "") -> Assembled | None:
+        """Store one chunk; return the complete payload when this chunk completes a transfer. `owner` (who sent
+        the first chunk) is kept with the transfer."""
         now = time.monotonic() if now is None else now
         if chunk.transfer in self._completed:
             return None
         self._check_chunk(chunk)
         pending = self._pending.get(chunk.transfer)
         if pending is None:
-            pending = self._start(chunk, now)
+            pending = self._start(chunk, now, owner)
         elif (chunk.total, chunk.chunk_size, chunk.size, chunk.sha256) != (
-            pending.total,
-            pending.chunk_size,
-            pending.size,
-            pending.sha256,
+            pending.header.total,
+            pending.header.chunk_size,
+            pending.header.size,
+            pending.header.sha256,
         ):
             raise ProtocolError(
                 f"chunk {chunk.index} of transfer {chunk.transfer} disagrees with earlier chunks"
@@ -147,24 +213,70 @@ class Reassembler:
         if pending.received[chunk.index]:
             return None
         try:
-            with open(pending.path, "r+b") as f:
-                f.seek(chunk.index * chunk.chunk_size)
-                f.write(chunk.data)
-        except OSError:
+            fd = self._file(chunk.transfer, ".part")
+            os.pwrite(fd, chunk.data, chunk.index * chunk.chunk_size)
+            if self.durable:
+                pending.unjournaled.append(chunk.index)
+                self.unsynced_bytes += len(chunk.data)
+            pending.received[chunk.index] = 1
+            pending.count += 1
+            pending.last_progress = now
+            self._hash_ready(pending, fd, chunk)
+        except OSError as exc:
             self.discard(chunk.transfer)
-            raise
-        pending.received[chunk.index] = 1
-        pending.count += 1
-        pending.last_progress = now
-        if pending.count < pending.total:
+            raise SpoolError(chunk.transfer, exc) from exc
+        if pending.count < pending.header.total:
+            self._written(chunk.transfer)
             return None
         return self._finish(chunk.transfer, pending)
 
+    def sync(self, dirs: Iterable[Path] = ()) -> None:
+        """Make every chunk written since the last call durable, with its journal (durable mode: the journals
+        written, then every file written and the folder, and the other `dirs` given, fsynced at once); close the
+        files."""
+        if self.durable:
+            for transfer_id, pending in self._pending.items():
+                if pending.unjournaled:
+                    self._journal(transfer_id, pending)
+            for transfer_id, pending in self._completed_unjournaled.items():
+                if transfer_id not in self._handed_over:
+                    self._journal(transfer_id, pending)
+        self._completed_unjournaled.clear()
+        self.unsynced_bytes = 0
+        fds = [fd for opened in self._open.values() for fd in opened.values()]
+        self._open.clear()
+        try:
+            if self.durable:
+                folders = [*dirs, self.spool_dir] if fds else list(dirs)
+                self._fsync_all(fds, folders)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def hand_over(self, transfer_id: str) -> None:
+        """A completed transfer is taken by the receiver, which makes it durable elsewhere (a link to its file,
+        synced with `sync()`) before it acknowledges anything: its journal is not needed."""
+        self._handed_over.add(transfer_id)
+
+    def keep(self, transfer_id: str, suffix: str, data: bytes) -> Path:
+        """Write a small file that belongs to a transfer (a manifest waiting for its payload) into the spool; it
+        is durable after the next `sync()` and deleted with the transfer."""
+        os.write(self._file(transfer_id, suffix, truncate=True), data)
+        self._written(transfer_id)
+        return self.spool_dir / f"{transfer_id}{suffix}"
+
+    def release(self, transfer_id: str) -> None:
+        """Forget a completed transfer whose payload was handled: delete its files (a link made elsewhere stays)."""
+        self._close(transfer_id)
+        self._handed_over.discard(transfer_id)
+        self._completed_unjournaled.pop(transfer_id, None)
+        for path in self._files(transfer_id):
+            path.unlink(missing_ok=True)
+
     def discard(self, transfer_id: str) -> None:
-        """Forget a pending transfer and delete its spool file."""
-        pending = self._pending.pop(transfer_id, None)
-        if pending is not None:
-            pending.path.unlink(missing_ok=True)
+        """Forget a pending transfer and delete its spool files."""
+        if self._pending.pop(transfer_id, None) is not None:
+            self.release(transfer_id)
 
     def expire(self, now: float | None = None) -> list[str]:
         """Drop transfers with no new chunk for `timeout_s`; return their ids."""
@@ -173,6 +285,16 @@ class Reassembler:
         for tid in stale:
             self.discard(tid)
         return stale
+
+    def close(self) -> None:
+        """Close the files still open and stop the sync threads (nothing is synced)."""
+        for tid in list(self._open):
+            self._close(tid)
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    # --- internals ---------------------------------------------------------------------------------------
 
     def _check_chunk(self, chunk: Chunk) -> None:
         if chunk.size > self.max_payload_bytes:
@@ -197,34 +319,150 @@ class Reassembler:
                 f"transfer {chunk.transfer}: chunk {chunk.index} has {len(chunk.data)} bytes, expected {expected}"
             )
 
-    def _start(self, chunk: Chunk, now: float) -> _Pending:
+    def _start(self, chunk: Chunk, now: float, owner: str) -> _Pending:
+        header = _Header(owner, chunk.total, chunk.chunk_size, chunk.size, chunk.sha256)
         path = self.spool_dir / f"{chunk.transfer}.part"
         try:
-            with open(path, "wb") as f:
-                f.truncate(chunk.size)
-        except OSError:
-            path.unlink(missing_ok=True)
-            raise
-        pending = _Pending(
-            chunk.total,
-            chunk.chunk_size,
-            chunk.size,
-            chunk.sha256,
-            path,
-            bytearray(chunk.total),
-            last_progress=now,
-        )
+            os.ftruncate(self._file(chunk.transfer, ".part", truncate=True), chunk.size)
+        except OSError as exc:
+            self.release(chunk.transfer)
+            raise SpoolError(chunk.transfer, exc) from exc
+        pending = _Pending(header, path, bytearray(chunk.total), hashlib.sha256(), last_progress=now)
         self._pending[chunk.transfer] = pending
         return pending
 
+    def _hash_ready(self, pending: _Pending, fd: int, chunk: Chunk) -> None:
+        """Hash the payload up to the first chunk still missing: this chunk from memory when it is next in
+        order, chunks that came early from the spool file."""
+        if chunk.index == pending.hashed:
+            pending.hasher.update(chunk.data)
+            pending.hashed += 1
+        while pending.hashed < pending.header.total and pending.received[pending.hashed]:
+            index = pending.hashed
+            size = pending.chunk_bytes(index)
+            data = os.pread(fd, size, index * pending.header.chunk_size)
+            if len(data) != size:
+                raise OSError(f"spool file {pending.path.name} is shorter than its chunks")
+            pending.hasher.update(data)
+            pending.hashed += 1
+
     def _finish(self, transfer_id: str, pending: _Pending) -> Assembled:
         del self._pending[transfer_id]
-        if sha256_file(pending.path) != pending.sha256:
-            pending.path.unlink(missing_ok=True)
+        if pending.hasher.hexdigest() != pending.header.sha256:
+            self.release(transfer_id)
             raise ProtocolError(f"transfer {transfer_id}: sha256 mismatch, payload rejected")
+        self._remember_completed(transfer_id)
+        done = pending.path.with_suffix(".done")
+        os.replace(pending.path, done)
+        if self.durable:
+            self._completed_unjournaled[transfer_id] = pending
+        self._written(transfer_id)
+        return Assembled(transfer_id, done, pending.header.size, pending.header.sha256, pending.header.owner)
+
+    def _journal(self, transfer_id: str, pending: _Pending) -> None:
+        """Append the chunks written since the last sync to a transfer's journal (its header first)."""
+        records = b"".join(_INDEX.pack(index) for index in pending.unjournaled)
+        if not pending.journaled:
+            encoded = _encoder.encode(pending.header)
+            records = _INDEX.pack(len(encoded)) + encoded + records
+        os.write(self._file(transfer_id, ".journal", truncate=not pending.journaled), records)
+        pending.journaled, pending.unjournaled = True, []
+
+    def _fsync_all(self, fds: list[int], dirs: list[Path]) -> None:
+        """fsync files (their data) and folders (their entries) at once: the file system commits them together."""
+        dir_fds = [os.open(directory, os.O_RDONLY) for directory in dict.fromkeys(dirs)]
+        try:
+            jobs = [(os.fdatasync, fd) for fd in fds] + [(os.fsync, fd) for fd in dir_fds]
+            if len(jobs) <= 2:
+                for sync, fd in jobs:
+                    sync(fd)
+            else:
+                self._pool = self._pool or ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="spool-sync")
+                for future in [self._pool.submit(sync, fd) for sync, fd in jobs]:
+                    future.result()
+        finally:
+            for fd in dir_fds:
+                os.close(fd)
+
+    def _remember_completed(self, transfer_id: str) -> None:
         self._completed[transfer_id] = None
         if len(self._completed) > self._remember:
             self._completed.pop(next(iter(self._completed)))
-        done = pending.path.with_suffix(".done")
-        os.replace(pending.path, done)
-        return Assembled(transfer_id, done, pending.size, pending.sha256)
+
+    def _files(self, transfer_id: str) -> list[Path]:
+        return [
+            self.spool_dir / f"{transfer_id}{suffix}"
+            for suffix in (".part", ".done", ".journal", ".manifest")
+        ]
+
+    def _file(self, transfer_id: str, suffix: str, truncate: bool = False) -> int:
+        """An open file descriptor of one of a transfer's spool files, kept (in `_open`) until the next sync;
+        journals are appended to."""
+        opened = self._open.setdefault(transfer_id, {})
+        fd = opened.get(suffix)
+        if fd is None:
+            flags = os.O_RDWR | os.O_CREAT | (os.O_APPEND if suffix == ".journal" else 0)
+            fd = opened[suffix] = os.open(self.spool_dir / f"{transfer_id}{suffix}", flags, 0o600)
+        if truncate:
+            os.ftruncate(fd, 0)
+        return fd
+
+    def _written(self, transfer_id: str) -> None:
+        """Files of a non-durable reassembler need no sync: close them now."""
+        if not self.durable:
+            self._close(transfer_id)
+
+    def _close(self, transfer_id: str) -> None:
+        for fd in self._open.pop(transfer_id, {}).values():
+            os.close(fd)
+
+    def _recover(self, now: float) -> None:
+        """Resume the transfers whose journals a previous process left; delete spool files without one."""
+        journaled = set()
+        for journal in sorted(self.spool_dir.glob("*.journal")):
+            transfer_id = journal.stem
+            journaled.add(transfer_id)
+            try:
+                self._resume(transfer_id, journal.read_bytes(), now)
+            except (OSError, ValueError, struct.error, msgspec.DecodeError, ProtocolError):
+                self._pending.pop(transfer_id, None)
+                self.release(transfer_id)
+                journaled.discard(transfer_id)
+        for path in [*self.spool_dir.glob("*.part"), *self.spool_dir.glob("*.done")]:
+            if path.stem not in journaled:
+                path.unlink()
+        self.close()
+
+    def _resume(self, transfer_id: str, journal: bytes, now: float) -> None:
+        (length,) = _INDEX.unpack_from(journal)
+        header = msgspec.msgpack.decode(journal[_INDEX.size : _INDEX.size + length], type=_Header)
+        done = self.spool_dir / f"{transfer_id}.done"
+        if done.exists():  # complete and verified before the restart; verified again, as the disk kept it
+            if sha256_file(done) != header.sha256 or done.stat().st_size != header.size:
+                raise ProtocolError(f"recovered transfer {transfer_id} does not match its journal")
+            self._remember_completed(transfer_id)
+            self.recovered.append(Assembled(transfer_id, done, header.size, header.sha256, header.owner))
+            return
+        path = self.spool_dir / f"{transfer_id}.part"
+        if path.stat().st_size != header.size:
+            raise ProtocolError(f"spool file of {transfer_id} has the wrong size")
+        pending = _Pending(
+            header, path, bytearray(header.total), hashlib.sha256(), last_progress=now, journaled=True
+        )
+        records = journal[_INDEX.size + length :]
+        for (index,) in _INDEX.iter_unpack(records[: len(records) - len(records) % _INDEX.size]):
+            if index < header.total and not pending.received[index]:
+                pending.received[index] = 1
+                pending.count += 1
+        with open(path, "rb") as f:
+            while pending.hashed < header.total and pending.received[pending.hashed]:
+                pending.hasher.update(f.read(pending.chunk_bytes(pending.hashed)))
+                pending.hashed += 1
+        self._pending[transfer_id] = pending
+        if (
+            pending.count == header.total
+        ):  # its last chunk was written, and the process stopped before it moved
+            self.recovered.append(self._finish(transfer_id, pending))
+
+
+_encoder = msgspec.msgpack.Encoder()

@@ -78,6 +78,18 @@ def all_below(base: str) -> str:
     return f"{base}/#"
 
 
+def every_device(leaf: str) -> str:
+    """Subscription filter for one channel (`leaf` in DEVICE_LEAVES) of every device."""
+    if leaf not in DEVICE_LEAVES:
+        raise ValueError(f"unknown device channel {leaf!r}; expected one of {DEVICE_LEAVES}")
+    return f"{PREFIX}/devices/+/{leaf}"
+
+
+def every_update(task: str | None = None) -> str:
+    """Subscription filter for every device's update transfers of `task` (None: of every task)."""
+    return f"{PREFIX}/tasks/{'+' if task is None else check_name('task', task)}/updates/#"
+
+
 @dataclass(frozen=True)
 class TopicRef:
     """A parsed topic. `kind` is a device leaf, or 'global' / 'update' for transfers."""

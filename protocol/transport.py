@@ -1,13 +1,19 @@
 """The MQTT link both services use: paho-mqtt 2.x, MQTT v5, reconnect with backoff, messages into a queue.
 
 Callbacks run on paho's network thread and only enqueue; each service handles messages on its own thread,
-so application state needs no locks.
+so application state needs no locks. The queue (the service's own, or the link's) is bounded: when it is full
+the network thread waits, the socket stops being read and TCP pushes back on the broker, so a slow reader holds
+a bounded number of messages whatever the number of senders. With `manual_ack` a QoS 1 message is acknowledged
+to the broker only when the service says so (`ack`, once what it did with the message is durable), so the
+broker keeps and redelivers whatever a crash interrupted; `receive_maximum` bounds how many such messages the
+broker sends before their acknowledgements. Both ends turn Nagle's algorithm off (TCP_NODELAY).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -58,11 +64,28 @@ class MqttSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return self.password
 
 
+#: messages and events a link's own queue holds before its network thread waits for the service
+INBOX_SIZE = 256
+
+
+class PublishError(ConnectionError):
+    """paho did not take a message for sending (`rc`: its error code); nothing was queued."""
+
+    def __init__(self, topic: str, rc: mqtt.MQTTErrorCode) -> None:
+        super().__init__(f"publish to {topic[:200]!r} failed: {mqtt.error_string(rc)}")
+        self.topic, self.rc = topic, rc
+
+
 @dataclass(frozen=True)
 class Incoming:
+    """A message; `mid`, `qos` and `session` (the connection it came on) let a manual-ack link acknowledge it."""
+
     topic: str
     payload: bytes
     retain: bool
+    mid: int = 0
+    qos: int = 0
+    session: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,21 +111,31 @@ class MqttLink:
         will: tuple[str, bytes] | None = None,
         birth: tuple[str, bytes] | None = None,
         persistent_session: bool = False,
+        inbox: queue.Queue | None = None,
+        manual_ack: bool = False,
+        receive_maximum: int | None = None,
     ) -> None:
+        """`inbox`: the queue messages and connection events go to (bounded; default: one of INBOX_SIZE)."""
         if isinstance(subscriptions, str):  # MqttLink(settings, "client-id") from before ids were usernames
             raise TypeError("subscriptions must be a list of topic filters, not one string")
         if persistent_session and not settings.username:
             raise ValueError("a persistent MQTT session needs a username: it names the session")
         self.settings = settings
-        self.inbox: queue.Queue[Incoming | LinkEvent] = queue.Queue()
+        self.inbox: queue.Queue = queue.Queue(INBOX_SIZE) if inbox is None else inbox
         self.connected = threading.Event()
+        self._manual_ack = manual_ack
+        self._session = 0  # changes on every connect and disconnect: acks of an older one are not sent
+        self._session_lock = threading.Lock()
         self._subscriptions = list(subscriptions)
         self._birth = birth
         self._persistent = persistent_session
         self._stopping = False
         self._last_problem = ""  # the connection problem logged last; repeats go to DEBUG
         client = mqtt.Client(  # anonymous: the broker assigns an id
-            mqtt.CallbackAPIVersion.VERSION2, client_id=settings.username or "", protocol=mqtt.MQTTv5
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=settings.username or "",
+            protocol=mqtt.MQTTv5,
+            manual_ack=manual_ack,
         )
         if settings.username:
             client.username_pw_set(settings.username, settings.resolved_password())
@@ -122,6 +155,8 @@ class MqttLink:
         self._connect_properties.SessionExpiryInterval = (
             settings.session_expiry_s if persistent_session else 0
         )
+        if receive_maximum is not None:
+            self._connect_properties.ReceiveMaximum = receive_maximum
         self.client = client
 
     def start(self) -> None:
@@ -149,15 +184,50 @@ class MqttLink:
             if isinstance(item, Incoming):
                 yield item
 
+    def take(self, timeout_s: float, limit: int = INBOX_SIZE) -> list:
+        """What is in the queue: wait up to `timeout_s` for the first item, then take up to `limit` without
+        waiting (an empty list if nothing came)."""
+        try:
+            items = [self.inbox.get(timeout=timeout_s)]
+        except queue.Empty:
+            return []
+        while len(items) < limit:
+            try:
+                items.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def ack(self, message: Incoming) -> None:
+        """Acknowledge a QoS 1 message to the broker (manual-ack links; others acknowledge on arrival). A message
+        of an earlier connection is not acknowledged: the broker sends it again."""
+        if not self._manual_ack or not message.qos:
+            return
+        with self._session_lock:
+            if message.session == self._session:
+                self.client.ack(message.mid, message.qos)
+
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> mqtt.MQTTMessageInfo:
-        return self.client.publish(topic, payload, qos=qos, retain=retain)
+        """Hand a message to paho. QoS 1 while disconnected is kept and sent on reconnect (in memory); a message
+        paho did not take raises PublishError."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS and not (info.rc == mqtt.MQTT_ERR_NO_CONN and qos > 0):
+            raise PublishError(topic, info.rc)
+        return info
 
     def publish_transfer(
-        self, base: str, manifest: bytes, info: TransferInfo, payload: bytes, *, retain: bool = False
+        self,
+        base: str,
+        manifest: bytes,
+        info: TransferInfo,
+        payload: bytes | memoryview,
+        *,
+        retain: bool = False,
     ) -> None:
-        """Publish `payload`'s chunks under `base`/chunks/i, then the manifest under `base`/manifest."""
+        """Publish `payload`'s chunks under `base`/chunks/i, then the manifest under `base`/manifest; PublishError
+        if paho refused one of them (the receiver then lacks the transfer and the sender may send it again)."""
         for chunk in split(payload, info):
             self.publish(topics.chunk(base, chunk.index), encode(chunk), retain=retain)
         self.publish(topics.manifest(base), manifest, retain=retain)
@@ -166,10 +236,9 @@ class MqttLink:
         """Publish an optional last retained message, then disconnect cleanly (the broker sends no LWT)."""
         self._stopping = True
         if farewell and self.connected.is_set():
-            info = self.publish(farewell[0], farewell[1], retain=True)
             try:
-                info.wait_for_publish(timeout_s)
-            except (RuntimeError, ValueError):
+                self.publish(farewell[0], farewell[1], retain=True).wait_for_publish(timeout_s)
+            except (PublishError, RuntimeError, ValueError):
                 pass
         self.client.disconnect()
         self.client.loop_stop()
@@ -183,6 +252,21 @@ class MqttLink:
         text = message % args
         log.log(level if text != self._last_problem else logging.DEBUG, "%s", text)
         self._last_problem = text
+
+    def _deliver(self, item: Incoming | LinkEvent) -> None:
+        """Put into the bounded queue, waiting while it is full (the broker's messages wait in TCP meanwhile);
+        once the link stops, give up (a manual-ack message not taken is sent again by the broker)."""
+        while not self._stopping:
+            try:
+                self.inbox.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _new_session(self) -> int:
+        with self._session_lock:
+            self._session += 1
+            return self._session
 
     # paho callbacks (network thread): log and enqueue only
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -200,6 +284,8 @@ class MqttLink:
             else:
                 self._problem(logging.ERROR, "broker %s refused the connection: %s", self.broker, reason_code)
             return
+        _no_delay(client.socket())
+        self._new_session()
         for (
             topic_filter
         ) in self._subscriptions:  # retain flags as published: a receiver sees what was retained
@@ -210,7 +296,7 @@ class MqttLink:
         session = "resumed session" if flags.session_present else "new session"
         log.info("connected to broker %s as %r (%s)", self.broker, self.settings.username, session)
         self.connected.set()
-        self.inbox.put(LinkEvent(True, str(reason_code)))
+        self._deliver(LinkEvent(True, str(reason_code)))
 
     def _on_connect_fail(self, client, userdata) -> None:
         self._problem(logging.WARNING, "cannot reach broker %s; retrying", self.broker)
@@ -218,6 +304,7 @@ class MqttLink:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
+        self._new_session()
         if was_connected and not self._stopping:
             log.warning(
                 "lost the connection to broker %s: %s (reason code %d); reconnecting",
@@ -225,7 +312,25 @@ class MqttLink:
                 reason_code,
                 reason_code.value,
             )
-            self.inbox.put(LinkEvent(False, str(reason_code)))
+            self._deliver(LinkEvent(False, str(reason_code)))
 
     def _on_message(self, client, userdata, message) -> None:
-        self.inbox.put(Incoming(message.topic, bytes(message.payload), bool(message.retain)))
+        self._deliver(
+            Incoming(
+                message.topic,
+                bytes(message.payload),
+                bool(message.retain),
+                message.mid,
+                message.qos,
+                self._session,
+            )
+        )
+
+
+def _no_delay(sock: object) -> None:
+    """Send small packets (acknowledgements, receipts, a transfer's last piece) at once, not after Nagle's wait
+    for the previous packet's ACK."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError) as exc:  # not a TCP socket (a test double, a websocket wrapper)
+        log.debug("cannot set TCP_NODELAY: %s", exc)

@@ -72,6 +72,7 @@ class Mosquitto:
     use_docker: bool | None = None
     host: str = "127.0.0.1"
     certs: Path | None = None
+    extra_acl: str = ""  # ACL lines appended to the shipped ACL (a benchmark's own topics)
     _process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _container: str | None = field(default=None, init=False, repr=False)
 
@@ -90,7 +91,7 @@ class Mosquitto:
         (self.workdir / "passwd").write_text(
             "".join(password_line(u, p) + "\n" for u, p in self.users.items())
         )
-        shutil.copyfile(ACL_FILE, self.workdir / "acl")
+        (self.workdir / "acl").write_text(ACL_FILE.read_text() + self.extra_acl)
         if self.certs is not None:
             (self.workdir / "certs").mkdir(exist_ok=True)
             for name in CERT_FILES:

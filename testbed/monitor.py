@@ -16,7 +16,7 @@ import numpy as np
 from protocol import ProtocolError, topics
 from protocol.chunking import Reassembler
 from protocol.inbox import TransferInbox
-from protocol.schemas import Chunk, Event, GlobalManifest, Receipt, Schedule, Status, UpdateManifest, decode
+from protocol.schemas import Event, GlobalManifest, Receipt, Schedule, Status, UpdateManifest, decode
 from protocol.tensors import decode_state
 from protocol.transport import Incoming, MqttLink, MqttSettings
 
@@ -38,8 +38,8 @@ class Monitor:
     malformed: int = 0
 
     def __post_init__(self) -> None:
-        self._globals = TransferInbox(Reassembler(self.spool / "globals"), lambda m: m.transfer)
-        self._updates = TransferInbox(Reassembler(self.spool / "updates"), lambda m: m.transfer)
+        self._globals = TransferInbox(Reassembler(self.spool / "globals"), GlobalManifest)
+        self._updates = TransferInbox(Reassembler(self.spool / "updates"), UpdateManifest)
         self.link = MqttLink(self.settings, [f"{topics.PREFIX}/#"])
         self.link.start()
         if not self.link.wait_connected(15):
@@ -79,16 +79,14 @@ class Monitor:
         elif ref.kind == "receipts":
             self.receipts.append(decode(message.payload, Receipt))
         elif ref.kind in ("global", "update"):
-            inbox, kind = (
-                (self._globals, GlobalManifest) if ref.kind == "global" else (self._updates, UpdateManifest)
-            )
-            if ref.part == "manifest":
-                delivery = inbox.add_manifest(decode(message.payload, kind))
-            else:
-                delivery = inbox.add_chunk(decode(message.payload, Chunk))
+            inbox = self._globals if ref.kind == "global" else self._updates
+            delivery = inbox.receive(ref.part, message.payload)
             if delivery is None:
                 return
-            state = {k: v.copy() for k, v in decode_state(delivery.path.read_bytes()).items()}
+            try:
+                state = {k: v.copy() for k, v in decode_state(delivery.path.read_bytes()).items()}
+            finally:
+                inbox.release(delivery)
             manifest = delivery.manifest
             if ref.kind == "global":
                 self.globals[(manifest.task, manifest.version)] = state

@@ -44,7 +44,7 @@ from protocol.schemas import (
     encode,
 )
 from protocol.tensors import describe, encode_state
-from protocol.transport import MqttLink, MqttSettings
+from protocol.transport import Incoming, MqttLink, MqttSettings
 
 SHA = "ab" * 32
 _SERIAL = itertools.count()
@@ -433,9 +433,13 @@ class RecordingLink(MqttLink):
         super().__init__(MqttSettings(username="recording"))
         self.connected.set()
         self.published: list[tuple[str, bytes, bool]] = []
+        self.acked: list[Incoming] = []
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False):
         self.published.append((topic, bytes(payload), retain))
+
+    def ack(self, message: Incoming) -> None:
+        self.acked.append(message)
 
     def on(self, topic_end: str) -> list[bytes]:
         """Payloads published so far on topics ending with `topic_end`."""

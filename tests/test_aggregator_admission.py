@@ -13,7 +13,6 @@ import msgspec
 import numpy as np
 import pytest
 
-import aggregator.rounds
 import protocol.chunking
 from aggregator.config import TransferConfig
 from aggregator.service import AggregatorService
@@ -136,7 +135,8 @@ def test_a_transfer_whose_chunks_declare_another_size_is_dropped(service, caplog
     payload = b"\0" * 8000  # chunks of the same transfer id, claiming 8000 bytes
     chunk = next(protocol.chunking.split(payload, transfer_info("sized", payload, 1000)))
     feed(service, [(topics.chunk(topics.update("t", "dev3"), 0), encode(chunk))])
-    assert "admitted with 100 bytes, not 8000" in caplog.text and spool_files(service) == []
+    assert "admitted with 100 bytes, not 8000" in caplog.text
+    assert spool_files(service) == ["sized.manifest"]  # the manifest waits (durably); no chunk was spooled
 
 
 def test_quota_settings_are_validated():
@@ -153,18 +153,14 @@ def no_space(path) -> OSError:
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
-@pytest.mark.parametrize("mode", ["wb", "r+b"], ids=["creating-the-spool-file", "writing-a-chunk"])
+@pytest.mark.parametrize("call", ["ftruncate", "pwrite"], ids=["creating-the-spool-file", "writing-a-chunk"])
 def test_disk_full_while_spooling_refuses_the_update_and_the_service_goes_on(
-    service, monkeypatch, caplog, mode
+    service, monkeypatch, caplog, call
 ):
-    real_open = open
+    def full_disk(fd, *args):
+        raise no_space(fd)
 
-    def full_disk(path, file_mode="r", *args, **kwargs):
-        if file_mode == mode:
-            raise no_space(path)
-        return real_open(path, file_mode, *args, **kwargs)
-
-    monkeypatch.setattr(protocol.chunking, "open", full_disk, raising=False)
+    monkeypatch.setattr(os, call, full_disk)
     with caplog.at_level(logging.ERROR):
         feed(service, sent_transfer("t", "dev1", delta(1), 100, "full"))
     refused = receipts(service, "dev1")["full"]
@@ -177,13 +173,25 @@ def test_disk_full_while_spooling_refuses_the_update_and_the_service_goes_on(
 
 
 def test_disk_full_while_recording_refuses_the_update_and_leaves_no_file(service, monkeypatch, caplog):
-    def move_fails(source, target):
-        raise no_space(target)
+    def fails(*paths):
+        raise no_space(paths[-1])
 
-    monkeypatch.setattr(aggregator.rounds, "move_durably", move_fails)
-    feed(service, sent_transfer("t", "dev1", delta(1), 100, "move"))
-    assert receipts(service, "dev1")["move"].status == "retry"
-    assert "No space left on device" in receipts(service, "dev1")["move"].reason
+    monkeypatch.setattr(os, "link", fails)  # the payload cannot be linked to its durable place
+    feed(service, sent_transfer("t", "dev1", delta(1), 100, "link"))
+    assert receipts(service, "dev1")["link"].status == "retry"
+    assert "No space left on device" in receipts(service, "dev1")["link"].reason
+    monkeypatch.undo()
+
+    def commit_fails():
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(
+        service.coordinator.ledger, "commit_batch", commit_fails
+    )  # the group cannot be committed
+    feed(service, sent_transfer("t", "dev1", delta(1), 100, "commit"))
+    assert "database or disk is full" in receipts(service, "dev1")["commit"].reason
+    assert spool_files(service) == [] and updates_files(service) == []
+    assert service.coordinator.ledger.update_by_id("commit") is None
     monkeypatch.undo()
 
     def ledger_full(*args, **kwargs):

@@ -282,7 +282,13 @@ def test_rounds_write_their_refinement_into_the_card_of_a_predictor_calibrated_h
         t: TaskOutcome(
             t,
             trained=jobs.Trained(
-                samples=1, steps=1, seconds=1.0, metrics={"images": 10 * p, "train_s": 10.0}, output_path="x"
+                samples=1,
+                steps=1,
+                seconds=1.0,
+                metrics={"images": 10 * p, "train_s": 10.0},
+                output_path="x",
+                size=0,
+                sha256="0" * 64,
             ),
         )
         for t, p in plan.predicted.items()

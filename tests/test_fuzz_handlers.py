@@ -28,7 +28,7 @@ from agent.runner import TaskOutcome
 from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig, TransferConfig
 from aggregator.service import AggregatorService
 from protocol import topics
-from protocol.chunking import sha256_file, transfer_info
+from protocol.chunking import sha256_file, sha256_hex, transfer_info
 from protocol.limits import MAX_ROUND
 from protocol.schemas import (
     Event,
@@ -235,13 +235,16 @@ def instant_round(launches, work, pool, on_outcome, *, inputs_ready=None, **_) -
             continue
         base = decode_state(Path(task_work.train.base_path).read_bytes())
         output = Path(task_work.train.output_path)
-        output.write_bytes(encode_state({name: np.zeros_like(array) for name, array in base.items()}))
+        payload = encode_state({name: np.zeros_like(array) for name, array in base.items()})
+        output.write_bytes(payload)
         trained = jobs.Trained(
             samples=40,
             steps=1,
             seconds=0.01,
             metrics={"images": 4.0, "train_s": 0.01},
             output_path=str(output),
+            size=len(payload),
+            sha256=sha256_hex(payload),
         )
         on_outcome(TaskOutcome(launch.task, trained=trained))
 
@@ -256,7 +259,7 @@ def agent(tmp_path, monkeypatch):
         tasks={"t": msgspec.convert({"kind": "synthetic", "samples": 40}, DataSpec)},
     )
     agent = agent_service.Agent(config)
-    agent.link = RecordingLink()
+    agent.link = agent.uploads.link = RecordingLink()
     return agent
 
 
@@ -264,8 +267,8 @@ def pump(agent: agent_service.Agent) -> None:
     """What the agent's run loop does between messages: take the round's outcomes."""
     if agent.round is not None and agent.round.thread is not None:
         agent.round.thread.join(10)
-    while not agent.link.inbox.empty():
-        agent.handle(agent.link.inbox.get())
+    while not agent.events.empty():
+        agent.handle(agent.events.get())
 
 
 def check_agent_consistent(agent: agent_service.Agent) -> None:

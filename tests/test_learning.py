@@ -47,6 +47,8 @@ def trained(images: float, seconds: float) -> jobs.Trained:
         seconds=seconds,
         metrics={"images": images, "train_s": seconds},
         output_path="x",
+        size=0,
+        sha256="0" * 64,
     )
 
 

@@ -63,7 +63,7 @@ def test_a_delta_beyond_the_norm_bound_is_scaled_onto_it(rng, bound):
     norm = reference_norm(delta)
     assert 5 < norm < 20
     limited = limit_update(delta, 10, UpdateLimits(max_norm=bound))
-    assert limited.scale == pytest.approx(bound / norm, rel=1e-12)
+    assert limited.scale == pytest.approx(bound / norm, rel=1e-6)  # squares summed in float32 blocks
     assert reference_norm(limited.delta) == pytest.approx(bound, rel=1e-3)  # float16 storage rounds
     for name, array in delta.items():
         assert limited.delta[name].dtype == array.dtype, name

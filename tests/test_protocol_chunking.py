@@ -342,3 +342,104 @@ def test_chunk_size_above_max_chunk_bytes_is_rejected_before_storing(tmp_path):
         reasm.add(chunks_of(payload(3 * CS), chunk_size=CS + 1)[0], now=0)
     assert reasm.pending_transfers == 0 and list(tmp_path.iterdir()) == []
     assert len(feed(reasm, chunks_of(payload(3 * CS), chunk_size=CS, tid="at-limit"))) == 1
+
+
+# --- the durable spool (the aggregator's) ------------------------------------------------------------------
+
+
+def durable(spool) -> Reassembler:
+    return Reassembler(spool, timeout_s=60.0, durable=True)
+
+
+def test_synced_chunks_survive_a_restart_and_the_transfer_completes_after_it(tmp_path):
+    data = payload(7 * CS + 5, seed=11)
+    chunks = chunks_of(data)
+    first = durable(tmp_path)
+    assert feed(first, chunks[:3], now=0.0) == []
+    first.sync()
+    first.add(chunks[3], now=0.0)  # written but never synced: the sender still holds it (not acknowledged)
+
+    resumed = durable(tmp_path)  # the process restarted
+    assert resumed.pending_ids() == ["t1"] and resumed.pending_owners() == {"t1": ""}
+    results = feed(resumed, chunks[:3] + chunks[3:])  # the broker sends what was not acknowledged again
+    assert [i for i, _ in results] == [len(chunks) - 1]
+    assert (
+        results[0][1].path.read_bytes() == data and results[0][1].sha256 == hashlib.sha256(data).hexdigest()
+    )
+
+
+def test_unsynced_chunks_are_not_taken_up_after_a_restart(tmp_path):
+    chunks = chunks_of(payload(4 * CS))
+    first = durable(tmp_path)
+    feed(first, chunks[:2])
+    first.close()
+    resumed = durable(tmp_path)
+    assert resumed.pending_ids() == [] and spool_files(resumed) == []
+
+
+def test_a_payload_complete_before_a_restart_is_recovered_with_its_owner(tmp_path):
+    data = payload(3 * CS, seed=2)
+    first = durable(tmp_path)
+    for chunk in chunks_of(data):
+        done = first.add(chunk, now=0.0, owner="dev1")
+    first.sync()  # complete, its manifest not come: it stays in the spool, journaled
+    resumed = durable(tmp_path)
+    (recovered,) = resumed.recovered
+    assert (recovered.transfer, recovered.owner, recovered.path) == ("t1", "dev1", done.path)
+    assert recovered.path.read_bytes() == data
+    assert feed(resumed, chunks_of(data)) == [], "a late duplicate of a recovered transfer starts nothing"
+
+
+def test_a_transfer_handed_over_before_the_sync_leaves_no_journal(tmp_path):
+    spool = durable(tmp_path)
+    ((_, done),) = feed(spool, chunks_of(payload(CS + 1)))
+    spool.hand_over("t1")
+    spool.sync()
+    assert spool_files(spool) == ["t1.done"]
+    spool.release("t1")
+    assert spool_files(spool) == []
+
+
+def test_a_torn_journal_tail_is_ignored_and_a_broken_journal_drops_its_transfer(tmp_path):
+    chunks = chunks_of(payload(5 * CS, seed=4))
+    first = durable(tmp_path)
+    feed(first, chunks[:2])
+    first.sync()
+    journal = tmp_path / "t1.journal"
+    journal.write_bytes(journal.read_bytes() + b"\x02\x00")  # half a record: the crash cut it short
+    assert durable(tmp_path).pending_ids() == ["t1"]
+
+    journal.write_bytes(b"\xff\xff\xff\x7f garbage")
+    resumed = durable(tmp_path)
+    assert resumed.pending_ids() == [] and spool_files(resumed) == []
+
+
+def test_a_transfer_whose_last_chunk_was_written_before_a_restart_is_completed_at_start(tmp_path):
+    data = payload(3 * CS, seed=6)
+    chunks = chunks_of(data)
+    first = durable(tmp_path)
+    feed(first, chunks[:2])
+    first.sync()
+    pending = (
+        tmp_path / "t1.part"
+    )  # the last chunk written and journaled, the process stopped before it moved
+    with open(pending, "r+b") as f:
+        f.seek(2 * CS)
+        f.write(chunks[2].data)
+    with open(tmp_path / "t1.journal", "ab") as f:
+        f.write((2).to_bytes(4, "little"))
+    (recovered,) = durable(tmp_path).recovered
+    assert recovered.path.read_bytes() == data
+
+
+def test_chunks_hashed_on_arrival_need_no_second_read_in_order(reasm, monkeypatch):
+    """In order, every chunk is hashed from memory: the spool file is never read back."""
+    import os
+
+    reads = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda *args: reads.append(args) or real_pread(*args))
+    data = payload(6 * CS + 3, seed=8)
+    assert len(feed(reasm, chunks_of(data))) == 1 and reads == []
+    feed(reasm, chunks_of(data, tid="t2")[::-1])  # reversed: read back once the gaps close
+    assert len(reads) == 6

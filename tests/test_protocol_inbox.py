@@ -40,7 +40,7 @@ def transfer(tid: str, size: int = 5 * CS + 3, seed: int = 0):
 
 @pytest.fixture
 def inbox(tmp_path) -> TransferInbox[UpdateManifest]:
-    return TransferInbox(Reassembler(tmp_path / "spool", timeout_s=TIMEOUT), lambda m: m.transfer)
+    return TransferInbox(Reassembler(tmp_path / "spool", timeout_s=TIMEOUT), UpdateManifest)
 
 
 def spool(inbox: TransferInbox) -> list[str]:
@@ -169,3 +169,46 @@ def test_slow_but_progressing_transfer_with_early_manifest_is_delivered(inbox):
         inbox.expire(now=now)
         delivery = inbox.add_chunk(c, now=now)
     assert delivery is not None and delivery.path.read_bytes() == data
+
+
+# --- dispatch and the durable spool ---------------------------------------------------------------------------
+
+
+def test_receive_decodes_by_part_and_admit_callables_turn_messages_away(tmp_path):
+    from protocol.schemas import encode
+
+    inbox = TransferInbox(Reassembler(tmp_path / "spool"), UpdateManifest)
+    manifest, chunks, data = transfer("u1")
+    assert inbox.receive("manifest", encode(manifest), admit_manifest=lambda m: False) is None
+    assert inbox.waiting == 0
+    assert inbox.receive("chunk", encode(chunks[0]), admit_chunk=lambda c: c.index > 0) is None
+    assert inbox.waiting == 0
+    deliveries = [inbox.receive("chunk", encode(c), "dev1") for c in chunks]
+    delivery = inbox.receive("manifest", encode(manifest), "dev1")
+    assert deliveries == [None] * len(chunks) and delivery.path.read_bytes() == data
+    assert delivery.owner == "dev1"
+    inbox.release(delivery)
+    assert spool(inbox) == []
+
+
+def test_a_manifest_waiting_at_a_sync_is_kept_and_paired_after_a_restart(tmp_path):
+    manifest, chunks, data = transfer("u1")
+    first = TransferInbox(Reassembler(tmp_path, durable=True), UpdateManifest)
+    first.add_manifest(manifest, owner="dev1")
+    first.add_chunk(chunks[0], owner="dev1")
+    first.sync()
+    second = TransferInbox(Reassembler(tmp_path, durable=True), UpdateManifest)
+    assert second.owners() == {"u1": "dev1"} and second.recovered == []
+    for chunk in chunks[1:-1]:
+        second.add_chunk(chunk)
+    second.sync()
+    third = TransferInbox(Reassembler(tmp_path, durable=True), UpdateManifest)  # again, one chunk short
+    delivery = third.add_chunk(chunks[-1])
+    assert delivery.manifest == manifest and delivery.path.read_bytes() == data
+
+    third.sync()  # handed over: the receiver will make it durable elsewhere; the manifest file stays until then
+    fourth = TransferInbox(Reassembler(tmp_path, durable=True), UpdateManifest)
+    (recovered,) = fourth.recovered  # it was not released: taken up again at start
+    assert recovered.manifest == manifest and recovered.path.read_bytes() == data
+    fourth.release(recovered)
+    assert spool(fourth) == []

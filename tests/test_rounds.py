@@ -82,7 +82,11 @@ def update(
         return answer
     path = tmp_path / f"{update_id}.done"
     path.write_bytes(payload)
-    return coordinator.accept_update(manifest, path)
+    receipt = coordinator.accept_update(manifest, path)
+    if receipt is None:  # staged: made durable, then folded
+        ((_, receipt),) = coordinator.commit()
+        coordinator.fold_accepted()
+    return receipt
 
 
 def delta(value: float) -> dict:
@@ -224,7 +228,7 @@ def test_rejecting_limits_refuse_the_update_and_keep_nothing(config, tmp_path):
     )
     assert "exceeds the task's bound of 1" in update(coordinator, tmp_path, "d2", delta(5.0)).reason
     assert coordinator.ledger.updates_for("t", 1) == [] and coordinator.task_rounds["t"].strategy.count == 0
-    assert list(tmp_path.glob("*.done")) == [] and not any(coordinator.updates_dir.rglob("*.state"))
+    assert not any(coordinator.updates_dir.rglob("*.state"))  # the payload file stays the caller's
     assert update(coordinator, tmp_path, "d1", delta(0.1), samples=20).status == "accepted"
 
 

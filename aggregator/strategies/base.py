@@ -1,8 +1,9 @@
 """The aggregation seam: how one task round turns the updates it accepted into the next global state.
 
 A strategy object lives for one task round. Updates are deltas against the round's base (the global state the
-devices trained from); the coordinator validates each one, records it durably, then folds it, and asks for the
-result when the round finalises. A restarted aggregator builds the strategy again and folds the round's
+devices trained from); the coordinator validates each one, records it durably, then folds it (`fold_valid`: not
+validated twice), and asks for the result when the round finalises; then it gives the strategy's float64 arrays
+back to the task's `BufferPool` (`release`) for the next round. A restarted aggregator builds the strategy again and folds the round's
 recorded updates in their recorded order, so a strategy keeps no durable state of its own.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 import msgspec
 import numpy as np
 
+from aggregator.buffers import BufferPool
 from protocol.errors import ProtocolError
 from protocol.tensors import check_finite, check_layout, describe
 
@@ -29,8 +31,9 @@ class StrategySpecBase(
         """The coefficient of the proximal term devices add to their local loss (FedProx); 0: none."""
         return 0.0
 
-    def build(self, base: Mapping[str, np.ndarray]) -> Strategy:
-        """A fresh aggregation of one task round whose updates are deltas against `base`."""
+    def build(self, base: Mapping[str, np.ndarray], buffers: BufferPool | None = None) -> Strategy:
+        """A fresh aggregation of one task round whose updates are deltas against `base`; its float64 arrays
+        come from `buffers` (when given)."""
         raise NotImplementedError
 
 
@@ -41,11 +44,13 @@ class Strategy(ABC):
     base dtype (integers rounded to nearest and saturated). Bool tensors (masks, flags) keep the base value.
     """
 
-    def __init__(self, base: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, base: Mapping[str, np.ndarray], buffers: BufferPool | None = None) -> None:
         self._base = {name: np.asarray(array) for name, array in base.items()}
         self._layout = describe(self._base)
         self._count = 0
         self._total_weight = 0.0
+        self._buffers = buffers or BufferPool()
+        self._taken: list[np.ndarray] = []
 
     @property
     def count(self) -> int:
@@ -59,11 +64,25 @@ class Strategy(ABC):
 
     def zeros(self) -> dict[str, np.ndarray]:
         """A float64 zero buffer for every tensor that is combined (all but bool ones)."""
-        return {
-            name: np.zeros(array.shape, dtype=np.float64)
+        zeros = {
+            name: self._buffers.zeros(array.shape)
             for name, array in self._base.items()
             if array.dtype != np.bool_
         }
+        self._taken.extend(zeros.values())
+        return zeros
+
+    def scratch(self) -> np.ndarray:
+        """A flat float64 work buffer as large as the largest tensor."""
+        size = max((array.size for array in self._base.values()), default=0)
+        scratch = self._buffers.empty((size,))
+        self._taken.append(scratch)
+        return scratch
+
+    def release(self) -> None:
+        """Give the strategy's arrays back to its pool; the strategy is done (its counts stay readable)."""
+        self._buffers.give_back(self._taken)
+        self._taken = []
 
     def validate(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
         """Raise ProtocolError unless `fold(delta, weight)` would accept the update (changes nothing).
@@ -80,6 +99,10 @@ class Strategy(ABC):
     def fold(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
         """Add an update; raise ProtocolError, changing nothing, if the update or weight is invalid."""
         self.validate(delta, weight)
+        self.fold_valid(delta, weight)
+
+    def fold_valid(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
+        """Add an update that `validate` accepted."""
         weight = float(weight)
         self._add(delta, weight)
         self._count += 1

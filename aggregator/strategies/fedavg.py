@@ -11,26 +11,30 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from aggregator.buffers import BufferPool
 from aggregator.strategies.base import Strategy, StrategySpecBase
 
 
 class FedAvgSpec(StrategySpecBase, tag="fedavg"):
     """`strategy = { name = "fedavg" }` (the default)."""
 
-    def build(self, base: Mapping[str, np.ndarray]) -> StreamingFedAvg:
-        return StreamingFedAvg(base)
+    def build(self, base: Mapping[str, np.ndarray], buffers: BufferPool | None = None) -> StreamingFedAvg:
+        return StreamingFedAvg(base, buffers)
 
 
 class StreamingFedAvg(Strategy):
     """Weighted running average of one task round's updates."""
 
-    def __init__(self, base: Mapping[str, np.ndarray]) -> None:
-        super().__init__(base)
+    def __init__(self, base: Mapping[str, np.ndarray], buffers: BufferPool | None = None) -> None:
+        super().__init__(base, buffers)
         self._sums = self.zeros()
+        self._scratch = self.scratch()
 
     def _add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
         for name, total in self._sums.items():
-            total += np.multiply(delta[name], weight, dtype=np.float64)
+            product = self._scratch[: total.size].reshape(total.shape)
+            np.multiply(delta[name], weight, out=product, dtype=np.float64)
+            total += product
 
     def _combined_delta(self) -> dict[str, np.ndarray]:
         return {name: total / self._total_weight for name, total in self._sums.items()}

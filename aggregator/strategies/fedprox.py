@@ -13,6 +13,7 @@ from typing import Annotated
 import numpy as np
 from msgspec import Meta
 
+from aggregator.buffers import BufferPool
 from aggregator.strategies.base import StrategySpecBase
 from aggregator.strategies.fedavg import StreamingFedAvg
 from protocol.schemas import MAX_PROXIMAL_MU
@@ -27,5 +28,5 @@ class FedProxSpec(StrategySpecBase, tag="fedprox"):
     def proximal_mu(self) -> float:
         return self.mu
 
-    def build(self, base: Mapping[str, np.ndarray]) -> StreamingFedAvg:
-        return StreamingFedAvg(base)
+    def build(self, base: Mapping[str, np.ndarray], buffers: BufferPool | None = None) -> StreamingFedAvg:
+        return StreamingFedAvg(base, buffers)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from aggregator.buffers import BufferPool
 from aggregator.strategies.base import StrategySpecBase
 from aggregator.strategies.window import Window, WindowedRule
 
@@ -16,8 +17,8 @@ class MedianSpec(StrategySpecBase, tag="median"):
 
     window: Window = 16
 
-    def build(self, base: Mapping[str, np.ndarray]) -> CoordinateMedian:
-        return CoordinateMedian(base, self.window)
+    def build(self, base: Mapping[str, np.ndarray], buffers: BufferPool | None = None) -> CoordinateMedian:
+        return CoordinateMedian(base, self.window, buffers)
 
 
 class CoordinateMedian(WindowedRule):

@@ -9,6 +9,7 @@ from typing import Annotated
 import numpy as np
 from msgspec import Meta
 
+from aggregator.buffers import BufferPool
 from aggregator.strategies.base import StrategySpecBase
 from aggregator.strategies.window import Window, WindowedRule
 
@@ -19,13 +20,19 @@ class TrimmedMeanSpec(StrategySpecBase, tag="trimmed_mean"):
     trim_fraction: Annotated[float, Meta(ge=0, lt=0.5)] = 0.1
     window: Window = 16
 
-    def build(self, base: Mapping[str, np.ndarray]) -> TrimmedMean:
-        return TrimmedMean(base, self.window, self.trim_fraction)
+    def build(self, base: Mapping[str, np.ndarray], buffers: BufferPool | None = None) -> TrimmedMean:
+        return TrimmedMean(base, self.window, self.trim_fraction, buffers)
 
 
 class TrimmedMean(WindowedRule):
-    def __init__(self, base: Mapping[str, np.ndarray], window: int, trim_fraction: float) -> None:
-        super().__init__(base, window)
+    def __init__(
+        self,
+        base: Mapping[str, np.ndarray],
+        window: int,
+        trim_fraction: float,
+        buffers: BufferPool | None = None,
+    ) -> None:
+        super().__init__(base, window, buffers)
         if not 0 <= trim_fraction < 0.5:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
         self.trim_fraction = trim_fraction

@@ -23,6 +23,7 @@ from typing import Annotated
 import numpy as np
 from msgspec import Meta
 
+from aggregator.buffers import BufferPool
 from aggregator.strategies.base import Strategy
 
 #: the most updates one window may hold
@@ -35,8 +36,10 @@ WORK_BYTES = 64 << 20
 class WindowedRule(Strategy):
     """A coordinate-wise rule (`reduce`) applied to windows of at most `window` updates."""
 
-    def __init__(self, base: Mapping[str, np.ndarray], window: int) -> None:
-        super().__init__(base)
+    def __init__(
+        self, base: Mapping[str, np.ndarray], window: int, buffers: BufferPool | None = None
+    ) -> None:
+        super().__init__(base, buffers)
         if not 1 <= window <= MAX_WINDOW:
             raise ValueError(f"window must be 1..{MAX_WINDOW}, got {window}")
         self.window = window

@@ -1,0 +1,105 @@
+"""The aggregator takes messages in groups: nothing of a group is acknowledged to the broker or answered
+`accepted` before the group is durable; many updates share one commit; a restart in the middle of a transfer
+loses nothing acknowledged; a task is final the moment its last expected update is folded. Handlers are called
+directly (network recorded, tests/fuzzing.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aggregator.ledger import RoundLedger
+from aggregator.service import AggregatorService
+from protocol.transport import Incoming
+from tests.fuzzing import RecordingLink
+from tests.test_aggregator_admission import delta, receipts, spool_files
+from tests.test_fuzz_handlers import aggregator_with_round, sent_transfer
+
+
+def incoming(messages: list[tuple[str, bytes]], first_mid: int = 1) -> list[Incoming]:
+    """Messages as a manual-ack link hands them over (QoS 1, each with its packet id)."""
+    return [
+        Incoming(topic, payload, False, mid, 1) for mid, (topic, payload) in enumerate(messages, first_mid)
+    ]
+
+
+def committed(service: AggregatorService, update_id: str):
+    """The ledger's row of an update as another process sees it (committed only)."""
+    with RoundLedger(Path(service.config.state_dir) / "ledger.sqlite", read_only=True) as reader:
+        return reader.update_by_id(update_id)
+
+
+def restarted(service: AggregatorService) -> AggregatorService:
+    """The same aggregator after kill -9: nothing closed or flushed but what the kernel keeps."""
+    service.coordinator.ledger.close()  # the dead process's lock goes with it
+    again = AggregatorService(service.config)
+    again.link = RecordingLink()
+    again.coordinator.start()
+    return again
+
+
+def test_nothing_is_acknowledged_or_accepted_before_its_group_is_durable(tmp_path):
+    service = aggregator_with_round(tmp_path)
+    service.link.acked.clear()  # the set-up's messages
+    messages = incoming(sent_transfer("t", "dev1", delta(1), 100, "u1"))
+    service.receive(messages)
+    assert service.link.acked == [] and receipts(service, "dev1") == {}
+    assert committed(service, "u1") is None and service.coordinator.task_rounds["t"].strategy.count == 0
+    service.settle()
+    assert [m.mid for m in service.link.acked] == [m.mid for m in messages]
+    assert receipts(service, "dev1")["u1"].status == "accepted" and committed(service, "u1") is not None
+    assert service.coordinator.task_rounds["t"].strategy.count == 1
+    assert spool_files(service) == []
+
+
+def test_updates_of_one_group_become_durable_together(tmp_path):
+    service = aggregator_with_round(tmp_path)
+    sent = [
+        sent_transfer("t", device, delta(i), 50, f"u-{device}") for i, device in enumerate(["dev1", "dev2"])
+    ]
+    service.receive(incoming(sent[0] + sent[1]))
+    assert [committed(service, f"u-{d}") for d in ("dev1", "dev2")] == [None, None]
+    service.settle()
+    assert all(committed(service, f"u-{d}") is not None for d in ("dev1", "dev2"))
+    answers = [*receipts(service, "dev1").values(), *receipts(service, "dev2").values()]
+    assert [r.status for r in answers] == ["accepted", "accepted"]
+
+
+def test_a_task_is_final_the_moment_its_last_expected_update_is_folded(tmp_path):
+    service = aggregator_with_round(tmp_path)
+    for i, device in enumerate(["dev1", "dev2"]):
+        service.receive(incoming(sent_transfer("t", device, delta(i), 50, f"u{i}")))
+        service.settle()
+    assert service.coordinator.globals["t"].manifest.version == 0
+    service.receive(incoming(sent_transfer("t", "dev3", delta(3), 50, "u3")))
+    service.settle()  # no timer tick in between
+    assert service.coordinator.globals["t"].manifest.version == 1
+    assert service.coordinator.task_rounds["t"].final and service.link.on("/global/manifest")
+
+
+def test_a_restart_in_the_middle_of_a_transfer_loses_nothing_acknowledged(tmp_path):
+    service = aggregator_with_round(tmp_path)
+    messages = incoming(sent_transfer("t", "dev1", delta(1), 100, "u1"))
+    assert len(messages) == 3  # two chunks and the manifest
+    service.receive(messages[:1])
+    service.settle()  # acknowledged: the broker forgets it
+    service.receive(messages[1:2])  # handled, never settled: the process dies
+
+    again = restarted(service)
+    assert again.admission.owners["u1"][0] == "dev1"  # the spool's transfers are claimed again
+    again.receive(messages[1:])  # the broker sends again what was not acknowledged
+    again.settle()
+    assert receipts(again, "dev1")["u1"].status == "accepted"
+    assert [u.update_id for u in again.coordinator.ledger.updates_for("t", 1)] == ["u1"]
+    assert again.coordinator.task_rounds["t"].strategy.count == 1 and spool_files(again) == []
+
+
+def test_a_payload_complete_before_a_restart_is_paired_with_its_later_manifest(tmp_path):
+    service = aggregator_with_round(tmp_path)
+    messages = incoming(sent_transfer("t", "dev2", delta(2), 50, "u2"))
+    service.receive(messages[:-1])  # every chunk; the manifest has not come
+    service.settle()
+    again = restarted(service)
+    again.receive(messages[-1:])
+    again.settle()
+    assert receipts(again, "dev2")["u2"].status == "accepted" and spool_files(again) == []
+    assert again.coordinator.task_rounds["t"].reported == {"dev2"}
