@@ -128,6 +128,8 @@ class AggregatorService:
         self.publish(out)
         for model in out.globals:
             self.metrics.finalized(model.manifest.task)
+        if out.globals or out.schedules:
+            self.metrics.rounds(self.coordinator)
 
     def handle(self, item: Incoming | LinkEvent) -> None:
         """Handle one message or connection event and settle at once."""
@@ -300,12 +302,16 @@ class AggregatorService:
             log.error("receipt of update %s for %s not sent: %s", receipt.update_id, device, exc)
 
     def publish(self, out: Outbound) -> None:
-        for model in out.globals:
-            self.publish_global(model)
-        for schedule in out.schedules:
-            self.link.publish(topics.device(schedule.device, "schedule"), encode(schedule), retain=True)
-        for device in out.cleared_schedules:
-            self.link.publish(topics.device(device, "schedule"), b"", retain=True)
+        """Publish retained state; what the link refuses is logged and goes out again on the next connect."""
+        try:
+            for model in out.globals:
+                self.publish_global(model)
+            for schedule in out.schedules:
+                self.link.publish(topics.device(schedule.device, "schedule"), encode(schedule), retain=True)
+            for device in out.cleared_schedules:
+                self.link.publish(topics.device(device, "schedule"), b"", retain=True)
+        except PublishError as exc:
+            log.error("retained state not published (again on the next connection): %s", exc)
 
     def publish_global(self, model: GlobalModel) -> None:
         manifest = model.manifest

@@ -6,6 +6,7 @@ more: it evaluates the global models); with the `auditor` user it reassembles th
 
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,8 @@ class Monitor:
     def __post_init__(self) -> None:
         self._globals = TransferInbox(Reassembler(self.spool / "globals"), GlobalManifest)
         self._updates = TransferInbox(Reassembler(self.spool / "updates"), UpdateManifest)
-        self.link = MqttLink(self.settings, [f"{topics.PREFIX}/#"])
+        # unbounded: an observer that pumps only now and then must not make the broker drop what it queues for it
+        self.link = MqttLink(self.settings, [f"{topics.PREFIX}/#"], inbox=queue.Queue())
         self.link.start()
         if not self.link.wait_connected(15):
             raise TimeoutError(f"monitor could not connect to {self.settings.host}:{self.settings.port}")

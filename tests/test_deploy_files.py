@@ -656,6 +656,7 @@ def test_mosquitto_conf_is_authenticated_persistent_and_fits_chunks():
     _check_secure(conf, CONTAINER_CONFIG_DIR)
     assert conf["persistence_location"][-1].rstrip("/") == "/mosquitto/data"
     assert "message_size_limit" not in conf  # deprecated in Mosquitto 2.x: max_packet_size
+    assert conf["set_tcp_nodelay"] == ["true"]  # no Nagle wait on acknowledgements and receipts
 
 
 def _listeners() -> tuple[list[str], dict[str, dict[str, str]]]:

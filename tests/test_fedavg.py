@@ -246,3 +246,20 @@ def test_memory_does_not_grow_with_number_of_folds(rng):
     result = avg.result()
     np.testing.assert_allclose(result["w"], base["w"] + np.float32(0.01), rtol=1e-6)
     assert result["steps"] == 1
+
+
+def test_a_buffer_pool_hands_a_released_rounds_arrays_to_the_next_zeroed(rng):
+    from aggregator.buffers import BufferPool
+
+    base = {"w": np.zeros((4, 3), np.float32), "n": np.zeros((), np.int64)}
+    pool = BufferPool()
+    first = StreamingFedAvg(base, pool)
+    first.fold({"w": np.ones((4, 3), np.float32), "n": np.array(2)}, 1.0)
+    before = first.result()
+    first.release()
+    assert pool.held_bytes == 12 * 8 + 8 + 12 * 8  # the sums and the scratch space
+    second = StreamingFedAvg(base, pool)
+    assert pool.held_bytes == 0
+    second.fold({"w": np.full((4, 3), 3.0, np.float32), "n": np.array(4)}, 1.0)
+    np.testing.assert_array_equal(second.result()["w"], np.full((4, 3), 3.0, np.float32))  # zeroed, not 1 + 3
+    assert before["n"] == 2 and second.result()["n"] == 4

@@ -17,7 +17,6 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-import protocol.chunking
 from agent.service import Agent
 from aggregator.config import TransferConfig
 from aggregator.service import AggregatorService
@@ -66,17 +65,32 @@ def generated(strategy, examples: int) -> list:
 
 
 def count_messages(service) -> collections.Counter:
-    """Messages the service's own handler is given, by the device or task level of their topic."""
+    """Messages the service's own handler is given (the aggregator's takes them in groups), by the device or
+    task level of their topic."""
     handled = collections.Counter()
-    handle = service.handle
 
-    def counting(item):
+    def count(item):
         if isinstance(item, Incoming):
             handled["all"] += 1
             handled["dev3" if "/dev3/" in item.topic else "other"] += 1
-        handle(item)
 
-    service.handle = counting
+    if isinstance(service, AggregatorService):
+        receive = service.receive
+
+        def receiving(items):
+            for item in items:
+                count(item)
+            receive(items)
+
+        service.receive = receiving
+    else:
+        handle = service.handle
+
+        def handling(item):
+            count(item)
+            handle(item)
+
+        service.handle = handling
     return handled
 
 
@@ -315,14 +329,14 @@ def test_quota_and_full_disk_refusals_reach_the_device_and_the_round_stays_exact
         assert refused.status == "retry" and "max_device_spool_bytes" in refused.reason, refused
 
         spool = Path(config.state_dir) / "spool"
-        real_open = open
+        real_pwrite = os.pwrite
 
-        def full_disk(path, mode="r", *args, **kwargs):  # ENOSPC for the aggregator's spool only
-            if Path(path).parent == spool and mode == "r+b":
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-            return real_open(path, mode, *args, **kwargs)
+        def full_disk(fd, data, offset):  # ENOSPC for the aggregator's spool only
+            if Path(os.readlink(f"/proc/self/fd/{fd}")).parent == spool:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_pwrite(fd, data, offset)
 
-        monkeypatch.setattr(protocol.chunking, "open", full_disk, raising=False)
+        monkeypatch.setattr(os, "pwrite", full_disk)
         full = dev1.receipt_for(dev1.send_update("shuffle", good1, samples=100))
         assert full.status == "retry" and "No space left on device" in full.reason, full
         monkeypatch.undo()

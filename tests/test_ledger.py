@@ -303,3 +303,22 @@ def test_a_schema_v1_ledger_is_migrated_and_keeps_its_records(db):
         ledger.record_device("dev1", True, 5.0)
     with RoundLedger(db, read_only=True) as reader:
         assert [d.device for d in reader.devices()] == ["dev1"]
+
+
+def test_a_batch_commits_its_writes_together_and_a_rollback_keeps_none(ledger, db):
+    ledger.open_round(1, {"cifar": 0}, 100.0, 200.0)
+    with RoundLedger(db, read_only=True) as reader:
+        ledger.begin_batch()
+        assert update(ledger, "dev1", "u1") == "accepted"
+        assert update(ledger, "dev2", "u2") == "accepted"
+        with pytest.raises(ProtocolError):  # fails alone: its savepoint rolls back, the batch goes on
+            update(ledger, "dev3", "u3", round=7)
+        assert ledger.update_by_id("u1") is not None and reader.update_by_id("u1") is None
+        ledger.commit_batch()
+        assert [u.update_id for u in reader.updates_for("cifar", 1)] == ["u1", "u2"]
+
+        ledger.begin_batch()
+        update(ledger, "dev3", "u3")
+        ledger.rollback_batch()
+        assert ledger.update_by_id("u3") is None and reader.update_by_id("u3") is None
+    assert update(ledger, "dev3", "u3") == "accepted"  # outside a batch: committed at once

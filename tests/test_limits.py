@@ -100,3 +100,15 @@ def test_scaling_by_one_is_the_identity_and_other_factors_keep_dtypes(rng):
     halved = scale_delta(delta, 0.5)
     assert {n: a.dtype for n, a in halved.items()} == {n: a.dtype for n, a in delta.items()}
     np.testing.assert_array_equal(halved["conv.weight"], delta["conv.weight"] * np.float32(0.5))
+
+
+@pytest.mark.parametrize(
+    "scale", [1e-25, 1e-3, 1e15], ids=["squares-underflow", "typical", "squares-overflow"]
+)
+def test_the_norm_of_large_tensors_is_exact_to_a_millionth_whatever_the_magnitude(rng, scale):
+    delta = {
+        "big": (rng.normal(0, 1, 300_000) * scale).astype(np.float32),
+        "half": (rng.normal(0, 1, 20_000) * min(scale, 1e4)).astype(np.float16),
+    }
+    norm = limit_update(delta, 1, UpdateLimits()).norm
+    assert norm == pytest.approx(reference_norm(delta), rel=1e-6) and norm > 0

@@ -232,3 +232,30 @@ def test_invalid_id_error_quotes_a_long_id_only_in_part():
     with pytest.raises(ProtocolError) as exc:
         t.check_name("device", "-" + "x" * 60_000)
     assert len(str(exc.value)) < 300
+
+
+def test_the_aggregators_subscriptions_match_every_device_message_it_reads_and_nothing_it_writes():
+    from paho.mqtt.client import topic_matches_sub
+
+    from aggregator.service import SUBSCRIPTIONS
+
+    def matched(topic: str) -> bool:
+        return any(topic_matches_sub(sub, topic) for sub in SUBSCRIPTIONS)
+
+    for leaf in ("status", "profile", "telemetry", "events"):
+        assert matched(t.device("jetson-7", leaf)) and t.every_device(leaf) in SUBSCRIPTIONS
+    assert matched(t.manifest(t.update("cifar", "jetson-7")))
+    assert matched(t.chunk(t.update("cifar", "jetson-7"), 12))
+    for own in (t.device("jetson-7", "schedule"), t.device("jetson-7", "receipts")):
+        assert not matched(own)
+    assert not matched(t.manifest(t.global_model("cifar")))
+
+
+def test_filters_for_every_device_or_update_are_single_level_wildcards():
+    assert t.every_device("events") == "fedmt/v1/devices/+/events"
+    assert t.every_update() == "fedmt/v1/tasks/+/updates/#"
+    assert t.every_update("cifar") == "fedmt/v1/tasks/cifar/updates/#"
+    with pytest.raises(ValueError):
+        t.every_device("secrets")
+    with pytest.raises(ProtocolError):
+        t.every_update("a/b")

@@ -274,3 +274,20 @@ def test_an_update_naming_another_device_than_its_sender_is_rejected(config, tmp
     receipt = update(coordinator, tmp_path, "d2", delta(0.1), sender="d1")
     assert receipt.status == "rejected" and "names device d2, task t; sent as d1" in receipt.reason
     assert coordinator.ledger.updates_for("t", 1) == [] and list(tmp_path.glob("*.done")) == []
+
+
+def test_a_rounds_float64_buffers_serve_the_next_round(config, tmp_path):
+    coordinator = started(config)
+    coordinator.tick(now=1000)
+    pool = coordinator.buffers["t"]
+    assert pool.held_bytes == 0  # round 1 holds its sums
+    for device in ("d1", "d2"):
+        update(coordinator, tmp_path, device, delta(0.1))
+    out = coordinator.tick(now=1001)  # round 1 final, its buffers given back; round 2 opens and takes them
+    assert [m.manifest.version for m in out.globals] == [1] and coordinator.round.round == 2
+    assert pool.held_bytes == 0
+    for device in ("d1", "d2"):
+        update(coordinator, tmp_path, device, delta(0.2), round_=2)
+    coordinator.tick(now=1002)  # the last round: nothing takes them back
+    assert pool.held_bytes > 0
+    np.testing.assert_allclose(coordinator.globals["t"].state["w"], BASE["w"] + 0.3, rtol=1e-6)

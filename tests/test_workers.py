@@ -87,7 +87,10 @@ def test_a_worker_is_started_and_prepared_once_and_reused_round_after_round(pool
             {"a": work(base, tmp_path, "a", 32, round_)},
             on_started=lambda task, lease: leases.append(lease),
         )
-        assert outcomes["a"].trained is not None and outcomes["a"].trained.samples == 32
+        trained = outcomes["a"].trained
+        assert trained is not None and trained.samples == 32
+        written = (tmp_path / f"a-r{round_}.update").read_bytes()  # the agent need not read it to describe it
+        assert (trained.size, trained.sha256) == (len(written), sha256_hex(written))
     assert len({lease.ready.pid for lease in leases}) == 1
     assert [lease.started_process for lease in leases] == [True, False, False]
     assert all(lease.prepared.reused for lease in leases)  # prepared once, when the first round got it ready
