@@ -348,7 +348,7 @@ class Agent:
             update_id=update_id,
             base_version=assignment.base_version,
             samples=trained.samples,
-            codec=current.schedule.codec,
+            codec=assignment.codec.name,
             transfer=transfer_info(update_id, payload_path.read_bytes()),
             metrics={
                 **trained.metrics,
@@ -510,6 +510,7 @@ class Agent:
                     release_memory=self.config.execution.release_memory,
                     reference_batch_size=plan.reference_batches.get(a.task),
                     handover_path=str(self.work_dir / f"{a.task}-r{number}.handover") if handover else None,
+                    residual_path=str(Path(self.config.state_dir) / "residuals" / f"{a.task}.state"),
                 ),
             )
         inbox = self.link.inbox

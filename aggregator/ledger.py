@@ -84,6 +84,10 @@ _MIGRATIONS = (
         changed_at REAL NOT NULL
     );
     """,
+    # 4: the codec an update's payload is in (protocol.codecs); updates before it were dense
+    """
+    ALTER TABLE updates ADD COLUMN codec TEXT NOT NULL DEFAULT 'dense';
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -119,6 +123,7 @@ class UpdateRecord:
     received_at: float
     weight: int  # what the update weighs in the aggregation (samples unless the operator's limits changed it)
     scale: float  # the factor its delta is multiplied by (1.0 unless clipped to the task's norm bound)
+    codec: str = "dense"  # what its payload is in (protocol.codecs)
 
 
 @dataclass(frozen=True)
@@ -284,6 +289,7 @@ class RoundLedger:
         *,
         weight: int | None = None,
         scale: float = 1.0,
+        codec: str = "dense",
     ) -> UpdateOutcome:
         """Record a device's update for a task round; the first update of a device wins. `weight` (default:
         `samples`) and `scale` say what it counts for after the operator's limits.
@@ -312,7 +318,7 @@ class RoundLedger:
                 raise ProtocolError(f"update {update_id}: task {task!r} {why} round {round}")
             self._db.execute(
                 "INSERT INTO updates (task, round, device, update_id, samples, payload_path, sha256, "
-                "received_at, weight, scale) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "received_at, weight, scale, codec) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     *key,
                     update_id,
@@ -322,6 +328,7 @@ class RoundLedger:
                     received_at,
                     samples if weight is None else weight,
                     scale,
+                    codec,
                 ),
             )
             return "accepted"
@@ -455,13 +462,15 @@ class RoundLedger:
         return existing
 
 
-_UPDATE_COLUMNS = "task, round, device, update_id, samples, payload_path, sha256, received_at, weight, scale"
+_UPDATE_COLUMNS = (
+    "task, round, device, update_id, samples, payload_path, sha256, received_at, weight, scale, codec"
+)
 
 
 def _update_record(row: tuple) -> UpdateRecord:
-    task, round, device, update_id, samples, path, sha256, received_at, weight, scale = row
+    task, round, device, update_id, samples, path, sha256, received_at, weight, scale, codec = row
     return UpdateRecord(
-        task, round, device, update_id, samples, Path(path), sha256, received_at, weight, scale
+        task, round, device, update_id, samples, Path(path), sha256, received_at, weight, scale, codec
     )
 
 

@@ -28,12 +28,15 @@ from aggregator.strategies import Strategy
 from common.durable import move_durably
 from protocol import ProtocolError
 from protocol.chunking import transfer_info
+from protocol.codecs import make_codec
+from protocol.codecs.dense import DenseCodec
 from protocol.schemas import (
     DeviceProfile,
     GlobalManifest,
     Receipt,
     Schedule,
     TaskAssignment,
+    TensorInfo,
     UpdateManifest,
 )
 from protocol.tensors import decode_state, describe, encode_state
@@ -129,7 +132,8 @@ class Coordinator:
             task_round.final = task_record.state == "finalized"
             if not task_round.final:
                 for update in self.ledger.updates_for(task, record.round):
-                    delta = scale_delta(read_delta(update.payload_path), update.scale)
+                    layout = self.globals[task].manifest.tensors
+                    delta = scale_delta(read_delta(update.payload_path, update.codec, layout), update.scale)
                     task_round.strategy.fold(delta, update.weight)
                     task_round.reported.add(update.device)
             self.task_rounds[task] = task_round
@@ -209,7 +213,7 @@ class Coordinator:
         the update is stored refuses it with a receipt and leaves no file behind."""
         try:
             task_round = self._check_update(manifest)
-            delta = read_delta(payload_path)
+            delta = read_delta(payload_path, manifest.codec, self.globals[manifest.task].manifest.tensors)
             task_round.strategy.validate(delta, manifest.samples)
             limited = limit_update(
                 delta,
@@ -288,6 +292,7 @@ class Coordinator:
                 time.time(),
                 weight=limited.weight,
                 scale=limited.scale,
+                codec=manifest.codec,
             )
         except BaseException:
             payload_path.unlink(missing_ok=True)
@@ -316,6 +321,11 @@ class Coordinator:
             raise Rejected(
                 "too_many_samples",
                 f"update claims {manifest.samples} samples; the device declared {declared}",
+            )
+        accepted = self.config.tasks[manifest.task].codecs
+        if manifest.codec not in accepted:
+            raise Rejected(
+                "codec", f"update codec {manifest.codec!r}; task {manifest.task} takes {sorted(accepted)}"
             )
         return task_round
 
@@ -470,6 +480,7 @@ class Coordinator:
             proximal_mu=c.strategy.proximal_mu,
             lr_scaling=c.lr_scaling,
             batch_policy=c.batch_policy,
+            codec=c.codec,
         )
 
     def _global_model(self, task: str, version: int, state: dict[str, np.ndarray]) -> GlobalModel:
@@ -495,10 +506,14 @@ class Coordinator:
         )
 
 
-def read_delta(path: Path) -> dict[str, np.ndarray]:
-    """An update's tensors as read-only views of its payload file, memory-mapped: a strategy that holds updates
-    (a window) holds file pages the OS may drop, not copies."""
+def read_delta(path: Path, codec: str, layout: list[TensorInfo]) -> dict[str, np.ndarray]:
+    """An update's tensors, decoded by its codec and checked against the task's `layout`. A dense payload is
+    read as read-only views of its file, memory-mapped: a strategy that holds updates (a window) holds file pages
+    the OS may drop, not copies. Other codecs decode into memory, one update at a time."""
     with open(path, "rb") as file:
         if not file.seek(0, 2):
             raise ProtocolError("update payload is empty")
-        return decode_state(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
+        if codec == DenseCodec.name:
+            return decode_state(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
+        file.seek(0)
+        return make_codec(codec).decode(file.read(), layout)

@@ -212,7 +212,7 @@ class RawDevice:
             update_id=update_id,
             base_version=base_version,
             samples=samples,
-            codec="delta",
+            codec="dense",
             transfer=transfer_info(update_id, payload, 64 * 1024),
         )
         self.link.publish_transfer(

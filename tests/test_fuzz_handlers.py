@@ -105,7 +105,7 @@ def sent_transfer(
         update_id=update_id,
         base_version=0,
         samples=samples,
-        codec="delta",
+        codec="dense",
         transfer=info,
     )
     link.publish_transfer(topics.update(task, device), encode(manifest), info, payload)

@@ -91,7 +91,7 @@ def update_manifest(device: str, payload: bytes, *, round_: int = 1, base_versio
         update_id=update_id,
         base_version=base_version,
         samples=10,
-        codec="delta",
+        codec="dense",
         transfer=transfer_info(update_id, payload, 16),
     )
 

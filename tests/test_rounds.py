@@ -18,8 +18,8 @@ from aggregator.strategies.median import MedianSpec
 from common.config import ConfigError
 from protocol import ProtocolError
 from protocol.chunking import transfer_info
+from protocol.codecs import make_codec
 from protocol.schemas import DeviceProfile, HostInfo, ModelSpec, TaskData, UpdateManifest
-from protocol.tensors import encode_state
 
 HOST = HostInfo(hostname="h", os="linux", machine="x86_64", python="3.11", cpu_count=2, memory_bytes=1)
 BASE = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "steps": np.array(7, dtype=np.int64)}
@@ -62,9 +62,10 @@ def update(
     samples: int = 10,
     round_: int = 1,
     sender: str | None = None,
+    codec: str = "dense",
 ):
     """As the service hands it over: screened when its manifest arrives, then its payload accepted."""
-    payload = encode_state(delta)
+    payload = make_codec(codec).encode(delta)
     update_id = uuid.uuid4().hex
     version = coordinator.globals["t"].manifest.version
     manifest = UpdateManifest(
@@ -74,7 +75,7 @@ def update(
         update_id=update_id,
         base_version=version,
         samples=samples,
-        codec="delta",
+        codec=codec,
         transfer=transfer_info(update_id, payload),
     )
     answer = coordinator.screen(manifest, sender or device, "t")
@@ -270,3 +271,42 @@ def test_an_update_naming_another_device_than_its_sender_is_rejected(config, tmp
     receipt = update(coordinator, tmp_path, "d2", delta(0.1), sender="d1")
     assert receipt.status == "rejected" and "names device d2, task t; sent as d1" in receipt.reason
     assert coordinator.ledger.updates_for("t", 1) == [] and list(tmp_path.glob("*.done")) == []
+
+
+def test_a_task_takes_updates_in_its_codecs_only_and_folds_what_they_decode_to(config, tmp_path):
+    import msgspec
+
+    from protocol.schemas import CodecSpec
+    from protocol.tensors import describe
+
+    task = msgspec.structs.replace(
+        config.tasks["t"], codec=CodecSpec(name="topk", fraction=0.25), accept_codecs=["fp16+zstd"]
+    )
+    config = msgspec.structs.replace(config, tasks={"t": task})
+    coordinator = started(config, (10, 30))
+    schedules = coordinator.tick(now=1000).schedules
+    assert {s.tasks[0].codec for s in schedules} == {CodecSpec(name="topk", fraction=0.25)}
+    refused = update(coordinator, tmp_path, "d1", delta(1.0), samples=10)
+    assert refused.status == "rejected" and "update codec 'dense'" in refused.reason
+    rising = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "steps": np.array(2, dtype=np.int64)}
+    assert update(coordinator, tmp_path, "d1", rising, samples=10, codec="topk").status == "accepted"
+    assert (
+        update(coordinator, tmp_path, "d2", delta(-1.0), samples=30, codec="fp16+zstd").status == "accepted"
+    )
+    sent = make_codec("topk").decode(make_codec("topk").encode(rising), describe(rising))["w"]
+    assert np.count_nonzero(sent) == 1  # topk's default fraction: the payload says what it holds
+    expected = BASE["w"] + (10 * sent + 30 * -1.0) / 40
+    coordinator = Coordinator(config)  # restarted before the tick: the ledger knows each update's codec
+    coordinator.start()
+    np.testing.assert_allclose(coordinator.tick(now=1002).globals[0].state["w"], expected, rtol=1e-6)
+
+
+def test_a_task_config_naming_an_unknown_codec_is_refused(config):
+    import msgspec
+
+    from protocol.schemas import CodecSpec
+
+    with pytest.raises(ValueError, match="unknown codec 'zip'"):
+        msgspec.structs.replace(config.tasks["t"], codec=CodecSpec(name="zip"))
+    with pytest.raises(ValueError, match="unknown codec 'lz4'"):
+        msgspec.structs.replace(config.tasks["t"], accept_codecs=["lz4"])

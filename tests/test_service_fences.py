@@ -83,7 +83,7 @@ def test_an_update_the_aggregator_cannot_take_yet_is_kept_and_sent_again_as_a_ne
         update_id=update_id,
         base_version=0,
         samples=5,
-        codec="delta",
+        codec="dense",
         transfer=transfer_info(update_id, payload.read_bytes()),
     )
     pending = agent.outbox.put(manifest, payload)
