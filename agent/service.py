@@ -48,6 +48,7 @@ from protocol.schemas import (
     Schedule,
     Status,
     TaskAssignment,
+    TransferInfo,
     UpdateManifest,
     decode,
     encode,
@@ -102,6 +103,24 @@ class PredictorReady:
     path: Path
 
 
+@dataclass(frozen=True)
+class DeltaFetch:
+    """A global version fetched as its delta to the version before, which the cache holds."""
+
+    manifest: GlobalManifest
+
+    @property
+    def transfer(self) -> TransferInfo:
+        return self.manifest.delta.transfer
+
+
+def _chunks_of(fetch: GlobalManifest | DeltaFetch) -> str:
+    """The subscription filter of a fetch's chunks."""
+    task = fetch.manifest.task if isinstance(fetch, DeltaFetch) else fetch.task
+    base = topics.global_delta(task) if isinstance(fetch, DeltaFetch) else topics.global_model(task)
+    return f"{base}/chunks/+"
+
+
 class Agent:
     def __init__(self, config: AgentConfig, policy: Policy | None = None) -> None:
         self.config = config
@@ -114,7 +133,7 @@ class Agent:
         self.cache = ModelCache(root / "models")
         self.outbox = Outbox(root / "outbox")
         self.receipts = ReceiptLog(root / "receipts.json")
-        self.globals: TransferInbox[GlobalManifest] = TransferInbox(
+        self.globals: TransferInbox[GlobalManifest | DeltaFetch] = TransferInbox(
             Reassembler(root / "spool"), lambda m: m.transfer
         )
         self.samples = {task: spec.sample_count() for task, spec in config.tasks.items()}
@@ -125,7 +144,7 @@ class Agent:
             subscriptions=[
                 topics.device(self.device, "schedule"),
                 topics.device(self.device, "receipts"),
-                *(topics.all_below(topics.global_model(task)) for task in config.tasks),
+                *(topics.manifest(topics.global_model(task)) for task in config.tasks),
             ],
             will=(status, encode(Status(state="offline", ts=time.time()))),
             birth=(status, encode(Status(state="online", ts=time.time()))),
@@ -262,10 +281,12 @@ class Agent:
             self.on_schedule(decode(message.payload, Schedule))
         elif ref.kind == "receipts":
             self.on_receipt(decode(message.payload, Receipt))
-        elif ref.kind == "global":
+        elif ref.kind in ("global", "global_delta"):
             self.on_global_part(ref, message.payload)
 
     def on_global_part(self, ref: topics.TopicRef, payload: bytes) -> None:
+        """A global manifest (fetch what this version needs: its delta when the version before is cached, else
+        the whole model) or a chunk of such a fetch."""
         if ref.part == "manifest":
             manifest = decode(payload, GlobalManifest)
             if manifest.task != ref.task:
@@ -273,16 +294,40 @@ class Agent:
             if self.cache.has(manifest.task, manifest.version, manifest.transfer.sha256):
                 self._mark_ready(manifest.task, manifest.version)
                 return
-            delivery = self.globals.add_manifest(manifest)
+            delivery = self._fetch(DeltaFetch(manifest) if self.cache.holds_base_of(manifest) else manifest)
         else:
             delivery = self.globals.add_chunk(decode(payload, Chunk))
-        if delivery is not None:
-            try:
-                self.cache.store(delivery.manifest, delivery.path)
-            finally:
-                delivery.path.unlink(missing_ok=True)  # moved into the cache, or rejected
-            log.info("global model %s v%d cached", delivery.manifest.task, delivery.manifest.version)
-            self._mark_ready(delivery.manifest.task, delivery.manifest.version)
+        if delivery is None:
+            return
+        fetched = delivery.manifest
+        manifest = fetched.manifest if isinstance(fetched, DeltaFetch) else fetched
+        self.link.unsubscribe(_chunks_of(fetched))
+        try:
+            path = self.cache.rebuild(manifest, delivery.path) if fetched is not manifest else delivery.path
+            self.cache.store(manifest, path)
+        except ProtocolError as exc:
+            if fetched is manifest:
+                raise
+            log.warning("%s; fetching the whole model", exc)
+            self._fetch(manifest)
+            return
+        finally:
+            for spooled in {delivery.path, delivery.path.with_suffix(".rebuilt")}:
+                spooled.unlink(missing_ok=True)  # moved into the cache, or rejected
+        log.info(
+            "global model %s v%d cached (%s, %d bytes)",
+            manifest.task,
+            manifest.version,
+            "delta" if fetched is not manifest else "whole",
+            fetched.transfer.size,
+        )
+        self.metrics.downloaded(manifest.task, fetched.transfer.size)
+        self._mark_ready(manifest.task, manifest.version)
+
+    def _fetch(self, fetch: GlobalManifest | DeltaFetch):
+        """Expect `fetch`'s transfer and subscribe to its (retained) chunks."""
+        self.link.subscribe(_chunks_of(fetch))
+        return self.globals.add_manifest(fetch)
 
     def on_schedule(self, schedule: Schedule) -> None:
         if schedule.device != self.device:

@@ -30,8 +30,10 @@ from protocol import ProtocolError
 from protocol.chunking import transfer_info
 from protocol.codecs import make_codec
 from protocol.codecs.dense import DenseCodec
+from protocol.deltas import encode_version
 from protocol.schemas import (
     DeviceProfile,
+    GlobalDelta,
     GlobalManifest,
     Receipt,
     Schedule,
@@ -51,6 +53,7 @@ class GlobalModel:
     manifest: GlobalManifest
     state: dict[str, np.ndarray]
     payload: bytes
+    delta_payload: bytes | None = None  # the version as a delta to the one before (manifest.delta says how)
 
 
 @dataclass
@@ -377,8 +380,12 @@ class Coordinator:
     def _finalize(self, task: str, task_round: TaskRound, now: float) -> GlobalModel:
         state = task_round.strategy.result()
         version = task_round.base_version + 1
+        delta = None
+        download_codec = self.config.tasks[task].download_codec
+        if download_codec is not None:  # publish what the delta rebuilds, so both downloads give one model
+            delta, state = encode_version(make_codec(download_codec), state, self.globals[task].state)
         ref = self.checkpoints.save(task, version, state)
-        model = self._global_model(task, version, state)
+        model = self._global_model(task, version, state, delta)
         self.ledger.finalize_task(
             task, self.round.round, version, ref.path, model.manifest.transfer.sha256, now
         )
@@ -483,17 +490,31 @@ class Coordinator:
             codec=c.codec,
         )
 
-    def _global_model(self, task: str, version: int, state: dict[str, np.ndarray]) -> GlobalModel:
+    def _global_model(
+        self, task: str, version: int, state: dict[str, np.ndarray], delta: bytes | None = None
+    ) -> GlobalModel:
+        """A version ready to publish; with `delta`, also as the difference to the current global version."""
         payload = encode_state(state)
+        chunk_size = self.config.transfers.chunk_size
+        delta_info = None
+        if delta is not None:
+            base = self.globals[task].manifest
+            delta_info = GlobalDelta(
+                base_version=base.version,
+                base_sha256=base.transfer.sha256,
+                codec=self.config.tasks[task].download_codec,
+                transfer=transfer_info(f"{task}.v{version}.delta", delta, chunk_size),
+            )
         manifest = GlobalManifest(
             task=task,
             version=version,
             model=self.config.tasks[task].model,
             tensors=describe(state),
-            transfer=transfer_info(f"{task}.v{version}", payload, self.config.transfers.chunk_size),
+            transfer=transfer_info(f"{task}.v{version}", payload, chunk_size),
             created_at=time.time(),
+            delta=delta_info,
         )
-        return GlobalModel(manifest, state, payload)
+        return GlobalModel(manifest, state, payload, delta)
 
     @staticmethod
     def receipt(manifest: UpdateManifest, status: str, reason: str = "") -> Receipt:

@@ -20,7 +20,7 @@ from aggregator.rounds import Coordinator, GlobalModel, Outbound
 from common.daemon import drop_on_error
 from common.metrics import serve
 from protocol import ProtocolError, topics
-from protocol.chunking import Reassembler
+from protocol.chunking import Reassembler, split
 from protocol.inbox import TransferInbox
 from protocol.schemas import (
     Chunk,
@@ -229,16 +229,29 @@ class AggregatorService:
             self.link.publish(topics.device(device, "schedule"), b"", retain=True)
 
     def publish_global(self, model: GlobalModel) -> None:
+        """A version's retained chunks (whole, and as a delta when it has one), then its manifest; retained chunks
+        that an earlier, longer transfer left (or a delta the version does not have) are cleared."""
         manifest = model.manifest
-        base = topics.global_model(manifest.task)
-        self.link.publish_transfer(base, encode(manifest), manifest.transfer, model.payload, retain=True)
-        previous = self._published_chunks.get(manifest.task, 0)
-        for index in range(manifest.transfer.chunks, previous):  # clear retained chunks a shorter model left
-            self.link.publish(topics.chunk(base, index), b"", retain=True)
-        self._published_chunks[manifest.task] = manifest.transfer.chunks
+        whole, delta = topics.global_model(manifest.task), topics.global_delta(manifest.task)
+        transfers = [(whole, manifest.transfer, model.payload)]
+        if model.delta_payload is not None:
+            transfers.append((delta, manifest.delta.transfer, model.delta_payload))
+        for base, info, payload in transfers:
+            for chunk in split(payload, info):
+                self.link.publish(topics.chunk(base, chunk.index), encode(chunk), retain=True)
+        for base in (whole, delta):
+            count = next((info.chunks for b, info, _ in transfers if b == base), 0)
+            for index in range(count, self._published_chunks.get(base, 0)):
+                self.link.publish(topics.chunk(base, index), b"", retain=True)
+            self._published_chunks[base] = count
+        self.link.publish(topics.manifest(whole), encode(manifest), retain=True)
         self.metrics.global_published(manifest.task, manifest.transfer.size)
         log.info(
-            "published global %s v%d (%d bytes)", manifest.task, manifest.version, manifest.transfer.size
+            "published global %s v%d (%d bytes%s)",
+            manifest.task,
+            manifest.version,
+            manifest.transfer.size,
+            f"; as a delta {manifest.delta.transfer.size}" if manifest.delta else "",
         )
 
 

@@ -243,6 +243,16 @@ class TensorInfo(Message):
     shape: Annotated[list[Annotated[int, Meta(ge=0, le=lim.MAX_DIM)]], Meta(max_length=lim.MAX_NDIM)]
 
 
+class GlobalDelta(Message):
+    """A global version also published as its difference to the version before (protocol.deltas), under
+    .../global/delta: a device holding `base_version` fetches this instead of the whole model."""
+
+    base_version: Version
+    base_sha256: Sha256
+    codec: CodecName
+    transfer: TransferInfo
+
+
 class GlobalManifest(Message):
     task: Name
     version: Version
@@ -250,6 +260,7 @@ class GlobalManifest(Message):
     tensors: Annotated[list[TensorInfo], Meta(max_length=lim.MAX_TENSORS)]
     transfer: TransferInfo
     created_at: Timestamp
+    delta: GlobalDelta | None = None
 
 
 class UpdateManifest(Message):

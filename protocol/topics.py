@@ -9,6 +9,7 @@ fedmt/v1/devices/{device}/schedule               retained round plan for this de
 fedmt/v1/devices/{device}/receipts               update accepted/duplicate/rejected       aggregator -> agent
 fedmt/v1/tasks/{task}/global/manifest            retained global model manifest           aggregator -> agents
 fedmt/v1/tasks/{task}/global/chunks/{i}          retained global model chunks             aggregator -> agents
+fedmt/v1/tasks/{task}/global/delta/chunks/{i}    retained chunks of the version as a delta aggregator -> agents
 fedmt/v1/tasks/{task}/updates/{device}/manifest  update manifest                          agent -> aggregator
 fedmt/v1/tasks/{task}/updates/{device}/chunks/{i} update chunks                           agent -> aggregator
 ```
@@ -60,6 +61,11 @@ def global_model(task: str) -> str:
     return f"{PREFIX}/tasks/{check_name('task', task)}/global"
 
 
+def global_delta(task: str) -> str:
+    """Base topic of a task's global model as a delta to the version before (its manifest is the global one)."""
+    return f"{global_model(task)}/delta"
+
+
 def update(task: str, device_id: str) -> str:
     """Base topic of a device's update transfers for a task."""
     return f"{PREFIX}/tasks/{check_name('task', task)}/updates/{check_name('device', device_id)}"
@@ -80,7 +86,7 @@ def all_below(base: str) -> str:
 
 @dataclass(frozen=True)
 class TopicRef:
-    """A parsed topic. `kind` is a device leaf, or 'global' / 'update' for transfers."""
+    """A parsed topic. `kind` is a device leaf, or 'global' / 'global_delta' / 'update' for transfers."""
 
     kind: str
     device: str | None = None
@@ -99,6 +105,8 @@ def parse(topic: str) -> TopicRef:
         return TopicRef(kind=rest[2], device=check_name("device", rest[1]))
     if len(rest) >= 3 and rest[0] == "tasks":
         task = check_name("task", rest[1])
+        if rest[2] == "global" and rest[3:4] == ["delta"] and rest[4:5] == ["chunks"]:
+            return _transfer_ref("global_delta", task, None, rest[4:], topic)
         if rest[2] == "global":
             return _transfer_ref("global", task, None, rest[3:], topic)
         if rest[2] == "updates" and len(rest) >= 4:

@@ -149,6 +149,18 @@ class MqttLink:
             if isinstance(item, Incoming):
                 yield item
 
+    def subscribe(self, topic_filter: str) -> None:
+        """Add a subscription now (retained messages under it arrive) and on every reconnect; idempotent."""
+        if topic_filter not in self._subscriptions:
+            self._subscriptions.append(topic_filter)
+            self.client.subscribe(topic_filter, options=SubscribeOptions(qos=1, retainAsPublished=True))
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Drop a subscription made with `subscribe`; idempotent."""
+        if topic_filter in self._subscriptions:
+            self._subscriptions.remove(topic_filter)
+            self.client.unsubscribe(topic_filter)
+
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> mqtt.MQTTMessageInfo:

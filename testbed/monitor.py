@@ -15,9 +15,10 @@ import numpy as np
 
 from protocol import ProtocolError, topics
 from protocol.chunking import Reassembler
+from protocol.codecs import make_codec
 from protocol.inbox import TransferInbox
 from protocol.schemas import Chunk, Event, GlobalManifest, Receipt, Schedule, Status, UpdateManifest, decode
-from protocol.tensors import decode_state
+from protocol.tensors import decode_state, describe
 from protocol.transport import Incoming, MqttLink, MqttSettings
 
 
@@ -66,6 +67,14 @@ class Monitor:
     def close(self) -> None:
         self.link.stop()
 
+    def _decode(self, manifest: GlobalManifest | UpdateManifest, payload: bytes) -> dict:
+        """A global model's tensors, or an update's as its codec decodes them against the global it started from
+        (seen before it, as agents see it)."""
+        if isinstance(manifest, GlobalManifest):
+            return decode_state(payload)
+        base = self.globals[(manifest.task, manifest.base_version)]
+        return make_codec(manifest.codec).decode(payload, describe(base))
+
     def _record(self, message: Incoming) -> None:
         ref = topics.parse(message.topic)
         if ref.kind == "schedule":
@@ -88,8 +97,8 @@ class Monitor:
                 delivery = inbox.add_chunk(decode(message.payload, Chunk))
             if delivery is None:
                 return
-            state = {k: v.copy() for k, v in decode_state(delivery.path.read_bytes()).items()}
             manifest = delivery.manifest
+            state = {k: v.copy() for k, v in self._decode(manifest, delivery.path.read_bytes()).items()}
             if ref.kind == "global":
                 self.globals[(manifest.task, manifest.version)] = state
                 self.seen_at[(manifest.task, manifest.version)] = time.time()

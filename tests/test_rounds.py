@@ -20,6 +20,7 @@ from protocol import ProtocolError
 from protocol.chunking import transfer_info
 from protocol.codecs import make_codec
 from protocol.schemas import DeviceProfile, HostInfo, ModelSpec, TaskData, UpdateManifest
+from protocol.tensors import encode_state
 
 HOST = HostInfo(hostname="h", os="linux", machine="x86_64", python="3.11", cpu_count=2, memory_bytes=1)
 BASE = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "steps": np.array(7, dtype=np.int64)}
@@ -310,3 +311,29 @@ def test_a_task_config_naming_an_unknown_codec_is_refused(config):
         msgspec.structs.replace(config.tasks["t"], codec=CodecSpec(name="zip"))
     with pytest.raises(ValueError, match="unknown codec 'lz4'"):
         msgspec.structs.replace(config.tasks["t"], accept_codecs=["lz4"])
+
+
+def test_a_download_codec_publishes_the_version_its_delta_rebuilds(config, tmp_path):
+    import msgspec
+
+    from protocol.deltas import apply
+    from protocol.tensors import describe
+
+    task = msgspec.structs.replace(config.tasks["t"], download_codec="fp16")
+    coordinator = started(msgspec.structs.replace(config, tasks={"t": task}))
+    coordinator.tick(now=1000)
+    v0 = coordinator.globals["t"]
+    assert v0.manifest.delta is None and v0.delta_payload is None  # nothing before the first version
+    third = {"w": np.full((3, 4), 1 / 3, np.float32), "steps": np.array(2, dtype=np.int64)}
+    update(coordinator, tmp_path, "d1", third)
+    update(coordinator, tmp_path, "d2", third)
+    v1 = coordinator.tick(now=1001).globals[0]
+    assert (v1.manifest.delta.base_version, v1.manifest.delta.base_sha256) == (0, v0.manifest.transfer.sha256)
+    assert (
+        v1.manifest.delta.transfer.size == len(v1.delta_payload) < v1.manifest.transfer.size
+    )  # headers weigh here
+    rebuilt = apply(v0.state, make_codec("fp16").decode(v1.delta_payload, describe(v0.state)))
+    assert encode_state(rebuilt) == v1.payload  # what a device rebuilds is what is published, bit for bit
+    assert not np.array_equal(v1.state["w"], BASE["w"] + np.float32(1 / 3))  # float16's rounding of the step
+    np.testing.assert_allclose(v1.state["w"], BASE["w"] + 1 / 3, atol=1e-3)
+    assert v1.state["steps"] == 9
