@@ -151,3 +151,15 @@ def test_zstd_refuses_to_expand_beyond_what_the_layout_holds():
     bomb = zstandard.ZstdCompressor().compress(b"\0" * (8 << 20))
     with pytest.raises(ProtocolError, match="zstd"):
         make_codec("dense+zstd").decode(bomb, describe({"w": np.zeros(4, np.float32)}))
+
+
+def test_sparse_is_exact_and_small_where_a_delta_is_mostly_zeros():
+    rng = np.random.default_rng(5)
+    w = np.zeros((200, 100), dtype=np.float32)
+    w.ravel()[rng.choice(w.size, 600, replace=False)] = rng.normal(size=600).astype(np.float32)
+    d = {"w": w, "b": np.zeros(10, dtype=np.float32), "n": np.array(3, np.int64)}
+    codec = make_codec("sparse")
+    payload = codec.encode(d)
+    assert len(encode_state(d)) / len(payload) > 15
+    out = codec.decode(payload, describe(d))
+    assert all(np.array_equal(out[k], d[k]) for k in d)
