@@ -29,6 +29,7 @@ class Monitor:
     settings: MqttSettings
     spool: Path
     globals: dict[tuple[str, int], dict[str, np.ndarray]] = field(default_factory=dict)
+    global_manifests: dict[tuple[str, int], GlobalManifest] = field(default_factory=dict)
     updates: dict[str, tuple[UpdateManifest, dict[str, np.ndarray]]] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     receipts: list[Receipt] = field(default_factory=list)
@@ -101,6 +102,7 @@ class Monitor:
             state = {k: v.copy() for k, v in self._decode(manifest, delivery.path.read_bytes()).items()}
             if ref.kind == "global":
                 self.globals[(manifest.task, manifest.version)] = state
+                self.global_manifests[(manifest.task, manifest.version)] = manifest
                 self.seen_at[(manifest.task, manifest.version)] = time.time()
             else:
                 self.updates[manifest.update_id] = (manifest, state)
