@@ -15,6 +15,7 @@ import torch
 from agent import jobs
 from agent.checkpoint import load_round
 from agent.data import DigitsData, SyntheticData
+from agent.handover import Training, standby_key
 from agent.mps import GpuSharing, MpsConfig, MpsDaemon
 from agent.planning import Planner
 from agent.runner import TaskWork, run_round
@@ -155,15 +156,20 @@ def test_a_finished_tasks_share_moves_to_standby_workers_that_finish_the_same_tr
     planner = Planner(fake_mps(tmp_path))
     plan = planner.plan("fedmt", [w.train.assignment for w in works.values()], dict.fromkeys(works, 64))
     assert plan.resources == {"short": 70.0, "b": 70.0, "c": 70.0}
+    reallocate = planner.reallocation(plan, restart_cost_s=0.0)
+    launches = {launch.task: launch for launch in plan.launches}
+    moves = reallocate("short", [Training(t, launches[t], 0, 300, 1.0) for t in ("b", "c")])
     outcomes, pids = {}, {}
     with WorkerPool(jobs.Init(device="cpu"), log_dir=tmp_path) as pool:
+        for task, launch in moves.items():  # warm, as an agent's would be by a later round: the hand-over
+            pool.prestart(standby_key(task), launch, works[task].prepare)  # then happens on any machine load
         run_round(
             plan.launches,
             works,
             pool,
             lambda o: outcomes.__setitem__(o.task, o),
             on_started=lambda task, lease: pids.__setitem__(task, lease.worker),
-            reallocate=planner.reallocation(plan, restart_cost_s=0.0),
+            reallocate=reallocate,
         )
         moved = [t for t in ("b", "c") if outcomes[t].handovers]
         assert moved, "no task was handed over"

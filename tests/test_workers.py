@@ -296,3 +296,13 @@ def test_a_lossy_codec_writes_its_update_and_keeps_the_residual_across_rounds(po
         assert np.all(np.abs(kept[RESIDUAL + name][at_sent]) <= 1e-3 * np.abs(sent[name][at_sent]))
         assert np.count_nonzero(kept[RESIDUAL + name][~at_sent]) > 0.9 * (~at_sent).sum()
     assert sizes[0] < 0.2 * base[0].stat().st_size
+
+
+def test_a_lease_out_when_the_pool_closes_ends_with_it_and_nothing_starts_after(tmp_path):
+    pool = WorkerPool(CPU, log_dir=tmp_path)
+    lease = pool.acquire("a", Launch("a"), prepare(8))
+    pool.close()  # e.g. the agent stops while a standby worker is still leased
+    assert lease.worker.proc.returncode == 0
+    pool.release("a", healthy=False)  # the standby's thread lets go late: nothing left to do, no error
+    with pytest.raises(WorkerGone, match="closed"):
+        pool.acquire("b", Launch("b"), prepare(8))
