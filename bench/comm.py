@@ -21,6 +21,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import msgspec
+
 from bench.common import write_json
 from protocol.schemas import CodecSpec
 from testbed import demo
@@ -35,8 +37,19 @@ CODECS = {
 DOWNLOAD_CODEC = "fp16+zstd"
 
 
-def run_demo(runs: Path, name: str, codec: CodecSpec, rounds: int, mbps: float | None = None) -> dict:
-    """One demo run; its summary (also written to runs/<name>/summary.json)."""
+def run_demo(
+    runs: Path, name: str, codec: CodecSpec, rounds: int, mbps: float | None = None, reuse: bool = False
+) -> dict:
+    """One demo run; its summary (also written to runs/<name>/summary.json, and with `reuse` read from there
+    when a run of this configuration finished before)."""
+    kept = runs / name / "summary.json"
+    if reuse and kept.exists():
+        summary = json.loads(kept.read_text())
+        same = (
+            summary.get("codec") == msgspec.to_builtins(codec) and summary.get("link", {}).get("mbps") == mbps
+        )
+        if same and summary["num_rounds"] == rounds:
+            return summary
     options = demo.Options(
         out=(runs / name).resolve(),
         rounds=rounds,
@@ -70,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--link-rounds", type=int, default=3)
     parser.add_argument("--mbps", nargs="*", type=float, default=[10.0, 100.0, 400.0])
+    parser.add_argument(
+        "--reuse", nargs="*", default=[], help="codecs whose finished runs under --runs to reuse"
+    )
     args = parser.parse_args(argv)
     from rich.console import Console
 
@@ -79,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     summaries = {}
     for name in args.codecs:
         console.rule(f"{name}: {args.rounds} rounds at full speed")
-        summaries[name] = run_demo(args.runs, f"accuracy-{name}", CODECS[name], args.rounds)
+        summaries[name] = run_demo(
+            args.runs, f"accuracy-{name}", CODECS[name], args.rounds, reuse=name in args.reuse
+        )
     if "dense" in summaries:
         dense = summaries["dense"]
         results["codecs"] = {}
@@ -115,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         times = results.setdefault("round_time_s", {}).setdefault(key, {})
         for name in args.codecs:
             console.rule(f"{name}: {args.link_rounds} rounds at {key} Mbps per agent")
-            summary = run_demo(args.runs, f"link{key}-{name}", CODECS[name], args.link_rounds, mbps)
+            summary = run_demo(
+                args.runs, f"link{key}-{name}", CODECS[name], args.link_rounds, mbps, reuse=name in args.reuse
+            )
             times[name] = round(later_round_s(summary), 2)
             results.setdefault("round_wall_s", {}).setdefault(key, {})[name] = summary["round_wall_time_s"]
             write_json(results_path, results)

@@ -80,8 +80,10 @@ class Codec(ABC):
 
 
 class PartialCodec(Codec):
-    """A lossy codec that keeps a `fraction` of each floating tensor (at least one element) and sends it in
-    the per-tensor entries of protocol.codecs.wire."""
+    """A lossy codec that keeps a `fraction` of each floating matrix or kernel (at least one element) and sends
+    it in the per-tensor entries of protocol.codecs.wire. Vectors and scalars (biases, normalisation weights,
+    BatchNorm's running statistics) travel whole: they weigh little, and a running variance cut short can turn
+    negative and wreck a whole model's evaluation."""
 
     lossy = True
     default_fraction: ClassVar[float]
@@ -94,6 +96,11 @@ class PartialCodec(Codec):
 
     def kept(self, size: int) -> int:
         return min(size, max(1, math.ceil(self.fraction * size)))
+
+    @staticmethod
+    def cut(array: np.ndarray) -> bool:
+        """Whether the codec keeps only part of `array` (else it travels whole)."""
+        return array.dtype.name in FLOAT_DTYPES and array.ndim >= 2 and array.size > 0
 
 
 def check_names(found: list[str], layout: list[TensorInfo], what: str) -> None:

@@ -1,6 +1,6 @@
-"""`dct`: FedFT-style frequency-space updates. Each floating tensor, flattened, goes through an orthonormal
-DCT-II and only its lowest `keep` fraction of coefficients travels (float32); the receiver zero-fills the rest and
-inverts. Integer and boolean tensors travel dense. The transform is linear, so averaging decoded updates equals
+"""`dct`: FedFT-style frequency-space updates. Each floating matrix or kernel, flattened, goes through an
+orthonormal DCT-II and only its lowest `fraction` of coefficients travels (float32); the receiver zero-fills the
+rest and inverts. Vectors, scalars, integer and boolean tensors travel whole. The transform is linear, so averaging decoded updates equals
 decoding averaged coefficients."""
 
 from __future__ import annotations
@@ -32,19 +32,23 @@ class DctCodec(PartialCodec):
         return encode_entries(delta, self._entry)
 
     def _entry(self, array: np.ndarray) -> Entry:
-        if array.dtype.name not in FLOAT_DTYPES or array.size < 2:
+        if not self.cut(array):
             return dense_entry(array)
         coefficients = dct(array.reshape(-1).astype(np.float64))[: self.kept(array.size)]
-        return Entry(list(array.shape), "float32", coefficients.size, little(coefficients.astype(np.float32)))
+        data = little(coefficients.astype(np.float32))
+        return Entry(list(array.shape), "float32", coefficients.size, data, transform=self.name)
 
     def parts(self, payload: bytes | memoryview, layout: list[TensorInfo]) -> Iterator[tuple[str, Part]]:
         for info, entry in read_entries(payload, layout):
-            size = math.prod(info.shape)
-            if info.dtype not in FLOAT_DTYPES or size < 2 or entry.index is not None:
+            if entry.transform is None:
                 yield info.name, Dense(dense_values(info, entry))
                 continue
-            if entry.dtype != "float32" or not 0 < entry.count <= size:
-                raise ProtocolError(f"tensor {info.name!r}: not {size} or fewer float32 coefficients")
+            size = math.prod(info.shape)
+            good = entry.transform == self.name and entry.index is None and entry.dtype == "float32"
+            if not good or info.dtype not in FLOAT_DTYPES or not 0 < entry.count <= size:
+                raise ProtocolError(
+                    f"tensor {info.name!r}: not {size} or fewer float32 {self.name} coefficients"
+                )
             full = np.zeros(size, dtype=np.float64)
             full[: entry.count] = read_array(entry.data, "float32", entry.count, info.name)
             yield info.name, Dense(idct(full).reshape(info.shape))

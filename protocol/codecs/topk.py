@@ -1,5 +1,5 @@
-"""`topk`: of each floating tensor, the `fraction` of elements largest in magnitude (at least one), as sorted
-flat indices and float16 values; integer and boolean tensors dense. What it leaves out is meant to be kept by
+"""`topk`: of each floating matrix or kernel, the `fraction` of elements largest in magnitude (at least one), as
+sorted flat indices and float16 values; vectors, scalars, integer and boolean tensors whole. What it leaves out is meant to be kept by
 the sender and added to the next update (error feedback, agent.compression)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from protocol.codecs.base import FLOAT_DTYPES, Part, PartialCodec
+from protocol.codecs.base import Part, PartialCodec
 from protocol.codecs.fp16 import to_half
 from protocol.codecs.wire import Entry, dense_entry, encode_entries, read_entries, sparse_entry, sparse_part
 from protocol.schemas import TensorInfo
@@ -22,7 +22,7 @@ class TopKCodec(PartialCodec):
         return encode_entries(delta, self._entry)
 
     def _entry(self, array: np.ndarray) -> Entry:
-        if array.dtype.name not in FLOAT_DTYPES or array.size == 0:
+        if not self.cut(array):
             return dense_entry(array)
         flat = array.reshape(-1)
         k = self.kept(flat.size)

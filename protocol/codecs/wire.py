@@ -16,9 +16,9 @@ from protocol.tensors import MAX_TENSORS, wire_dtype
 
 
 class Entry(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
-    """One tensor of `shape`. `index` (little-endian uint32 or uint64 flat positions) marks a sparse entry: `data`
-    holds its values in `dtype`. Without `index`, `data` holds `count` leading elements of the codec's
-    representation (all of them for a dense tensor)."""
+    """One tensor of `shape`, `count` elements of `dtype` in `data`: the whole tensor; or, with `index`
+    (little-endian uint32 or uint64 flat positions), its values there; or, with `transform` (e.g. "dct"), the
+    leading coefficients of that transform of it."""
 
     shape: list[int]
     dtype: str
@@ -26,6 +26,7 @@ class Entry(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     data: memoryview
     index: memoryview | None = None
     index_dtype: str | None = None
+    transform: str | None = None
 
 
 _decoder = msgspec.msgpack.Decoder(dict[str, Entry])
@@ -76,7 +77,8 @@ def read_array(data: memoryview, dtype: str, count: int, name: str) -> np.ndarra
 
 def dense_values(info: TensorInfo, entry: Entry) -> np.ndarray:
     """A dense entry as the layout's tensor; raises ProtocolError unless it is exactly that."""
-    if entry.index is not None or entry.dtype != info.dtype or entry.count != math.prod(info.shape):
+    whole = entry.index is None and entry.transform is None
+    if not whole or entry.dtype != info.dtype or entry.count != math.prod(info.shape):
         raise ProtocolError(f"tensor {info.name!r}: expected a dense {info.dtype}{info.shape}")
     return read_array(entry.data, entry.dtype, entry.count, info.name).reshape(info.shape)
 
@@ -105,6 +107,8 @@ def sparse_part(info: TensorInfo, entry: Entry, value_dtype: str, allow_empty: b
     if entry.index is None:
         return Dense(dense_values(info, entry))
     size = math.prod(info.shape)
+    if entry.transform is not None:
+        raise ProtocolError(f"tensor {info.name!r}: a sparse entry with a transform")
     if (
         info.dtype not in FLOAT_DTYPES
         or entry.dtype != value_dtype
