@@ -32,6 +32,7 @@ CODECS = {
     "dense": CodecSpec(name="dense"),
     "fp16": CodecSpec(name="fp16"),
     "topk": CodecSpec(name="topk", fraction=0.01),
+    "topk10": CodecSpec(name="topk", fraction=0.1),
     "dct": CodecSpec(name="dct", fraction=0.8),
 }
 DOWNLOAD_CODEC = "fp16+zstd"
