@@ -31,8 +31,8 @@ from testbed import demo
 CODECS = {
     "dense": CodecSpec(name="dense"),
     "fp16": CodecSpec(name="fp16"),
-    "topk": CodecSpec(name="topk", fraction=0.01),
-    "topk10": CodecSpec(name="topk", fraction=0.1),
+    "topk": CodecSpec(name="topk+zstd", fraction=0.01),
+    "topk10": CodecSpec(name="topk+zstd", fraction=0.1),
     "dct": CodecSpec(name="dct", fraction=0.8),
 }
 DOWNLOAD_CODEC = "fp16+zstd"
@@ -101,6 +101,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "dense" in summaries:
         dense = summaries["dense"]
+        repeats = [dense] + [
+            run_demo(
+                args.runs, f"accuracy-dense-{i}", CODECS["dense"], args.rounds, reuse="dense" in args.reuse
+            )
+            for i in range(2, args.dense_repeats + 1)
+        ]
+        results["dense_final_accuracy_runs"] = {
+            t: [final_accuracy(r)[t] for r in repeats] for t in final_accuracy(dense)
+        }
+        results["dense_spread_pts"] = {
+            t: round(100 * (max(values) - min(values)), 2)
+            for t, values in results["dense_final_accuracy_runs"].items()
+        }
         results["codecs"] = {}
         for name, summary in summaries.items():
             drops = {

@@ -68,7 +68,7 @@ def test_topk_keeps_the_largest_magnitudes_of_each_matrix_and_sends_vectors_whol
     assert len(kept) == 500
     assert set(kept) == set(np.argsort(np.abs(d["w"]).ravel())[-500:])
     assert np.allclose(out["w"].ravel()[kept], d["w"].ravel()[kept], rtol=1e-3)
-    assert np.array_equal(out["b"], d["b"])  # vectors (biases, norms, running statistics) travel whole
+    assert np.array_equal(out["b"], d["b"].astype(np.float16))  # vectors travel whole, as float16
 
 
 def test_topk_at_one_percent_is_over_fifty_times_smaller_than_dense():
@@ -169,4 +169,4 @@ def test_sparse_is_exact_and_small_where_a_delta_is_mostly_zeros():
 def test_partial_codecs_send_batchnorm_statistics_whole(name):
     d = {"bn.running_var": np.linspace(0.5, 2.0, 64, dtype=np.float32), "conv": np.ones((8, 8), np.float32)}
     out = make_codec(name, 0.1).decode(make_codec(name, 0.1).encode(d), describe(d))
-    assert np.array_equal(out["bn.running_var"], d["bn.running_var"])
+    assert np.array_equal(out["bn.running_var"], d["bn.running_var"].astype(np.float16))

@@ -6,17 +6,17 @@ decoding averaged coefficients."""
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from collections.abc import Iterator, Mapping
+from functools import lru_cache
 
 import numpy as np
 
 from protocol.codecs.base import FLOAT_DTYPES, Dense, Part, PartialCodec
 from protocol.codecs.wire import (
     Entry,
-    dense_entry,
     dense_values,
     encode_entries,
+    half_entry,
     little,
     read_array,
     read_entries,
@@ -34,7 +34,7 @@ class DctCodec(PartialCodec):
 
     def _entry(self, array: np.ndarray) -> Entry:
         if not self.cut(array):
-            return dense_entry(array)
+            return half_entry(array)
         coefficients = dct(array.reshape(-1).astype(np.float32))[: self.kept(array.size)]
         data = little(coefficients.astype(np.float32))
         return Entry(list(array.shape), "float32", coefficients.size, data, transform=self.name)

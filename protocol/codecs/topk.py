@@ -8,9 +8,8 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from protocol.codecs.base import Part, PartialCodec
-from protocol.codecs.fp16 import to_half
-from protocol.codecs.wire import Entry, dense_entry, encode_entries, read_entries, sparse_entry, sparse_part
+from protocol.codecs.base import Part, PartialCodec, to_half
+from protocol.codecs.wire import Entry, encode_entries, half_entry, read_entries, sparse_entry, sparse_part
 from protocol.schemas import TensorInfo
 
 
@@ -23,7 +22,7 @@ class TopKCodec(PartialCodec):
 
     def _entry(self, array: np.ndarray) -> Entry:
         if not self.cut(array):
-            return dense_entry(array)
+            return half_entry(array)
         flat = array.reshape(-1)
         k = self.kept(flat.size)
         index = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :])

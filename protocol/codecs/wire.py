@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 import msgspec
 import numpy as np
 
-from protocol.codecs.base import FLOAT_DTYPES, Dense, Part, Sparse, check_names
+from protocol.codecs.base import FLOAT_DTYPES, Dense, Part, Sparse, check_names, to_half
 from protocol.errors import ProtocolError
 from protocol.schemas import TensorInfo
 from protocol.tensors import MAX_TENSORS, wire_dtype
@@ -75,10 +75,17 @@ def read_array(data: memoryview, dtype: str, count: int, name: str) -> np.ndarra
     return np.frombuffer(data, dtype=wire)
 
 
+def half_entry(array: np.ndarray) -> Entry:
+    """A tensor whole, floating ones as float16 (see `dense_values`)."""
+    return dense_entry(to_half(array))
+
+
 def dense_values(info: TensorInfo, entry: Entry) -> np.ndarray:
-    """A dense entry as the layout's tensor; raises ProtocolError unless it is exactly that."""
+    """A dense entry as the layout's tensor (a floating one may travel as float16); raises ProtocolError unless
+    it is exactly that."""
     whole = entry.index is None and entry.transform is None
-    if not whole or entry.dtype != info.dtype or entry.count != math.prod(info.shape):
+    half = info.dtype in FLOAT_DTYPES and entry.dtype == "float16"
+    if not whole or (entry.dtype != info.dtype and not half) or entry.count != math.prod(info.shape):
         raise ProtocolError(f"tensor {info.name!r}: expected a dense {info.dtype}{info.shape}")
     return read_array(entry.data, entry.dtype, entry.count, info.name).reshape(info.shape)
 
