@@ -8,6 +8,7 @@ import msgspec
 from msgspec import Meta
 
 from aggregator.limits import UpdateLimits
+from aggregator.sampling import SamplingConfig
 from aggregator.strategies import FedAvgSpec, StrategySpec
 from common.config import load_toml
 from common.metrics import MetricsConfig
@@ -49,6 +50,7 @@ class TaskConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     )
     strategy: StrategySpec = msgspec.field(default_factory=FedAvgSpec)  # how the round combines its updates
     limits: UpdateLimits = msgspec.field(default_factory=UpdateLimits)  # what one update may weigh
+    sampling: SamplingConfig | None = None  # K of the eligible devices per round; None: every eligible device
 
     def __post_init__(self) -> None:
         if not self.min_batch_size <= self.batch_size <= self.max_batch_size:

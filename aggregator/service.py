@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from aggregator.admission import Refused, UpdateAdmission
@@ -36,13 +36,18 @@ from protocol.schemas import (
 from protocol.transport import Incoming, LinkEvent, MqttLink
 
 log = logging.getLogger(__name__)
-SUBSCRIPTIONS = [
+DEVICE_SUBSCRIPTIONS = [
     f"{topics.PREFIX}/devices/+/status",
     f"{topics.PREFIX}/devices/+/profile",
     f"{topics.PREFIX}/devices/+/telemetry",
     f"{topics.PREFIX}/devices/+/events",
-    f"{topics.PREFIX}/tasks/+/updates/#",
 ]
+
+
+def subscriptions(tasks: Iterable[str]) -> list[str]:
+    """Every device's news, and the updates of the tasks this aggregator owns (other aggregators may own the
+    rest, on the same broker)."""
+    return DEVICE_SUBSCRIPTIONS + [topics.task_updates(task) for task in tasks]
 
 
 class AggregatorService:
@@ -63,7 +68,7 @@ class AggregatorService:
         )
         self.admission = UpdateAdmission(transfers)
         self.telemetry: dict[str, Telemetry] = {}
-        self.link = MqttLink(config.mqtt, SUBSCRIPTIONS, persistent_session=True)
+        self.link = MqttLink(config.mqtt, subscriptions(config.tasks), persistent_session=True)
         self._published_chunks: dict[str, int] = {}
 
     def run(
@@ -223,10 +228,12 @@ class AggregatorService:
     def publish(self, out: Outbound) -> None:
         for model in out.globals:
             self.publish_global(model)
+        for device, task in out.cleared_schedules:
+            self.link.publish(topics.schedule(device, task), b"", retain=True)
         for schedule in out.schedules:
-            self.link.publish(topics.device(schedule.device, "schedule"), encode(schedule), retain=True)
-        for device in out.cleared_schedules:
-            self.link.publish(topics.device(device, "schedule"), b"", retain=True)
+            self.link.publish(
+                topics.schedule(schedule.device, schedule.tasks[0].task), encode(schedule), retain=True
+            )
 
     def publish_global(self, model: GlobalModel) -> None:
         manifest = model.manifest

@@ -142,7 +142,7 @@ class RawDevice:
         self.device = device
         self.link = MqttLink(
             mqtt(broker, device),
-            [topics.device(device, "schedule"), topics.device(device, "receipts")],
+            [topics.schedules(device), topics.device(device, "receipts")],
             birth=(topics.device(device, "status"), encode(Status(state="online", ts=time.time())))
             if samples is not None
             else None,
