@@ -125,6 +125,10 @@ class TaskRecord:
     cancelled: set[str] = field(default_factory=set)  # stopped: schedule cleared or replaced
     resends: int = 0
 
+    def unanswered(self) -> set[str]:
+        """Devices whose uploaded update has no receipt yet."""
+        return set(self.uploaded) - set(self.receipts)
+
     def accepted(self) -> dict[str, float]:
         """Devices whose update was recorded (accepted, or a duplicate of a recorded one) and when they heard."""
         return {d: t for d, (status, t) in self.receipts.items() if status in ("accepted", "duplicate")}
@@ -140,6 +144,10 @@ class FleetStats:
 
     def task(self, task: str, round_: int) -> TaskRecord:
         return self.tasks.setdefault((task, round_), TaskRecord())
+
+    def settled(self) -> bool:
+        """Whether every uploaded update has its receipt."""
+        return not any(record.unanswered() for record in self.tasks.values())
 
 
 class _Timers:

@@ -19,6 +19,7 @@ from testbed.broker import Mosquitto
 
 USERS = {
     "aggregator": "agg-secret",
+    "aggregator-2": "agg2-secret",  # a second aggregator process, owning other tasks
     "monitor": "mon-secret",
     "auditor": "aud-secret",
     **{f"dev{i}": f"dev{i}-secret" for i in range(1, 5)},
