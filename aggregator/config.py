@@ -94,6 +94,9 @@ class AggregatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
         default_factory=MetricsConfig
     )  # Prometheus endpoint; off by default
     tasks: Annotated[dict[Name, TaskConfig], Meta(min_length=1)]
+    # true: other aggregators own other tasks on this broker (README, "Scaling"): take only these tasks' updates
+    # and answer none for others; false: an update for a task not in `tasks` is rejected as unknown
+    sharded: bool = False
     # device -> task -> samples the operator knows it holds: its update's weight instead of its own word
     registered_samples: dict[Name, dict[Name, PosInt]] = {}
 

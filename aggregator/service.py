@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from aggregator.admission import Refused, UpdateAdmission
@@ -44,10 +44,11 @@ DEVICE_SUBSCRIPTIONS = [
 ]
 
 
-def subscriptions(tasks: Iterable[str]) -> list[str]:
-    """Every device's news, and the updates of the tasks this aggregator owns (other aggregators may own the
-    rest, on the same broker)."""
-    return DEVICE_SUBSCRIPTIONS + [topics.task_updates(task) for task in tasks]
+def subscriptions(config: AggregatorConfig) -> list[str]:
+    """Every device's news, and the updates of every task, or, `sharded`, of this aggregator's tasks only (other
+    aggregators own the rest, on the same broker)."""
+    tasks = config.tasks if config.sharded else ["+"]
+    return DEVICE_SUBSCRIPTIONS + [f"{topics.PREFIX}/tasks/{task}/updates/#" for task in tasks]
 
 
 class AggregatorService:
@@ -68,7 +69,7 @@ class AggregatorService:
         )
         self.admission = UpdateAdmission(transfers)
         self.telemetry: dict[str, Telemetry] = {}
-        self.link = MqttLink(config.mqtt, subscriptions(config.tasks), persistent_session=True)
+        self.link = MqttLink(config.mqtt, subscriptions(config), persistent_session=True)
         self._published_chunks: dict[str, int] = {}
 
     def run(

@@ -77,11 +77,6 @@ def update(task: str, device_id: str) -> str:
     return f"{PREFIX}/tasks/{check_name('task', task)}/updates/{check_name('device', device_id)}"
 
 
-def task_updates(task: str) -> str:
-    """Subscription filter for every device's update transfers of a task."""
-    return f"{PREFIX}/tasks/{check_name('task', task)}/updates/#"
-
-
 def manifest(base: str) -> str:
     return f"{base}/manifest"
 

@@ -39,10 +39,10 @@ class AggregatorProcess:
 
     def peak_rss_mib(self) -> float:
         """The process's peak resident set so far (VmHWM), in MiB."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmHWM in /proc/PID/status")
+        peak = peak_rss_of(self.process.pid)
+        if peak is None:
+            raise RuntimeError(f"no peak RSS of process {self.process.pid} in /proc")
+        return peak
 
     def kill(self) -> None:
         """kill -9: no clean-up, no goodbye."""
@@ -64,3 +64,14 @@ class AggregatorProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def peak_rss_of(pid: int) -> float | None:
+    """A live process's peak resident set (VmHWM in /proc/PID/status) in MiB; None if it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None

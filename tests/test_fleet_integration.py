@@ -43,12 +43,15 @@ def task(tmp_path: Path, name: str, **fields) -> TaskConfig:
     )
 
 
-def aggregator(tmp_path: Path, broker, tasks: dict, user: str = "aggregator", **rounds) -> AggregatorConfig:
+def aggregator(
+    tmp_path: Path, broker, tasks: dict, user: str = "aggregator", sharded: bool = False, **rounds
+) -> AggregatorConfig:
     return AggregatorConfig(
         state_dir=str(tmp_path / user),
         mqtt=mqtt(broker, user),
         rounds=RoundsConfig(**{"round_timeout_s": 300.0, **rounds}),
         tasks=tasks,
+        sharded=sharded,
     )
 
 
@@ -118,10 +121,9 @@ def test_sampling_k_of_100_finishes_rounds_without_waiting_for_the_slowest_tenth
 
 @pytest.mark.parametrize("fleet_broker", [8], indirect=True)
 def test_two_aggregator_processes_owning_different_tasks_run_one_federation(tmp_path, fleet_broker):
-    first = aggregator(tmp_path, fleet_broker, {"a": task(tmp_path, "a")}, rounds=2, min_devices=8)
-    second = aggregator(
-        tmp_path, fleet_broker, {"b": task(tmp_path, "b")}, user="aggregator-2", rounds=2, min_devices=8
-    )
+    shard = {"sharded": True, "rounds": 2, "min_devices": 8}
+    first = aggregator(tmp_path, fleet_broker, {"a": task(tmp_path, "a")}, **shard)
+    second = aggregator(tmp_path, fleet_broker, {"b": task(tmp_path, "b")}, user="aggregator-2", **shard)
     behaviour = FleetConfig(tasks={"a": 10, "b": 30}, train_time=TrainTime(median_s=0.2, jitter=0.3))
     with AggregatorProcess(first, tmp_path / "a") as one, AggregatorProcess(second, tmp_path / "b") as two:
         with Fleet(fleet_broker.host, fleet_broker.port, fleet_broker.devices, behaviour) as fleet:

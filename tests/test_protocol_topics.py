@@ -90,7 +90,6 @@ def test_ids_named_like_tree_keywords_are_still_ids():
 def test_all_below_is_a_multilevel_wildcard_under_the_base():
     assert t.all_below(t.global_model("cifar10")) == "fedmt/v1/tasks/cifar10/global/#"
     assert t.all_below(t.update("cifar10", "dev-1")) == "fedmt/v1/tasks/cifar10/updates/dev-1/#"
-    assert t.task_updates("cifar10") == "fedmt/v1/tasks/cifar10/updates/#"
 
 
 @pytest.mark.parametrize(
