@@ -31,7 +31,7 @@ from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig
 from bench.common import write_json
 from protocol.schemas import ModelSpec
 from protocol.transport import MqttSettings
-from testbed.aggregator_process import AggregatorProcess, peak_rss_of
+from testbed.aggregator_process import AggregatorProcess, cpu_seconds_of, peak_rss_of
 from testbed.broker import Mosquitto
 from testbed.fleet import Fleet, FleetConfig, FleetStats, TrainTime, fleet_users, raise_open_files
 from testbed.fleet_audit import audit
@@ -89,8 +89,13 @@ def run_fleet(devices: int, setup: Setup, work: Path, kill_at: float | None = No
                     fleet.wait(FleetStats.settled, 30, "a receipt for every update", watch)
                 except TimeoutError:
                     pass  # the audit counts what never got one
+                wall_s = time.monotonic() - started
                 peak_rss = process.peak_rss_mib()
                 broker_rss = peak_rss_of(broker.pid) if broker.pid else None
+                cpu_s = {
+                    "aggregator": cpu_seconds_of(process.process.pid),
+                    "broker": cpu_seconds_of(broker.pid),
+                }
                 rounds = fleet.query(lambda s: round_rows(s, setup.rounds))
                 audits = fleet.query(lambda s: audit(Path(config.state_dir), TASK, fleet.values, s))
                 resends = fleet.query(lambda s: sum(r.resends for r in s.tasks.values()))
@@ -105,12 +110,15 @@ def run_fleet(devices: int, setup: Setup, work: Path, kill_at: float | None = No
         "peak_rss_mib": round(peak_rss, 1),
         "updates_per_s": round(statistics.median(r["updates_per_s"] for r in rounds), 1),
         "finalise_ms": round(statistics.median(r["finalise_ms"] for r in rounds), 1),
+        "finalise_ms_max": max(r["finalise_ms"] for r in rounds),
         "lost": sum(r["lost"] for r in rounds),
         "counted_once": all(r["aggregate_error"] is not None and r["aggregate_error"] < 1e-6 for r in rounds),
         "recorded": sum(r["recorded"] for r in rounds),
         "resends": resends,
         "broker_peak_rss_mib": None if broker_rss is None else round(broker_rss, 1),
         "connect_s": round(connected_s, 1),
+        "wall_s": round(wall_s, 1),  # aggregator start -> last round's global seen
+        "cpu_s": {name: None if s is None else round(s, 1) for name, s in cpu_s.items()},
         "rounds": rounds,
     }
     if killed is not None:
@@ -179,9 +187,9 @@ def targets(rows: list[dict]) -> dict:
             "met": largest["updates_per_s"] >= TARGETS["updates_per_s"],
         },
         "finalise_ms": {
-            "value": max(r["finalise_ms"] for r in rows),
+            "value": max(r["finalise_ms_max"] for r in rows),
             "target": f"<= {TARGETS['finalise_ms']}",
-            "met": all(r["finalise_ms"] <= TARGETS["finalise_ms"] for r in rows),
+            "met": all(r["finalise_ms_max"] <= TARGETS["finalise_ms"] for r in rows),
         },
         "lost": {
             "value": sum(r["lost"] for r in rows),
@@ -224,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="fedmt-fleet-"))
     rows = []
     for devices in args.devices:
+        load = os.getloadavg()[0]
         row = run_fleet(devices, setup, work / f"n{devices}")
+        row["load_average"] = [round(load, 1), round(os.getloadavg()[0], 1)]  # 1-minute, before and after
         rows.append(row)
         print(summary(row), flush=True)
     result = {

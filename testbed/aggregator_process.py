@@ -3,6 +3,7 @@ the fleet benchmark and tests: its config written as TOML, its log, its peak res
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -64,6 +65,15 @@ class AggregatorProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def cpu_seconds_of(pid: int) -> float | None:
+    """A live process's CPU time so far (user + system, /proc/PID/stat); None if it cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_of(pid: int) -> float | None:

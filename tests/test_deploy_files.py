@@ -535,6 +535,28 @@ def test_device_cannot_read_other_devices_topics():
         assert not allowed(rules, DEV, topic, READ), topic
 
 
+def emqx_rule_topics(permission: str, who: str, action: str) -> set[str]:
+    """The topics of broker_config/emqx/acl.conf's rules `{permission, who, action, [topics]}.`"""
+    text = (BROKER_DIR / "emqx" / "acl.conf").read_text()
+    pattern = rf"\{{{permission}, {re.escape(who)}, {re.escape(action)}, \[(.*?)\]\}}\."
+    return {t for block in re.findall(pattern, text, re.DOTALL) for t in re.findall(r'"([^"]+)"', block)}
+
+
+def test_the_emqx_acl_gives_devices_what_the_mosquitto_acl_gives_them_and_retains_only_birth_messages():
+    device = {
+        (access, topic.replace("%u", "${username}"))
+        for kind, _, access, topic in load_acl()
+        if kind == "pattern"
+    }
+    assert emqx_rule_topics("allow", "all", "publish") == {t for access, t in device if access == WRITE}
+    assert emqx_rule_topics("allow", "all", "subscribe") == {t for access, t in device if access == READ}
+    retained = emqx_rule_topics("allow", "all", "{publish, [{retain, true}]}")
+    assert retained == {
+        f"{topics.PREFIX}/devices/${{username}}/{leaf}" for leaf in topics.RETAINED_BY_DEVICES
+    }
+    assert emqx_rule_topics("deny", "all", "{publish, [{retain, true}]}") == {"#"}
+
+
 def test_acl_topics_reference_only_existing_device_leaves_and_transfer_kinds():
     for _, _, _, topic in load_acl():
         if topic.startswith("$SYS/"):
