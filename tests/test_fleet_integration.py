@@ -106,17 +106,20 @@ def test_sampling_k_of_100_finishes_rounds_without_waiting_for_the_slowest_tenth
     ):
         fleet.wait(lambda s: ("t", 3) in s.global_seen, 120, "global v3", services)
         check(config.state_dir, "t", fleet, 3, each=range(10, 16))  # K, and those in before the tick
+        with RoundLedger(Path(config.state_dir) / "ledger.sqlite", read_only=True) as ledger:
+            selected = set().union(*(ledger.participants(r)["t"] for r in (1, 2, 3)))
+            for number in (1, 2, 3):
+                record = ledger.get_round(number)
+                assert record.tasks["t"].finalized_at - record.opened_at < slow_s / 4, number
         stragglers = {d for d, device in fleet.devices.items() if device.speed > 10}
-        cancelled = fleet.query(lambda s: set().union(*(s.tasks["t", r].cancelled for r in (1, 2, 3))))
-    with RoundLedger(Path(config.state_dir) / "ledger.sqlite", read_only=True) as ledger:
-        selected = set().union(*(ledger.participants(r)["t"] for r in (1, 2, 3)))
-        for number in (1, 2, 3):
-            record = ledger.get_round(number)
-            assert record.tasks["t"].finalized_at - record.opened_at < slow_s / 4, number
-    assert len(stragglers) == 10 and stragglers & selected, (
-        "no straggler was selected: the test shows nothing"
-    )
-    assert stragglers & selected <= cancelled, "a selected straggler kept training after its round ended"
+        assert len(stragglers) == 10 and stragglers & selected, (
+            "no straggler was selected: the test shows nothing"
+        )
+
+        def stopped(stats) -> bool:  # the schedules of round 3 are cleared just after its global goes out
+            return stragglers & selected <= set().union(*(stats.tasks["t", r].cancelled for r in (1, 2, 3)))
+
+        fleet.wait(stopped, 10, "every selected straggler stopped when its round ended")
 
 
 @pytest.mark.parametrize("fleet_broker", [8], indirect=True)
