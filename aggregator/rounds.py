@@ -125,19 +125,24 @@ class Coordinator:
             self.participation[task] = {
                 device: Participation(*last) for device, last in self.ledger.last_participation(task).items()
             }
-        out = Outbound(globals=list(self.globals.values()))
-        current = self.ledger.current_round()
-        if current is not None:
-            if current.state == "open":
-                self._resume(current)
-                out.schedules = self.schedules()
-            out.cleared_schedules = [  # again: the process may have stopped before they were cleared
+        self.round = self.ledger.current_round()  # the next round is numbered after it
+        if self.round is not None and self.round.state == "open":
+            self._resume(self.round)
+        self._remove_orphaned_updates()
+        return self.retained()
+
+    def retained(self) -> Outbound:
+        """What the broker should hold retained: every global version, the open round's schedules, and no
+        schedule of the latest round's final tasks (the process may have stopped before it cleared them)."""
+        out = Outbound(globals=list(self.globals.values()), schedules=self.schedules())
+        if self.round is not None:
+            record = self.ledger.get_round(self.round.round)
+            out.cleared_schedules = [
                 (device, task)
-                for task, devices in self.ledger.participants(current.round).items()
-                if current.tasks[task].state == "finalized"
+                for task, devices in self.ledger.participants(record.round).items()
+                if record.tasks[task].state == "finalized"
                 for device in sorted(devices)
             ]
-        self._remove_orphaned_updates()
         return out
 
     def _resume(self, record: RoundRecord) -> None:

@@ -119,12 +119,7 @@ class AggregatorService:
             if isinstance(item, Incoming):
                 self.on_message(item)
             elif item.connected:  # republish retained state: idempotent, and repairs a broker that lost it
-                self.publish(
-                    Outbound(
-                        globals=list(self.coordinator.globals.values()),
-                        schedules=self.coordinator.schedules(),
-                    )
-                )
+                self.publish(self.coordinator.retained())
 
     def on_message(self, message: Incoming) -> None:
         if message.retain and message.payload and not topics.retained_by_devices(message.topic):

@@ -270,3 +270,26 @@ def test_an_update_naming_another_device_than_its_sender_is_rejected(config, tmp
     receipt = update(coordinator, tmp_path, "d2", delta(0.1), sender="d1")
     assert receipt.status == "rejected" and "names device d2, task t; sent as d1" in receipt.reason
     assert coordinator.ledger.updates_for("t", 1) == [] and list(tmp_path.glob("*.done")) == []
+
+
+def test_a_coordinator_restarted_between_rounds_numbers_on_and_clears_the_last_schedules(config, tmp_path):
+    coordinator = started(config)
+    for number in (1, 2):
+        coordinator.tick(now=1000 * number)
+        for device in ("d1", "d2"):
+            update(coordinator, tmp_path, device, delta(0.1), round_=number)
+    coordinator.tick(now=3000)  # round 2 finalises: the round limit is reached
+    coordinator.ledger.close()
+    restarted = Coordinator(config)
+    out = restarted.start()
+    assert sorted(out.cleared_schedules) == [("d1", "t"), ("d2", "t")] and out.schedules == []
+    join(restarted, "d1")
+    join(restarted, "d2")
+    assert restarted.tick(now=4000).schedules == [] and restarted.round.round == 2
+    config.rounds.rounds = 3
+    restarted.ledger.close()
+    third = Coordinator(config)
+    third.start()
+    join(third, "d1")
+    join(third, "d2")
+    assert {s.round for s in third.tick(now=5000).schedules} == {3}
