@@ -4,8 +4,8 @@ Aggregators publish one retained schedule per device and task (`fedmt/v1/devices
 several of them, each owning some tasks, can drive one device. The agent still trains the tasks of one round
 number together, under one plan: a round is handed out once every task the device holds data for has a
 schedule for that round number, or `grace_s` after the first of them arrived (a task that was not sampled, or
-whose aggregator is behind, does not hold the others up for long). Lower round numbers go first; each task's
-schedule for a round is handed out once, so retained copies that arrive again change nothing.
+whose aggregator is behind, does not hold the others up for long). Of the rounds ready, the lowest number goes
+first; each task's schedule for a round is handed out once, so retained copies that arrive again change nothing.
 """
 
 from __future__ import annotations
@@ -51,23 +51,22 @@ class RoundCollector:
 
     def next_round(self, now: float, wall: float) -> Schedule | None:
         """The next round to run, its tasks' schedules in one Schedule, or None (nothing new, or still within the
-        grace). `now` is monotonic time, `wall` the epoch time that schedules' deadlines are in; a schedule past
-        its deadline is dropped."""
-        while True:
-            waiting = {
-                task: schedule
-                for task, schedule in self._latest.items()
-                if schedule is not None and schedule.round > self._taken.get(task, 0)
-            }
-            if not waiting:
-                return None
-            number = min(schedule.round for schedule in waiting.values())
+        grace): the lowest round number that is complete or whose grace has passed. `now` is monotonic time,
+        `wall` the epoch time that schedules' deadlines are in; a schedule past its deadline is dropped."""
+        waiting = {
+            task: schedule
+            for task, schedule in self._latest.items()
+            if schedule is not None and schedule.round > self._taken.get(task, 0)
+        }
+        numbers = sorted({schedule.round for schedule in waiting.values()})
+        self._first_seen = {r: t for r, t in self._first_seen.items() if r in numbers}  # replaced ones go
+        for number in numbers:
             group = {task: s for task, s in waiting.items() if s.round == number}
             if not self.tasks <= group.keys() and now - self._first_seen.get(number, now) < self.grace_s:
-                return None
+                continue
             for task in group:
                 self._taken[task] = number
-            self._first_seen = {r: t for r, t in self._first_seen.items() if r > number}
+            self._first_seen.pop(number, None)
             live = [group[task] for task in sorted(group) if group[task].deadline >= wall]
             if len(live) < len(group):
                 late = sorted(set(group) - {s.tasks[0].task for s in live})
@@ -76,6 +75,7 @@ class RoundCollector:
                 )
             if live:
                 return merged(live)
+        return None
 
 
 def merged(schedules: list[Schedule]) -> Schedule:

@@ -80,6 +80,15 @@ def test_lower_round_numbers_go_first_and_rounds_past_their_deadline_are_skipped
     assert collector.next_round(NOW + 3, WALL) is not None and collector.next_round(NOW + 9, WALL) is None
 
 
+def test_a_complete_round_is_not_held_up_by_an_earlier_one_still_in_its_grace():
+    collector = RoundCollector(["a"], grace_s=5.0)
+    collector.put("dev1", "other", schedule("other", 2), NOW)  # a task this device holds no data for
+    collector.put("dev1", "a", schedule("a", 3), NOW)
+    assert tasks_of(collector.next_round(NOW, WALL)) == ["a"]
+    assert collector.next_round(NOW + 1, WALL) is None
+    assert tasks_of(collector.next_round(NOW + 5, WALL)) == ["other"]
+
+
 def test_a_task_is_withdrawn_when_its_schedule_is_cleared_or_replaced_by_a_later_round():
     collector = RoundCollector(["a", "b"], grace_s=1.0)
     assert not collector.withdrawn("a", 1)
