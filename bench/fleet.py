@@ -66,7 +66,7 @@ def run_fleet(devices: int, setup: Setup, work: Path, kill_at: float | None = No
             receipt_timeout_s=setup.receipt_timeout_s,
             events=setup.events,
         )
-        started = time.monotonic()
+        started, own_cpu = time.monotonic(), time.process_time()
         with AggregatorProcess(config, work / "aggregator") as process:
             with Fleet(broker.host, broker.port, users, behaviour) as fleet:
                 watch = [process.check_alive]
@@ -95,6 +95,7 @@ def run_fleet(devices: int, setup: Setup, work: Path, kill_at: float | None = No
                 cpu_s = {
                     "aggregator": cpu_seconds_of(process.process.pid),
                     "broker": cpu_seconds_of(broker.pid),
+                    "fleet": time.process_time() - own_cpu,  # the simulated devices (this process)
                 }
                 rounds = fleet.query(lambda s: round_rows(s, setup.rounds))
                 audits = fleet.query(lambda s: audit(Path(config.state_dir), TASK, fleet.values, s))
@@ -118,7 +119,13 @@ def run_fleet(devices: int, setup: Setup, work: Path, kill_at: float | None = No
         "broker_peak_rss_mib": None if broker_rss is None else round(broker_rss, 1),
         "connect_s": round(connected_s, 1),
         "wall_s": round(wall_s, 1),  # aggregator start -> last round's global seen
+        # CPU time of the whole run (start-up included; after a kill, the restarted aggregator's only), and per
+        # recorded update: what one core could take, whatever else the machine was running
         "cpu_s": {name: None if s is None else round(s, 1) for name, s in cpu_s.items()},
+        "cpu_ms_per_update": {
+            name: None if s is None else round(1000 * s / max(1, sum(r["recorded"] for r in rounds)), 2)
+            for name, s in cpu_s.items()
+        },
         "rounds": rounds,
     }
     if killed is not None:
