@@ -251,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets(rows),
     }
     if args.kill_devices:
+        load = os.getloadavg()[0]
         killed = run_fleet(args.kill_devices, setup, work / "kill", kill_at=args.kill_at)
+        killed["load_average"] = [round(load, 1), round(os.getloadavg()[0], 1)]
         print("kill -9:", summary(killed), killed["killed"], flush=True)
         result["kill9"] = killed
     write_json(args.out, result)
