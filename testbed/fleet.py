@@ -313,8 +313,13 @@ class SimDevice:
         if schedule is None:
             self.waiting.pop(task, None)
             return
-        taken = (task, schedule.round) in self.done or task in self.training or task in self.waiting
-        if taken or schedule.deadline < time.time():
+        waiting = self.waiting.get(task)
+        taken = (task, schedule.round) in self.done or task in self.training
+        if (
+            taken
+            or (waiting is not None and waiting.round >= schedule.round)
+            or schedule.deadline < time.time()
+        ):
             return
         self.fleet.stats.task(task, schedule.round).scheduled.add(self.name)
         self.waiting[task] = schedule
@@ -397,7 +402,7 @@ class SimDevice:
             return
         manifest = transfer.manifest
         if receipt.status == "retry":  # the old transfer stays refused: the same update as a new transfer
-            info = transfer_info(uuid.uuid4().hex, transfer.payload, self.fleet.config.chunk_size)
+            info = msgspec.structs.replace(manifest.transfer, id=uuid.uuid4().hex)
             transfer.manifest = msgspec.structs.replace(manifest, transfer=info)
             transfer.resend_at = time.monotonic() + self.fleet.config.retry_after_s
             return
@@ -497,11 +502,6 @@ class Fleet:
             for check in watch:
                 check()
             time.sleep(0.05)
-
-    def call(self, action: Callable[[], None]) -> None:
-        """Run `action` on the fleet's thread, soon (e.g. `fleet.devices[d].drop_out`)."""
-        with self.lock:
-            self.timers.at(0.0, action)
 
     # --- the thread -----------------------------------------------------------------------------------------
 
