@@ -31,6 +31,7 @@ from agent.policies import Policy, available_policies
 from agent.profile import build_profile
 from agent.receipts import ReceiptLog
 from agent.runner import TaskOutcome, TaskWork, run_round
+from agent.schedules import RoundCollector
 from agent.telemetry import read_telemetry
 from agent.workers import Launch, Lease, WorkerPool
 from common.daemon import drop_on_error
@@ -142,7 +143,7 @@ class Agent:
         self.link = MqttLink(
             config.mqtt,
             subscriptions=[
-                topics.device(self.device, "schedule"),
+                topics.schedules(self.device),
                 topics.device(self.device, "receipts"),
                 *(topics.manifest(topics.global_model(task)) for task in config.tasks),
             ],
@@ -150,6 +151,7 @@ class Agent:
             birth=(status, encode(Status(state="online", ts=time.time()))),
         )
         self.round: ActiveRound | None = None
+        self.schedules = RoundCollector(config.tasks, config.schedule_grace_s)
         self.pool = WorkerPool(
             jobs.Init(device=self.compute, threads=config.execution.cpu_threads_per_task),
             log_dir=self.work_dir,
@@ -245,6 +247,7 @@ class Agent:
                 self.on_predictor_ready(item)
 
     def tick(self, now: float) -> None:
+        self._take_schedules(now)
         if now >= self._next_telemetry:
             self._next_telemetry = now + self.config.telemetry_interval_s
             telemetry = read_telemetry(self.device, self.gpu)
@@ -275,10 +278,12 @@ class Agent:
 
     def on_message(self, message: Incoming) -> None:
         ref = topics.parse(message.topic)
-        if not message.payload:
+        if ref.kind == "schedule":  # cleared (empty) when the aggregator no longer wants the task
+            schedule = decode(message.payload, Schedule) if message.payload else None
+            self.schedules.put(self.device, ref.task, schedule, time.monotonic())
+            self._take_schedules(time.monotonic())
+        elif not message.payload:
             return  # a cleared retained message
-        if ref.kind == "schedule":
-            self.on_schedule(decode(message.payload, Schedule))
         elif ref.kind == "receipts":
             self.on_receipt(decode(message.payload, Receipt))
         elif ref.kind in ("global", "global_delta"):
@@ -329,21 +334,31 @@ class Agent:
         self.link.subscribe(_chunks_of(fetch))
         return self.globals.add_manifest(fetch)
 
-    def on_schedule(self, schedule: Schedule) -> None:
-        if schedule.device != self.device:
-            raise ProtocolError(f"schedule for {schedule.device} arrived at {self.device}")
+    def _take_schedules(self, now: float) -> None:
+        """Start the next round the collected schedules make, unless a round still trains: then it waits, or,
+        once every task still training there has been withdrawn, that round is stopped."""
         current = self.round
-        if current is not None and current.schedule.round == schedule.round:
-            return  # the same schedule again (retained, reconnect): already handled
-        if schedule.deadline < time.time():
-            log.info("round %d: deadline passed before the schedule arrived; skipping", schedule.round)
-            return
+        if current is not None and current.thread is not None and current.thread.is_alive():
+            number = current.schedule.round
+            training = [task for task in current.planned if task not in current.outcomes]
+            if not all(self.schedules.withdrawn(task, number) for task in training):
+                return
+            if not current.stop.is_set():
+                log.warning("round %d: the aggregator no longer waits for %s; stopping", number, training)
+                current.stop.set()
+        schedule = self.schedules.next_round(now, time.time())
+        if schedule is not None:
+            self.on_schedule(schedule)
+
+    def on_schedule(self, schedule: Schedule) -> None:
+        """Start a round: `schedule` holds the tasks of one round number (RoundCollector)."""
+        current = self.round
         if current is not None and current.thread is not None and current.thread.is_alive():
             log.warning(
                 "round %d superseded by round %d; stopping its tasks", current.schedule.round, schedule.round
             )
             current.stop.set()
-        self.outbox.drop_older_than(schedule.round)
+        self.outbox.drop_older_than(schedule.round, [a.task for a in schedule.tasks])
         self.metrics.round.set(schedule.round)
         active = ActiveRound(schedule)
         self.round = active

@@ -8,6 +8,7 @@ import msgspec
 from msgspec import Meta
 
 from aggregator.limits import UpdateLimits
+from aggregator.sampling import SamplingConfig
 from aggregator.strategies import FedAvgSpec, StrategySpec
 from common.config import load_toml
 from common.metrics import MetricsConfig
@@ -55,6 +56,7 @@ class TaskConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     codec: CodecSpec = msgspec.field(default_factory=CodecSpec)  # how schedules ask devices to send updates
     accept_codecs: Annotated[list[CodecName], Meta(max_length=16)] = []  # also accepted (a codec change)
     download_codec: CodecName | None = None  # global models also published as a delta of this codec
+    sampling: SamplingConfig | None = None  # K of the eligible devices per round; None: every eligible device
 
     def __post_init__(self) -> None:
         if not self.min_batch_size <= self.batch_size <= self.max_batch_size:
@@ -105,6 +107,9 @@ class AggregatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
         default_factory=MetricsConfig
     )  # Prometheus endpoint; off by default
     tasks: Annotated[dict[Name, TaskConfig], Meta(min_length=1)]
+    # true: other aggregators own other tasks on this broker (README, "Scaling"): take only these tasks' updates
+    # and answer none for others; false: an update for a task not in `tasks` is rejected as unknown
+    sharded: bool = False
     # device -> task -> samples the operator knows it holds: its update's weight instead of its own word
     registered_samples: dict[Name, dict[Name, PosInt]] = {}
 

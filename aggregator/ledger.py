@@ -228,6 +228,19 @@ class RoundLedger:
             result.setdefault(task, {})[device] = samples
         return result
 
+    def last_participation(self, task: str) -> dict[str, tuple[int, float | None]]:
+        """Per device: the last round it was expected to report for `task`, and how many seconds after that round
+        opened its update was recorded (None: none was)."""
+        rows = self._db.execute(
+            "SELECT p.device, p.round, u.received_at - r.opened_at FROM participants p "
+            "JOIN rounds r ON r.round = p.round "
+            "LEFT JOIN updates u ON (u.task, u.round, u.device) = (p.task, p.round, p.device) "
+            "WHERE p.task = ? AND p.round = "
+            "(SELECT MAX(q.round) FROM participants q WHERE q.task = p.task AND q.device = p.device)",
+            (task,),
+        )
+        return {device: (round, seconds) for device, round, seconds in rows}
+
     def extend_deadline(self, round: int, deadline: float) -> RoundRecord:
         """Move an open round's deadline later (or keep it); ValueError if earlier or the round is closed."""
         with self._transaction():

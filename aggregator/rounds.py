@@ -1,9 +1,11 @@
 """Round logic: who trains what, validating and folding updates, finalising global versions.
 
 No MQTT here: the service feeds device news and updates in and publishes what comes back. A round opens for
-all tasks at once (one synchronisation cycle); each task finalises on its own as soon as every expected device
-reported (or failed), or at the deadline with at least `min_updates`; the next round opens when all tasks of
-the current one are final. Everything accepted is in the ledger before a receipt is issued.
+all tasks at once (one synchronisation cycle), each with the devices its sampling selects (aggregator.sampling;
+every eligible device without it); each task finalises on its own as soon as its target of updates is in (every
+expected device reported or failed; with sampling, K of them), or at the deadline with at least `min_updates`;
+its schedules are then cleared, and the next round opens when all tasks of the current one are final.
+Everything accepted is in the ledger before a receipt is issued.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from aggregator.errors import Rejected
 from aggregator.initial import initial_state
 from aggregator.ledger import RoundLedger, RoundRecord
 from aggregator.limits import LimitedUpdate, limit_update, scale_delta
+from aggregator.sampling import Participation, select, target
 from aggregator.strategies import Strategy
 from common.durable import move_durably
 from protocol import ProtocolError
@@ -63,6 +66,7 @@ class TaskRound:
     base_version: int
     expected: dict[str, int]  # device -> samples it declared
     strategy: Strategy
+    target: int  # updates that finalise it: every expected device's, or K with sampling
     reported: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
     final: bool = False
@@ -71,14 +75,19 @@ class TaskRound:
     def waiting_for(self) -> set[str]:
         return set(self.expected) - self.reported - self.failed
 
+    @property
+    def complete(self) -> bool:
+        """Its target of updates is in, or it has updates and nobody else can still report."""
+        return len(self.reported) >= self.target or (not self.waiting_for and self.strategy.count > 0)
+
 
 @dataclass
 class Outbound:
     """What the service must publish after a call."""
 
     globals: list[GlobalModel] = field(default_factory=list)
-    schedules: list[Schedule] = field(default_factory=list)
-    cleared_schedules: list[str] = field(default_factory=list)
+    schedules: list[Schedule] = field(default_factory=list)  # one per device and task
+    cleared_schedules: list[tuple[str, str]] = field(default_factory=list)  # (device, task)
 
 
 class Coordinator:
@@ -94,7 +103,7 @@ class Coordinator:
         self.task_rounds: dict[str, TaskRound] = {}
         self.online: set[str] = set()
         self.profiles: dict[str, DeviceProfile] = {}
-        self.known_devices: set[str] = set()
+        self.participation: dict[str, dict[str, Participation]] = {}  # task -> device -> its last round
         self._recorded_status: dict[
             str, bool
         ] = {}  # device -> online, as this process wrote it to the ledger
@@ -119,12 +128,27 @@ class Coordinator:
                 if model.manifest.transfer.sha256 != record.sha256:
                     raise RuntimeError(f"checkpoint of {task} v{record.version} does not match the ledger")
             self.globals[task] = model
-        out = Outbound(globals=list(self.globals.values()))
-        current = self.ledger.current_round()
-        if current is not None and current.state == "open":
-            self._resume(current)
-            out.schedules = self.schedules()
+            self.participation[task] = {
+                device: Participation(*last) for device, last in self.ledger.last_participation(task).items()
+            }
+        self.round = self.ledger.current_round()  # the next round is numbered after it
+        if self.round is not None and self.round.state == "open":
+            self._resume(self.round)
         self._remove_orphaned_updates()
+        return self.retained()
+
+    def retained(self) -> Outbound:
+        """What the broker should hold retained: every global version, the open round's schedules, and no
+        schedule of the latest round's final tasks (the process may have stopped before it cleared them)."""
+        out = Outbound(globals=list(self.globals.values()), schedules=self.schedules())
+        if self.round is not None:
+            record = self.ledger.get_round(self.round.round)
+            out.cleared_schedules = [
+                (device, task)
+                for task, devices in self.ledger.participants(record.round).items()
+                if record.tasks[task].state == "finalized"
+                for device in sorted(devices)
+            ]
         return out
 
     def _resume(self, record: RoundRecord) -> None:
@@ -167,11 +191,9 @@ class Coordinator:
         if self._recorded_status.get(device) != online:
             self.ledger.record_device(device, online, time.time())
             self._recorded_status[device] = online
-        self.known_devices.add(device)
         (self.online.add if online else self.online.discard)(device)
 
     def device_profile(self, profile: DeviceProfile) -> None:
-        self.known_devices.add(profile.device)
         self.profiles[profile.device] = profile
 
     def task_failed(self, device: str, task: str, round_: int) -> None:
@@ -249,6 +271,9 @@ class Coordinator:
             return self._reject(manifest, Rejected("already_reported", "device already reported"))
         task_round.strategy.fold(limited.delta, limited.weight)
         task_round.reported.add(manifest.device)
+        self.participation[manifest.task][manifest.device] = Participation(
+            manifest.round, time.time() - self.round.opened_at
+        )
         log.info(
             "task %s round %d: update from %s (weight %d, delta norm %.4g), %d/%d",
             manifest.task,
@@ -351,8 +376,8 @@ class Coordinator:
         for task, task_round in self.task_rounds.items():
             if task_round.final:
                 continue
-            if not task_round.waiting_for and task_round.strategy.count > 0:
-                out.globals.append(self._finalize(task, task_round, now))
+            if task_round.complete:
+                self._finalize(task, task_round, now, out)
             elif deadline_passed and task_round.strategy.count >= self.config.rounds.min_updates:
                 log.warning(
                     "task %s round %d: deadline passed, finalising with %d updates",
@@ -360,7 +385,7 @@ class Coordinator:
                     self.round.round,
                     task_round.strategy.count,
                 )
-                out.globals.append(self._finalize(task, task_round, now))
+                self._finalize(task, task_round, now, out)
             elif deadline_passed:
                 extend = True
         if all(t.final for t in self.task_rounds.values()):
@@ -377,7 +402,9 @@ class Coordinator:
             )
         return out
 
-    def _finalize(self, task: str, task_round: TaskRound, now: float) -> GlobalModel:
+    def _finalize(self, task: str, task_round: TaskRound, now: float, out: Outbound) -> None:
+        """The task's new global version goes out and its schedules are cleared (a device still training it
+        may stop)."""
         state = task_round.strategy.result()
         version = task_round.base_version + 1
         delta = None
@@ -401,7 +428,8 @@ class Coordinator:
             task_round.strategy.count,
             task_round.strategy.total_weight,
         )
-        return model
+        out.globals.append(model)
+        out.cleared_schedules += [(device, task) for device in sorted(task_round.expected)]
 
     def _maybe_open(self, now: float, out: Outbound) -> None:
         rounds = self.config.rounds
@@ -411,27 +439,26 @@ class Coordinator:
         ready = sorted(d for d in self.online if d in self.profiles)
         if len(ready) < rounds.min_devices:
             return
-        participants = {
-            task: {
-                d: self.profiles[d].tasks[task].samples
-                for d in ready
-                if self.profiles[d].tasks.get(task, None)
-            }
-            for task in self.config.tasks
-        }
-        participants = {task: devices for task, devices in participants.items() if devices}
+        number = last + 1
+        participants = {}
+        for task, task_config in self.config.tasks.items():
+            eligible = [d for d in ready if task in self.profiles[d].tasks]
+            chosen = select(task_config.sampling, task, number, eligible, self.participation[task])
+            if chosen:
+                participants[task] = {d: self.profiles[d].tasks[task].samples for d in chosen}
         if not participants:
             return
-        number = last + 1
         bases = {task: self.globals[task].manifest.version for task in participants}
         self.round = self.ledger.open_round(number, bases, now, now + rounds.round_timeout_s, participants)
         self.task_rounds = {
             task: self._new_task_round(task, bases[task], devices) for task, devices in participants.items()
         }
+        for task, devices in participants.items():
+            self.participation[task].update({d: Participation(number) for d in devices})
         out.schedules = self.schedules()
-        scheduled = {s.device for s in out.schedules}
-        out.cleared_schedules = sorted(self.known_devices - scheduled)
-        log.info("round %d opened: %s", number, {t: sorted(d) for t, d in participants.items()})
+        scheduled = {(schedule.device, schedule.tasks[0].task) for schedule in out.schedules}
+        out.cleared_schedules = [c for c in out.cleared_schedules if c not in scheduled]
+        log.info("round %d opened: %s", number, {t: _summary(d) for t, d in participants.items()})
 
     # --- helpers ----------------------------------------------------------------------------------------
 
@@ -442,31 +469,34 @@ class Coordinator:
             if current.manifest.version == base_version
             else self.checkpoints.load(task, base_version)
         )
-        return TaskRound(base_version, dict(expected), self.config.tasks[task].strategy.build(base))
+        task_config = self.config.tasks[task]
+        return TaskRound(
+            base_version,
+            dict(expected),
+            task_config.strategy.build(base),
+            target(task_config.sampling, len(expected)),
+        )
 
     def schedules(self) -> list[Schedule]:
-        """This round's schedule of every expected device that still has tasks to report."""
+        """This round's schedules of the tasks not final yet: one per expected device and task."""
         if self.round is None or self.round.state != "open":
             return []
-        devices = sorted({d for t in self.task_rounds.values() for d in t.expected})
         schedules = []
-        for device in devices:
-            assignments = [
-                self._assignment(task, task_round)
-                for task, task_round in sorted(self.task_rounds.items())
-                if device in task_round.expected and not task_round.final
-            ]
-            if assignments:
-                schedules.append(
-                    Schedule(
-                        device=device,
-                        round=self.round.round,
-                        issued_at=self.round.opened_at,
-                        deadline=self.round.deadline,
-                        tasks=assignments,
-                        policy=self.config.rounds.policy,
-                    )
+        for task, task_round in sorted(self.task_rounds.items()):
+            if task_round.final:
+                continue
+            assignment = self._assignment(task, task_round)
+            schedules += [
+                Schedule(
+                    device=device,
+                    round=self.round.round,
+                    issued_at=self.round.opened_at,
+                    deadline=self.round.deadline,
+                    tasks=[assignment],
+                    policy=self.config.rounds.policy,
                 )
+                for device in sorted(task_round.expected)
+            ]
         return schedules
 
     def _assignment(self, task: str, task_round: TaskRound) -> TaskAssignment:
@@ -525,6 +555,12 @@ class Coordinator:
             status=status,
             reason=reason,
         )
+
+
+def _summary(devices: dict[str, int], shown: int = 20) -> str:
+    names = sorted(devices)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def read_delta(path: Path, codec: str, layout: list[TensorInfo]) -> dict[str, np.ndarray]:

@@ -36,13 +36,19 @@ from protocol.schemas import (
 from protocol.transport import Incoming, LinkEvent, MqttLink
 
 log = logging.getLogger(__name__)
-SUBSCRIPTIONS = [
+DEVICE_SUBSCRIPTIONS = [
     f"{topics.PREFIX}/devices/+/status",
     f"{topics.PREFIX}/devices/+/profile",
     f"{topics.PREFIX}/devices/+/telemetry",
     f"{topics.PREFIX}/devices/+/events",
-    f"{topics.PREFIX}/tasks/+/updates/#",
 ]
+
+
+def subscriptions(config: AggregatorConfig) -> list[str]:
+    """Every device's news, and the updates of every task, or, `sharded`, of this aggregator's tasks only (other
+    aggregators own the rest, on the same broker)."""
+    tasks = config.tasks if config.sharded else ["+"]
+    return DEVICE_SUBSCRIPTIONS + [f"{topics.PREFIX}/tasks/{task}/updates/#" for task in tasks]
 
 
 class AggregatorService:
@@ -63,7 +69,7 @@ class AggregatorService:
         )
         self.admission = UpdateAdmission(transfers)
         self.telemetry: dict[str, Telemetry] = {}
-        self.link = MqttLink(config.mqtt, SUBSCRIPTIONS, persistent_session=True)
+        self.link = MqttLink(config.mqtt, subscriptions(config), persistent_session=True)
         self._published_chunks: dict[str, int] = {}
 
     def run(
@@ -113,12 +119,7 @@ class AggregatorService:
             if isinstance(item, Incoming):
                 self.on_message(item)
             elif item.connected:  # republish retained state: idempotent, and repairs a broker that lost it
-                self.publish(
-                    Outbound(
-                        globals=list(self.coordinator.globals.values()),
-                        schedules=self.coordinator.schedules(),
-                    )
-                )
+                self.publish(self.coordinator.retained())
 
     def on_message(self, message: Incoming) -> None:
         if message.retain and message.payload and not topics.retained_by_devices(message.topic):
@@ -223,10 +224,12 @@ class AggregatorService:
     def publish(self, out: Outbound) -> None:
         for model in out.globals:
             self.publish_global(model)
+        for device, task in out.cleared_schedules:
+            self.link.publish(topics.schedule(device, task), b"", retain=True)
         for schedule in out.schedules:
-            self.link.publish(topics.device(schedule.device, "schedule"), encode(schedule), retain=True)
-        for device in out.cleared_schedules:
-            self.link.publish(topics.device(device, "schedule"), b"", retain=True)
+            self.link.publish(
+                topics.schedule(schedule.device, schedule.tasks[0].task), encode(schedule), retain=True
+            )
 
     def publish_global(self, model: GlobalModel) -> None:
         """A version's retained chunks (whole, and as a delta when it has one), then its manifest; retained chunks

@@ -71,9 +71,11 @@ class Monitor:
     def _decode(self, manifest: GlobalManifest | UpdateManifest, payload: bytes) -> dict:
         """A global model's tensors, or an update's as its codec decodes them against the global it started from
         (seen before it, as agents see it)."""
-        if isinstance(manifest, GlobalManifest):
+        if isinstance(manifest, GlobalManifest) or manifest.codec == "dense":
             return decode_state(payload)
-        base = self.globals[(manifest.task, manifest.base_version)]
+        base = self.globals.get((manifest.task, manifest.base_version))
+        if base is None:
+            raise ProtocolError(f"update {manifest.update_id}: its base global model was not seen")
         return make_codec(manifest.codec).decode(payload, describe(base))
 
     def _record(self, message: Incoming) -> None:

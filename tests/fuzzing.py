@@ -386,7 +386,7 @@ def agent_traffic(draw, device: str, tasks: list[str]):
             tasks=[assignment(task, version, sha256)],
             policy=draw(st.sampled_from([None, "concurrent", "fedmt", "temporal"])),
         )
-        return [*messages, (topics.device(device, "schedule"), encode(schedule))]
+        return [*messages, (topics.schedule(device, task), encode(schedule))]
     if kind == "schedule":
         schedule = Schedule(
             device=draw(st.sampled_from([device, device, "dev2"])),
@@ -398,7 +398,7 @@ def agent_traffic(draw, device: str, tasks: list[str]):
             ],
             policy=draw(st.sampled_from([None, "concurrent", "fedmt", "temporal"])),
         )
-        return [(topics.device(device, "schedule"), draw(payload_of(schedule)))]
+        return [(topics.schedule(device, task), draw(payload_of(schedule)))]
     if kind == "receipts":
         receipt = Receipt(
             update_id=draw(st.uuids()).hex,

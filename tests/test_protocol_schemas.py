@@ -16,6 +16,7 @@ from tests.test_protocol_topics import BAD_IDS
 
 SHA = "0123456789abcdef" * 4
 INFO = s.TransferInfo(id="upd-1.r3", size=10, sha256=SHA, chunk_size=4, chunks=3)
+DELTA = s.GlobalDelta(base_version=3, base_sha256=SHA, codec="fp16+zstd", transfer=INFO)
 MODEL = s.ModelSpec(name="resnet18", num_classes=10, input_size=32)
 ASSIGNMENT = s.TaskAssignment(
     task="cifar10",
@@ -101,7 +102,9 @@ SAMPLES: list[s.Message] = [
         tensors=[s.TensorInfo(name="w", dtype="float32", shape=[])],
         transfer=INFO,
         created_at=5.0,
+        delta=DELTA,
     ),
+    DELTA,
     s.UpdateManifest(
         task="cifar10",
         round=3,

@@ -42,8 +42,18 @@ def test_device_topics_round_trip(dev, leaf):
     assert parse(topic) == TopicRef(kind=leaf, device=dev)
 
 
-def test_device_leaves_are_the_documented_six():
-    assert set(t.DEVICE_LEAVES) == {"status", "profile", "telemetry", "events", "schedule", "receipts"}
+def test_device_leaves_are_the_documented_five():
+    assert set(t.DEVICE_LEAVES) == {"status", "profile", "telemetry", "events", "receipts"}
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_a_device_has_one_schedule_topic_per_task(dev, task):
+    topic = t.schedule(dev, task)
+    assert topic == f"fedmt/v1/devices/{dev}/schedule/{task}"
+    assert parse(topic) == TopicRef(kind="schedule", device=dev, task=task)
+    assert t.schedules(dev) == f"fedmt/v1/devices/{dev}/schedule/+"
+    assert not t.retained_by_devices(topic)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -105,6 +115,10 @@ def test_all_below_is_a_multilevel_wildcard_under_the_base():
         "fedmt/v1/devices/dev-1/status/",
         "fedmt/v1/devices//status",
         "fedmt/v1/devices/dev-1/manifest",
+        "fedmt/v1/devices/dev-1/schedule",
+        "fedmt/v1/devices/dev-1/schedule/",
+        "fedmt/v1/devices/dev-1/schedule/+",
+        "fedmt/v1/devices/dev-1/schedule/t/extra",
         "fedmt/v1/device/dev-1/status",
         # global transfers
         "fedmt/v1/tasks",

@@ -337,3 +337,26 @@ def test_a_download_codec_publishes_the_version_its_delta_rebuilds(config, tmp_p
     assert not np.array_equal(v1.state["w"], BASE["w"] + np.float32(1 / 3))  # float16's rounding of the step
     np.testing.assert_allclose(v1.state["w"], BASE["w"] + 1 / 3, atol=1e-3)
     assert v1.state["steps"] == 9
+
+
+def test_a_coordinator_restarted_between_rounds_numbers_on_and_clears_the_last_schedules(config, tmp_path):
+    coordinator = started(config)
+    for number in (1, 2):
+        coordinator.tick(now=1000 * number)
+        for device in ("d1", "d2"):
+            update(coordinator, tmp_path, device, delta(0.1), round_=number)
+    coordinator.tick(now=3000)  # round 2 finalises: the round limit is reached
+    coordinator.ledger.close()
+    restarted = Coordinator(config)
+    out = restarted.start()
+    assert sorted(out.cleared_schedules) == [("d1", "t"), ("d2", "t")] and out.schedules == []
+    join(restarted, "d1")
+    join(restarted, "d2")
+    assert restarted.tick(now=4000).schedules == [] and restarted.round.round == 2
+    config.rounds.rounds = 3
+    restarted.ledger.close()
+    third = Coordinator(config)
+    third.start()
+    join(third, "d1")
+    join(third, "d2")
+    assert {s.round for s in third.tick(now=5000).schedules} == {3}
