@@ -16,12 +16,25 @@ from pathlib import Path
 import numpy as np
 
 from common.durable import write_atomically
-from protocol.codecs import Codec
+from protocol.codecs import Codec, make_codec
 from protocol.codecs.base import FLOAT_DTYPES
 from protocol.errors import ProtocolError
+from protocol.schemas import CodecSpec
 from protocol.tensors import decode_state, describe, encode_state
 
 RESIDUAL, VELOCITY = "residual/", "velocity/"
+
+
+def write_update(delta: Mapping[str, np.ndarray], spec: CodecSpec, path: Path, residual: Path) -> bytes:
+    """Encode a round's delta with the task's codec into `path` (durably); a lossy codec keeps what it left out in
+    `residual` for the next round. Returns the update's payload."""
+    codec = make_codec(spec.name, spec.fraction)
+    if not codec.lossy:
+        payload = codec.encode(delta)
+        write_atomically(path, payload)
+        return payload
+    feedback = ErrorFeedback(residual, spec.momentum)
+    return feedback.encode(codec, delta, write_update=lambda payload: write_atomically(path, payload))
 
 
 class ErrorFeedback:

@@ -48,6 +48,8 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     telemetry_interval_s: Annotated[float, Meta(ge=1)] = 30.0
     receipt_timeout_s: Annotated[float, Meta(ge=1)] = 120.0
     retry_after_s: Annotated[float, Meta(ge=1)] = 30.0  # resend an update the aggregator could not take yet
+    # a round starts when every task has its schedule, or this long after the first (agent/schedules.py)
+    schedule_grace_s: Annotated[float, Meta(ge=0, le=600)] = 2.0
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
     execution: ExecutionConfig = msgspec.field(default_factory=ExecutionConfig)
     mps: MpsConfig = msgspec.field(default_factory=MpsConfig)

@@ -59,6 +59,7 @@ class Train(_Line, tag="train"):
     reference_batch_size: Annotated[int, Meta(ge=1)] | None = None
     handover_path: str | None = None
     resume_path: str | None = None
+    residual_path: str | None = None  # a lossy codec's error feedback (agent.compression); None: the work dir
 
 
 class Measure(_Line, tag="measure"):

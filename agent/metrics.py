@@ -29,11 +29,17 @@ class AgentMetrics:
         self.receipts = metric(
             Counter,
             "receipts",
-            "aggregator receipts by status (accepted, duplicate, rejected)",
+            "aggregator receipts by status (accepted, duplicate, rejected, retry)",
             ["task", "status"],
         )
         self.outbox = metric(Gauge, "outbox_updates", "updates waiting for the aggregator's receipt")
         self.dropped = metric(Counter, "messages_dropped", "invalid messages dropped")
+        self.download_bytes = metric(
+            Counter, "global_download_bytes", "bytes of global models fetched, whole or as deltas", ["task"]
+        )
         for task in tasks:
             for kind in ("finished", "failed"):
                 self.events.events.labels(task, kind)
+
+    def downloaded(self, task: str, size: int) -> None:
+        self.download_bytes.labels(self.events.task_label(task)).inc(size)

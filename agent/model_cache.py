@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.durable import move_durably, write_atomically
+from protocol import ProtocolError
+from protocol.chunking import sha256_hex
+from protocol.codecs import make_codec
+from protocol.deltas import apply
 from protocol.schemas import GlobalManifest, decode, encode
-from protocol.tensors import check_finite, check_layout, decode_state
+from protocol.tensors import check_finite, check_layout, decode_state, describe, encode_state
 
 
 class ModelCache:
@@ -39,6 +43,26 @@ class ModelCache:
         write_atomically(target.with_suffix(".manifest"), encode(manifest))
         self._prune(manifest.task)
         return target
+
+    def holds_base_of(self, manifest: GlobalManifest) -> bool:
+        """Whether the version that `manifest`'s delta starts from is here, so the delta is all to fetch."""
+        delta = manifest.delta
+        return delta is not None and self.has(manifest.task, delta.base_version, delta.base_sha256)
+
+    def rebuild(self, manifest: GlobalManifest, delta_file: Path) -> Path:
+        """The version `manifest` describes, rebuilt from its delta (in `delta_file`) and the cached base, as a
+        payload file next to `delta_file`; ProtocolError unless it is that version bit for bit (its sha256)."""
+        delta = manifest.delta
+        base = decode_state(self.payload_path(manifest.task, delta.base_version).read_bytes())
+        changes = make_codec(delta.codec).decode(delta_file.read_bytes(), describe(base))
+        payload = encode_state(apply(base, changes))
+        if sha256_hex(payload) != manifest.transfer.sha256:
+            raise ProtocolError(
+                f"global model {manifest.task} v{manifest.version} rebuilt from its delta does not match its sha256"
+            )
+        rebuilt = delta_file.with_suffix(".rebuilt")
+        rebuilt.write_bytes(payload)
+        return rebuilt
 
     def _prune(self, task: str) -> None:
         manifests = sorted((self.root / task).glob("v*.manifest"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,9 +71,13 @@ class Outbox:
         (self.root / f"{update_id}.payload").unlink(missing_ok=True)
         return existed
 
-    def drop_older_than(self, round_: int) -> list[str]:
-        """Forget updates for rounds before `round_`: the aggregator has closed them."""
-        stale = [p.manifest.update_id for p in self.pending() if p.manifest.round < round_]
+    def drop_older_than(self, round_: int, tasks: Collection[str]) -> list[str]:
+        """Forget updates of `tasks` for rounds before `round_`: the aggregator that owns them closed those."""
+        stale = [
+            p.manifest.update_id
+            for p in self.pending()
+            if p.manifest.round < round_ and p.manifest.task in tasks
+        ]
         for update_id in stale:
             self.remove(update_id)
         return stale

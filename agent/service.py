@@ -32,6 +32,7 @@ from agent.policies import Policy, available_policies
 from agent.profile import build_profile
 from agent.receipts import ReceiptLog
 from agent.runner import TaskOutcome, TaskWork, run_round
+from agent.schedules import RoundCollector
 from agent.telemetry import read_telemetry
 from agent.uploads import Uploads
 from agent.workers import Launch, Lease, WorkerPool
@@ -49,6 +50,7 @@ from protocol.schemas import (
     Schedule,
     Status,
     TaskAssignment,
+    TransferInfo,
     UpdateManifest,
     decode,
     encode,
@@ -105,6 +107,24 @@ class PredictorReady:
     path: Path
 
 
+@dataclass(frozen=True)
+class DeltaFetch:
+    """A global version fetched as its delta to the version before, which the cache holds."""
+
+    manifest: GlobalManifest
+
+    @property
+    def transfer(self) -> TransferInfo:
+        return self.manifest.delta.transfer
+
+
+def _chunks_of(fetch: GlobalManifest | DeltaFetch) -> str:
+    """The subscription filter of a fetch's chunks."""
+    task = fetch.manifest.task if isinstance(fetch, DeltaFetch) else fetch.task
+    base = topics.global_delta(task) if isinstance(fetch, DeltaFetch) else topics.global_model(task)
+    return f"{base}/chunks/+"
+
+
 class Agent:
     def __init__(self, config: AgentConfig, policy: Policy | None = None) -> None:
         self.config = config
@@ -117,7 +137,7 @@ class Agent:
         self.cache = ModelCache(root / "models")
         self.outbox = Outbox(root / "outbox")
         self.receipts = ReceiptLog(root / "receipts.json")
-        self.globals: TransferInbox[GlobalManifest] = TransferInbox(
+        self.globals: TransferInbox[GlobalManifest | DeltaFetch] = TransferInbox(
             Reassembler(root / "spool"), GlobalManifest
         )
         self.samples = {task: spec.sample_count() for task, spec in config.tasks.items()}
@@ -127,9 +147,9 @@ class Agent:
         self.link = MqttLink(
             config.mqtt,
             subscriptions=[
-                topics.device(self.device, "schedule"),
+                topics.schedules(self.device),
                 topics.device(self.device, "receipts"),
-                *(topics.all_below(topics.global_model(task)) for task in config.tasks),
+                *(topics.manifest(topics.global_model(task)) for task in config.tasks),
             ],
             will=(status, encode(Status(state="offline", ts=time.time()))),
             birth=(status, encode(Status(state="online", ts=time.time()))),
@@ -143,6 +163,7 @@ class Agent:
             retry_after_s=config.retry_after_s,
         )
         self.round: ActiveRound | None = None
+        self.schedules = RoundCollector(config.tasks, config.schedule_grace_s)
         self.pool = WorkerPool(
             jobs.Init(device=self.compute, threads=config.execution.cpu_threads_per_task),
             log_dir=self.work_dir,
@@ -236,6 +257,7 @@ class Agent:
                 self.on_predictor_ready(item)
 
     def tick(self, now: float) -> None:
+        self._take_schedules(now)
         if now >= self._next_telemetry:
             self._next_telemetry = now + self.config.telemetry_interval_s
             telemetry = read_telemetry(self.device, self.gpu)
@@ -268,51 +290,87 @@ class Agent:
 
     def on_message(self, message: Incoming) -> None:
         ref = topics.parse(message.topic)
-        if not message.payload:
+        if ref.kind == "schedule":  # cleared (empty) when the aggregator no longer wants the task
+            schedule = decode(message.payload, Schedule) if message.payload else None
+            self.schedules.put(self.device, ref.task, schedule, time.monotonic())
+            self._take_schedules(time.monotonic())
+        elif not message.payload:
             return  # a cleared retained message
-        if ref.kind == "schedule":
-            self.on_schedule(decode(message.payload, Schedule))
         elif ref.kind == "receipts":
             self.on_receipt(decode(message.payload, Receipt))
-        elif ref.kind == "global":
+        elif ref.kind in ("global", "global_delta"):
             self.on_global_part(ref, message.payload)
 
     def on_global_part(self, ref: topics.TopicRef, payload: bytes) -> None:
-        delivery = self.globals.receive(
-            ref.part, payload, admit_manifest=lambda m: self._wants_global(m, ref)
+        """A global manifest (fetch what this version needs: its delta when the version before is cached, else
+        the whole model) or a chunk of such a fetch."""
+        if ref.part == "manifest":
+            manifest = decode(payload, GlobalManifest)
+            if manifest.task != ref.task:
+                raise ProtocolError(f"global manifest for {manifest.task} published under task {ref.task}")
+            if self.cache.has(manifest.task, manifest.version, manifest.transfer.sha256):
+                self._mark_ready(manifest.task, manifest.version)
+                return
+            delivery = self._fetch(DeltaFetch(manifest) if self.cache.holds_base_of(manifest) else manifest)
+        else:
+            delivery = self.globals.receive(ref.part, payload)
+        if delivery is None:
+            return
+        fetched = delivery.manifest
+        manifest = fetched.manifest if isinstance(fetched, DeltaFetch) else fetched
+        self.link.unsubscribe(_chunks_of(fetched))
+        try:
+            path = self.cache.rebuild(manifest, delivery.path) if fetched is not manifest else delivery.path
+            self.cache.store(manifest, path)
+        except ProtocolError as exc:
+            if fetched is manifest:
+                raise
+            log.warning("%s; fetching the whole model", exc)
+            self._fetch(manifest)
+            return
+        finally:
+            self.globals.release(delivery)  # moved into the cache, or rejected
+            delivery.path.with_suffix(".rebuilt").unlink(missing_ok=True)
+        log.info(
+            "global model %s v%d cached (%s, %d bytes)",
+            manifest.task,
+            manifest.version,
+            "delta" if fetched is not manifest else "whole",
+            fetched.transfer.size,
         )
-        if delivery is not None:
-            try:
-                self.cache.store(delivery.manifest, delivery.path)
-            finally:
-                self.globals.release(delivery)  # moved into the cache, or rejected
-            log.info("global model %s v%d cached", delivery.manifest.task, delivery.manifest.version)
-            self._mark_ready(delivery.manifest.task, delivery.manifest.version)
+        self.metrics.downloaded(manifest.task, fetched.transfer.size)
+        self._mark_ready(manifest.task, manifest.version)
 
-    def _wants_global(self, manifest: GlobalManifest, ref: topics.TopicRef) -> bool:
-        """Whether to download a global model: not one this agent has cached already."""
-        if manifest.task != ref.task:
-            raise ProtocolError(f"global manifest for {manifest.task} published under task {ref.task}")
-        if self.cache.has(manifest.task, manifest.version, manifest.transfer.sha256):
-            self._mark_ready(manifest.task, manifest.version)
-            return False
-        return True
+    def _fetch(self, fetch: GlobalManifest | DeltaFetch):
+        """Expect `fetch`'s transfer and subscribe to its (retained) chunks."""
+        self.link.subscribe(_chunks_of(fetch))
+        return self.globals.add_manifest(fetch)
+
+    def _take_schedules(self, now: float) -> None:
+        """Start the next round the collected schedules make, unless a round still trains: then it waits, or,
+        once every task still training there has been withdrawn, that round is stopped."""
+        current = self.round
+        if current is not None and current.thread is not None and current.thread.is_alive():
+            number = current.schedule.round
+            training = [task for task in current.planned if task not in current.outcomes]
+            if not all(self.schedules.withdrawn(task, number) for task in training):
+                return
+            if not current.stop.is_set():
+                log.warning("round %d: the aggregator no longer waits for %s; stopping", number, training)
+                current.stop.set()
+        schedule = self.schedules.next_round(now, time.time())
+        if schedule is not None:
+            self.on_schedule(schedule)
 
     def on_schedule(self, schedule: Schedule) -> None:
-        if schedule.device != self.device:
-            raise ProtocolError(f"schedule for {schedule.device} arrived at {self.device}")
+        """Start a round: `schedule` holds the tasks of one round number (RoundCollector)."""
         current = self.round
-        if current is not None and current.schedule.round == schedule.round:
-            return  # the same schedule again (retained, reconnect): already handled
-        if schedule.deadline < time.time():
-            log.info("round %d: deadline passed before the schedule arrived; skipping", schedule.round)
-            return
         if current is not None and current.thread is not None and current.thread.is_alive():
             log.warning(
                 "round %d superseded by round %d; stopping its tasks", current.schedule.round, schedule.round
             )
             current.stop.set()
-        self.outbox.drop_older_than(schedule.round)
+        self.outbox.drop_older_than(schedule.round, [a.task for a in schedule.tasks])
         self.metrics.round.set(schedule.round)
         active = ActiveRound(schedule)
         self.round = active
@@ -362,7 +420,7 @@ class Agent:
             update_id=update_id,
             base_version=assignment.base_version,
             samples=trained.samples,
-            codec=current.schedule.codec,
+            codec=assignment.codec.name,
             transfer=describe_transfer(update_id, trained.size, trained.sha256),
             metrics={
                 **trained.metrics,
@@ -514,6 +572,7 @@ class Agent:
                     release_memory=self.config.execution.release_memory,
                     reference_batch_size=plan.reference_batches.get(a.task),
                     handover_path=str(self.work_dir / f"{a.task}-r{number}.handover") if handover else None,
+                    residual_path=str(Path(self.config.state_dir) / "residuals" / f"{a.task}.state"),
                 ),
             )
         inbox = self.events

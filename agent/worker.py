@@ -20,9 +20,9 @@ from typing import BinaryIO
 import msgspec
 
 from agent import jobs
-from common.durable import write_atomically
+from agent.compression import write_update
 from protocol.chunking import sha256_hex
-from protocol.tensors import decode_state, encode_state
+from protocol.tensors import decode_state
 
 PARENT_GONE = 4  # exit status when the parent closed our stdout
 
@@ -141,8 +141,9 @@ class Worker:
         except TrainingPaused as paused:
             self.emit(jobs.HandedOver(path=command.handover_path, steps=paused.position.steps))
             return
-        payload = encode_state(result.delta)
-        write_atomically(Path(command.output_path), payload)
+        output = Path(command.output_path)
+        residual = command.residual_path or output.with_name(f"{command.assignment.task}.residual")
+        payload = write_update(result.delta, command.assignment.codec, output, Path(residual))
         stats = result.stats
         if command.release_memory:
             release_cached_memory(self.device)
@@ -160,6 +161,7 @@ class Worker:
                     "train_ended_at": stats.ended_at,
                     f"precision_{command.assignment.precision}": 1.0,
                     "lr": result.recipe.lr,
+                    "update_bytes": float(len(payload)),
                     "resumed": float(command.resume_path is not None),
                 },
                 output_path=command.output_path,

@@ -209,6 +209,7 @@ class WorkerPool:
         self.init, self.log_dir, self.timeout_s = init, log_dir, timeout_s
         self._slots: dict[Hashable, _Slot] = {}
         self._guard = threading.Lock()
+        self._closed = False
         self.start_seconds: deque[float] = deque(maxlen=20)  # recent process starts (Init + first Prepare)
 
     def acquire(
@@ -232,6 +233,8 @@ class WorkerPool:
                 log_path = self.log_dir / f"{launch.task}.log" if self.log_dir else None
                 slot.worker, slot.ready = start_worker(launch, self.init, log_path, self.timeout_s)
                 slot.launch, slot.fresh, started_here = launch, True, True
+                if self._closed:  # closed while it started: it would outlive the pool
+                    raise WorkerGone("the worker pool closed while the worker started")
             prepared = slot.worker.call(prepare, jobs.Prepared, self.timeout_s) if prepare else None
             if started_here and prepare is not None:
                 self.start_seconds.append(time.perf_counter() - began)
@@ -245,7 +248,9 @@ class WorkerPool:
 
     def release(self, key: Hashable, healthy: bool = True) -> None:
         """End a lease; an unhealthy worker (it hung, or answered nonsense) is ended and replaced on next use."""
-        slot = self._slots[key]
+        slot = self._slots.get(key)
+        if slot is None:  # the pool closed while the lease was out, and ended its worker
+            return
         if not healthy:
             self._discard(slot)
         slot.lock.release()
@@ -288,8 +293,9 @@ class WorkerPool:
         return slot.launch if slot is not None and slot.worker is not None and slot.worker.alive else None
 
     def close(self, grace_s: float = 10.0) -> None:
-        """End every worker (cooperatively first)."""
+        """End every worker (cooperatively first); the pool starts none after."""
         with self._guard:
+            self._closed = True
             slots = list(self._slots.values())
             self._slots.clear()
         for slot in slots:
@@ -304,6 +310,8 @@ class WorkerPool:
 
     def _slot(self, key: Hashable) -> _Slot:
         with self._guard:
+            if self._closed:
+                raise WorkerGone("the worker pool is closed")
             return self._slots.setdefault(key, _Slot())
 
     @staticmethod

@@ -8,14 +8,18 @@ import msgspec
 from msgspec import Meta
 
 from aggregator.limits import UpdateLimits
+from aggregator.sampling import SamplingConfig
 from aggregator.strategies import FedAvgSpec, StrategySpec
 from common.config import load_toml
 from common.metrics import MetricsConfig
 from protocol.chunking import DEFAULT_CHUNK_SIZE
+from protocol.codecs import make_codec
 from protocol.limits import MAX_TRANSFER_BYTES
 from protocol.schemas import (
     BatchPolicy,
     BatchSize,
+    CodecName,
+    CodecSpec,
     ExecutionPolicy,
     LocalEpochs,
     LocalSteps,
@@ -49,10 +53,21 @@ class TaskConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     )
     strategy: StrategySpec = msgspec.field(default_factory=FedAvgSpec)  # how the round combines its updates
     limits: UpdateLimits = msgspec.field(default_factory=UpdateLimits)  # what one update may weigh
+    codec: CodecSpec = msgspec.field(default_factory=CodecSpec)  # how schedules ask devices to send updates
+    accept_codecs: Annotated[list[CodecName], Meta(max_length=16)] = []  # also accepted (a codec change)
+    download_codec: CodecName | None = None  # global models also published as a delta of this codec
+    sampling: SamplingConfig | None = None  # K of the eligible devices per round; None: every eligible device
 
     def __post_init__(self) -> None:
         if not self.min_batch_size <= self.batch_size <= self.max_batch_size:
             raise ValueError("batch sizes must satisfy min_batch_size <= batch_size <= max_batch_size")
+        for name in (self.codec.name, *self.accept_codecs, *filter(None, [self.download_codec])):
+            make_codec(name, self.codec.fraction if name == self.codec.name else None)  # ValueError: unknown
+
+    @property
+    def codecs(self) -> set[str]:
+        """The codecs whose updates this task accepts."""
+        return {self.codec.name, *self.accept_codecs}
 
 
 class RoundsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -92,6 +107,9 @@ class AggregatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
         default_factory=MetricsConfig
     )  # Prometheus endpoint; off by default
     tasks: Annotated[dict[Name, TaskConfig], Meta(min_length=1)]
+    # true: other aggregators own other tasks on this broker (README, "Scaling"): take only these tasks' updates
+    # and answer none for others; false: an update for a task not in `tasks` is rejected as unknown
+    sharded: bool = False
     # device -> task -> samples the operator knows it holds: its update's weight instead of its own word
     registered_samples: dict[Name, dict[Name, PosInt]] = {}
 

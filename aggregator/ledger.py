@@ -85,6 +85,10 @@ _MIGRATIONS = (
         changed_at REAL NOT NULL
     );
     """,
+    # 4: the codec an update's payload is in (protocol.codecs); updates before it were dense
+    """
+    ALTER TABLE updates ADD COLUMN codec TEXT NOT NULL DEFAULT 'dense';
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -120,6 +124,7 @@ class UpdateRecord:
     received_at: float
     weight: int  # what the update weighs in the aggregation (samples unless the operator's limits changed it)
     scale: float  # the factor its delta is multiplied by (1.0 unless clipped to the task's norm bound)
+    codec: str = "dense"  # what its payload is in (protocol.codecs)
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,19 @@ class RoundLedger:
             result.setdefault(task, {})[device] = samples
         return result
 
+    def last_participation(self, task: str) -> dict[str, tuple[int, float | None]]:
+        """Per device: the last round it was expected to report for `task`, and how many seconds after that round
+        opened its update was recorded (None: none was)."""
+        rows = self._db.execute(
+            "SELECT p.device, p.round, u.received_at - r.opened_at FROM participants p "
+            "JOIN rounds r ON r.round = p.round "
+            "LEFT JOIN updates u ON (u.task, u.round, u.device) = (p.task, p.round, p.device) "
+            "WHERE p.task = ? AND p.round = "
+            "(SELECT MAX(q.round) FROM participants q WHERE q.task = p.task AND q.device = p.device)",
+            (task,),
+        )
+        return {device: (round, seconds) for device, round, seconds in rows}
+
     def extend_deadline(self, round: int, deadline: float) -> RoundRecord:
         """Move an open round's deadline later (or keep it); ValueError if earlier or the round is closed."""
         with self._transaction():
@@ -286,6 +304,7 @@ class RoundLedger:
         *,
         weight: int | None = None,
         scale: float = 1.0,
+        codec: str = "dense",
     ) -> UpdateOutcome:
         """Record a device's update for a task round; the first update of a device wins. `weight` (default:
         `samples`) and `scale` say what it counts for after the operator's limits.
@@ -314,7 +333,7 @@ class RoundLedger:
                 raise ProtocolError(f"update {update_id}: task {task!r} {why} round {round}")
             self._db.execute(
                 "INSERT INTO updates (task, round, device, update_id, samples, payload_path, sha256, "
-                "received_at, weight, scale) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "received_at, weight, scale, codec) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     *key,
                     update_id,
@@ -324,6 +343,7 @@ class RoundLedger:
                     received_at,
                     samples if weight is None else weight,
                     scale,
+                    codec,
                 ),
             )
             return "accepted"
@@ -488,13 +508,15 @@ class RoundLedger:
         return existing
 
 
-_UPDATE_COLUMNS = "task, round, device, update_id, samples, payload_path, sha256, received_at, weight, scale"
+_UPDATE_COLUMNS = (
+    "task, round, device, update_id, samples, payload_path, sha256, received_at, weight, scale, codec"
+)
 
 
 def _update_record(row: tuple) -> UpdateRecord:
-    task, round, device, update_id, samples, path, sha256, received_at, weight, scale = row
+    task, round, device, update_id, samples, path, sha256, received_at, weight, scale, codec = row
     return UpdateRecord(
-        task, round, device, update_id, samples, Path(path), sha256, received_at, weight, scale
+        task, round, device, update_id, samples, Path(path), sha256, received_at, weight, scale, codec
     )
 
 

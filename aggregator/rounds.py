@@ -1,11 +1,13 @@
 """Round logic: who trains what, validating and folding updates, finalising global versions.
 
 No MQTT here: the service feeds device news and updates in and publishes what comes back. A round opens for
-all tasks at once (one synchronisation cycle); each task finalises on its own as soon as every expected device
-reported (or failed), or at the deadline with at least `min_updates`; the next round opens when all tasks of
-the current one are final. Updates are taken in groups: each is validated and staged (`accept_update`), the
-group made durable at once (`commit`: payloads and ledger rows, one commit) and then folded (`fold_accepted`);
-everything accepted is in the ledger before a receipt is issued.
+all tasks at once (one synchronisation cycle), each with the devices its sampling selects (aggregator.sampling;
+every eligible device without it); each task finalises on its own as soon as its target of updates is in (every
+expected device reported or failed; with sampling, K of them), or at the deadline with at least `min_updates`;
+its schedules are then cleared, and the next round opens when all tasks of the current one are final. Updates
+are taken in groups: each is validated and staged (`accept_update`), the group made durable at once (`commit`:
+payloads and ledger rows, one commit) and then folded (`fold_accepted`); everything accepted is in the ledger
+before a receipt is issued.
 """
 
 from __future__ import annotations
@@ -28,16 +30,22 @@ from aggregator.errors import Rejected
 from aggregator.initial import initial_state
 from aggregator.ledger import RoundLedger, RoundRecord
 from aggregator.limits import LimitedUpdate, limit_update, scale_delta
+from aggregator.sampling import Participation, select, target
 from aggregator.strategies import Strategy
 from common.durable import fsync_dirs
 from protocol import ProtocolError
 from protocol.chunking import transfer_info
+from protocol.codecs import make_codec
+from protocol.codecs.dense import DenseCodec
+from protocol.deltas import encode_version
 from protocol.schemas import (
     DeviceProfile,
+    GlobalDelta,
     GlobalManifest,
     Receipt,
     Schedule,
     TaskAssignment,
+    TensorInfo,
     UpdateManifest,
 )
 from protocol.tensors import decode_state, describe, encode_state
@@ -52,6 +60,7 @@ class GlobalModel:
     manifest: GlobalManifest
     state: dict[str, np.ndarray]
     payload: bytes
+    delta_payload: bytes | None = None  # the version as a delta to the one before (manifest.delta says how)
 
 
 @dataclass
@@ -61,6 +70,7 @@ class TaskRound:
     base_version: int
     expected: dict[str, int]  # device -> samples it declared
     strategy: Strategy
+    target: int  # updates that finalise it: every expected device's, or K with sampling
     reported: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
     final: bool = False
@@ -68,6 +78,11 @@ class TaskRound:
     @property
     def waiting_for(self) -> set[str]:
         return set(self.expected) - self.reported - self.failed
+
+    @property
+    def complete(self) -> bool:
+        """Its target of updates is in, or it has updates and nobody else can still report."""
+        return len(self.reported) >= self.target or (not self.waiting_for and self.strategy.count > 0)
 
 
 @dataclass(frozen=True)
@@ -85,8 +100,8 @@ class Outbound:
     """What the service must publish after a call."""
 
     globals: list[GlobalModel] = field(default_factory=list)
-    schedules: list[Schedule] = field(default_factory=list)
-    cleared_schedules: list[str] = field(default_factory=list)
+    schedules: list[Schedule] = field(default_factory=list)  # one per device and task
+    cleared_schedules: list[tuple[str, str]] = field(default_factory=list)  # (device, task)
 
 
 class Coordinator:
@@ -105,7 +120,7 @@ class Coordinator:
         self.task_rounds: dict[str, TaskRound] = {}
         self.online: set[str] = set()
         self.profiles: dict[str, DeviceProfile] = {}
-        self.known_devices: set[str] = set()
+        self.participation: dict[str, dict[str, Participation]] = {}  # task -> device -> its last round
         self._recorded_status: dict[
             str, bool
         ] = {}  # device -> online, as this process wrote it to the ledger
@@ -130,12 +145,27 @@ class Coordinator:
                 if model.manifest.transfer.sha256 != record.sha256:
                     raise RuntimeError(f"checkpoint of {task} v{record.version} does not match the ledger")
             self.globals[task] = model
-        out = Outbound(globals=list(self.globals.values()))
-        current = self.ledger.current_round()
-        if current is not None and current.state == "open":
-            self._resume(current)
-            out.schedules = self.schedules()
+            self.participation[task] = {
+                device: Participation(*last) for device, last in self.ledger.last_participation(task).items()
+            }
+        self.round = self.ledger.current_round()  # the next round is numbered after it
+        if self.round is not None and self.round.state == "open":
+            self._resume(self.round)
         self._remove_orphaned_updates()
+        return self.retained()
+
+    def retained(self) -> Outbound:
+        """What the broker should hold retained: every global version, the open round's schedules, and no
+        schedule of the latest round's final tasks (the process may have stopped before it cleared them)."""
+        out = Outbound(globals=list(self.globals.values()), schedules=self.schedules())
+        if self.round is not None:
+            record = self.ledger.get_round(self.round.round)
+            out.cleared_schedules = [
+                (device, task)
+                for task, devices in self.ledger.participants(record.round).items()
+                if record.tasks[task].state == "finalized"
+                for device in sorted(devices)
+            ]
         return out
 
     def _resume(self, record: RoundRecord) -> None:
@@ -146,7 +176,8 @@ class Coordinator:
             task_round.final = task_record.state == "finalized"
             if not task_round.final:
                 for update in self.ledger.updates_for(task, record.round):
-                    delta = scale_delta(read_delta(update.payload_path), update.scale)
+                    layout = self.globals[task].manifest.tensors
+                    delta = scale_delta(read_delta(update.payload_path, update.codec, layout), update.scale)
                     task_round.strategy.fold(delta, update.weight)
                     task_round.reported.add(update.device)
             self.task_rounds[task] = task_round
@@ -177,11 +208,9 @@ class Coordinator:
         if self._recorded_status.get(device) != online:
             self.ledger.record_device(device, online, time.time())
             self._recorded_status[device] = online
-        self.known_devices.add(device)
         (self.online.add if online else self.online.discard)(device)
 
     def device_profile(self, profile: DeviceProfile) -> None:
-        self.known_devices.add(profile.device)
         self.profiles[profile.device] = profile
 
     def task_failed(self, device: str, task: str, round_: int) -> None:
@@ -227,7 +256,7 @@ class Coordinator:
         (the disk cannot take it)."""
         try:
             task_round = self._check_update(manifest)
-            delta = read_delta(payload_path)
+            delta = read_delta(payload_path, manifest.codec, self.globals[manifest.task].manifest.tensors)
             task_round.strategy.validate(delta, manifest.samples)
             limited = limit_update(
                 delta,
@@ -301,6 +330,9 @@ class Coordinator:
             manifest, limited, task_round = update.manifest, update.limited, update.task_round
             task_round.strategy.fold_valid(limited.delta, limited.weight)
             task_round.reported.add(manifest.device)
+            self.participation[manifest.task][manifest.device] = Participation(
+                manifest.round, time.time() - self.round.opened_at
+            )
             log.info(
                 "task %s round %d: update from %s (weight %d, delta norm %.4g), %d/%d",
                 manifest.task,
@@ -346,6 +378,7 @@ class Coordinator:
                 time.time(),
                 weight=limited.weight,
                 scale=limited.scale,
+                codec=manifest.codec,
             )
         except BaseException:
             linking.unlink(missing_ok=True)
@@ -375,6 +408,11 @@ class Coordinator:
                 "too_many_samples",
                 f"update claims {manifest.samples} samples; the device declared {declared}",
             )
+        accepted = self.config.tasks[manifest.task].codecs
+        if manifest.codec not in accepted:
+            raise Rejected(
+                "codec", f"update codec {manifest.codec!r}; task {manifest.task} takes {sorted(accepted)}"
+            )
         return task_round
 
     def _reject(self, manifest: UpdateManifest, error: ProtocolError) -> Receipt:
@@ -396,8 +434,8 @@ class Coordinator:
         for task, task_round in self.task_rounds.items():
             if task_round.final:
                 continue
-            if not task_round.waiting_for and task_round.strategy.count > 0:
-                out.globals.append(self._finalize(task, task_round, now))
+            if task_round.complete:
+                self._finalize(task, task_round, now, out)
             elif deadline_passed and task_round.strategy.count >= self.config.rounds.min_updates:
                 log.warning(
                     "task %s round %d: deadline passed, finalising with %d updates",
@@ -405,7 +443,7 @@ class Coordinator:
                     self.round.round,
                     task_round.strategy.count,
                 )
-                out.globals.append(self._finalize(task, task_round, now))
+                self._finalize(task, task_round, now, out)
             elif deadline_passed:
                 extend = True
         if all(t.final for t in self.task_rounds.values()):
@@ -422,11 +460,17 @@ class Coordinator:
             )
         return out
 
-    def _finalize(self, task: str, task_round: TaskRound, now: float) -> GlobalModel:
+    def _finalize(self, task: str, task_round: TaskRound, now: float, out: Outbound) -> None:
+        """The task's new global version goes out and its schedules are cleared (a device still training it
+        may stop)."""
         state = task_round.strategy.result()
         version = task_round.base_version + 1
+        delta = None
+        download_codec = self.config.tasks[task].download_codec
+        if download_codec is not None:  # publish what the delta rebuilds, so both downloads give one model
+            delta, state = encode_version(make_codec(download_codec), state, self.globals[task].state)
         ref = self.checkpoints.save(task, version, state)
-        model = self._global_model(task, version, state)
+        model = self._global_model(task, version, state, delta)
         self.ledger.finalize_task(
             task, self.round.round, version, ref.path, model.manifest.transfer.sha256, now
         )
@@ -443,7 +487,8 @@ class Coordinator:
             task_round.strategy.count,
             task_round.strategy.total_weight,
         )
-        return model
+        out.globals.append(model)
+        out.cleared_schedules += [(device, task) for device in sorted(task_round.expected)]
 
     def _maybe_open(self, now: float, out: Outbound) -> None:
         rounds = self.config.rounds
@@ -453,27 +498,26 @@ class Coordinator:
         ready = sorted(d for d in self.online if d in self.profiles)
         if len(ready) < rounds.min_devices:
             return
-        participants = {
-            task: {
-                d: self.profiles[d].tasks[task].samples
-                for d in ready
-                if self.profiles[d].tasks.get(task, None)
-            }
-            for task in self.config.tasks
-        }
-        participants = {task: devices for task, devices in participants.items() if devices}
+        number = last + 1
+        participants = {}
+        for task, task_config in self.config.tasks.items():
+            eligible = [d for d in ready if task in self.profiles[d].tasks]
+            chosen = select(task_config.sampling, task, number, eligible, self.participation[task])
+            if chosen:
+                participants[task] = {d: self.profiles[d].tasks[task].samples for d in chosen}
         if not participants:
             return
-        number = last + 1
         bases = {task: self.globals[task].manifest.version for task in participants}
         self.round = self.ledger.open_round(number, bases, now, now + rounds.round_timeout_s, participants)
         self.task_rounds = {
             task: self._new_task_round(task, bases[task], devices) for task, devices in participants.items()
         }
+        for task, devices in participants.items():
+            self.participation[task].update({d: Participation(number) for d in devices})
         out.schedules = self.schedules()
-        scheduled = {s.device for s in out.schedules}
-        out.cleared_schedules = sorted(self.known_devices - scheduled)
-        log.info("round %d opened: %s", number, {t: sorted(d) for t, d in participants.items()})
+        scheduled = {(schedule.device, schedule.tasks[0].task) for schedule in out.schedules}
+        out.cleared_schedules = [c for c in out.cleared_schedules if c not in scheduled]
+        log.info("round %d opened: %s", number, {t: _summary(d) for t, d in participants.items()})
 
     # --- helpers ----------------------------------------------------------------------------------------
 
@@ -484,32 +528,34 @@ class Coordinator:
             if current.manifest.version == base_version
             else self.checkpoints.load(task, base_version)
         )
-        strategy = self.config.tasks[task].strategy.build(base, self.buffers[task])
-        return TaskRound(base_version, dict(expected), strategy)
+        task_config = self.config.tasks[task]
+        return TaskRound(
+            base_version,
+            dict(expected),
+            task_config.strategy.build(base, self.buffers[task]),
+            target(task_config.sampling, len(expected)),
+        )
 
     def schedules(self) -> list[Schedule]:
-        """This round's schedule of every expected device that still has tasks to report."""
+        """This round's schedules of the tasks not final yet: one per expected device and task."""
         if self.round is None or self.round.state != "open":
             return []
-        devices = sorted({d for t in self.task_rounds.values() for d in t.expected})
         schedules = []
-        for device in devices:
-            assignments = [
-                self._assignment(task, task_round)
-                for task, task_round in sorted(self.task_rounds.items())
-                if device in task_round.expected and not task_round.final
-            ]
-            if assignments:
-                schedules.append(
-                    Schedule(
-                        device=device,
-                        round=self.round.round,
-                        issued_at=self.round.opened_at,
-                        deadline=self.round.deadline,
-                        tasks=assignments,
-                        policy=self.config.rounds.policy,
-                    )
+        for task, task_round in sorted(self.task_rounds.items()):
+            if task_round.final:
+                continue
+            assignment = self._assignment(task, task_round)
+            schedules += [
+                Schedule(
+                    device=device,
+                    round=self.round.round,
+                    issued_at=self.round.opened_at,
+                    deadline=self.round.deadline,
+                    tasks=[assignment],
+                    policy=self.config.rounds.policy,
                 )
+                for device in sorted(task_round.expected)
+            ]
         return schedules
 
     def _assignment(self, task: str, task_round: TaskRound) -> TaskAssignment:
@@ -530,19 +576,34 @@ class Coordinator:
             proximal_mu=c.strategy.proximal_mu,
             lr_scaling=c.lr_scaling,
             batch_policy=c.batch_policy,
+            codec=c.codec,
         )
 
-    def _global_model(self, task: str, version: int, state: dict[str, np.ndarray]) -> GlobalModel:
+    def _global_model(
+        self, task: str, version: int, state: dict[str, np.ndarray], delta: bytes | None = None
+    ) -> GlobalModel:
+        """A version ready to publish; with `delta`, also as the difference to the current global version."""
         payload = encode_state(state)
+        chunk_size = self.config.transfers.chunk_size
+        delta_info = None
+        if delta is not None:
+            base = self.globals[task].manifest
+            delta_info = GlobalDelta(
+                base_version=base.version,
+                base_sha256=base.transfer.sha256,
+                codec=self.config.tasks[task].download_codec,
+                transfer=transfer_info(f"{task}.v{version}.delta", delta, chunk_size),
+            )
         manifest = GlobalManifest(
             task=task,
             version=version,
             model=self.config.tasks[task].model,
             tensors=describe(state),
-            transfer=transfer_info(f"{task}.v{version}", payload, self.config.transfers.chunk_size),
+            transfer=transfer_info(f"{task}.v{version}", payload, chunk_size),
             created_at=time.time(),
+            delta=delta_info,
         )
-        return GlobalModel(manifest, state, payload)
+        return GlobalModel(manifest, state, payload, delta)
 
     @staticmethod
     def receipt(manifest: UpdateManifest, status: str, reason: str = "") -> Receipt:
@@ -555,10 +616,20 @@ class Coordinator:
         )
 
 
-def read_delta(path: Path) -> dict[str, np.ndarray]:
-    """An update's tensors as read-only views of its payload file, memory-mapped: a strategy that holds updates
-    (a window) holds file pages the OS may drop, not copies."""
+def _summary(devices: dict[str, int], shown: int = 20) -> str:
+    names = sorted(devices)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def read_delta(path: Path, codec: str, layout: list[TensorInfo]) -> dict[str, np.ndarray]:
+    """An update's tensors, decoded by its codec and checked against the task's `layout`. A dense payload is
+    read as read-only views of its file, memory-mapped: a strategy that holds updates (a window) holds file pages
+    the OS may drop, not copies. Other codecs decode into memory, one update at a time."""
     with open(path, "rb") as file:
         if not file.seek(0, 2):
             raise ProtocolError("update payload is empty")
-        return decode_state(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
+        if codec == DenseCodec.name:
+            return decode_state(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
+        file.seek(0)
+        return make_codec(codec).decode(file.read(), layout)

@@ -47,10 +47,14 @@ RECEIVE_MAXIMUM = 128
 SYNC_BYTES = 8 << 20
 #: how long unacknowledged messages wait for more to come before their group settles
 SETTLE_WAIT_S = 0.005
-SUBSCRIPTIONS = [
-    *(topics.every_device(leaf) for leaf in ("status", "profile", "telemetry", "events")),
-    topics.every_update(),
-]
+DEVICE_SUBSCRIPTIONS = [topics.every_device(leaf) for leaf in ("status", "profile", "telemetry", "events")]
+
+
+def subscriptions(config: AggregatorConfig) -> list[str]:
+    """Every device's news, and the updates of every task, or, `sharded`, of this aggregator's tasks only (other
+    aggregators own the rest, on the same broker)."""
+    tasks = list(config.tasks) if config.sharded else [None]
+    return DEVICE_SUBSCRIPTIONS + [topics.every_update(task) for task in tasks]
 
 
 class AggregatorService:
@@ -76,7 +80,7 @@ class AggregatorService:
         self.telemetry: dict[str, Telemetry] = {}
         self.link = MqttLink(
             config.mqtt,
-            SUBSCRIPTIONS,
+            subscriptions(config),
             persistent_session=True,
             manual_ack=True,
             receive_maximum=RECEIVE_MAXIMUM,
@@ -183,12 +187,7 @@ class AggregatorService:
             if isinstance(item, Incoming):
                 self.on_message(item)
             elif item.connected:  # republish retained state: idempotent, and repairs a broker that lost it
-                self.publish(
-                    Outbound(
-                        globals=list(self.coordinator.globals.values()),
-                        schedules=self.coordinator.schedules(),
-                    )
-                )
+                self.publish(self.coordinator.retained())
 
     def on_message(self, message: Incoming) -> None:
         if message.retain and message.payload and not topics.retained_by_devices(message.topic):
@@ -306,24 +305,38 @@ class AggregatorService:
         try:
             for model in out.globals:
                 self.publish_global(model)
+            for device, task in out.cleared_schedules:
+                self.link.publish(topics.schedule(device, task), b"", retain=True)
             for schedule in out.schedules:
-                self.link.publish(topics.device(schedule.device, "schedule"), encode(schedule), retain=True)
-            for device in out.cleared_schedules:
-                self.link.publish(topics.device(device, "schedule"), b"", retain=True)
+                self.link.publish(
+                    topics.schedule(schedule.device, schedule.tasks[0].task), encode(schedule), retain=True
+                )
         except PublishError as exc:
             log.error("retained state not published (again on the next connection): %s", exc)
 
     def publish_global(self, model: GlobalModel) -> None:
+        """A version's retained chunks (whole, and as a delta when it has one), then its manifest; retained chunks
+        that an earlier, longer transfer left (or a delta the version does not have) are cleared."""
         manifest = model.manifest
-        base = topics.global_model(manifest.task)
-        self.link.publish_transfer(base, encode(manifest), manifest.transfer, model.payload, retain=True)
-        previous = self._published_chunks.get(manifest.task, 0)
-        for index in range(manifest.transfer.chunks, previous):  # clear retained chunks a shorter model left
-            self.link.publish(topics.chunk(base, index), b"", retain=True)
-        self._published_chunks[manifest.task] = manifest.transfer.chunks
+        whole, delta = topics.global_model(manifest.task), topics.global_delta(manifest.task)
+        transfers = [(whole, manifest.transfer, model.payload)]
+        if model.delta_payload is not None:
+            transfers.append((delta, manifest.delta.transfer, model.delta_payload))
+        for base, info, payload in transfers:
+            self.link.publish_chunks(base, info, payload, retain=True)
+        for base in (whole, delta):
+            count = next((info.chunks for b, info, _ in transfers if b == base), 0)
+            for index in range(count, self._published_chunks.get(base, 0)):
+                self.link.publish(topics.chunk(base, index), b"", retain=True)
+            self._published_chunks[base] = count
+        self.link.publish(topics.manifest(whole), encode(manifest), retain=True)
         self.metrics.global_published(manifest.task, manifest.transfer.size)
         log.info(
-            "published global %s v%d (%d bytes)", manifest.task, manifest.version, manifest.transfer.size
+            "published global %s v%d (%d bytes%s)",
+            manifest.task,
+            manifest.version,
+            manifest.transfer.size,
+            f"; as a delta {manifest.delta.transfer.size}" if manifest.delta else "",
         )
 
 

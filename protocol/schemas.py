@@ -38,7 +38,8 @@ PathText = Annotated[str, Meta(max_length=lim.MAX_PATH)]
 Metrics = Annotated[
     dict[Annotated[str, Meta(max_length=lim.MAX_METRIC_NAME)], float], Meta(max_length=lim.MAX_METRICS)
 ]
-UpdateCodec = Literal["delta"]
+#: an update codec (protocol.codecs), optionally wrapped in zstd; a receiver refuses one it does not know
+CodecName = Annotated[str, Meta(pattern=r"^[a-z0-9_]{1,32}(\+zstd)?\Z")]
 #: how a device's task processes share its GPU (agent/policies.py)
 ExecutionPolicy = Literal["temporal", "concurrent", "isolated", "sharing", "fedmt"]
 #: arithmetic of local training: fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler)
@@ -156,6 +157,15 @@ class OptimizerSpec(Message):
     weight_decay: Annotated[float, Meta(ge=0, le=1)] = 0.0
 
 
+class CodecSpec(Message):
+    """How a task's updates travel (protocol.codecs): the codec, the share of each tensor that a partial codec
+    keeps (None: its default), and the momentum of the sender's error feedback (DGC's momentum correction)."""
+
+    name: CodecName = "dense"
+    fraction: Annotated[float, Meta(gt=0, le=1)] | None = None
+    momentum: Annotated[float, Meta(ge=0, lt=1)] = 0.0
+
+
 class TaskAssignment(Message):
     """One task of a device's round: what to train, from which global version, for how long."""
 
@@ -174,6 +184,7 @@ class TaskAssignment(Message):
     proximal_mu: Annotated[float, Meta(ge=0, le=MAX_PROXIMAL_MU)] = 0.0
     lr_scaling: LrScaling = "auto"
     batch_policy: BatchPolicy = "scale_lr"
+    codec: CodecSpec = CodecSpec()  # how the update travels
 
 
 class Schedule(Message):
@@ -182,7 +193,6 @@ class Schedule(Message):
     issued_at: Timestamp
     deadline: Timestamp
     tasks: Annotated[list[TaskAssignment], Meta(min_length=1, max_length=lim.MAX_TASKS)]
-    codec: UpdateCodec = "delta"
     policy: ExecutionPolicy | None = None  # None: the device's own choice
 
 
@@ -233,6 +243,16 @@ class TensorInfo(Message):
     shape: Annotated[list[Annotated[int, Meta(ge=0, le=lim.MAX_DIM)]], Meta(max_length=lim.MAX_NDIM)]
 
 
+class GlobalDelta(Message):
+    """A global version also published as its difference to the version before (protocol.deltas), under
+    .../global/delta: a device holding `base_version` fetches this instead of the whole model."""
+
+    base_version: Version
+    base_sha256: Sha256
+    codec: CodecName
+    transfer: TransferInfo
+
+
 class GlobalManifest(Message):
     task: Name
     version: Version
@@ -240,6 +260,7 @@ class GlobalManifest(Message):
     tensors: Annotated[list[TensorInfo], Meta(max_length=lim.MAX_TENSORS)]
     transfer: TransferInfo
     created_at: Timestamp
+    delta: GlobalDelta | None = None
 
 
 class UpdateManifest(Message):
@@ -249,7 +270,7 @@ class UpdateManifest(Message):
     update_id: TransferId
     base_version: Version
     samples: Annotated[int, Meta(ge=1, le=lim.MAX_SAMPLES)]
-    codec: UpdateCodec
+    codec: CodecName  # the assignment's
     transfer: TransferInfo
     metrics: Metrics = {}
 

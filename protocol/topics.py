@@ -5,16 +5,18 @@ fedmt/v1/devices/{device}/status                 retained online/offline (birth 
 fedmt/v1/devices/{device}/profile                retained device profile                  agent -> aggregator
 fedmt/v1/devices/{device}/telemetry              periodic load/memory/power               agent -> aggregator
 fedmt/v1/devices/{device}/events                 task started/finished/failed             agent -> aggregator
-fedmt/v1/devices/{device}/schedule               retained round plan for this device      aggregator -> agent
+fedmt/v1/devices/{device}/schedule/{task}        retained round plan, one per task        aggregator -> agent
 fedmt/v1/devices/{device}/receipts               update accepted/duplicate/rejected       aggregator -> agent
 fedmt/v1/tasks/{task}/global/manifest            retained global model manifest           aggregator -> agents
 fedmt/v1/tasks/{task}/global/chunks/{i}          retained global model chunks             aggregator -> agents
+fedmt/v1/tasks/{task}/global/delta/chunks/{i}    retained chunks of the version as a delta aggregator -> agents
 fedmt/v1/tasks/{task}/updates/{device}/manifest  update manifest                          agent -> aggregator
 fedmt/v1/tasks/{task}/updates/{device}/chunks/{i} update chunks                           agent -> aggregator
 ```
 
 The device id is the MQTT username, so the broker ACL (`%u`) confines a device to its own topics. Ids are 1-64
-characters and chunk indices below protocol.limits.MAX_CHUNKS; anything else is not a v1 topic.
+characters and chunk indices below protocol.limits.MAX_CHUNKS; anything else is not a v1 topic. A device has one
+retained schedule per task, so aggregators that own different tasks publish side by side.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from protocol.errors import ProtocolError
 from protocol.limits import MAX_CHUNKS
 
 PREFIX = "fedmt/v1"
-DEVICE_LEAVES = ("status", "profile", "telemetry", "events", "schedule", "receipts")
+DEVICE_LEAVES = ("status", "profile", "telemetry", "events", "receipts")
+SCHEDULE = "schedule"  # fedmt/v1/devices/{device}/schedule/{task}
 RETAINED_BY_DEVICES = ("status", "profile")  # a device's other messages are never retained
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"  # \Z: `$` would admit a trailing newline
 _NAME = re.compile(NAME_PATTERN)
@@ -49,6 +52,16 @@ def device(device_id: str, leaf: str) -> str:
     return f"{PREFIX}/devices/{check_name('device', device_id)}/{leaf}"
 
 
+def schedule(device_id: str, task: str) -> str:
+    """Topic of a device's retained schedule for one task."""
+    return f"{PREFIX}/devices/{check_name('device', device_id)}/{SCHEDULE}/{check_name('task', task)}"
+
+
+def schedules(device_id: str) -> str:
+    """Subscription filter for all of a device's task schedules."""
+    return f"{PREFIX}/devices/{check_name('device', device_id)}/{SCHEDULE}/+"
+
+
 def retained_by_devices(topic: str) -> bool:
     """Whether a device may leave a retained message on `topic`: only its status and profile."""
     levels = topic.split("/")
@@ -58,6 +71,11 @@ def retained_by_devices(topic: str) -> bool:
 def global_model(task: str) -> str:
     """Base topic of a task's retained global model transfer."""
     return f"{PREFIX}/tasks/{check_name('task', task)}/global"
+
+
+def global_delta(task: str) -> str:
+    """Base topic of a task's global model as a delta to the version before (its manifest is the global one)."""
+    return f"{global_model(task)}/delta"
 
 
 def update(task: str, device_id: str) -> str:
@@ -92,9 +110,10 @@ def every_update(task: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class TopicRef:
-    """A parsed topic. `kind` is a device leaf, or 'global' / 'update' for transfers."""
+    """A parsed topic. `kind` is a device leaf, 'schedule' (with its task), or 'global' / 'global_delta' /
+    'update' for transfers."""
 
-    kind: str
+    kind: str  # a device leaf, 'schedule', 'global' or 'update'
     device: str | None = None
     task: str | None = None
     part: str | None = None  # 'manifest' or 'chunk' for transfers
@@ -109,8 +128,12 @@ def parse(topic: str) -> TopicRef:
     rest = levels[2:]
     if len(rest) == 3 and rest[0] == "devices" and rest[2] in DEVICE_LEAVES:
         return TopicRef(kind=rest[2], device=check_name("device", rest[1]))
+    if len(rest) == 4 and rest[0] == "devices" and rest[2] == SCHEDULE:
+        return TopicRef(kind=SCHEDULE, device=check_name("device", rest[1]), task=check_name("task", rest[3]))
     if len(rest) >= 3 and rest[0] == "tasks":
         task = check_name("task", rest[1])
+        if rest[2] == "global" and rest[3:4] == ["delta"] and rest[4:5] == ["chunks"]:
+            return _transfer_ref("global_delta", task, None, rest[4:], topic)
         if rest[2] == "global":
             return _transfer_ref("global", task, None, rest[3:], topic)
         if rest[2] == "updates" and len(rest) >= 4:

@@ -207,6 +207,18 @@ class MqttLink:
             if message.session == self._session:
                 self.client.ack(message.mid, message.qos)
 
+    def subscribe(self, topic_filter: str) -> None:
+        """Add a subscription now (retained messages under it arrive) and on every reconnect; idempotent."""
+        if topic_filter not in self._subscriptions:
+            self._subscriptions.append(topic_filter)
+            self.client.subscribe(topic_filter, options=SubscribeOptions(qos=1, retainAsPublished=True))
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Drop a subscription made with `subscribe`; idempotent."""
+        if topic_filter in self._subscriptions:
+            self._subscriptions.remove(topic_filter)
+            self.client.unsubscribe(topic_filter)
+
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> mqtt.MQTTMessageInfo:
@@ -228,9 +240,15 @@ class MqttLink:
     ) -> None:
         """Publish `payload`'s chunks under `base`/chunks/i, then the manifest under `base`/manifest; PublishError
         if paho refused one of them (the receiver then lacks the transfer and the sender may send it again)."""
+        self.publish_chunks(base, info, payload, retain=retain)
+        self.publish(topics.manifest(base), manifest, retain=retain)
+
+    def publish_chunks(
+        self, base: str, info: TransferInfo, payload: bytes | memoryview, *, retain: bool = False
+    ) -> None:
+        """Publish `payload`'s chunks under `base`/chunks/i (a transfer whose manifest travels elsewhere)."""
         for chunk in split(payload, info):
             self.publish(topics.chunk(base, chunk.index), encode(chunk), retain=retain)
-        self.publish(topics.manifest(base), manifest, retain=retain)
 
     def stop(self, farewell: tuple[str, bytes] | None = None, timeout_s: float = 5.0) -> None:
         """Publish an optional last retained message, then disconnect cleanly (the broker sends no LWT)."""

@@ -139,6 +139,11 @@ class Mosquitto:
             subprocess.run(["docker", "stop", self._container], capture_output=True)
             self._container = None
 
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id (None in Docker or when stopped)."""
+        return self._process.pid if self._process is not None else None
+
     def restart(self) -> None:
         """Stop and start on the same port and data directory (persistence keeps retained messages)."""
         self.stop()

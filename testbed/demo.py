@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -33,12 +34,13 @@ from agent.config import AgentConfig, ExecutionConfig
 from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig
 from common.config import to_toml
 from common.metrics import MetricsConfig
-from protocol.schemas import ExecutionPolicy, ModelSpec, OptimizerSpec, Precision
+from protocol.schemas import CodecSpec, ExecutionPolicy, ModelSpec, OptimizerSpec, Precision
 from protocol.transport import MqttSettings
 from testbed import phases
 from testbed.broker import Mosquitto, free_port
 from testbed.monitor import Monitor
 from testbed.scrape import scrape
+from testbed.throttle import ThrottledLink
 
 DEVICES = ["edge-1", "edge-2", "edge-3"]
 #: per process: the metric that counts its finished rounds
@@ -91,6 +93,10 @@ class Options:
     predictor: str | None = (
         None  # the agents' ONNX predictor (default: calibrated in their state, or shipped)
     )
+    codec: CodecSpec | None = None  # how every task's updates travel (None: dense)
+    download_codec: str | None = None  # global models also published as deltas of this codec
+    link_mbps: float | None = None  # each agent reaches the broker through its own link of this bandwidth
+    link_latency_ms: float = 0.0
 
     def devices(self) -> list[str]:
         return [f"edge-{i + 1}" for i in range(self.agents)]
@@ -108,6 +114,10 @@ class Options:
             changes["model"] = model
             if self.local_steps is not None:
                 changes["local_steps"] = self.local_steps[task]
+            if self.codec is not None:
+                changes["codec"] = self.codec
+            if self.download_codec is not None:
+                changes["download_codec"] = self.download_codec
             if self.batch_range is not None:
                 changes |= {"min_batch_size": self.batch_range[0], "max_batch_size": self.batch_range[1]}
             elif self.device == "cuda":
@@ -131,16 +141,18 @@ class Options:
 
 
 def write_configs(
-    broker: Mosquitto, passwords: dict[str, str], options: Options
+    broker: Mosquitto, passwords: dict[str, str], options: Options, ports: dict[str, int] | None = None
 ) -> tuple[dict[str, Path], dict[str, str]]:
-    """Every process's config file, and its metrics URL (each listens on a free port of 127.0.0.1)."""
+    """Every process's config file, and its metrics URL (each listens on a free port of 127.0.0.1). `ports`:
+    where a process reaches the broker, when not at the broker's own port (a throttled link)."""
     out = options.out
 
     def mqtt(user: str) -> MqttSettings:
-        return MqttSettings(host=broker.host, port=broker.port, username=user, password=passwords[user])
+        port = (ports or {}).get(user, broker.port)
+        return MqttSettings(host=broker.host, port=port, username=user, password=passwords[user])
 
-    ports = {name: free_port() for name in ["aggregator", *options.devices()]}
-    metrics = {name: MetricsConfig(port=port) for name, port in ports.items()}
+    metrics_ports = {name: free_port() for name in ["aggregator", *options.devices()]}
+    metrics = {name: MetricsConfig(port=port) for name, port in metrics_ports.items()}
     configs = {
         "aggregator": AggregatorConfig(
             state_dir=str(out / "state" / "aggregator"),
@@ -172,7 +184,7 @@ def write_configs(
         paths[name] = out / "config" / f"{name}.toml"
         paths[name].parent.mkdir(parents=True, exist_ok=True)
         paths[name].write_text(to_toml(config))
-    return paths, {name: f"http://127.0.0.1:{port}/metrics" for name, port in ports.items()}
+    return paths, {name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items()}
 
 
 def round_counters(urls: dict[str, str]) -> dict[str, float | None]:
@@ -238,8 +250,14 @@ def run(options: Options) -> dict:
     reported: set[int] = set()
     scraped: list[dict] = []  # per round, once its globals are out: each process's round counter (endpoint)
     started = time.time()
-    with Mosquitto(out / "broker", passwords) as broker:
-        configs, metrics_urls = write_configs(broker, passwords, options)
+    with Mosquitto(out / "broker", passwords) as broker, ExitStack() as links:
+        throttled = {
+            device: links.enter_context(
+                ThrottledLink(broker.host, broker.port, options.link_mbps, options.link_latency_ms)
+            ).port
+            for device in (devices if options.link_mbps is not None else [])
+        }
+        configs, metrics_urls = write_configs(broker, passwords, options, throttled)
         console.print("metrics: " + ", ".join(f"{name} {url}" for name, url in metrics_urls.items()))
         processes = {"aggregator": start("aggregator", "aggregator.cli", configs["aggregator"], out / "logs")}
         processes |= {
@@ -334,7 +352,32 @@ def run(options: Options) -> dict:
         "total_wall_time_s": round(time.time() - started, 1),
         "metrics_urls": metrics_urls,
         "metrics_after_round": scraped,
+        "codec": msgspec.to_builtins(options.codec) if options.codec else None,
+        "download_codec": options.download_codec,
+        "link": {"mbps": options.link_mbps, "latency_ms": options.link_latency_ms},
+        "bytes": bytes_moved(rounds, tasks, monitor),
     }
+
+
+def bytes_moved(rounds: int, tasks, monitor: Monitor) -> list[dict]:
+    """Per round: the updates' bytes (as the agents' finished events say; the monitor may not read updates),
+    and each new global version's bytes as a whole and as a delta (what a device holding the version before
+    fetches)."""
+    moved = []
+    for r in range(1, rounds + 1):
+        finished = {(e.device, e.task): e for e in monitor.events if e.kind == "finished" and e.round == r}
+        updates = [e.metrics.get("update_bytes", 0.0) for e in finished.values()]
+        manifests = [monitor.global_manifests.get((t, r)) for t in tasks]
+        moved.append(
+            {
+                "round": r,
+                "update_bytes": int(sum(updates)),
+                "updates": len(updates),
+                "global_whole_bytes": sum(m.transfer.size for m in manifests if m),
+                "global_delta_bytes": sum(m.delta.transfer.size for m in manifests if m and m.delta) or None,
+            }
+        )
+    return moved
 
 
 def _count(value: float | None) -> str:
@@ -434,7 +477,15 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-size", type=_positive, default=16, help="per task (on cuda pinned: min = max = this)"
     )
     parser.add_argument("--precision", choices=get_args(Precision), default="fp32")
+    parser.add_argument("--codec", help="every task's update codec, e.g. topk+zstd (default: dense)")
+    parser.add_argument("--codec-fraction", type=float, help="what topk / dct keep (default: theirs)")
+    parser.add_argument("--download-codec", help="also publish global models as deltas, e.g. fp16+zstd")
+    parser.add_argument(
+        "--link-mbps", type=float, help="each agent's link to the broker (default: unthrottled)"
+    )
+    parser.add_argument("--link-latency-ms", type=float, default=0.0)
     args = parser.parse_args(argv)
+    codec = CodecSpec(name=args.codec, fraction=args.codec_fraction) if args.codec else None
     options = Options(
         out=args.out.resolve(),
         rounds=args.rounds,
@@ -445,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         local_steps=args.local_steps,
         batch_size=args.batch_size,
         precision=args.precision,
+        codec=codec,
+        download_codec=args.download_codec,
+        link_mbps=args.link_mbps,
+        link_latency_ms=args.link_latency_ms,
     )
     try:
         summary = run(options)

@@ -16,9 +16,10 @@ import numpy as np
 
 from protocol import ProtocolError, topics
 from protocol.chunking import Reassembler
+from protocol.codecs import make_codec
 from protocol.inbox import TransferInbox
 from protocol.schemas import Event, GlobalManifest, Receipt, Schedule, Status, UpdateManifest, decode
-from protocol.tensors import decode_state
+from protocol.tensors import decode_state, describe
 from protocol.transport import Incoming, MqttLink, MqttSettings
 
 
@@ -29,6 +30,7 @@ class Monitor:
     settings: MqttSettings
     spool: Path
     globals: dict[tuple[str, int], dict[str, np.ndarray]] = field(default_factory=dict)
+    global_manifests: dict[tuple[str, int], GlobalManifest] = field(default_factory=dict)
     updates: dict[str, tuple[UpdateManifest, dict[str, np.ndarray]]] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     receipts: list[Receipt] = field(default_factory=list)
@@ -68,6 +70,16 @@ class Monitor:
     def close(self) -> None:
         self.link.stop()
 
+    def _decode(self, manifest: GlobalManifest | UpdateManifest, payload: bytes) -> dict:
+        """A global model's tensors, or an update's as its codec decodes them against the global it started from
+        (seen before it, as agents see it)."""
+        if isinstance(manifest, GlobalManifest) or manifest.codec == "dense":
+            return decode_state(payload)
+        base = self.globals.get((manifest.task, manifest.base_version))
+        if base is None:
+            raise ProtocolError(f"update {manifest.update_id}: its base global model was not seen")
+        return make_codec(manifest.codec).decode(payload, describe(base))
+
     def _record(self, message: Incoming) -> None:
         ref = topics.parse(message.topic)
         if ref.kind == "schedule":
@@ -85,13 +97,14 @@ class Monitor:
             delivery = inbox.receive(ref.part, message.payload)
             if delivery is None:
                 return
+            manifest = delivery.manifest
             try:
-                state = {k: v.copy() for k, v in decode_state(delivery.path.read_bytes()).items()}
+                state = {k: v.copy() for k, v in self._decode(manifest, delivery.path.read_bytes()).items()}
             finally:
                 inbox.release(delivery)
-            manifest = delivery.manifest
             if ref.kind == "global":
                 self.globals[(manifest.task, manifest.version)] = state
+                self.global_manifests[(manifest.task, manifest.version)] = manifest
                 self.seen_at[(manifest.task, manifest.version)] = time.time()
             else:
                 self.updates[manifest.update_id] = (manifest, state)

@@ -19,6 +19,7 @@ from testbed.broker import Mosquitto
 
 USERS = {
     "aggregator": "agg-secret",
+    "aggregator-2": "agg2-secret",  # a second aggregator process, owning other tasks
     "monitor": "mon-secret",
     "auditor": "aud-secret",
     **{f"dev{i}": f"dev{i}-secret" for i in range(1, 5)},
@@ -142,7 +143,7 @@ class RawDevice:
         self.device = device
         self.link = MqttLink(
             mqtt(broker, device),
-            [topics.device(device, "schedule"), topics.device(device, "receipts")],
+            [topics.schedules(device), topics.device(device, "receipts")],
             birth=(topics.device(device, "status"), encode(Status(state="online", ts=time.time())))
             if samples is not None
             else None,
@@ -212,7 +213,7 @@ class RawDevice:
             update_id=update_id,
             base_version=base_version,
             samples=samples,
-            codec="delta",
+            codec="dense",
             transfer=transfer_info(update_id, payload, 64 * 1024),
         )
         self.link.publish_transfer(

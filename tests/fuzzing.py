@@ -209,7 +209,7 @@ def update_manifest(task: str, device: str, update_id: str, payload_size: int) -
         update_id=update_id,
         base_version=0,
         samples=1,
-        codec="delta",
+        codec="dense",
         transfer=info,
     )
 
@@ -259,7 +259,7 @@ def update_transfer(draw, task: str, device: str, declared: int, base_version: i
             update_id=update_id,
             base_version=version,
             samples=samples,
-            codec="delta",
+            codec="dense",
             transfer=info,
         )
 
@@ -324,7 +324,7 @@ def aggregator_traffic(draw, devices: list[str], tasks: list[str], declared: int
             update_id=info.id,
             base_version=0,
             samples=1,
-            codec="delta",
+            codec="dense",
             transfer=info,
         )
         return [(topics.manifest(base), draw(payload_of(message)))], None
@@ -386,7 +386,7 @@ def agent_traffic(draw, device: str, tasks: list[str]):
             tasks=[assignment(task, version, sha256)],
             policy=draw(st.sampled_from([None, "concurrent", "fedmt", "temporal"])),
         )
-        return [*messages, (topics.device(device, "schedule"), encode(schedule))]
+        return [*messages, (topics.schedule(device, task), encode(schedule))]
     if kind == "schedule":
         schedule = Schedule(
             device=draw(st.sampled_from([device, device, "dev2"])),
@@ -398,7 +398,7 @@ def agent_traffic(draw, device: str, tasks: list[str]):
             ],
             policy=draw(st.sampled_from([None, "concurrent", "fedmt", "temporal"])),
         )
-        return [(topics.device(device, "schedule"), draw(payload_of(schedule)))]
+        return [(topics.schedule(device, task), draw(payload_of(schedule)))]
     if kind == "receipts":
         receipt = Receipt(
             update_id=draw(st.uuids()).hex,

@@ -45,7 +45,7 @@ CONTAINER_CONFIG_DIR = "/mosquitto/config"
 
 # Which device channels the agent publishes and which the aggregator publishes for it (protocol/topics.py).
 AGENT_WRITES = ("status", "profile", "telemetry", "events")
-AGENT_READS = ("schedule", "receipts")
+AGENT_READS = ("receipts",)  # and its schedules, one per task (topics.schedule)
 
 
 def _field_default(struct: type, name: str):
@@ -456,7 +456,9 @@ def _global_topics() -> list[str]:
 
 
 def _device_topics(device_id: str) -> list[str]:
-    return [topics.device(device_id, leaf) for leaf in topics.DEVICE_LEAVES]
+    return [topics.device(device_id, leaf) for leaf in topics.DEVICE_LEAVES] + [
+        topics.schedule(device_id, TASK)
+    ]
 
 
 def test_every_device_leaf_has_a_direction():
@@ -482,6 +484,14 @@ def test_acl_has_pattern_read_for_each_device_read_channel(leaf):
     rules = load_acl()
     assert ("pattern", None, READ, f"{topics.PREFIX}/devices/%u/{leaf}") in rules
     assert allowed(rules, DEV, topics.device(DEV, leaf), READ)
+
+
+def test_acl_lets_a_device_read_its_own_task_schedules_only():
+    rules = load_acl()
+    assert ("pattern", None, READ, f"{topics.PREFIX}/devices/%u/schedule/+") in rules
+    assert allowed(rules, DEV, topics.schedule(DEV, TASK), READ)
+    assert not allowed(rules, DEV, topics.schedule(DEV, TASK), WRITE)
+    assert not allowed(rules, DEV, topics.schedule(OTHER, TASK), READ)
 
 
 def test_acl_lets_devices_read_global_models():
@@ -512,6 +522,7 @@ def test_device_cannot_write_other_devices_or_aggregator_topics():
         + _update_topics(OTHER)
         + _global_topics()
         + [topics.device(DEV, leaf) for leaf in AGENT_READS]
+        + [topics.schedule(DEV, TASK)]
         + [f"{topics.PREFIX}/devices/{DEV}/other", "$SYS/broker/uptime"]
     )
     for topic in forbidden:
@@ -524,6 +535,28 @@ def test_device_cannot_read_other_devices_topics():
         assert not allowed(rules, DEV, topic, READ), topic
 
 
+def emqx_rule_topics(permission: str, who: str, action: str) -> set[str]:
+    """The topics of broker_config/emqx/acl.conf's rules `{permission, who, action, [topics]}.`"""
+    text = (BROKER_DIR / "emqx" / "acl.conf").read_text()
+    pattern = rf"\{{{permission}, {re.escape(who)}, {re.escape(action)}, \[(.*?)\]\}}\."
+    return {t for block in re.findall(pattern, text, re.DOTALL) for t in re.findall(r'"([^"]+)"', block)}
+
+
+def test_the_emqx_acl_gives_devices_what_the_mosquitto_acl_gives_them_and_retains_only_birth_messages():
+    device = {
+        (access, topic.replace("%u", "${username}"))
+        for kind, _, access, topic in load_acl()
+        if kind == "pattern"
+    }
+    assert emqx_rule_topics("allow", "all", "publish") == {t for access, t in device if access == WRITE}
+    assert emqx_rule_topics("allow", "all", "subscribe") == {t for access, t in device if access == READ}
+    retained = emqx_rule_topics("allow", "all", "{publish, [{retain, true}]}")
+    assert retained == {
+        f"{topics.PREFIX}/devices/${{username}}/{leaf}" for leaf in topics.RETAINED_BY_DEVICES
+    }
+    assert emqx_rule_topics("deny", "all", "{publish, [{retain, true}]}") == {"#"}
+
+
 def test_acl_topics_reference_only_existing_device_leaves_and_transfer_kinds():
     for _, _, _, topic in load_acl():
         if topic.startswith("$SYS/"):
@@ -531,21 +564,25 @@ def test_acl_topics_reference_only_existing_device_leaves_and_transfer_kinds():
         assert topic.startswith(f"{topics.PREFIX}/"), topic
         levels = topic.split("/")
         if len(levels) > 2 and levels[2] == "devices":
-            match = re.fullmatch(rf"{re.escape(topics.PREFIX)}/devices/[^/]+/(?P<leaf>[^/]+)", topic)
+            match = re.fullmatch(
+                rf"{re.escape(topics.PREFIX)}/devices/[^/]+/(?P<leaf>[^/]+)(?P<task>/\+)?", topic
+            )
             assert match, topic
-            assert match["leaf"] in topics.DEVICE_LEAVES + ("#", "+"), topic
+            leaves = (topics.SCHEDULE,) if match["task"] else topics.DEVICE_LEAVES + ("#", "+")
+            assert match["leaf"] in leaves, topic
         elif len(levels) > 2 and levels[2] == "tasks":
             assert len(levels) >= 5 and levels[4] in ("global", "updates"), topic
         else:
             assert levels[2:] == ["#"], topic
 
 
-def test_aggregator_owns_the_whole_tree():
+@pytest.mark.parametrize("aggregator", ["aggregator", "aggregator-2"])
+def test_each_aggregator_identity_owns_the_whole_tree(aggregator):
     rules = load_acl()
-    assert ("topic", "aggregator", READ | WRITE, f"{topics.PREFIX}/#") in rules
+    assert ("topic", aggregator, READ | WRITE, f"{topics.PREFIX}/#") in rules
     every = _device_topics(DEV) + _update_topics(DEV) + _global_topics()
     for topic in every:
-        assert allowed(rules, "aggregator", topic, READ) and allowed(rules, "aggregator", topic, WRITE), topic
+        assert allowed(rules, aggregator, topic, READ) and allowed(rules, aggregator, topic, WRITE), topic
     assert _field_default(AggregatorConfig, "mqtt").username == "aggregator"
 
 

@@ -105,7 +105,7 @@ def sent_transfer(
         update_id=update_id,
         base_version=0,
         samples=samples,
-        codec="delta",
+        codec="dense",
         transfer=info,
     )
     link.publish_transfer(topics.update(task, device), encode(manifest), info, payload)
@@ -319,7 +319,7 @@ def test_agent_handlers_survive_fuzzed_traffic_and_the_agent_still_trains(agent,
         deadline=time.time() + 600,
         tasks=[assignment("t", 7, manifest.transfer.sha256)],
     )
-    server.publish(topics.device("dev1", "schedule"), encode(schedule))
+    server.publish(topics.schedule("dev1", "t"), encode(schedule))
     feed(agent, [(topic, payload) for topic, payload, _ in server.published])
     pump(agent)
     sent = [decode(p, UpdateManifest) for p in agent.link.on("/updates/dev1/manifest")]

@@ -15,6 +15,7 @@ import torch
 from agent import jobs
 from agent.checkpoint import load_round
 from agent.data import DigitsData, SyntheticData
+from agent.handover import Training, standby_key
 from agent.mps import GpuSharing, MpsConfig, MpsDaemon
 from agent.planning import Planner
 from agent.runner import TaskWork, run_round
@@ -124,7 +125,7 @@ def fake_mps(tmp_path: Path) -> GpuSharing:
 @pytest.mark.slow
 def test_a_finished_tasks_share_moves_to_standby_workers_that_finish_the_same_training(tmp_path):
     """Three tasks at the heuristic's 70% each (R_v 210%): `short` ends first; `b` and `c` (the same training)
-    move to 100% through standby workers and still take their 300 steps, ending where a round without a
+    move to 100% through standby workers and still take their 600 steps, ending where a round without a
     hand-over ends."""
     base = state_to_numpy(build_model(FAST_MODEL, seed=0))
     payload = encode_state(base)
@@ -151,19 +152,25 @@ def test_a_finished_tasks_share_moves_to_standby_workers_that_finish_the_same_tr
         )
         return TaskWork(jobs.Prepare(model=FAST_MODEL, data=data), train)
 
-    works = {"short": work("short", 20), "b": work("b", 300), "c": work("c", 300)}
+    # `short` trains long enough for the others to report their pace twice (every 0.5 s) before it ends
+    works = {"short": work("short", 150), "b": work("b", 600), "c": work("c", 600)}
     planner = Planner(fake_mps(tmp_path))
     plan = planner.plan("fedmt", [w.train.assignment for w in works.values()], dict.fromkeys(works, 64))
     assert plan.resources == {"short": 70.0, "b": 70.0, "c": 70.0}
+    reallocate = planner.reallocation(plan, restart_cost_s=0.0)
+    launches = {launch.task: launch for launch in plan.launches}
+    moves = reallocate("short", [Training(t, launches[t], 0, 600, 1.0) for t in ("b", "c")])
     outcomes, pids = {}, {}
     with WorkerPool(jobs.Init(device="cpu"), log_dir=tmp_path) as pool:
+        for task, launch in moves.items():  # warm, as an agent's would be by a later round: the hand-over
+            pool.prestart(standby_key(task), launch, works[task].prepare)  # then happens on any machine load
         run_round(
             plan.launches,
             works,
             pool,
             lambda o: outcomes.__setitem__(o.task, o),
             on_started=lambda task, lease: pids.__setitem__(task, lease.worker),
-            reallocate=planner.reallocation(plan, restart_cost_s=0.0),
+            reallocate=reallocate,
         )
         moved = [t for t in ("b", "c") if outcomes[t].handovers]
         assert moved, "no task was handed over"
@@ -177,7 +184,7 @@ def test_a_finished_tasks_share_moves_to_standby_workers_that_finish_the_same_tr
     assert outcomes["short"].handovers == 0 and outcomes["short"].co_run_images_per_s is None
     for task in ("b", "c"):
         trained = outcomes[task].trained
-        assert trained.steps == 300 and trained.metrics["resumed"] == float(task in moved)
+        assert trained.steps == 600 and trained.metrics["resumed"] == float(task in moved)
         assert outcomes[task].co_run_images_per_s > 0  # its pace while `short` still trained
     reference = TaskRuntime(FAST_MODEL, data, device="cpu").train(works["b"].train.assignment, base, seed=3)
     for task in ("b", "c"):

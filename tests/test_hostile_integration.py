@@ -235,7 +235,7 @@ def test_retained_poison_does_not_stop_a_restart(tmp_path, broker, observer):
         broker,
         "aggregator",
         [
-            (topics.device("dev1", "schedule"), msgspec.msgpack.encode(schedule)),
+            (topics.schedule("dev1", "shuffle"), msgspec.msgpack.encode(schedule)),
             (f"{topics.global_model('shuffle')}/chunks/{HUGE_INDEX}", b"\x00"),
             (topics.manifest(topics.global_model("shuffle")), b"\x85\xa4task"),  # truncated
         ],

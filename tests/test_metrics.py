@@ -91,7 +91,7 @@ def update_manifest(device: str, payload: bytes, *, round_: int = 1, base_versio
         update_id=update_id,
         base_version=base_version,
         samples=10,
-        codec="delta",
+        codec="dense",
         transfer=transfer_info(update_id, payload, 16),
     )
 
@@ -282,7 +282,7 @@ def test_agent_metrics_follow_its_handlers(agent, tmp_path):
     assert value(registry, "fedmt_agent_task_events_total", task="t", kind="failed") == 1
     assert value(registry, "fedmt_agent_phase_seconds_sum", task="t", phase="worker_start") == 3.0
 
-    agent.handle(Incoming(topics.device("d1", "schedule"), b"\xc1", False))
+    agent.handle(Incoming(topics.schedule("d1", "t"), b"\xc1", False))
     assert value(registry, "fedmt_agent_messages_dropped_total") == 1
     agent.handle(LinkEvent(False, "Unspecified error"))
     assert value(registry, "fedmt_agent_broker_connected") == 0

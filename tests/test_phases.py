@@ -116,7 +116,7 @@ class _NoLink:
 
     inbox: list[Incoming] = []
 
-    def __init__(self, *args) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         pass
 
     def start(self) -> None:
@@ -138,7 +138,7 @@ def test_the_monitor_remembers_when_every_schedule_was_issued(monkeypatch, tmp_p
         message = Schedule(
             device=device, round=round_, issued_at=issued_at, deadline=issued_at + 60, tasks=[task]
         )
-        return Incoming(topics.device(device, "schedule"), encode(message), retain=True)
+        return Incoming(topics.schedule(device, "a"), encode(message), retain=True)
 
     monkeypatch.setattr(monitor_module, "MqttLink", _NoLink)
     monkeypatch.setattr(

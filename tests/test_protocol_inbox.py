@@ -32,7 +32,7 @@ def transfer(tid: str, size: int = 5 * CS + 3, seed: int = 0):
         update_id=tid,
         base_version=2,
         samples=100,
-        codec="delta",
+        codec="dense",
         transfer=info,
     )
     return manifest, list(split(data, info)), data

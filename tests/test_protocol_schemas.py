@@ -16,6 +16,7 @@ from tests.test_protocol_topics import BAD_IDS
 
 SHA = "0123456789abcdef" * 4
 INFO = s.TransferInfo(id="upd-1.r3", size=10, sha256=SHA, chunk_size=4, chunks=3)
+DELTA = s.GlobalDelta(base_version=3, base_sha256=SHA, codec="fp16+zstd", transfer=INFO)
 MODEL = s.ModelSpec(name="resnet18", num_classes=10, input_size=32)
 ASSIGNMENT = s.TaskAssignment(
     task="cifar10",
@@ -26,6 +27,7 @@ ASSIGNMENT = s.TaskAssignment(
 )
 
 SAMPLES: list[s.Message] = [
+    s.CodecSpec(name="topk+zstd", fraction=0.01, momentum=0.5),
     s.Status(state="online", ts=1.5, agent_version="0.1.0"),
     s.Status(state="offline", ts=0.0),
     s.HostInfo(
@@ -100,7 +102,9 @@ SAMPLES: list[s.Message] = [
         tensors=[s.TensorInfo(name="w", dtype="float32", shape=[])],
         transfer=INFO,
         created_at=5.0,
+        delta=DELTA,
     ),
+    DELTA,
     s.UpdateManifest(
         task="cifar10",
         round=3,
@@ -108,7 +112,7 @@ SAMPLES: list[s.Message] = [
         update_id="upd-1.r3",
         base_version=4,
         samples=500,
-        codec="delta",
+        codec="dense",
         transfer=INFO,
         metrics={"loss": 1.0},
     ),
@@ -179,8 +183,8 @@ def test_to_builtins_is_json_serialisable_and_re_decodable(message):
 def test_optional_fields_take_defaults_when_absent():
     status = decode(msgspec.msgpack.encode({"state": "online", "ts": 1.0}), s.Status)
     assert status == s.Status(state="online", ts=1.0)
-    schedule = decode(raw(sample(s.Schedule), "codec", drop=True), s.Schedule)
-    assert schedule.codec == "delta"
+    schedule = decode(raw(sample(s.Schedule), "tasks.0.codec", drop=True), s.Schedule)
+    assert schedule.tasks[0].codec == s.CodecSpec(name="dense")
 
 
 def test_chunk_is_a_compact_array_on_the_wire():
@@ -329,7 +333,10 @@ def test_wrong_type_is_rejected_naming_the_field(kind, path, value):
         (s.Status, "state", "sleeping"),
         (s.Event, "kind", "exploded"),
         (s.Receipt, "status", "maybe"),
-        (s.UpdateManifest, "codec", "full"),
+        (s.UpdateManifest, "codec", "Top-K"),
+        (s.UpdateManifest, "codec", "topk+gzip"),
+        (s.CodecSpec, "fraction", 0.0),
+        (s.CodecSpec, "momentum", 1.0),
         (s.GpuInfo, "backend", "rocm"),
         (s.Schedule, "policy", "greedy"),
     ],

@@ -42,8 +42,18 @@ def test_device_topics_round_trip(dev, leaf):
     assert parse(topic) == TopicRef(kind=leaf, device=dev)
 
 
-def test_device_leaves_are_the_documented_six():
-    assert set(t.DEVICE_LEAVES) == {"status", "profile", "telemetry", "events", "schedule", "receipts"}
+def test_device_leaves_are_the_documented_five():
+    assert set(t.DEVICE_LEAVES) == {"status", "profile", "telemetry", "events", "receipts"}
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_a_device_has_one_schedule_topic_per_task(dev, task):
+    topic = t.schedule(dev, task)
+    assert topic == f"fedmt/v1/devices/{dev}/schedule/{task}"
+    assert parse(topic) == TopicRef(kind="schedule", device=dev, task=task)
+    assert t.schedules(dev) == f"fedmt/v1/devices/{dev}/schedule/+"
+    assert not t.retained_by_devices(topic)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -105,6 +115,10 @@ def test_all_below_is_a_multilevel_wildcard_under_the_base():
         "fedmt/v1/devices/dev-1/status/",
         "fedmt/v1/devices//status",
         "fedmt/v1/devices/dev-1/manifest",
+        "fedmt/v1/devices/dev-1/schedule",
+        "fedmt/v1/devices/dev-1/schedule/",
+        "fedmt/v1/devices/dev-1/schedule/+",
+        "fedmt/v1/devices/dev-1/schedule/t/extra",
         "fedmt/v1/device/dev-1/status",
         # global transfers
         "fedmt/v1/tasks",
@@ -234,19 +248,28 @@ def test_invalid_id_error_quotes_a_long_id_only_in_part():
     assert len(str(exc.value)) < 300
 
 
-def test_the_aggregators_subscriptions_match_every_device_message_it_reads_and_nothing_it_writes():
+@pytest.mark.parametrize("sharded", [False, True])
+def test_the_aggregators_subscriptions_match_every_device_message_it_reads_and_nothing_it_writes(sharded):
     from paho.mqtt.client import topic_matches_sub
 
-    from aggregator.service import SUBSCRIPTIONS
+    from aggregator.config import AggregatorConfig, TaskConfig
+    from aggregator.service import subscriptions
+    from protocol.schemas import ModelSpec
+
+    task = TaskConfig(
+        model=ModelSpec(name="tiny", num_classes=10, input_size=8), init_weights="w.safetensors"
+    )
+    filters = subscriptions(AggregatorConfig(tasks={"cifar": task}, sharded=sharded))
 
     def matched(topic: str) -> bool:
-        return any(topic_matches_sub(sub, topic) for sub in SUBSCRIPTIONS)
+        return any(topic_matches_sub(sub, topic) for sub in filters)
 
     for leaf in ("status", "profile", "telemetry", "events"):
-        assert matched(t.device("jetson-7", leaf)) and t.every_device(leaf) in SUBSCRIPTIONS
+        assert matched(t.device("jetson-7", leaf)) and t.every_device(leaf) in filters
     assert matched(t.manifest(t.update("cifar", "jetson-7")))
     assert matched(t.chunk(t.update("cifar", "jetson-7"), 12))
-    for own in (t.device("jetson-7", "schedule"), t.device("jetson-7", "receipts")):
+    assert matched(t.manifest(t.update("other", "jetson-7"))) is not sharded  # another aggregator's task
+    for own in (t.schedule("jetson-7", "cifar"), t.device("jetson-7", "receipts")):
         assert not matched(own)
     assert not matched(t.manifest(t.global_model("cifar")))
 

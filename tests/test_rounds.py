@@ -18,6 +18,7 @@ from aggregator.strategies.median import MedianSpec
 from common.config import ConfigError
 from protocol import ProtocolError
 from protocol.chunking import transfer_info
+from protocol.codecs import make_codec
 from protocol.schemas import DeviceProfile, HostInfo, ModelSpec, TaskData, UpdateManifest
 from protocol.tensors import encode_state
 
@@ -62,9 +63,10 @@ def update(
     samples: int = 10,
     round_: int = 1,
     sender: str | None = None,
+    codec: str = "dense",
 ):
     """As the service hands it over: screened when its manifest arrives, then its payload accepted."""
-    payload = encode_state(delta)
+    payload = make_codec(codec).encode(delta)
     update_id = uuid.uuid4().hex
     version = coordinator.globals["t"].manifest.version
     manifest = UpdateManifest(
@@ -74,7 +76,7 @@ def update(
         update_id=update_id,
         base_version=version,
         samples=samples,
-        codec="delta",
+        codec=codec,
         transfer=transfer_info(update_id, payload),
     )
     answer = coordinator.screen(manifest, sender or device, "t")
@@ -291,3 +293,91 @@ def test_a_rounds_float64_buffers_serve_the_next_round(config, tmp_path):
     coordinator.tick(now=1002)  # the last round: nothing takes them back
     assert pool.held_bytes > 0
     np.testing.assert_allclose(coordinator.globals["t"].state["w"], BASE["w"] + 0.3, rtol=1e-6)
+
+
+def test_a_task_takes_updates_in_its_codecs_only_and_folds_what_they_decode_to(config, tmp_path):
+    import msgspec
+
+    from protocol.schemas import CodecSpec
+    from protocol.tensors import describe
+
+    task = msgspec.structs.replace(
+        config.tasks["t"], codec=CodecSpec(name="topk", fraction=0.25), accept_codecs=["fp16+zstd"]
+    )
+    config = msgspec.structs.replace(config, tasks={"t": task})
+    coordinator = started(config, (10, 30))
+    schedules = coordinator.tick(now=1000).schedules
+    assert {s.tasks[0].codec for s in schedules} == {CodecSpec(name="topk", fraction=0.25)}
+    refused = update(coordinator, tmp_path, "d1", delta(1.0), samples=10)
+    assert refused.status == "rejected" and "update codec 'dense'" in refused.reason
+    rising = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "steps": np.array(2, dtype=np.int64)}
+    assert update(coordinator, tmp_path, "d1", rising, samples=10, codec="topk").status == "accepted"
+    assert (
+        update(coordinator, tmp_path, "d2", delta(-1.0), samples=30, codec="fp16+zstd").status == "accepted"
+    )
+    sent = make_codec("topk").decode(make_codec("topk").encode(rising), describe(rising))["w"]
+    assert np.count_nonzero(sent) == 1  # topk's default fraction: the payload says what it holds
+    expected = BASE["w"] + (10 * sent + 30 * -1.0) / 40
+    coordinator = Coordinator(config)  # restarted before the tick: the ledger knows each update's codec
+    coordinator.start()
+    np.testing.assert_allclose(coordinator.tick(now=1002).globals[0].state["w"], expected, rtol=1e-6)
+
+
+def test_a_task_config_naming_an_unknown_codec_is_refused(config):
+    import msgspec
+
+    from protocol.schemas import CodecSpec
+
+    with pytest.raises(ValueError, match="unknown codec 'zip'"):
+        msgspec.structs.replace(config.tasks["t"], codec=CodecSpec(name="zip"))
+    with pytest.raises(ValueError, match="unknown codec 'lz4'"):
+        msgspec.structs.replace(config.tasks["t"], accept_codecs=["lz4"])
+
+
+def test_a_download_codec_publishes_the_version_its_delta_rebuilds(config, tmp_path):
+    import msgspec
+
+    from protocol.deltas import apply
+    from protocol.tensors import describe
+
+    task = msgspec.structs.replace(config.tasks["t"], download_codec="fp16")
+    coordinator = started(msgspec.structs.replace(config, tasks={"t": task}))
+    coordinator.tick(now=1000)
+    v0 = coordinator.globals["t"]
+    assert v0.manifest.delta is None and v0.delta_payload is None  # nothing before the first version
+    third = {"w": np.full((3, 4), 1 / 3, np.float32), "steps": np.array(2, dtype=np.int64)}
+    update(coordinator, tmp_path, "d1", third)
+    update(coordinator, tmp_path, "d2", third)
+    v1 = coordinator.tick(now=1001).globals[0]
+    assert (v1.manifest.delta.base_version, v1.manifest.delta.base_sha256) == (0, v0.manifest.transfer.sha256)
+    assert (
+        v1.manifest.delta.transfer.size == len(v1.delta_payload) < v1.manifest.transfer.size
+    )  # headers weigh here
+    rebuilt = apply(v0.state, make_codec("fp16").decode(v1.delta_payload, describe(v0.state)))
+    assert encode_state(rebuilt) == v1.payload  # what a device rebuilds is what is published, bit for bit
+    assert not np.array_equal(v1.state["w"], BASE["w"] + np.float32(1 / 3))  # float16's rounding of the step
+    np.testing.assert_allclose(v1.state["w"], BASE["w"] + 1 / 3, atol=1e-3)
+    assert v1.state["steps"] == 9
+
+
+def test_a_coordinator_restarted_between_rounds_numbers_on_and_clears_the_last_schedules(config, tmp_path):
+    coordinator = started(config)
+    for number in (1, 2):
+        coordinator.tick(now=1000 * number)
+        for device in ("d1", "d2"):
+            update(coordinator, tmp_path, device, delta(0.1), round_=number)
+    coordinator.tick(now=3000)  # round 2 finalises: the round limit is reached
+    coordinator.ledger.close()
+    restarted = Coordinator(config)
+    out = restarted.start()
+    assert sorted(out.cleared_schedules) == [("d1", "t"), ("d2", "t")] and out.schedules == []
+    join(restarted, "d1")
+    join(restarted, "d2")
+    assert restarted.tick(now=4000).schedules == [] and restarted.round.round == 2
+    config.rounds.rounds = 3
+    restarted.ledger.close()
+    third = Coordinator(config)
+    third.start()
+    join(third, "d1")
+    join(third, "d2")
+    assert {s.round for s in third.tick(now=5000).schedules} == {3}

@@ -61,7 +61,7 @@ def test_a_round_the_agent_cannot_start_fails_its_tasks_in_one_line(agent, caplo
         deadline=time.time() + 600,
         tasks=[assignment("t", model=unknown)],
     )
-    feed(agent, [(topics.device("dev1", "schedule"), encode(schedule))])
+    feed(agent, [(topics.schedule("dev1", "t"), encode(schedule))])
     failed = [e for e in map(lambda p: decode(p, Event), agent.link.on("/dev1/events")) if e.kind == "failed"]
     assert [(e.task, e.round) for e in failed] == [("t", 3)] and "no_such_model" in failed[0].message
     assert len(error_lines(caplog)) == 1 and "round 3: cannot start its tasks" in error_lines(caplog)[0]
@@ -83,7 +83,7 @@ def test_an_update_the_aggregator_cannot_take_yet_is_kept_and_sent_again_as_a_ne
         update_id=update_id,
         base_version=0,
         samples=5,
-        codec="delta",
+        codec="dense",
         transfer=transfer_info(update_id, payload.read_bytes()),
     )
     pending = agent.outbox.put(manifest, payload)

@@ -266,3 +266,46 @@ def test_talking_to_an_exited_worker_raises_worker_gone(pool):
     with pytest.raises(WorkerGone):
         lease.worker.call(prepare(8), jobs.Prepared, timeout_s=10)
     pool.release("a", healthy=False)
+
+
+def test_a_lossy_codec_writes_its_update_and_keeps_the_residual_across_rounds(pool, base, tmp_path):
+    import msgspec
+    import numpy as np
+
+    from agent.compression import RESIDUAL
+    from protocol.codecs import make_codec
+    from protocol.schemas import CodecSpec
+    from protocol.tensors import decode_state, describe
+
+    residual = tmp_path / "residuals" / "a.state"
+    sizes = []
+    for round_ in (1, 2):
+        task = work(base, tmp_path, "a", 16, round_)
+        assignment = msgspec.structs.replace(
+            task.train.assignment, codec=CodecSpec(name="topk", fraction=0.05)
+        )
+        train = msgspec.structs.replace(task.train, assignment=assignment, residual_path=str(residual))
+        outcome = run(pool, [Launch("a")], {"a": TaskWork(task.prepare, train)})["a"]
+        assert outcome.failure is None
+        payload = (tmp_path / f"a-r{round_}.update").read_bytes()
+        sizes.append(outcome.trained.metrics["update_bytes"])
+        assert sizes[-1] == len(payload)
+        layout = describe(decode_state(base[0].read_bytes()))
+        sent = make_codec("topk").decode(payload, layout)
+        kept = decode_state(residual.read_bytes())
+        name = next(n for n in sent if sent[n].dtype == np.float32 and sent[n].size > 1000)
+        assert np.count_nonzero(sent[name]) == int(np.ceil(0.05 * sent[name].size))
+        at_sent = sent[name] != 0  # what was sent is not kept, but for its float16 rounding
+        assert np.all(np.abs(kept[RESIDUAL + name][at_sent]) <= 1e-3 * np.abs(sent[name][at_sent]))
+        assert np.count_nonzero(kept[RESIDUAL + name][~at_sent]) > 0.9 * (~at_sent).sum()
+    assert sizes[0] < 0.2 * base[0].stat().st_size
+
+
+def test_a_lease_out_when_the_pool_closes_ends_with_it_and_nothing_starts_after(tmp_path):
+    pool = WorkerPool(CPU, log_dir=tmp_path)
+    lease = pool.acquire("a", Launch("a"), prepare(8))
+    pool.close()  # e.g. the agent stops while a standby worker is still leased
+    assert lease.worker.proc.returncode == 0
+    pool.release("a", healthy=False)  # the standby's thread lets go late: nothing left to do, no error
+    with pytest.raises(WorkerGone, match="closed"):
+        pool.acquire("b", Launch("b"), prepare(8))

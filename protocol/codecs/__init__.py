@@ -7,7 +7,8 @@ Adding a codec is one module with a `Codec` subclass and one line in `CODECS`:
 - `fp16`: floating tensors as float16;
 - `topk`: the largest `fraction` of each floating tensor, as indices and float16 values (with error feedback
   on the sender, agent.compression);
-- `dct`: the lowest `fraction` of each floating tensor's DCT coefficients (FedFT).
+- `dct`: the lowest `fraction` of each floating tensor's DCT coefficients (FedFT);
+- `sparse`: the nonzero elements of each floating tensor, exactly (a round's average of top-k updates).
 
 Any of them can be wrapped in lossless zstd: `<name>+zstd`.
 """
@@ -18,6 +19,7 @@ from protocol.codecs.base import Codec, Dense, Part, PartialCodec, Sparse
 from protocol.codecs.dct import DctCodec
 from protocol.codecs.dense import DenseCodec
 from protocol.codecs.fp16 import Fp16Codec
+from protocol.codecs.sparse import SparseCodec
 from protocol.codecs.topk import TopKCodec
 from protocol.codecs.zstd import Zstd
 
@@ -26,6 +28,7 @@ CODECS: dict[str, type[Codec]] = {
     Fp16Codec.name: Fp16Codec,
     TopKCodec.name: TopKCodec,
     DctCodec.name: DctCodec,
+    SparseCodec.name: SparseCodec,
 }
 ZSTD_SUFFIX = "+zstd"
 

@@ -16,6 +16,15 @@ from protocol.schemas import TensorInfo
 
 #: wire names of the dtypes a codec may leave untouched (integers, flags) or must carry as floats
 FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def to_half(array: np.ndarray) -> np.ndarray:
+    """Floating arrays as float16, saturated to its finite range (NaN stays NaN); other arrays as they are."""
+    array = np.asarray(array)
+    if array.dtype.name not in FLOAT_DTYPES:
+        return array
+    return np.clip(array, -FP16_MAX, FP16_MAX).astype(np.float16)
 
 
 @dataclass(frozen=True)
@@ -80,8 +89,10 @@ class Codec(ABC):
 
 
 class PartialCodec(Codec):
-    """A lossy codec that keeps a `fraction` of each floating tensor (at least one element) and sends it in
-    the per-tensor entries of protocol.codecs.wire."""
+    """A lossy codec that keeps a `fraction` of each floating matrix or kernel (at least one element) and sends
+    it in the per-tensor entries of protocol.codecs.wire. Vectors and scalars (biases, normalisation weights,
+    BatchNorm's running statistics) travel whole, as float16: a running variance cut short can turn negative and
+    wreck a whole model's evaluation, and vectors are up to 5% of a model with many BatchNorm layers."""
 
     lossy = True
     default_fraction: ClassVar[float]
@@ -94,6 +105,11 @@ class PartialCodec(Codec):
 
     def kept(self, size: int) -> int:
         return min(size, max(1, math.ceil(self.fraction * size)))
+
+    @staticmethod
+    def cut(array: np.ndarray) -> bool:
+        """Whether the codec keeps only part of `array` (else it travels whole)."""
+        return array.dtype.name in FLOAT_DTYPES and array.ndim >= 2 and array.size > 0
 
 
 def check_names(found: list[str], layout: list[TensorInfo], what: str) -> None:

@@ -7,12 +7,10 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from protocol.codecs.base import FLOAT_DTYPES, Codec, Dense, Part, check_names
+from protocol.codecs.base import FLOAT_DTYPES, Codec, Dense, Part, check_names, to_half
 from protocol.errors import ProtocolError
 from protocol.schemas import TensorInfo
 from protocol.tensors import decode_state, encode_state
-
-FP16_MAX = float(np.finfo(np.float16).max)
 
 
 class Fp16Codec(Codec):
@@ -33,11 +31,3 @@ class Fp16Codec(Codec):
                     f"update: tensor {info.name!r} is {array.dtype.name}{list(array.shape)}, expected {wire}{info.shape}"
                 )
             yield info.name, Dense(array)
-
-
-def to_half(array: np.ndarray) -> np.ndarray:
-    """Floating arrays as float16, saturated to its finite range (NaN stays NaN); other arrays as they are."""
-    array = np.asarray(array)
-    if array.dtype.name not in FLOAT_DTYPES:
-        return array
-    return np.clip(array, -FP16_MAX, FP16_MAX).astype(np.float16)

@@ -9,16 +9,16 @@ from collections.abc import Callable, Iterator, Mapping
 import msgspec
 import numpy as np
 
-from protocol.codecs.base import check_names
+from protocol.codecs.base import FLOAT_DTYPES, Dense, Part, Sparse, check_names, to_half
 from protocol.errors import ProtocolError
 from protocol.schemas import TensorInfo
 from protocol.tensors import MAX_TENSORS, wire_dtype
 
 
 class Entry(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
-    """One tensor of `shape`. `index` (little-endian uint32 or uint64 flat positions) marks a sparse entry: `data`
-    holds its values in `dtype`. Without `index`, `data` holds `count` leading elements of the codec's
-    representation (all of them for a dense tensor)."""
+    """One tensor of `shape`, `count` elements of `dtype` in `data`: the whole tensor; or, with `index`
+    (little-endian uint32 or uint64 flat positions), its values there; or, with `transform` (e.g. "dct"), the
+    leading coefficients of that transform of it."""
 
     shape: list[int]
     dtype: str
@@ -26,6 +26,7 @@ class Entry(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     data: memoryview
     index: memoryview | None = None
     index_dtype: str | None = None
+    transform: str | None = None
 
 
 _decoder = msgspec.msgpack.Decoder(dict[str, Entry])
@@ -74,8 +75,56 @@ def read_array(data: memoryview, dtype: str, count: int, name: str) -> np.ndarra
     return np.frombuffer(data, dtype=wire)
 
 
+def half_entry(array: np.ndarray) -> Entry:
+    """A tensor whole, floating ones as float16 (see `dense_values`)."""
+    return dense_entry(to_half(array))
+
+
 def dense_values(info: TensorInfo, entry: Entry) -> np.ndarray:
-    """A dense entry as the layout's tensor; raises ProtocolError unless it is exactly that."""
-    if entry.index is not None or entry.dtype != info.dtype or entry.count != math.prod(info.shape):
+    """A dense entry as the layout's tensor (a floating one may travel as float16); raises ProtocolError unless
+    it is exactly that."""
+    whole = entry.index is None and entry.transform is None
+    half = info.dtype in FLOAT_DTYPES and entry.dtype == "float16"
+    if not whole or (entry.dtype != info.dtype and not half) or entry.count != math.prod(info.shape):
         raise ProtocolError(f"tensor {info.name!r}: expected a dense {info.dtype}{info.shape}")
     return read_array(entry.data, entry.dtype, entry.count, info.name).reshape(info.shape)
+
+
+def sparse_entry(array: np.ndarray, index: np.ndarray, value_dtype: np.dtype | str) -> Entry:
+    """A floating tensor's values at sorted flat `index` (in `value_dtype`), or the dense entry of a tensor that
+    is not floating."""
+    if array.dtype.name not in FLOAT_DTYPES:
+        return dense_entry(array)
+    flat = array.reshape(-1)
+    index_dtype = np.uint32 if flat.size <= np.iinfo(np.uint32).max else np.uint64
+    values = flat[index].astype(value_dtype)
+    return Entry(
+        list(array.shape),
+        values.dtype.name,
+        index.size,
+        little(values),
+        little(index.astype(index_dtype)),
+        np.dtype(index_dtype).name,
+    )
+
+
+def sparse_part(info: TensorInfo, entry: Entry, value_dtype: str, allow_empty: bool = False) -> Part:
+    """The part of a sparse entry (values in `value_dtype` at strictly increasing indices within the tensor),
+    or of a dense one; ProtocolError for anything else."""
+    if entry.index is None:
+        return Dense(dense_values(info, entry))
+    size = math.prod(info.shape)
+    if entry.transform is not None:
+        raise ProtocolError(f"tensor {info.name!r}: a sparse entry with a transform")
+    if (
+        info.dtype not in FLOAT_DTYPES
+        or entry.dtype != value_dtype
+        or not (0 if allow_empty else 1) <= entry.count <= size
+    ):
+        raise ProtocolError(f"tensor {info.name!r}: not a sparse {value_dtype} tensor of {size} elements")
+    if entry.index_dtype not in ("uint32", "uint64"):
+        raise ProtocolError(f"tensor {info.name!r}: index dtype {entry.index_dtype!r} not allowed")
+    index = read_array(entry.index, entry.index_dtype, entry.count, info.name).astype(np.int64)
+    if (index.size and (index[0] < 0 or index[-1] >= size)) or np.any(np.diff(index) <= 0):
+        raise ProtocolError(f"tensor {info.name!r}: indices not strictly increasing within {size}")
+    return Sparse(index, read_array(entry.data, value_dtype, entry.count, info.name))

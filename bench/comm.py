@@ -1,0 +1,219 @@
+"""Update codecs on the demo federation: bytes moved and accuracy, and round time on slow links.
+
+    python -m bench.comm --out bench/results                    # CPU: about an hour on 2 cores
+
+Every run is the real demo (testbed.demo: Mosquitto, the aggregator and three agents as processes; digits,
+three tasks) with every task's updates in one codec and global models also published as fp16 deltas:
+- accuracy and bytes: `--rounds` rounds per codec at full speed; update_bytes_ratio = dense update bytes /
+  the codec's (all rounds), final_accuracy_drop_pts = dense final accuracy - the codec's (per task, and the
+  largest); download_bytes_ratio = whole global models / their deltas, from round 2 on (the dense run);
+- round time: `--link-rounds` rounds per codec and bandwidth, each agent behind its own throttled link
+  (testbed.throttle); the figure is the median wall time of the rounds after the first (which fetches whole
+  models).
+Each run's demo summary is kept under `--runs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import msgspec
+
+from bench.common import write_json
+from protocol.schemas import CodecSpec
+from testbed import demo
+
+#: name in the results -> the codec every task's updates use
+CODECS = {
+    "dense": CodecSpec(name="dense"),
+    "fp16": CodecSpec(name="fp16"),
+    "topk": CodecSpec(name="topk+zstd", fraction=0.01),
+    "topk10": CodecSpec(name="topk+zstd", fraction=0.1),
+    "dct": CodecSpec(name="dct", fraction=0.8),
+}
+DOWNLOAD_CODEC = "fp16+zstd"
+
+
+def run_demo(
+    runs: Path, name: str, codec: CodecSpec, rounds: int, mbps: float | None = None, reuse: bool = False
+) -> dict:
+    """One demo run; its summary (also written to runs/<name>/summary.json, and with `reuse` read from there
+    when a run of this configuration finished before)."""
+    kept = runs / name / "summary.json"
+    if reuse and kept.exists():
+        summary = json.loads(kept.read_text())
+        same = (
+            summary.get("codec") == msgspec.to_builtins(codec) and summary.get("link", {}).get("mbps") == mbps
+        )
+        if same and summary["num_rounds"] == rounds:
+            return summary
+    options = demo.Options(
+        out=(runs / name).resolve(),
+        rounds=rounds,
+        codec=codec,
+        download_codec=DOWNLOAD_CODEC,
+        link_mbps=mbps,
+    )
+    summary = demo.run(options)
+    (options.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def update_bytes(summary: dict) -> int:
+    return sum(r["update_bytes"] for r in summary["bytes"])
+
+
+def final_accuracy(summary: dict) -> dict[str, float]:
+    return {task: values[-1] for task, values in summary["accuracy"].items()}
+
+
+def later_round_s(summary: dict) -> float:
+    """The median wall time of the rounds after the first."""
+    return statistics.median(w for w in summary["round_wall_time_s"][1:] if w is not None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/comm"))
+    parser.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--link-rounds", type=int, default=3)
+    parser.add_argument("--mbps", nargs="*", type=float, default=[10.0, 100.0, 400.0])
+    parser.add_argument(
+        "--reuse", nargs="*", default=[], help="codecs whose finished runs under --runs to reuse"
+    )
+    args = parser.parse_args(argv)
+    from rich.console import Console
+
+    console = Console()
+    results_path = args.out / "comm.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    summaries = {}
+    for name in args.codecs:
+        console.rule(f"{name}: {args.rounds} rounds at full speed")
+        summaries[name] = run_demo(
+            args.runs, f"accuracy-{name}", CODECS[name], args.rounds, reuse=name in args.reuse
+        )
+    if "dense" in summaries:
+        dense = summaries["dense"]
+        repeats = [dense] + [
+            run_demo(
+                args.runs, f"accuracy-dense-{i}", CODECS["dense"], args.rounds, reuse="dense" in args.reuse
+            )
+            for i in range(2, args.dense_repeats + 1)
+        ]
+        results["dense_final_accuracy_runs"] = {
+            t: [final_accuracy(r)[t] for r in repeats] for t in final_accuracy(dense)
+        }
+        results["dense_spread_pts"] = {
+            t: round(100 * (max(values) - min(values)), 2)
+            for t, values in results["dense_final_accuracy_runs"].items()
+        }
+        results["codecs"] = {}
+        for name, summary in summaries.items():
+            drops = {
+                t: round(100 * (a - final_accuracy(summary)[t]), 2) for t, a in final_accuracy(dense).items()
+            }
+            results["codecs"][name] = {
+                "codec": CODECS[name].name,
+                "fraction": CODECS[name].fraction,
+                "update_bytes": update_bytes(summary),
+                "update_bytes_ratio": round(update_bytes(dense) / update_bytes(summary), 2),
+                "final_accuracy": final_accuracy(summary),
+                "final_accuracy_drop_pts_per_task": drops,
+                "final_accuracy_drop_pts": max(drops.values()),
+                "accuracy": summary["accuracy"],
+            }
+        later = [r for r in dense["bytes"] if r["round"] >= 2 and r["global_delta_bytes"]]
+        results["download_codec"] = DOWNLOAD_CODEC
+        results["download_bytes_ratio"] = round(
+            sum(r["global_whole_bytes"] for r in later) / sum(r["global_delta_bytes"] for r in later), 2
+        )
+        results["download_bytes_ratio_by_codec"] = {
+            name: round(
+                sum(r["global_whole_bytes"] for r in s["bytes"][1:])
+                / sum(r["global_delta_bytes"] or r["global_whole_bytes"] for r in s["bytes"][1:]),
+                2,
+            )
+            for name, s in summaries.items()
+        }
+    for mbps in args.mbps:
+        key = f"{mbps:g}"
+        times = results.setdefault("round_time_s", {}).setdefault(key, {})
+        for name in args.codecs:
+            console.rule(f"{name}: {args.link_rounds} rounds at {key} Mbps per agent")
+            summary = run_demo(
+                args.runs, f"link{key}-{name}", CODECS[name], args.link_rounds, mbps, reuse=name in args.reuse
+            )
+            times[name] = round(later_round_s(summary), 2)
+            results.setdefault("round_wall_s", {}).setdefault(key, {})[name] = summary["round_wall_time_s"]
+            write_json(results_path, results)
+    write_json(results_path, results)
+    report(results, console)
+    plot(results, args.out / "comm.png")
+    return 0
+
+
+def report(results: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title="update codecs on the demo federation")
+    for column in ("codec", "update bytes", "vs dense", "final accuracy drop (pts, worst task)"):
+        table.add_column(column, justify="right")
+    for name, row in results.get("codecs", {}).items():
+        table.add_row(
+            name,
+            f"{row['update_bytes']:,}",
+            f"{row['update_bytes_ratio']:.1f}x",
+            f"{row['final_accuracy_drop_pts']:+.2f}",
+        )
+    console.print(table)
+    if "download_bytes_ratio" in results:
+        console.print(
+            f"global models as {results['download_codec']} deltas: {results['download_bytes_ratio']:.2f}x smaller"
+        )
+    times = results.get("round_time_s", {})
+    if times:
+        table = Table(title="round time (s, median of the rounds after the first)")
+        names = sorted({n for row in times.values() for n in row}, key=list(CODECS).index)
+        table.add_column("Mbps per agent")
+        for name in names:
+            table.add_column(name, justify="right")
+        for mbps, row in sorted(times.items(), key=lambda item: float(item[0])):
+            table.add_row(mbps, *(f"{row[n]:.1f}" if n in row else "-" for n in names))
+        console.print(table)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, row in results.get("codecs", {}).items():
+        left.scatter(row["update_bytes"] / 1e6, -row["final_accuracy_drop_pts"], label=name, s=60)
+    left.set(
+        xscale="log", xlabel="update bytes over the run (MB, log)", ylabel="final accuracy vs dense (pts)"
+    )
+    left.axhline(0, color="grey", linewidth=0.8)
+    left.legend()
+    times = results.get("round_time_s", {})
+    for name in CODECS:
+        points = sorted((float(m), row[name]) for m, row in times.items() if name in row)
+        if points:
+            right.plot(*zip(*points), marker="o", label=name)
+    right.set(xscale="log", yscale="log", xlabel="link per agent (Mbps)", ylabel="round time (s)")
+    right.legend()
+    figure.suptitle("Update codecs on the demo federation")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
