@@ -26,6 +26,9 @@ class ExecutionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stop_grace_s: Annotated[float, Meta(gt=0)] = 30.0
     predictor: str | None = None  # an .onnx file; default: the one shipped for this GPU, if any
     link_mbps: Annotated[float, Meta(gt=0)] = 100.0  # for Algorithm 1's transfer-time estimates
+    # "on_finish": a task's update uploads while the others still train (Algorithm 1); "after_round": the
+    # naive order, every upload once the round's training is over (kept to measure what overlap gains)
+    upload: Literal["on_finish", "after_round"] = "on_finish"
     batch_damping: Annotated[float, Meta(gt=0, le=1)] = 0.5
     data_budget_mb: Annotated[int, Meta(ge=0)] = (
         1024  # per task: data held on the device up to this, else streamed

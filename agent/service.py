@@ -76,6 +76,7 @@ class ActiveRound:
     planned: dict[str, TaskAssignment] = field(default_factory=dict)  # with the batch sizes actually used
     plan: RoundPlan | None = None
     outcomes: dict[str, TaskOutcome] = field(default_factory=dict)
+    held: list[Pending] = field(default_factory=list)  # updates that upload when the round ends
 
 
 @dataclass(frozen=True)
@@ -433,7 +434,10 @@ class Agent:
         )
         pending = self.outbox.put(manifest, payload_path)
         self.emit_event("finished", item.round, outcome.task, metrics=manifest.metrics)
-        self.publish_update(pending)
+        if self.config.execution.upload == "after_round":
+            current.held.append(pending)
+        else:
+            self.publish_update(pending)
 
     def on_task_started(self, item: RoundTaskStarted) -> None:
         current = self.round
@@ -448,13 +452,17 @@ class Agent:
         self.emit_event("started", item.round, item.task, metrics=metrics)
 
     def on_round_done(self, item: RoundDone) -> None:
-        """After an MPS fault, recover the daemon now that every task process of the round has exited. Then start
+        """Upload what the naive order held back (`execution.upload = "after_round"`). After an MPS fault, recover
+        the daemon now that every task process of the round has exited. Then start
         the workers whose SM share the next round (planned as this one) changes, while updates upload and the
         aggregator folds them."""
         self.metrics.rounds_trained.inc()
         current = self.round
         if current is None or item.round != current.schedule.round:
             return
+        held, current.held = current.held, []
+        for pending in held:
+            self.publish_update(pending)
         if current.mps_fault:
             self.mps_info = self.mps.recover()
             log.warning("MPS fault in round %d; after recovery: %s", item.round, self.mps_info.reason)

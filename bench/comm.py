@@ -9,7 +9,10 @@ three tasks) with every task's updates in one codec and global models also publi
   largest); download_bytes_ratio = whole global models / their deltas, from round 2 on (the dense run);
 - round time: `--link-rounds` rounds per codec and bandwidth, each agent behind its own throttled link
   (testbed.throttle); the figure is the median wall time of the rounds after the first (which fetches whole
-  models).
+  models);
+- overlap: dense rounds at each `--overlap-mbps` with the agents' Algorithm 1 order (each update uploads as its
+  task finishes, while the others train) against the naive order (every upload after the round's training),
+  with the share of a naive round its uploads take (the most that overlap can hide).
 Each run's demo summary is kept under `--runs`.
 """
 
@@ -39,7 +42,13 @@ DOWNLOAD_CODEC = "fp16+zstd"
 
 
 def run_demo(
-    runs: Path, name: str, codec: CodecSpec, rounds: int, mbps: float | None = None, reuse: bool = False
+    runs: Path,
+    name: str,
+    codec: CodecSpec,
+    rounds: int,
+    mbps: float | None = None,
+    reuse: bool = False,
+    upload: str = "on_finish",
 ) -> dict:
     """One demo run; its summary (also written to runs/<name>/summary.json, and with `reuse` read from there
     when a run of this configuration finished before)."""
@@ -47,7 +56,9 @@ def run_demo(
     if reuse and kept.exists():
         summary = json.loads(kept.read_text())
         same = (
-            summary.get("codec") == msgspec.to_builtins(codec) and summary.get("link", {}).get("mbps") == mbps
+            summary.get("codec") == msgspec.to_builtins(codec)
+            and summary.get("link", {}).get("mbps") == mbps
+            and summary.get("upload", "on_finish") == upload
         )
         if same and summary["num_rounds"] == rounds:
             return summary
@@ -57,6 +68,7 @@ def run_demo(
         codec=codec,
         download_codec=DOWNLOAD_CODEC,
         link_mbps=mbps,
+        upload=upload,
     )
     summary = demo.run(options)
     (options.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -84,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--link-rounds", type=int, default=3)
     parser.add_argument("--mbps", nargs="*", type=float, default=[10.0, 100.0, 400.0])
+    parser.add_argument("--dense-repeats", type=int, default=3, help="dense runs for accuracy's spread")
+    parser.add_argument(
+        "--overlap-mbps",
+        nargs="*",
+        type=float,
+        default=[100.0, 400.0],
+        help="bandwidths where dense rounds also run in the naive upload order",
+    )
     parser.add_argument(
         "--reuse", nargs="*", default=[], help="codecs whose finished runs under --runs to reuse"
     )
@@ -153,10 +173,51 @@ def main(argv: list[str] | None = None) -> int:
             times[name] = round(later_round_s(summary), 2)
             results.setdefault("round_wall_s", {}).setdefault(key, {})[name] = summary["round_wall_time_s"]
             write_json(results_path, results)
+    for mbps in args.overlap_mbps:
+        key = f"{mbps:g}"
+        console.rule(f"dense: {args.link_rounds} rounds at {key} Mbps per agent, uploads after the round")
+        orders = {
+            order: run_demo(
+                args.runs,
+                f"link{key}-dense" + ("" if order == "on_finish" else "-naive"),
+                CODECS["dense"],
+                args.link_rounds,
+                mbps,
+                reuse="dense" in args.reuse,
+                upload=order,
+            )
+            for order in ("on_finish", "after_round")
+        }
+        results.setdefault("overlap", {})[key] = overlap(orders["on_finish"], orders["after_round"])
+        write_json(results_path, results)
     write_json(results_path, results)
     report(results, console)
     plot(results, args.out / "comm.png")
     return 0
+
+
+def overlap(algorithm1: dict, naive: dict) -> dict:
+    """Round times of the two upload orders, and how much of a round the uploads take (what overlap can hide
+    at most): the slowest device's upload seconds over the round's wall time, rounds after the first."""
+
+    def upload_share(summary: dict) -> float:
+        shares = [
+            max(sum(t["upload_s"] or 0 for t in tasks.values()) for tasks in rd["phases"].values())
+            / rd["wall_s"]
+            for rd in summary["rounds_detail"][1:]
+            if rd["wall_s"]
+        ]
+        return round(statistics.median(shares), 3)
+
+    a, n = later_round_s(algorithm1), later_round_s(naive)
+    return {
+        "algorithm1_s": round(a, 2),
+        "naive_s": round(n, 2),
+        "saved_pct": round(100 * (n - a) / n, 1),
+        "upload_share_of_round": upload_share(naive),
+        "algorithm1_round_wall_s": algorithm1["round_wall_time_s"],
+        "naive_round_wall_s": naive["round_wall_time_s"],
+    }
 
 
 def report(results: dict, console) -> None:
@@ -187,6 +248,11 @@ def report(results: dict, console) -> None:
         for mbps, row in sorted(times.items(), key=lambda item: float(item[0])):
             table.add_row(mbps, *(f"{row[n]:.1f}" if n in row else "-" for n in names))
         console.print(table)
+    for mbps, row in sorted(results.get("overlap", {}).items(), key=lambda item: float(item[0])):
+        console.print(
+            f"{mbps} Mbps, dense: Algorithm 1 order {row['algorithm1_s']:.1f} s, naive {row['naive_s']:.1f} s "
+            f"({row['saved_pct']:+.1f}%); uploads are {100 * row['upload_share_of_round']:.0f}% of a naive round"
+        )
 
 
 def plot(results: dict, path: Path) -> None:

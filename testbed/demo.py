@@ -97,6 +97,7 @@ class Options:
     download_codec: str | None = None  # global models also published as deltas of this codec
     link_mbps: float | None = None  # each agent reaches the broker through its own link of this bandwidth
     link_latency_ms: float = 0.0
+    upload: Literal["on_finish", "after_round"] = "on_finish"  # the agents' upload order
 
     def devices(self) -> list[str]:
         return [f"edge-{i + 1}" for i in range(self.agents)]
@@ -132,6 +133,7 @@ class Options:
             cpu_threads_per_task=1,
             reallocate=self.reallocate,
             predictor=self.predictor,
+            upload=self.upload,
             **policy,
         )
 
@@ -355,6 +357,7 @@ def run(options: Options) -> dict:
         "codec": msgspec.to_builtins(options.codec) if options.codec else None,
         "download_codec": options.download_codec,
         "link": {"mbps": options.link_mbps, "latency_ms": options.link_latency_ms},
+        "upload": options.upload,
         "bytes": bytes_moved(rounds, tasks, monitor),
     }
 
@@ -484,6 +487,12 @@ def main(argv: list[str] | None = None) -> int:
         "--link-mbps", type=float, help="each agent's link to the broker (default: unthrottled)"
     )
     parser.add_argument("--link-latency-ms", type=float, default=0.0)
+    parser.add_argument(
+        "--upload",
+        choices=["on_finish", "after_round"],
+        default="on_finish",
+        help="on_finish: each update uploads while other tasks train (Algorithm 1); after_round: naive",
+    )
     args = parser.parse_args(argv)
     codec = CodecSpec(name=args.codec, fraction=args.codec_fraction) if args.codec else None
     options = Options(
@@ -500,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         download_codec=args.download_codec,
         link_mbps=args.link_mbps,
         link_latency_ms=args.link_latency_ms,
+        upload=args.upload,
     )
     try:
         summary = run(options)
