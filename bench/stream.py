@@ -101,7 +101,7 @@ class Device:
         self.events: queue.Queue = queue.Queue(256)
         self.link = MqttLink(
             settings,
-            [topics.device(DEVICE, "schedule"), topics.device(DEVICE, "receipts")],
+            [topics.schedules(DEVICE), topics.device(DEVICE, "receipts")],
             will=(status, encode(Status(state="offline", ts=time.time()))),
             birth=(status, encode(Status(state="online", ts=time.time()))),
             inbox=self.events,
@@ -109,7 +109,7 @@ class Device:
         self.outbox = Outbox(state / "outbox")
         self.uploads = Uploads(self.link, self.outbox, DEVICE, receipt_timeout_s=600, retry_after_s=600)
         self.state, self.updates = state, updates
-        self.schedule: Schedule | None = None
+        self.schedules: dict[str, Schedule] = {}  # task -> its latest schedule
 
     def start(self) -> None:
         self.link.start()
@@ -132,19 +132,23 @@ class Device:
         )
         self.link.publish(topics.device(DEVICE, "profile"), encode(profile), retain=True)
 
-    def next_round(self, after: int, timeout_s: float = 120.0) -> Schedule:
-        """Wait for the schedule of a round after `after`."""
+    def next_round(self, after: int, timeout_s: float = 120.0) -> int:
+        """Wait until every task has its schedule of one round after `after`; that round."""
         deadline = time.monotonic() + timeout_s
-        while self.schedule is None or self.schedule.round <= after:
+        while not self._scheduled(after):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no schedule after round {after}")
+                raise TimeoutError(f"no schedules after round {after}")
             self._pump(deadline)
-        return self.schedule
+        return self.schedules[next(iter(self.updates))].round
+
+    def _scheduled(self, after: int) -> bool:
+        rounds = {s.round for t in self.updates if (s := self.schedules.get(t)) is not None}
+        return len(rounds) == 1 and rounds.pop() > after and self.schedules.keys() >= self.updates.keys()
 
     def upload(self, task: str) -> float:
         """Send this round's update of `task` through the agent's path; seconds from the send to the receipt."""
-        schedule = self.schedule
-        assignment = next(a for a in schedule.tasks if a.task == task)
+        schedule = self.schedules[task]
+        assignment = schedule.tasks[0]
         update, update_id = self.updates[task], uuid.uuid4().hex
         path = self.state / f"{update_id}.update"
         path.write_bytes(update.payload)
@@ -155,7 +159,7 @@ class Device:
             update_id=update_id,
             base_version=assignment.base_version,
             samples=100,
-            codec=schedule.codec,
+            codec=assignment.codec.name,
             transfer=describe_transfer(update_id, len(update.payload), update.sha256),
         )
         pending = self.outbox.put(manifest, path)  # the outbox entry, durable: where the timing starts
@@ -178,7 +182,7 @@ class Device:
             if isinstance(item, Incoming) and item.payload:
                 ref = topics.parse(item.topic)
                 if ref.kind == "schedule":
-                    self.schedule = decode(item.payload, Schedule)
+                    self.schedules[ref.task] = decode(item.payload, Schedule)
                 elif ref.kind == "receipts":
                     return decode(item.payload, Receipt)
         return None
@@ -274,8 +278,7 @@ def measure(
             device.start()
             last_round = 0
             for repeat in range(warmup + repeats):
-                schedule = device.next_round(last_round)
-                last_round = schedule.round
+                last_round = device.next_round(last_round)
                 time.sleep(1.0)  # the previous round's global models are out: the broker is idle again
                 for task, update in updates.items():
                     kinds = ["raw", "project"] if repeat % 2 == 0 else ["project", "raw"]
