@@ -79,6 +79,7 @@ def _problems(config: AgentConfig) -> list[str]:
         state_dir_problem("state_dir", config.state_dir),
         *mqtt_problems(config.mqtt),
         file_problem("execution.predictor", config.execution.predictor),
+        _gpu_problem(config.execution.gpu),
     ]
     for task, spec in config.tasks.items():
         try:  # counting a task's samples reads its data folder (or the library's dataset)
@@ -88,21 +89,40 @@ def _problems(config: AgentConfig) -> list[str]:
     return [p for p in problems if p]
 
 
+def _gpu_problem(wanted: str | None) -> str | None:
+    """Whether the GPU `[execution] gpu` names is on this host."""
+    from agent.gpu.probe import own_gpu, probe
+
+    if wanted is None:
+        return None
+    report = probe()
+    if not report.gpus:
+        return f"execution.gpu: GPU {wanted!r} asked for, but {report.note}"
+    try:
+        own_gpu(report, wanted)
+    except ValueError as exc:
+        return f"execution.gpu: {exc}"
+    return None
+
+
 def _profile(args: argparse.Namespace) -> int:
     import msgspec
 
     from agent.config import load
-    from agent.gpu.probe import probe
+    from agent.gpu.probe import own_gpu, probe
     from agent.mps import MpsDaemon
     from agent.policies import available_policies
     from agent.profile import build_profile
+    from common.daemon import CommandError
 
     config = load(args.config)
     samples = {task: spec.sample_count() for task, spec in config.tasks.items()}
     mps = MpsDaemon(config.mps).detect()
-    profile = build_profile(
-        config.device, samples, available_policies(mps.available), probe(allow_torch=True), mps
-    )
+    try:
+        gpu = own_gpu(probe(allow_torch=True), config.execution.gpu)
+    except ValueError as exc:
+        raise CommandError(f"execution.gpu: {exc}") from None
+    profile = build_profile(config.device, samples, available_policies(mps.available), gpu, mps)
     print(msgspec.json.format(msgspec.json.encode(profile).decode(), indent=2))
     return 0
 

@@ -22,6 +22,9 @@ class ExecutionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     policy: Policy = "concurrent"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # the GPU this agent trains on, on a host with several: its NVML index (as nvidia-smi numbers them) or UUID;
+    # None: the first of CUDA_VISIBLE_DEVICES, else GPU 0 (agent.gpu.probe.own_gpu)
+    gpu: Annotated[str, Meta(pattern=r"^([0-9]{1,3}|GPU-[0-9a-fA-F-]{1,60})\Z")] | None = None
     cpu_threads_per_task: Annotated[int, Meta(ge=1)] = 1
     stop_grace_s: Annotated[float, Meta(gt=0)] = 30.0
     predictor: str | None = None  # an .onnx file; default: the one shipped for this GPU, if any

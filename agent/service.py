@@ -10,6 +10,7 @@ only enqueue what happened.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 from agent import jobs
 from agent.autocalibration import AutoCalibration
 from agent.config import AgentConfig
-from agent.gpu.probe import GpuReport, probe
+from agent.gpu.probe import GpuReport, own_gpu, probe, visible_gpu
 from agent.learning import RoundLearning
 from agent.metrics import AgentMetrics
 from agent.model_cache import ModelCache
@@ -174,8 +175,13 @@ class Agent:
     def _setup_gpu(self) -> None:
         """Compute device, GPU profile, MPS daemon and the round planner (predictor or heuristic)."""
         config = self.config
+        chosen = visible_gpu(config.execution.gpu, probe())
+        if (
+            chosen is not None
+        ):  # this process's CUDA, its workers and an MPS daemon it starts see that GPU only
+            os.environ["CUDA_VISIBLE_DEVICES"] = chosen
         self.compute = self._compute_device()
-        self.gpu = probe(allow_torch=self.compute == "cuda")
+        self.gpu = self._own_gpu(probe(allow_torch=self.compute == "cuda"))
         self.mps = MpsDaemon(config.mps)
         self.mps_info = (
             self.mps.ensure_running()
@@ -643,6 +649,16 @@ class Agent:
         if assignment.base_version == version and self.cache.has(task, version, assignment.base_sha256):
             current.ready_at.setdefault(task, time.monotonic())
             current.inputs_ready[task].set()
+
+    def _own_gpu(self, report: GpuReport) -> GpuReport:
+        """The GPU this agent trains on: the first of CUDA_VISIBLE_DEVICES (set from `[execution] gpu`), else
+        the first GPU; an entry NVML cannot match (a MIG instance, say) is logged and the first GPU taken."""
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() or None
+        try:
+            return own_gpu(report, visible)
+        except ValueError as exc:
+            log.warning("CUDA_VISIBLE_DEVICES: %s; profiling the first GPU", exc)
+            return own_gpu(report, None)
 
     def _compute_device(self) -> str:
         wanted = self.config.execution.device

@@ -10,7 +10,8 @@ evaluates every global version on the held-out digits): three tasks (ResNet18, D
 data volumes 1:2:3, partitioned IID or Dirichlet(0.5) across the agents. Agents sharing one GPU would co-locate
 each other's tasks and blur the policies, so on a one-GPU host one agent holds what three devices would (the
 whole training split; a non-IID split needs two agents or more, so with one agent only `iid` runs and the JSON
-says so). With --agents N --gpus ..., each agent gets its own GPU through CUDA_VISIBLE_DEVICES.
+says so). With --agents N --gpus ..., each agent gets its own GPU (`[execution] gpu`: it profiles, plans for and
+checks the SMs of that GPU, and its workers see that GPU alone).
 
 Writes <out>/time_to_accuracy.json: {"device", "target", "seconds_to_target": {policy: seconds or null},
 "accuracy": {policy: {task: [per round, round 0 first]}}, "round_wall_s": {policy: [...]}} for the first
@@ -151,7 +152,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--policies", nargs="+", choices=get_args(ExecutionPolicy), default=list(POLICIES))
     parser.add_argument("--partitions", nargs="+", choices=["iid", "dirichlet"], default=["iid", "dirichlet"])
     parser.add_argument("--agents", type=int, default=1, help="agents, one GPU each (see --gpus)")
-    parser.add_argument("--gpus", help="CUDA_VISIBLE_DEVICES of the agents, comma-separated, in turn")
+    parser.add_argument("--gpus", help="the agents' GPUs (NVML index or UUID), comma-separated, in turn")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--resolution", type=int, default=128, help="every task's input size")

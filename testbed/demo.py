@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import shutil
 import signal
@@ -88,7 +87,7 @@ class Options:
     partition: Partition = "iid"
     batch_range: tuple[int, int] | None = None  # the plans' batch bounds; None: free on cpu, pinned on cuda
     models: dict[str, str] | None = None  # task -> another torchvision model
-    gpus: tuple[str, ...] | None = None  # CUDA_VISIBLE_DEVICES of each agent, in turn
+    gpus: tuple[str, ...] | None = None  # each agent's GPU (`[execution] gpu`: NVML index or UUID), in turn
     reallocate: Literal["off", "handover"] = "off"
     predictor: str | None = (
         None  # the agents' ONNX predictor (default: calibrated in their state, or shipped)
@@ -126,20 +125,19 @@ class Options:
             tasks[task] = (msgspec.structs.replace(definition, **changes), share)
         return tasks
 
-    def execution(self) -> ExecutionConfig:
-        policy = {} if self.policy is None else {"policy": self.policy}
+    def execution(self, index: int = 0) -> ExecutionConfig:
+        """Agent `index`'s execution settings (its GPU when several are given)."""
+        chosen = {} if self.policy is None else {"policy": self.policy}
+        if self.gpus:
+            chosen["gpu"] = self.gpus[index % len(self.gpus)]
         return ExecutionConfig(
             device=self.device,
             cpu_threads_per_task=1,
             reallocate=self.reallocate,
             predictor=self.predictor,
             upload=self.upload,
-            **policy,
+            **chosen,
         )
-
-    def agent_env(self, index: int) -> dict[str, str]:
-        """The environment of agent `index`: its GPU when several are given."""
-        return {"CUDA_VISIBLE_DEVICES": self.gpus[index % len(self.gpus)]} if self.gpus else {}
 
 
 def write_configs(
@@ -177,7 +175,7 @@ def write_configs(
             telemetry_interval_s=10.0,
             mqtt=mqtt(device),
             metrics=metrics[device],
-            execution=options.execution(),
+            execution=options.execution(index),
             calibration=CalibrationConfig(auto=False),  # runs compare policies: no profiling between rounds
             tasks={task: _data_spec({**data, "fraction": share}) for task, (_, share) in TASKS.items()},
         )
@@ -206,16 +204,13 @@ def _data_spec(fields: dict):
     return msgspec.convert(fields, DataSpec)
 
 
-def start(
-    name: str, module: str, config: Path, logs: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen:
+def start(name: str, module: str, config: Path, logs: Path) -> subprocess.Popen:
     log = open(logs / f"{name}.log", "wb")
     return subprocess.Popen(
         [sys.executable, "-m", module, "run", "--config", str(config)],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env={**os.environ, **env} if env else None,
     )
 
 
@@ -262,10 +257,7 @@ def run(options: Options) -> dict:
         configs, metrics_urls = write_configs(broker, passwords, options, throttled)
         console.print("metrics: " + ", ".join(f"{name} {url}" for name, url in metrics_urls.items()))
         processes = {"aggregator": start("aggregator", "aggregator.cli", configs["aggregator"], out / "logs")}
-        processes |= {
-            d: start(d, "agent.cli", configs[d], out / "logs", options.agent_env(i))
-            for i, d in enumerate(devices)
-        }
+        processes |= {d: start(d, "agent.cli", configs[d], out / "logs") for d in devices}
         monitor = Monitor(
             MqttSettings(
                 host=broker.host, port=broker.port, username="monitor", password=passwords["monitor"]

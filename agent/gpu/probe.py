@@ -49,6 +49,37 @@ def probe(*, allow_torch: bool = False) -> GpuReport:
     return replace(report, gpus=gpus)
 
 
+def own_gpu(report: GpuReport, wanted: str | None) -> GpuReport:
+    """The report narrowed to the GPU an agent trains on: `wanted` is an NVML index or a GPU UUID (or its
+    unique prefix, as CUDA_VISIBLE_DEVICES takes it), None for the first GPU. ValueError if it names none of the
+    report's GPUs (with several, the agent must not profile, plan for and check the SMs of another GPU)."""
+    if not report.gpus:
+        return report
+    if wanted is None:
+        return replace(report, gpus=report.gpus[:1])
+    matches = [gpu for gpu in report.gpus if _names(gpu, wanted)]
+    if len(matches) != 1:
+        seen = ", ".join(f"{g.index} ({g.extra.get('uuid', 'no uuid')})" for g in report.gpus)
+        raise ValueError(f"GPU {wanted!r} names {len(matches)} of this host's GPUs: {seen}")
+    return replace(report, gpus=matches)
+
+
+def _names(gpu: GpuInfo, wanted: str) -> bool:
+    if wanted.isdigit():
+        return gpu.index == int(wanted)
+    uuid = gpu.extra.get("uuid", "")
+    return bool(uuid) and uuid.startswith(wanted)
+
+
+def visible_gpu(wanted: str | None, report: GpuReport) -> str | None:
+    """What CUDA_VISIBLE_DEVICES should hold for the GPU `wanted` names: its UUID, which CUDA cannot number
+    differently from NVML (its index where NVML gave no UUID); None when nothing was asked for."""
+    if wanted is None or not report.gpus:
+        return wanted
+    gpu = own_gpu(report, wanted).gpus[0]
+    return gpu.extra.get("uuid") or str(gpu.index)
+
+
 def telemetry(report: GpuReport) -> list[GpuTelemetry]:
     """Current GPU load from the report's backend; [] without GPUs or when reading fails (logged once)."""
     try:
