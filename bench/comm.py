@@ -10,9 +10,10 @@ three tasks) with every task's updates in one codec and global models also publi
 - round time: `--link-rounds` rounds per codec and bandwidth, each agent behind its own throttled link
   (testbed.throttle); the figure is the median wall time of the rounds after the first (which fetches whole
   models);
-- overlap: dense rounds at each `--overlap-mbps` with the agents' Algorithm 1 order (each update uploads as its
-  task finishes, while the others train) against the naive order (every upload after the round's training),
-  with the share of a naive round its uploads take (the most that overlap can hide).
+- overlap: `--overlap-rounds` dense rounds at each `--overlap-mbps` and under each `--overlap-policies` with the
+  agents' Algorithm 1 order (each update uploads as its task finishes, while the others train) against the naive
+  order (every upload after the round's training); median of the rounds after the first, and the share of a naive round its uploads take (the
+  slowest device's upload seconds, summed over its tasks, over the round's wall time).
 Each run's demo summary is kept under `--runs`.
 """
 
@@ -49,6 +50,7 @@ def run_demo(
     mbps: float | None = None,
     reuse: bool = False,
     upload: str = "on_finish",
+    policy: str = "concurrent",
 ) -> dict:
     """One demo run; its summary (also written to runs/<name>/summary.json, and with `reuse` read from there
     when a run of this configuration finished before)."""
@@ -59,6 +61,7 @@ def run_demo(
             summary.get("codec") == msgspec.to_builtins(codec)
             and summary.get("link", {}).get("mbps") == mbps
             and summary.get("upload", "on_finish") == upload
+            and summary.get("policy") == policy
         )
         if same and summary["num_rounds"] == rounds:
             return summary
@@ -69,6 +72,7 @@ def run_demo(
         download_codec=DOWNLOAD_CODEC,
         link_mbps=mbps,
         upload=upload,
+        policy=policy,
     )
     summary = demo.run(options)
     (options.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -102,7 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         type=float,
         default=[100.0, 400.0],
-        help="bandwidths where dense rounds also run in the naive upload order",
+        help="bandwidths where dense rounds run in both upload orders",
+    )
+    parser.add_argument("--overlap-rounds", type=int, default=6, help="rounds per upload order")
+    parser.add_argument(
+        "--overlap-policies",
+        nargs="+",
+        default=["concurrent", "temporal"],
+        help="execution policies the upload orders are compared under",
     )
     parser.add_argument(
         "--reuse", nargs="*", default=[], help="codecs whose finished runs under --runs to reuse"
@@ -175,21 +186,27 @@ def main(argv: list[str] | None = None) -> int:
             write_json(results_path, results)
     for mbps in args.overlap_mbps:
         key = f"{mbps:g}"
-        console.rule(f"dense: {args.link_rounds} rounds at {key} Mbps per agent, uploads after the round")
-        orders = {
-            order: run_demo(
-                args.runs,
-                f"link{key}-dense" + ("" if order == "on_finish" else "-naive"),
-                CODECS["dense"],
-                args.link_rounds,
-                mbps,
-                reuse="dense" in args.reuse,
-                upload=order,
-            )
-            for order in ("on_finish", "after_round")
-        }
-        results.setdefault("overlap", {})[key] = overlap(orders["on_finish"], orders["after_round"])
-        write_json(results_path, results)
+        for policy in args.overlap_policies:
+            orders = {}
+            for order in ("on_finish", "after_round"):
+                console.rule(f"dense, {policy}: {args.overlap_rounds} rounds at {key} Mbps, uploads {order}")
+                orders[order] = run_demo(
+                    args.runs,
+                    f"overlap{key}-{order}" + ("" if policy == "concurrent" else f"-{policy}"),
+                    CODECS["dense"],
+                    args.overlap_rounds,
+                    mbps,
+                    reuse="dense" in args.reuse,
+                    upload=order,
+                    policy=policy,
+                )
+            measured = overlap(orders["on_finish"], orders["after_round"])
+            row = results.setdefault("overlap", {}).setdefault(key, {})
+            if policy == "concurrent":  # the agents' default policy: the figures at the top of the row
+                row.update(measured)
+            else:
+                row.setdefault("by_policy", {})[policy] = measured
+            write_json(results_path, results)
     write_json(results_path, results)
     report(results, console)
     plot(results, args.out / "comm.png")
@@ -197,24 +214,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def overlap(algorithm1: dict, naive: dict) -> dict:
-    """Round times of the two upload orders, and how much of a round the uploads take (what overlap can hide
-    at most): the slowest device's upload seconds over the round's wall time, rounds after the first."""
+    """Round times of the two upload orders, how much of a round the uploads take (what overlap can hide at
+    most: the slowest device's upload seconds over the round's wall time) and the training seconds of a device
+    (its tasks' sum, the slowest device), medians over the rounds after the first."""
 
-    def upload_share(summary: dict) -> float:
-        shares = [
-            max(sum(t["upload_s"] or 0 for t in tasks.values()) for tasks in rd["phases"].values())
-            / rd["wall_s"]
+    def per_round(summary: dict, phase: str, of_wall: bool = False) -> float:
+        values = [
+            max(sum(t[phase] or 0 for t in tasks.values()) for tasks in rd["phases"].values())
+            / (rd["wall_s"] if of_wall else 1)
             for rd in summary["rounds_detail"][1:]
             if rd["wall_s"]
         ]
-        return round(statistics.median(shares), 3)
+        return round(statistics.median(values), 3)
+
+    def spread(summary: dict) -> list[float]:
+        later = [w for w in summary["round_wall_time_s"][1:] if w is not None]
+        return [round(min(later), 2), round(max(later), 2)]
 
     a, n = later_round_s(algorithm1), later_round_s(naive)
+    a_range, n_range = spread(algorithm1), spread(naive)
     return {
         "algorithm1_s": round(a, 2),
         "naive_s": round(n, 2),
         "saved_pct": round(100 * (n - a) / n, 1),
-        "upload_share_of_round": upload_share(naive),
+        "algorithm1_range_s": a_range,
+        "naive_range_s": n_range,
+        "tie": a_range[0] <= n_range[1] and n_range[0] <= a_range[1],  # the rounds' ranges overlap
+        "upload_share_of_round": per_round(naive, "upload_s", of_wall=True),
+        "algorithm1_train_s": per_round(algorithm1, "train_s"),
+        "naive_train_s": per_round(naive, "train_s"),
         "algorithm1_round_wall_s": algorithm1["round_wall_time_s"],
         "naive_round_wall_s": naive["round_wall_time_s"],
     }
@@ -249,10 +277,13 @@ def report(results: dict, console) -> None:
             table.add_row(mbps, *(f"{row[n]:.1f}" if n in row else "-" for n in names))
         console.print(table)
     for mbps, row in sorted(results.get("overlap", {}).items(), key=lambda item: float(item[0])):
-        console.print(
-            f"{mbps} Mbps, dense: Algorithm 1 order {row['algorithm1_s']:.1f} s, naive {row['naive_s']:.1f} s "
-            f"({row['saved_pct']:+.1f}%); uploads are {100 * row['upload_share_of_round']:.0f}% of a naive round"
-        )
+        for policy, figures in [("concurrent", row), *row.get("by_policy", {}).items()]:
+            console.print(
+                f"{mbps} Mbps, dense, {policy}: Algorithm 1 order {figures['algorithm1_s']:.1f} s, naive "
+                f"{figures['naive_s']:.1f} s ({figures['saved_pct']:+.1f}%{', a tie' if figures['tie'] else ''});"
+                f" uploads are {100 * figures['upload_share_of_round']:.0f}% of a naive round; training takes "
+                f"{figures['algorithm1_train_s']:.1f} s beside uploads, {figures['naive_train_s']:.1f} s without"
+            )
 
 
 def plot(results: dict, path: Path) -> None:
