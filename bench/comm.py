@@ -1,6 +1,6 @@
 """Update codecs on the demo federation: bytes moved and accuracy, and round time on slow links.
 
-    python -m bench.comm --out bench/results                    # CPU: about an hour on 2 cores
+    python -m bench.comm --out bench/results --dense-repeats 2   # CPU: about 90 minutes on 2 cores
 
 Every run is the real demo (testbed.demo: Mosquitto, the aggregator and three agents as processes; digits,
 three tasks) with every task's updates in one codec and global models also published as fp16 deltas:
