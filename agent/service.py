@@ -441,6 +441,7 @@ class Agent:
         pending = self.outbox.put(manifest, payload_path)
         self.emit_event("finished", item.round, outcome.task, metrics=manifest.metrics)
         if self.config.execution.upload == "after_round":
+            self.uploads.hold(pending)
             current.held.append(pending)
         else:
             self.publish_update(pending)

@@ -7,6 +7,7 @@ that wrote it (the manifest in the outbox), so the agent never reads its own upd
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 import time
@@ -67,6 +68,11 @@ class Uploads:
         self._send_at[manifest.update_id] = now + self.receipt_timeout_s
         self._first_sent_at.setdefault(manifest.update_id, now)
         return True
+
+    def hold(self, pending: Pending) -> None:
+        """Keep an update of the outbox unsent until `send` (the naive upload order); a new connection or a
+        restart sends it anyway."""
+        self._send_at[pending.manifest.update_id] = math.inf
 
     def due(self, waiting: list[Pending], now: float) -> list[Pending]:
         """Those of the outbox's `waiting` updates whose time to be sent (again) has come (`now`: monotonic)."""
