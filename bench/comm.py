@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json(results_path, results)
     for mbps in args.overlap_mbps:
         key = f"{mbps:g}"
+        measured = {}
         for policy in args.overlap_policies:
             orders = {}
             for order in ("on_finish", "after_round"):
@@ -200,32 +201,31 @@ def main(argv: list[str] | None = None) -> int:
                     upload=order,
                     policy=policy,
                 )
-            measured = overlap(orders["on_finish"], orders["after_round"])
-            row = results.setdefault("overlap", {}).setdefault(key, {})
-            if policy == "concurrent":  # the agents' default policy: the figures at the top of the row
-                row.update(measured)
-            else:
-                row.setdefault("by_policy", {})[policy] = measured
-            write_json(results_path, results)
+            measured[policy] = overlap(orders["on_finish"], orders["after_round"], mbps)
+        row = measured.pop("concurrent", {})  # the agents' default policy: its figures head the row
+        results.setdefault("overlap", {})[key] = {**row, "by_policy": measured} if measured else row
+        write_json(results_path, results)
     write_json(results_path, results)
     report(results, console)
     plot(results, args.out / "comm.png")
     return 0
 
 
-def overlap(algorithm1: dict, naive: dict) -> dict:
-    """Round times of the two upload orders, how much of a round the uploads take (what overlap can hide at
-    most: the slowest device's upload seconds over the round's wall time) and the training seconds of a device
-    (its tasks' sum, the slowest device), medians over the rounds after the first."""
+def overlap(algorithm1: dict, naive: dict, mbps: float) -> dict:
+    """Round times of the two upload orders; the time a device's updates take on its link over a naive round
+    (the most any order can hide); and the training seconds of a device (its tasks' sum, the slowest device);
+    medians over the rounds after the first."""
 
-    def per_round(summary: dict, phase: str, of_wall: bool = False) -> float:
+    def train_s(summary: dict) -> float:
         values = [
-            max(sum(t[phase] or 0 for t in tasks.values()) for tasks in rd["phases"].values())
-            / (rd["wall_s"] if of_wall else 1)
+            max(sum(t["train_s"] or 0 for t in tasks.values()) for tasks in rd["phases"].values())
             for rd in summary["rounds_detail"][1:]
-            if rd["wall_s"]
         ]
         return round(statistics.median(values), 3)
+
+    later = naive["bytes"][1:]
+    device_bytes = sum(r["update_bytes"] for r in later) / len(later) / len(naive["devices"])
+    link_s = 8 * device_bytes / (mbps * 1e6)
 
     def spread(summary: dict) -> list[float]:
         later = [w for w in summary["round_wall_time_s"][1:] if w is not None]
@@ -240,9 +240,11 @@ def overlap(algorithm1: dict, naive: dict) -> dict:
         "algorithm1_range_s": a_range,
         "naive_range_s": n_range,
         "tie": a_range[0] <= n_range[1] and n_range[0] <= a_range[1],  # the rounds' ranges overlap
-        "upload_share_of_round": per_round(naive, "upload_s", of_wall=True),
-        "algorithm1_train_s": per_round(algorithm1, "train_s"),
-        "naive_train_s": per_round(naive, "train_s"),
+        "device_update_bytes_per_round": round(device_bytes),
+        "link_s": round(link_s, 2),
+        "link_share_of_round": round(link_s / n, 3),
+        "algorithm1_train_s": train_s(algorithm1),
+        "naive_train_s": train_s(naive),
         "algorithm1_round_wall_s": algorithm1["round_wall_time_s"],
         "naive_round_wall_s": naive["round_wall_time_s"],
     }
@@ -281,7 +283,7 @@ def report(results: dict, console) -> None:
             console.print(
                 f"{mbps} Mbps, dense, {policy}: Algorithm 1 order {figures['algorithm1_s']:.1f} s, naive "
                 f"{figures['naive_s']:.1f} s ({figures['saved_pct']:+.1f}%{', a tie' if figures['tie'] else ''});"
-                f" uploads are {100 * figures['upload_share_of_round']:.0f}% of a naive round; training takes "
+                f" updates take {100 * figures['link_share_of_round']:.0f}% of a naive round on the link; training "
                 f"{figures['algorithm1_train_s']:.1f} s beside uploads, {figures['naive_train_s']:.1f} s without"
             )
 
