@@ -77,7 +77,6 @@ class ActiveRound:
     planned: dict[str, TaskAssignment] = field(default_factory=dict)  # with the batch sizes actually used
     plan: RoundPlan | None = None
     outcomes: dict[str, TaskOutcome] = field(default_factory=dict)
-    held: list[Pending] = field(default_factory=list)  # updates that upload when the round ends
 
 
 @dataclass(frozen=True)
@@ -175,11 +174,10 @@ class Agent:
     def _setup_gpu(self) -> None:
         """Compute device, GPU profile, MPS daemon and the round planner (predictor or heuristic)."""
         config = self.config
-        chosen = visible_gpu(config.execution.gpu, probe())
         if (
-            chosen is not None
-        ):  # this process's CUDA, its workers and an MPS daemon it starts see that GPU only
-            os.environ["CUDA_VISIBLE_DEVICES"] = chosen
+            config.execution.gpu is not None
+        ):  # this process's CUDA, its workers and MPS daemon see that GPU only
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpu(config.execution.gpu, probe())
         self.compute = self._compute_device()
         self.gpu = self._own_gpu(probe(allow_torch=self.compute == "cuda"))
         self.mps = MpsDaemon(config.mps)
@@ -442,7 +440,6 @@ class Agent:
         self.emit_event("finished", item.round, outcome.task, metrics=manifest.metrics)
         if self.config.execution.upload == "after_round":
             self.uploads.hold(pending)
-            current.held.append(pending)
         else:
             self.publish_update(pending)
 
@@ -464,12 +461,11 @@ class Agent:
         the workers whose SM share the next round (planned as this one) changes, while updates upload and the
         aggregator folds them."""
         self.metrics.rounds_trained.inc()
+        for pending in self.uploads.release_held():  # a superseded round's too: its training is over
+            self.publish_update(pending)
         current = self.round
         if current is None or item.round != current.schedule.round:
             return
-        held, current.held = current.held, []
-        for pending in held:
-            self.publish_update(pending)
         if current.mps_fault:
             self.mps_info = self.mps.recover()
             log.warning("MPS fault in round %d; after recovery: %s", item.round, self.mps_info.reason)

@@ -42,6 +42,7 @@ class Uploads:
         self.receipt_timeout_s, self.retry_after_s = receipt_timeout_s, retry_after_s
         self._send_at: dict[str, float] = {}  # update id -> when to send it (again) unless a receipt came
         self._first_sent_at: dict[str, float] = {}
+        self._held: list[Pending] = []
 
     def send(self, pending: Pending) -> bool:
         """Publish an update's transfer; it goes again after the receipt timeout unless a receipt settles it.
@@ -70,9 +71,15 @@ class Uploads:
         return True
 
     def hold(self, pending: Pending) -> None:
-        """Keep an update of the outbox unsent until `send` (the naive upload order); a new connection or a
-        restart sends it anyway."""
+        """Keep an update of the outbox unsent until `release_held` hands it back (the naive upload order); a new
+        connection or a restart sends it anyway."""
         self._send_at[pending.manifest.update_id] = math.inf
+        self._held.append(pending)
+
+    def release_held(self) -> list[Pending]:
+        """The updates held since the last call, for the caller to `send`."""
+        held, self._held = self._held, []
+        return held
 
     def due(self, waiting: list[Pending], now: float) -> list[Pending]:
         """Those of the outbox's `waiting` updates whose time to be sent (again) has come (`now`: monotonic)."""
