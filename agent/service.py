@@ -174,9 +174,7 @@ class Agent:
     def _setup_gpu(self) -> None:
         """Compute device, GPU profile, MPS daemon and the round planner (predictor or heuristic)."""
         config = self.config
-        if (
-            config.execution.gpu is not None
-        ):  # this process's CUDA, its workers and MPS daemon see that GPU only
+        if config.execution.gpu is not None:  # this process's CUDA, its workers and MPS daemon: that GPU only
             os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpu(config.execution.gpu, probe())
         self.compute = self._compute_device()
         self.gpu = self._own_gpu(probe(allow_torch=self.compute == "cuda"))
