@@ -30,6 +30,7 @@ from aggregator.errors import Rejected
 from aggregator.initial import initial_state
 from aggregator.ledger import RoundLedger, RoundRecord
 from aggregator.limits import LimitedUpdate, limit_update, scale_delta
+from aggregator.removal import BackgroundRemover
 from aggregator.sampling import Participation, select, target
 from aggregator.strategies import Strategy
 from common.durable import fsync_dirs
@@ -112,6 +113,7 @@ class Coordinator:
         self.updates_dir = root / "updates"
         self.ledger = RoundLedger(root / "ledger.sqlite")
         self.checkpoints = CheckpointStore(root / "checkpoints")
+        self.remover = BackgroundRemover()  # a finalised round's payloads, off the critical path
         self.globals: dict[str, GlobalModel] = {}
         self.buffers: dict[str, BufferPool] = {task: BufferPool() for task in config.tasks}
         self._staged: list[Staged] = []  # in the ledger's open batch
@@ -126,6 +128,11 @@ class Coordinator:
         ] = {}  # device -> online, as this process wrote it to the ledger
         #: called with (task, reason) for every rejected update; the service counts them
         self.on_rejected: Callable[[str, str], None] = lambda task, reason: None
+
+    def close(self) -> None:
+        """Finish removing files and close the ledger."""
+        self.remover.close()
+        self.ledger.close()
 
     # --- start-up ---------------------------------------------------------------------------------------
 
@@ -478,8 +485,7 @@ class Coordinator:
         task_round.strategy.release()
         self.globals[task] = model
         self.checkpoints.prune(task, keep=self.config.keep_checkpoints)
-        for update in self.ledger.updates_for(task, self.round.round):
-            update.payload_path.unlink(missing_ok=True)
+        self.remover.remove(update.payload_path for update in self.ledger.updates_for(task, self.round.round))
         log.info(
             "task %s: global v%d from %d updates (%d samples)",
             task,

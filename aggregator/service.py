@@ -114,7 +114,7 @@ class AggregatorService:
             self.updates.reassembler.close()
             if server is not None:
                 server.close()
-            self.coordinator.ledger.close()
+            self.coordinator.close()
 
     def tick(self, now: float) -> None:
         """Timers: finalise or open rounds, drop stalled transfers (`now`: time.monotonic()), bring the metrics

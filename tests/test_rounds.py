@@ -115,12 +115,16 @@ def test_a_task_finalises_when_every_expected_device_reported(config, tmp_path):
     assert update(coordinator, tmp_path, "d1", delta(1.0), samples=10).status == "accepted"
     assert coordinator.tick(now=1001).globals == []  # d2 still expected
     assert update(coordinator, tmp_path, "d2", delta(-1.0), samples=30).status == "accepted"
+    payloads = [u.payload_path for u in coordinator.ledger.updates_for("t", 1)]
+    assert len(payloads) == 2 and all(p.is_file() for p in payloads)
     out = coordinator.tick(now=1002)
     new = out.globals[0]
     assert new.manifest.version == 1
     np.testing.assert_allclose(new.state["w"], BASE["w"] + (10 * 1.0 + 30 * -1.0) / 40, rtol=1e-6)
     assert new.state["steps"] == 9
     assert [s.round for s in out.schedules] == [2, 2]  # round 2 opens right away
+    coordinator.close()  # waits for the payloads' removal, which runs off the round's path
+    assert not any(p.exists() for p in payloads)
 
 
 def test_the_deadline_finalises_with_min_updates_or_extends_without(config, tmp_path):
@@ -381,3 +385,18 @@ def test_a_coordinator_restarted_between_rounds_numbers_on_and_clears_the_last_s
     join(third, "d1")
     join(third, "d2")
     assert {s.round for s in third.tick(now=5000).schedules} == {3}
+
+
+def test_a_payload_that_cannot_be_removed_is_logged_and_the_rest_removed(tmp_path, caplog):
+    from aggregator.removal import BackgroundRemover
+
+    kept_dir = tmp_path / "not-a-file"
+    (kept_dir / "inside").mkdir(parents=True)  # unlink of a folder fails
+    files = [tmp_path / "a", tmp_path / "b"]
+    for path in files:
+        path.write_bytes(b"x")
+    remover = BackgroundRemover()
+    remover.remove([files[0], kept_dir, files[1], tmp_path / "gone"]).result()
+    remover.close()
+    assert not any(p.exists() for p in files) and kept_dir.is_dir()
+    assert "could not remove 1 files" in caplog.text
