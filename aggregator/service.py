@@ -5,18 +5,21 @@ handled as it is taken (an error drops that message with a log line; update tran
 the spool quotas and their chunks spooled as they come). What the messages changed is made durable in groups
 (`settle`: spool files, update payloads and their folders fsynced together, then one ledger commit), and only
 then are the group's accepted receipts sent and its messages acknowledged to the broker, which meanwhile sends
-no more than RECEIVE_MAXIMUM unacknowledged messages: memory stays flat whatever the number of devices, and a
-crash loses nothing acknowledged. A group settles as soon as an update is complete (its receipt waits), when
-half the broker's window or SYNC_BYTES of chunks wait, or when no message came for SETTLE_WAIT_S. Accepted
-updates are folded after their receipts; a task whose last expected update was folded is finalised at once.
+no more than RECEIVE_MAXIMUM unacknowledged messages (the link's queue also holds no more than its payload
+bytes: not every broker honours the window): memory stays flat whatever the number of devices, and a crash
+loses nothing acknowledged. A group settles as soon as a pass over the messages taken completed an update (its
+receipt waits), when half the broker's window or SYNC_BYTES of chunks or complete updates wait, or when no
+message came for SETTLE_WAIT_S. Accepted updates are folded after their receipts; a task whose last expected
+update was folded is finalised at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from aggregator.admission import Refused, UpdateAdmission
@@ -43,8 +46,9 @@ from protocol.transport import Incoming, LinkEvent, MqttLink, PublishError
 log = logging.getLogger(__name__)
 #: QoS 1 messages the broker sends before their acknowledgements
 RECEIVE_MAXIMUM = 128
-#: chunk bytes spooled before a group settles anyway (the sync at the end of a large update stays short)
-SYNC_BYTES = 8 << 20
+#: chunk bytes spooled before a group settles anyway (the sync at the end of a large update stays short), and the
+#: most payload bytes taken in one pass
+SYNC_BYTES = 4 << 20
 #: how long unacknowledged messages wait for more to come before their group settles
 SETTLE_WAIT_S = 0.005
 DEVICE_SUBSCRIPTIONS = [topics.every_device(leaf) for leaf in ("status", "profile", "telemetry", "events")]
@@ -86,8 +90,11 @@ class AggregatorService:
             receive_maximum=RECEIVE_MAXIMUM,
         )
         self._published_chunks: dict[str, int] = {}
-        self._unsettled: list[Incoming] = []  # handled, acknowledged once their group is durable
+        self._unsettled: list[
+            Incoming
+        ] = []  # handled (payloads dropped), acknowledged once their group is durable
         self._delivered: list[Delivery[UpdateManifest]] = []  # payloads of this group, released then
+        self._delivered_bytes = 0
 
     def run(
         self, stop: threading.Event, tick_s: float = 0.5, alive: Callable[[], None] = lambda: None
@@ -101,10 +108,8 @@ class AggregatorService:
             next_tick = 0.0
             while not stop.is_set():
                 alive()
-                items = self.link.take(SETTLE_WAIT_S if self._unsettled else tick_s, RECEIVE_MAXIMUM)
-                self.receive(items)
-                if self._settle_due(idle=not items):
-                    self.settle()
+                wait = SETTLE_WAIT_S if self._unsettled else tick_s
+                self.process(self.link.take(wait, RECEIVE_MAXIMUM, max_bytes=SYNC_BYTES))
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick_s
@@ -140,21 +145,38 @@ class AggregatorService:
         self.receive([item])
         self.settle()
 
-    def receive(self, items: list[Incoming | LinkEvent]) -> None:
-        """Handle messages and connection events; they settle later."""
+    def process(self, items: list[Incoming | LinkEvent]) -> None:
+        """Handle what one pass took, each item out of the list once handed over (its payload goes as it is
+        handled); the group settles whenever it is full, and after the pass if the pass completed an update or
+        nothing came."""
+        idle = not items
+        for item in _taking(items):
+            self.receive([item])
+            if self._group_full():
+                self.settle()
+        if self._settle_due(idle):
+            self.settle()
+
+    def receive(self, items: Iterable[Incoming | LinkEvent]) -> None:
+        """Handle messages and connection events; they settle later. A handled message keeps only what its
+        acknowledgement needs: its payload was spooled or applied."""
         for item in items:
             self._handle_one(item)
             if isinstance(item, Incoming):
-                self._unsettled.append(item)
+                self._unsettled.append(dataclasses.replace(item, payload=b""))
 
     def _settle_due(self, idle: bool) -> bool:
         if not self._unsettled and not self.updates.recovered:
             return False
+        return idle or bool(self._delivered) or self._group_full()
+
+    def _group_full(self) -> bool:
+        """Half the broker's window, or SYNC_BYTES of spooled chunks or of complete updates (whose payloads the
+        group maps until it is folded), wait in the group."""
         return (
-            idle
-            or bool(self._delivered)
-            or len(self._unsettled) >= RECEIVE_MAXIMUM // 2
+            len(self._unsettled) >= RECEIVE_MAXIMUM // 2
             or self.updates.reassembler.unsynced_bytes >= SYNC_BYTES
+            or self._delivered_bytes >= SYNC_BYTES
         )
 
     def settle(self) -> None:
@@ -171,7 +193,7 @@ class AggregatorService:
         unsettled, self._unsettled = self._unsettled, []
         for message in unsettled:
             self.link.ack(message)
-        delivered, self._delivered = self._delivered, []
+        delivered, self._delivered, self._delivered_bytes = self._delivered, [], 0
         for delivery in delivered:
             self.updates.release(delivery)
         self.coordinator.fold_accepted()
@@ -262,6 +284,7 @@ class AggregatorService:
         released once the group is durable."""
         self.admission.release(delivery.manifest.transfer.id)
         self._delivered.append(delivery)
+        self._delivered_bytes += delivery.manifest.transfer.size
         receipt = self.coordinator.accept_update(delivery.manifest, delivery.path)
         if receipt is not None:
             self.send_receipt(delivery.manifest.device, receipt)
@@ -351,3 +374,10 @@ def _topic_kind(topic: str) -> str:
 def _check_sender(claimed: str, topic_device: str) -> None:
     if claimed != topic_device:
         raise ProtocolError(f"message names device {claimed} but arrived on {topic_device}'s topic")
+
+
+def _taking(items: list[Incoming | LinkEvent]) -> Iterator[Incoming | LinkEvent]:
+    """The items in order, each out of the list once handed out: a batch's payloads go as they are handled."""
+    items.reverse()
+    while items:
+        yield items.pop()

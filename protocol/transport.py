@@ -1,12 +1,13 @@
 """The MQTT link both services use: paho-mqtt 2.x, MQTT v5, reconnect with backoff, messages into a queue.
 
 Callbacks run on paho's network thread and only enqueue; each service handles messages on its own thread,
-so application state needs no locks. The queue (the service's own, or the link's) is bounded: when it is full
-the network thread waits, the socket stops being read and TCP pushes back on the broker, so a slow reader holds
-a bounded number of messages whatever the number of senders. With `manual_ack` a QoS 1 message is acknowledged
-to the broker only when the service says so (`ack`, once what it did with the message is durable), so the
-broker keeps and redelivers whatever a crash interrupted; `receive_maximum` bounds how many such messages the
-broker sends before their acknowledgements. Both ends turn Nagle's algorithm off (TCP_NODELAY).
+so application state needs no locks. The queue (the service's own, or the link's) is bounded, the link's by
+count and by payload bytes: when it is full the network thread waits, the socket stops being read and TCP
+pushes back on the broker, so a slow reader holds a bounded number of bytes whatever the number of senders.
+With `manual_ack` a QoS 1 message is acknowledged to the broker only when the service says so (`ack`, once what
+it did with the message is durable), so the broker keeps and redelivers whatever a crash interrupted;
+`receive_maximum` bounds how many such messages the broker sends before their acknowledgements (where the
+broker honours it). Both ends turn Nagle's algorithm off (TCP_NODELAY).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class MqttSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 #: messages and events a link's own queue holds before its network thread waits for the service
 INBOX_SIZE = 256
+#: payload bytes a link's own queue holds before its network thread waits (one larger message still goes in)
+INBOX_BYTES = 4 << 20
 
 
 class PublishError(ConnectionError):
@@ -86,6 +89,35 @@ class Incoming:
     mid: int = 0
     qos: int = 0
     session: int = 0
+
+
+class PayloadQueue(queue.Queue):
+    """A queue of messages and link events, full at `maxsize` items or once its messages' payloads reach
+    `max_bytes` (a message larger than that goes into an empty queue alone). Needed beside `receive_maximum`:
+    Mosquitto 2.0.11 (Debian 12's) sends past a client's receive maximum once acknowledgements flow, and 256
+    chunks of 1 MiB would wait here."""
+
+    def __init__(self, maxsize: int = INBOX_SIZE, max_bytes: int = INBOX_BYTES) -> None:
+        super().__init__(maxsize)
+        self.max_bytes = max_bytes
+        self.held_bytes = 0
+
+    def _qsize(self) -> int:
+        held = len(self.queue)
+        return self.maxsize if held and self.held_bytes >= self.max_bytes else held
+
+    def _put(self, item: Incoming | LinkEvent) -> None:
+        super()._put(item)
+        self.held_bytes += _payload_bytes(item)
+
+    def _get(self) -> Incoming | LinkEvent:
+        item = super()._get()
+        self.held_bytes -= _payload_bytes(item)
+        return item
+
+
+def _payload_bytes(item: Incoming | LinkEvent) -> int:
+    return len(item.payload) if isinstance(item, Incoming) else 0
 
 
 @dataclass(frozen=True)
@@ -115,13 +147,13 @@ class MqttLink:
         manual_ack: bool = False,
         receive_maximum: int | None = None,
     ) -> None:
-        """`inbox`: the queue messages and connection events go to (bounded; default: one of INBOX_SIZE)."""
+        """`inbox`: the queue messages and connection events go to (bounded; default: a PayloadQueue)."""
         if isinstance(subscriptions, str):  # MqttLink(settings, "client-id") from before ids were usernames
             raise TypeError("subscriptions must be a list of topic filters, not one string")
         if persistent_session and not settings.username:
             raise ValueError("a persistent MQTT session needs a username: it names the session")
         self.settings = settings
-        self.inbox: queue.Queue = queue.Queue(INBOX_SIZE) if inbox is None else inbox
+        self.inbox: queue.Queue = PayloadQueue() if inbox is None else inbox
         self.connected = threading.Event()
         self._manual_ack = manual_ack
         self._session = 0  # changes on every connect and disconnect: acks of an older one are not sent
@@ -184,18 +216,20 @@ class MqttLink:
             if isinstance(item, Incoming):
                 yield item
 
-    def take(self, timeout_s: float, limit: int = INBOX_SIZE) -> list:
-        """What is in the queue: wait up to `timeout_s` for the first item, then take up to `limit` without
-        waiting (an empty list if nothing came)."""
+    def take(self, timeout_s: float, limit: int = INBOX_SIZE, max_bytes: int | None = None) -> list:
+        """What is in the queue: wait up to `timeout_s` for the first item, then take up to `limit` items, or
+        until their payloads reach `max_bytes`, without waiting (an empty list if nothing came)."""
         try:
             items = [self.inbox.get(timeout=timeout_s)]
         except queue.Empty:
             return []
-        while len(items) < limit:
+        taken = _payload_bytes(items[0])
+        while len(items) < limit and (max_bytes is None or taken < max_bytes):
             try:
                 items.append(self.inbox.get_nowait())
             except queue.Empty:
                 break
+            taken += _payload_bytes(items[-1])
         return items
 
     def ack(self, message: Incoming) -> None:

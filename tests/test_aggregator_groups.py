@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import aggregator.service
 from aggregator.ledger import RoundLedger
 from aggregator.service import AggregatorService
 from protocol.transport import Incoming
@@ -103,3 +104,30 @@ def test_a_payload_complete_before_a_restart_is_paired_with_its_later_manifest(t
     again.settle()
     assert receipts(again, "dev2")["u2"].status == "accepted" and spool_files(again) == []
     assert again.coordinator.task_rounds["t"].reported == {"dev2"}
+
+
+def test_a_pass_settles_whenever_its_complete_updates_reach_the_byte_budget(tmp_path, monkeypatch):
+    service = aggregator_with_round(tmp_path)
+    sent = [
+        sent_transfer("t", device, delta(i), 50, f"u{i}") for i, device in enumerate(["dev1", "dev2", "dev3"])
+    ]
+    manifests = [m for update in sent for m in update if m[0].endswith("/manifest")]
+    chunks = [m for update in sent for m in update if not m[0].endswith("/manifest")]
+    service.process(incoming(chunks))  # every payload complete, no manifest yet: no update
+    service.process([])  # nothing more came: the chunks settle
+    assert service.coordinator.task_rounds["t"].strategy.count == 0
+    payload = service.updates.held_bytes()["u0"]
+    monkeypatch.setattr(aggregator.service, "SYNC_BYTES", 2 * payload)  # two complete updates fill a group
+    groups = []
+    settle = service.settle
+
+    def counting_settle():
+        before = len(service.link.acked)
+        settle()
+        groups.append(len(service.link.acked) - before)
+
+    service.settle = counting_settle
+    service.process(incoming(manifests, first_mid=1000))  # one pass: three manifests complete three updates
+    assert groups == [2, 1]
+    assert [r.status for r in receipts(service, "dev3").values()] == ["accepted"]
+    assert service.coordinator.globals["t"].manifest.version == 1  # all three folded, the task final

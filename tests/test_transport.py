@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from protocol.transport import Incoming, LinkEvent, MqttLink, MqttSettings, PublishError
+from protocol.transport import Incoming, LinkEvent, MqttLink, MqttSettings, PayloadQueue, PublishError
 from tests.federation import mqtt
 
 TOPIC = "fedmt/v1/devices/dev1/events"  # dev1 may write it, the aggregator reads it
@@ -136,3 +136,28 @@ def test_connection_events_go_to_the_queue_the_service_gave(broker):
     link = started(MqttLink(mqtt(broker, "dev1"), inbox=events))
     link.stop()
     assert isinstance(events.get(timeout=5), LinkEvent) and link.inbox is events
+
+
+def test_the_links_queue_is_full_at_its_payload_bytes_but_takes_one_larger_message_alone() -> None:
+    inbox = PayloadQueue(maxsize=100, max_bytes=1000)
+    big = Incoming("t", b"x" * 5000, False)
+    inbox.put(big, timeout=0.1)  # larger than the budget: into an empty queue
+    with pytest.raises(queue.Full):
+        inbox.put(Incoming("t", b"y", False), timeout=0.05)
+    assert inbox.get_nowait() is big and inbox.held_bytes == 0
+    for _ in range(4):
+        inbox.put(Incoming("t", b"z" * 300, False), timeout=0.1)  # 1200 bytes: full after the fourth
+    with pytest.raises(queue.Full):
+        inbox.put(LinkEvent(True, "events wait too"), timeout=0.05)
+    inbox.get_nowait()
+    inbox.put(LinkEvent(True, "room again"), timeout=0.1)
+    assert inbox.qsize() == 4 and inbox.held_bytes == 900
+
+
+def test_take_stops_at_its_payload_bytes(broker) -> None:
+    link = MqttLink(mqtt(broker, "aggregator"), [TOPIC])  # not started: the queue is filled by hand
+    for index in range(10):
+        link.inbox.put(Incoming("t", bytes(100), False, mid=index))
+    assert [m.mid for m in link.take(0.1, max_bytes=250)] == [0, 1, 2]  # stops once 250 bytes were taken
+    assert [m.mid for m in link.take(0.1, limit=2)] == [3, 4]
+    assert len(link.take(0.1)) == 5
