@@ -8,8 +8,8 @@ then are the group's accepted receipts sent and its messages acknowledged to the
 no more than RECEIVE_MAXIMUM unacknowledged messages (the link's queue also holds no more than its payload
 bytes: not every broker honours the window): memory stays flat whatever the number of devices, and a crash
 loses nothing acknowledged. A group settles as soon as a pass over the messages taken completed an update (its
-receipt waits), when half the broker's window or SYNC_BYTES of chunks or complete updates wait, or when no
-message came for SETTLE_WAIT_S. Accepted updates are folded after their receipts; a task whose last expected
+receipt waits), when half the broker's window, SYNC_BYTES of chunks or HELD_BYTES of complete updates wait, or
+when no message came for SETTLE_WAIT_S. Accepted updates are folded after their receipts; a task whose last expected
 update was folded is finalised at once.
 """
 
@@ -46,9 +46,11 @@ from protocol.transport import Incoming, LinkEvent, MqttLink, PublishError
 log = logging.getLogger(__name__)
 #: QoS 1 messages the broker sends before their acknowledgements
 RECEIVE_MAXIMUM = 128
-#: chunk bytes spooled before a group settles anyway (the sync at the end of a large update stays short), and the
-#: most payload bytes taken in one pass
-SYNC_BYTES = 4 << 20
+#: chunk bytes spooled before a group settles anyway (the sync at the end of a large update stays short)
+SYNC_BYTES = 8 << 20
+#: payload bytes one pass takes from the link, and complete updates a group holds (mapped until folded) before it
+#: settles: with the link's queue, what bounds the aggregator's memory
+HELD_BYTES = 4 << 20
 #: how long unacknowledged messages wait for more to come before their group settles
 SETTLE_WAIT_S = 0.005
 DEVICE_SUBSCRIPTIONS = [topics.every_device(leaf) for leaf in ("status", "profile", "telemetry", "events")]
@@ -109,7 +111,7 @@ class AggregatorService:
             while not stop.is_set():
                 alive()
                 wait = SETTLE_WAIT_S if self._unsettled else tick_s
-                self.process(self.link.take(wait, RECEIVE_MAXIMUM, max_bytes=SYNC_BYTES))
+                self.process(self.link.take(wait, RECEIVE_MAXIMUM, max_bytes=HELD_BYTES))
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick_s
@@ -171,12 +173,12 @@ class AggregatorService:
         return idle or bool(self._delivered) or self._group_full()
 
     def _group_full(self) -> bool:
-        """Half the broker's window, or SYNC_BYTES of spooled chunks or of complete updates (whose payloads the
-        group maps until it is folded), wait in the group."""
+        """Half the broker's window, SYNC_BYTES of spooled chunks or HELD_BYTES of complete updates (whose payloads
+        the group maps until it is folded) wait in the group."""
         return (
             len(self._unsettled) >= RECEIVE_MAXIMUM // 2
             or self.updates.reassembler.unsynced_bytes >= SYNC_BYTES
-            or self._delivered_bytes >= SYNC_BYTES
+            or self._delivered_bytes >= HELD_BYTES
         )
 
     def settle(self) -> None:

@@ -117,7 +117,7 @@ def test_a_pass_settles_whenever_its_complete_updates_reach_the_byte_budget(tmp_
     service.process([])  # nothing more came: the chunks settle
     assert service.coordinator.task_rounds["t"].strategy.count == 0
     payload = service.updates.held_bytes()["u0"]
-    monkeypatch.setattr(aggregator.service, "SYNC_BYTES", 2 * payload)  # two complete updates fill a group
+    monkeypatch.setattr(aggregator.service, "HELD_BYTES", 2 * payload)  # two complete updates fill a group
     groups = []
     settle = service.settle
 
