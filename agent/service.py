@@ -56,7 +56,7 @@ from protocol.schemas import (
     decode,
     encode,
 )
-from protocol.transport import Incoming, LinkEvent, MqttLink, PublishError
+from protocol.transport import Incoming, LinkEvent, MqttLink, PayloadQueue, PublishError
 
 log = logging.getLogger(__name__)
 #: what starting a CUDA worker costs (torch import, context, model, data) until this device has measured it
@@ -144,7 +144,8 @@ class Agent:
         self.samples = {task: spec.sample_count() for task, spec in config.tasks.items()}
         self.metrics = AgentMetrics(config.tasks)
         status = topics.device(self.device, "status")
-        self.events: queue.Queue = queue.Queue(EVENT_QUEUE_SIZE)  # the link's messages and the rounds' events
+        # the link's messages (at most INBOX_BYTES of payloads: a global model's chunks wait in TCP) and the rounds' events
+        self.events: queue.Queue = PayloadQueue(EVENT_QUEUE_SIZE)
         self.link = MqttLink(
             config.mqtt,
             subscriptions=[

@@ -20,8 +20,8 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from protocol import ProtocolError, topics
 from protocol import limits as lim
-from protocol import topics
 from protocol.chunking import sha256_hex, split, transfer_info
 from protocol.schemas import (
     DeviceProfile,
@@ -41,6 +41,7 @@ from protocol.schemas import (
     TaskData,
     Telemetry,
     UpdateManifest,
+    decode,
     encode,
 )
 from protocol.tensors import describe, encode_state
@@ -48,6 +49,9 @@ from protocol.transport import Incoming, MqttLink, MqttSettings
 
 SHA = "ab" * 32
 _SERIAL = itertools.count()
+#: well-formed rounds ("round" traffic) are numbered from here and fuzzed schedules stay below: an agent never goes
+#: back to an earlier round, so one fuzzed schedule for, say, round 28350281 ended training for the rest of a run
+ROUND_FLOOR = 1 << 30
 MODEL = ModelSpec(name="tiny", num_classes=2, input_size=8)  # the aggregator needs no torchvision name
 TRAINABLE = ModelSpec(name="mobilenet_v3_small", num_classes=2, input_size=32)  # one an agent can plan for
 #: a small global model: float, integer (BatchNorm's counter) and bool tensors
@@ -379,8 +383,7 @@ def agent_traffic(draw, device: str, tasks: list[str]):
         )
         schedule = Schedule(
             device=device,
-            round=1
-            + next(_SERIAL),  # rounds move on (an agent skips rounds below one it was acknowledged for)
+            round=ROUND_FLOOR + next(_SERIAL),  # rounds move on (an agent skips rounds below one it took)
             issued_at=now,
             deadline=now + 600,
             tasks=[assignment(task, version, sha256)],
@@ -398,7 +401,7 @@ def agent_traffic(draw, device: str, tasks: list[str]):
             ],
             policy=draw(st.sampled_from([None, "concurrent", "fedmt", "temporal"])),
         )
-        return [(topics.schedule(device, task), draw(payload_of(schedule)))]
+        return [(topics.schedule(device, task), draw(payload_of(schedule).filter(_below_round_floor)))]
     if kind == "receipts":
         receipt = Receipt(
             update_id=draw(st.uuids()).hex,
@@ -420,6 +423,14 @@ def agent_traffic(draw, device: str, tasks: list[str]):
         return [(topics.manifest(base), draw(payload_of(manifest)))]
     chunk = next(split(b"\0" * 100, info))
     return [(topics.chunk(base, draw(st.sampled_from([0, 1, 2**20 - 1]))), draw(payload_of(chunk)))]
+
+
+def _below_round_floor(payload: bytes) -> bool:
+    """Whether a fuzzed schedule payload, if an agent takes it at all, names a round below ROUND_FLOOR."""
+    try:
+        return decode(payload, Schedule).round < ROUND_FLOOR
+    except ProtocolError:
+        return True
 
 
 # --- a link that records ----------------------------------------------------------------------------------
