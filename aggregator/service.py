@@ -9,8 +9,8 @@ no more than RECEIVE_MAXIMUM unacknowledged messages (the link's queue also hold
 bytes: not every broker honours the window): memory stays flat whatever the number of devices, and a crash
 loses nothing acknowledged. A group settles as soon as a pass over the messages taken completed an update (its
 receipt waits), when half the broker's window, SYNC_BYTES of chunks or HELD_BYTES of complete updates wait, or
-when no message came for SETTLE_WAIT_S. Accepted updates are folded after their receipts; a task whose last expected
-update was folded is finalised at once.
+when no message came for SETTLE_WAIT_S. Accepted updates are folded after their receipts; a task whose last
+expected update was folded is finalised at once.
 """
 
 from __future__ import annotations
@@ -92,9 +92,8 @@ class AggregatorService:
             receive_maximum=RECEIVE_MAXIMUM,
         )
         self._published_chunks: dict[str, int] = {}
-        self._unsettled: list[
-            Incoming
-        ] = []  # handled (payloads dropped), acknowledged once their group is durable
+        # handled (their payloads dropped), acknowledged once their group is durable
+        self._unsettled: list[Incoming] = []
         self._delivered: list[Delivery[UpdateManifest]] = []  # payloads of this group, released then
         self._delivered_bytes = 0
 
