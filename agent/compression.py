@@ -17,24 +17,39 @@ import numpy as np
 
 from common.durable import write_atomically
 from protocol.codecs import Codec, make_codec
-from protocol.codecs.base import FLOAT_DTYPES
+from protocol.codecs.base import FLOAT_DTYPES, PartialCodec
 from protocol.errors import ProtocolError
 from protocol.schemas import CodecSpec
 from protocol.tensors import decode_state, describe, encode_state
 
 RESIDUAL, VELOCITY = "residual/", "velocity/"
+#: what the payload sends (dense arrays) -> entries of the delta to send instead
+Restate = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
 
-def write_update(delta: Mapping[str, np.ndarray], spec: CodecSpec, path: Path, residual: Path) -> bytes:
+def write_update(
+    delta: Mapping[str, np.ndarray],
+    spec: CodecSpec,
+    path: Path,
+    residual: Path,
+    restate: Restate | None = None,
+) -> bytes:
     """Encode a round's delta with the task's codec into `path` (durably); a lossy codec keeps what it left out in
-    `residual` for the next round. Returns the update's payload."""
+    `residual` for the next round. With a partial codec (top-k, dct), `restate` gives the entries to send instead
+    for what the payload sends (BatchNorm's statistics re-estimated for the weights the payload moves the global
+    model to). Returns the update's payload."""
     codec = make_codec(spec.name, spec.fraction)
     if not codec.lossy:
         payload = codec.encode(delta)
         write_atomically(path, payload)
         return payload
     feedback = ErrorFeedback(residual, spec.momentum)
-    return feedback.encode(codec, delta, write_update=lambda payload: write_atomically(path, payload))
+    return feedback.encode(
+        codec,
+        delta,
+        write_update=lambda payload: write_atomically(path, payload),
+        restate=restate if isinstance(codec, PartialCodec) else None,
+    )
 
 
 class ErrorFeedback:
@@ -50,9 +65,11 @@ class ErrorFeedback:
         codec: Codec,
         delta: Mapping[str, np.ndarray],
         write_update: Callable[[bytes], None] | None = None,
+        restate: Restate | None = None,
     ) -> bytes:
         """The payload of `delta` plus what earlier rounds left out; `write_update(payload)`, when given, runs
-        before the new residual is stored."""
+        before the new residual is stored. `restate(sent)` may replace entries (whole tensors) after seeing what
+        the payload sends: they are sent as given, and keep no residual beyond the codec's rounding."""
         residual, velocity = self._load(delta)
         floats = [name for name, array in delta.items() if np.asarray(array).dtype.name in FLOAT_DTYPES]
         corrected = dict(delta)
@@ -63,6 +80,9 @@ class ErrorFeedback:
                 step = velocity[name]
             corrected[name] = (residual[name] + step).astype(np.asarray(delta[name]).dtype)
         payload = codec.encode(corrected)
+        if restate is not None and (replaced := restate(codec.decode(payload, describe(corrected)))):
+            corrected |= {name: np.asarray(value, corrected[name].dtype) for name, value in replaced.items()}
+            payload = codec.encode(corrected)
         if write_update is not None:
             write_update(payload)
         if codec.lossy:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
-from itertools import count
+from itertools import count, islice
 from pathlib import Path
 
 import msgspec
@@ -26,6 +26,8 @@ from common.models import build_model, load_numpy_state, state_to_numpy
 from protocol.schemas import ModelSpec, OptimizerSpec, Precision, TaskAssignment
 
 DEFAULT_OPTIMIZER = OptimizerSpec()
+#: batches that estimate BatchNorm's running statistics afresh (`TaskRuntime.normalisation_statistics`)
+STATISTICS_BATCHES = 20
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -343,6 +345,44 @@ class TaskRuntime:
             raise
         delta = _delta(state_to_numpy(self.model), base, assignment.task)
         return TrainResult(delta=delta, samples=self.data.samples, stats=stats, recipe=recipe)
+
+    @torch.no_grad()
+    def restated_statistics(
+        self,
+        base: Mapping[str, np.ndarray],
+        sent: Mapping[str, np.ndarray],
+        batch_size: int,
+        seed: int,
+        batches: int = STATISTICS_BATCHES,
+    ) -> dict[str, np.ndarray]:
+        """BatchNorm's running means and variances of the model at `base` + `sent` (a delta), estimated afresh on up
+        to `batches` batches of this task's data under the training precision (torch.optim.swa_utils.update_bn),
+        as deltas to `base`; empty for a model without BatchNorm. A partial update moves the global weights by
+        `sent` only, and the statistics its local training ended with belong to other weights: evaluated with
+        them, a ShuffleNet trained with top-k at 1% stayed at 14% where re-estimated statistics gave 74%."""
+        names = [
+            f"{name}.{statistic}"
+            for name, module in self.model.named_modules()
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+            for statistic in ("running_mean", "running_var")
+        ]
+        if not names:
+            return {}
+        load_numpy_state(
+            self.model, {name: np.add(base[name], sent[name], dtype=base[name].dtype) for name in base}
+        )
+        device_type = torch.device(self.device).type
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        with (
+            closing(self.data.epoch(batch_size, seed=seed)) as epoch,
+            torch.autocast(device_type, dtype=dtype, enabled=dtype is not None),
+        ):
+            torch.optim.swa_utils.update_bn(islice(epoch, batches), self.model)
+        buffers = dict(self.model.named_buffers())
+        return {
+            name: np.subtract(buffers[name].float().cpu().numpy(), base[name], dtype=base[name].dtype)
+            for name in names
+        }
 
     def measure(
         self,

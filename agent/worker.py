@@ -127,9 +127,10 @@ class Worker:
 
         started = time.perf_counter()
         try:
+            base = decode_state(Path(command.base_path).read_bytes())
             result = self._prepared_runtime().train(
                 command.assignment,
-                decode_state(Path(command.base_path).read_bytes()),
+                base,
                 seed=command.seed,
                 reference_batch=command.reference_batch_size,
                 resume_from=Path(command.resume_path) if command.resume_path else None,
@@ -143,7 +144,14 @@ class Worker:
             return
         output = Path(command.output_path)
         residual = command.residual_path or output.with_name(f"{command.assignment.task}.residual")
-        payload = write_update(result.delta, command.assignment.codec, output, Path(residual))
+        runtime, batch_size = self._prepared_runtime(), command.assignment.batch_size
+        payload = write_update(
+            result.delta,
+            command.assignment.codec,
+            output,
+            Path(residual),
+            restate=lambda sent: runtime.restated_statistics(base, sent, batch_size, command.seed),
+        )
         stats = result.stats
         if command.release_memory:
             release_cached_memory(self.device)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.compression import ErrorFeedback
+from agent.compression import ErrorFeedback, write_update
 from protocol.codecs import make_codec
+from protocol.schemas import CodecSpec
 from protocol.tensors import describe
 
 
@@ -94,3 +95,41 @@ def test_the_update_is_written_before_the_residual_moves_on(tmp_path):
     with pytest.raises(OSError):
         feedback.encode(codec, delta, write_update=crash)
     assert not (tmp_path / "t.state").exists()
+
+
+def test_restated_entries_travel_as_given_and_keep_no_residual(tmp_path):
+    codec = make_codec("topk", 0.05)
+    rng = np.random.default_rng(4)
+    delta = {
+        "w": (rng.normal(size=(30, 20)) * 1e-2).astype(np.float32),
+        "bn.running_var": (rng.normal(size=20) * 1e-2).astype(np.float32),
+    }
+    seen = []
+
+    def restate(sent):
+        seen.append(sent)
+        return {"bn.running_var": np.full(20, 0.5, np.float32)}
+
+    feedback = ErrorFeedback(tmp_path / "t.state")
+    payload = feedback.encode(codec, delta, restate=restate)
+    decoded = codec.decode(payload, describe(delta))
+    assert np.allclose(decoded["bn.running_var"], 0.5)  # the restated entry, as sent
+    assert np.count_nonzero(seen[0]["w"]) == np.count_nonzero(decoded["w"]) == 30  # restate saw the top 5%
+    assert np.array_equal(decoded["w"], seen[0]["w"])  # the matrix's selection did not change
+    residual = feedback._load(delta)[0]
+    assert np.abs(residual["bn.running_var"]).max() < 1e-3  # fp16 rounding only, not the trained statistics
+    assert np.allclose(residual["w"] + decoded["w"], delta["w"], atol=1e-6)
+
+
+def test_only_partial_codecs_restate(tmp_path):
+    delta = {"w": np.ones((4, 4), np.float32), "v": np.ones(4, np.float32)}
+    calls = []
+    for name in ("fp16", "topk", "dense"):
+        write_update(
+            delta,
+            CodecSpec(name=name),
+            tmp_path / f"{name}.update",
+            tmp_path / f"{name}.residual",
+            restate=lambda sent, name=name: calls.append(name) or {},
+        )
+    assert calls == ["topk"]

@@ -4,6 +4,8 @@ evaluation."""
 from __future__ import annotations
 
 import math
+from contextlib import closing
+from itertools import islice
 
 import msgspec
 import numpy as np
@@ -283,3 +285,32 @@ def test_the_proximal_term_is_added_unscaled_under_fp16_loss_scaling() -> None:
     loss.backward()
     for with_term, without in zip(plain, (p.grad for p in net.parameters())):
         torch.testing.assert_close(with_term, without + 3.0, rtol=1e-3, atol=1e-3)  # + mu * (w - w_start)
+
+
+def test_restated_statistics_are_those_of_the_sent_weights_on_the_tasks_data(base) -> None:
+    runtime = TaskRuntime(MODEL, SyntheticData(samples=64), device="cpu")
+    sent = {name: np.zeros_like(array) for name, array in base.items()}
+    sent["conv1.weight"] = np.full_like(base["conv1.weight"], 0.01)  # the payload moves the first convolution
+    restated = runtime.restated_statistics(base, sent, batch_size=16, seed=5, batches=3)
+    assert set(restated) == {n for n in base if n.endswith((".running_mean", ".running_var"))}
+    with closing(runtime.data.epoch(16, seed=5)) as epoch:
+        images = torch.cat([batch for batch, _ in islice(epoch, 3)])
+    weight = torch.from_numpy(base["conv1.weight"] + sent["conv1.weight"])
+    first = torch.nn.functional.conv2d(images, weight, stride=2, padding=3)  # ResNet18's conv1, before bn1
+    np.testing.assert_allclose(
+        base["bn1.running_mean"] + restated["bn1.running_mean"],
+        first.mean(dim=(0, 2, 3)).numpy(),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    trained = train_task(
+        msgspec.structs.replace(assignment(), local_steps=3), SyntheticData(samples=64), base
+    )
+    assert not np.allclose(restated["bn1.running_mean"], trained.delta["bn1.running_mean"])
+
+
+def test_a_model_without_batch_norm_has_no_statistics_to_restate() -> None:
+    model = ModelSpec(name="squeezenet1_1", num_classes=10, input_size=64)
+    base = state_to_numpy(build_model(model, seed=0))
+    runtime = TaskRuntime(model, SyntheticData(samples=8), device="cpu")
+    assert runtime.restated_statistics(base, base, batch_size=4, seed=0) == {}
