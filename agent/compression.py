@@ -17,7 +17,7 @@ import numpy as np
 
 from common.durable import write_atomically
 from protocol.codecs import Codec, make_codec
-from protocol.codecs.base import FLOAT_DTYPES, PartialCodec
+from protocol.codecs.base import FLOAT_DTYPES
 from protocol.errors import ProtocolError
 from protocol.schemas import CodecSpec
 from protocol.tensors import decode_state, describe, encode_state
@@ -48,7 +48,7 @@ def write_update(
         codec,
         delta,
         write_update=lambda payload: write_atomically(path, payload),
-        restate=restate if isinstance(codec, PartialCodec) else None,
+        restate=restate if codec.partial else None,
     )
 
 

@@ -17,12 +17,13 @@ OVERHEAD_BYTES = 1 << 20  # msgpack headers and index arrays beyond the tensors'
 
 
 class Zstd(Codec):
-    lossy = False  # set per instance from the inner codec
+    lossy = False  # set per instance from the inner codec, as `partial`
 
     def __init__(self, inner: Codec, level: int = LEVEL) -> None:
         import zstandard
 
-        self.inner, self.name, self.lossy = inner, f"{inner.name}+zstd", inner.lossy
+        self.inner, self.name = inner, f"{inner.name}+zstd"
+        self.lossy, self.partial = inner.lossy, inner.partial
         self._compressor = zstandard.ZstdCompressor(level=level)
         self._decompressor = zstandard.ZstdDecompressor()
 
