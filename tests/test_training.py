@@ -288,12 +288,14 @@ def test_the_proximal_term_is_added_unscaled_under_fp16_loss_scaling() -> None:
 
 
 def test_restated_statistics_are_those_of_the_sent_weights_on_the_tasks_data(base) -> None:
-    runtime = TaskRuntime(MODEL, SyntheticData(samples=64), device="cpu")
+    runtime = TaskRuntime(MODEL, SyntheticData(samples=256), device="cpu")
     sent = {name: np.zeros_like(array) for name, array in base.items()}
     sent["conv1.weight"] = np.full_like(base["conv1.weight"], 0.01)  # the payload moves the first convolution
-    restated = runtime.restated_statistics(base, sent, batch_size=16, seed=5, batches=3)
+    restated = runtime.restated_statistics(
+        base, sent, batch_size=16, seed=5, images=3 * 64
+    )  # 3 batches of 64
     assert set(restated) == {n for n in base if n.endswith((".running_mean", ".running_var"))}
-    with closing(runtime.data.epoch(16, seed=5)) as epoch:
+    with closing(runtime.data.epoch(64, seed=5)) as epoch:
         images = torch.cat([batch for batch, _ in islice(epoch, 3)])
     weight = torch.from_numpy(base["conv1.weight"] + sent["conv1.weight"])
     first = torch.nn.functional.conv2d(images, weight, stride=2, padding=3)  # ResNet18's conv1, before bn1
