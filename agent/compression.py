@@ -35,9 +35,9 @@ def write_update(
     restate: Restate | None = None,
 ) -> bytes:
     """Encode a round's delta with the task's codec into `path` (durably); a lossy codec keeps what it left out in
-    `residual` for the next round. With a partial codec (top-k, dct), `restate` gives the entries to send instead
-    for what the payload sends (BatchNorm's statistics re-estimated for the weights the payload moves the global
-    model to). Returns the update's payload."""
+    `residual` for the next round. With a codec whose step is sparse (top-k), `restate` gives the entries to send
+    instead for what the payload sends (BatchNorm's statistics re-estimated for the weights the payload moves the
+    global model to). Returns the update's payload."""
     codec = make_codec(spec.name, spec.fraction)
     if not codec.lossy:
         payload = codec.encode(delta)
@@ -48,7 +48,7 @@ def write_update(
         codec,
         delta,
         write_update=lambda payload: write_atomically(path, payload),
-        restate=restate if codec.partial else None,
+        restate=restate if codec.sparse_step else None,
     )
 
 

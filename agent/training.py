@@ -358,9 +358,10 @@ class TaskRuntime:
     ) -> dict[str, np.ndarray]:
         """BatchNorm's running means and variances of the model at `base` + `sent` (a delta), estimated afresh on
         about `images` of this task's data (batches of `batch_size`, at least STATISTICS_BATCH) under the training
-        precision (torch.optim.swa_utils.update_bn), as deltas to `base`; empty for a model without BatchNorm. A partial update moves the global weights by
-        `sent` only, and the statistics its local training ended with belong to other weights: evaluated with
-        them, a ShuffleNet trained with top-k at 1% stayed at 14% where re-estimated statistics gave 74%."""
+        precision (torch.optim.swa_utils.update_bn), as deltas to `base`; empty for a model without BatchNorm.
+        A top-k update moves the global weights by `sent` only, and the statistics its local training ended with
+        belong to other weights: evaluated with them, a ShuffleNet trained with top-k at 1% stayed at 14% where
+        re-estimated statistics gave 74%."""
         names = [
             f"{name}.{statistic}"
             for name, module in self.model.named_modules()

@@ -68,12 +68,13 @@ Part = Dense | Sparse
 
 class Codec(ABC):
     """An update codec: `name` is what schedules and manifests carry. `lossy` codecs lose information that an
-    agent can keep as a residual and send later (error feedback); `partial` ones send only part of each matrix
-    and kernel (so the weights they move a model to are not the ones its sender trained)."""
+    agent can keep as a residual and send later (error feedback); `sparse_step` ones move only a few
+    coordinates of each matrix and kernel, so the weights they move a model to are far from the ones their sender
+    trained (and BatchNorm statistics from that training do not fit them)."""
 
     name: ClassVar[str]
     lossy: ClassVar[bool]
-    partial: ClassVar[bool] = False
+    sparse_step: ClassVar[bool] = False
 
     @abstractmethod
     def encode(self, delta: Mapping[str, np.ndarray]) -> bytes:
@@ -97,7 +98,6 @@ class PartialCodec(Codec):
     wreck a whole model's evaluation, and vectors are up to 5% of a model with many BatchNorm layers."""
 
     lossy = True
-    partial = True
     default_fraction: ClassVar[float]
 
     def __init__(self, fraction: float | None = None) -> None:

@@ -16,6 +16,7 @@ from protocol.schemas import TensorInfo
 class TopKCodec(PartialCodec):
     name = "topk"
     default_fraction = 0.01
+    sparse_step = True
 
     def encode(self, delta: Mapping[str, np.ndarray]) -> bytes:
         return encode_entries(delta, self._entry)

@@ -17,13 +17,13 @@ OVERHEAD_BYTES = 1 << 20  # msgpack headers and index arrays beyond the tensors'
 
 
 class Zstd(Codec):
-    lossy = False  # set per instance from the inner codec, as `partial`
+    lossy = False  # set per instance from the inner codec, as `sparse_step`
 
     def __init__(self, inner: Codec, level: int = LEVEL) -> None:
         import zstandard
 
         self.inner, self.name = inner, f"{inner.name}+zstd"
-        self.lossy, self.partial = inner.lossy, inner.partial
+        self.lossy, self.sparse_step = inner.lossy, inner.sparse_step
         self._compressor = zstandard.ZstdCompressor(level=level)
         self._decompressor = zstandard.ZstdDecompressor()
 
