@@ -144,7 +144,8 @@ class Agent:
         self.samples = {task: spec.sample_count() for task, spec in config.tasks.items()}
         self.metrics = AgentMetrics(config.tasks)
         status = topics.device(self.device, "status")
-        # the link's messages (at most INBOX_BYTES of payloads: a global model's chunks wait in TCP) and the rounds' events
+        # the link's messages (at most INBOX_BYTES of payloads: a global model's chunks wait in TCP) and the
+        # rounds' events
         self.events: queue.Queue = PayloadQueue(EVENT_QUEUE_SIZE)
         self.link = MqttLink(
             config.mqtt,

@@ -126,9 +126,10 @@ class Worker:
         from agent.training import TrainingPaused
 
         started = time.perf_counter()
+        runtime = self._prepared_runtime()
         try:
             base = decode_state(Path(command.base_path).read_bytes())
-            result = self._prepared_runtime().train(
+            result = runtime.train(
                 command.assignment,
                 base,
                 seed=command.seed,
@@ -144,7 +145,7 @@ class Worker:
             return
         output = Path(command.output_path)
         residual = command.residual_path or output.with_name(f"{command.assignment.task}.residual")
-        runtime, batch_size = self._prepared_runtime(), command.assignment.batch_size
+        batch_size = command.assignment.batch_size
         payload = write_update(
             result.delta,
             command.assignment.codec,

@@ -95,7 +95,6 @@ class AggregatorService:
         # handled (their payloads dropped), acknowledged once their group is durable
         self._unsettled: list[Incoming] = []
         self._delivered: list[Delivery[UpdateManifest]] = []  # payloads of this group, released then
-        self._delivered_bytes = 0
 
     def run(
         self, stop: threading.Event, tick_s: float = 0.5, alive: Callable[[], None] = lambda: None
@@ -177,7 +176,7 @@ class AggregatorService:
         return (
             len(self._unsettled) >= RECEIVE_MAXIMUM // 2
             or self.updates.reassembler.unsynced_bytes >= SYNC_BYTES
-            or self._delivered_bytes >= HELD_BYTES
+            or sum(delivery.manifest.transfer.size for delivery in self._delivered) >= HELD_BYTES
         )
 
     def settle(self) -> None:
@@ -194,7 +193,7 @@ class AggregatorService:
         unsettled, self._unsettled = self._unsettled, []
         for message in unsettled:
             self.link.ack(message)
-        delivered, self._delivered, self._delivered_bytes = self._delivered, [], 0
+        delivered, self._delivered = self._delivered, []
         for delivery in delivered:
             self.updates.release(delivery)
         self.coordinator.fold_accepted()
@@ -285,7 +284,6 @@ class AggregatorService:
         released once the group is durable."""
         self.admission.release(delivery.manifest.transfer.id)
         self._delivered.append(delivery)
-        self._delivered_bytes += delivery.manifest.transfer.size
         receipt = self.coordinator.accept_update(delivery.manifest, delivery.path)
         if receipt is not None:
             self.send_receipt(delivery.manifest.device, receipt)

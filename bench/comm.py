@@ -12,8 +12,9 @@ three tasks) with every task's updates in one codec and global models also publi
   models);
 - overlap: `--overlap-rounds` dense rounds at each `--overlap-mbps` and under each `--overlap-policies` with the
   agents' Algorithm 1 order (each update uploads as its task finishes, while the others train) against the naive
-  order (every upload after the round's training); median of the rounds after the first, and the share of a naive round its uploads take (the
-  slowest device's upload seconds, summed over its tasks, over the round's wall time).
+  order (every upload after the round's training); medians of the rounds after the first, and the share of a
+  naive round that a device's updates take on its link (their bytes over the bandwidth: the most any order can
+  hide).
 Each run's demo summary is kept under `--runs`.
 """
 
