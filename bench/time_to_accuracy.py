@@ -22,6 +22,7 @@ against wall time, per policy. Every run's processes log under <out>/time_to_acc
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import get_args
@@ -44,9 +45,27 @@ def seconds_to_target(
 
 
 def run_policy(args, policy: str, partition: str) -> dict:
-    """One federation run; its accuracy per round, round wall times and time to the target."""
-    options = Options(
-        out=(args.out / "time_to_accuracy" / f"{partition}-{policy}").resolve(),
+    """One federation run (or, with --reuse, the one its folder's summary.json recorded); its accuracy per
+    round, round wall times and time to the target."""
+    folder = (args.out / "time_to_accuracy" / f"{partition}-{policy}").resolve()
+    if args.reuse and (folder / "summary.json").exists():
+        summary = json.loads((folder / "summary.json").read_text())
+    else:
+        summary = run(_options(args, policy, partition, folder))
+        (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+    reached = seconds_to_target(summary["accuracy"], summary["round_end_s"], args.target)
+    print(f"{partition:>9} {policy:>9}: target {args.target:.0%} after {reached} s", flush=True)
+    return {
+        "accuracy": summary["accuracy"],
+        "round_wall_s": summary["round_wall_time_s"],
+        "round_end_s": summary["round_end_s"],
+        "seconds_to_target": reached,
+    }
+
+
+def _options(args, policy: str, partition: str, folder: Path) -> Options:
+    return Options(
+        out=folder,
         rounds=args.rounds,
         device=args.device,
         policy=policy,
@@ -61,16 +80,8 @@ def run_policy(args, policy: str, partition: str) -> dict:
         reallocate=args.reallocate,
         predictor=str(args.predictor.resolve()) if args.predictor else None,
         timeout_s=args.timeout,
+        stop_at=None if args.all_rounds else args.target,
     )
-    summary = run(options)
-    reached = seconds_to_target(summary["accuracy"], summary["round_end_s"], args.target)
-    print(f"{partition:>9} {policy:>9}: target {args.target:.0%} after {reached} s", flush=True)
-    return {
-        "accuracy": summary["accuracy"],
-        "round_wall_s": summary["round_wall_time_s"],
-        "round_end_s": summary["round_end_s"],
-        "seconds_to_target": reached,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             "models": args.models,
             "reallocate": args.reallocate,
             "predictor": str(args.predictor) if args.predictor else None,
+            "stopped_at_target": not args.all_rounds,
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -171,6 +183,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--predictor", type=Path, help="the agents' ONNX predictor, e.g. one `fedmt-agent calibrate` made"
     )
     parser.add_argument("--timeout", type=float, help="per run (default: the demo's)")
+    parser.add_argument(
+        "--all-rounds",
+        action="store_true",
+        help="run every round (default: stop once every task is at target)",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take a policy's run from its folder's summary.json where one exists",
+    )
     return parser.parse_args(argv)
 
 

@@ -97,6 +97,7 @@ class Options:
     link_mbps: float | None = None  # each agent reaches the broker through its own link of this bandwidth
     link_latency_ms: float = 0.0
     upload: Literal["on_finish", "after_round"] = "on_finish"  # the agents' upload order
+    stop_at: float | None = None  # end the run after the first round with every task at this accuracy
 
     def devices(self) -> list[str]:
         return [f"edge-{i + 1}" for i in range(self.agents)]
@@ -283,6 +284,9 @@ def run(options: Options) -> dict:
                 bars = {task: progress.add_task(task, total=rounds, acc="") for task in tasks}
                 deadline = time.monotonic() + timeout_s
                 while not all(len(accuracy[t]) == rounds + 1 for t in tasks):
+                    if options.stop_at is not None and (reached := _round_at(accuracy, options.stop_at)):
+                        rounds = reached
+                        break
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"the demo did not finish {rounds} rounds in {timeout_s:.0f} s")
                     check_alive()
@@ -338,6 +342,7 @@ def run(options: Options) -> dict:
             }
             for task, (definition, share) in tasks.items()
         },
+        "stopped_at": None if rounds == options.rounds else options.stop_at,
         "accuracy": {task: [accuracy[task][r] for r in range(rounds + 1)] for task in tasks},
         "round_wall_time_s": [None if rd["wall_s"] is None else round(rd["wall_s"], 2) for rd in detail],
         "round_end_s": phases.round_ends_s(rounds, tasks, monitor.schedule_issued_at, monitor.seen_at),
@@ -352,6 +357,12 @@ def run(options: Options) -> dict:
         "upload": options.upload,
         "bytes": bytes_moved(rounds, tasks, monitor),
     }
+
+
+def _round_at(accuracy: dict[str, dict[int, float]], target: float) -> int | None:
+    """The first round after which every task is evaluated at `target` or above (None: none yet)."""
+    evaluated = set.intersection(*(set(accs) for accs in accuracy.values())) - {0}
+    return next((r for r in sorted(evaluated) if all(a[r] >= target for a in accuracy.values())), None)
 
 
 def bytes_moved(rounds: int, tasks, monitor: Monitor) -> list[dict]:

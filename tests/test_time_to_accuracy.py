@@ -18,12 +18,13 @@ def test_the_target_counts_when_every_task_reached_it():
 
 @pytest.mark.slow
 def test_the_benchmark_runs_every_policy_through_the_federation_and_writes_its_results(tmp_path):
-    """One agent on the CPU, one round of four steps per task, two policies: the keys the issue names."""
+    """One agent on the CPU, rounds of four steps per task, two policies: the keys the issue names; each run
+    ends after the first round with every task at the target; --reuse takes the runs from their summaries."""
     argv = [
         "--device",
         "cpu",
         "--rounds",
-        "1",
+        "3",
         "--policies",
         "temporal",
         "fedmt",
@@ -43,3 +44,8 @@ def test_the_benchmark_runs_every_policy_through_the_federation_and_writes_its_r
         assert result["seconds_to_target"][policy] >= result["round_wall_s"][policy][0]
     assert (tmp_path / "time_to_accuracy.png").stat().st_size > 0
     assert (tmp_path / "time_to_accuracy" / "iid-fedmt" / "logs" / "edge-1.log").exists()
+
+    (tmp_path / "time_to_accuracy" / "iid-fedmt" / "logs" / "edge-1.log").unlink()
+    assert main([*argv, "--reuse"]) == 0
+    assert json.loads((tmp_path / "time_to_accuracy.json").read_text())["accuracy"] == result["accuracy"]
+    assert not (tmp_path / "time_to_accuracy" / "iid-fedmt" / "logs" / "edge-1.log").exists()  # not run again
