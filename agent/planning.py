@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from agent.batching import round_images
+from agent.batching import batch_ceiling, round_images
 from agent.handover import Reallocate, Training
 from agent.history import DeviceHistory
 from agent.mps import GpuSharing
@@ -43,10 +43,11 @@ class RoundPlan:
 
 
 def batch_candidates(assignment: TaskAssignment, trusted: tuple[int, int]) -> list[int]:
-    """Powers of two within the schedule's batch bounds and the `trusted` range (the predictor's profiled batch
-    sizes; they must overlap), and the scheduled batch size itself, moved into both."""
+    """Powers of two within the schedule's batch bounds, the `trusted` range (the predictor's profiled batch
+    sizes; they must overlap) and the task's batch ceiling at its global version, and the scheduled batch size
+    itself, moved into them."""
     low = max(assignment.min_batch_size, trusted[0])
-    high = min(assignment.max_batch_size, trusted[1])
+    high = max(low, min(assignment.max_batch_size, trusted[1], batch_ceiling(assignment)))
     powers = [2**k for k in range(0, 11) if low <= 2**k <= high]
     return sorted({*powers, min(max(assignment.batch_size, low), high)})
 

@@ -14,12 +14,12 @@ from protocol.schemas import ModelSpec, MpsInfo, OptimizerSpec, TaskAssignment
 SHA = "0" * 64
 
 
-def assignment(task: str, model: str, batch: int = 16) -> TaskAssignment:
+def assignment(task: str, model: str, batch: int = 16, version: int = 3) -> TaskAssignment:
     return TaskAssignment(
         task=task,
         model=ModelSpec(name=model, num_classes=10, input_size=32),
         optimizer=OptimizerSpec(),
-        base_version=0,
+        base_version=version,
         base_sha256=SHA,
         batch_size=batch,
         min_batch_size=8,
@@ -61,6 +61,14 @@ def sharing(tmp_path, mps: bool) -> GpuSharing:
 
 def test_batch_candidates_are_powers_of_two_in_bounds_plus_the_scheduled_size():
     assert batch_candidates(assignment("x", "resnet18", batch=24), (1, 1024)) == [8, 16, 24, 32, 64]
+
+
+def test_batch_candidates_grow_at_most_twofold_per_global_version_from_the_configured_size():
+    assert batch_candidates(assignment("x", "resnet18", batch=16, version=0), (1, 1024)) == [8, 16]
+    assert batch_candidates(assignment("x", "resnet18", batch=16, version=1), (1, 1024)) == [8, 16, 32]
+    assert batch_candidates(assignment("x", "resnet18", batch=16, version=2), (1, 1024)) == [8, 16, 32, 64]
+    assert batch_candidates(assignment("x", "resnet18", batch=16, version=2**31 - 1), (1, 1024))[-1] == 64
+    assert batch_candidates(assignment("x", "resnet18", batch=8, version=0), (12, 128)) == [12]  # into range
 
 
 def test_batch_candidates_stay_inside_the_predictors_profiled_range():
