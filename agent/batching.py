@@ -5,8 +5,9 @@ config says how training keeps its accuracy (`lr_scaling` and `batch_policy`, se
 
 - `batch_policy = "scale_lr"` (default): the round processes the images it would at B0 (its local epochs, or
   local_steps x B0 images), so it takes about B0/B times the steps, and the learning rate follows `lr_scaling`:
-  `linear` lr x B/B0 (Goyal et al. 2017), `sqrt` lr x sqrt(B/B0), `none`, or `auto`: linear for SGD, square
-  root for Adam. When the rate grows it ramps up linearly from the configured rate over the first
+  `linear` lr x B/B0 (Goyal et al. 2017), `sqrt` lr x sqrt(B/B0), `none`, or `auto`: linear for SGD, none
+  for Adam (a round's fresh Adam moves every weight by about the rate in its first steps: ResNet18 at 4 x B0
+  averaged 81.5% over rounds 2-5 with the square root, 87.8% with none, 92.6% at B0; CPU, 32 px, 2 seeds). When the rate grows it ramps up linearly from the configured rate over the first
   WARMUP_SHARE of the round's steps (every round starts a fresh optimiser).
 - `batch_policy = "hold_steps"`: the round takes the optimiser steps it would at B0, at the configured rate,
   and so processes B/B0 times the images.
@@ -45,7 +46,7 @@ def lr_factor(assignment: TaskAssignment, ratio: float) -> float:
     """The learning-rate multiplier for a batch `ratio` B/B0 under the assignment's `lr_scaling`."""
     rule = assignment.lr_scaling
     if rule == "auto":
-        rule = "linear" if assignment.optimizer.name == "sgd" else "sqrt"
+        rule = "linear" if assignment.optimizer.name == "sgd" else "none"
     return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
 
 

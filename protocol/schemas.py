@@ -47,7 +47,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 #: the largest FedProx coefficient a schedule may carry (the FedProx paper tunes mu in 0.001..1)
 MAX_PROXIMAL_MU = 100.0
 #: how the learning rate follows a planned batch size B from the configured B0 (agent/batching.py): "auto" is
-#: linear (lr * B/B0) for SGD and square root for Adam
+#: linear (lr * B/B0) for SGD, unchanged for Adam
 LrScaling = Literal["auto", "linear", "sqrt", "none"]
 #: "scale_lr": a round processes the configured images and the lr follows `LrScaling`; "hold_steps": a round
 #: takes the configured number of optimiser steps at the configured lr

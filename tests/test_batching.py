@@ -35,7 +35,7 @@ def test_the_configured_batch_trains_as_configured():
     ("optimizer", "scaling", "factor"),
     [
         ("sgd", "auto", 4.0),
-        ("adam", "auto", 2.0),
+        ("adam", "auto", 1.0),
         ("sgd", "sqrt", 2.0),
         ("adam", "linear", 4.0),
         ("sgd", "none", 1),
