@@ -61,7 +61,7 @@ class PauseAt:
 def test_a_paused_round_continues_in_another_runtime_as_if_never_paused(tmp_path, optimizer):
     """Batch 32 for a task configured at 16 (a warm-up is under way at the pause), two epochs, paused mid-epoch:
     the continued round takes the same steps over the same data order and ends with the same weights."""
-    task = assignment(DROPOUT_MODEL, optimizer, batch_size=32, local_epochs=2)
+    task = assignment(DROPOUT_MODEL, optimizer, batch_size=32, local_epochs=2, lr_scaling="linear")
     base = state_to_numpy(build_model(DROPOUT_MODEL, seed=0))
     data = DigitsData(num_partitions=8, partition_index=3)
 
