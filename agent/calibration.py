@@ -229,7 +229,7 @@ def _measure_config(
         gpu=device.gpu,
         sm_total=device.sm_total,
         driver=device.driver,
-        torch=device.torch,
+        torch=str(device.torch),  # torch.__version__ is a str subclass that msgspec does not encode
         resolution=config.tasks[0][0].input_size,
         window_s=window_s,
         ts=time.time(),
