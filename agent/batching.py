@@ -28,6 +28,9 @@ from protocol.schemas import TaskAssignment
 
 WARMUP_SHARE = 0.1  # of a round's steps, when the learning rate grows
 BATCH_GROWTH = 2  # the most a plan multiplies a task's batch size by per global version trained
+#: the most a plan multiplies an Adam task's batch size by under `auto` (bench/results/batch_rules.json: ResNet18
+#: 2.0 points behind B0 at 2x, 3.7 at 4x, 5.5 at 8x with its rate kept; the square root did worse)
+ADAM_AUTO_GROWTH = 2
 
 
 def steps_per_epoch(samples: int, batch_size: int) -> int:
@@ -38,8 +41,12 @@ def steps_per_epoch(samples: int, batch_size: int) -> int:
 
 def batch_ceiling(assignment: TaskAssignment) -> int:
     """The largest batch size a plan may give the task: its configured size times BATCH_GROWTH per global version
-    trained (version 0, the initial model, trains at the configured size)."""
-    return assignment.batch_size * BATCH_GROWTH ** min(assignment.base_version, 10)
+    trained (version 0, the initial model, trains at the configured size), for Adam under `auto` at most
+    ADAM_AUTO_GROWTH times it."""
+    ceiling = assignment.batch_size * BATCH_GROWTH ** min(assignment.base_version, 10)
+    if assignment.optimizer.name == "adam" and assignment.lr_scaling == "auto":
+        ceiling = min(ceiling, ADAM_AUTO_GROWTH * assignment.batch_size)
+    return ceiling
 
 
 def lr_factor(assignment: TaskAssignment, ratio: float) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -69,6 +70,13 @@ def test_batch_candidates_grow_at_most_twofold_per_global_version_from_the_confi
     assert batch_candidates(assignment("x", "resnet18", batch=16, version=2), (1, 1024)) == [8, 16, 32, 64]
     assert batch_candidates(assignment("x", "resnet18", batch=16, version=2**31 - 1), (1, 1024))[-1] == 64
     assert batch_candidates(assignment("x", "resnet18", batch=8, version=0), (12, 128)) == [12]  # into range
+
+
+def test_an_adam_task_under_the_auto_rule_grows_its_batch_at_most_twofold():
+    adam = msgspec.structs.replace(assignment("x", "resnet18", version=5), optimizer=OptimizerSpec(name="adam"))
+    assert batch_candidates(adam, (1, 1024))[-1] == 32
+    sqrt = msgspec.structs.replace(adam, lr_scaling="sqrt")  # a rule the task chose: the version's ceiling
+    assert batch_candidates(sqrt, (1, 1024))[-1] == 64
 
 
 def test_batch_candidates_stay_inside_the_predictors_profiled_range():
