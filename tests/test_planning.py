@@ -73,7 +73,9 @@ def test_batch_candidates_grow_at_most_twofold_per_global_version_from_the_confi
 
 
 def test_an_adam_task_under_the_auto_rule_grows_its_batch_at_most_twofold():
-    adam = msgspec.structs.replace(assignment("x", "resnet18", version=5), optimizer=OptimizerSpec(name="adam"))
+    adam = msgspec.structs.replace(
+        assignment("x", "resnet18", version=5), optimizer=OptimizerSpec(name="adam")
+    )
     assert batch_candidates(adam, (1, 1024))[-1] == 32
     sqrt = msgspec.structs.replace(adam, lr_scaling="sqrt")  # a rule the task chose: the version's ceiling
     assert batch_candidates(sqrt, (1, 1024))[-1] == 64
