@@ -34,7 +34,7 @@ RUNS = {  # label -> (batch, lr_scaling, ramp)
     "4x sqrt": (4 * B0, "sqrt", False),
     "4x none": (4 * B0, "none", False),
     "8x linear": (8 * B0, "linear", False),
-    "ramp to 8x, auto": (8 * B0, "auto", True),
+    "ramp, auto": (8 * B0, "auto", True),  # up to 8x as far as the plans' ceiling allows
 }
 STEPS = {
     "digits-resnet18": 120,
