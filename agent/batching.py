@@ -6,17 +6,18 @@ config says how training keeps its accuracy (`lr_scaling` and `batch_policy`, se
 - `batch_policy = "scale_lr"` (default): the round processes the images it would at B0 (its local epochs, or
   local_steps x B0 images), so it takes about B0/B times the steps, and the learning rate follows `lr_scaling`:
   `linear` lr x B/B0 (Goyal et al. 2017), `sqrt` lr x sqrt(B/B0), `none`, or `auto`: linear for SGD, none
-  for Adam (a round's fresh Adam moves every weight by about the rate in its first steps: ResNet18 at 4 x B0
-  averaged 81.5% over rounds 2-5 with the square root, 87.8% with none, 92.6% at B0; CPU, 32 px, 2 seeds). When the rate grows it ramps up linearly from the configured rate over the first
-  WARMUP_SHARE of the round's steps (every round starts a fresh optimiser).
+  for Adam (a round's fresh Adam moves every weight by about the rate in its first steps; ResNet18 at 4 x B0,
+  rounds 2-4: 8.5 points behind B0 with the square root, 4.1 with none; bench/results/batch_rules.json). When
+  the rate grows it ramps up linearly from the configured rate over the first WARMUP_SHARE of the round's
+  steps (every round starts a fresh optimiser).
 - `batch_policy = "hold_steps"`: the round takes the optimiser steps it would at B0, at the configured rate,
   and so processes B/B0 times the images.
 
 Either way a plan grows the batch at most BATCH_GROWTH-fold per global version the task has trained
 (`batch_ceiling`): a model from scratch trains at B0 and the batch grows as it learns. Large batches from a
-random start lose accuracy in the first rounds that the rate rules do not win back (measured on the H200 and on
-the CPU: ShuffleNet at 8 x B0 with the linear rule 9-29% after round 1 against 79-96% at B0); growing the batch
-instead of decaying the rate is Smith et al. 2018.
+random start lose accuracy in the first rounds that the rate rules do not win back (ShuffleNet at 8 x B0 with the
+linear rule after round 1: 8.6% against 96.1% at B0 on the H200, 17.4% against 87.2% on the CPU); growing the
+batch instead of decaying the rate is Smith et al. 2018.
 """
 
 from __future__ import annotations
