@@ -80,13 +80,14 @@ class ErrorFeedback:
                 step = velocity[name]
             corrected[name] = (residual[name] + step).astype(np.asarray(delta[name]).dtype)
         payload = codec.encode(corrected)
-        if restate is not None and (replaced := restate(codec.decode(payload, describe(corrected)))):
+        sent = codec.decode(payload, describe(corrected)) if codec.lossy or restate is not None else {}
+        if restate is not None and (replaced := restate(sent)):
             corrected |= {name: np.asarray(value, corrected[name].dtype) for name, value in replaced.items()}
             payload = codec.encode(corrected)
+            sent = codec.decode(payload, describe(corrected))
         if write_update is not None:
             write_update(payload)
         if codec.lossy:
-            sent = codec.decode(payload, describe(corrected))
             for name in floats:
                 residual[name] = corrected[name].astype(np.float64) - sent[name]
                 if self.momentum:
