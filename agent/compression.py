@@ -82,9 +82,10 @@ class ErrorFeedback:
         payload = codec.encode(corrected)
         sent = codec.decode(payload, describe(corrected)) if codec.lossy or restate is not None else {}
         if restate is not None and (replaced := restate(sent)):
-            corrected |= {name: np.asarray(value, corrected[name].dtype) for name, value in replaced.items()}
+            restated = {name: np.asarray(value, corrected[name].dtype) for name, value in replaced.items()}
+            corrected |= restated
             payload = codec.encode(corrected)
-            sent = codec.decode(payload, describe(corrected))
+            sent |= codec.decode(codec.encode(restated), describe(restated))  # each tensor is coded alone
         if write_update is not None:
             write_update(payload)
         if codec.lossy:

@@ -70,7 +70,7 @@ class Codec(ABC):
     """An update codec: `name` is what schedules and manifests carry. `lossy` codecs lose information that an
     agent can keep as a residual and send later (error feedback); `sparse_step` ones move only a few
     coordinates of each matrix and kernel, so the weights they move a model to are far from the ones their sender
-    trained (and BatchNorm statistics from that training do not fit them)."""
+    trained (and BatchNorm statistics from that training do not fit them); they code each tensor on its own."""
 
     name: ClassVar[str]
     lossy: ClassVar[bool]
