@@ -8,6 +8,7 @@ checkpoints are written by the caller; the ledger stores their paths and sha256.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -89,6 +90,11 @@ _MIGRATIONS = (
     """
     ALTER TABLE updates ADD COLUMN codec TEXT NOT NULL DEFAULT 'dense';
     """,
+    # 5: a payload that is part of a file (a segment of small updates): its offset and size; NULL: the whole file
+    """
+    ALTER TABLE updates ADD COLUMN payload_offset INTEGER CHECK (payload_offset >= 0);
+    ALTER TABLE updates ADD COLUMN payload_size INTEGER CHECK (payload_size >= 0);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -125,6 +131,20 @@ class UpdateRecord:
     weight: int  # what the update weighs in the aggregation (samples unless the operator's limits changed it)
     scale: float  # the factor its delta is multiplied by (1.0 unless clipped to the task's norm bound)
     codec: str = "dense"  # what its payload is in (protocol.codecs)
+    payload_offset: int | None = (
+        None  # where the payload starts in its file (a segment); None: the whole file
+    )
+    payload_size: int | None = None
+
+    def read_payload(self) -> Path | bytes:
+        """The payload: its file, or its bytes where it is part of a segment file."""
+        if self.payload_offset is None:
+            return self.payload_path
+        with open(self.payload_path, "rb") as file:
+            data = os.pread(file.fileno(), self.payload_size or 0, self.payload_offset)
+        if len(data) != self.payload_size:
+            raise ProtocolError(f"update {self.update_id}: its segment {self.payload_path} is cut short")
+        return data
 
 
 @dataclass(frozen=True)
@@ -305,9 +325,11 @@ class RoundLedger:
         weight: int | None = None,
         scale: float = 1.0,
         codec: str = "dense",
+        part: tuple[int, int] | None = None,
     ) -> UpdateOutcome:
         """Record a device's update for a task round; the first update of a device wins. `weight` (default:
-        `samples`) and `scale` say what it counts for after the operator's limits.
+        `samples`) and `scale` say what it counts for after the operator's limits; `part` (offset, size) says
+        where in `payload_path` the payload is, when it does not fill the file.
 
         "duplicate": this update id is already recorded for the same task, round and device;
         "conflict": the device already has another update here, or another task/round/device owns the id;
@@ -333,7 +355,8 @@ class RoundLedger:
                 raise ProtocolError(f"update {update_id}: task {task!r} {why} round {round}")
             self._db.execute(
                 "INSERT INTO updates (task, round, device, update_id, samples, payload_path, sha256, "
-                "received_at, weight, scale, codec) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "received_at, weight, scale, codec, payload_offset, payload_size) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     *key,
                     update_id,
@@ -344,6 +367,7 @@ class RoundLedger:
                     samples if weight is None else weight,
                     scale,
                     codec,
+                    *(part or (None, None)),
                 ),
             )
             return "accepted"
@@ -509,15 +533,14 @@ class RoundLedger:
 
 
 _UPDATE_COLUMNS = (
-    "task, round, device, update_id, samples, payload_path, sha256, received_at, weight, scale, codec"
+    "task, round, device, update_id, samples, payload_path, sha256, received_at, weight, scale, codec, "
+    "payload_offset, payload_size"
 )
 
 
 def _update_record(row: tuple) -> UpdateRecord:
-    task, round, device, update_id, samples, path, sha256, received_at, weight, scale, codec = row
-    return UpdateRecord(
-        task, round, device, update_id, samples, Path(path), sha256, received_at, weight, scale, codec
-    )
+    task, round, device, update_id, samples, path, sha256, *rest = row
+    return UpdateRecord(task, round, device, update_id, samples, Path(path), sha256, *rest)
 
 
 def _global_record(row: tuple) -> GlobalRecord:

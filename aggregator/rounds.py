@@ -32,6 +32,7 @@ from aggregator.ledger import RoundLedger, RoundRecord
 from aggregator.limits import LimitedUpdate, limit_update, scale_delta
 from aggregator.removal import BackgroundRemover
 from aggregator.sampling import Participation, select, target
+from aggregator.segments import Segments
 from aggregator.strategies import Strategy
 from common.durable import fsync_dirs
 from protocol import ProtocolError
@@ -88,12 +89,13 @@ class TaskRound:
 
 @dataclass(frozen=True)
 class Staged:
-    """An update validated, limited, linked to its durable place and written to the ledger's open batch."""
+    """An update validated, limited, stored in its durable place (a file of its own, linked, or part of a
+    segment) and written to the ledger's open batch."""
 
     manifest: UpdateManifest
     limited: LimitedUpdate
     task_round: TaskRound
-    path: Path
+    path: Path | None  # its own file; None: it is part of a segment
 
 
 @dataclass
@@ -114,6 +116,7 @@ class Coordinator:
         self.ledger = RoundLedger(root / "ledger.sqlite")
         self.checkpoints = CheckpointStore(root / "checkpoints")
         self.remover = BackgroundRemover()  # a finalised round's payloads, off the critical path
+        self.segments = Segments(self.updates_dir)  # payloads that came whole in memory
         self.globals: dict[str, GlobalModel] = {}
         self.buffers: dict[str, BufferPool] = {task: BufferPool() for task in config.tasks}
         self._staged: list[Staged] = []  # in the ledger's open batch
@@ -131,6 +134,7 @@ class Coordinator:
 
     def close(self) -> None:
         """Finish removing files and close the ledger."""
+        self.segments.close_all()
         self.remover.close()
         self.ledger.close()
 
@@ -184,7 +188,7 @@ class Coordinator:
             if not task_round.final:
                 for update in self.ledger.updates_for(task, record.round):
                     layout = self.globals[task].manifest.tensors
-                    delta = scale_delta(read_delta(update.payload_path, update.codec, layout), update.scale)
+                    delta = scale_delta(read_delta(update.read_payload(), update.codec, layout), update.scale)
                     task_round.strategy.fold(delta, update.weight)
                     task_round.reported.add(update.device)
             self.task_rounds[task] = task_round
@@ -256,14 +260,14 @@ class Coordinator:
             return self._reject(manifest, Rejected("id_reused", "update id reused"))
         return self.receipt(manifest, "duplicate")
 
-    def accept_update(self, manifest: UpdateManifest, payload_path: Path) -> Receipt | None:
-        """Validate an update (that passed `screen`) fully, apply the task's limits and stage it: its payload is
-        linked to its durable place (the caller keeps `payload_path`) and its ledger row written in the open
-        batch. None: staged, `commit` gives its receipt. Otherwise the receipt now: rejected, duplicate, or retry
-        (the disk cannot take it)."""
+    def accept_update(self, manifest: UpdateManifest, payload: Path | bytes) -> Receipt | None:
+        """Validate an update (that passed `screen`) fully, apply the task's limits and stage it: its payload, a
+        file, is linked to its durable place (the caller keeps it), bytes are appended to the task round's
+        segment, and its ledger row is written in the open batch. None: staged, `commit` gives its receipt.
+        Otherwise the receipt now: rejected, duplicate, or retry (the disk cannot take it)."""
         try:
             task_round = self._check_update(manifest)
-            delta = read_delta(payload_path, manifest.codec, self.globals[manifest.task].manifest.tensors)
+            delta = read_delta(payload, manifest.codec, self.globals[manifest.task].manifest.tensors)
             task_round.strategy.validate(delta, manifest.samples)
             limited = limit_update(
                 delta,
@@ -282,13 +286,14 @@ class Coordinator:
         if known is not None:
             return known
         try:
-            outcome, durable = self._record(manifest, payload_path, limited)
+            outcome, durable = self._record(manifest, payload, limited)
         except (OSError, sqlite3.OperationalError) as exc:
             return self._cannot_store(manifest, exc)
         if outcome == "duplicate":  # the ledger holds this very update at `durable`: keep the file
             return self.receipt(manifest, "duplicate")
         if outcome != "accepted":
-            durable.unlink(missing_ok=True)
+            if durable is not None:
+                durable.unlink(missing_ok=True)
             return self._reject(manifest, Rejected("already_reported", "device already reported"))
         self._staged.append(Staged(manifest, limited, task_round, durable))
         return None
@@ -300,7 +305,9 @@ class Coordinator:
         nothing committed: what the page cache holds can no longer be trusted (the caller stops)."""
         staged, self._staged = self._staged, []
         try:
-            sync({update.path.parent for update in staged})
+            sync(
+                {update.path.parent for update in staged if update.path is not None} | self.segments.written()
+            )
         except BaseException:
             self._drop(staged)
             raise
@@ -328,7 +335,8 @@ class Coordinator:
     def _drop(self, staged: list[Staged]) -> None:
         self.ledger.rollback_batch()
         for update in staged:
-            update.path.unlink(missing_ok=True)
+            if update.path is not None:  # what it appended to a segment stays there, unreferenced
+                update.path.unlink(missing_ok=True)
 
     def fold_accepted(self) -> None:
         """Fold the committed updates into their task rounds, in the order the ledger holds them."""
@@ -357,10 +365,14 @@ class Coordinator:
         return self.receipt(manifest, "retry", f"the aggregator cannot store updates now: {exc}")
 
     def _record(
-        self, manifest: UpdateManifest, payload_path: Path, limited: LimitedUpdate
-    ) -> tuple[str, Path]:
-        """Link the payload to its durable place (durable once `commit` syncs its folder) and record it in the
-        ledger's open batch with the weight and scale the limits gave it; on failure remove the link."""
+        self, manifest: UpdateManifest, payload: Path | bytes, limited: LimitedUpdate
+    ) -> tuple[str, Path | None]:
+        """Store the payload in its durable place (durable once `commit` syncs it) and record it in the ledger's
+        open batch with the weight and scale the limits gave it; returns the outcome and the payload's own file
+        (None where it was appended to a segment). On failure a linked file is removed."""
+        if isinstance(payload, bytes):
+            segment, offset = self.segments.append(manifest.task, manifest.round, payload)
+            return self._record_row(manifest, segment, limited, (offset, len(payload))), None
         durable = (
             self.updates_dir
             / manifest.task
@@ -371,27 +383,36 @@ class Coordinator:
         try:
             durable.parent.mkdir(parents=True, exist_ok=True)
             linking.unlink(missing_ok=True)
-            os.link(payload_path, linking)
+            os.link(payload, linking)
             os.replace(linking, durable)  # over an earlier copy of this very update: the same bytes
-            self.ledger.begin_batch()
-            outcome = self.ledger.record_update(
-                manifest.task,
-                manifest.round,
-                manifest.device,
-                manifest.update_id,
-                manifest.samples,
-                durable,
-                manifest.transfer.sha256,
-                time.time(),
-                weight=limited.weight,
-                scale=limited.scale,
-                codec=manifest.codec,
-            )
+            return self._record_row(manifest, durable, limited), durable
         except BaseException:
             linking.unlink(missing_ok=True)
             durable.unlink(missing_ok=True)
             raise
-        return outcome, durable
+
+    def _record_row(
+        self,
+        manifest: UpdateManifest,
+        path: Path,
+        limited: LimitedUpdate,
+        part: tuple[int, int] | None = None,
+    ) -> str:
+        self.ledger.begin_batch()
+        return self.ledger.record_update(
+            manifest.task,
+            manifest.round,
+            manifest.device,
+            manifest.update_id,
+            manifest.samples,
+            path,
+            manifest.transfer.sha256,
+            time.time(),
+            weight=limited.weight,
+            scale=limited.scale,
+            codec=manifest.codec,
+            part=part,
+        )
 
     def _check_update(self, manifest: UpdateManifest) -> TaskRound:
         if manifest.task not in self.config.tasks:
@@ -485,7 +506,9 @@ class Coordinator:
         task_round.strategy.release()
         self.globals[task] = model
         self.checkpoints.prune(task, keep=self.config.keep_checkpoints)
-        self.remover.remove(update.payload_path for update in self.ledger.updates_for(task, self.round.round))
+        self.segments.close(task, self.round.round)
+        updates = self.ledger.updates_for(task, self.round.round)
+        self.remover.remove(dict.fromkeys(update.payload_path for update in updates))
         log.info(
             "task %s: global v%d from %d updates (%d samples)",
             task,
@@ -628,14 +651,17 @@ def _summary(devices: dict[str, int], shown: int = 20) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def read_delta(path: Path, codec: str, layout: list[TensorInfo]) -> dict[str, np.ndarray]:
-    """An update's tensors, decoded by its codec and checked against the task's `layout`. A dense payload is
-    read as read-only views of its file, memory-mapped: a strategy that holds updates (a window) holds file pages
-    the OS may drop, not copies. Other codecs decode into memory, one update at a time."""
-    with open(path, "rb") as file:
-        if not file.seek(0, 2):
-            raise ProtocolError("update payload is empty")
-        if codec == DenseCodec.name:
-            return decode_state(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
-        file.seek(0)
-        return make_codec(codec).decode(file.read(), layout)
+def read_delta(payload: Path | bytes, codec: str, layout: list[TensorInfo]) -> dict[str, np.ndarray]:
+    """An update's tensors (from its file or its bytes), decoded by its codec and checked against the task's
+    `layout`. A dense payload file is read as read-only views of it, memory-mapped: a strategy that holds updates
+    (a window) holds file pages the OS may drop, not copies. Other codecs decode into memory, one update at a
+    time."""
+    if isinstance(payload, Path):
+        with open(payload, "rb") as file:
+            if codec == DenseCodec.name and file.seek(0, 2):
+                payload = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            else:
+                payload = file.read()
+    if not len(payload):
+        raise ProtocolError("update payload is empty")
+    return decode_state(payload) if codec == DenseCodec.name else make_codec(codec).decode(payload, layout)

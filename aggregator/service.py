@@ -77,6 +77,7 @@ class AggregatorService:
                 max_payload_bytes=transfers.max_update_bytes,
                 max_chunk_bytes=max(transfers.chunk_size, 16 << 20),
                 durable=True,
+                memory_bytes=transfers.chunk_size,  # updates that fit one chunk: no spool file
             ),
             UpdateManifest,
         )
@@ -284,7 +285,7 @@ class AggregatorService:
         released once the group is durable."""
         self.admission.release(delivery.manifest.transfer.id)
         self._delivered.append(delivery)
-        receipt = self.coordinator.accept_update(delivery.manifest, delivery.path)
+        receipt = self.coordinator.accept_update(delivery.manifest, delivery.payload)
         if receipt is not None:
             self.send_receipt(delivery.manifest.device, receipt)
 

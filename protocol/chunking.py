@@ -14,7 +14,10 @@ written) next to its spool file; `sync()` makes everything written since the las
 files' fsyncs issued together), so a receiver may acknowledge the messages it spooled, and a new reassembler on
 the same folder resumes every transfer from its journal. Journals are written at `sync()`, and not at all for a
 transfer that completed and was handed over (`hand_over`) before it: a small update costs one fsync of its
-payload. Without `durable`, files left by an earlier process are deleted.
+payload. With `memory_bytes`, a payload that comes in one chunk of at most that size is held in memory instead
+(`held`): no spool file unless a `sync()` finds it still unclaimed, when it is written as a completed transfer
+with its journal (creating files is what a burst of small updates costs most). Without `durable`, files left by
+an earlier process are deleted.
 """
 
 from __future__ import annotations
@@ -100,7 +103,8 @@ class SpoolError(OSError):
 
 @dataclass(frozen=True)
 class Assembled:
-    """A complete payload whose sha256 was verified; give it back with `Reassembler.release` once handled."""
+    """A complete payload whose sha256 was verified; give it back with `Reassembler.release` once handled. `path`
+    is its spool file, written only once a sync finds a payload held in memory (`Reassembler.held`) unclaimed."""
 
     transfer: str
     path: Path
@@ -152,6 +156,7 @@ class Reassembler:
         max_chunk_bytes: int = 16 << 20,
         remember_completed: int = 4096,
         durable: bool = False,
+        memory_bytes: int = 0,
     ) -> None:
         self.spool_dir = Path(spool_dir)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +164,9 @@ class Reassembler:
         self.max_payload_bytes = max_payload_bytes
         self.max_chunk_bytes = max_chunk_bytes
         self.durable = durable
+        self.memory_bytes = memory_bytes
         self._pending: dict[str, _Pending] = {}
+        self._held: dict[str, tuple[_Header, bytes]] = {}  # complete one-chunk payloads in memory, unclaimed
         self._completed: dict[str, None] = {}  # insertion-ordered set, bounded
         self._remember = remember_completed
         self._open: dict[str, dict[str, int]] = {}  # transfer -> its files written since the last sync
@@ -199,6 +206,8 @@ class Reassembler:
             return None
         self._check_chunk(chunk)
         pending = self._pending.get(chunk.transfer)
+        if pending is None and self.memory_bytes and chunk.total == 1 and chunk.size <= self.memory_bytes:
+            return self._hold(chunk, owner)
         if pending is None:
             pending = self._start(chunk, now, owner)
         elif (chunk.total, chunk.chunk_size, chunk.size, chunk.sha256) != (
@@ -235,6 +244,8 @@ class Reassembler:
         written, then every file written and the folder, and the other `dirs` given, fsynced at once); close the
         files."""
         if self.durable:
+            for transfer_id in [t for t in self._held if t not in self._handed_over]:
+                self._spill(transfer_id)
             for transfer_id, pending in self._pending.items():
                 if pending.unjournaled:
                     self._journal(transfer_id, pending)
@@ -258,6 +269,11 @@ class Reassembler:
         synced with `sync()`) before it acknowledges anything: its journal is not needed."""
         self._handed_over.add(transfer_id)
 
+    def held(self, transfer_id: str) -> bytes | None:
+        """The payload of a completed transfer while it is held in memory (its spool file is not written)."""
+        held = self._held.get(transfer_id)
+        return None if held is None else held[1]
+
     def keep(self, transfer_id: str, suffix: str, data: bytes) -> Path:
         """Write a small file that belongs to a transfer (a manifest waiting for its payload) into the spool; it
         is durable after the next `sync()` and deleted with the transfer."""
@@ -269,6 +285,7 @@ class Reassembler:
         """Forget a completed transfer whose payload was handled: delete its files (a link made elsewhere stays)."""
         self._close(transfer_id)
         self._handed_over.discard(transfer_id)
+        self._held.pop(transfer_id, None)
         self._completed_unjournaled.pop(transfer_id, None)
         for path in self._files(transfer_id):
             path.unlink(missing_ok=True)
@@ -331,6 +348,29 @@ class Reassembler:
         self._pending[chunk.transfer] = pending
         return pending
 
+    def _hold(self, chunk: Chunk, owner: str) -> Assembled:
+        """A payload that came whole in one small chunk: verified and held in memory."""
+        if sha256_hex(chunk.data) != chunk.sha256:
+            raise ProtocolError(f"transfer {chunk.transfer}: sha256 mismatch, payload rejected")
+        header = _Header(owner, chunk.total, chunk.chunk_size, chunk.size, chunk.sha256)
+        self._remember_completed(chunk.transfer)
+        self._held[chunk.transfer] = (header, chunk.data)
+        if self.durable:
+            self.unsynced_bytes += chunk.size
+        return Assembled(chunk.transfer, self._done_path(chunk.transfer), chunk.size, chunk.sha256, owner)
+
+    def _spill(self, transfer_id: str) -> None:
+        """Write a held payload to the spool as a completed transfer with its journal (durable at the sync)."""
+        header, data = self._held.pop(transfer_id)
+        fd = self._file(transfer_id, ".done", truncate=True)
+        os.write(fd, data)
+        pending = _Pending(header, self._done_path(transfer_id), bytearray(b"\x01"), hashlib.sha256())
+        pending.unjournaled = [0]
+        self._journal(transfer_id, pending)
+
+    def _done_path(self, transfer_id: str) -> Path:
+        return self.spool_dir / f"{transfer_id}.done"
+
     def _hash_ready(self, pending: _Pending, fd: int, chunk: Chunk) -> None:
         """Hash the payload up to the first chunk still missing: this chunk from memory when it is next in
         order, chunks that came early from the spool file."""
@@ -352,7 +392,7 @@ class Reassembler:
             self.release(transfer_id)
             raise ProtocolError(f"transfer {transfer_id}: sha256 mismatch, payload rejected")
         self._remember_completed(transfer_id)
-        done = pending.path.with_suffix(".done")
+        done = self._done_path(transfer_id)
         os.replace(pending.path, done)
         if self.durable:
             self._completed_unjournaled[transfer_id] = pending
@@ -436,7 +476,7 @@ class Reassembler:
     def _resume(self, transfer_id: str, journal: bytes, now: float) -> None:
         (length,) = _INDEX.unpack_from(journal)
         header = msgspec.msgpack.decode(journal[_INDEX.size : _INDEX.size + length], type=_Header)
-        done = self.spool_dir / f"{transfer_id}.done"
+        done = self._done_path(transfer_id)
         if done.exists():  # complete and verified before the restart; verified again, as the disk kept it
             if sha256_file(done) != header.sha256 or done.stat().st_size != header.size:
                 raise ProtocolError(f"recovered transfer {transfer_id} does not match its journal")

@@ -20,12 +20,18 @@ M = TypeVar("M", GlobalManifest, UpdateManifest)  # what a manifest carries: `.t
 
 @dataclass(frozen=True)
 class Delivery(Generic[M]):
-    """A verified payload file and the manifest that describes it; give it back with `TransferInbox.release`
-    once handled (moved, linked or rejected)."""
+    """A verified payload and the manifest that describes it; give it back with `TransferInbox.release` once
+    handled (moved, linked, stored or rejected)."""
 
     manifest: M
-    path: Path  # the payload, in the spool
+    path: Path  # the payload's spool file, unless it is held in memory (`data`)
     owner: str = ""
+    data: bytes | None = None  # the payload, when the reassembler holds it in memory (no spool file)
+
+    @property
+    def payload(self) -> Path | bytes:
+        """The payload: its bytes where they are held in memory, else its spool file."""
+        return self.path if self.data is None else self.data
 
 
 def _accept(_: object) -> bool:
@@ -157,7 +163,9 @@ class TransferInbox(Generic[M]):
             self.reassembler.release(info.id)
             raise ProtocolError(f"transfer {info.id}: payload does not match its manifest (size or sha256)")
         self.reassembler.hand_over(info.id)
-        return Delivery(manifest, assembled.path, owner or assembled.owner)
+        return Delivery(
+            manifest, assembled.path, owner or assembled.owner, data=self.reassembler.held(info.id)
+        )
 
     def _recover_manifests(self, now: float) -> None:
         """Take up the manifests a previous process kept; pair those whose payload is complete."""

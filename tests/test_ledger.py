@@ -322,3 +322,21 @@ def test_a_batch_commits_its_writes_together_and_a_rollback_keeps_none(ledger, d
         ledger.rollback_batch()
         assert ledger.update_by_id("u3") is None and reader.update_by_id("u3") is None
     assert update(ledger, "dev3", "u3") == "accepted"  # outside a batch: committed at once
+
+
+def test_a_payload_recorded_as_part_of_a_segment_reads_back_its_bytes_and_a_cut_segment_is_refused(
+    ledger, tmp_path
+):
+    segment = tmp_path / "a.segment"
+    segment.write_bytes(b"first" + b"second")
+    ledger.open_round(1, {"cifar": 0}, 100.0, 200.0)
+    ledger.record_update("cifar", 1, "dev1", "u1", 10, segment, SHA_B, 5.0, part=(5, 6))
+    ledger.record_update("cifar", 1, "dev2", "u2", 10, tmp_path / "u2.state", SHA_B, 5.0)
+    (whole,) = [u for u in ledger.updates_for("cifar", 1) if u.update_id == "u2"]
+    assert (
+        ledger.update_by_id("u1").read_payload() == b"second"
+        and whole.read_payload() == tmp_path / "u2.state"
+    )
+    segment.write_bytes(b"first" + b"sec")  # the disk lost its tail
+    with pytest.raises(ProtocolError, match="cut short"):
+        ledger.update_by_id("u1").read_payload()

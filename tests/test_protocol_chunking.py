@@ -432,6 +432,51 @@ def test_a_transfer_whose_last_chunk_was_written_before_a_restart_is_completed_a
     assert recovered.path.read_bytes() == data
 
 
+# --- payloads held in memory (`memory_bytes`) -------------------------------------------------------------
+
+
+def holding(spool) -> Reassembler:
+    return Reassembler(spool, timeout_s=60.0, durable=True, memory_bytes=CS)
+
+
+def test_a_one_chunk_payload_is_held_in_memory_and_a_handed_over_one_never_touches_the_disk(tmp_path):
+    spool = holding(tmp_path)
+    data = payload(CS, seed=12)
+    ((_, done),) = feed(spool, chunks_of(data))
+    assert spool.held("t1") == data and done.sha256 == sha256_hex(data)
+    assert feed(spool, chunks_of(data)) == [], "a duplicate of a completed transfer is ignored"
+    spool.hand_over("t1")
+    spool.sync()
+    assert spool_files(spool) == [] and spool.unsynced_bytes == 0
+    spool.release("t1")
+    assert spool.held("t1") is None
+
+
+def test_a_held_payload_still_unclaimed_at_a_sync_is_spooled_and_recovered_after_a_restart(tmp_path):
+    spool = holding(tmp_path)
+    data = payload(CS - 1, seed=13)
+    ((_, done),) = feed(spool, chunks_of(data), now=0.0)
+    spool.sync()  # its manifest has not come: the payload must survive a crash from here on
+    assert spool.held("t1") is None and done.path.read_bytes() == data
+    assert spool_files(spool) == ["t1.done", "t1.journal"]
+    (recovered,) = holding(tmp_path).recovered
+    assert (recovered.transfer, recovered.path.read_bytes()) == ("t1", data)
+
+
+@pytest.mark.parametrize("size", [CS + 1, 2 * CS], ids=["two chunks", "larger than memory_bytes"])
+def test_a_payload_of_several_chunks_or_beyond_memory_bytes_is_spooled(tmp_path, size):
+    spool = Reassembler(tmp_path, timeout_s=60.0, durable=True, memory_bytes=CS)
+    data = payload(size, seed=14)
+    ((_, done),) = feed(spool, chunks_of(data, chunk_size=CS if size == CS + 1 else 2 * CS))
+    assert spool.held("t1") is None and done.path.read_bytes() == data
+
+
+def test_a_held_payload_with_a_wrong_sha256_is_rejected(tmp_path):
+    (chunk,) = chunks_of(payload(CS, seed=15))
+    with pytest.raises(ProtocolError, match="sha256 mismatch"):
+        holding(tmp_path).add(replace(chunk, data=payload(CS, seed=16)))
+
+
 def test_chunks_hashed_on_arrival_need_no_second_read_in_order(reasm, monkeypatch):
     """In order, every chunk is hashed from memory: the spool file is never read back."""
     import os

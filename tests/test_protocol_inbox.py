@@ -212,3 +212,25 @@ def test_a_manifest_waiting_at_a_sync_is_kept_and_paired_after_a_restart(tmp_pat
     assert recovered.manifest == manifest and recovered.path.read_bytes() == data
     fourth.release(recovered)
     assert spool(fourth) == []
+
+
+@pytest.mark.parametrize("synced_between", [False, True], ids=["paired at once", "spooled while unpaired"])
+def test_a_one_chunk_payload_held_in_memory_is_delivered_as_its_bytes_until_a_sync_spools_it(
+    tmp_path, synced_between
+):
+    reassembler = Reassembler(tmp_path / "spool", timeout_s=TIMEOUT, durable=True, memory_bytes=CS)
+    inbox = TransferInbox(reassembler, UpdateManifest)
+    manifest, (chunk,), data = transfer("u1", size=CS)
+    assert inbox.add_chunk(chunk, now=0) is None  # its manifest comes after it, as agents send them
+    if synced_between:
+        inbox.sync()
+    delivery = inbox.add_manifest(manifest, now=1)
+    if synced_between:
+        assert (
+            delivery.data is None and delivery.payload == delivery.path and delivery.path.read_bytes() == data
+        )
+    else:
+        assert delivery.payload == delivery.data == data and spool(inbox) == []
+    inbox.sync()
+    inbox.release(delivery)
+    assert spool(inbox) == []

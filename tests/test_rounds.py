@@ -64,8 +64,10 @@ def update(
     round_: int = 1,
     sender: str | None = None,
     codec: str = "dense",
+    in_memory: bool = False,
 ):
-    """As the service hands it over: screened when its manifest arrives, then its payload accepted."""
+    """As the service hands it over: screened when its manifest arrives, then its payload accepted (a spool
+    file, or `in_memory` its bytes)."""
     payload = make_codec(codec).encode(delta)
     update_id = uuid.uuid4().hex
     version = coordinator.globals["t"].manifest.version
@@ -84,7 +86,7 @@ def update(
         return answer
     path = tmp_path / f"{update_id}.done"
     path.write_bytes(payload)
-    receipt = coordinator.accept_update(manifest, path)
+    receipt = coordinator.accept_update(manifest, payload if in_memory else path)
     if receipt is None:  # staged: made durable, then folded
         ((_, receipt),) = coordinator.commit()
         coordinator.fold_accepted()
@@ -168,6 +170,27 @@ def test_a_restarted_coordinator_resumes_the_open_round(config, tmp_path):
     update(second, tmp_path, "d2", delta(-1.0), samples=30)
     new = second.tick(now=1001).globals[0]
     np.testing.assert_allclose(new.state["w"], BASE["w"] + (10 * 1.0 + 30 * -1.0) / 40, rtol=1e-6)
+
+
+def test_updates_held_in_memory_share_a_segment_that_a_restart_folds_and_finalisation_removes(
+    config, tmp_path
+):
+    first = started(config, (10, 30))
+    first.tick(now=1000)
+    for device, value, samples in (("d1", 1.0, 10), ("d2", -1.0, 30)):
+        assert update(first, tmp_path, device, delta(value), samples, in_memory=True).status == "accepted"
+    records = first.ledger.updates_for("t", 1)
+    segment = records[0].payload_path
+    assert [r.payload_path for r in records] == [segment, segment] and segment.suffix == ".segment"
+    assert [r.payload_offset for r in records] == [0, records[0].payload_size]
+    assert segment.stat().st_size == sum(r.payload_size for r in records)
+    first.ledger.close()  # the process stops before the task round is final
+    second = Coordinator(config)
+    second.start()
+    new = second.tick(now=1001).globals[0]
+    np.testing.assert_allclose(new.state["w"], BASE["w"] + (10 * 1.0 + 30 * -1.0) / 40, rtol=1e-6)
+    second.close()
+    assert not segment.exists()
 
 
 def test_initial_weights_come_from_the_configured_file_and_must_be_finite(config, tmp_path):
