@@ -9,7 +9,8 @@ no more than RECEIVE_MAXIMUM unacknowledged messages (the link's queue also hold
 bytes: not every broker honours the window): memory stays flat whatever the number of devices, and a crash
 loses nothing acknowledged. A group settles as soon as a pass over the messages taken completed an update (its
 receipt waits), when half the broker's window, SYNC_BYTES of chunks or HELD_BYTES of complete updates wait, or
-when no message came for SETTLE_WAIT_S. Accepted updates are folded after their receipts; a task whose last
+when no message came for SETTLE_WAIT_S; but not while a one-chunk payload held in memory waits for its manifest,
+which is usually right behind it (the sync would have to spool it), unless twice as much waits. Accepted updates are folded after their receipts; a task whose last
 expected update was folded is finalised at once.
 """
 
@@ -169,16 +170,23 @@ class AggregatorService:
     def _settle_due(self, idle: bool) -> bool:
         if not self._unsettled and not self.updates.recovered:
             return False
-        return idle or bool(self._delivered) or self._group_full()
+        waiting = self.updates.reassembler.unclaimed
+        return idle or self._group_full() or (bool(self._delivered) and not waiting)
 
     def _group_full(self) -> bool:
-        """Half the broker's window, SYNC_BYTES of spooled chunks or HELD_BYTES of complete updates (whose payloads
-        the group maps until it is folded) wait in the group."""
-        return (
-            len(self._unsettled) >= RECEIVE_MAXIMUM // 2
-            or self.updates.reassembler.unsynced_bytes >= SYNC_BYTES
+        """Half the broker's window, SYNC_BYTES of spooled or held chunks or HELD_BYTES of complete updates (whose
+        payloads the group maps until it is folded) wait in the group, and no one-chunk payload held in memory
+        waits for its manifest (usually right behind it; the sync would spool it), unless twice as much waits."""
+        unsettled = len(self._unsettled)
+        unsynced = self.updates.reassembler.unsynced_bytes
+        if unsettled >= RECEIVE_MAXIMUM or unsynced >= 2 * SYNC_BYTES:
+            return True
+        full = (
+            unsettled >= RECEIVE_MAXIMUM // 2
+            or unsynced >= SYNC_BYTES
             or sum(delivery.manifest.transfer.size for delivery in self._delivered) >= HELD_BYTES
         )
+        return full and not self.updates.reassembler.unclaimed
 
     def settle(self) -> None:
         """Make what the handled messages changed durable (spool, then the accepted updates: one commit), then

@@ -40,6 +40,7 @@ from protocol.schemas import Chunk, TransferInfo
 DEFAULT_CHUNK_SIZE = 1 << 20
 _INDEX = struct.Struct("<I")  # a journal record: the index of one chunk written
 _SYNC_THREADS = 8  # fsyncs issued at once: the file system commits them together
+_SUFFIXES = (".part", ".done", ".journal", ".manifest")  # a transfer's spool files
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -269,6 +270,11 @@ class Reassembler:
         synced with `sync()`) before it acknowledges anything: its journal is not needed."""
         self._handed_over.add(transfer_id)
 
+    @property
+    def unclaimed(self) -> int:
+        """Payloads held in memory that no receiver took yet: the next durable `sync()` writes them."""
+        return len(self._held) - len(self._handed_over.intersection(self._held))
+
     def held(self, transfer_id: str) -> bytes | None:
         """The payload of a completed transfer while it is held in memory (its spool file is not written)."""
         held = self._held.get(transfer_id)
@@ -285,9 +291,10 @@ class Reassembler:
         """Forget a completed transfer whose payload was handled: delete its files (a link made elsewhere stays)."""
         self._close(transfer_id)
         self._handed_over.discard(transfer_id)
-        self._held.pop(transfer_id, None)
         self._completed_unjournaled.pop(transfer_id, None)
-        for path in self._files(transfer_id):
+        # held in memory all along, a payload has no spool files; its manifest may wait in one (TransferInbox)
+        held = self._held.pop(transfer_id, None) is not None
+        for path in self._files(transfer_id, (".manifest",) if held else _SUFFIXES):
             path.unlink(missing_ok=True)
 
     def discard(self, transfer_id: str) -> None:
@@ -429,11 +436,8 @@ class Reassembler:
         if len(self._completed) > self._remember:
             self._completed.pop(next(iter(self._completed)))
 
-    def _files(self, transfer_id: str) -> list[Path]:
-        return [
-            self.spool_dir / f"{transfer_id}{suffix}"
-            for suffix in (".part", ".done", ".journal", ".manifest")
-        ]
+    def _files(self, transfer_id: str, suffixes: tuple[str, ...]) -> list[Path]:
+        return [self.spool_dir / f"{transfer_id}{suffix}" for suffix in suffixes]
 
     def _file(self, transfer_id: str, suffix: str, truncate: bool = False) -> int:
         """An open file descriptor of one of a transfer's spool files, kept (in `_open`) until the next sync;

@@ -234,3 +234,16 @@ def test_a_one_chunk_payload_held_in_memory_is_delivered_as_its_bytes_until_a_sy
     inbox.sync()
     inbox.release(delivery)
     assert spool(inbox) == []
+
+
+def test_a_manifest_kept_in_the_spool_goes_with_the_one_chunk_payload_it_waited_for(tmp_path):
+    reassembler = Reassembler(tmp_path / "spool", timeout_s=TIMEOUT, durable=True, memory_bytes=CS)
+    inbox = TransferInbox(reassembler, UpdateManifest)
+    manifest, (chunk,), data = transfer("u1", size=CS)
+    assert inbox.add_manifest(manifest, now=0) is None
+    inbox.sync()
+    assert spool(inbox) == ["u1.manifest"]
+    delivery = inbox.add_chunk(chunk, now=1)
+    assert delivery.data == data
+    inbox.release(delivery)
+    assert spool(inbox) == []
