@@ -131,3 +131,32 @@ def test_a_pass_settles_whenever_its_complete_updates_reach_the_byte_budget(tmp_
     assert groups == [2, 1]
     assert [r.status for r in receipts(service, "dev3").values()] == ["accepted"]
     assert service.coordinator.globals["t"].manifest.version == 1  # all three folded, the task final
+
+
+def test_a_group_waits_for_the_manifest_of_a_payload_held_in_memory_and_writes_no_file_for_it(tmp_path):
+    service = aggregator_with_round(tmp_path)
+    service.link.acked.clear()
+    first, second = (
+        sent_transfer("t", device, delta(i), 50, f"u{i}", chunk_size=1 << 20)
+        for i, device in enumerate(["dev1", "dev2"])
+    )
+    assert len(first) == len(second) == 2  # one chunk each (held in memory), then the manifest
+    service.process(incoming(first + second[:1]))  # u0 complete; u1's payload waits for its manifest
+    assert service.link.acked == [] and receipts(service, "dev1") == {}
+    service.process(incoming(second[1:], first_mid=100))
+    assert len(service.link.acked) == 4 and receipts(service, "dev2")["u1"].status == "accepted"
+    assert spool_files(service) == []
+    updates = Path(service.config.state_dir) / "updates"
+    assert [p.suffix for p in updates.rglob("*") if p.is_file()] == [".segment"]
+
+
+def test_a_payload_held_in_memory_is_spooled_when_its_group_settles_without_its_manifest(tmp_path):
+    service = aggregator_with_round(tmp_path)
+    chunk, manifest = sent_transfer("t", "dev1", delta(1), 50, "u1", chunk_size=1 << 20)
+    service.process(incoming([chunk]))
+    service.process([])  # nothing more came: the group settles, its chunk acknowledged
+    assert spool_files(service) == ["u1.done", "u1.journal"]
+    again = restarted(service)
+    again.receive(incoming([manifest], first_mid=10))
+    again.settle()
+    assert receipts(again, "dev1")["u1"].status == "accepted" and spool_files(again) == []

@@ -92,12 +92,13 @@ def feed(service, messages) -> None:
 
 
 def sent_transfer(
-    task: str, device: str, delta: dict, samples: int, update_id: str
+    task: str, device: str, delta: dict, samples: int, update_id: str, chunk_size: int = 64
 ) -> list[tuple[str, bytes]]:
-    """The messages a real agent publishes for an update (MqttLink.publish_transfer, recorded)."""
+    """The messages a real agent publishes for an update (MqttLink.publish_transfer, recorded): its chunks, then
+    its manifest."""
     link = RecordingLink()
     payload = encode_state(delta)
-    info = transfer_info(update_id, payload, 64)
+    info = transfer_info(update_id, payload, chunk_size)
     manifest = UpdateManifest(
         task=task,
         round=1,
