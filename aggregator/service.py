@@ -8,9 +8,9 @@ then are the group's accepted receipts sent and its messages acknowledged to the
 no more than RECEIVE_MAXIMUM unacknowledged messages (the link's queue also holds no more than its payload
 bytes: not every broker honours the window): memory stays flat whatever the number of devices, and a crash
 loses nothing acknowledged. A group settles as soon as a pass over the messages taken completed an update (its
-receipt waits), when half the broker's window, SYNC_BYTES of chunks or HELD_BYTES of complete updates wait, or
-when no message came for SETTLE_WAIT_S; but not while a one-chunk payload held in memory waits for its manifest,
-which is usually right behind it (the sync would have to spool it), unless twice as much waits. Accepted updates are folded after their receipts; a task whose last
+receipt waits) and left no one-chunk payload held in memory waiting for its manifest (usually right behind it;
+the sync would have to spool it), when SYNC_BYTES of chunks or HELD_BYTES of complete updates wait, when half the
+broker's window waits and no such payload does, or when no message came for SETTLE_WAIT_S. Accepted updates are folded after their receipts; a task whose last
 expected update was folded is finalised at once.
 """
 
@@ -52,6 +52,8 @@ SYNC_BYTES = 8 << 20
 #: payload bytes one pass takes from the link, and complete updates a group holds (mapped until folded) before it
 #: settles: with the link's queue, what bounds the aggregator's memory
 HELD_BYTES = 4 << 20
+#: one-chunk update payloads held in memory at once rather than spooled (no file to create; see Reassembler)
+HELD_IN_MEMORY_BYTES = 2 << 20
 #: how long unacknowledged messages wait for more to come before their group settles
 SETTLE_WAIT_S = 0.005
 DEVICE_SUBSCRIPTIONS = [topics.every_device(leaf) for leaf in ("status", "profile", "telemetry", "events")]
@@ -78,7 +80,7 @@ class AggregatorService:
                 max_payload_bytes=transfers.max_update_bytes,
                 max_chunk_bytes=max(transfers.chunk_size, 16 << 20),
                 durable=True,
-                memory_bytes=transfers.chunk_size,  # updates that fit one chunk: no spool file
+                memory_bytes=HELD_IN_MEMORY_BYTES,
             ),
             UpdateManifest,
         )
@@ -174,19 +176,17 @@ class AggregatorService:
         return idle or self._group_full() or (bool(self._delivered) and not waiting)
 
     def _group_full(self) -> bool:
-        """Half the broker's window, SYNC_BYTES of spooled or held chunks or HELD_BYTES of complete updates (whose
-        payloads the group maps until it is folded) wait in the group, and no one-chunk payload held in memory
-        waits for its manifest (usually right behind it; the sync would spool it), unless twice as much waits."""
+        """SYNC_BYTES of spooled or held chunks or HELD_BYTES of complete updates (whose payloads the group holds
+        until it is folded) wait in the group: what bounds memory; or half the broker's window waits, and no
+        one-chunk payload held in memory waits for its manifest (usually right behind it; the sync would spool
+        it); or the whole window waits."""
         unsettled = len(self._unsettled)
-        unsynced = self.updates.reassembler.unsynced_bytes
-        if unsettled >= RECEIVE_MAXIMUM or unsynced >= 2 * SYNC_BYTES:
-            return True
-        full = (
-            unsettled >= RECEIVE_MAXIMUM // 2
-            or unsynced >= SYNC_BYTES
+        return (
+            self.updates.reassembler.unsynced_bytes >= SYNC_BYTES
             or sum(delivery.manifest.transfer.size for delivery in self._delivered) >= HELD_BYTES
+            or unsettled >= RECEIVE_MAXIMUM
+            or (unsettled >= RECEIVE_MAXIMUM // 2 and not self.updates.reassembler.unclaimed)
         )
-        return full and not self.updates.reassembler.unclaimed
 
     def settle(self) -> None:
         """Make what the handled messages changed durable (spool, then the accepted updates: one commit), then

@@ -14,8 +14,8 @@ written) next to its spool file; `sync()` makes everything written since the las
 files' fsyncs issued together), so a receiver may acknowledge the messages it spooled, and a new reassembler on
 the same folder resumes every transfer from its journal. Journals are written at `sync()`, and not at all for a
 transfer that completed and was handed over (`hand_over`) before it: a small update costs one fsync of its
-payload. With `memory_bytes`, a payload that comes in one chunk of at most that size is held in memory instead
-(`held`): no spool file unless a `sync()` finds it still unclaimed, when it is written as a completed transfer
+payload. With `memory_bytes`, payloads that come in one chunk are held in memory instead (`held`), up to that
+many bytes at once: no spool file unless a `sync()` finds one still unclaimed, when it is written as a completed transfer
 with its journal (creating files is what a burst of small updates costs most). Without `durable`, files left by
 an earlier process are deleted.
 """
@@ -167,7 +167,8 @@ class Reassembler:
         self.durable = durable
         self.memory_bytes = memory_bytes
         self._pending: dict[str, _Pending] = {}
-        self._held: dict[str, tuple[_Header, bytes]] = {}  # complete one-chunk payloads in memory, unclaimed
+        self._held: dict[str, tuple[_Header, bytes]] = {}  # complete one-chunk payloads in memory
+        self.held_bytes = 0
         self._completed: dict[str, None] = {}  # insertion-ordered set, bounded
         self._remember = remember_completed
         self._open: dict[str, dict[str, int]] = {}  # transfer -> its files written since the last sync
@@ -207,7 +208,7 @@ class Reassembler:
             return None
         self._check_chunk(chunk)
         pending = self._pending.get(chunk.transfer)
-        if pending is None and self.memory_bytes and chunk.total == 1 and chunk.size <= self.memory_bytes:
+        if pending is None and chunk.total == 1 and self.memory_bytes and self.held_bytes + chunk.size <= self.memory_bytes:
             return self._hold(chunk, owner)
         if pending is None:
             pending = self._start(chunk, now, owner)
@@ -293,7 +294,7 @@ class Reassembler:
         self._handed_over.discard(transfer_id)
         self._completed_unjournaled.pop(transfer_id, None)
         # held in memory all along, a payload has no spool files; its manifest may wait in one (TransferInbox)
-        held = self._held.pop(transfer_id, None) is not None
+        held = self._drop_held(transfer_id) is not None
         for path in self._files(transfer_id, (".manifest",) if held else _SUFFIXES):
             path.unlink(missing_ok=True)
 
@@ -362,18 +363,25 @@ class Reassembler:
         header = _Header(owner, chunk.total, chunk.chunk_size, chunk.size, chunk.sha256)
         self._remember_completed(chunk.transfer)
         self._held[chunk.transfer] = (header, chunk.data)
+        self.held_bytes += chunk.size
         if self.durable:
             self.unsynced_bytes += chunk.size
         return Assembled(chunk.transfer, self._done_path(chunk.transfer), chunk.size, chunk.sha256, owner)
 
     def _spill(self, transfer_id: str) -> None:
         """Write a held payload to the spool as a completed transfer with its journal (durable at the sync)."""
-        header, data = self._held.pop(transfer_id)
+        header, data = self._drop_held(transfer_id)
         fd = self._file(transfer_id, ".done", truncate=True)
         os.write(fd, data)
         pending = _Pending(header, self._done_path(transfer_id), bytearray(b"\x01"), hashlib.sha256())
         pending.unjournaled = [0]
         self._journal(transfer_id, pending)
+
+    def _drop_held(self, transfer_id: str) -> tuple[_Header, bytes] | None:
+        held = self._held.pop(transfer_id, None)
+        if held is not None:
+            self.held_bytes -= held[0].size
+        return held
 
     def _done_path(self, transfer_id: str) -> Path:
         return self.spool_dir / f"{transfer_id}.done"
