@@ -131,9 +131,8 @@ class UpdateRecord:
     weight: int  # what the update weighs in the aggregation (samples unless the operator's limits changed it)
     scale: float  # the factor its delta is multiplied by (1.0 unless clipped to the task's norm bound)
     codec: str = "dense"  # what its payload is in (protocol.codecs)
-    payload_offset: int | None = (
-        None  # where the payload starts in its file (a segment); None: the whole file
-    )
+    #: where the payload starts in its file (a segment), and its size; None: the whole file
+    payload_offset: int | None = None
     payload_size: int | None = None
 
     def read_payload(self) -> Path | bytes:

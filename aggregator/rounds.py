@@ -34,7 +34,7 @@ from aggregator.removal import BackgroundRemover
 from aggregator.sampling import Participation, select, target
 from aggregator.segments import Segments
 from aggregator.strategies import Strategy
-from common.durable import fsync_dirs
+from common.durable import fsync_paths
 from protocol import ProtocolError
 from protocol.chunking import transfer_info
 from protocol.codecs import make_codec
@@ -298,9 +298,9 @@ class Coordinator:
         self._staged.append(Staged(manifest, limited, task_round, durable))
         return None
 
-    def commit(self, sync: Callable[[set[Path]], None] = fsync_dirs) -> list[tuple[str, Receipt]]:
-        """Make the staged updates durable together (`sync` their folders, with whatever else the caller makes
-        durable first, then one ledger commit) and return their devices and receipts: accepted (saying what the
+    def commit(self, sync: Callable[[set[Path]], None] = fsync_paths) -> list[tuple[str, Receipt]]:
+        """Make the staged updates durable together (`sync` their folders and segments, with whatever else the
+        caller makes durable first, then one ledger commit) and return their devices and receipts: accepted (saying what the
         limits changed), or retry when the ledger cannot take them (nothing kept). A failed fsync is raised,
         nothing committed: what the page cache holds can no longer be trusted (the caller stops)."""
         staged, self._staged = self._staged, []

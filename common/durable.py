@@ -7,17 +7,19 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a folder (its entries) or a file."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def fsync_dirs(directories: Iterable[Path]) -> None:
-    for directory in directories:
-        fsync_dir(directory)
+def fsync_paths(paths: Iterable[Path]) -> None:
+    """fsync folders (their entries) or files, one after another."""
+    for path in paths:
+        fsync_path(path)
 
 
 def write_atomically(path: Path, data: bytes | memoryview) -> None:
@@ -29,7 +31,7 @@ def write_atomically(path: Path, data: bytes | memoryview) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def move_durably(source: Path, target: Path) -> None:
@@ -37,4 +39,4 @@ def move_durably(source: Path, target: Path) -> None:
     with open(source, "rb") as f:
         os.fsync(f.fileno())
     os.replace(source, target)
-    fsync_dir(target.parent)
+    fsync_path(target.parent)

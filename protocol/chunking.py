@@ -208,7 +208,12 @@ class Reassembler:
             return None
         self._check_chunk(chunk)
         pending = self._pending.get(chunk.transfer)
-        if pending is None and chunk.total == 1 and self.memory_bytes and self.held_bytes + chunk.size <= self.memory_bytes:
+        if (
+            pending is None
+            and chunk.total == 1
+            and self.memory_bytes
+            and self.held_bytes + chunk.size <= self.memory_bytes
+        ):
             return self._hold(chunk, owner)
         if pending is None:
             pending = self._start(chunk, now, owner)
@@ -241,10 +246,10 @@ class Reassembler:
             return None
         return self._finish(chunk.transfer, pending)
 
-    def sync(self, dirs: Iterable[Path] = ()) -> None:
+    def sync(self, paths: Iterable[Path] = ()) -> None:
         """Make every chunk written since the last call durable, with its journal (durable mode: the journals
-        written, then every file written and the folder, and the other `dirs` given, fsynced at once); close the
-        files."""
+        written, then every file written and the folder, and the other `paths` given (folders, or files written
+        elsewhere), fsynced at once); close the files."""
         if self.durable:
             for transfer_id in [t for t in self._held if t not in self._handed_over]:
                 self._spill(transfer_id)
@@ -260,8 +265,7 @@ class Reassembler:
         self._open.clear()
         try:
             if self.durable:
-                folders = [*dirs, self.spool_dir] if fds else list(dirs)
-                self._fsync_all(fds, folders)
+                self._fsync_all(fds, [*paths, self.spool_dir] if fds else list(paths))
         finally:
             for fd in fds:
                 os.close(fd)
@@ -423,11 +427,12 @@ class Reassembler:
         os.write(self._file(transfer_id, ".journal", truncate=not pending.journaled), records)
         pending.journaled, pending.unjournaled = True, []
 
-    def _fsync_all(self, fds: list[int], dirs: list[Path]) -> None:
-        """fsync files (their data) and folders (their entries) at once: the file system commits them together."""
-        dir_fds = [os.open(directory, os.O_RDONLY) for directory in dict.fromkeys(dirs)]
+    def _fsync_all(self, fds: list[int], paths: list[Path]) -> None:
+        """fsync the open files (their data) and `paths` (folders: their entries; files) at once: the file system
+        commits them together."""
+        path_fds = [os.open(path, os.O_RDONLY) for path in dict.fromkeys(paths)]
         try:
-            jobs = [(os.fdatasync, fd) for fd in fds] + [(os.fsync, fd) for fd in dir_fds]
+            jobs = [(os.fdatasync, fd) for fd in fds] + [(os.fsync, fd) for fd in path_fds]
             if len(jobs) <= 2:
                 for sync, fd in jobs:
                     sync(fd)
@@ -436,7 +441,7 @@ class Reassembler:
                 for future in [self._pool.submit(sync, fd) for sync, fd in jobs]:
                     future.result()
         finally:
-            for fd in dir_fds:
+            for fd in path_fds:
                 os.close(fd)
 
     def _remember_completed(self, transfer_id: str) -> None:

@@ -98,15 +98,15 @@ class TransferInbox(Generic[M]):
             return None
         return self._pair(waiting[0], assembled, waiting[2])
 
-    def sync(self, dirs: Iterable[Path] = ()) -> None:
+    def sync(self, paths: Iterable[Path] = ()) -> None:
         """Make what was received since the last call durable (a durable reassembler's spool), and the folders
-        `dirs` with it."""
+        or files `paths` with it."""
         for transfer_id in self._unkept:
             if (waiting := self._manifests.get(transfer_id)) is not None:
                 manifest, _, owner = waiting
                 self.reassembler.keep(transfer_id, ".manifest", _kept.encode(_Kept(owner, encode(manifest))))
         self._unkept.clear()
-        self.reassembler.sync(dirs)
+        self.reassembler.sync(paths)
 
     def release(self, delivery: Delivery[M]) -> None:
         """A delivery was handled: delete its files from the spool."""
