@@ -1,7 +1,8 @@
 """Small update payloads appended to one file per task round (a segment) rather than a file each: creating,
 linking and deleting a file per update is most of what a burst of small updates costs on ext4. The ledger keeps
 each payload's segment, offset and size; what was appended is durable once the group's sync has fsynced the
-paths `written` names, and a segment goes with its round's other payloads after finalisation. Bytes appended for
+paths `written` names (a new segment's folder with it), and a segment goes with its round's other payloads after
+finalisation. Bytes appended for
 an update the ledger did not take stay in the segment unreferenced."""
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ class Segments:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._open: dict[tuple[str, int], tuple[Path, int]] = {}  # (task, round) -> (segment, fd)
-        self._written: set[Path] = set()
+        self._written: set[Path] = (
+            set()
+        )  # segments appended to since the last `written`, and new ones' folders
 
     def append(self, task: str, round_: int, data: bytes) -> tuple[Path, int]:
         """Append a payload to the task round's segment; its path and the payload's offset there."""
@@ -27,6 +30,7 @@ class Segments:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{uuid.uuid4().hex}.segment"
             segment = self._open[(task, round_)] = (path, os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            self._written.add(folder)
         path, fd = segment
         offset = os.fstat(fd).st_size
         view = memoryview(data)
@@ -36,10 +40,10 @@ class Segments:
         return path, offset
 
     def written(self) -> set[Path]:
-        """The segments appended to since the last call, and their folders: what the next sync must make
-        durable."""
+        """The segments appended to since the last call, and the folders of those created since: what the next
+        sync must make durable."""
         written, self._written = self._written, set()
-        return written | {path.parent for path in written}
+        return written
 
     def close(self, task: str, round_: int) -> None:
         """A task round is final: its segment takes no more payloads."""
