@@ -5,7 +5,9 @@ layouts, random float32 deltas) each repeat measures, back to back and in altern
 - project: a device sends an update through the agent's upload path (`agent.uploads.Uploads`: its outbox, its
   MqttLink, the payload memory-mapped and chunked) to the real aggregator process (`python -m aggregator.cli
   run`), through Mosquitto with the shipped config; timed from handing the outbox entry to the uploader to the
-  `accepted` receipt (spooled, hashed, validated, durable in the ledger);
+  `accepted` receipt (spooled, hashed, validated, durable in the ledger). The update completes its task's round,
+  so the aggregator then finalises the task and publishes a new global model; the next measurement starts once
+  that model is out (on an idle aggregator and broker, as the first one does);
 - raw: the same bytes in chunks of the same size, QoS 1, from one plain paho client to a plain subscriber
   through the same broker (both with TCP_NODELAY and the same in-flight window as the project's link), timed
   from the first publish to the subscriber holding the last byte.
@@ -45,6 +47,7 @@ from protocol import topics
 from protocol.chunking import DEFAULT_CHUNK_SIZE, describe_transfer, sha256_hex
 from protocol.schemas import (
     DeviceProfile,
+    GlobalManifest,
     HostInfo,
     ModelSpec,
     Receipt,
@@ -99,9 +102,10 @@ class Device:
     def __init__(self, settings: MqttSettings, state: Path, updates: dict[str, Update]) -> None:
         status = topics.device(DEVICE, "status")
         self.events: queue.Queue = queue.Queue(256)
+        globals_ = [topics.manifest(topics.global_model(task)) for task in updates]
         self.link = MqttLink(
             settings,
-            [topics.schedules(DEVICE), topics.device(DEVICE, "receipts")],
+            [topics.schedules(DEVICE), topics.device(DEVICE, "receipts"), *globals_],
             will=(status, encode(Status(state="offline", ts=time.time()))),
             birth=(status, encode(Status(state="online", ts=time.time()))),
             inbox=self.events,
@@ -110,6 +114,7 @@ class Device:
         self.uploads = Uploads(self.link, self.outbox, DEVICE, receipt_timeout_s=600, retry_after_s=600)
         self.state, self.updates = state, updates
         self.schedules: dict[str, Schedule] = {}  # task -> its latest schedule
+        self.versions: dict[str, int] = {}  # task -> its latest global version published
 
     def start(self) -> None:
         self.link.start()
@@ -174,10 +179,14 @@ class Device:
         self.uploads.settle(receipt)
         if receipt.status != "accepted":
             raise RuntimeError(f"{task} update {receipt.status}: {receipt.reason}")
+        while self.versions.get(task, -1) <= assignment.base_version:  # the round it completed is final
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no global model of {task} after its update")
+            self._pump(deadline)
         return elapsed
 
     def _pump(self, deadline: float) -> Receipt | None:
-        """Take one event: a schedule is kept, a receipt returned."""
+        """Take one event: a schedule or a global version is kept, a receipt returned."""
         for item in self.link.take(max(0.0, min(1.0, deadline - time.monotonic())), 1):
             if isinstance(item, Incoming) and item.payload:
                 ref = topics.parse(item.topic)
@@ -185,6 +194,9 @@ class Device:
                     self.schedules[ref.task] = decode(item.payload, Schedule)
                 elif ref.kind == "receipts":
                     return decode(item.payload, Receipt)
+                elif ref.kind == "global":
+                    manifest = decode(item.payload, GlobalManifest)
+                    self.versions[manifest.task] = max(self.versions.get(manifest.task, -1), manifest.version)
         return None
 
     def stop(self) -> None:
