@@ -197,6 +197,8 @@ class AggregatorService:
             self._deliver(delivery)
         self.updates.recovered = []
         receipts = self.coordinator.commit(sync=self.updates.sync)
+        for failure in self.updates.reassembler.take_unspooled():  # its manifest will get a retry
+            self._refuse(failure.transfer, f"the aggregator cannot spool updates now: {failure}")
         for device, receipt in receipts:
             self.send_receipt(device, receipt)
         unsettled, self._unsettled = self._unsettled, []

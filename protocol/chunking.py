@@ -15,9 +15,10 @@ files' fsyncs issued together), so a receiver may acknowledge the messages it sp
 the same folder resumes every transfer from its journal. Journals are written at `sync()`, and not at all for a
 transfer that completed and was handed over (`hand_over`) before it: a small update costs one fsync of its
 payload. With `memory_bytes`, payloads that come in one chunk are held in memory instead (`held`), up to that
-many bytes at once: no spool file unless a `sync()` finds one still unclaimed, when it is written as a completed transfer
-with its journal (creating files is what a burst of small updates costs most). Without `durable`, files left by
-an earlier process are deleted.
+many bytes at once: no spool file unless a `sync()` finds one still unclaimed, when it is written as a completed
+transfer with its journal (creating files is what a burst of small updates costs most); one that cannot be
+written (disk full) is dropped and reported by `take_unspooled`. Without `durable`, files left by an earlier
+process are deleted.
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ class Reassembler:
         self._pending: dict[str, _Pending] = {}
         self._held: dict[str, tuple[_Header, bytes]] = {}  # complete one-chunk payloads in memory
         self.held_bytes = 0
+        self._unspooled: list[SpoolError] = []  # held payloads a sync could not write, dropped
         self._completed: dict[str, None] = {}  # insertion-ordered set, bounded
         self._remember = remember_completed
         self._open: dict[str, dict[str, int]] = {}  # transfer -> its files written since the last sync
@@ -252,7 +254,11 @@ class Reassembler:
         elsewhere), fsynced at once); close the files."""
         if self.durable:
             for transfer_id in [t for t in self._held if t not in self._handed_over]:
-                self._spill(transfer_id)
+                try:
+                    self._spill(transfer_id)
+                except OSError as exc:
+                    self.release(transfer_id)
+                    self._unspooled.append(SpoolError(transfer_id, exc))
             for transfer_id, pending in self._pending.items():
                 if pending.unjournaled:
                     self._journal(transfer_id, pending)
@@ -279,6 +285,12 @@ class Reassembler:
     def unclaimed(self) -> int:
         """Payloads held in memory that no receiver took yet: the next durable `sync()` writes them."""
         return len(self._held) - len(self._handed_over.intersection(self._held))
+
+    def take_unspooled(self) -> list[SpoolError]:
+        """The held payloads that a sync could not write since the last call (dropped: their senders must send
+        them again)."""
+        unspooled, self._unspooled = self._unspooled, []
+        return unspooled
 
     def held(self, transfer_id: str) -> bytes | None:
         """The payload of a completed transfer while it is held in memory (its spool file is not written)."""

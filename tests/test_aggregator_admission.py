@@ -279,3 +279,32 @@ def test_a_retained_message_where_devices_may_not_retain_is_cleared(service, top
 def test_a_devices_retained_status_and_profile_stay(service, leaf):
     service.handle(Incoming(topics.device("dev3", leaf), b"junk", retain=True))
     assert not [p for p in service.link.published if p[0].endswith(f"dev3/{leaf}")]
+
+
+def test_disk_full_while_spooling_a_payload_held_in_memory_refuses_it_and_the_service_goes_on(
+    service, monkeypatch, caplog
+):
+    chunk, manifest = sent_transfer("t", "dev1", delta(1), 100, "held", chunk_size=1 << 20)
+    monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(no_space(fd)))
+    with caplog.at_level(logging.ERROR):
+        feed(service, [chunk])  # its group settles before the manifest came: the payload must be written
+    monkeypatch.undo()
+    assert "refused update transfer held" in caplog.text and spool_files(service) == []
+    feed(service, [manifest])
+    refused = receipts(service, "dev1")["held"]
+    assert refused.status == "retry" and "No space left on device" in refused.reason
+    feed(service, sent_transfer("t", "dev1", delta(1), 100, "after", chunk_size=1 << 20))
+    assert receipts(service, "dev1")["after"].status == "accepted"
+
+
+def test_disk_full_while_appending_to_a_segment_refuses_the_update(service, monkeypatch):
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: (_ for _ in ()).throw(no_space(fd)))
+    sent = sent_transfer("t", "dev1", delta(1), 100, "segment", chunk_size=1 << 20)
+    service.receive([Incoming(topic, payload, retain=False) for topic, payload in sent])  # one group
+    service.settle()
+    monkeypatch.undo()
+    refused = receipts(service, "dev1")["segment"]
+    assert refused.status == "retry" and "No space left on device" in refused.reason
+    assert service.coordinator.ledger.update_by_id("segment") is None
+    feed(service, sent_transfer("t", "dev1", delta(1), 100, "after", chunk_size=1 << 20))
+    assert receipts(service, "dev1")["after"].status == "accepted"
