@@ -96,7 +96,8 @@ def _norm_parts(delta: Mapping[str, np.ndarray]) -> tuple[float, float]:
     blocks of `_BLOCK` values, the blocks' sums added in float64. Where that overflows or may have underflowed,
     the exact way: the largest magnitude and the norm of the tensors divided by it, so that no square overflows."""
     floats = [array.reshape(-1) for array in delta.values() if array.dtype.kind == "f" and array.size]
-    squares = sum(_sum_of_squares(flat) for flat in floats)
+    with np.errstate(over="ignore"):  # an overflow makes the sum infinite: the exact way is taken
+        squares = sum(_sum_of_squares(flat) for flat in floats)
     if math.isfinite(squares) and squares > _TINY:
         return 1.0, math.sqrt(squares)
     peak = max((float(np.max(np.abs(array))) for array in floats), default=0.0)
@@ -114,10 +115,9 @@ _TINY = 1e-30  # a sum of squares below this may hide float32 squares that under
 
 def _sum_of_squares(flat: np.ndarray) -> float:
     total = 0.0
-    with np.errstate(over="ignore"):  # an overflow makes the sum infinite: the exact way is taken
-        for start in range(0, flat.size, _BLOCK):
-            block = flat[start : start + _BLOCK]
-            if block.dtype.itemsize < 4:  # float16: no BLAS
-                block = block.astype(np.float32)
-            total += float(np.dot(block, block))
+    for start in range(0, flat.size, _BLOCK):
+        block = flat[start : start + _BLOCK]
+        if block.dtype.itemsize < 4:  # float16: no BLAS
+            block = block.astype(np.float32)
+        total += float(np.dot(block, block))
     return total

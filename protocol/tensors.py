@@ -20,6 +20,8 @@ from protocol.schemas import TensorInfo, WireDtype
 
 #: dtypes allowed on the wire (numpy names). bfloat16 travels as float32.
 WIRE_DTYPES = frozenset(get_args(WireDtype))
+_LITTLE_ENDIAN = {name: np.dtype(name).newbyteorder("<") for name in WIRE_DTYPES}  # as payloads hold them
+_KIND_SIZE = {name: (np.dtype(name).kind, np.dtype(name).itemsize) for name in WIRE_DTYPES}  # any byte order
 
 
 class _WireTensor(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
@@ -67,7 +69,7 @@ def decode_state(payload: bytes | memoryview) -> dict[str, np.ndarray]:
             raise ProtocolError(f"tensor {name!r}: dtype {tensor.dtype!r} not allowed")
         if len(tensor.shape) > MAX_NDIM or any(not 0 <= d <= MAX_DIM for d in tensor.shape):
             raise ProtocolError(f"tensor {name!r}: invalid shape {tensor.shape}")
-        dtype = np.dtype(tensor.dtype).newbyteorder("<")
+        dtype = _LITTLE_ENDIAN[tensor.dtype]
         expected = math.prod(tensor.shape) * dtype.itemsize
         if len(tensor.data) != expected:
             raise ProtocolError(
@@ -97,7 +99,9 @@ def check_layout(state: Mapping[str, np.ndarray], expected: list[TensorInfo], wh
         raise ProtocolError(f"{what}: tensor names differ (missing {missing[:5]}, unexpected {extra[:5]})")
     for name, array in state.items():
         info = want[name]
-        if array.dtype.name != info.dtype or list(array.shape) != info.shape:
+        if (array.dtype.kind, array.dtype.itemsize) != _KIND_SIZE[info.dtype] or array.shape != tuple(
+            info.shape
+        ):
             raise ProtocolError(
                 f"{what}: tensor {name!r} is {array.dtype.name}{list(array.shape)}, expected {info.dtype}{info.shape}"
             )
