@@ -256,22 +256,28 @@ def test_a_round_pauses_calibration_and_the_next_idle_time_resumes_it(tmp_path):
         config, tmp_path, sharing(tmp_path, mps=True), ready.append, measure=fake_measure(delay_s=0.01)
     )
     planner = Planner(sharing(tmp_path, mps=True))
+    data = dataset_path(tmp_path, GPU)
+
+    def measured_beyond(count: int) -> None:
+        """Wait (a loaded CI machine may take a while to start the thread) until more than `count` records."""
+        deadline = time.monotonic() + 60
+        while not (data.exists() and len(load_records(data)) > count) and time.monotonic() < deadline:
+            threading.Event().wait(0.05)
+
     assert auto.maybe_start(TASKS, planner)
-    threading.Event().wait(0.5)
+    measured_beyond(0)
     auto.pause()
     auto._thread.join(5)
     assert not auto.running and ready == []
     first = json.loads((tmp_path / "calibration.json").read_text())
     assert not first["finished"] and first["measured_s"] > 0
-    held = len(load_records(dataset_path(tmp_path, GPU)))
+    held = len(load_records(data))
     assert auto.maybe_start(TASKS, planner)  # resumes, appending
-    threading.Event().wait(0.3)
+    measured_beyond(held)
     auto.pause()
     auto._thread.join(5)
     second = json.loads((tmp_path / "calibration.json").read_text())
-    assert (
-        second["measured_s"] > first["measured_s"] and len(load_records(dataset_path(tmp_path, GPU))) > held
-    )
+    assert second["measured_s"] > first["measured_s"] and len(load_records(data)) > held
 
 
 def test_rounds_write_their_refinement_into_the_card_of_a_predictor_calibrated_here(tmp_path):
