@@ -11,6 +11,8 @@ import os
 import uuid
 from pathlib import Path
 
+from protocol.chunking import write_all
+
 
 class Segments:
     """The open segment of each task round under `root`/<task>/r<round>/."""
@@ -33,9 +35,7 @@ class Segments:
             self._written.add(folder)
         path, fd = segment
         offset = os.fstat(fd).st_size
-        view = memoryview(data)
-        while view:
-            view = view[os.pwrite(fd, view, offset + len(data) - len(view)) :]
+        write_all(fd, data, offset)
         self._written.add(path)
         return path, offset
 

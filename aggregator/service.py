@@ -9,9 +9,10 @@ no more than RECEIVE_MAXIMUM unacknowledged messages (the link's queue also hold
 bytes: not every broker honours the window): memory stays flat whatever the number of devices, and a crash
 loses nothing acknowledged. A group settles as soon as a pass over the messages taken completed an update (its
 receipt waits) and left no one-chunk payload held in memory waiting for its manifest (usually right behind it;
-the sync would have to spool it), when SYNC_BYTES of chunks or HELD_BYTES of complete updates wait, when half the
-broker's window waits and no such payload does, or when no message came for SETTLE_WAIT_S. Accepted updates are folded after their receipts; a task whose last
-expected update was folded is finalised at once.
+the sync would have to spool it), when SYNC_BYTES of chunks or HELD_BYTES of complete updates wait, when half
+the broker's window waits and no such payload does (the whole window whatever waits), or when no message came
+for SETTLE_WAIT_S. Accepted updates are folded after their receipts; a task whose last expected update was
+folded is finalised at once.
 """
 
 from __future__ import annotations

@@ -48,6 +48,14 @@ def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (a short write, as a filling disk may give, is carried on until an error)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -387,8 +395,7 @@ class Reassembler:
     def _spill(self, transfer_id: str) -> None:
         """Write a held payload to the spool as a completed transfer with its journal (durable at the sync)."""
         header, data = self._drop_held(transfer_id)
-        fd = self._file(transfer_id, ".done", truncate=True)
-        os.write(fd, data)
+        write_all(self._file(transfer_id, ".done", truncate=True), data, 0)
         pending = _Pending(header, self._done_path(transfer_id), bytearray(b"\x01"), hashlib.sha256())
         pending.unjournaled = [0]
         self._journal(transfer_id, pending)
