@@ -240,7 +240,7 @@ class Reassembler:
             return None
         try:
             fd = self._file(chunk.transfer, ".part")
-            os.pwrite(fd, chunk.data, chunk.index * chunk.chunk_size)
+            write_all(fd, chunk.data, chunk.index * chunk.chunk_size)
             if self.durable:
                 pending.unjournaled.append(chunk.index)
                 self.unsynced_bytes += len(chunk.data)

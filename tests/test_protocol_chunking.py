@@ -488,3 +488,16 @@ def test_chunks_hashed_on_arrival_need_no_second_read_in_order(reasm, monkeypatc
     assert len(feed(reasm, chunks_of(data))) == 1 and reads == []
     feed(reasm, chunks_of(data, tid="t2")[::-1])  # reversed: read back once the gaps close
     assert len(reads) == 6
+
+
+@pytest.mark.parametrize("size", [CS, 3 * CS + 5], ids=["held, then spooled", "spooled chunk by chunk"])
+def test_payloads_reach_the_spool_whole_when_the_disk_takes_them_in_pieces(tmp_path, monkeypatch, size):
+    import os
+
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real(fd, bytes(data)[:10], offset))
+    spool = holding(tmp_path)
+    data = payload(size, seed=17)
+    ((_, done),) = feed(spool, chunks_of(data))
+    spool.sync()
+    assert done.path.read_bytes() == data
