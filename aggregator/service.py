@@ -17,7 +17,6 @@ folded is finalised at once.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -168,7 +167,7 @@ class AggregatorService:
         for item in items:
             self._handle_one(item)
             if isinstance(item, Incoming):
-                self._unsettled.append(dataclasses.replace(item, payload=b""))
+                self._unsettled.append(item.without_payload())
 
     def _settle_due(self, idle: bool) -> bool:
         if not self._unsettled and not self.updates.recovered:
@@ -216,8 +215,7 @@ class AggregatorService:
         """Handle one message or connection event; an error drops it with one log line, counted by topic kind."""
         if isinstance(item, LinkEvent):
             self.metrics.broker_connected.set(item.connected)
-        kind = _topic_kind(item.topic) if isinstance(item, Incoming) else "link"
-        with drop_on_error(log, item, self.metrics.dropped.labels(kind).inc):
+        with drop_on_error(log, item, lambda: self.metrics.dropped.labels(_kind_of(item)).inc()):
             if isinstance(item, Incoming):
                 self.on_message(item)
             elif item.connected:  # republish retained state: idempotent, and repairs a broker that lost it
@@ -246,7 +244,9 @@ class AggregatorService:
         elif ref.kind == "events":
             event = decode(message.payload, Event)
             _check_sender(event.device, ref.device)
-            log.info(
+            # A fleet sends several events per update: counted in the metrics, logged only when a task failed.
+            log.log(
+                logging.WARNING if event.kind == "failed" else logging.DEBUG,
                 "%s: %s %s round %d %s",
                 event.device,
                 event.kind,
@@ -374,10 +374,13 @@ class AggregatorService:
         )
 
 
-def _topic_kind(topic: str) -> str:
-    """A dropped message's topic kind for its metric label (a bounded set: never a device or task name)."""
+def _kind_of(item: Incoming | LinkEvent) -> str:
+    """A dropped item's kind for its metric label: its topic's kind, "link" or "unknown" (a bounded set: never a
+    device or task name)."""
+    if isinstance(item, LinkEvent):
+        return "link"
     try:
-        return topics.parse(topic).kind
+        return topics.parse(item.topic).kind
     except ProtocolError:
         return "unknown"
 

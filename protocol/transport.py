@@ -90,6 +90,10 @@ class Incoming:
     qos: int = 0
     session: int = 0
 
+    def without_payload(self) -> Incoming:
+        """What acknowledging it needs, the payload let go (cheaper than dataclasses.replace per message)."""
+        return Incoming(self.topic, b"", self.retain, self.mid, self.qos, self.session)
+
 
 class PayloadQueue(queue.Queue):
     """A queue of messages and link events, full at `maxsize` items or once its messages' payloads reach

@@ -3,6 +3,7 @@ endpoint serves them over HTTP."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
@@ -185,9 +186,10 @@ def test_the_sender_check_rejects_before_any_transfer(aggregator):
     assert aggregator.coordinator.screen(manifest, "d2", "t") is None  # its own topic: receive it
 
 
-def test_device_events_telemetry_and_bad_messages(aggregator):
+def test_device_events_telemetry_and_bad_messages(aggregator, caplog):
     registry = aggregator.metrics.registry
     join(aggregator, "d1")
+    caplog.set_level(logging.INFO, logger="aggregator.service")
     finished = Event(
         device="d1",
         ts=1.0,
@@ -199,6 +201,9 @@ def test_device_events_telemetry_and_bad_messages(aggregator):
     deliver(aggregator, topics.device("d1", "events"), finished)
     invented = Event(device="d1", ts=1.0, kind="failed", round=1, task="made-up-task")
     deliver(aggregator, topics.device("d1", "events"), invented)
+    # a fleet's events are counted, not logged one by one; a failure is a warning
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records if "round 1" in r.getMessage()]
+    assert logged == [(logging.WARNING, "d1: failed made-up-task round 1 ")]
     assert value(registry, "fedmt_aggregator_train_loss", device="d1", task="t") == 0.25
     assert value(registry, "fedmt_aggregator_train_accuracy", device="d1", task="t") == 0.9
     assert value(registry, "fedmt_aggregator_images_per_second", device="d1", task="t") == 120.0
