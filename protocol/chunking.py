@@ -269,10 +269,10 @@ class Reassembler:
                     self._unspooled.append(SpoolError(transfer_id, exc))
             for transfer_id, pending in self._pending.items():
                 if pending.unjournaled:
-                    self._journal(transfer_id, pending)
+                    self._journal_chunks(transfer_id, pending)
             for transfer_id, pending in self._completed_unjournaled.items():
                 if transfer_id not in self._handed_over:
-                    self._journal(transfer_id, pending)
+                    self._journal_chunks(transfer_id, pending)
         self._completed_unjournaled.clear()
         self.unsynced_bytes = 0
         fds = [fd for opened in self._open.values() for fd in opened.values()]
@@ -396,9 +396,7 @@ class Reassembler:
         """Write a held payload to the spool as a completed transfer with its journal (durable at the sync)."""
         header, data = self._drop_held(transfer_id)
         write_all(self._file(transfer_id, ".done", truncate=True), data, 0)
-        pending = _Pending(header, self._done_path(transfer_id), bytearray(b"\x01"), hashlib.sha256())
-        pending.unjournaled = [0]
-        self._journal(transfer_id, pending)
+        self._journal(transfer_id, header, [0], first=True)
 
     def _drop_held(self, transfer_id: str) -> tuple[_Header, bytes] | None:
         held = self._held.pop(transfer_id, None)
@@ -437,14 +435,19 @@ class Reassembler:
         self._written(transfer_id)
         return Assembled(transfer_id, done, pending.header.size, pending.header.sha256, pending.header.owner)
 
-    def _journal(self, transfer_id: str, pending: _Pending) -> None:
-        """Append the chunks written since the last sync to a transfer's journal (its header first)."""
-        records = b"".join(_INDEX.pack(index) for index in pending.unjournaled)
-        if not pending.journaled:
-            encoded = _encoder.encode(pending.header)
-            records = _INDEX.pack(len(encoded)) + encoded + records
-        os.write(self._file(transfer_id, ".journal", truncate=not pending.journaled), records)
+    def _journal_chunks(self, transfer_id: str, pending: _Pending) -> None:
+        """Append the chunks a pending transfer wrote since the last sync to its journal."""
+        self._journal(transfer_id, pending.header, pending.unjournaled, first=not pending.journaled)
         pending.journaled, pending.unjournaled = True, []
+
+    def _journal(self, transfer_id: str, header: _Header, chunks: list[int], *, first: bool) -> None:
+        """Append the indices of chunks written to a transfer's journal; the `first` record starts a new journal
+        with the transfer's header."""
+        records = b"".join(_INDEX.pack(index) for index in chunks)
+        if first:
+            encoded = _encoder.encode(header)
+            records = _INDEX.pack(len(encoded)) + encoded + records
+        os.write(self._file(transfer_id, ".journal", truncate=first), records)
 
     def _fsync_all(self, fds: list[int], paths: list[Path]) -> None:
         """fsync the open files (their data) and `paths` (folders: their entries; files) at once: the file system
