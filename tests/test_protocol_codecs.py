@@ -71,6 +71,24 @@ def test_topk_keeps_the_largest_magnitudes_of_each_matrix_and_sends_vectors_whol
     assert np.array_equal(out["b"], d["b"].astype(np.float16))  # vectors travel whole, as float16
 
 
+def test_topk_never_sends_zeros():
+    """A kernel whose outer taps saw no image is mostly zeros: only its nonzero elements travel, however few."""
+    mostly_zero = np.zeros((64, 9), np.float32)
+    mostly_zero[:, 4] = np.arange(1, 65)  # 64 nonzero of 576: fewer than half of them kept at 0.5
+    few = np.zeros((100, 10), np.float32)
+    few[3, 7], few[50, 0] = -2.0, 0.5  # 2 nonzero, fewer than the 10 that 1% would keep
+    d = {"mostly_zero": mostly_zero, "few": few, "none": np.zeros((8, 8), np.float32)}
+    codec = make_codec("topk", 0.05)
+    payload = codec.encode(d)
+    parts = dict(codec.parts(payload, describe(d)))
+    assert parts["none"].values.size == 0
+    assert list(parts["few"].indices) == [37, 500]
+    assert parts["mostly_zero"].values.size == 29  # ceil(0.05 * 576), all nonzero
+    out = codec.decode(payload, describe(d))
+    assert np.array_equal(out["few"], few) and not out["none"].any()
+    assert set(np.flatnonzero(out["mostly_zero"])) == set(np.argsort(mostly_zero.ravel())[-29:])
+
+
 def test_topk_at_one_percent_is_over_fifty_times_smaller_than_dense():
     d = {"w": np.random.default_rng(3).normal(size=(512, 512)).astype(np.float32)}
     assert len(encode_state(d)) / len(make_codec("topk", 0.01).encode(d)) > 60
