@@ -92,10 +92,11 @@ class Codec(ABC):
 
 
 class PartialCodec(Codec):
-    """A lossy codec that keeps a `fraction` of each floating matrix or kernel (at least one element) and sends
-    it in the per-tensor entries of protocol.codecs.wire. Vectors and scalars (biases, normalisation weights,
-    BatchNorm's running statistics) travel whole, as float16: a running variance cut short can turn negative and
-    wreck a whole model's evaluation, and vectors are up to 5% of a model with many BatchNorm layers."""
+    """A lossy codec that keeps a `fraction` of each floating matrix or kernel (at least one element; top-k sends
+    no zeros, so a tensor with fewer nonzero elements sends fewer) and sends it in the per-tensor entries of
+    protocol.codecs.wire. Vectors and scalars (biases, normalisation weights, BatchNorm's running statistics)
+    travel whole, as float16: a running variance cut short can turn negative and wreck a whole model's
+    evaluation, and vectors are up to 5% of a model with many BatchNorm layers."""
 
     lossy = True
     default_fraction: ClassVar[float]
