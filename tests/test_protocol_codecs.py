@@ -59,6 +59,12 @@ def test_fp16_saturates_instead_of_overflowing_to_infinity():
     assert np.isfinite(out["w"]).all() and out["w"][0] == 65504
 
 
+def test_topk_saturates_the_values_it_sends():
+    d = {"w": np.array([[1e6, -1e6], [0.5, 0.0]], dtype=np.float32)}
+    out = make_codec("topk", 1.0).decode(make_codec("topk", 1.0).encode(d), describe(d))
+    assert out["w"].tolist() == [[65504.0, -65504.0], [0.5, 0.0]]
+
+
 def test_topk_keeps_the_largest_magnitudes_of_each_matrix_and_sends_vectors_whole():
     rng = np.random.default_rng(2)
     d = {"w": rng.normal(size=(100, 50)).astype(np.float32), "b": rng.normal(size=7).astype(np.float32)}

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from protocol.codecs.base import Part, PartialCodec, to_half
+from protocol.codecs.base import Part, PartialCodec
 from protocol.codecs.wire import Entry, encode_entries, half_entry, read_entries, sparse_entry, sparse_part
 from protocol.schemas import TensorInfo
 
@@ -31,7 +31,7 @@ class TopKCodec(PartialCodec):
         nonzero = np.flatnonzero(magnitude)
         k = min(self.kept(magnitude.size), nonzero.size)
         top = np.argpartition(magnitude[nonzero], nonzero.size - k)[nonzero.size - k :] if k else []
-        return sparse_entry(to_half(array), np.sort(nonzero[top]), np.float16)
+        return sparse_entry(array, np.sort(nonzero[top]), np.float16)
 
     def parts(self, payload: bytes | memoryview, layout: list[TensorInfo]) -> Iterator[tuple[str, Part]]:
         for info, entry in read_entries(payload, layout):

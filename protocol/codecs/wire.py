@@ -91,13 +91,14 @@ def dense_values(info: TensorInfo, entry: Entry) -> np.ndarray:
 
 
 def sparse_entry(array: np.ndarray, index: np.ndarray, value_dtype: np.dtype | str) -> Entry:
-    """A floating tensor's values at sorted flat `index` (in `value_dtype`), or the dense entry of a tensor that
-    is not floating."""
+    """A floating tensor's values at sorted flat `index` (in `value_dtype`; float16 saturates, see `to_half`), or
+    the dense entry of a tensor that is not floating."""
     if array.dtype.name not in FLOAT_DTYPES:
         return dense_entry(array)
     flat = array.reshape(-1)
     index_dtype = np.uint32 if flat.size <= np.iinfo(np.uint32).max else np.uint64
-    values = flat[index].astype(value_dtype)
+    values = flat[index]
+    values = to_half(values) if np.dtype(value_dtype) == np.float16 else values.astype(value_dtype)
     return Entry(
         list(array.shape),
         values.dtype.name,
