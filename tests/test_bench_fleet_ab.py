@@ -18,7 +18,9 @@ def fleet_row(cpu_ms: float, updates_per_s: float, rss: float) -> dict:
 
 
 def test_summaries_hold_each_run_and_their_median_and_spread():
-    summary = summarise(1, "abc123", [fleet_row(2.0, 400, 50), fleet_row(3.0, 300, 52), fleet_row(2.5, 500, 51)])
+    summary = summarise(
+        1, "abc123", [fleet_row(2.0, 400, 50), fleet_row(3.0, 300, 52), fleet_row(2.5, 500, 51)]
+    )
     assert summary["aggregator_cpu_ms_per_update"] == [2.0, 3.0, 2.5]
     assert summary["median_aggregator_cpu_ms_per_update"] == 2.5
     assert summary["spread_aggregator_cpu_ms_per_update"] == pytest.approx((3.0 - 2.0) / 2.5)

@@ -47,10 +47,12 @@ def test_topk_updates_and_delta_downloads_over_two_rounds(tmp_path, broker, obse
                 )
     finished = [e for e in observer.events if e.kind == "finished"]
     whole = sum(a.nbytes for a in observer.globals[("shuffle", 0)].values())
-    assert all(e.metrics["update_bytes"] < 0.2 * whole for e in finished)
+    # ShuffleNetV2 x0.5 keeps 45% of its weights in kernels below CUT_ELEMENTS (whole, as float16: 0.23 of the
+    # float32 model) and cuts the rest to 5%: about half of an fp16 update
+    assert all(e.metrics["update_bytes"] < 0.3 * whole for e in finished)
 
-    for agent in agents:  # v0 whole; v1 as a delta of v0: well under half of a second whole model
+    for agent in agents:  # v0 whole; v1 as an fp16 delta of v0: about half a second whole model, not a whole
         downloaded = agent.metrics.download_bytes.labels("shuffle")._value.get()
-        assert whole < downloaded < 1.5 * whole, downloaded
+        assert whole < downloaded < 1.6 * whole, downloaded
         rebuilt = decode_state(agent.cache.payload_path("shuffle", 1).read_bytes())
         assert_states_equal(rebuilt, observer.globals[("shuffle", 1)])  # bit for bit: its sha256 was checked

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from protocol.codecs import CODECS, Sparse, make_codec
+from protocol.codecs.base import CUT_ELEMENTS, Dense
 from protocol.codecs.dct import dct, idct
 from protocol.errors import ProtocolError
 from protocol.tensors import describe, encode_state
@@ -67,32 +68,32 @@ def test_topk_saturates_the_values_it_sends():
 
 def test_topk_keeps_the_largest_magnitudes_of_each_matrix_and_sends_vectors_whole():
     rng = np.random.default_rng(2)
-    d = {"w": rng.normal(size=(100, 50)).astype(np.float32), "b": rng.normal(size=7).astype(np.float32)}
+    d = {"w": rng.normal(size=(200, 100)).astype(np.float32), "b": rng.normal(size=7).astype(np.float32)}
     codec = make_codec("topk", 0.1)
     out = codec.decode(codec.encode(d), describe(d))
     kept = np.flatnonzero(out["w"])
-    assert len(kept) == 500
-    assert set(kept) == set(np.argsort(np.abs(d["w"]).ravel())[-500:])
+    assert len(kept) == 2000
+    assert set(kept) == set(np.argsort(np.abs(d["w"]).ravel())[-2000:])
     assert np.allclose(out["w"].ravel()[kept], d["w"].ravel()[kept], rtol=1e-3)
     assert np.array_equal(out["b"], d["b"].astype(np.float16))  # vectors travel whole, as float16
 
 
 def test_topk_never_sends_zeros():
     """A kernel whose outer taps saw no image is mostly zeros: only its nonzero elements travel, however few."""
-    mostly_zero = np.zeros((64, 9), np.float32)
-    mostly_zero[:, 4] = np.arange(1, 65)  # 64 nonzero of 576: fewer than half of them kept at 0.5
-    few = np.zeros((100, 10), np.float32)
-    few[3, 7], few[50, 0] = -2.0, 0.5  # 2 nonzero, fewer than the 10 that 1% would keep
-    d = {"mostly_zero": mostly_zero, "few": few, "none": np.zeros((8, 8), np.float32)}
+    mostly_zero = np.zeros((2048, 9), np.float32)
+    mostly_zero[:, 4] = np.arange(1, 2049)  # 2048 nonzero of 18432: 922 kept at 5%
+    few = np.zeros((1000, 20), np.float32)
+    few[3, 7], few[500, 0] = -2.0, 0.5  # 2 nonzero, fewer than the 1000 that 5% would keep
+    d = {"mostly_zero": mostly_zero, "few": few, "none": np.zeros((128, 128), np.float32)}
     codec = make_codec("topk", 0.05)
     payload = codec.encode(d)
     parts = dict(codec.parts(payload, describe(d)))
     assert parts["none"].values.size == 0
-    assert list(parts["few"].indices) == [37, 500]
-    assert parts["mostly_zero"].values.size == 29  # ceil(0.05 * 576), all nonzero
+    assert list(parts["few"].indices) == [67, 10000]
+    assert parts["mostly_zero"].values.size == 922  # ceil(0.05 * 18432), all nonzero
     out = codec.decode(payload, describe(d))
     assert np.array_equal(out["few"], few) and not out["none"].any()
-    assert set(np.flatnonzero(out["mostly_zero"])) == set(np.argsort(mostly_zero.ravel())[-29:])
+    assert set(np.flatnonzero(out["mostly_zero"])) == set(np.argsort(mostly_zero.ravel())[-922:])
 
 
 def test_topk_at_one_percent_is_over_fifty_times_smaller_than_dense():
@@ -101,11 +102,11 @@ def test_topk_at_one_percent_is_over_fifty_times_smaller_than_dense():
 
 
 def test_sparse_parts_fold_into_a_running_sum_without_densifying():
-    d = {"w": np.random.default_rng(4).normal(size=(40, 40)).astype(np.float32)}
+    d = {"w": np.random.default_rng(4).normal(size=(160, 160)).astype(np.float32)}
     codec = make_codec("topk", 0.05)
     parts = dict(codec.parts(codec.encode(d), describe(d)))
-    assert isinstance(parts["w"], Sparse) and parts["w"].values.size == 80
-    total = np.zeros((40, 40))
+    assert isinstance(parts["w"], Sparse) and parts["w"].values.size == 1280
+    total = np.zeros((160, 160))
     parts["w"].add_into(total, 2.0)
     parts["w"].add_into(total, 0.5)
     assert np.allclose(total, 2.5 * codec.decode(codec.encode(d), describe(d))["w"])
@@ -121,7 +122,7 @@ def test_dct_matches_the_orthonormal_dct_and_inverts():
 
 
 def test_dct_keeps_the_lowest_frequencies_of_a_matrix_and_is_exact_when_keeping_all():
-    x = np.cos(np.linspace(0, 3, 1000)).astype(np.float32).reshape(40, 25)  # smooth: low frequencies
+    x = np.cos(np.linspace(0, 3, 20000)).astype(np.float32).reshape(200, 100)  # smooth: low frequencies
     d = {"w": x}
     low = make_codec("dct", 0.1)
     payload = low.encode(d)
@@ -187,6 +188,23 @@ def test_sparse_is_exact_and_small_where_a_delta_is_mostly_zeros():
     assert len(encode_state(d)) / len(payload) > 15
     out = codec.decode(payload, describe(d))
     assert all(np.array_equal(out[k], d[k]) for k in d)
+
+
+@pytest.mark.parametrize("name", ["topk", "dct"])
+def test_partial_codecs_cut_large_kernels_and_send_small_ones_whole(name):
+    """A depthwise kernel (48 x 1 x 3 x 3) is below CUT_ELEMENTS: whole, as float16; a 128 x 128 matrix is cut."""
+    rng = np.random.default_rng(6)
+    d = {
+        "depthwise": rng.normal(size=(48, 1, 3, 3)).astype(np.float32),
+        "pointwise": rng.normal(size=(128, 128)).astype(np.float32),
+    }
+    assert d["depthwise"].size < CUT_ELEMENTS <= d["pointwise"].size
+    codec = make_codec(name, 0.1)
+    parts = dict(codec.parts(codec.encode(d), describe(d)))
+    assert isinstance(parts["depthwise"], Dense)
+    assert np.array_equal(parts["depthwise"].array, d["depthwise"].astype(np.float16))
+    out = codec.decode(codec.encode(d), describe(d))
+    assert not np.allclose(out["pointwise"], d["pointwise"], atol=1e-2)  # 10% of it: not the whole
 
 
 @pytest.mark.parametrize("name", ["topk", "dct"])

@@ -274,6 +274,7 @@ def test_a_lossy_codec_writes_its_update_and_keeps_the_residual_across_rounds(po
 
     from agent.compression import RESIDUAL
     from protocol.codecs import make_codec
+    from protocol.codecs.base import CUT_ELEMENTS
     from protocol.schemas import CodecSpec
     from protocol.tensors import decode_state, describe
 
@@ -293,12 +294,12 @@ def test_a_lossy_codec_writes_its_update_and_keeps_the_residual_across_rounds(po
         layout = describe(decode_state(base[0].read_bytes()))
         sent = make_codec("topk").decode(payload, layout)
         kept = decode_state(residual.read_bytes())
-        name = next(n for n in sent if sent[n].dtype == np.float32 and sent[n].size > 1000)
+        name = next(n for n in sent if sent[n].dtype == np.float32 and sent[n].size >= CUT_ELEMENTS)
         assert np.count_nonzero(sent[name]) == int(np.ceil(0.05 * sent[name].size))
         at_sent = sent[name] != 0  # what was sent is not kept, but for its float16 rounding
         assert np.all(np.abs(kept[RESIDUAL + name][at_sent]) <= 1e-3 * np.abs(sent[name][at_sent]))
         assert np.count_nonzero(kept[RESIDUAL + name][~at_sent]) > 0.9 * (~at_sent).sum()
-    assert sizes[0] < 0.2 * base[0].stat().st_size
+    assert sizes[0] < 0.3 * base[0].stat().st_size  # 45% of ShuffleNetV2 x0.5 in small kernels, sent whole
 
 
 def test_a_lease_out_when_the_pool_closes_ends_with_it_and_nothing_starts_after(tmp_path):

@@ -16,6 +16,9 @@ from protocol.schemas import TensorInfo
 
 #: wire names of the dtypes a codec may leave untouched (integers, flags) or must carry as floats
 FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
+#: matrices and kernels smaller than this travel whole (as float16) under partial codecs: depthwise and small
+#: pointwise kernels are a sliver of a large model's bytes but much of a small model's learning
+CUT_ELEMENTS = 16384
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -92,11 +95,12 @@ class Codec(ABC):
 
 
 class PartialCodec(Codec):
-    """A lossy codec that keeps a `fraction` of each floating matrix or kernel (at least one element; top-k sends
-    no zeros, so a tensor with fewer nonzero elements sends fewer) and sends it in the per-tensor entries of
-    protocol.codecs.wire. Vectors and scalars (biases, normalisation weights, BatchNorm's running statistics)
-    travel whole, as float16: a running variance cut short can turn negative and wreck a whole model's
-    evaluation, and vectors are up to 5% of a model with many BatchNorm layers."""
+    """A lossy codec that keeps a `fraction` of each floating matrix or kernel of at least CUT_ELEMENTS elements
+    (at least one element; top-k sends no zeros, so a tensor with fewer nonzero elements sends fewer) and sends it
+    in the per-tensor entries of protocol.codecs.wire. Smaller kernels, vectors and scalars (biases,
+    normalisation weights, BatchNorm's running statistics) travel whole, as float16: a running variance cut short
+    can turn negative and wreck a whole model's evaluation, and vectors are up to 5% of a model with many
+    BatchNorm layers."""
 
     lossy = True
     default_fraction: ClassVar[float]
@@ -112,8 +116,9 @@ class PartialCodec(Codec):
 
     @staticmethod
     def cut(array: np.ndarray) -> bool:
-        """Whether the codec keeps only part of `array` (else it travels whole)."""
-        return array.dtype.name in FLOAT_DTYPES and array.ndim >= 2 and array.size > 0
+        """Whether the codec keeps only part of `array` (else it travels whole): a floating matrix or kernel of at
+        least CUT_ELEMENTS elements."""
+        return array.dtype.name in FLOAT_DTYPES and array.ndim >= 2 and array.size >= CUT_ELEMENTS
 
 
 def check_names(found: list[str], layout: list[TensorInfo], what: str) -> None:

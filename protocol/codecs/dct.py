@@ -1,7 +1,7 @@
-"""`dct`: FedFT-style frequency-space updates. Each floating matrix or kernel, flattened, goes through an
-orthonormal DCT-II and only its lowest `fraction` of coefficients travels (float32); the receiver zero-fills the
-rest and inverts. Vectors, scalars, integer and boolean tensors travel whole. The transform is linear, so averaging decoded updates equals
-decoding averaged coefficients."""
+"""`dct`: FedFT-style frequency-space updates. Each floating matrix or kernel of at least CUT_ELEMENTS elements,
+flattened, goes through an orthonormal DCT-II and only its lowest `fraction` of coefficients travels (float32); the
+receiver zero-fills the rest and inverts. Smaller kernels, vectors, scalars, integer and boolean tensors travel
+whole. The transform is linear, so averaging decoded updates equals decoding averaged coefficients."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""`topk`: of each floating matrix or kernel, the `fraction` of elements largest in magnitude, as sorted flat
-indices and float16 values; zeros are never sent (a tensor with fewer nonzero elements sends them all, an all-zero
-one none); vectors, scalars, integer and boolean tensors whole. What it leaves out is meant to be kept by the
-sender and added to the next update (error feedback, agent.compression)."""
+"""`topk`: of each floating matrix or kernel of at least CUT_ELEMENTS elements, the `fraction` of elements largest
+in magnitude, as sorted flat indices and float16 values; zeros are never sent (a tensor with fewer nonzero elements
+sends them all, an all-zero one none); smaller kernels, vectors, scalars, integer and boolean tensors whole. What
+it leaves out is meant to be kept by the sender and added to the next update (error feedback, agent.compression)."""
 
 from __future__ import annotations
 
