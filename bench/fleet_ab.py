@@ -68,6 +68,7 @@ def fleet_run(tree: Path, devices: int, rounds: int, update_kb: int, out: Path) 
 
 
 def summarise(update_kb: int, revision: str, rows: list[dict]) -> dict:
+    """One tree at one update size: each run's figures, their median and spread."""
     summary: dict = {
         "update_kb": update_kb,
         "tree": revision,
