@@ -300,9 +300,9 @@ class Coordinator:
 
     def commit(self, sync: Callable[[set[Path]], None] = fsync_paths) -> list[tuple[str, Receipt]]:
         """Make the staged updates durable together (`sync` their folders and segments, with whatever else the
-        caller makes durable first, then one ledger commit) and return their devices and receipts: accepted (saying what the
-        limits changed), or retry when the ledger cannot take them (nothing kept). A failed fsync is raised,
-        nothing committed: what the page cache holds can no longer be trusted (the caller stops)."""
+        caller makes durable first, then one ledger commit) and return their devices and receipts: accepted
+        (saying what the limits changed), or retry when the ledger cannot take them (nothing kept). A failed fsync
+        is raised, nothing committed: what the page cache holds can no longer be trusted (the caller stops)."""
         staged, self._staged = self._staged, []
         try:
             sync(

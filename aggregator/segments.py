@@ -2,8 +2,7 @@
 linking and deleting a file per update is most of what a burst of small updates costs on ext4. The ledger keeps
 each payload's segment, offset and size; what was appended is durable once the group's sync has fsynced the
 paths `written` names (a new segment's folder with it), and a segment goes with its round's other payloads after
-finalisation. Bytes appended for
-an update the ledger did not take stay in the segment unreferenced."""
+finalisation. Bytes appended for an update the ledger did not take stay in the segment unreferenced."""
 
 from __future__ import annotations
 
@@ -20,9 +19,8 @@ class Segments:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._open: dict[tuple[str, int], tuple[Path, int]] = {}  # (task, round) -> (segment, fd)
-        self._written: set[Path] = (
-            set()
-        )  # segments appended to since the last `written`, and new ones' folders
+        # segments appended to since the last `written`, and the folders of new ones
+        self._written: set[Path] = set()
 
     def append(self, task: str, round_: int, data: bytes) -> tuple[Path, int]:
         """Append a payload to the task round's segment; its path and the payload's offset there."""

@@ -172,8 +172,9 @@ class AggregatorService:
     def _settle_due(self, idle: bool) -> bool:
         if not self._unsettled and not self.updates.recovered:
             return False
-        waiting = self.updates.reassembler.unclaimed
-        return idle or self._group_full() or (bool(self._delivered) and not waiting)
+        return (
+            idle or self._group_full() or (bool(self._delivered) and not self.updates.reassembler.unclaimed)
+        )
 
     def _group_full(self) -> bool:
         """SYNC_BYTES of spooled or held chunks or HELD_BYTES of complete updates (whose payloads the group holds

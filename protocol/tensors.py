@@ -99,9 +99,8 @@ def check_layout(state: Mapping[str, np.ndarray], expected: list[TensorInfo], wh
         raise ProtocolError(f"{what}: tensor names differ (missing {missing[:5]}, unexpected {extra[:5]})")
     for name, array in state.items():
         info = want[name]
-        if (array.dtype.kind, array.dtype.itemsize) != _KIND_SIZE[info.dtype] or array.shape != tuple(
-            info.shape
-        ):
+        kind_size = (array.dtype.kind, array.dtype.itemsize)
+        if kind_size != _KIND_SIZE[info.dtype] or array.shape != tuple(info.shape):
             raise ProtocolError(
                 f"{what}: tensor {name!r} is {array.dtype.name}{list(array.shape)}, expected {info.dtype}{info.shape}"
             )
