@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument(
         "--task",
         action="append",
-        metavar="MODEL:SIZE:BATCH",
-        help="a configured task (repeat); without any: the generic model list at --resolution",
+        metavar="MODEL:SIZE:BATCH[:LOW-HIGH]",
+        help="a configured task and the batch sizes its plans may choose (repeat); without any: the generic "
+        "model list at --resolution",
     )
     cal.add_argument("--resolution", type=int, default=128, help="input size of the generic model list")
     cal.add_argument("--budget-s", type=float, default=900.0, help="the whole run, fitting included")
@@ -181,19 +183,26 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _assignment(text: str):
-    """A TaskAssignment standing for a configured task given as MODEL:SIZE:BATCH."""
+    """A TaskAssignment standing for a configured task given as MODEL:SIZE:BATCH[:LOW-HIGH]."""
     from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
 
-    parts = text.split(":")
-    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
-        raise SystemExit(f"--task expects MODEL:SIZE:BATCH, e.g. resnet50:128:64; got {text!r}")
+    match = re.fullmatch(r"([\w.]+):(\d+):(\d+)(?::(\d+)-(\d+))?", text)
+    if match is None:
+        raise SystemExit(
+            f"--task expects MODEL:SIZE:BATCH[:LOW-HIGH], e.g. resnet50:128:64:16-128; got {text!r}"
+        )
+    model, size, batch, low, high = match.groups()
+    bounds = {"min_batch_size": int(low), "max_batch_size": int(high)} if low else {}
+    if low and not int(low) <= int(batch) <= int(high):
+        raise SystemExit(f"--task {text!r}: the batch size must lie within LOW-HIGH")
     return TaskAssignment(
         task="calibration",
-        model=ModelSpec(name=parts[0], num_classes=10, input_size=int(parts[1])),
+        model=ModelSpec(name=model, num_classes=10, input_size=int(size)),
         optimizer=OptimizerSpec(),
         base_version=0,
         base_sha256="0" * 64,
-        batch_size=int(parts[2]),
+        batch_size=int(batch),
+        **bounds,
     )
 
 

@@ -103,6 +103,22 @@ def test_the_target_is_the_configured_tasks_around_their_batch_sizes():
     assert target.protected == (("mobilenet_v3_small", "resnet18", "shufflenet_v2_x0_5"),)
 
 
+def test_the_calibrate_command_takes_each_task_with_the_batch_bounds_its_plans_keep_to():
+    from agent.cli import _assignment
+
+    bounded = _assignment("shufflenet_v2_x0_5:128:16:16-128")
+    assert (bounded.model.name, bounded.model.input_size, bounded.batch_size) == (
+        "shufflenet_v2_x0_5",
+        128,
+        16,
+    )
+    assert calibration_batches(bounded) == (16, 32, 64)
+    assert calibration_batches(_assignment("resnet18:128:16")) == (4, 8, 16, 32, 64)
+    for bad in ("resnet18:128", "resnet18:128:16:64-128", "resnet18:128:16:16"):
+        with pytest.raises(SystemExit, match="--task"):
+            _assignment(bad)
+
+
 @pytest.mark.slow
 def test_calibration_measures_baselines_then_co_locations_within_its_budget_and_exports_a_predictor(tmp_path):
     gpu = FakeGpu()
