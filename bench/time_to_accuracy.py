@@ -13,16 +13,21 @@ whole training split; a non-IID split needs two agents or more, so with one agen
 says so). With --agents N --gpus ..., each agent gets its own GPU (`[execution] gpu`: it profiles, plans for and
 checks the SMs of that GPU, and its workers see that GPU alone).
 
+With --repeats N every policy runs N times, the policies in turn (so a drift of the machine spreads over all of
+them); a policy's figures are its median run's (by time to target, never = infinitely slow), and
+"seconds_to_target_runs" lists every run's.
+
 Writes <out>/time_to_accuracy.json: {"device", "target", "seconds_to_target": {policy: seconds or null},
 "accuracy": {policy: {task: [per round, round 0 first]}}, "round_wall_s": {policy: [...]}} for the first
 partition, the same per partition under "partitions", and <out>/time_to_accuracy.png: the lowest task accuracy
-against wall time, per policy. Every run's processes log under <out>/time_to_accuracy/<partition>-<policy>/.
+against wall time, per policy. Every run's processes log under <out>/time_to_accuracy/<partition>-<policy>[-k]/.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import get_args
@@ -44,23 +49,32 @@ def seconds_to_target(
     return None
 
 
-def run_policy(args, policy: str, partition: str) -> dict:
+def run_policy(args, policy: str, partition: str, repeat: int = 1) -> dict:
     """One federation run (or, with --reuse, the one its folder's summary.json recorded); its accuracy per
     round, round wall times and time to the target."""
-    folder = (args.out / "time_to_accuracy" / f"{partition}-{policy}").resolve()
+    name = f"{partition}-{policy}" + (f"-{repeat}" if repeat > 1 else "")
+    folder = (args.out / "time_to_accuracy" / name).resolve()
     if args.reuse and (folder / "summary.json").exists():
         summary = json.loads((folder / "summary.json").read_text())
     else:
         summary = run(_options(args, policy, partition, folder))
         (folder / "summary.json").write_text(json.dumps(summary, indent=1))
     reached = seconds_to_target(summary["accuracy"], summary["round_end_s"], args.target)
-    print(f"{partition:>9} {policy:>9}: target {args.target:.0%} after {reached} s", flush=True)
+    print(f"{name:>20}: target {args.target:.0%} after {reached} s", flush=True)
     return {
         "accuracy": summary["accuracy"],
         "round_wall_s": summary["round_wall_time_s"],
         "round_end_s": summary["round_end_s"],
         "seconds_to_target": reached,
     }
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median time to target (a run that never reached it counts as infinitely slow; of an
+    even number, the slower of the middle two), with every run's time under "seconds_to_target_runs"."""
+    times = [r["seconds_to_target"] for r in runs]
+    ordered = sorted(range(len(runs)), key=lambda i: math.inf if times[i] is None else times[i])
+    return runs[ordered[len(runs) // 2]] | {"seconds_to_target_runs": times}
 
 
 def _options(args, policy: str, partition: str, folder: Path) -> Options:
@@ -87,21 +101,23 @@ def _options(args, policy: str, partition: str, folder: Path) -> Options:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     partitions = args.partitions if args.agents > 1 else ["iid"]
-    results: dict[str, dict[str, dict]] = {p: {} for p in partitions}
+    runs: dict[str, dict[str, list[dict]]] = {p: {policy: [] for policy in args.policies} for p in partitions}
     try:
         for partition in partitions:
-            for policy in args.policies:
-                results[partition][policy] = run_policy(args, policy, partition)
+            for repeat in range(1, args.repeats + 1):
+                for policy in args.policies:
+                    runs[partition][policy].append(run_policy(args, policy, partition, repeat))
     except (ProcessDied, TimeoutError) as exc:
         print(f"time_to_accuracy: a run failed: {exc}", file=sys.stderr)
         return 1
+    results = {p: {policy: median_run(r) for policy, r in by_policy.items()} for p, by_policy in runs.items()}
     by_partition = {
         p: {
-            key: {policy: r[key] for policy, r in runs.items()}
-            for key in ("seconds_to_target", "accuracy", "round_wall_s")
+            key: {policy: r[key] for policy, r in chosen.items()}
+            for key in ("seconds_to_target", "accuracy", "round_wall_s", "seconds_to_target_runs")
         }
-        | {"round_end_s": {policy: r["round_end_s"] for policy, r in runs.items()}}
-        for p, runs in results.items()
+        | {"round_end_s": {policy: r["round_end_s"] for policy, r in chosen.items()}}
+        for p, chosen in results.items()
     }
     report = {
         "device": describe_device() | {"agents": args.agents, "gpus": args.gpus},
@@ -117,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "settings": {
             "rounds": args.rounds,
+            "repeats": args.repeats,
             "batch_size": args.batch_size,
             "batch_range": args.batch_range,
             "resolution": args.resolution,
@@ -166,6 +183,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--agents", type=int, default=1, help="agents, one GPU each (see --gpus)")
     parser.add_argument("--gpus", help="the agents' GPUs (NVML index or UUID), comma-separated, in turn")
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of every policy, in turn (median reported)"
+    )
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--resolution", type=int, default=128, help="every task's input size")
     parser.add_argument("--batch-size", type=int, default=16, help="every task's configured batch size")

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from bench.time_to_accuracy import main, seconds_to_target
+import bench.time_to_accuracy as tta
+from bench.time_to_accuracy import main, median_run, seconds_to_target
 
 
 def test_the_target_counts_when_every_task_reached_it():
@@ -14,6 +15,42 @@ def test_the_target_counts_when_every_task_reached_it():
     assert seconds_to_target(accuracy, [10.0, 21.0, 30.5], 0.95) == 21.0
     assert seconds_to_target(accuracy, [10.0, 21.0, 30.5], 0.99) is None
     assert seconds_to_target(accuracy, [10.0, None, 30.5], 0.95) == 30.5  # a round without its time
+
+
+def test_a_policy_is_reported_by_its_median_run_and_a_run_that_never_reached_the_target_is_the_slowest():
+    runs = [{"seconds_to_target": t, "id": i} for i, t in enumerate([30.0, None, 20.0])]
+    assert median_run(runs) == runs[0] | {"seconds_to_target_runs": [30.0, None, 20.0]}
+    assert median_run(runs[1:])["id"] == 1  # of two, the slower: never
+    assert median_run(runs[:1])["seconds_to_target_runs"] == [30.0]
+
+
+def test_repeated_runs_take_the_policies_in_turn_and_report_every_run(tmp_path, monkeypatch):
+    """--repeats 3: temporal, fedmt, temporal, fedmt, ... each in a folder of its own; the JSON keeps the median
+    run's rounds and every run's time to target."""
+    order = []
+
+    def federation(options):
+        order.append(options.out.name)
+        options.out.mkdir(parents=True)
+        seconds = {"temporal": 40.0, "fedmt": 20.0}[options.policy] + len(order)
+        accuracy = {"digits-resnet18": [0.1, 0.5, 0.99]}
+        return {"accuracy": accuracy, "round_end_s": [seconds / 2, seconds], "round_wall_time_s": [1.0, 2.0]}
+
+    monkeypatch.setattr(tta, "run", federation)
+    argv = ["--device", "cpu", "--policies", "temporal", "fedmt", "--repeats", "3", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert order == [
+        "iid-temporal",
+        "iid-fedmt",
+        "iid-temporal-2",
+        "iid-fedmt-2",
+        "iid-temporal-3",
+        "iid-fedmt-3",
+    ]
+    result = json.loads((tmp_path / "time_to_accuracy.json").read_text())
+    assert result["seconds_to_target_runs"] == {"temporal": [41.0, 43.0, 45.0], "fedmt": [22.0, 24.0, 26.0]}
+    assert result["seconds_to_target"] == {"temporal": 43.0, "fedmt": 24.0}
+    assert result["settings"]["repeats"] == 3
 
 
 @pytest.mark.slow
