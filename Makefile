@@ -2,6 +2,8 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+# GiB free that a new virtualenv needs (torch with its CUDA libraries, torchvision, onnxruntime)
+NEED_GIB ?= 7
 
 .PHONY: demo test host clean
 
@@ -15,6 +17,7 @@ host:
 	@scripts/setup-host.sh
 
 $(VENV)/.installed: pyproject.toml | host
+	@[ -x $(BIN)/python ] || scripts/check-space.sh $(NEED_GIB)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $@
