@@ -186,6 +186,7 @@ class Reassembler:
             str, _Pending
         ] = {}  # complete since the last sync, journal unwritten
         self._handed_over: set[str] = set()  # complete and taken by the receiver: no journal needed
+        self._kept: dict[str, set[str]] = {}  # transfer -> suffixes of the files `keep` wrote
         self._pool: ThreadPoolExecutor | None = None
         self.unsynced_bytes = 0  # chunk bytes written since the last sync
         self.recovered: list[Assembled] = []  # complete payloads found at start (durable), not yet claimed
@@ -310,6 +311,7 @@ class Reassembler:
         is durable after the next `sync()` and deleted with the transfer."""
         os.write(self._file(transfer_id, suffix, truncate=True), data)
         self._written(transfer_id)
+        self._kept.setdefault(transfer_id, set()).add(suffix)
         return self.spool_dir / f"{transfer_id}{suffix}"
 
     def release(self, transfer_id: str) -> None:
@@ -317,9 +319,10 @@ class Reassembler:
         self._close(transfer_id)
         self._handed_over.discard(transfer_id)
         self._completed_unjournaled.pop(transfer_id, None)
-        # held in memory all along, a payload has no spool files; its manifest may wait in one (TransferInbox)
+        kept = self._kept.pop(transfer_id, set())
+        # held in memory all along, a payload has no spool files of its own, only those `keep` wrote
         held = self._drop_held(transfer_id) is not None
-        for path in self._files(transfer_id, (".manifest",) if held else _SUFFIXES):
+        for path in self._files(transfer_id, tuple(kept) if held else _SUFFIXES):
             path.unlink(missing_ok=True)
 
     def discard(self, transfer_id: str) -> None:
