@@ -184,7 +184,8 @@ def start_worker(
 
 @dataclass(frozen=True)
 class Lease:
-    """A worker handed out for one command: how long getting it ready took and whether a process was started."""
+    """A worker handed out for one command: how long the caller waited for it to be ready (for a start ahead of
+    time as well) and whether a process was started for it."""
 
     worker: WorkerProcess
     ready: jobs.Ready
@@ -219,7 +220,8 @@ class WorkerPool:
         another lease of the same key is out. Raises TaskFailed or WorkerGone (the worker is then discarded).
         A lease says whether a process was started for it, also when that happened `ahead` (see `prestart`)."""
         slot = self._slot(key)
-        slot.lock.acquire()
+        asked = time.perf_counter()
+        slot.lock.acquire()  # a start ahead of time holds it: the caller waits for the worker it readies
         began = time.perf_counter()
         started_here = False
         try:
@@ -240,7 +242,7 @@ class WorkerPool:
                 self.start_seconds.append(time.perf_counter() - began)
             started = slot.fresh
             slot.fresh = slot.fresh and ahead
-            return Lease(slot.worker, slot.ready, prepared, time.perf_counter() - began, started)
+            return Lease(slot.worker, slot.ready, prepared, time.perf_counter() - asked, started)
         except BaseException:
             self._discard(slot)
             slot.lock.release()
