@@ -240,7 +240,23 @@ def main(argv: list[str] | None = None) -> int:
         receipt_timeout_s=args.receipt_timeout_s,
         timeout_s=args.timeout_s,
     )
-    work = args.work or Path(tempfile.mkdtemp(prefix="fedmt-fleet-"))
+    if args.work is not None:
+        result = measure(args, setup, args.work)
+    else:  # a run leaves its brokers', aggregators' and devices' files: hundreds of MB at 1000 devices
+        with tempfile.TemporaryDirectory(prefix="fedmt-fleet-") as work:
+            result = measure(args, setup, Path(work))
+    command = " ".join(["python -m bench.fleet", *(argv if argv is not None else sys.argv[1:])])
+    result = {"command": command, **result}
+    write_json(args.out, result)
+    for name, target in result["targets"].items():
+        print(
+            f"{name}: {target['value']} (target {target['target']}): {'met' if target['met'] else 'missed'}"
+        )
+    return 0
+
+
+def measure(args: argparse.Namespace, setup: Setup, work: Path) -> dict:
+    """Every run the arguments ask for, in folders under `work`: the rows, the targets and the kill run."""
     rows = []
     for devices in args.devices:
         load = os.getloadavg()[0]
@@ -249,7 +265,6 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(summary(row), flush=True)
     result = {
-        "command": " ".join(["python -m bench.fleet", *(argv if argv is not None else sys.argv[1:])]),
         "setup": {**setup.__dict__, "cpu_count": _cpus()},
         "rows": rows,
         "targets": targets(rows),
@@ -260,12 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         killed["load_average"] = [round(load, 1), round(os.getloadavg()[0], 1)]
         print("kill -9:", summary(killed), killed["killed"], flush=True)
         result["kill9"] = killed
-    write_json(args.out, result)
-    for name, target in result["targets"].items():
-        print(
-            f"{name}: {target['value']} (target {target['target']}): {'met' if target['met'] else 'missed'}"
-        )
-    return 0
+    return result
 
 
 def summary(row: dict) -> str:

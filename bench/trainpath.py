@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -222,12 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         results = {"device": device["gpu"], "setup": device, "steps": args.steps, "repeats": args.repeats}
         write_json(args.out / "trainpath.json", results | {"jpegs": args.jpegs, "rows": rows})
 
-    for resolution in args.resolutions:
-        for name in args.models:
-            model = ModelSpec(name=name, num_classes=10, input_size=resolution)
-            console.print(f"{name} {resolution}px: {args.repeats + 1} rounds, synthetic window first in each")
-            rows += measure_model(model, paths, args, work)
-            save()
+    try:
+        for resolution in args.resolutions:
+            for name in args.models:
+                model = ModelSpec(name=name, num_classes=10, input_size=resolution)
+                console.print(
+                    f"{name} {resolution}px: {args.repeats + 1} rounds, synthetic window first in each"
+                )
+                rows += measure_model(model, paths, args, work)
+                save()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the JPEGs and every round's files
     table = Table(
         title=f"round training path vs synthetic loop ({device['gpu']}, batch {args.batch}, median of {args.repeats})"
     )
