@@ -314,6 +314,14 @@ class Reassembler:
         self._kept.setdefault(transfer_id, set()).add(suffix)
         return self.spool_dir / f"{transfer_id}{suffix}"
 
+    def kept_before(self, suffix: str) -> list[Path]:
+        """The spool's files with `suffix`, which `keep` wrote before this process started; they go with their
+        transfer, as the files `keep` writes now do."""
+        paths = sorted(self.spool_dir.glob(f"*{suffix}"))
+        for path in paths:
+            self._kept.setdefault(path.stem, set()).add(suffix)
+        return paths
+
     def release(self, transfer_id: str) -> None:
         """Forget a completed transfer whose payload was handled: delete its files (a link made elsewhere stays)."""
         self._close(transfer_id)

@@ -169,7 +169,7 @@ class TransferInbox(Generic[M]):
 
     def _recover_manifests(self, now: float) -> None:
         """Take up the manifests a previous process kept; pair those whose payload is complete."""
-        for path in sorted(self.reassembler.spool_dir.glob("*.manifest")):
+        for path in self.reassembler.kept_before(".manifest"):
             transfer_id = path.stem
             try:
                 kept = _kept_decoder.decode(path.read_bytes())

@@ -247,3 +247,19 @@ def test_a_manifest_kept_in_the_spool_goes_with_the_one_chunk_payload_it_waited_
     assert delivery.data == data
     inbox.release(delivery)
     assert spool(inbox) == []
+
+
+def test_a_manifest_kept_before_a_restart_goes_with_the_one_chunk_payload_that_comes_after_it(tmp_path):
+    reassembler = Reassembler(tmp_path / "spool", timeout_s=TIMEOUT, durable=True, memory_bytes=CS)
+    inbox = TransferInbox(reassembler, UpdateManifest)
+    manifest, (chunk,), data = transfer("u1", size=CS)
+    inbox.add_manifest(manifest, now=0)
+    inbox.sync()
+    reassembler.close()
+    restarted = TransferInbox(
+        Reassembler(tmp_path / "spool", timeout_s=TIMEOUT, durable=True, memory_bytes=CS), UpdateManifest
+    )
+    delivery = restarted.add_chunk(chunk, now=1)
+    assert delivery.manifest == manifest and delivery.data == data  # held in memory, paired with the kept one
+    restarted.release(delivery)
+    assert spool(restarted) == []
