@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -205,25 +204,25 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     console = Console()
-    work = Path(tempfile.mkdtemp(prefix="fedmt-trainpath-"))
-    with console.status(f"writing {args.jpegs} JPEGs"):
-        folder = write_jpegs(work / "jpegs", args.jpegs)
-    paths = {  # (data kind, spec, budget: 0 streams); each a worker of its own
-        "memory": ("memory", DigitsData(), 1 << 30),
-        "jpeg-gpu-decode": ("jpeg", ImageFolderData(path=str(folder)), 0),
-        "jpeg-cpu-decode": ("jpeg", ImageFolderData(path=str(folder), gpu_decode=False), 0),
-        "jpeg-decoded-once": ("jpeg", ImageFolderData(path=str(folder)), 1 << 30),
-        "synthetic-round": ("synthetic", SyntheticData(samples=SYNTHETIC_SAMPLES), 1 << 30),
-    }
-    paths = {key: paths[key] for key in args.paths}
-    rows = json.loads((args.out / "trainpath.json").read_text())["rows"] if args.append else []
-    device = describe_device()
+    with tempfile.TemporaryDirectory(prefix="fedmt-trainpath-") as tmp:  # the JPEGs and every round's files
+        work = Path(tmp)
+        with console.status(f"writing {args.jpegs} JPEGs"):
+            folder = write_jpegs(work / "jpegs", args.jpegs)
+        paths = {  # (data kind, spec, budget: 0 streams); each a worker of its own
+            "memory": ("memory", DigitsData(), 1 << 30),
+            "jpeg-gpu-decode": ("jpeg", ImageFolderData(path=str(folder)), 0),
+            "jpeg-cpu-decode": ("jpeg", ImageFolderData(path=str(folder), gpu_decode=False), 0),
+            "jpeg-decoded-once": ("jpeg", ImageFolderData(path=str(folder)), 1 << 30),
+            "synthetic-round": ("synthetic", SyntheticData(samples=SYNTHETIC_SAMPLES), 1 << 30),
+        }
+        paths = {key: paths[key] for key in args.paths}
+        rows = json.loads((args.out / "trainpath.json").read_text())["rows"] if args.append else []
+        device = describe_device()
 
-    def save() -> None:  # after every row: a run cut short keeps what it measured
-        results = {"device": device["gpu"], "setup": device, "steps": args.steps, "repeats": args.repeats}
-        write_json(args.out / "trainpath.json", results | {"jpegs": args.jpegs, "rows": rows})
+        def save() -> None:  # after every row: a run cut short keeps what it measured
+            results = {"device": device["gpu"], "setup": device, "steps": args.steps, "repeats": args.repeats}
+            write_json(args.out / "trainpath.json", results | {"jpegs": args.jpegs, "rows": rows})
 
-    try:
         for resolution in args.resolutions:
             for name in args.models:
                 model = ModelSpec(name=name, num_classes=10, input_size=resolution)
@@ -232,8 +231,6 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 rows += measure_model(model, paths, args, work)
                 save()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)  # the JPEGs and every round's files
     table = Table(
         title=f"round training path vs synthetic loop ({device['gpu']}, batch {args.batch}, median of {args.repeats})"
     )
