@@ -98,7 +98,7 @@ def test_topk_never_sends_zeros():
 
 def test_topk_at_one_percent_is_over_fifty_times_smaller_than_dense():
     d = {"w": np.random.default_rng(3).normal(size=(512, 512)).astype(np.float32)}
-    assert len(encode_state(d)) / len(make_codec("topk", 0.01).encode(d)) > 60
+    assert len(encode_state(d)) / len(make_codec("topk", 0.01).encode(d)) > 90  # 4 bytes a value, 2 + 2
 
 
 def test_sparse_parts_fold_into_a_running_sum_without_densifying():
@@ -156,18 +156,46 @@ def test_garbage_is_a_protocol_error(name):
         make_codec(name).decode(b"\x93not a payload", describe(delta()))
 
 
-def test_topk_rejects_repeated_or_out_of_range_indices():
+def sparse_payload(index: list[int], dtype: str, coding: str) -> bytes:
     import msgspec
 
     from protocol.codecs.wire import Entry, little
 
+    values = little(np.arange(1, len(index) + 1, dtype=np.float16))
+    entry = Entry(
+        [10], "float16", len(index), values, little(np.array(index, dtype)), dtype, index_coding=coding
+    )
+    return msgspec.msgpack.encode({"w": entry})
+
+
+@pytest.mark.parametrize(
+    "index, coding",
+    [([3, 3], "positions"), ([2, 10], "positions"), ([5, 1], "positions")]
+    + [([3, 0], "gaps"), ([2, 8], "gaps"), ([10], "gaps"), ([1, 65535], "gaps")],
+)
+def test_topk_rejects_repeated_or_out_of_range_indices(index, coding):
     d = {"w": np.zeros(10, dtype=np.float32)}
-    for index in ([3, 3], [2, 10], [5, 1]):
-        entry = Entry(
-            [10], "float16", 2, little(np.ones(2, np.float16)), little(np.array(index, np.uint32)), "uint32"
-        )
-        with pytest.raises(ProtocolError, match="indices"):
-            make_codec("topk").decode(msgspec.msgpack.encode({"w": entry}), describe(d))
+    with pytest.raises(ProtocolError, match="indices"):
+        make_codec("topk").decode(sparse_payload(index, "uint32", coding), describe(d))
+
+
+def test_sparse_positions_travel_as_gaps_in_the_narrowest_type_and_earlier_positions_still_decode():
+    from protocol.codecs.wire import read_entries
+
+    w = np.zeros((2, 100_000), dtype=np.float32)
+    w[0, [7, 9]], w[1, 50_000] = 1.0, 2.0  # gaps 7, 2 and 150_000 - 9
+    d = {"w": w}
+    for array, dtype in ((w, "uint32"), (w[:, :200], "uint16")):
+        payload = make_codec("sparse").encode({"w": array})
+        [(_, entry)] = read_entries(payload, describe({"w": array}))
+        assert (entry.index_coding, entry.index_dtype) == ("gaps", dtype)
+        assert np.array_equal(make_codec("sparse").decode(payload, describe({"w": array}))["w"], array)
+    with pytest.raises(ProtocolError, match="not allowed"):  # uint16 positions were never sent
+        make_codec("topk").decode(sparse_payload([1, 2], "uint16", "positions"), describe({"w": w[0, :10]}))
+    positions = make_codec("topk").decode(
+        sparse_payload([1, 7], "uint32", "positions"), describe(d | {"w": w[0, :10]})
+    )
+    assert np.array_equal(np.flatnonzero(positions["w"]), [1, 7]) and positions["w"][7] == 2.0
 
 
 def test_zstd_refuses_to_expand_beyond_what_the_layout_holds():
