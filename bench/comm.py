@@ -4,9 +4,12 @@
 
 Every run is the real demo (testbed.demo: Mosquitto, the aggregator and three agents as processes; digits,
 three tasks) with every task's updates in one codec and global models also published as fp16 deltas:
-- accuracy and bytes: `--rounds` rounds per codec at full speed; update_bytes_ratio = dense update bytes /
-  the codec's (all rounds), final_accuracy_drop_pts = dense final accuracy - the codec's (per task, and the
-  largest); download_bytes_ratio = whole global models / their deltas, from round 2 on (the dense run);
+- accuracy and bytes: `--rounds` rounds per codec at full speed, from the initial models of each of `--seeds`
+  (one trajectory each: a final accuracy on 359 test images moves by points from one seed to the next, while
+  runs from one seed end bit-identical); update_bytes_ratio = dense update bytes / the codec's (all rounds,
+  means over the seeds), final_accuracy_drop_pts = dense final accuracy - the codec's (means over the seeds, per
+  task, and the largest; each seed's drop kept beside); download_bytes_ratio = whole global models / their
+  deltas, from round 2 on (the dense run of the first seed);
 - round time: `--link-rounds` rounds per codec and bandwidth, each agent behind its own throttled link
   (testbed.throttle); the figure is the median wall time of the rounds after the first (which fetches whole
   models);
@@ -52,6 +55,7 @@ def run_demo(
     reuse: bool = False,
     upload: str = "on_finish",
     policy: str = "concurrent",
+    seed: int = 0,
 ) -> dict:
     """One demo run; its summary (also written to runs/<name>/summary.json, and with `reuse` read from there
     when a run of this configuration finished before)."""
@@ -63,6 +67,7 @@ def run_demo(
             and summary.get("link", {}).get("mbps") == mbps
             and summary.get("upload", "on_finish") == upload
             and summary.get("policy") == policy
+            and summary.get("seed", 0) == seed
         )
         if same and summary["num_rounds"] == rounds:
             return summary
@@ -74,10 +79,39 @@ def run_demo(
         link_mbps=mbps,
         upload=upload,
         policy=policy,
+        seed=seed,
     )
     summary = demo.run(options)
     (options.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def codec_row(name: str, runs: list[dict], dense_runs: list[dict]) -> dict:
+    """A codec's figures over its runs (one per seed) against dense's runs from the same seeds."""
+    finals = [final_accuracy(run) for run in runs]
+    dense_finals = [final_accuracy(run) for run in dense_runs]
+    tasks = list(dense_finals[0])
+    mean = {t: statistics.fmean(f[t] for f in finals) for t in tasks}
+    dense_mean = {t: statistics.fmean(f[t] for f in dense_finals) for t in tasks}
+    drops = {t: round(100 * (dense_mean[t] - mean[t]), 2) for t in tasks}
+    codec_bytes = statistics.fmean(update_bytes(run) for run in runs)
+    return {
+        "codec": CODECS[name].name,
+        "fraction": CODECS[name].fraction,
+        "update_bytes": round(codec_bytes),
+        "update_bytes_ratio": round(
+            statistics.fmean(update_bytes(run) for run in dense_runs) / codec_bytes, 2
+        ),
+        "final_accuracy": mean,
+        "final_accuracy_drop_pts_per_task": drops,
+        "final_accuracy_drop_pts": max(drops.values()),
+        "final_accuracy_by_seed": {t: [f[t] for f in finals] for t in tasks},
+        "final_accuracy_drop_pts_by_seed": {
+            t: [round(100 * (d[t] - f[t]), 2) for d, f in zip(dense_finals, finals, strict=True)]
+            for t in tasks
+        },
+        "accuracy": runs[0]["accuracy"],
+    }
 
 
 def update_bytes(summary: dict) -> int:
@@ -99,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/comm"))
     parser.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="initial-model seeds of every codec's accuracy runs"
+    )
     parser.add_argument("--link-rounds", type=int, default=3)
     parser.add_argument("--mbps", nargs="*", type=float, default=[10.0, 100.0, 400.0])
     parser.add_argument("--dense-repeats", type=int, default=3, help="dense runs for accuracy's spread")
@@ -125,14 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     results_path = args.out / "comm.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    summaries = {}
+    summaries = {}  # codec -> its runs, one per seed
     for name in args.codecs:
-        console.rule(f"{name}: {args.rounds} rounds at full speed")
-        summaries[name] = run_demo(
-            args.runs, f"accuracy-{name}", CODECS[name], args.rounds, reuse=name in args.reuse
-        )
+        summaries[name] = []
+        for seed in args.seeds:
+            console.rule(f"{name}: {args.rounds} rounds at full speed, seed {seed}")
+            run_name = f"accuracy-{name}" + (f"-seed{seed}" if seed else "")
+            summaries[name].append(
+                run_demo(args.runs, run_name, CODECS[name], args.rounds, reuse=name in args.reuse, seed=seed)
+            )
     if "dense" in summaries:
-        dense = summaries["dense"]
+        dense = summaries["dense"][0]
         repeats = [dense] + [
             run_demo(
                 args.runs, f"accuracy-dense-{i}", CODECS["dense"], args.rounds, reuse="dense" in args.reuse
@@ -146,21 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             t: round(100 * (max(values) - min(values)), 2)
             for t, values in results["dense_final_accuracy_runs"].items()
         }
-        results["codecs"] = {}
-        for name, summary in summaries.items():
-            drops = {
-                t: round(100 * (a - final_accuracy(summary)[t]), 2) for t, a in final_accuracy(dense).items()
-            }
-            results["codecs"][name] = {
-                "codec": CODECS[name].name,
-                "fraction": CODECS[name].fraction,
-                "update_bytes": update_bytes(summary),
-                "update_bytes_ratio": round(update_bytes(dense) / update_bytes(summary), 2),
-                "final_accuracy": final_accuracy(summary),
-                "final_accuracy_drop_pts_per_task": drops,
-                "final_accuracy_drop_pts": max(drops.values()),
-                "accuracy": summary["accuracy"],
-            }
+        results["seeds"] = args.seeds
+        results["codecs"] = {
+            name: codec_row(name, runs, summaries["dense"]) for name, runs in summaries.items()
+        }
         later = [r for r in dense["bytes"] if r["round"] >= 2 and r["global_delta_bytes"]]
         results["download_codec"] = DOWNLOAD_CODEC
         results["download_bytes_ratio"] = round(
@@ -168,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["download_bytes_ratio_by_codec"] = {
             name: round(
-                sum(r["global_whole_bytes"] for r in s["bytes"][1:])
-                / sum(r["global_delta_bytes"] or r["global_whole_bytes"] for r in s["bytes"][1:]),
+                sum(r["global_whole_bytes"] for r in s[0]["bytes"][1:])
+                / sum(r["global_delta_bytes"] or r["global_whole_bytes"] for r in s[0]["bytes"][1:]),
                 2,
             )
             for name, s in summaries.items()
@@ -255,14 +284,17 @@ def report(results: dict, console) -> None:
     from rich.table import Table
 
     table = Table(title="update codecs on the demo federation")
-    for column in ("codec", "update bytes", "vs dense", "final accuracy drop (pts, worst task)"):
+    for column in ("codec", "update bytes", "vs dense", "final accuracy drop (pts, worst task)", "by seed"):
         table.add_column(column, justify="right")
     for name, row in results.get("codecs", {}).items():
+        drops = row["final_accuracy_drop_pts_per_task"]
+        worst = max(drops, key=drops.get)
         table.add_row(
             name,
             f"{row['update_bytes']:,}",
             f"{row['update_bytes_ratio']:.1f}x",
-            f"{row['final_accuracy_drop_pts']:+.2f}",
+            f"{row['final_accuracy_drop_pts']:+.2f} ({worst})",
+            " ".join(f"{d:+.2f}" for d in row.get("final_accuracy_drop_pts_by_seed", {}).get(worst, [])),
         )
     console.print(table)
     if "download_bytes_ratio" in results:

@@ -98,6 +98,7 @@ class Options:
     link_latency_ms: float = 0.0
     upload: Literal["on_finish", "after_round"] = "on_finish"  # the agents' upload order
     stop_at: float | None = None  # end the run after the first round with every task at this accuracy
+    seed: int = 0  # every task's initial global model (the aggregator's `init_seed`): another trajectory
 
     def devices(self) -> list[str]:
         return [f"edge-{i + 1}" for i in range(self.agents)]
@@ -106,7 +107,7 @@ class Options:
         """TASKS with this run's overrides."""
         tasks = {}
         for task, (definition, share) in TASKS.items():
-            changes = {"batch_size": self.batch_size, "precision": self.precision}
+            changes = {"batch_size": self.batch_size, "precision": self.precision, "init_seed": self.seed}
             model = definition.model
             if self.models is not None:
                 model = msgspec.structs.replace(model, name=self.models[task])
@@ -330,6 +331,7 @@ def run(options: Options) -> dict:
         "policy": options.execution().policy,
         "devices": devices,
         "partition": options.partition,
+        "seed": options.seed,
         "tasks": {
             task: {
                 "model": definition.model.name,
@@ -496,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         default="on_finish",
         help="on_finish: each update uploads while other tasks train (Algorithm 1); after_round: naive",
     )
+    parser.add_argument("--seed", type=int, default=0, help="the initial global models' seed")
     args = parser.parse_args(argv)
     codec = CodecSpec(name=args.codec, fraction=args.codec_fraction) if args.codec else None
     options = Options(
@@ -513,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         link_mbps=args.link_mbps,
         link_latency_ms=args.link_latency_ms,
         upload=args.upload,
+        seed=args.seed,
     )
     try:
         summary = run(options)

@@ -1,0 +1,33 @@
+"""bench.comm's codec figures over seeds: means, drops against dense from the same seeds, each seed's drop."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.comm import codec_row
+from testbed.demo import TASKS, Options
+
+
+def run(final: dict[str, float], update_bytes: int) -> dict:
+    return {
+        "accuracy": {task: [0.1, value] for task, value in final.items()},
+        "bytes": [{"round": 1, "update_bytes": update_bytes}],
+    }
+
+
+def test_a_codec_row_averages_its_seeds_and_pairs_each_seed_with_dense():
+    dense = [run({"a": 0.90, "b": 0.80}, 1000), run({"a": 0.96, "b": 0.84}, 1000)]
+    topk = [run({"a": 0.88, "b": 0.81}, 20), run({"a": 0.90, "b": 0.83}, 30)]
+    row = codec_row("topk", topk, dense)
+    assert row["final_accuracy"] == pytest.approx({"a": 0.89, "b": 0.82})
+    assert row["final_accuracy_drop_pts_per_task"] == {"a": 4.0, "b": 0.0}
+    assert row["final_accuracy_drop_pts"] == 4.0
+    assert row["final_accuracy_drop_pts_by_seed"] == {"a": [2.0, 6.0], "b": [-1.0, 1.0]}
+    assert row["update_bytes"] == 25 and row["update_bytes_ratio"] == 40.0
+    assert row["accuracy"] == topk[0]["accuracy"]  # the first seed's rounds, for the plot
+
+
+def test_the_demo_seed_is_every_tasks_initial_model_seed(tmp_path):
+    tasks = Options(out=tmp_path, seed=3).tasks()
+    assert set(tasks) == set(TASKS) and all(config.init_seed == 3 for config, _ in tasks.values())
+    assert all(config.init_seed == 0 for config, _ in Options(out=tmp_path).tasks().values())
