@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol.codecs import CODECS, Sparse, make_codec
 from protocol.codecs.base import CUT_ELEMENTS, Dense
@@ -240,3 +242,33 @@ def test_partial_codecs_send_batchnorm_statistics_whole(name):
     d = {"bn.running_var": np.linspace(0.5, 2.0, 64, dtype=np.float32), "conv": np.ones((8, 8), np.float32)}
     out = make_codec(name, 0.1).decode(make_codec(name, 0.1).encode(d), describe(d))
     assert np.array_equal(out["bn.running_var"], d["bn.running_var"].astype(np.float16))
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    size=st.integers(1, 200_000),
+    data=st.data(),
+)
+def test_any_set_of_positions_round_trips_through_its_gaps(size, data):
+    """Sorted unique positions anywhere in a tensor (gaps across the uint16 / uint32 bounds) come back exactly."""
+    positions = data.draw(st.sets(st.integers(0, size - 1), max_size=64).map(sorted))
+    w = np.zeros((1, size), dtype=np.float32)
+    w.ravel()[positions] = np.arange(1, len(positions) + 1, dtype=np.float32)
+    codec = make_codec("sparse")
+    assert np.array_equal(codec.decode(codec.encode({"w": w}), describe({"w": w}))["w"], w)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    index=st.lists(st.integers(0, 2**32 - 1), max_size=8),
+    dtype=st.sampled_from(["uint16", "uint32", "uint64"]),
+    coding=st.sampled_from(["positions", "gaps"]),
+)
+def test_arbitrary_indices_decode_in_range_and_increasing_or_are_a_protocol_error(index, dtype, coding):
+    index = [i % (np.iinfo(dtype).max + 1) for i in index]
+    layout = describe({"w": np.zeros(10, dtype=np.float32)})
+    try:
+        [(_, part)] = make_codec("topk").parts(sparse_payload(index, dtype, coding), layout)
+    except ProtocolError:
+        return
+    assert np.all(np.diff(part.indices) > 0) and all(0 <= i < 10 for i in part.indices)
