@@ -13,7 +13,7 @@ from aggregator.strategies import FedAvgSpec, StrategySpec
 from common.config import load_toml
 from common.metrics import MetricsConfig
 from protocol.chunking import DEFAULT_CHUNK_SIZE
-from protocol.codecs import make_codec
+from protocol.codecs import PartialCodec, codec_kind, make_codec
 from protocol.limits import MAX_TRANSFER_BYTES
 from protocol.schemas import (
     BatchPolicy,
@@ -63,6 +63,10 @@ class TaskConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("batch sizes must satisfy min_batch_size <= batch_size <= max_batch_size")
         for name in (self.codec.name, *self.accept_codecs, *filter(None, [self.download_codec])):
             make_codec(name, self.codec.fraction if name == self.codec.name else None)  # ValueError: unknown
+        if self.codec.warmup_rounds and not issubclass(codec_kind(self.codec.name), PartialCodec):
+            raise ValueError(
+                f"warmup_rounds needs a codec that keeps a part (topk, dct), not {self.codec.name!r}"
+            )
 
     @property
     def codecs(self) -> set[str]:

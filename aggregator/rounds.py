@@ -37,7 +37,7 @@ from aggregator.strategies import Strategy
 from common.durable import fsync_paths
 from protocol import ProtocolError
 from protocol.chunking import transfer_info
-from protocol.codecs import make_codec
+from protocol.codecs import make_codec, warmed
 from protocol.codecs.dense import DenseCodec
 from protocol.deltas import encode_version
 from protocol.schemas import (
@@ -605,7 +605,7 @@ class Coordinator:
             proximal_mu=c.strategy.proximal_mu,
             lr_scaling=c.lr_scaling,
             batch_policy=c.batch_policy,
-            codec=c.codec,
+            codec=warmed(c.codec, task_round.base_version),
         )
 
     def _global_model(

@@ -40,6 +40,9 @@ CODECS = {
     "dense": CodecSpec(name="dense"),
     "fp16": CodecSpec(name="fp16"),
     "topk": CodecSpec(name="topk+zstd", fraction=0.01),
+    "topk_warmup": CodecSpec(
+        name="topk+zstd", fraction=0.01, warmup_rounds=2
+    ),  # DGC's warm-up: 4%, 2%, then 1%
     "topk10": CodecSpec(name="topk+zstd", fraction=0.1),
     "dct": CodecSpec(name="dct", fraction=0.8),
 }

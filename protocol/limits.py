@@ -16,6 +16,8 @@ MAX_SAMPLES = 10**9
 MAX_TASKS = 64
 #: local work a schedule may ask of one task
 MAX_LOCAL_EPOCHS = 10_000
+#: rounds of a partial codec's warm-up (each doubles the share kept before it)
+MAX_WARMUP_ROUNDS = 16
 MAX_LOCAL_STEPS = 10**8
 MAX_BATCH_SIZE = 65_536
 

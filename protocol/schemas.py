@@ -159,11 +159,14 @@ class OptimizerSpec(Message):
 
 class CodecSpec(Message):
     """How a task's updates travel (protocol.codecs): the codec, the share of each tensor that a partial codec
-    keeps (None: its default), and the momentum of the sender's error feedback (DGC's momentum correction)."""
+    keeps (None: its default), the momentum of the sender's error feedback (DGC's momentum correction), and DGC's
+    warm-up: a partial codec keeps 2^k times its share in the rounds k = `warmup_rounds`, ..., 1 rounds before a
+    task's warm-up ends (the aggregator's schedules carry each round's share: `protocol.codecs.warmed`)."""
 
     name: CodecName = "dense"
     fraction: Annotated[float, Meta(gt=0, le=1)] | None = None
     momentum: Annotated[float, Meta(ge=0, lt=1)] = 0.0
+    warmup_rounds: Annotated[int, Meta(ge=0, le=lim.MAX_WARMUP_ROUNDS)] = 0
 
 
 class TaskAssignment(Message):

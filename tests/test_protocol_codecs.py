@@ -272,3 +272,14 @@ def test_arbitrary_indices_decode_in_range_and_increasing_or_are_a_protocol_erro
     except ProtocolError:
         return
     assert np.all(np.diff(part.indices) > 0) and all(0 <= i < 10 for i in part.indices)
+
+
+def test_a_warm_up_doubles_a_partial_codecs_share_for_each_round_before_it_ends():
+    from protocol.codecs import warmed
+    from protocol.schemas import CodecSpec
+
+    topk = CodecSpec(name="topk+zstd", fraction=0.01, warmup_rounds=2)
+    assert [warmed(topk, version).fraction for version in range(4)] == [0.04, 0.02, 0.01, 0.01]
+    assert warmed(CodecSpec(name="dct", warmup_rounds=1), 0).fraction == 1.0  # 2 x its default 0.8, capped
+    assert warmed(CodecSpec(name="topk", fraction=0.01), 0).fraction == 0.01  # no warm-up
+    assert warmed(CodecSpec(name="fp16", warmup_rounds=3), 0) == CodecSpec(name="fp16", warmup_rounds=3)

@@ -350,6 +350,28 @@ def test_a_task_takes_updates_in_its_codecs_only_and_folds_what_they_decode_to(c
     np.testing.assert_allclose(coordinator.tick(now=1002).globals[0].state["w"], expected, rtol=1e-6)
 
 
+def test_a_codec_warm_up_sends_each_round_its_share_by_the_version_it_trains_from(config, tmp_path):
+    import msgspec
+
+    from protocol.schemas import CodecSpec
+
+    spec = CodecSpec(name="topk", fraction=0.01, warmup_rounds=2)
+    task = msgspec.structs.replace(config.tasks["t"], codec=spec)
+    coordinator = started(msgspec.structs.replace(config, tasks={"t": task}))
+    shares = []
+    for round_ in (1, 2):
+        schedules = coordinator.tick(now=1000 + round_).schedules
+        shares.append({s.tasks[0].codec.fraction for s in schedules})
+        for device in ("d1", "d2"):
+            assert (
+                update(coordinator, tmp_path, device, delta(1.0), round_=round_, codec="topk").status
+                == "accepted"
+            )
+    assert shares == [{0.04}, {0.02}]
+    with pytest.raises(ValueError, match="warmup_rounds needs a codec that keeps a part"):
+        msgspec.structs.replace(task, codec=CodecSpec(name="fp16+zstd", warmup_rounds=1))
+
+
 def test_a_task_config_naming_an_unknown_codec_is_refused(config):
     import msgspec
 

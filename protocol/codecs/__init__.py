@@ -15,6 +15,8 @@ Any of them can be wrapped in lossless zstd: `<name>+zstd`.
 
 from __future__ import annotations
 
+import msgspec
+
 from protocol.codecs.base import Codec, Dense, Part, PartialCodec, Sparse
 from protocol.codecs.dct import DctCodec
 from protocol.codecs.dense import DenseCodec
@@ -22,6 +24,7 @@ from protocol.codecs.fp16 import Fp16Codec
 from protocol.codecs.sparse import SparseCodec
 from protocol.codecs.topk import TopKCodec
 from protocol.codecs.zstd import Zstd
+from protocol.schemas import CodecSpec
 
 CODECS: dict[str, type[Codec]] = {
     DenseCodec.name: DenseCodec,
@@ -35,12 +38,27 @@ ZSTD_SUFFIX = "+zstd"
 
 def make_codec(name: str, fraction: float | None = None) -> Codec:
     """The codec called `name` (`<codec>` or `<codec>+zstd`); `fraction` for the codecs that keep a part."""
-    base, zstd = (name[: -len(ZSTD_SUFFIX)], True) if name.endswith(ZSTD_SUFFIX) else (name, False)
-    kind = CODECS.get(base)
+    kind = codec_kind(name)
+    codec = kind(fraction) if issubclass(kind, PartialCodec) else kind()
+    return Zstd(codec) if name.endswith(ZSTD_SUFFIX) else codec
+
+
+def warmed(spec: CodecSpec, base_version: int) -> CodecSpec:
+    """The spec of a round that trains from the task's global version `base_version` (0: its initial model): in
+    the warm-up, a partial codec keeps 2^(warmup_rounds - base_version) times its share (at most everything)."""
+    kind = codec_kind(spec.name)
+    if base_version >= spec.warmup_rounds or not issubclass(kind, PartialCodec):
+        return spec
+    fraction = (spec.fraction or kind.default_fraction) * 2 ** (spec.warmup_rounds - base_version)
+    return msgspec.structs.replace(spec, fraction=min(1.0, fraction))
+
+
+def codec_kind(name: str) -> type[Codec]:
+    """The class of the codec called `name` (with or without `+zstd`); ValueError if there is none."""
+    kind = CODECS.get(name.removesuffix(ZSTD_SUFFIX))
     if kind is None:
         raise ValueError(f"unknown codec {name!r}; known: {sorted(CODECS)} (each also with {ZSTD_SUFFIX})")
-    codec = kind(fraction) if issubclass(kind, PartialCodec) else kind()
-    return Zstd(codec) if zstd else codec
+    return kind
 
 
-__all__ = ["CODECS", "Codec", "Dense", "Part", "Sparse", "make_codec"]
+__all__ = ["CODECS", "Codec", "Dense", "Part", "PartialCodec", "Sparse", "codec_kind", "make_codec", "warmed"]
