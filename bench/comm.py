@@ -66,7 +66,7 @@ def run_demo(
     if reuse and kept.exists():
         summary = json.loads(kept.read_text())
         same = (
-            summary.get("codec") == msgspec.to_builtins(codec)
+            msgspec.convert(summary.get("codec"), CodecSpec) == codec  # fields added since: their defaults
             and summary.get("link", {}).get("mbps") == mbps
             and summary.get("upload", "on_finish") == upload
             and summary.get("policy") == policy
