@@ -157,11 +157,12 @@ class OptimizerSpec(Message):
     weight_decay: Annotated[float, Meta(ge=0, le=1)] = 0.0
 
 
-class CodecSpec(Message):
+class CodecSpec(Message, omit_defaults=True):
     """How a task's updates travel (protocol.codecs): the codec, the share of each tensor that a partial codec
     keeps (None: its default), the momentum of the sender's error feedback (DGC's momentum correction), and DGC's
     warm-up: a partial codec keeps 2^k times its share in the rounds k = `warmup_rounds`, ..., 1 rounds before a
-    task's warm-up ends (the aggregator's schedules carry each round's share: `protocol.codecs.warmed`)."""
+    task's warm-up ends (the aggregator's schedules carry each round's share: `protocol.codecs.warmed`). Fields
+    at their defaults are not sent: an agent that predates one still reads the schedules that do not use it."""
 
     name: CodecName = "dense"
     fraction: Annotated[float, Meta(gt=0, le=1)] | None = None

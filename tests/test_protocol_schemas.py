@@ -505,3 +505,23 @@ def test_invalid_sha256_is_rejected(bad, kind, path):
 )
 def test_trailing_newline_is_not_a_valid_id(kind, path, value):
     rejected(raw(sample(kind), path, value), kind)
+
+
+def test_a_codec_spec_sends_only_what_differs_from_the_defaults_so_older_agents_read_it():
+    import msgspec
+
+    from protocol.schemas import CodecSpec
+
+    class BeforeWarmUp(
+        msgspec.Struct, forbid_unknown_fields=True, kw_only=True
+    ):  # an agent of an earlier release
+        name: str = "dense"
+        fraction: float | None = None
+        momentum: float = 0.0
+
+    plain = msgspec.msgpack.encode(CodecSpec(name="topk", fraction=0.01))
+    assert msgspec.msgpack.decode(plain, type=BeforeWarmUp) == BeforeWarmUp(name="topk", fraction=0.01)
+    warm = msgspec.msgpack.encode(CodecSpec(name="topk", fraction=0.01, warmup_rounds=2))
+    assert msgspec.msgpack.decode(warm, type=CodecSpec).warmup_rounds == 2
+    with pytest.raises(msgspec.ValidationError, match="warmup_rounds"):
+        msgspec.msgpack.decode(warm, type=BeforeWarmUp)
