@@ -16,10 +16,10 @@ MAX_SAMPLES = 10**9
 MAX_TASKS = 64
 #: local work a schedule may ask of one task
 MAX_LOCAL_EPOCHS = 10_000
-#: rounds of a partial codec's warm-up (each doubles the share kept before it)
-MAX_WARMUP_ROUNDS = 16
 MAX_LOCAL_STEPS = 10**8
 MAX_BATCH_SIZE = 65_536
+#: rounds of a partial codec's warm-up (each doubles the share kept before it)
+MAX_WARMUP_ROUNDS = 16
 
 #: one chunked transfer: the whole payload, one chunk (MQTT's payload cap is 256 MiB), the number of chunks
 MAX_TRANSFER_BYTES = 1 << 36
