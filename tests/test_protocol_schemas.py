@@ -512,9 +512,9 @@ def test_a_codec_spec_sends_only_what_differs_from_the_defaults_so_older_agents_
 
     from protocol.schemas import CodecSpec
 
-    class BeforeWarmUp(
-        msgspec.Struct, forbid_unknown_fields=True, kw_only=True
-    ):  # an agent of an earlier release
+    class BeforeWarmUp(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+        """CodecSpec as an agent of an earlier release reads it."""
+
         name: str = "dense"
         fraction: float | None = None
         momentum: float = 0.0
