@@ -9,6 +9,13 @@
    at the SM shares the corrected predictor's Eq. 5 picks (makespan, equal data), measured in a window through
    the same workers and folded into the residual correction (predictor.correction) as a round's measurement is;
    `mape_unseen_refined` is the corrected predictor's MAPE on the same unseen records.
+
+A budget longer than one sitting (the device tool runs a command for 10 minutes at most) spans calls: each call
+with `--folder DIR --call-s S` measures for at most S seconds, appending to DIR's data file, and records what it
+spent in DIR/progress.json; the call that spends the measuring share fits, refines and reports `minutes` as the
+sum of every call's wall time (each call pays the workers' start-up again, so the sum overstates one sitting).
+
+    python -m bench.calibration --budget-s 900 --folder /tmp/cal900 --call-s 480 --out bench/results   # twice
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from bench.common import describe_device, write_json
+from common.durable import write_atomically
 
 #: (models, batch, R_i per task) -> measured images/s per task
 Measure = Callable[[Sequence[str], int, Sequence[float]], list[float]]
+PROGRESS_FILE = "progress.json"
 
 
 def refine(predictor, scenarios: Sequence[Sequence[str]], measure: Measure, resolution: int, rounds: int):
@@ -54,6 +64,31 @@ def refine(predictor, scenarios: Sequence[Sequence[str]], measure: Measure, reso
         ]
         predictor.correction = fit_correction(observations)
     return history
+
+
+class Progress(msgspec.Struct, frozen=True):
+    """What the calls of one calibration run have spent so far (DIR/progress.json)."""
+
+    calls: int = 0
+    seconds: float = 0.0  # wall time, workers' start-up and refinement included
+    measured_s: float = 0.0  # of the measuring share
+
+    @classmethod
+    def load(cls, folder: Path) -> Progress:
+        path = folder / PROGRESS_FILE
+        return msgspec.json.decode(path.read_bytes(), type=cls) if path.exists() else cls()
+
+    def save(self, folder: Path) -> None:
+        write_atomically(folder / PROGRESS_FILE, msgspec.json.encode(self))
+
+
+def this_call(before: Progress, measure_s: float, call_s: float | None) -> tuple[float, bool]:
+    """Seconds this call measures, and whether it is the last (it spends what is left of the measuring share
+    `measure_s`, so it fits)."""
+    left = max(0.0, measure_s - before.measured_s)
+    if call_s is None or call_s >= left:
+        return left, True
+    return call_s, False
 
 
 def unseen_mape(predictor, data: Path, card: dict) -> float | None:
@@ -89,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="calibration-", dir=args.out))
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="calibration-", dir=args.out))
+    folder.mkdir(parents=True, exist_ok=True)
+    before = Progress.load(folder)
+    measure_s, last_call = this_call(before, args.budget_s * (1 - FIT_SHARE), args.call_s)
     target = generic_target(args.resolution)
     scenarios = [SCENARIOS[name] for name in ("heavy", "light", "hybrid")]
     with mps_sharing() as sharing:
@@ -98,11 +136,24 @@ def main(argv: list[str] | None = None) -> int:
             target,
             folder,
             sharing,
-            measure_s=args.budget_s * (1 - FIT_SHARE),
+            measure_s=measure_s,
             window_s=args.window_s,
             repeats=args.repeats,
+            fit=last_call,
         )
-        minutes = (time.monotonic() - began) / 60
+        spent = Progress(
+            calls=before.calls + 1,
+            seconds=before.seconds + time.monotonic() - began,
+            measured_s=before.measured_s + result.measured_s,
+        )
+        if not last_call:
+            spent.save(folder)
+            print(
+                f"measured {spent.measured_s:.0f} s of {args.budget_s * (1 - FIT_SHARE):.0f} s in {spent.calls} "
+                f"call(s): continue with --folder {folder}"
+            )
+            return 0
+        minutes = spent.seconds / 60
         card = json.loads(card_path(result.predictor).read_text())
         predictor = CorrectedPredictor(OnnxPredictor(result.predictor))
         with PoolMeasure(target, sharing, jobs.Init(device="cuda"), window_s=args.window_s) as pool:
@@ -122,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "mape_unseen": unseen_mape(predictor.base, result.data, card),
         "mape_unseen_refined": unseen_mape(predictor, result.data, card),
         "card_mape_percent": card["mape_percent"],
+        "calls": spent.calls,
         "windows": result.windows,
         "median_spread": statistics.median(result.spreads) if result.spreads else None,
         "rounds": [{"predicted": p, "measured": m} for p, m in rounds],
@@ -140,6 +192,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--window-s", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--folder", type=Path, help="the run's data folder, kept across calls (default: a new one)"
+    )
+    parser.add_argument(
+        "--call-s", type=float, help="measure at most this long in this call (default: no limit)"
+    )
     return parser.parse_args(argv)
 
 
