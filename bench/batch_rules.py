@@ -42,8 +42,11 @@ STEPS = {
 }  # bench.time_to_accuracy's H200 run: 5 epochs a round
 
 
-def accuracies(task: str, label: str, resolution: int, rounds: int, seed: int) -> list[float]:
-    """Accuracy after each of `rounds` rounds of `task` as `label` says."""
+def accuracies(
+    task: str, label: str, resolution: int, rounds: int, seed: int, steps: int | None = None
+) -> list[float]:
+    """Accuracy after each of `rounds` rounds of `task` as `label` says, `steps` local steps at B0 a round
+    (default: STEPS)."""
     import torch
 
     from agent.data import DigitsData
@@ -60,7 +63,7 @@ def accuracies(task: str, label: str, resolution: int, rounds: int, seed: int) -
     runtime = TaskRuntime(model, DigitsData(fraction=share), device="cpu")
     test, result = digits_test_set(model), []
     for version in range(rounds):
-        planned = _assignment(task, model, definition.optimizer, B0, version, scaling)
+        planned = _assignment(task, model, definition.optimizer, steps or STEPS[task], version, scaling)
         if label != "B0":
             planned = msgspec.structs.replace(
                 planned, batch_size=min(batch, batch_ceiling(planned)) if ramp else batch
@@ -71,15 +74,15 @@ def accuracies(task: str, label: str, resolution: int, rounds: int, seed: int) -
     return result
 
 
-def _assignment(task, model: ModelSpec, optimizer, batch: int, version: int, scaling: str) -> TaskAssignment:
+def _assignment(task, model: ModelSpec, optimizer, steps: int, version: int, scaling: str) -> TaskAssignment:
     return TaskAssignment(
         task=task,
         model=model,
         optimizer=optimizer,
         base_version=version,
         base_sha256="0" * 64,
-        local_steps=STEPS[task],
-        batch_size=batch,
+        local_steps=steps,
+        batch_size=B0,
         lr_scaling=scaling,
     )
 
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     runs = [(t, label, s) for t in args.tasks for label in RUNS for s in range(args.seeds)]
     measured = {
-        (t, label, s): accuracies(t, label, args.resolution, args.rounds, s) for t, label, s in track(runs)
+        (t, label, s): accuracies(t, label, args.resolution, args.rounds, s, args.steps)
+        for t, label, s in track(runs)
     }
     rows = []
     for task in args.tasks:
@@ -121,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(row["task"], row["run"], *cells, f"{row['later_rounds_vs_b0_pts']:+.1f}")
     Console().print(table)
     write_json(
-        args.out, {"settings": vars(args) | {"out": str(args.out), "steps_at_b0": STEPS}, "rows": rows}
+        args.out,
+        {
+            "settings": vars(args)
+            | {"out": str(args.out), "steps_at_b0": {t: args.steps or STEPS[t] for t in args.tasks}},
+            "rows": rows,
+        },
     )
     print(f"wrote {args.out}")
     return 0
@@ -135,6 +144,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=4, choices=range(2, 101), metavar="2..100")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, help="local steps at B0 a round, every task (default: STEPS)")
     return parser.parse_args(argv)
 
 
