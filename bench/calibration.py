@@ -70,7 +70,7 @@ class Progress(msgspec.Struct, frozen=True):
     """What the calls of one calibration run have spent so far (DIR/progress.json)."""
 
     calls: int = 0
-    seconds: float = 0.0  # wall time, workers' start-up and refinement included
+    seconds: float = 0.0  # wall time of calibrating: workers' start-up, measuring, fitting
     measured_s: float = 0.0  # of the measuring share
 
     @classmethod
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from agent.mps import mps_sharing
     from bench.colocation import SCENARIOS
     from predictor.correction import CorrectedPredictor
+    from predictor.records import load_records
     from predictor.runtime import OnnxPredictor, card_path
 
     args = parse(argv)
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "mape_unseen_refined": unseen_mape(predictor, result.data, card),
         "card_mape_percent": card["mape_percent"],
         "calls": spent.calls,
-        "windows": result.windows,
+        "windows": len(load_records(result.data)),  # records measured, by every call
         "median_spread": statistics.median(result.spreads) if result.spreads else None,
         "rounds": [{"predicted": p, "measured": m} for p, m in rounds],
         "data": str(result.data),
