@@ -1,0 +1,36 @@
+"""bench/codec_pairs on the CPU (smoke): the same round's updates aggregated exact and through each codec."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench.codec_pairs import CODECS, _aggregate, main
+
+
+def test_fedavg_adds_the_sample_weighted_mean_delta_and_keeps_integer_buffers_whole():
+    state = {"w": np.array([1.0, 2.0], dtype=np.float32), "n": np.array(5, dtype=np.int64)}
+    deltas = [
+        {"w": np.array([1.0, 0.0], dtype=np.float32), "n": np.array(3, dtype=np.int64)},
+        {"w": np.array([-1.0, 4.0], dtype=np.float32), "n": np.array(3, dtype=np.int64)},
+    ]
+    merged = _aggregate(state, deltas, np.array([0.75, 0.25]))
+    np.testing.assert_allclose(merged["w"], [1.5, 3.0])
+    assert merged["w"].dtype == np.float32 and merged["n"] == 8
+
+
+@pytest.mark.slow
+def test_the_benchmark_pairs_every_codec_with_the_exact_aggregate_each_round(tmp_path):
+    out = tmp_path / "pairs.json"
+    argv = ["--tasks", "digits-shufflenet", "--rounds", "2", "--local-steps", "4", "--threads", "1"]
+    assert main([*argv, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["codec"] for r in rows} == set(CODECS)
+    for row in rows:
+        assert len(row["drop_pts_per_round"]) == 2
+        assert all(-100 <= d <= 100 for d in row["drop_pts_per_round"])
+    ratios = {r["codec"]: r["update_bytes_ratio"] for r in rows}
+    assert 1.9 < ratios["fp16"] <= 2.0  # float32 -> float16, integer buffers and the layout as they are
+    assert ratios["dct"] > 1.0
