@@ -1,6 +1,6 @@
 """Each codec's own accuracy cost, paired: the same round's updates aggregated exact and as the codec decodes them.
 
-    python -m bench.codec_pairs --out bench/results/codec_pairs.json      # CPU, about 10 minutes on 2 cores
+    python -m bench.codec_pairs --out bench/results/codec_pairs.json      # CPU, about 5 minutes a seed on 2 cores
 
 The federation's final accuracy cannot tell a codec whose error is small (fp16) from dense: two runs from one
 start drift apart, and the spread between seeds is several points (`comm.json`). Here the CPU demo's tasks train
