@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from bench import codec_pairs
 from bench.codec_pairs import CODECS, _aggregate, main
+from protocol.schemas import CodecSpec
 
 
 def test_fedavg_adds_the_sample_weighted_mean_delta_and_keeps_integer_buffers_whole():
@@ -34,3 +36,12 @@ def test_the_benchmark_pairs_every_codec_with_the_exact_aggregate_each_round(tmp
     ratios = {r["codec"]: r["update_bytes_ratio"] for r in rows}
     assert 1.9 < ratios["fp16"] <= 2.0  # float32 -> float16, integer buffers and the layout as they are
     assert ratios["dct"] > 1.0
+
+
+@pytest.mark.slow
+def test_a_lossless_codec_is_paired_with_no_drop_at_all(monkeypatch):
+    """The pairing compares like with like: an exact codec's aggregate evaluates exactly as the dense one."""
+    monkeypatch.setattr(codec_pairs, "CODECS", {"sparse": CodecSpec(name="sparse")})
+    drops, ratios = codec_pairs.paired_drops("digits-shufflenet", rounds=2, seed=0, local_steps=3)
+    assert drops == [{"sparse": 0.0}, {"sparse": 0.0}]
+    assert ratios["sparse"] > 0
