@@ -4,11 +4,12 @@
 
 The federation's final accuracy cannot tell a codec whose error is small (fp16) from dense: two runs from one
 start drift apart, and the spread between seeds is several points (`comm.json`). Here the CPU demo's tasks train
-`--rounds` rounds on the dense trajectory (three devices, each task's share of each device's IID digits, through
-the task runtime the agents use, FedAvg by samples); after each round the devices' updates are aggregated twice
-from the same global model, exact and as each codec decodes them, and both models are evaluated on the 359
-held-out digits. Per codec and task: the accuracy drop in each round (exact minus codec, points) and the update
-bytes against dense. Stateless codecs only: top-k's error feedback makes its update depend on its own past.
+`--rounds` rounds on the dense trajectory (three devices, each task's share of each device's IID digits, split
+with the seed; the task runtime the agents use and the aggregator's FedAvg); after each round the devices' updates
+are aggregated twice from the same global model, exact and as each codec decodes them, and both models are
+evaluated on the 359 held-out digits. Per codec and task: the accuracy drop in each round (exact minus codec,
+points) and the update bytes against dense. Stateless codecs only: top-k's error feedback makes its update depend
+on its own past.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ CODECS = {
     "fp16": CodecSpec(name="fp16"),
     "dct": CodecSpec(name="dct", fraction=0.8),
 }
-DEVICES = 3  # testbed.demo.DEVICES
 
 
 def paired_drops(
@@ -45,7 +45,7 @@ def paired_drops(
     from common.models import build_model, state_to_numpy
     from protocol.codecs import make_codec
     from protocol.tensors import describe
-    from testbed.demo import TASKS
+    from testbed.demo import DEVICES, TASKS
 
     definition, share = TASKS[task]
     torch.manual_seed(seed)
@@ -53,10 +53,10 @@ def paired_drops(
     runtimes = [
         TaskRuntime(
             definition.model,
-            DigitsData(num_partitions=DEVICES, partition_index=i, fraction=share, seed=seed),
+            DigitsData(num_partitions=len(DEVICES), partition_index=i, fraction=share, seed=seed),
             device="cpu",
         )
-        for i in range(DEVICES)
+        for i in range(len(DEVICES))
     ]
     codecs = {name: make_codec(spec.name, spec.fraction) for name, spec in CODECS.items()}
     dense = make_codec("dense")
@@ -65,33 +65,31 @@ def paired_drops(
     for version in range(rounds):
         assignment = _assignment(task, definition, version, local_steps)
         results = [r.train(assignment, state, seed=seed * 1000 + version) for r in runtimes]
-        weights = np.array([r.samples for r in results], dtype=np.float64) / sum(r.samples for r in results)
+        weights = [r.samples for r in results]
         deltas = [r.delta for r in results]
         layout = describe(deltas[0])
         sizes["dense"] += sum(len(dense.encode(d)) for d in deltas)
-        exact = _aggregate(state, deltas, weights)
+        exact = _fedavg(state, deltas, weights)
         reference = evaluate(definition.model, exact, test)
         drops.append({})
         for name, codec in codecs.items():
             payloads = [codec.encode(d) for d in deltas]
             sizes[name] += sum(len(p) for p in payloads)
             decoded = [codec.decode(p, layout) for p in payloads]
-            accuracy = evaluate(definition.model, _aggregate(state, decoded, weights), test)
+            accuracy = evaluate(definition.model, _fedavg(state, decoded, weights), test)
             drops[-1][name] = round(100 * (reference - accuracy), 2)
         state = exact
     return drops, {name: sizes["dense"] / sizes[name] for name in codecs}
 
 
-def _aggregate(state: dict, deltas: list[dict], weights: np.ndarray) -> dict[str, np.ndarray]:
-    """FedAvg: the global model plus the sample-weighted mean delta (integer buffers take the first device's)."""
-    merged = {}
-    for name, value in state.items():
-        if np.issubdtype(value.dtype, np.floating):
-            mean = sum(w * d[name].astype(np.float64) for w, d in zip(weights, deltas))
-            merged[name] = (value + mean).astype(value.dtype)
-        else:
-            merged[name] = value + deltas[0][name]
-    return merged
+def _fedavg(state: dict, deltas: list[dict], weights: list[int]) -> dict[str, np.ndarray]:
+    """The aggregator's FedAvg of `deltas` against `state`, each weighted by its device's samples."""
+    from aggregator.strategies.fedavg import StreamingFedAvg
+
+    strategy = StreamingFedAvg(state)
+    for delta, weight in zip(deltas, weights):
+        strategy.fold(delta, weight)
+    return strategy.result()
 
 
 def _assignment(task: str, definition, version: int, local_steps: int | None):
@@ -115,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.progress import track
     from rich.table import Table
 
-    from testbed.demo import TASKS
+    from testbed.demo import DEVICES, TASKS
 
     args = parse(argv)
     torch.set_num_threads(args.threads)
@@ -150,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['max_abs_drop_pts']:.2f}",
         )
     Console().print(table)
-    settings = vars(args) | {"out": str(args.out), "devices": DEVICES, "tasks": args.tasks}
+    settings = vars(args) | {"out": str(args.out), "devices": len(DEVICES), "tasks": args.tasks}
     settings["local_epochs"] = {t: TASKS[t][0].local_epochs for t in args.tasks}
     write_json(args.out, {"settings": settings, "rows": rows})
     print(f"wrote {args.out}")
