@@ -19,7 +19,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from agent.calibration import FIT_SHARE, Result, Target, calibrate_gpu, fit_and_export, target_for
+from agent.calibration import Result, Target, calibrate_gpu, fit_and_export, measuring_left, target_for
 from common.durable import write_atomically
 from protocol.schemas import TaskAssignment
 
@@ -75,7 +75,7 @@ class AutoCalibration:
         state = self._state(target)
         if state["finished"]:
             return False
-        left = max(0.0, self.config.budget_s * (1 - FIT_SHARE) - state["measured_s"])
+        left = measuring_left(self.config.budget_s, state["measured_s"])
         self._stop.clear()
         self._idle.clear()
         self._thread = threading.Thread(

@@ -191,6 +191,11 @@ def calibrate(
     return result
 
 
+def measuring_left(budget_s: float, measured_s: float) -> float:
+    """Seconds of a calibration budget's measuring share (all but FIT_SHARE) that earlier sittings left unspent."""
+    return max(0.0, budget_s * (1 - FIT_SHARE) - measured_s)
+
+
 def fit_and_export(data: Path, target: Target, epochs: int | None = None) -> Path:
     """Fit the predictor on a data file (the target's focus combinations stay out of the unseen split) and export
     it to ONNX with its model card, next to the data. ValueError when the file holds too few records."""

@@ -82,10 +82,12 @@ class Progress(msgspec.Struct, frozen=True):
         write_atomically(folder / PROGRESS_FILE, msgspec.json.encode(self))
 
 
-def this_call(before: Progress, measure_s: float, call_s: float | None) -> tuple[float, bool]:
-    """Seconds this call measures, and whether it is the last (it spends what is left of the measuring share
-    `measure_s`, so it fits)."""
-    left = max(0.0, measure_s - before.measured_s)
+def this_call(before: Progress, budget_s: float, call_s: float | None) -> tuple[float, bool]:
+    """Seconds this call measures, and whether it is the last (it spends what is left of the budget's measuring
+    share, so it fits)."""
+    from agent.calibration import measuring_left
+
+    left = measuring_left(budget_s, before.measured_s)
     if call_s is None or call_s >= left:
         return left, True
     return call_s, False
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     from agent import jobs
-    from agent.calibration import FIT_SHARE, PoolMeasure, calibrate_gpu, generic_target
+    from agent.calibration import PoolMeasure, calibrate_gpu, generic_target, measuring_left
     from agent.mps import mps_sharing
     from bench.colocation import SCENARIOS
     from predictor.correction import CorrectedPredictor
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.folder or Path(tempfile.mkdtemp(prefix="calibration-", dir=args.out))
     folder.mkdir(parents=True, exist_ok=True)
     before = Progress.load(folder)
-    measure_s, last_call = this_call(before, args.budget_s * (1 - FIT_SHARE), args.call_s)
+    measure_s, last_call = this_call(before, args.budget_s, args.call_s)
     target = generic_target(args.resolution)
     scenarios = [SCENARIOS[name] for name in ("heavy", "light", "hybrid")]
     with mps_sharing() as sharing:
@@ -150,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         if not last_call:
             spent.save(folder)
             print(
-                f"measured {spent.measured_s:.0f} s of {args.budget_s * (1 - FIT_SHARE):.0f} s in {spent.calls} "
-                f"call(s): continue with --folder {folder}"
+                f"measured {spent.measured_s:.0f} s in {spent.calls} call(s), "
+                f"{measuring_left(args.budget_s, spent.measured_s):.0f} s left: continue with --folder {folder}"
             )
             return 0
         minutes = spent.seconds / 60

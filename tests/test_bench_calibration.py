@@ -48,13 +48,13 @@ def test_refinement_folds_each_round_into_the_correction_and_the_unseen_mape_mat
 
 def test_a_budget_spans_calls_until_the_measuring_share_is_spent_and_only_the_last_call_fits(tmp_path):
     assert Progress.load(tmp_path) == Progress()  # a new folder: nothing spent
-    assert this_call(Progress(), 675.0, None) == (675.0, True)  # one sitting
-    assert this_call(Progress(), 675.0, 480.0) == (480.0, False)
+    assert this_call(Progress(), 900.0, None) == (675.0, True)  # one sitting
+    assert this_call(Progress(), 900.0, 480.0) == (480.0, False)
     first = Progress(calls=1, seconds=530.0, measured_s=483.5)  # a window ran past the call's limit
     first.save(tmp_path)
     assert Progress.load(tmp_path) == first
-    assert this_call(first, 675.0, 480.0) == pytest.approx((191.5, True))
-    assert this_call(Progress(calls=2, measured_s=700.0), 675.0, 480.0) == (0.0, True)  # fit what is there
+    assert this_call(first, 900.0, 480.0) == pytest.approx((191.5, True))
+    assert this_call(Progress(calls=2, measured_s=700.0), 900.0, 480.0) == (0.0, True)  # fit what is there
 
 
 def test_a_broken_progress_file_is_refused_rather_than_read_as_nothing_spent(tmp_path):
