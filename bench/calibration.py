@@ -12,10 +12,11 @@
 
 A budget longer than one sitting (the device tool runs a command for 10 minutes at most) spans calls: each call
 with `--folder DIR --call-s S` measures for at most S seconds, appending to DIR's data file, and records what it
-spent in DIR/progress.json; the call that spends the measuring share fits, refines and reports `minutes` as the
-sum of every call's wall time (each call pays the workers' start-up again, so the sum overstates one sitting).
+spent in DIR/progress.json; once the measuring share is spent, the next call fits, refines and reports `minutes`
+as the sum of every call's wall time (each call pays the workers' start-up again, so the sum overstates one
+sitting).
 
-    python -m bench.calibration --budget-s 900 --folder /tmp/cal900 --call-s 480 --out bench/results   # twice
+    python -m bench.calibration --budget-s 900 --folder /tmp/cal900 --call-s 480 --out bench/results   # 3 times
 """
 
 from __future__ import annotations
@@ -83,14 +84,15 @@ class Progress(msgspec.Struct, frozen=True):
 
 
 def this_call(before: Progress, budget_s: float, call_s: float | None) -> tuple[float, bool]:
-    """Seconds this call measures, and whether it is the last (it spends what is left of the budget's measuring
-    share, so it fits)."""
+    """Seconds this call measures, and whether it fits. One sitting (no `call_s`) measures the whole measuring
+    share and fits; a call of a split run either measures (at most `call_s`) or, once nothing is left to
+    measure, fits and refines, so no call holds both the measuring and the fit."""
     from agent.calibration import measuring_left
 
     left = measuring_left(budget_s, before.measured_s)
-    if call_s is None or call_s >= left:
+    if call_s is None:
         return left, True
-    return call_s, False
+    return (min(call_s, left), False) if left > 0 else (0.0, True)
 
 
 def unseen_mape(predictor, data: Path, card: dict) -> float | None:

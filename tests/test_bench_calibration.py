@@ -46,14 +46,15 @@ def test_refinement_folds_each_round_into_the_correction_and_the_unseen_mape_mat
     assert error[1] < error[0]  # the device runs 1.3x the calibrated law: the rounds learn it
 
 
-def test_a_budget_spans_calls_until_the_measuring_share_is_spent_and_only_the_last_call_fits(tmp_path):
+def test_a_split_budget_measures_call_by_call_until_the_share_is_spent_then_a_call_of_its_own_fits(tmp_path):
     assert Progress.load(tmp_path) == Progress()  # a new folder: nothing spent
     assert this_call(Progress(), 900.0, None) == (675.0, True)  # one sitting
     assert this_call(Progress(), 900.0, 480.0) == (480.0, False)
     first = Progress(calls=1, seconds=530.0, measured_s=483.5)  # a window ran past the call's limit
     first.save(tmp_path)
     assert Progress.load(tmp_path) == first
-    assert this_call(first, 900.0, 480.0) == pytest.approx((191.5, True))
+    assert this_call(first, 900.0, 480.0) == pytest.approx((191.5, False))
+    assert this_call(Progress(calls=2, measured_s=675.0), 900.0, 480.0) == (0.0, True)  # spent exactly
     assert this_call(Progress(calls=2, measured_s=700.0), 900.0, 480.0) == (0.0, True)  # fit what is there
 
 
