@@ -39,11 +39,22 @@ class ExecutionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     loader_workers: Annotated[int, Meta(ge=0, le=64)] = 2  # file-reading processes of a streamed image folder
     release_memory: bool = False  # return each worker's cached GPU memory between rounds
     worker_stall_s: Annotated[float, Meta(gt=0)] = 600.0  # a worker silent this long is replaced
+    # processes started with the agent that load torch ahead of any round, each taken by the next worker start
+    # (round 1's above all). None: one per task in [tasks] on a GPU; none on the CPU, where their start would
+    # compete with training for the same cores (README). Each holds what a worker holds with torch loaded
+    # (0.66 GB unique memory on x86 CPU torch) before it is one
+    spare_workers: Annotated[int, Meta(ge=0, le=64)] | None = None
     # a finished task's SM share: "off" (kept until the round ends) or "handover" (standby workers, README)
     reallocate: Literal["off", "handover"] = "off"
     plan_objective: Literal["makespan", "sum"] = "makespan"  # Eq. 5: tasks finish together, or sum of P_i
     max_prediction_error_pct: Annotated[float, Meta(gt=0)] = 20.0  # above it: the best measured shares
     error_rounds: Annotated[int, Meta(ge=1)] = 5  # recent rounds the prediction error is taken over
+
+    def spares(self, tasks: int, compute: str) -> int:
+        """Spare worker processes for an agent with `tasks` configured tasks training on `compute`."""
+        if self.spare_workers is not None:
+            return self.spare_workers
+        return tasks if compute == "cuda" else 0
 
 
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

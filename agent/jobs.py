@@ -25,9 +25,15 @@ class _Line(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tru
 
 
 class Init(_Line, tag="init"):
+    """Initialise the device. `env` is the launch's environment (MPS pipe and SM share, CUDA_*: read when the
+    CUDA driver initialises, which happens here and not at import), so a worker started ahead of its launch
+    (a spare, agent.workers) gets its share; `log_path` takes the worker's stderr from then on."""
+
     device: Literal["cpu", "cuda"]
     threads: Annotated[int, Meta(ge=1)] = 1
     cudnn_benchmark: bool = False  # autotuning every new shape stalls for seconds, worse under MPS
+    env: dict[str, str] = {}
+    log_path: str | None = None
 
 
 class Prepare(_Line, tag="prepare"):

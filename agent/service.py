@@ -217,6 +217,7 @@ class Agent:
         """Handle messages, task outcomes and timers until `stop`; `alive()` on every pass (systemd's watchdog)."""
         log.info("agent %s starting; tasks %s", self.device, self.samples)
         server = serve(self.config.metrics, self.metrics.registry)
+        self.pool.add_spares(self.config.execution.spares(len(self.config.tasks), self.compute))
         self.link.start()
         try:
             while not stop.is_set():

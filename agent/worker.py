@@ -57,10 +57,12 @@ class Worker:
             self.stop_requested = self.handover_requested = False
             try:
                 self.run(command)
+            except BrokenPipeError:  # the parent is gone (main ends the worker quietly)
+                raise
             except Exception as exc:  # reported to the parent, which decides what happens next
                 code = classify(exc)
+                traceback.print_exc(file=sys.stderr)  # in the log before the parent hears of it
                 self.emit(jobs.Failed(code=code, error=f"{type(exc).__name__}: {exc}"))
-                traceback.print_exc(file=sys.stderr)
                 if code == "mps":  # the CUDA context is unusable after an MPS fault
                     return 3
         return 0
@@ -78,6 +80,10 @@ class Worker:
             raise ValueError(f"unexpected command {type(command).__name__}")
 
     def init(self, command: jobs.Init) -> None:
+        if command.log_path:
+            with open(command.log_path, "ab") as log:
+                os.dup2(log.fileno(), 2)
+        os.environ.update(command.env)  # before the CUDA driver initialises (torch.cuda below)
         import torch
 
         torch.set_num_threads(command.threads)
@@ -255,10 +261,19 @@ def classify(exc: BaseException) -> jobs.FailureCode:
     return "error"
 
 
+def preload() -> None:
+    """Load torch, torchvision and the training code before the first command: what a spare worker waits with
+    (the CUDA driver is not initialised by this, so Init's environment still applies)."""
+    import torchvision.models  # noqa: F401
+
+    import agent.training  # noqa: F401
+
+
 def main() -> int:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed by libraries goes to stderr
     sys.stdout = sys.stderr
+    preload()
     worker = Worker(sys.stdin.buffer, out)
 
     def request_stop(signum, frame) -> None:

@@ -2,8 +2,10 @@
 
 `WorkerProcess` wraps one `python -m agent.worker` child. `WorkerPool` keeps workers by key (a task, or a
 (model, R_i) pair when calibrating) across rounds: a worker is reused while its launch environment is unchanged
-(MPS reads CUDA_MPS_ACTIVE_THREAD_PERCENTAGE once, at process start), restarted when it changes, replaced when it
-died or hung, and ended cleanly when the pool closes.
+(MPS reads CUDA_MPS_ACTIVE_THREAD_PERCENTAGE once, when the process's CUDA driver initialises), restarted when
+it changes, replaced when it died or hung, and ended cleanly when the pool closes. A pool may keep spares:
+processes that loaded torch ahead of any launch and take their launch's environment at Init, so a first round
+does not wait for the interpreter and its libraries.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections import deque
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import msgspec
 
 from agent import jobs
 
@@ -57,9 +61,9 @@ class WorkerProcess:
     """One worker child; its events are read by a thread into a queue. The progress of its current command is
     kept as read by `expect`."""
 
-    def __init__(self, name: str, env: Mapping[str, str] | None = None, log_path: Path | None = None) -> None:
+    def __init__(self, name: str, log_path: Path | None = None) -> None:
         self.name = name
-        child_env = {**os.environ, **(env or {})}
+        child_env = dict(os.environ)
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
         self._log = open(log_path, "ab") if log_path else None
         self.proc = subprocess.Popen(
@@ -162,12 +166,23 @@ class WorkerProcess:
 
 
 def start_worker(
-    launch: Launch, init: jobs.Init, log_path: Path | None = None, timeout_s: float = 300.0
+    launch: Launch,
+    init: jobs.Init,
+    log_path: Path | None = None,
+    timeout_s: float = 300.0,
+    spare: WorkerProcess | None = None,
 ) -> tuple[WorkerProcess, jobs.Ready]:
-    """Start a worker for `launch`, initialise it and check the SM count it got; raise on any failure."""
-    worker = WorkerProcess(launch.task, launch.env, log_path)
+    """Start a worker for `launch` (or give it `spare`, which then logs to `log_path`), initialise it with the
+    launch's environment and check the SM count it got; raise on any failure."""
+    if spare is None:
+        worker = WorkerProcess(launch.task, log_path)
+    else:
+        worker, spare.name = spare, launch.task
+        init = msgspec.structs.replace(init, log_path=str(log_path) if log_path else None)
     try:
-        ready = worker.call(init, jobs.Ready, timeout_s=timeout_s)
+        ready = worker.call(
+            msgspec.structs.replace(init, env=dict(launch.env)), jobs.Ready, timeout_s=timeout_s
+        )
         if launch.expected_sms is not None and ready.sm_count != launch.expected_sms:
             raise TaskFailed(
                 jobs.Failed(
@@ -204,7 +219,8 @@ class _Slot:
 
 
 class WorkerPool:
-    """Warm workers by key; `acquire` hands one out exclusively until `release`."""
+    """Warm workers by key; `acquire` hands one out exclusively until `release`. Spares (`add_spares`) are
+    given to the next worker starts that find one alive."""
 
     def __init__(self, init: jobs.Init, log_dir: Path | None = None, timeout_s: float = 300.0) -> None:
         self.init, self.log_dir, self.timeout_s = init, log_dir, timeout_s
@@ -212,6 +228,8 @@ class WorkerPool:
         self._guard = threading.Lock()
         self._closed = False
         self.start_seconds: deque[float] = deque(maxlen=20)  # recent process starts (Init + first Prepare)
+        self._spares: list[WorkerProcess] = []
+        self._spares_started = 0
 
     def acquire(
         self, key: Hashable, launch: Launch, prepare: jobs.Prepare | None = None, *, ahead: bool = False
@@ -232,8 +250,9 @@ class WorkerPool:
                 log.info("restarting worker %s: %s", launch.task, reason)
                 self._discard(slot)
             if slot.worker is None:
-                log_path = self.log_dir / f"{launch.task}.log" if self.log_dir else None
-                slot.worker, slot.ready = start_worker(launch, self.init, log_path, self.timeout_s)
+                slot.worker, slot.ready = start_worker(
+                    launch, self.init, self._log_path(launch.task), self.timeout_s, self._take_spare()
+                )
                 slot.launch, slot.fresh, started_here = launch, True, True
                 if self._closed:  # closed while it started: it would outlive the pool
                     raise WorkerGone("the worker pool closed while the worker started")
@@ -300,15 +319,47 @@ class WorkerPool:
             self._closed = True
             slots = list(self._slots.values())
             self._slots.clear()
+            spares, self._spares = self._spares, []
         for slot in slots:
             if slot.worker is not None:
                 slot.worker.close(grace_s)
+        for spare in spares:
+            spare.close(grace_s)
+
+    def add_spares(self, count: int) -> None:
+        """Start `count` spare processes; each loads torch now and takes its launch's environment later."""
+        with self._guard:
+            if self._closed:
+                raise WorkerGone("the worker pool is closed")
+            for number in range(self._spares_started, self._spares_started + count):
+                self._spares.append(WorkerProcess(f"spare-{number}", self._log_path(f"spare-{number}")))
+            self._spares_started += count
+
+    @property
+    def spares(self) -> int:
+        """Spare processes not yet given to a worker start."""
+        return len(self._spares)
 
     def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _log_path(self, name: str) -> Path | None:
+        return self.log_dir / f"{name}.log" if self.log_dir else None
+
+    def _take_spare(self) -> WorkerProcess | None:
+        """A spare still alive (one that died is ended and skipped), or None."""
+        while True:
+            with self._guard:
+                if not self._spares:
+                    return None
+                spare = self._spares.pop(0)
+            if spare.alive:
+                return spare
+            log.warning("spare worker %s exited (code %s); skipped", spare.name, spare.proc.returncode)
+            spare.close(grace_s=1)
 
     def _slot(self, key: Hashable) -> _Slot:
         with self._guard:

@@ -92,6 +92,7 @@ def _options(args, policy: str, partition: str, folder: Path) -> Options:
         models=dict.fromkeys(TASKS, args.models) if args.models else None,
         gpus=tuple(args.gpus.split(",")) if args.gpus else None,
         reallocate=args.reallocate,
+        spare_workers=args.spare_workers,
         predictor=str(args.predictor.resolve()) if args.predictor else None,
         timeout_s=args.timeout,
         stop_at=None if args.all_rounds else args.target,
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "local_steps": args.local_steps,
             "models": args.models,
             "reallocate": args.reallocate,
+            "spare_workers": args.spare_workers,
             "predictor": str(args.predictor) if args.predictor else None,
             "stopped_at_target": not args.all_rounds,
         },
@@ -199,6 +201,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--local-steps", type=_local_steps, help="N or TASK=N,... (default: epochs)")
     parser.add_argument("--models", help="one torchvision model for every task (smoke runs)")
     parser.add_argument("--reallocate", choices=["off", "handover"], default="off")
+    parser.add_argument(
+        "--spare-workers", type=int, help="the agents' spare worker processes (default: one per task)"
+    )
     parser.add_argument(
         "--predictor", type=Path, help="the agents' ONNX predictor, e.g. one `fedmt-agent calibrate` made"
     )

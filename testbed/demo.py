@@ -89,6 +89,7 @@ class Options:
     models: dict[str, str] | None = None  # task -> another torchvision model
     gpus: tuple[str, ...] | None = None  # each agent's GPU (`[execution] gpu`: NVML index or UUID), in turn
     reallocate: Literal["off", "handover"] = "off"
+    spare_workers: int | None = None  # the agents' spare worker processes (None: their default)
     predictor: str | None = (
         None  # the agents' ONNX predictor (default: calibrated in their state, or shipped)
     )
@@ -136,6 +137,7 @@ class Options:
             device=self.device,
             cpu_threads_per_task=1,
             reallocate=self.reallocate,
+            spare_workers=self.spare_workers,
             predictor=self.predictor,
             upload=self.upload,
             **chosen,
@@ -499,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         help="on_finish: each update uploads while other tasks train (Algorithm 1); after_round: naive",
     )
     parser.add_argument("--seed", type=int, default=0, help="the initial global models' seed")
+    parser.add_argument(
+        "--spare-workers", type=int, help="each agent's spare worker processes (default: one per task)"
+    )
     args = parser.parse_args(argv)
     codec = CodecSpec(name=args.codec, fraction=args.codec_fraction) if args.codec else None
     options = Options(
@@ -517,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         link_latency_ms=args.link_latency_ms,
         upload=args.upload,
         seed=args.seed,
+        spare_workers=args.spare_workers,
     )
     try:
         summary = run(options)

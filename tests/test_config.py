@@ -28,6 +28,13 @@ def test_valid_files_load_with_defaults(tmp_path):
     assert aggregator.tasks["digits"].batch_size == 32 and aggregator.mqtt.username == "aggregator"
 
 
+def test_spare_workers_default_to_one_per_task_on_a_gpu_and_none_on_the_cpu(tmp_path):
+    execution = load(tmp_path, AGENT, AgentConfig).execution
+    assert (execution.spares(3, "cuda"), execution.spares(3, "cpu")) == (3, 0)
+    execution = load(tmp_path, AGENT + "[execution]\nspare_workers = 1\n", AgentConfig).execution
+    assert (execution.spares(3, "cuda"), execution.spares(3, "cpu")) == (1, 1)
+
+
 @pytest.mark.parametrize(
     "text, kind, message",
     [
@@ -54,6 +61,7 @@ def test_valid_files_load_with_defaults(tmp_path):
             "min_batch_size <= batch_size <= max_batch_size",
         ),
         ("[tasks\n", AggregatorConfig, "not valid TOML"),
+        (AGENT + "[execution]\nspare_workers = -1\n", AgentConfig, "execution.spare_workers"),
         (AGGREGATOR + 'strategy = { name = "krum" }\n', AggregatorConfig, "'tasks[...].strategy.name'"),
         (AGGREGATOR + "limits = { max_norm = -1 }\n", AggregatorConfig, "'tasks[...].limits.max_norm'"),
         (

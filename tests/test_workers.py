@@ -313,3 +313,63 @@ def test_a_lease_out_when_the_pool_closes_ends_with_it_and_nothing_starts_after(
     pool.release("a", healthy=False)  # the standby's thread lets go late: nothing left to do, no error
     with pytest.raises(WorkerGone, match="closed"):
         pool.acquire("b", Launch("b"), prepare(8))
+
+
+def test_the_worker_applies_its_launch_environment_before_the_device_initialises(monkeypatch):
+    import io
+
+    from agent.worker import Worker
+
+    monkeypatch.delenv("FEDMT_LAUNCH_PROBE", raising=False)  # set by the worker below; removed after the test
+    out = io.BytesIO()
+    Worker(io.BytesIO(), out).init(
+        jobs.Init(device="cpu", threads=torch_threads(), env={"FEDMT_LAUNCH_PROBE": "42"})
+    )
+    assert os.environ["FEDMT_LAUNCH_PROBE"] == "42"
+    assert isinstance(jobs.decode_event(out.getvalue().splitlines()[0]), jobs.Ready)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def test_spares_are_given_to_worker_starts_until_none_is_left_and_then_workers_start_afresh(base, tmp_path):
+    import msgspec
+
+    with WorkerPool(CPU, log_dir=tmp_path) as pool:
+        pool.add_spares(2)
+        spare_pids = {spare.proc.pid for spare in pool._spares}
+        leases = [pool.acquire(key, Launch(key, env={"X": key}), prepare(8)) for key in ("a", "b", "c")]
+        for key in ("a", "b", "c"):
+            pool.release(key)
+        assert {lease.ready.pid for lease in leases[:2]} == spare_pids and pool.spares == 0
+        assert leases[2].ready.pid not in spare_pids
+        assert all(lease.started_process and lease.prepared.samples == 8 for lease in leases)
+        assert [lease.worker.name for lease in leases] == ["a", "b", "c"]
+        # a spare's output goes to its task's log once it is given one (here: a failed command's traceback)
+        missing = msgspec.structs.replace(
+            work(base, tmp_path, "a", 8).train, base_path=str(tmp_path / "none")
+        )
+        with pytest.raises(TaskFailed, match="none"):
+            leases[0].worker.call(missing, jobs.Trained, timeout_s=60)
+        assert "Traceback" in (tmp_path / "a.log").read_text()
+        assert "Traceback" not in (tmp_path / "spare-0.log").read_text()
+
+
+def test_a_spare_that_died_is_skipped_and_a_closed_pool_ends_its_spares(tmp_path):
+    pool = WorkerPool(CPU, log_dir=tmp_path)
+    pool.add_spares(2)
+    dead, kept = pool._spares
+    dead.proc.kill()
+    dead.proc.wait(10)
+    lease = pool.acquire("a", Launch("a"))
+    pool.release("a")
+    assert lease.ready.pid == kept.proc.pid and pool.spares == 0
+    pool.add_spares(1)
+    (idle,) = pool._spares
+    pool.close()
+    assert idle.proc.returncode == 0 and pool.spares == 0
+    with pytest.raises(WorkerGone):
+        pool.add_spares(1)
