@@ -104,8 +104,9 @@ def sample_configs(
     measured: frozenset[Config] = frozenset(),
     batches: Mapping[Hashable, Sequence[int]] | None = None,
 ) -> list[Config]:
-    """Every model alone at a few R levels and all its batch sizes (`batches`, default BATCHES) first (the
-    baselines, unless already `measured`), then random co-locations (half of them on `focus`) in random order."""
+    """Every model alone on all the SMs at all its batch sizes (`batches`, default BATCHES) first (the
+    baselines), then alone at the lower ALONE_LEVELS alternating with random co-locations (half of them on
+    `focus`), so that a budget that ends early still holds co-locations; what is already `measured` is skipped."""
     rng = random.Random(seed)
 
     def options(model: Hashable) -> Sequence[int]:
@@ -120,7 +121,14 @@ def sample_configs(
         else:
             combo = tuple(rng.sample(models, min(len(models), rng.choice((2, 2, 3, 3, 4, 5)))))
         together.append(Config(tuple((m, rng.choice(options(m)), rng.choice(R_LEVELS)) for m in combo)))
-    return alone + together
+    baselines = [c for c in alone if c.tasks[0][2] == ALONE_LEVELS[0]]
+    return baselines + _alternate([c for c in alone if c not in baselines], together)
+
+
+def _alternate(first: list[Config], second: list[Config]) -> list[Config]:
+    """first[0], second[0], first[1], second[1], ... and then the rest of the longer list."""
+    paired = min(len(first), len(second))
+    return [c for pair in zip(first, second) for c in pair] + first[paired:] + second[paired:]
 
 
 def dataset_path(root: Path, gpu: str) -> Path:

@@ -139,10 +139,13 @@ def test_calibration_measures_baselines_then_co_locations_within_its_budget_and_
     records = load_records(result.data)
     assert result.data == dataset_path(tmp_path, GPU) and len(records) == result.windows == 80
     assert gpu.windows == 80 * REPEATS and result.measured_s == pytest.approx(80 * WINDOW_S * REPEATS)
-    baselines = 3 * len(ALONE_LEVELS) * 4
-    assert all(len(r.tasks) == 1 for r in records[:baselines]) and all(
-        len(r.tasks) > 1 for r in records[baselines:]
+    full, shared = 3 * 4, 3 * 4 * (len(ALONE_LEVELS) - 1)  # alone on all the SMs first, then alternating
+    alternating = records[full : full + 2 * shared]
+    assert all(len(r.tasks) == 1 and r.tasks[0].resource == 100 for r in records[:full])
+    assert all(len(r.tasks) == 1 for r in alternating[::2]) and all(
+        len(r.tasks) > 1 for r in alternating[1::2]
     )
+    assert all(len(r.tasks) > 1 for r in records[full + 2 * shared :])
     assert {Workload(t.model, task_spec(r, t).input_size) for r in records for t in r.tasks} == set(
         target.workloads
     )

@@ -434,13 +434,22 @@ def test_shipped_predictor_reproduces_its_card_errors(shipped) -> None:
 # ---------------------------------------------------------------------------------- profiler sampling
 
 
-def test_profiler_measures_every_baseline_first_then_co_locations() -> None:
+def test_profiler_measures_the_full_gpu_baselines_first_then_lower_shares_alone_between_co_locations() -> (
+    None
+):
     models = ("resnet18", "vgg16", "densenet121")
     configs = sample_configs(3, 60, models=models, focus=(("resnet18", "vgg16"),))
-    baselines = len(models) * len(ALONE_LEVELS) * len(BATCHES)
-    alone, together = configs[:baselines], configs[baselines:]
-    assert {c.tasks[0] for c in alone} == {(m, b, r) for m in models for r in ALONE_LEVELS for b in BATCHES}
-    assert len(configs) == 60 and all(len(c.tasks) >= 2 for c in together)
+    full = len(models) * len(BATCHES)
+    assert {c.tasks[0] for c in configs[:full]} == {(m, b, ALONE_LEVELS[0]) for m in models for b in BATCHES}
+    shared = full * (len(ALONE_LEVELS) - 1)  # alone at the lower levels, each followed by a co-location
+    alternating = configs[full : full + 2 * shared]
+    assert all(len(c.tasks) == 1 for c in alternating[::2]) and all(
+        len(c.tasks) >= 2 for c in alternating[1::2]
+    )
+    assert {c.tasks[0] for c in configs if len(c.tasks) == 1} == {
+        (m, b, r) for m in models for r in ALONE_LEVELS for b in BATCHES
+    }
+    assert len(configs) == 60 and all(len(c.tasks) >= 2 for c in configs[full + 2 * shared :])
     assert sample_configs(3, 60, models=models, focus=(("resnet18", "vgg16"),)) == configs  # seeded
 
 
