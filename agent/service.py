@@ -76,6 +76,7 @@ class ActiveRound:
     mps_fault: bool = False
     planned: dict[str, TaskAssignment] = field(default_factory=dict)  # with the batch sizes actually used
     plan: RoundPlan | None = None
+    plan_s: float = 0.0  # taking the round: planning it, until its task thread runs
     outcomes: dict[str, TaskOutcome] = field(default_factory=dict)
 
 
@@ -450,6 +451,7 @@ class Agent:
             return
         lease = item.lease
         metrics = {
+            "plan_s": current.plan_s,
             "wait_global_s": current.ready_at.get(item.task, current.received_at) - current.received_at,
             "worker_start_s": lease.start_s,
             "worker_restarted": float(lease.started_process),
@@ -605,6 +607,7 @@ class Agent:
             inbox.put(RoundDone(number))
 
         active.thread = threading.Thread(target=run, name=f"round-{number}", daemon=True)
+        active.plan_s = time.monotonic() - active.received_at
         active.thread.start()
         log.info("round %d (%s): training %s", number, plan.policy, [a.task for a in plan.assignments])
 

@@ -1,7 +1,7 @@
 """The phases of a federated round as the agents measure them and report them in their events.
 
-A phase is a key of an event's metrics: the agent puts `wait_global_s` and `worker_start_s` in a task's
-`started` event, `train_s` in its `finished` event and `upload_s` in its `acknowledged` event. The aggregator
+A phase is a key of an event's metrics: the agent puts `plan_s` (taking the round: its plan, until the
+task threads run), `wait_global_s` and `worker_start_s` in a task's `started` event, `train_s` in its `finished` event and `upload_s` in its `acknowledged` event. The aggregator
 measures the last phase itself (its last accepted update of a task round -> the new global version).
 """
 
@@ -11,6 +11,7 @@ from protocol.schemas import Event
 
 #: phase -> (event kind, metric) for the phases the agents measure themselves, in the order they happen
 MEASURED = {
+    "plan_s": ("started", "plan_s"),
     "wait_global_s": ("started", "wait_global_s"),
     "worker_start_s": ("started", "worker_start_s"),
     "train_s": ("finished", "train_s"),

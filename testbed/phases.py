@@ -21,11 +21,14 @@ if TYPE_CHECKING:
 
 #: per-task phases (common/phases.py), in the order they happen (and are stacked in the plot)
 PHASE_LABELS = dict(
-    zip(PHASES, ("wait for global", "worker start", "training", "upload", "aggregation"), strict=True)
+    zip(PHASES, ("plan", "wait for global", "worker start", "training", "upload", "aggregation"), strict=True)
 )
 #: short column headers of the printed tables, in PHASE_LABELS' order
-TABLE_HEADERS = ("wait", "start", "train", "upload", "aggr")
-TABLE_CAPTION = "wait: schedule -> global cached, start: worker start, aggr: last receipt -> global seen"
+TABLE_HEADERS = ("plan", "wait", "start", "train", "upload", "aggr")
+TABLE_CAPTION = (
+    "plan: round taken -> task threads run, wait: round taken -> global cached, start: worker start, "
+    "aggr: last receipt -> global seen"
+)
 
 Key = tuple[str, int]  # (device, round) or (task, version)
 

@@ -24,7 +24,16 @@ def task_events(device: str, task: str, train: tuple[float, float], acked: float
     """A task's started, finished and acknowledged events; it trains over `train`, its receipt arrives at `acked`."""
     start, end = train
     return [
-        event(device, "started", start, task, wait_global_s=1.0, worker_start_s=0.5, worker_restarted=0.0),
+        event(
+            device,
+            "started",
+            start,
+            task,
+            plan_s=0.3,
+            wait_global_s=1.0,
+            worker_start_s=0.5,
+            worker_restarted=0.0,
+        ),
         event(device, "finished", end, task, train_s=end - start, train_started_at=start, train_ended_at=end),
         event(device, "uploaded", end + 0.5, task, bytes=1e6),
         event(device, "acknowledged", acked, task, upload_s=acked - end),
@@ -61,7 +70,14 @@ def test_the_critical_device_is_the_one_acknowledged_last(events):
 def test_phases_come_from_the_events_and_aggregation_from_the_tasks_last_receipt(events):
     phases = round_detail(1, events, ISSUED_AT, SEEN_AT)["phases"]
     assert phases["d1"]["a"] == pytest.approx(
-        {"wait_global_s": 1.0, "worker_start_s": 0.5, "train_s": 8.0, "upload_s": 2.0, "aggregation_s": 5.0}
+        {
+            "plan_s": 0.3,
+            "wait_global_s": 1.0,
+            "worker_start_s": 0.5,
+            "train_s": 8.0,
+            "upload_s": 2.0,
+            "aggregation_s": 5.0,
+        }
     )
     assert phases["d1"]["a"]["aggregation_s"] == phases["d2"]["a"]["aggregation_s"] == 130.0 - 125.0
     assert phases["d1"]["b"]["aggregation_s"] == phases["d2"]["b"]["aggregation_s"] == 135.0 - 127.0

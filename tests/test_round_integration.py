@@ -60,6 +60,7 @@ def test_later_rounds_train_on_the_warm_workers_of_the_first(tmp_path, broker, o
         observer.wait_for(lambda: acknowledged() >= 8, 30, "every acknowledgement", services)
     started = {(e.device, e.task, e.round): e.metrics for e in observer.events if e.kind == "started"}
     assert len(started) == 8  # 2 devices x 2 tasks x 2 rounds
+    assert all(0 <= metrics["plan_s"] < 60 for metrics in started.values())  # taking the round is timed
     for (device, task, round_), metrics in started.items():
         if round_ == 1:  # started while the global models downloaded: the task may not have waited for it
             assert metrics["worker_restarted"] == 1.0 and metrics["worker_start_s"] >= 0, (device, task)
