@@ -22,7 +22,7 @@ from agent.batching import batch_ceiling, round_images
 from agent.handover import Reallocate, Training
 from agent.history import DeviceHistory
 from agent.mps import GpuSharing
-from agent.policies import R_GRID, Policy, PolicyLaunches, policy_launches, split_by_workload
+from agent.policies import MPS_POLICIES, R_GRID, Policy, PolicyLaunches, policy_launches, split_by_workload
 from agent.selection import Choice, candidates, choose
 from agent.workers import Launch
 from protocol.schemas import TaskAssignment
@@ -94,7 +94,9 @@ class Planner:
         remembered (a look ahead)."""
         from predictor.features import extract
 
-        features = {a.task: extract(a.model) for a in assignments}
+        # only SM shares need the models' features (the first extraction costs seconds: torchvision, FLOPs)
+        shares_planned = policy in MPS_POLICIES and self.sharing.mps_env is not None
+        features = {a.task: extract(a.model) for a in assignments} if shares_planned else {}
         configured = {a.task: a.batch_size for a in assignments}
         resources, note, usable, shares = None, "", False, ""
         if policy == "fedmt" and self.sharing.mps_env is not None:
@@ -104,7 +106,9 @@ class Planner:
                 choice = self._select(assignments, features, samples, configured, searched)
                 resources = dict(zip([a.task for a in assignments], choice.candidate.resources))
                 note, shares = f"{note}; {choice.note}", choice.candidate.name
-        workloads = {a.task: features[a.task].flops_per_sample * a.batch_size for a in assignments}
+        workloads = {
+            a.task: features[a.task].flops_per_sample * a.batch_size for a in assignments if features
+        }
         launches = self._launches(policy, assignments, workloads, resources)
         work = {a.task: round_images(a, samples[a.task], configured[a.task]) for a in assignments}
         kept = running is not None and self._keep_running(

@@ -157,6 +157,16 @@ def test_without_mps_fedmt_falls_back_to_concurrent(tmp_path):
     )
 
 
+@pytest.mark.parametrize("policy, mps", [("temporal", True), ("concurrent", True), ("fedmt", False)])
+def test_a_plan_without_sm_shares_extracts_no_model_features(tmp_path, monkeypatch, policy, mps):
+    def refuse(spec):
+        raise AssertionError(f"features of {spec.name} extracted")
+
+    monkeypatch.setattr("predictor.features.extract", refuse)
+    plan = Planner(sharing(tmp_path, mps=mps), LawPredictor(), "law").plan(policy, TASKS, SAMPLES)
+    assert plan.resources == {} and len(plan.launches) == len(TASKS)
+
+
 # --- warm workers: a new SM share costs a restart ---------------------------------------------------------
 
 
