@@ -202,7 +202,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", help="one torchvision model for every task (smoke runs)")
     parser.add_argument("--reallocate", choices=["off", "handover"], default="off")
     parser.add_argument(
-        "--spare-workers", type=int, help="the agents' spare worker processes (default: one per task)"
+        "--spare-workers", type=int, help="the agents' spare worker processes (default: theirs)"
     )
     parser.add_argument(
         "--predictor", type=Path, help="the agents' ONNX predictor, e.g. one `fedmt-agent calibrate` made"

@@ -1,8 +1,9 @@
 """The phases of a federated round as the agents measure them and report them in their events.
 
-A phase is a key of an event's metrics: the agent puts `plan_s` (taking the round: its plan, until the
-task threads run), `wait_global_s` and `worker_start_s` in a task's `started` event, `train_s` in its `finished` event and `upload_s` in its `acknowledged` event. The aggregator
-measures the last phase itself (its last accepted update of a task round -> the new global version).
+A phase is a key of an event's metrics: the agent puts `plan_s` (taking the round: its plan, until the task
+threads run), `wait_global_s` and `worker_start_s` in a task's `started` event, `train_s` in its `finished` event
+and `upload_s` in its `acknowledged` event. The aggregator measures the last phase itself (its last accepted
+update of a task round -> the new global version).
 """
 
 from __future__ import annotations

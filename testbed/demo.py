@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="the initial global models' seed")
     parser.add_argument(
-        "--spare-workers", type=int, help="each agent's spare worker processes (default: one per task)"
+        "--spare-workers", type=int, help="each agent's spare worker processes (default: theirs)"
     )
     args = parser.parse_args(argv)
     codec = CodecSpec(name=args.codec, fraction=args.codec_fraction) if args.codec else None
