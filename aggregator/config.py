@@ -101,14 +101,20 @@ class TransferConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             )
 
 
+class AggregatorMetricsConfig(MetricsConfig, kw_only=True):
+    # devices whose task events get Prometheus series of their own (the first ones heard from); later devices
+    # count under device="other", so the aggregator's memory and a scrape stay bounded in a large fleet
+    device_series: Annotated[int, Meta(ge=0, le=100_000)] = 100
+
+
 class AggregatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     state_dir: str = "/var/lib/fedmt-aggregator"
     keep_checkpoints: PosInt = 5
     mqtt: MqttSettings = msgspec.field(default_factory=lambda: MqttSettings(username="aggregator"))
     rounds: RoundsConfig = msgspec.field(default_factory=RoundsConfig)
     transfers: TransferConfig = msgspec.field(default_factory=TransferConfig)
-    metrics: MetricsConfig = msgspec.field(
-        default_factory=MetricsConfig
+    metrics: AggregatorMetricsConfig = msgspec.field(
+        default_factory=AggregatorMetricsConfig
     )  # Prometheus endpoint; off by default
     tasks: Annotated[dict[Name, TaskConfig], Meta(min_length=1)]
     # true: other aggregators own other tasks on this broker (README, "Scaling"): take only these tasks' updates

@@ -20,10 +20,12 @@ PREFIX = "fedmt_aggregator"
 
 
 class AggregatorMetrics:
-    def __init__(self, tasks: Iterable[str]) -> None:
+    def __init__(self, tasks: Iterable[str], device_series: int | None = None) -> None:
         self.registry = registry = new_registry()
         self.tasks = frozenset(tasks)
-        self.events = EventMetrics(registry, PREFIX, per_device=True, tasks=self.tasks)
+        self.events = EventMetrics(
+            registry, PREFIX, per_device=True, tasks=self.tasks, max_devices=device_series
+        )
         self.telemetry = TelemetryCollector(registry, f"{PREFIX}_device", per_device=True)
 
         def metric(kind, name: str, doc: str, labels=(), **options):

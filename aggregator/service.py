@@ -70,7 +70,7 @@ class AggregatorService:
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
         self.coordinator = Coordinator(config)
-        self.metrics = AggregatorMetrics(config.tasks)
+        self.metrics = AggregatorMetrics(config.tasks, config.metrics.device_series)
         self.coordinator.on_rejected = self.metrics.rejection
         transfers = config.transfers
         self.updates: TransferInbox[UpdateManifest] = TransferInbox(

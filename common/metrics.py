@@ -128,13 +128,22 @@ class EventMetrics:
     training loss, accuracy and throughput, training time, uploaded bytes, worker starts and phase times.
 
     The agent observes the events it emits; the aggregator those it receives, for the tasks it knows (`tasks`:
-    other task names, which a device may invent, are counted under "other" so they cannot multiply series)."""
+    other task names, which a device may invent, are counted under "other" so they cannot multiply series), and
+    per device for the first `max_devices` devices it hears from (later ones under "other": a fleet of thousands
+    would otherwise hold ~6 KB of series per device)."""
 
     def __init__(
-        self, registry: CollectorRegistry, prefix: str, per_device: bool, tasks: Sequence[str] | None = None
+        self,
+        registry: CollectorRegistry,
+        prefix: str,
+        per_device: bool,
+        tasks: Sequence[str] | None = None,
+        max_devices: int | None = None,
     ) -> None:
         self.per_device = per_device
         self.tasks = None if tasks is None else frozenset(tasks)
+        self.max_devices = max_devices
+        self._devices: set[str] = set()  # the devices with series of their own
         labels = ["device", "task"] if per_device else ["task"]
 
         def metric(kind, name: str, doc: str, extra: Sequence[str] = (), **options):
@@ -156,7 +165,7 @@ class EventMetrics:
         # Phases are per task only: a histogram per device and task would multiply series by the fleet's size.
         self.phase_seconds = Histogram(
             f"{prefix}_phase_seconds",
-            "round phases per task (wait_global, worker_start, train, upload; aggregation on the aggregator)",
+            "round phases per task (plan, wait_global, worker_start, train, upload; aggregation on the aggregator)",
             ["task", "phase"],
             registry=registry,
             buckets=PHASE_BUCKETS,
@@ -167,9 +176,16 @@ class EventMetrics:
             return ""
         return task if self.tasks is None or task in self.tasks else "other"
 
+    def device_label(self, device: str) -> str:
+        if device not in self._devices:
+            if self.max_devices is not None and len(self._devices) >= self.max_devices:
+                return "other"
+            self._devices.add(device)
+        return device
+
     def observe(self, event: Event) -> None:
         task = self.task_label(event.task)
-        labels = (event.device, task) if self.per_device else (task,)
+        labels = (self.device_label(event.device), task) if self.per_device else (task,)
         self.events.labels(*labels, event.kind).inc()
         values = event.metrics
         if event.kind == "finished":

@@ -238,6 +238,27 @@ def test_device_events_telemetry_and_bad_messages(aggregator, caplog):
     assert value(registry, "fedmt_aggregator_messages_dropped_total", kind="telemetry") == 1
 
 
+def test_the_first_devices_heard_get_event_series_of_their_own_and_later_ones_count_as_other(tmp_path):
+    from aggregator.metrics import AggregatorMetrics
+
+    metrics = AggregatorMetrics(["t"], device_series=2)
+    for device in ("d1", "d2", "d3", "d1", "d4"):
+        metrics.event(Event(device=device, ts=1.0, kind="started", round=1, task="t"))
+    registry = metrics.registry
+
+    def started(device: str) -> float | None:
+        return value(registry, "fedmt_aggregator_task_events_total", device=device, task="t", kind="started")
+
+    assert (started("d1"), started("d2"), started("other")) == (2, 1, 2)
+    assert started("d3") is None and started("d4") is None
+    model = '{ name = "tiny", num_classes = 10, input_size = 8 }'
+    (tmp_path / "aggregator.toml").write_text(f"[metrics]\ndevice_series = 5\n[tasks.t]\nmodel = {model}\n")
+    assert load_toml(tmp_path / "aggregator.toml", AggregatorConfig).metrics.device_series == 5
+    (tmp_path / "agent.toml").write_text('device = "d1"\n[metrics]\ndevice_series = 5\n')
+    with pytest.raises(ConfigError, match="device_series"):  # an agent exports no device series
+        load_toml(tmp_path / "agent.toml", AgentConfig)
+
+
 # --- the agent -----------------------------------------------------------------------------------------------
 
 
