@@ -52,7 +52,7 @@ def test_agent_ignores_receipts_for_updates_it_does_not_hold(agent):  # noqa: F8
     assert not agent.receipts.done("t", 1), "a receipt for an unknown update marked rounds as done"
 
 
-def test_a_round_the_agent_cannot_start_fails_its_tasks_in_one_line(agent, caplog):  # noqa: F811
+def test_a_round_the_agent_cannot_start_fails_its_tasks_in_one_line(agent, monkeypatch, caplog):  # noqa: F811
     unknown = ModelSpec(name="no_such_model", num_classes=2, input_size=32)
     schedule = Schedule(
         device="dev1",
@@ -61,6 +61,11 @@ def test_a_round_the_agent_cannot_start_fails_its_tasks_in_one_line(agent, caplo
         deadline=time.time() + 600,
         tasks=[assignment("t", model=unknown)],
     )
+
+    def cannot_plan(*args, **kwargs):  # e.g. a model the planner cannot build to measure its features
+        raise ValueError("unknown model 'no_such_model'")
+
+    monkeypatch.setattr(agent.planner, "plan", cannot_plan)
     feed(agent, [(topics.schedule("dev1", "t"), encode(schedule))])
     failed = [e for e in map(lambda p: decode(p, Event), agent.link.on("/dev1/events")) if e.kind == "failed"]
     assert [(e.task, e.round) for e in failed] == [("t", 3)] and "no_such_model" in failed[0].message
