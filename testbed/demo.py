@@ -30,7 +30,7 @@ import msgspec
 
 from agent.autocalibration import CalibrationConfig
 from agent.config import AgentConfig, ExecutionConfig
-from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig
+from aggregator.config import AggregatorConfig, AggregatorMetricsConfig, RoundsConfig, TaskConfig
 from common.config import to_toml
 from common.metrics import MetricsConfig
 from protocol.schemas import CodecSpec, ExecutionPolicy, ModelSpec, OptimizerSpec, Precision
@@ -156,12 +156,11 @@ def write_configs(
         return MqttSettings(host=broker.host, port=port, username=user, password=passwords[user])
 
     metrics_ports = {name: free_port() for name in ["aggregator", *options.devices()]}
-    metrics = {name: MetricsConfig(port=port) for name, port in metrics_ports.items()}
     configs = {
         "aggregator": AggregatorConfig(
             state_dir=str(out / "state" / "aggregator"),
             mqtt=mqtt("aggregator"),
-            metrics=metrics["aggregator"],
+            metrics=AggregatorMetricsConfig(port=metrics_ports["aggregator"]),
             rounds=RoundsConfig(rounds=options.rounds, min_devices=options.agents, round_timeout_s=600.0),
             tasks={task: definition for task, (definition, _) in options.tasks().items()},
         )
@@ -178,7 +177,7 @@ def write_configs(
             state_dir=str(out / "state" / device),
             telemetry_interval_s=10.0,
             mqtt=mqtt(device),
-            metrics=metrics[device],
+            metrics=MetricsConfig(port=metrics_ports[device]),
             execution=options.execution(index),
             calibration=CalibrationConfig(auto=False),  # runs compare policies: no profiling between rounds
             tasks={task: _data_spec({**data, "fraction": share}) for task, (_, share) in TASKS.items()},

@@ -346,7 +346,8 @@ def test_a_taken_metrics_port_stops_the_daemon_with_one_clear_line(tmp_path, agg
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        config = msgspec.structs.replace(aggregator.config, metrics=MetricsConfig(port=port))
+        metrics = msgspec.structs.replace(aggregator.config.metrics, port=port)
+        config = msgspec.structs.replace(aggregator.config, metrics=metrics)
         path = tmp_path / "aggregator.toml"
         path.write_text(to_toml(config))
         done = subprocess.run(

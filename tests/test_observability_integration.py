@@ -15,7 +15,6 @@ from agent.service import Agent
 from aggregator.cli import main as aggregator_main
 from aggregator.service import AggregatorService
 from common.config import to_toml
-from common.metrics import MetricsConfig
 from protocol import topics
 from protocol.schemas import Status, encode
 from protocol.transport import MqttLink
@@ -37,7 +36,7 @@ ONE_TASK = {"shuffle": SMALL_TASKS["shuffle"]}
 
 
 def with_metrics(config):
-    return msgspec.structs.replace(config, metrics=MetricsConfig(port=free_port()))
+    return msgspec.structs.replace(config, metrics=msgspec.structs.replace(config.metrics, port=free_port()))
 
 
 def url(config) -> str:
