@@ -22,14 +22,11 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from bench import comm
 from bench.common import write_json
-from protocol.schemas import CodecSpec
 
-#: name in the results -> codec (bench.comm's)
-CODECS = {
-    "fp16": CodecSpec(name="fp16"),
-    "dct": CodecSpec(name="dct", fraction=0.8),
-}
+#: name in the results -> codec: bench.comm's stateless lossy ones
+CODECS = {name: comm.CODECS[name] for name in ("fp16", "dct")}
 
 
 def paired_drops(
