@@ -106,9 +106,11 @@ class Planner:
                 choice = self._select(assignments, features, samples, configured, searched)
                 resources = dict(zip([a.task for a in assignments], choice.candidate.resources))
                 note, shares = f"{note}; {choice.note}", choice.candidate.name
-        workloads = {
-            a.task: features[a.task].flops_per_sample * a.batch_size for a in assignments if features
-        }
+        workloads = (
+            {a.task: features[a.task].flops_per_sample * a.batch_size for a in assignments}
+            if features
+            else {}
+        )
         launches = self._launches(policy, assignments, workloads, resources)
         work = {a.task: round_images(a, samples[a.task], configured[a.task]) for a in assignments}
         kept = running is not None and self._keep_running(
