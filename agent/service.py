@@ -673,6 +673,7 @@ class Agent:
 def load_predictor(path: str | None, gpu: GpuReport, compute: str, own: Path | None = None):
     """The throughput predictor for this GPU, or None and why (the planner then uses the heuristic): the
     configured file, else the one calibrated on this device (in `own`), else the one shipped for this GPU."""
+    from predictor.features import remember
     from predictor.records import dataset_path
     from predictor.runtime import PREDICTOR_DIR, OnnxPredictor, PredictorUnavailable, find_predictor
 
@@ -685,4 +686,5 @@ def load_predictor(path: str | None, gpu: GpuReport, compute: str, own: Path | N
         predictor = OnnxPredictor(chosen, gpu=name) if chosen else find_predictor(PREDICTOR_DIR, name)
     except PredictorUnavailable as exc:
         return None, f"no predictor for this device ({exc}): heuristic R_v=200% split by workload"
+    remember(predictor.features)  # the plans then need no feature extraction for these workloads
     return predictor, f"predictor {predictor.path.name} (MAPE {predictor.card['mape_percent']})"

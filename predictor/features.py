@@ -1,5 +1,9 @@
 """Static workload features of a task's model (f_i, m_i of the paper's Eq. 3-4), measured once per model spec.
 
+A process that already knows some (a predictor's model card lists those of the workloads it was fitted on) says
+so with `remember`, and `extract` then takes them as they are: no torch import, no FLOP counting (seconds on a
+CPU core) before a round's first plan.
+
 FLOPs come from torch's FlopCounterMode over one training step (forward + backward) of a batch of two images,
 run on the meta device: shapes only, no arithmetic, so it is fast and independent of CPU load (and attention
 is decomposed into countable matmuls rather than a fused CPU kernel the counter does not know). torch's
@@ -9,6 +13,7 @@ gradient as a dense one), so that one formula is replaced here by the per-group 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 
@@ -33,9 +38,19 @@ class TaskFeatures:
     activation_bytes_per_sample: int  # bytes of every leaf module's forward outputs, per image
 
 
+_known: dict[tuple[str, int, int], TaskFeatures] = {}
+
+
 def extract(spec: ModelSpec) -> TaskFeatures:
-    """Features of `spec`, computed once per (name, input_size, num_classes) in this process."""
-    return _extract(spec.name, spec.input_size, spec.num_classes)
+    """Features of `spec`: remembered ones as they are, others computed once per (name, input_size,
+    num_classes) in this process."""
+    key = (spec.name, spec.input_size, spec.num_classes)
+    return _known.get(key) or _extract(*key)
+
+
+def remember(features: Iterable[TaskFeatures]) -> None:
+    """Take `features` as known in this process (what `extract` would compute for their specs)."""
+    _known.update(((f.model, f.input_size, f.num_classes), f) for f in features)
 
 
 def features_as_array(features: TaskFeatures) -> np.ndarray:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from predictor.encoding import MAX_TASKS, N_INPUTS, encode_inputs
@@ -20,6 +22,25 @@ class PredictorUnavailable(RuntimeError):
 
 def card_path(onnx_path: Path) -> Path:
     return Path(onnx_path).with_suffix(".card.json")
+
+
+def card_features(card: dict, path: Path) -> list[TaskFeatures]:
+    """The features a model card lists for the workloads its predictor was fitted on (none in older cards)."""
+    try:
+        features = msgspec.convert(card.get("features", []), list[TaskFeatures])
+    except msgspec.ValidationError as exc:
+        raise PredictorUnavailable(f"model card {path} lists malformed features: {exc}") from None
+    for f in features:
+        values = (
+            f.input_size,
+            f.num_classes,
+            f.flops_per_sample,
+            f.param_bytes,
+            f.activation_bytes_per_sample,
+        )
+        if not all(math.isfinite(v) and v > 0 for v in values):
+            raise PredictorUnavailable(f"model card {path} lists features out of range: {f}")
+    return features
 
 
 class OnnxPredictor:
@@ -51,6 +72,7 @@ class OnnxPredictor:
         # the batch sizes and input sizes the predictor has seen; outside them it extrapolates
         self.batch_range = (int(low), int(high))
         self.input_sizes = frozenset(self.card["data"].get("input_sizes") or [self.card.get("resolution")])
+        self.features = card_features(self.card, card_path(path))
         try:
             self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types for bad files

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -105,6 +106,11 @@ def fit(
         },
     }
     report["workload"] = _workload(records)
+    # the inputs' features, so that a process using the predictor on these workloads need not extract them
+    features = {extract(task_spec(r, t)) for r in records for t in r.tasks}
+    report["features"] = [
+        dataclasses.asdict(f) for f in sorted(features, key=lambda f: (f.model, f.input_size, f.num_classes))
+    ]
     weights.with_suffix(".fit.json").write_text(json.dumps(report, indent=2) + "\n")
     return weights
 

@@ -230,6 +230,27 @@ def test_the_agent_prefers_the_predictor_calibrated_here_over_the_shipped_one(tm
     assert own.path == tmp_path / "nvidia-h200.onnx" and own.input_sizes == {32, 48}
 
 
+def test_the_agent_takes_its_predictors_features_so_that_plans_extract_none(tmp_path, monkeypatch):
+    report = GpuReport(
+        gpus=[GpuInfo(index=0, name=GPU, backend="nvml", memory_total_bytes=1)], backend="nvml"
+    )
+    quick_calibration(tmp_path)
+    monkeypatch.setattr("predictor.features._known", {})
+
+    def refuse(*spec):
+        raise AssertionError(f"features of {spec} extracted")
+
+    monkeypatch.setattr("predictor.features._extract", refuse)
+    predictor, _ = load_predictor(None, report, "cuda", tmp_path)
+    plan = Planner(sharing(tmp_path, mps=True), predictor, "calibrated").plan(
+        "fedmt", TASKS, {"a": 100, "b": 200, "c": 300}
+    )
+    assert set(plan.resources) == {"a", "b", "c"} and set(plan.predicted) == {"a", "b", "c"}
+    assert {(f.model, f.input_size) for f in predictor.features} == {
+        (a.model.name, a.model.input_size) for a in TASKS
+    }
+
+
 def fake_measure(delay_s: float = 0.0):
     """calibrate_gpu's stand-in: calibrate() on a FakeGpu, each window taking `delay_s` of real time."""
 

@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.models import build_model
-from predictor.features import FEATURE_NAMES, TaskFeatures, _extract, extract, features_as_array
+from predictor.features import FEATURE_NAMES, TaskFeatures, _extract, extract, features_as_array, remember
 from predictor.workload import WorkloadModel, fit_workload
 from protocol.schemas import ModelSpec
 
@@ -70,6 +70,16 @@ def test_features_are_cached_and_deterministic() -> None:
     again = extract(spec("resnet18"))
     assert again is not first and again == first
     assert (first.model, first.input_size, first.num_classes) == ("resnet18", 32, 10)
+
+
+def test_remembered_features_are_taken_as_they_are_and_others_still_computed(monkeypatch) -> None:
+    monkeypatch.setattr("predictor.features._known", {})
+    known = TaskFeatures("edge_net", 32, 10, 1e9, 4_000_000, 200_000)  # no torchvision model of that name
+    remember([known])
+    assert extract(spec("edge_net")) is known
+    assert extract(spec("resnet18")) == _extract("resnet18", 32, 10)  # not remembered: computed
+    with pytest.raises(ValueError):
+        extract(spec("edge_net", input_size=64))  # another input size is another workload
 
 
 def test_features_as_array_is_log10_in_name_order() -> None:

@@ -7,6 +7,7 @@ and the held-out splits behind the card's errors.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -534,6 +535,53 @@ def test_fit_writes_safetensors_and_report(pipeline) -> None:
     s = report["split"]
     assert s["train_records"] + s["seen_test_records"] + s["unseen_test_records"] == 120
     assert s["seen_test_records"] > 0 and s["unseen_test_records"] > 0
+
+
+def test_the_card_lists_the_features_of_the_workloads_it_was_fitted_on(pipeline) -> None:
+    expected = [extract(ModelSpec(name=m, num_classes=10, input_size=RESOLUTION)) for m in sorted(CHEAP)]
+    report = json.loads(pipeline["weights"].with_suffix(".fit.json").read_text())
+    assert report["features"] == [dataclasses.asdict(f) for f in expected]
+    assert OnnxPredictor(pipeline["onnx"]).features == expected
+
+
+@pytest.mark.parametrize(
+    "features, problem",
+    [
+        ({"model": "resnet18"}, "malformed"),
+        (
+            [
+                {
+                    "model": "resnet18",
+                    "input_size": 32,
+                    "num_classes": 10,
+                    "flops_per_sample": "many",
+                    "param_bytes": 1,
+                    "activation_bytes_per_sample": 1,
+                }
+            ],
+            "malformed",
+        ),
+        (
+            [
+                {
+                    "model": "resnet18",
+                    "input_size": 32,
+                    "num_classes": 10,
+                    "flops_per_sample": -1.0,
+                    "param_bytes": 1,
+                    "activation_bytes_per_sample": 1,
+                }
+            ],
+            "out of range",
+        ),
+    ],
+)
+def test_a_card_with_bad_features_is_refused(tmp_path, exported, features, problem) -> None:
+    path = tmp_path / "bad-features.onnx"
+    path.write_bytes(exported[1].read_bytes())
+    card_path(path).write_text(json.dumps(json.loads(tiny_card()) | {"features": features}))
+    with pytest.raises(PredictorUnavailable, match=problem):
+        OnnxPredictor(path)
 
 
 def test_fit_unseen_split_holds_only_combinations_absent_from_training(pipeline) -> None:
