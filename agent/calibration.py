@@ -314,9 +314,11 @@ class PoolMeasure:
         self.close()
 
 
-def calibrate_gpu(target: Target, directory: Path, sharing, **options) -> Result:
-    """`calibrate` on this machine's first CUDA GPU, through warm workers under `sharing`'s MPS daemon;
-    `options` are calibrate's."""
+def calibrate_gpu(
+    target: Target, directory: Path, sharing, *, cuda_graphs: bool = False, **options
+) -> Result:
+    """`calibrate` on this machine's first CUDA GPU, through warm workers under `sharing`'s MPS daemon, their
+    training steps replayed from CUDA graphs as the agent's are with `cuda_graphs`; `options` are calibrate's."""
     import torch
 
     from agent.gpu.probe import probe
@@ -326,7 +328,7 @@ def calibrate_gpu(target: Target, directory: Path, sharing, **options) -> Result
         raise RuntimeError(f"calibration needs a CUDA GPU: {report.note}")
     gpu = report.gpus[0]
     device = Device(gpu.name, gpu.sm_count or 0, report.driver_version, torch.__version__)
-    init = jobs.Init(device="cuda")
+    init = jobs.Init(device="cuda", cuda_graphs=cuda_graphs)
     window_s, seed, stop = options["window_s"], options.get("seed", 0), options.get("stop")
     with PoolMeasure(target, sharing, init, window_s=window_s, seed=seed, stop=stop) as measure:
         return calibrate(target, directory, device, measure, **options)

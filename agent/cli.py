@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--window-s", type=float, default=2.0, help="length of one measurement window")
     cal.add_argument("--repeats", type=int, default=3, help="windows per configuration (median and spread)")
     cal.add_argument("--epochs", type=int, help="predictor training epochs (default: predictor.model.EPOCHS)")
+    cal.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay training steps from CUDA graphs, as agents with [execution] cuda_graphs do (implied by a "
+        "--config that sets it)",
+    )
     cal.add_argument("--seed", type=int, default=0)
     return cli_main(parser, COMMANDS, argv)
 
@@ -167,6 +173,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             seed=args.seed,
             fit_epochs=args.epochs,
+            cuda_graphs=args.cuda_graphs or bool(config and config.execution.cuda_graphs),
             on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
         )
     summary = {

@@ -38,6 +38,9 @@ class ExecutionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     )
     loader_workers: Annotated[int, Meta(ge=0, le=64)] = 2  # file-reading processes of a streamed image folder
     release_memory: bool = False  # return each worker's cached GPU memory between rounds
+    # replay each training step from a CUDA graph once it has run a few times (launch-bound steps: small models
+    # and batches); steps that cannot be captured (fp16 loss scaling, a learning-rate warm-up) run as before
+    cuda_graphs: bool = False
     worker_stall_s: Annotated[float, Meta(gt=0)] = 600.0  # a worker silent this long is replaced
     # processes started with the agent that load torch ahead of any round, each taken by the next worker start
     # (round 1's above all). None: one per task in [tasks] on a GPU; none on the CPU, where their start would

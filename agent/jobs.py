@@ -32,6 +32,7 @@ class Init(_Line, tag="init"):
     device: Literal["cpu", "cuda"]
     threads: Annotated[int, Meta(ge=1)] = 1
     cudnn_benchmark: bool = False  # autotuning every new shape stalls for seconds, worse under MPS
+    cuda_graphs: bool = False  # replay training steps from CUDA graphs (agent/step_graph.py)
     env: dict[str, str] = {}
     log_path: str | None = None
 

@@ -17,10 +17,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from agent import jobs
 from agent.autocalibration import AutoCalibration
+from agent.calibration import calibrate_gpu
 from agent.config import AgentConfig
 from agent.gpu.probe import GpuReport, own_gpu, probe, visible_gpu
 from agent.learning import RoundLearning
@@ -169,7 +171,11 @@ class Agent:
         self.round: ActiveRound | None = None
         self.schedules = RoundCollector(config.tasks, config.schedule_grace_s)
         self.pool = WorkerPool(
-            jobs.Init(device=self.compute, threads=config.execution.cpu_threads_per_task),
+            jobs.Init(
+                device=self.compute,
+                threads=config.execution.cpu_threads_per_task,
+                cuda_graphs=config.execution.cuda_graphs,
+            ),
             log_dir=self.work_dir,
         )
         self._next_telemetry = 0.0
@@ -209,7 +215,11 @@ class Agent:
             RoundLearning(own, self.gpu.gpus[0], self.gpu.driver_version, self.planner) if on_gpu else None
         )
         self.calibration = AutoCalibration(
-            config.calibration, own, self.sharing, lambda path: self.events.put(PredictorReady(path))
+            config.calibration,
+            own,
+            self.sharing,
+            lambda path: self.events.put(PredictorReady(path)),
+            measure=partial(calibrate_gpu, cuda_graphs=execution.cuda_graphs),  # measured as rounds train
         )
 
     # --- main loop --------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ import torch
 from agent.batching import RoundRecipe, round_recipe
 from agent.data import DataSpec, TrainingData
 from agent.data.prefetch import Prefetched
+from agent.step_graph import WARMUP_STEPS as GRAPH_WARMUP_STEPS
+from agent.step_graph import GraphedStep
 from common.models import build_model, load_numpy_state, state_to_numpy
 from protocol.schemas import ModelSpec, OptimizerSpec, Precision, TaskAssignment
 
@@ -45,11 +47,12 @@ def uses_channels_last(device: str, precision: Precision) -> bool:
     return device.startswith("cuda") and precision != "fp32"
 
 
-def make_optimizer(spec: OptimizerSpec, params) -> torch.optim.Optimizer:
-    """SGD with momentum and weight decay, or Adam (which ignores `momentum`)."""
+def make_optimizer(spec: OptimizerSpec, params, capturable: bool = False) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay, or Adam (which ignores `momentum`); `capturable`: Adam keeps its step
+    count on the device, so that its step can be captured in a CUDA graph."""
     if spec.name == "sgd":
         return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, capturable=capturable)
 
 
 def grad_scaler(device: str, precision: Precision) -> torch.amp.GradScaler:
@@ -79,7 +82,9 @@ class ProximalTerm:
 
 class TrainStep:
     """One optimiser step on a batch: forward under autocast for bf16/fp16, fp16 gradients scaled; with
-    `proximal_mu` > 0, FedProx's proximal term around the weights the model has when the step is made."""
+    `proximal_mu` > 0, FedProx's proximal term around the weights the model has when the step is made. With
+    `cuda_graphs`, on a GPU and without loss scaling, the steps at a constant learning rate are replayed from CUDA
+    graphs (agent/step_graph.py; the optimiser must be made `capturable`)."""
 
     def __init__(
         self,
@@ -90,6 +95,8 @@ class TrainStep:
         scaler: torch.amp.GradScaler | None = None,
         proximal_mu: float = 0.0,
         lr_at: Callable[[int], float] | None = None,
+        lr_constant_from: int = 0,
+        cuda_graphs: bool = False,
     ):
         self.model, self.optimizer, self.device = model, optimizer, device
         self.device_type = torch.device(device).type
@@ -98,14 +105,26 @@ class TrainStep:
         self.scaler = scaler or grad_scaler(device, precision)
         self.proximal = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
         self.lr_at = lr_at  # step index -> learning rate (a warm-up); None keeps the optimiser's
+        self.lr_constant_from = lr_constant_from  # the step from which lr_at gives one value
         self.steps = 0
+        self.graphed = (
+            GraphedStep(self._step)
+            if cuda_graphs and self.device_type == "cuda" and not self.scaler.is_enabled()
+            else None
+        )
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Train on one batch; the detached loss and logits (left on the device: no synchronisation)."""
         if self.lr_at is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(self.steps)
+        constant_lr = self.lr_at is None or self.steps >= self.lr_constant_from
         self.steps += 1
+        if self.graphed is not None and constant_lr:
+            return self.graphed(images, labels)
+        return self._step(images, labels)
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None):
@@ -271,8 +290,10 @@ class TaskRuntime:
         budget_bytes: int = 1 << 30,
         loader_workers: int = 2,
         seed: int = 0,
+        cuda_graphs: bool = False,
     ) -> None:
         self.spec, self.device, self.precision = model, device, precision
+        self.cuda_graphs = cuda_graphs and torch.device(device).type == "cuda"  # TrainStep's
         with torch.device(device):  # initialise the weights where they live (large models are slow on a CPU)
             self.model = build_model(model, seed=seed).train()
         if uses_channels_last(device, precision):
@@ -318,12 +339,14 @@ class TaskRuntime:
         self._measuring = None  # its optimiser points at weights the round now owns
         step = TrainStep(
             self.model,
-            make_optimizer(assignment.optimizer, self.model.parameters()),
+            make_optimizer(assignment.optimizer, self.model.parameters(), capturable=self.cuda_graphs),
             self.precision,
             self.device,
             self.scaler,
             proximal_mu=assignment.proximal_mu,
             lr_at=recipe.lr_at if recipe.lr != recipe.base_lr else None,
+            lr_constant_from=recipe.warmup_steps,
+            cuda_graphs=self.cuda_graphs,
         )
         start = None
         if resume_from is not None:
@@ -404,8 +427,14 @@ class TaskRuntime:
             raise ValueError("give exactly one of images or seconds")
         if self._measuring is None:
             self._measuring = TrainStep(
-                self.model, make_optimizer(optimizer, self.model.parameters()), self.precision, self.device
+                self.model,
+                make_optimizer(optimizer, self.model.parameters(), capturable=self.cuda_graphs),
+                self.precision,
+                self.device,
+                cuda_graphs=self.cuda_graphs,
             )
+        if self._measuring.graphed is not None:  # the capture belongs to the warm-up, not the window
+            warmup_steps = max(warmup_steps, GRAPH_WARMUP_STEPS + 1)
         if warmup_steps:
             run_steps(
                 self._measuring, self.data, batch_size, seed=0, steps=warmup_steps, should_stop=should_stop

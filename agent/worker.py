@@ -32,6 +32,7 @@ class Worker:
         self.commands = commands
         self.out = out
         self.device = "cpu"
+        self.cuda_graphs = False
         self.stop_requested = False
         self.handover_requested = False
         self._last_progress = 0.0
@@ -87,7 +88,7 @@ class Worker:
         import torch
 
         torch.set_num_threads(command.threads)
-        self.device = command.device
+        self.device, self.cuda_graphs = command.device, command.cuda_graphs
         if command.device == "cuda":
             if not torch.cuda.is_available():
                 raise RuntimeError("CUDA requested but torch sees no GPU")
@@ -116,6 +117,7 @@ class Worker:
                 budget_bytes=command.budget_bytes,
                 loader_workers=command.loader_workers,
                 seed=command.seed,
+                cuda_graphs=self.cuda_graphs,
             )
             self._prepared = command
         data = self._runtime.data

@@ -93,6 +93,7 @@ def _options(args, policy: str, partition: str, folder: Path) -> Options:
         gpus=tuple(args.gpus.split(",")) if args.gpus else None,
         reallocate=args.reallocate,
         spare_workers=args.spare_workers,
+        cuda_graphs=args.cuda_graphs,
         predictor=str(args.predictor.resolve()) if args.predictor else None,
         timeout_s=args.timeout,
         stop_at=None if args.all_rounds else args.target,
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             "models": args.models,
             "reallocate": args.reallocate,
             "spare_workers": args.spare_workers,
+            "cuda_graphs": args.cuda_graphs,
             "predictor": str(args.predictor) if args.predictor else None,
             "stopped_at_target": not args.all_rounds,
         },
@@ -203,6 +205,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reallocate", choices=["off", "handover"], default="off")
     parser.add_argument(
         "--spare-workers", type=int, help="the agents' spare worker processes (default: theirs)"
+    )
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="the agents replay training steps from CUDA graphs"
     )
     parser.add_argument(
         "--predictor", type=Path, help="the agents' ONNX predictor, e.g. one `fedmt-agent calibrate` made"

@@ -90,6 +90,7 @@ class Options:
     gpus: tuple[str, ...] | None = None  # each agent's GPU (`[execution] gpu`: NVML index or UUID), in turn
     reallocate: Literal["off", "handover"] = "off"
     spare_workers: int | None = None  # the agents' spare worker processes (None: their default)
+    cuda_graphs: bool = False  # the agents replay training steps from CUDA graphs
     predictor: str | None = (
         None  # the agents' ONNX predictor (default: calibrated in their state, or shipped)
     )
@@ -138,6 +139,7 @@ class Options:
             cpu_threads_per_task=1,
             reallocate=self.reallocate,
             spare_workers=self.spare_workers,
+            cuda_graphs=self.cuda_graphs,
             predictor=self.predictor,
             upload=self.upload,
             **chosen,
@@ -503,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--spare-workers", type=int, help="each agent's spare worker processes (default: theirs)"
     )
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="the agents replay training steps from CUDA graphs"
+    )
     args = parser.parse_args(argv)
     codec = CodecSpec(name=args.codec, fraction=args.codec_fraction) if args.codec else None
     options = Options(
@@ -522,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         upload=args.upload,
         seed=args.seed,
         spare_workers=args.spare_workers,
+        cuda_graphs=args.cuda_graphs,
     )
     try:
         summary = run(options)

@@ -1,0 +1,120 @@
+"""agent.step_graph: training steps replayed from CUDA graphs compute what the eager steps do; steps that cannot
+be captured run eagerly. The GPU tests run where torch sees a GPU (the device machine); on the CPU the option
+must change nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agent.data import SyntheticData
+from agent.step_graph import WARMUP_STEPS, GraphedStep
+from agent.training import TaskRuntime, TrainStep, make_optimizer
+from common.models import build_model, state_to_numpy
+from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
+
+MODEL = ModelSpec(name="resnet18", num_classes=10, input_size=16)
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def assignment(optimizer: str = "adam", **changes) -> TaskAssignment:
+    lr = 1e-3 if optimizer == "adam" else 0.05
+    return TaskAssignment(
+        task="digits",
+        model=MODEL,
+        optimizer=OptimizerSpec(name=optimizer, lr=lr),
+        base_version=0,
+        base_sha256="0" * 64,
+        batch_size=16,
+        **({"local_epochs": 5} | changes),
+    )
+
+
+def deltas(device: str, graphs: bool, task: TaskAssignment, samples: int = 70) -> dict[str, np.ndarray]:
+    base = state_to_numpy(build_model(MODEL, seed=0))
+    runtime = TaskRuntime(MODEL, SyntheticData(samples=samples), device=device, cuda_graphs=graphs)
+    return runtime.train(task, base, seed=1).delta
+
+
+def test_on_the_cpu_a_runtime_asked_for_graphs_trains_exactly_as_without() -> None:
+    task = assignment(local_epochs=1)
+    runtime = TaskRuntime(MODEL, SyntheticData(samples=32), device="cpu", cuda_graphs=True)
+    assert not runtime.cuda_graphs
+    with_option, without = deltas("cpu", True, task, 32), deltas("cpu", False, task, 32)
+    assert all(np.array_equal(with_option[n], without[n]) for n in without)
+
+
+@GPU
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_graphed_round_computes_what_the_eager_round_does(optimizer) -> None:
+    # 70 samples at batch 16: four full batches and one of 6 per epoch, so both shapes get captured in 5 epochs
+    task = assignment(optimizer)
+    graphed, eager = deltas("cuda", True, task), deltas("cuda", False, task)
+    for name, value in eager.items():
+        np.testing.assert_allclose(graphed[name], value, rtol=1e-3, atol=1e-5, err_msg=name)
+    assert any(np.abs(v).max() > 0 for v in eager.values())
+
+
+def cuda_step(**options) -> TrainStep:
+    model = build_model(MODEL, seed=0).cuda().train()
+    optimizer = make_optimizer(OptimizerSpec(name="adam", lr=1e-3), model.parameters(), capturable=True)
+    return TrainStep(model, optimizer, "fp32", "cuda", cuda_graphs=True, **options)
+
+
+def batch(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(size)
+    images = torch.randn(size, 3, 16, 16, generator=generator)
+    return images.cuda(), torch.randint(0, 10, (size,), generator=generator).cuda()
+
+
+@GPU
+def test_each_batch_shape_is_captured_after_its_warm_up_and_replays_train() -> None:
+    step = cuda_step()
+    full = (torch.Size([16, 3, 16, 16]), torch.Size([16]))
+    for _ in range(WARMUP_STEPS):
+        step(*batch())
+    assert step.graphed.graphs == {}
+    step(*batch())  # captured, then replayed for this batch
+    assert list(step.graphed.graphs) == [full]
+    weight = step.model.conv1.weight.detach().clone()
+    step(*batch())
+    assert not torch.equal(weight, step.model.conv1.weight)  # a replay is an optimiser step
+    for _ in range(WARMUP_STEPS):
+        step(*batch(6))  # an epoch's last, partial batch: a shape of its own
+    assert list(step.graphed.graphs) == [full]
+    loss, logits = step(*batch(6))
+    assert len(step.graphed.graphs) == 2 and logits.shape == (6, 10) and torch.isfinite(loss)
+
+
+@GPU
+def test_steps_under_a_learning_rate_warm_up_run_eagerly() -> None:
+    step = cuda_step(lr_at=lambda i: 1e-4 * min(i + 1, 5), lr_constant_from=4)
+    for _ in range(4 + WARMUP_STEPS):
+        step(*batch())
+    assert step.graphed.graphs == {} and step.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+    step(*batch())
+    assert len(step.graphed.graphs) == 1
+
+
+@GPU
+def test_a_step_that_cannot_be_captured_runs_eagerly() -> None:
+    eager = cuda_step()
+
+    def synchronising(images, labels):
+        loss, logits = eager._step(images, labels)
+        loss.item()  # a host synchronisation: not allowed while capturing
+        return loss, logits
+
+    graphed = GraphedStep(synchronising)
+    for _ in range(WARMUP_STEPS + 2):
+        loss, _ = graphed(*batch())
+    assert graphed.failed and graphed.graphs == {} and torch.isfinite(loss)
+
+
+@GPU
+def test_fp16_loss_scaling_is_never_captured() -> None:
+    model = build_model(MODEL, seed=0).cuda()
+    optimizer = make_optimizer(OptimizerSpec(name="adam"), model.parameters(), capturable=True)
+    assert TrainStep(model, optimizer, "fp16", "cuda", cuda_graphs=True).graphed is None
+    assert TrainStep(model, optimizer, "bf16", "cuda", cuda_graphs=True).graphed is not None
