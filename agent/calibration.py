@@ -248,8 +248,8 @@ def _workload(record: Record, task: TaskSample) -> Workload:
 
 
 class PoolMeasure:
-    """Windows measured by warm workers under MPS (one per workload and R level, all started up front) through
-    the task runtime (agent.windows); a context manager that ends its workers."""
+    """Windows measured by warm workers under MPS (one per workload and SM share; those at the shares in `levels`
+    started up front) through the task runtime (agent.windows); a context manager that ends its workers."""
 
     def __init__(
         self,
@@ -260,6 +260,7 @@ class PoolMeasure:
         window_s: float,
         seed: int = 0,
         stop: threading.Event | None = None,
+        levels: Sequence[float] = R_LEVELS,
     ) -> None:
         from agent.workers import WorkerPool
 
@@ -276,7 +277,7 @@ class PoolMeasure:
             for w in target.workloads
         }
         for workload in target.workloads:
-            for percent in R_LEVELS:
+            for percent in levels:
                 self.pool.prestart(*self._worker(workload, float(percent)))
 
     def __call__(self, config: Config) -> tuple[list[float], list[int | None]]:
@@ -330,5 +331,8 @@ def calibrate_gpu(
     device = Device(gpu.name, gpu.sm_count or 0, report.driver_version, torch.__version__)
     init = jobs.Init(device="cuda", cuda_graphs=cuda_graphs)
     window_s, seed, stop = options["window_s"], options.get("seed", 0), options.get("stop")
-    with PoolMeasure(target, sharing, init, window_s=window_s, seed=seed, stop=stop) as measure:
+    levels = R_LEVELS if options["measure_s"] > 0 else ()  # a call that only fits starts no GPU process
+    with PoolMeasure(
+        target, sharing, init, window_s=window_s, seed=seed, stop=stop, levels=levels
+    ) as measure:
         return calibrate(target, directory, device, measure, **options)

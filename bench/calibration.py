@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         minutes = spent.seconds / 60
         card = json.loads(card_path(result.predictor).read_text())
         predictor = CorrectedPredictor(OnnxPredictor(result.predictor))
-        with PoolMeasure(target, sharing, jobs.Init(device="cuda"), window_s=args.window_s) as pool:
+        # refinement measures at the shares Eq. 5 picks: none of the profiling levels' workers is started ahead
+        init = jobs.Init(device="cuda")
+        with PoolMeasure(target, sharing, init, window_s=args.window_s, levels=()) as pool:
 
             def measure(models, batch, resources):
                 from predictor.records import Config, Workload

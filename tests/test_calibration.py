@@ -351,6 +351,24 @@ def test_rounds_write_their_refinement_into_the_card_of_a_predictor_calibrated_h
     assert msgspec.json.decode(result.data.read_bytes().splitlines()[-1])["round"] == 1
 
 
+def test_a_measuring_pool_without_levels_starts_workers_only_for_the_windows_it_measures(tmp_path):
+    """Refinement and a call that only fits start no profiling workers ahead: each is a CUDA context and an MPS
+    client (48 at most per GPU)."""
+    from agent import jobs
+    from agent.calibration import PoolMeasure
+    from predictor.records import R_LEVELS, Config
+    from tests.test_handover import fake_mps
+
+    target = target_for([task("a", "shufflenet_v2_x0_5", 16, batch=8)])
+    (workload,) = target.workloads
+    with PoolMeasure(target, fake_mps(tmp_path), jobs.Init(device="cpu"), window_s=0.2, levels=()) as measure:
+        time.sleep(0.5)
+        assert all(measure.pool.launch_of((workload, float(r))) is None for r in R_LEVELS)
+        throughputs, _ = measure(Config(((workload, 8, 45.0),)))
+        assert throughputs[0] > 0 and measure.pool.launch_of((workload, 45.0)) is not None
+        assert all(measure.pool.launch_of((workload, float(r))) is None for r in R_LEVELS)
+
+
 @pytest.mark.slow
 def test_calibration_measures_through_real_workers_and_a_stop_cuts_a_long_window_short(tmp_path):
     """On the CPU under a faked MPS (shares without SM counts): real worker processes, one per R level, measure
