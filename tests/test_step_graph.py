@@ -12,36 +12,27 @@ from agent.data import SyntheticData
 from agent.step_graph import WARMUP_STEPS, GraphedStep
 from agent.training import TaskRuntime, TrainStep, make_optimizer
 from common.models import build_model, state_to_numpy
-from protocol.schemas import ModelSpec, OptimizerSpec, TaskAssignment
+from protocol.schemas import OptimizerSpec, TaskAssignment
+from tests.test_batching import MODEL, assignment
 
-MODEL = ModelSpec(name="resnet18", num_classes=10, input_size=16)
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
-def assignment(optimizer: str = "adam", **changes) -> TaskAssignment:
-    lr = 1e-3 if optimizer == "adam" else 0.05
-    return TaskAssignment(
-        task="digits",
-        model=MODEL,
-        optimizer=OptimizerSpec(name=optimizer, lr=lr),
-        base_version=0,
-        base_sha256="0" * 64,
-        batch_size=16,
-        **({"local_epochs": 5} | changes),
-    )
+def task(optimizer: str = "adam", epochs: int = 5) -> TaskAssignment:
+    return assignment(16, optimizer, 1e-3 if optimizer == "adam" else 0.05, local_epochs=epochs)
 
 
-def deltas(device: str, graphs: bool, task: TaskAssignment, samples: int = 70) -> dict[str, np.ndarray]:
+def deltas(device: str, graphs: bool, assigned: TaskAssignment, samples: int = 70) -> dict[str, np.ndarray]:
     base = state_to_numpy(build_model(MODEL, seed=0))
     runtime = TaskRuntime(MODEL, SyntheticData(samples=samples), device=device, cuda_graphs=graphs)
-    return runtime.train(task, base, seed=1).delta
+    return runtime.train(assigned, base, seed=1).delta
 
 
 def test_on_the_cpu_a_runtime_asked_for_graphs_trains_exactly_as_without() -> None:
-    task = assignment(local_epochs=1)
+    one_epoch = task(epochs=1)
     runtime = TaskRuntime(MODEL, SyntheticData(samples=32), device="cpu", cuda_graphs=True)
     assert not runtime.cuda_graphs
-    with_option, without = deltas("cpu", True, task, 32), deltas("cpu", False, task, 32)
+    with_option, without = deltas("cpu", True, one_epoch, 32), deltas("cpu", False, one_epoch, 32)
     assert all(np.array_equal(with_option[n], without[n]) for n in without)
 
 
@@ -49,10 +40,10 @@ def test_on_the_cpu_a_runtime_asked_for_graphs_trains_exactly_as_without() -> No
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_a_graphed_round_computes_what_the_eager_round_does(optimizer) -> None:
     # 70 samples at batch 16: four full batches and one of 6 per epoch, so both shapes get captured in 5 epochs
-    task = assignment(optimizer)
-    graphed, eager = deltas("cuda", True, task), deltas("cuda", False, task)
-    for name, value in eager.items():
-        np.testing.assert_allclose(graphed[name], value, rtol=1e-3, atol=1e-5, err_msg=name)
+    graphed, eager = deltas("cuda", True, task(optimizer)), deltas("cuda", False, task(optimizer))
+    for name, value in eager.items():  # cuDNN's backward is not bit-reproducible: close, per tensor
+        difference = np.linalg.norm(graphed[name] - value)
+        assert difference <= 1e-3 * np.linalg.norm(value) + 1e-6, (name, difference)
     assert any(np.abs(v).max() > 0 for v in eager.values())
 
 
