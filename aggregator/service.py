@@ -42,7 +42,7 @@ from protocol.schemas import (
     decode,
     encode,
 )
-from protocol.transport import Incoming, LinkEvent, MqttLink, PublishError
+from protocol.transport import Incoming, LinkEvent, MqttLink, PayloadQueue, PublishError
 
 log = logging.getLogger(__name__)
 #: QoS 1 messages the broker sends before their acknowledgements
@@ -53,7 +53,9 @@ SYNC_BYTES = 8 << 20
 #: settles: with the link's queue, what bounds the aggregator's memory
 HELD_BYTES = 4 << 20
 #: one-chunk update payloads held in memory at once rather than spooled (no file to create; see Reassembler)
-HELD_IN_MEMORY_BYTES = 2 << 20
+HELD_IN_MEMORY_BYTES = 1 << 20
+#: payload bytes the link's queue holds before its network thread waits and TCP pushes back on the broker
+LINK_QUEUE_BYTES = 1 << 20
 #: how long unacknowledged messages wait for more to come before their group settles
 SETTLE_WAIT_S = 0.005
 DEVICE_SUBSCRIPTIONS = [topics.every_device(leaf) for leaf in ("status", "profile", "telemetry", "events")]
@@ -94,6 +96,7 @@ class AggregatorService:
             persistent_session=True,
             manual_ack=True,
             receive_maximum=RECEIVE_MAXIMUM,
+            inbox=PayloadQueue(max_bytes=LINK_QUEUE_BYTES),
         )
         self._published_chunks: dict[str, int] = {}
         # handled (their payloads dropped), acknowledged once their group is durable
