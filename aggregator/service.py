@@ -55,7 +55,7 @@ HELD_BYTES = 4 << 20
 #: one-chunk update payloads held in memory at once rather than spooled (no file to create; see Reassembler)
 HELD_IN_MEMORY_BYTES = 1 << 20
 #: payload bytes the link's queue holds before its network thread waits and TCP pushes back on the broker
-LINK_QUEUE_BYTES = 1 << 20
+LINK_QUEUE_BYTES = 2 << 20
 #: how long unacknowledged messages wait for more to come before their group settles
 SETTLE_WAIT_S = 0.005
 DEVICE_SUBSCRIPTIONS = [topics.every_device(leaf) for leaf in ("status", "profile", "telemetry", "events")]
