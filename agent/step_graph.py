@@ -3,10 +3,10 @@
 Small models at small batches are launch-bound: DenseNet121 at batch 16 and 128 px takes ~65 ms a step on an
 H100 (`bench/results/README.md`), nearly all of it Python and the CUDA driver issuing some two thousand kernels,
 against a few milliseconds of arithmetic. A graph issues the whole step (forward, loss, backward, optimiser) in one
-call. As torch's CUDA-graph notes ask, the first steps run eagerly on a side stream (cuDNN and cuBLAS choose their
-kernels, the optimiser makes its state), then the next batch's step is captured and replayed. A batch of another
-shape (an epoch's last, partial one) runs eagerly on the same weights and optimiser state, so the steps a round
-takes and what each computes are the same with or without the graph.
+call. As torch's CUDA-graph notes ask, the first steps of each batch shape run eagerly on a side stream (cuDNN and
+cuBLAS choose their kernels, the optimiser makes its state), then the next batch's step is captured and replayed;
+an epoch's last, partial batch is a shape of its own. The eager steps and the replays work on the same weights and
+optimiser state, so the steps a round takes and what each computes are the same with or without graphs.
 
 The step must be capturable: no host synchronisation, a constant learning rate (it is fixed in the graph), no
 loss scaling (fp16's scaler checks for infinities on the host), an optimiser whose step count lives on the device
@@ -22,9 +22,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-WARMUP_STEPS = (
-    3  # eager steps of a batch shape, on a side stream, before its capture (torch's notes use three)
-)
+#: eager steps of a batch shape, on a side stream, before its capture (torch's notes use three)
+WARMUP_STEPS = 3
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Shapes = tuple[torch.Size, torch.Size]
 
