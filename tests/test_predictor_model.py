@@ -544,36 +544,24 @@ def test_the_card_lists_the_features_of_the_workloads_it_was_fitted_on(pipeline)
     assert OnnxPredictor(pipeline["onnx"]).features == expected
 
 
+FEATURE = {
+    "model": "resnet18",
+    "input_size": 32,
+    "num_classes": 10,
+    "flops_per_sample": 1e9,
+    "param_bytes": 1,
+    "activation_bytes_per_sample": 1,
+}
+
+
 @pytest.mark.parametrize(
     "features, problem",
     [
-        ({"model": "resnet18"}, "malformed"),
-        (
-            [
-                {
-                    "model": "resnet18",
-                    "input_size": 32,
-                    "num_classes": 10,
-                    "flops_per_sample": "many",
-                    "param_bytes": 1,
-                    "activation_bytes_per_sample": 1,
-                }
-            ],
-            "malformed",
-        ),
-        (
-            [
-                {
-                    "model": "resnet18",
-                    "input_size": 32,
-                    "num_classes": 10,
-                    "flops_per_sample": -1.0,
-                    "param_bytes": 1,
-                    "activation_bytes_per_sample": 1,
-                }
-            ],
-            "out of range",
-        ),
+        (FEATURE, "malformed"),  # not a list
+        ([FEATURE | {"flops_per_sample": "many"}], "malformed"),
+        ([FEATURE | {"input_size": 32.5}], "malformed"),
+        ([FEATURE | {"flops_per_sample": -1.0}], "out of range"),
+        ([FEATURE | {"param_bytes": 0}], "out of range"),
     ],
 )
 def test_a_card_with_bad_features_is_refused(tmp_path, exported, features, problem) -> None:
