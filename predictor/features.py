@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 
@@ -38,14 +37,16 @@ class TaskFeatures:
     activation_bytes_per_sample: int  # bytes of every leaf module's forward outputs, per image
 
 
+#: (name, input_size, num_classes) -> the features known in this process, extracted or remembered
 _known: dict[tuple[str, int, int], TaskFeatures] = {}
 
 
 def extract(spec: ModelSpec) -> TaskFeatures:
-    """Features of `spec`: remembered ones as they are, others computed once per (name, input_size,
-    num_classes) in this process."""
+    """Features of `spec`, computed once per (name, input_size, num_classes) in this process unless remembered."""
     key = (spec.name, spec.input_size, spec.num_classes)
-    return _known.get(key) or _extract(*key)
+    if key not in _known:
+        _known[key] = _compute(*key)
+    return _known[key]
 
 
 def remember(features: Iterable[TaskFeatures]) -> None:
@@ -59,8 +60,7 @@ def features_as_array(features: TaskFeatures) -> np.ndarray:
     return np.log10(np.array(values, dtype=np.float64)).astype(np.float32)
 
 
-@cache
-def _extract(name: str, input_size: int, num_classes: int) -> TaskFeatures:
+def _compute(name: str, input_size: int, num_classes: int) -> TaskFeatures:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 

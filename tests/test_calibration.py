@@ -240,7 +240,7 @@ def test_the_agent_takes_its_predictors_features_so_that_plans_extract_none(tmp_
     def refuse(*spec):
         raise AssertionError(f"features of {spec} extracted")
 
-    monkeypatch.setattr("predictor.features._extract", refuse)
+    monkeypatch.setattr("predictor.features._compute", refuse)
     predictor, _ = load_predictor(None, report, "cuda", tmp_path)
     plan = Planner(sharing(tmp_path, mps=True), predictor, "calibrated").plan(
         "fedmt", TASKS, {"a": 100, "b": 200, "c": 300}

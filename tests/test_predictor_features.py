@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.models import build_model
-from predictor.features import FEATURE_NAMES, TaskFeatures, _extract, extract, features_as_array, remember
+from predictor.features import FEATURE_NAMES, TaskFeatures, _compute, extract, features_as_array, remember
 from predictor.workload import WorkloadModel, fit_workload
 from protocol.schemas import ModelSpec
 
@@ -63,10 +63,10 @@ def test_doubling_the_input_side_quadruples_flops_and_activations() -> None:
     assert high.param_bytes == low.param_bytes
 
 
-def test_features_are_cached_and_deterministic() -> None:
+def test_features_are_cached_and_deterministic(monkeypatch) -> None:
     first = extract(spec("resnet18"))
     assert extract(spec("resnet18")) is first
-    _extract.cache_clear()
+    monkeypatch.setattr("predictor.features._known", {})  # what this process knew, forgotten
     again = extract(spec("resnet18"))
     assert again is not first and again == first
     assert (first.model, first.input_size, first.num_classes) == ("resnet18", 32, 10)
@@ -77,7 +77,7 @@ def test_remembered_features_are_taken_as_they_are_and_others_still_computed(mon
     known = TaskFeatures("edge_net", 32, 10, 1e9, 4_000_000, 200_000)  # no torchvision model of that name
     remember([known])
     assert extract(spec("edge_net")) is known
-    assert extract(spec("resnet18")) == _extract("resnet18", 32, 10)  # not remembered: computed
+    assert extract(spec("resnet18")) == _compute("resnet18", 32, 10)  # not remembered: computed
     with pytest.raises(ValueError):
         extract(spec("edge_net", input_size=64))  # another input size is another workload
 
