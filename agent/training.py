@@ -337,16 +337,12 @@ class TaskRuntime:
         load_numpy_state(self.model, base)
         self.model.train()
         self._measuring = None  # its optimiser points at weights the round now owns
-        step = TrainStep(
-            self.model,
-            make_optimizer(assignment.optimizer, self.model.parameters(), capturable=self.cuda_graphs),
-            self.precision,
-            self.device,
-            self.scaler,
+        step = self._train_step(
+            assignment.optimizer,
+            scaler=self.scaler,
             proximal_mu=assignment.proximal_mu,
             lr_at=recipe.lr_at if recipe.lr != recipe.base_lr else None,
             lr_constant_from=recipe.warmup_steps,
-            cuda_graphs=self.cuda_graphs,
         )
         start = None
         if resume_from is not None:
@@ -369,6 +365,18 @@ class TaskRuntime:
             raise
         delta = _delta(state_to_numpy(self.model), base, assignment.task)
         return TrainResult(delta=delta, samples=self.data.samples, stats=stats, recipe=recipe)
+
+    def _train_step(self, optimizer: OptimizerSpec, **options) -> TrainStep:
+        """A training step of this runtime's model with a fresh `optimizer`, replayed from CUDA graphs where the
+        runtime uses them (the optimiser then made capturable); `options` are TrainStep's."""
+        return TrainStep(
+            self.model,
+            make_optimizer(optimizer, self.model.parameters(), capturable=self.cuda_graphs),
+            self.precision,
+            self.device,
+            cuda_graphs=self.cuda_graphs,
+            **options,
+        )
 
     @torch.no_grad()
     def restated_statistics(
@@ -426,13 +434,7 @@ class TaskRuntime:
         if (images is None) == (seconds is None):
             raise ValueError("give exactly one of images or seconds")
         if self._measuring is None:
-            self._measuring = TrainStep(
-                self.model,
-                make_optimizer(optimizer, self.model.parameters(), capturable=self.cuda_graphs),
-                self.precision,
-                self.device,
-                cuda_graphs=self.cuda_graphs,
-            )
+            self._measuring = self._train_step(optimizer)
         if self._measuring.graphed is not None:  # the capture belongs to the warm-up, not the window
             warmup_steps = max(warmup_steps, GRAPH_WARMUP_STEPS + 1)
         if warmup_steps:
