@@ -93,6 +93,10 @@ WorkerCommand = Init | Prepare | Train | Measure | Go | Exit
 # --- worker -> parent ------------------------------------------------------------------------------------
 
 
+class Loaded(_Line, tag="loaded"):
+    """Torch and the training code are imported: the first line a worker writes, before it reads a command."""
+
+
 class Ready(_Line, tag="ready"):
     device_name: str
     pid: int
@@ -152,7 +156,7 @@ class Failed(_Line, tag="failed"):
     error: str
 
 
-WorkerEvent = Ready | Prepared | Progress | Trained | HandedOver | Warm | Measured | Failed
+WorkerEvent = Loaded | Ready | Prepared | Progress | Trained | HandedOver | Warm | Measured | Failed
 
 _encoder = msgspec.json.Encoder()
 _command_decoder = msgspec.json.Decoder(WorkerCommand)

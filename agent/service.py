@@ -63,6 +63,8 @@ from protocol.transport import Incoming, LinkEvent, MqttLink, PayloadQueue, Publ
 log = logging.getLogger(__name__)
 #: what starting a CUDA worker costs (torch import, context, model, data) until this device has measured it
 DEFAULT_RESTART_COST_S = 10.0
+#: how long a starting agent waits for its spare workers' imports before it connects anyway
+SPARES_LOAD_S = 60
 #: events the agent's queue holds before the MQTT network thread (or a round thread) waits for the agent
 EVENT_QUEUE_SIZE = 256
 
@@ -229,6 +231,12 @@ class Agent:
         log.info("agent %s starting; tasks %s", self.device, self.samples)
         server = serve(self.config.metrics, self.metrics.registry)
         self.pool.add_spares(self.config.execution.spares(len(self.config.tasks), self.compute))
+        # The device announces itself (status, profile) once it can train at once: a round scheduled earlier
+        # would wait for the spares' imports in its worker starts.
+        if not self.pool.wait_for_spares(SPARES_LOAD_S, stop) and not stop.is_set():
+            log.warning(
+                "spare workers not loaded after %d s; connecting without waiting for them", SPARES_LOAD_S
+            )
         self.link.start()
         try:
             while not stop.is_set():

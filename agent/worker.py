@@ -287,6 +287,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGUSR1, request_handover)
     try:
+        worker.emit(jobs.Loaded())
         code = worker.serve()
     except BrokenPipeError:  # the parent is gone: nobody is left to report to, nothing to flush
         os._exit(PARENT_GONE)

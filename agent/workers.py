@@ -74,6 +74,7 @@ class WorkerProcess:
             env=child_env,
         )
         self._events: queue.Queue[jobs.WorkerEvent | None] = queue.Queue()
+        self.loaded = threading.Event()  # set once the child has imported its code (or exited: it never will)
         # the first and the last (step, total, monotonic time) the current command reported
         self.first_progress: tuple[int, int, float] | None = None
         self.progress: tuple[int, int, float] | None = None
@@ -159,9 +160,15 @@ class WorkerProcess:
     def _read(self) -> None:
         for line in self.proc.stdout:
             try:
-                self._events.put(jobs.decode_event(line))
+                event = jobs.decode_event(line)
             except ValueError:
                 log.error("worker %s wrote a bad line: %r", self.name, line[:200])
+                continue
+            if isinstance(event, jobs.Loaded):
+                self.loaded.set()
+            else:
+                self._events.put(event)
+        self.loaded.set()
         self._events.put(None)
 
 
@@ -334,6 +341,18 @@ class WorkerPool:
             for number in range(self._spares_started, self._spares_started + count):
                 self._spares.append(WorkerProcess(f"spare-{number}", self._log_path(f"spare-{number}")))
             self._spares_started += count
+
+    def wait_for_spares(self, timeout_s: float, stop: threading.Event) -> bool:
+        """Wait until every spare has imported torch and the training code, at most `timeout_s` and only while
+        `stop` is clear; whether they all did."""
+        deadline = time.monotonic() + timeout_s
+        with self._guard:
+            spares = list(self._spares)
+        for spare in spares:
+            while not spare.loaded.wait(0.2):
+                if stop.is_set() or time.monotonic() >= deadline:
+                    return False
+        return True
 
     @property
     def spares(self) -> int:

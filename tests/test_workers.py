@@ -373,3 +373,18 @@ def test_a_spare_that_died_is_skipped_and_a_closed_pool_ends_its_spares(tmp_path
     assert idle.proc.returncode == 0 and pool.spares == 0
     with pytest.raises(WorkerGone):
         pool.add_spares(1)
+
+
+def test_waiting_for_spares_ends_once_each_has_loaded_or_died_and_gives_up_at_its_deadline_or_stop(tmp_path):
+    stop = threading.Event()
+    with WorkerPool(CPU, log_dir=tmp_path) as pool:
+        pool.add_spares(2)
+        assert not pool.wait_for_spares(0, stop)  # nobody imports torch in no time
+        dead, loading = pool._spares
+        dead.proc.kill()
+        assert pool.wait_for_spares(120, stop)
+        assert dead.loaded.is_set() and loading.loaded.is_set() and loading.alive
+        pool.add_spares(1)
+        stop.set()
+        started = time.monotonic()
+        assert not pool.wait_for_spares(120, stop) and time.monotonic() - started < 5
