@@ -59,13 +59,18 @@ def run_policy(args, policy: str, partition: str, repeat: int = 1) -> dict:
     else:
         summary = run(_options(args, policy, partition, folder))
         (folder / "summary.json").write_text(json.dumps(summary, indent=1))
-    reached = seconds_to_target(summary["accuracy"], summary["round_end_s"], args.target)
-    print(f"{name:>20}: target {args.target:.0%} after {reached} s", flush=True)
+    run_ = from_summary(summary, args.target)
+    print(f"{name:>20}: target {args.target:.0%} after {run_['seconds_to_target']} s", flush=True)
+    return run_
+
+
+def from_summary(summary: dict, target: float) -> dict:
+    """A run's accuracy per round, round wall times and time to the target, from testbed.demo's summary."""
     return {
         "accuracy": summary["accuracy"],
         "round_wall_s": summary["round_wall_time_s"],
         "round_end_s": summary["round_end_s"],
-        "seconds_to_target": reached,
+        "seconds_to_target": seconds_to_target(summary["accuracy"], summary["round_end_s"], target),
     }
 
 
@@ -112,6 +117,29 @@ def main(argv: list[str] | None = None) -> int:
     except (ProcessDied, TimeoutError) as exc:
         print(f"time_to_accuracy: a run failed: {exc}", file=sys.stderr)
         return 1
+    settings = {
+        "rounds": args.rounds,
+        "repeats": args.repeats,
+        "batch_size": args.batch_size,
+        "batch_range": args.batch_range,
+        "resolution": args.resolution,
+        "local_steps": args.local_steps,
+        "models": args.models,
+        "reallocate": args.reallocate,
+        "spare_workers": args.spare_workers,
+        "cuda_graphs": args.cuda_graphs,
+        "predictor": str(args.predictor) if args.predictor else None,
+        "stopped_at_target": not args.all_rounds,
+    }
+    device = describe_device() | {"agents": args.agents, "gpus": args.gpus}
+    write_report(args.out, runs, device, args.target, settings)
+    return 0
+
+
+def write_report(
+    out: Path, runs: dict[str, dict[str, list[dict]]], device: dict, target: float, settings: dict
+):
+    """<out>/time_to_accuracy.json and .png from the runs by partition and policy (each policy's median run)."""
     results = {p: {policy: median_run(r) for policy, r in by_policy.items()} for p, by_policy in runs.items()}
     by_partition = {
         p: {
@@ -121,38 +149,24 @@ def main(argv: list[str] | None = None) -> int:
         | {"round_end_s": {policy: r["round_end_s"] for policy, r in chosen.items()}}
         for p, chosen in results.items()
     }
+    first = next(iter(by_partition))
     report = {
-        "device": describe_device() | {"agents": args.agents, "gpus": args.gpus},
-        "target": args.target,
-        **{k: v for k, v in by_partition[partitions[0]].items() if k != "round_end_s"},
-        "partition": partitions[0],
+        "device": device,
+        "target": target,
+        **{k: v for k, v in by_partition[first].items() if k != "round_end_s"},
+        "partition": first,
         "partitions": by_partition,
         "note": (
             "one agent holds what three devices would (the whole training split): a non-IID split needs two "
             "agents or more"
-            if args.agents == 1
-            else f"{args.agents} agents, one GPU each"
+            if device["agents"] == 1
+            else f"{device['agents']} agents, one GPU each"
         ),
-        "settings": {
-            "rounds": args.rounds,
-            "repeats": args.repeats,
-            "batch_size": args.batch_size,
-            "batch_range": args.batch_range,
-            "resolution": args.resolution,
-            "local_steps": args.local_steps,
-            "models": args.models,
-            "reallocate": args.reallocate,
-            "spare_workers": args.spare_workers,
-            "cuda_graphs": args.cuda_graphs,
-            "predictor": str(args.predictor) if args.predictor else None,
-            "stopped_at_target": not args.all_rounds,
-        },
+        "settings": settings,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "time_to_accuracy.json", report)
-    plot(by_partition, args.target, args.out / "time_to_accuracy.png")
-    print(f"wrote {args.out / 'time_to_accuracy.json'} and {args.out / 'time_to_accuracy.png'}")
-    return 0
+    write_json(out / "time_to_accuracy.json", report)
+    plot(by_partition, target, out / "time_to_accuracy.png")
+    print(f"wrote {out / 'time_to_accuracy.json'} and {out / 'time_to_accuracy.png'}")
 
 
 def plot(by_partition: dict, target: float, path: Path) -> None:
