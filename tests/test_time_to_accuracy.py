@@ -53,6 +53,34 @@ def test_repeated_runs_take_the_policies_in_turn_and_report_every_run(tmp_path, 
     assert result["settings"]["repeats"] == 3
 
 
+def test_runs_of_several_invocations_merge_into_one_report_in_the_order_given(tmp_path):
+    from bench.tta_merge import main as merge
+
+    base = {"device": {"gpu": "H100", "agents": 1}, "target": 0.95, "settings": {"repeats": 1, "rounds": 6}}
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    paths = []
+    for i, (policy, seconds) in enumerate(
+        [("fedmt", 14.0), ("temporal", 21.0), ("fedmt", 12.0), ("fedmt", 13.0)]
+    ):
+        summary = {
+            "partition": "iid",
+            "policy": policy,
+            "accuracy": {"digits-resnet18": [0.1, 0.97]},
+            "round_end_s": [seconds],
+            "round_wall_time_s": [seconds],
+        }
+        paths.append(tmp_path / f"{i}.summary.json")
+        paths[-1].write_text(json.dumps(summary))
+    assert (
+        merge(["--base", str(tmp_path / "base.json"), "--out", str(tmp_path / "out"), *map(str, paths)]) == 0
+    )
+    result = json.loads((tmp_path / "out" / "time_to_accuracy.json").read_text())
+    assert result["seconds_to_target_runs"] == {"fedmt": [14.0, 12.0, 13.0], "temporal": [21.0]}
+    assert result["seconds_to_target"] == {"fedmt": 13.0, "temporal": 21.0}
+    assert result["device"] == base["device"] and result["settings"]["repeats"] == {"fedmt": 3, "temporal": 1}
+    assert (tmp_path / "out" / "time_to_accuracy.png").stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_the_benchmark_runs_every_policy_through_the_federation_and_writes_its_results(tmp_path):
     """One agent on the CPU, rounds of four steps per task, two policies: the keys the issue names; each run
