@@ -10,6 +10,8 @@ from pathlib import Path
 
 from common.daemon import cli_main, cli_parser
 
+NETWORKS = ("deepsets", "factored")  # predictor.model.NETWORKS, named without importing torch
+
 
 def main(argv: list[str] | None = None) -> int:
     parser, sub = cli_parser("fedmt-predictor", "FedMT throughput predictor (Eq. 3-6, Algorithm 1).")
@@ -21,6 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--hidden", type=int, default=default)
     fit.add_argument("--members", type=int, default=default, help="networks in the ensemble")
     fit.add_argument("--seed", type=int, default=default)
+    fit.add_argument("--network", choices=NETWORKS, default=default, help="predictor.model")
+    crossval = sub.add_parser(
+        "crossval", help="each co-located model combination held out in turn: the networks' errors on it"
+    )
+    crossval.add_argument("--data", type=Path, required=True)
+    crossval.add_argument(
+        "--networks", nargs="+", choices=["deepsets", "factored"], default=["deepsets", "factored"]
+    )
+    crossval.add_argument("--epochs", type=int, default=default)
+    crossval.add_argument("--members", type=int, default=default, help="networks in each ensemble")
+    crossval.add_argument("--out", type=Path, help="write the errors as JSON")
     export = sub.add_parser("export", help="export fitted weights to ONNX with a model card")
     export.add_argument("--weights", type=Path, required=True)
     plan = sub.add_parser(
@@ -48,7 +61,7 @@ def _fit(args: argparse.Namespace) -> int:
 
     from predictor.training import fit
 
-    options = {k: v for k, v in vars(args).items() if k in ("epochs", "hidden", "members", "seed")}
+    options = {k: v for k, v in vars(args).items() if k in ("epochs", "hidden", "members", "seed", "network")}
     weights = fit(args.data, args.out, **options)
     report = json.loads(weights.with_suffix(".fit.json").read_text())
     print(f"wrote {weights}; MAPE (percent): {report['mape_percent']}")
@@ -59,6 +72,31 @@ def _export(args: argparse.Namespace) -> int:
     from predictor.training import export
 
     print(f"wrote {export(args.weights)} and its model card")
+    return 0
+
+
+def _crossval(args: argparse.Namespace) -> int:
+    import json
+    import statistics
+
+    from predictor.training import combination_errors
+
+    options = {k: v for k, v in vars(args).items() if k in ("epochs", "members")}
+    errors = {n: combination_errors(args.data, network=n, **options) for n in args.networks}
+    combinations = list(errors[args.networks[0]])
+    print(f"{'held-out combination':<60}" + "".join(f"{n:>10}" for n in args.networks) + "  (MAPE %)")
+    for combination in combinations:
+        print(f"{combination:<60}" + "".join(f"{errors[n][combination]:>10.1f}" for n in args.networks))
+    summary = {
+        n: {"mean": statistics.fmean(e.values()), "median": statistics.median(e.values())}
+        for n, e in errors.items()
+    }
+    for key in ("mean", "median"):
+        print(f"{key:<60}" + "".join(f"{summary[n][key]:>10.1f}" for n in args.networks))
+    if args.out:
+        args.out.write_text(
+            json.dumps({"data": str(args.data), "errors": errors, "summary": summary}, indent=2)
+        )
     return 0
 
 
@@ -105,7 +143,7 @@ def _model_and_samples(text: str) -> tuple[str, int]:
     return model, int(samples)
 
 
-COMMANDS = {"fit": _fit, "export": _export, "plan": _plan}
+COMMANDS = {"fit": _fit, "export": _export, "crossval": _crossval, "plan": _plan}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,9 +1,13 @@
 """Pre (FedMT Eq. 4): one multi-input multi-output regressor (f_i, m_i, B_i, R_i) for all tasks -> (P_1..P_n).
 
-Permutation-equivariant (DeepSets with a context term): each task slot is embedded by phi, the embeddings of
-the *other* tasks are summed, and rho maps [own embedding, others' sum, own inputs] to log-throughput. Up to
-MAX_TASKS slots; unused slots are masked, so task order never matters and 1..MAX_TASKS tasks share one network.
-Inputs are standardised inside the network, so the exported ONNX file is self-contained.
+Two networks, both permutation-equivariant over up to MAX_TASKS slots (unused slots are masked, so task order
+never matters and 1..MAX_TASKS tasks share one network), inputs standardised inside the network (the exported
+ONNX file is self-contained):
+- `deepsets`: each slot is embedded by phi, the embeddings of the *other* tasks are summed, and rho maps [own
+  embedding, others' sum, own inputs] to log-throughput. Flexible: it fits rich profiling data best.
+- `factored`: log P_i = a(x_i) - s(x_i) * sum_{j != i} d(x_j), with s, d >= 0: a task alone is a(x_i), and each
+  co-runner only slows it down, by its own demand d times the task's sensitivity s. Fewer degrees of freedom: it
+  carries what a short calibration measured alone and in a few co-locations over to combinations it never saw.
 """
 
 from __future__ import annotations
@@ -24,26 +28,70 @@ def _mlp(sizes: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
-class Pre(nn.Module):
-    def __init__(self, hidden: int = 32) -> None:
+class _Network(nn.Module):
+    """Standardised inputs in, images/s per slot out; subclasses give the log-throughput and say what they are."""
+
+    kind: str
+
+    def __init__(self, hidden: int) -> None:
         super().__init__()
         self.hidden = hidden
         self.register_buffer("mean", torch.zeros(N_INPUTS))
         self.register_buffer("std", torch.ones(N_INPUTS))
-        self.phi = _mlp([N_INPUTS, hidden, hidden])
-        self.rho = _mlp([2 * hidden + N_INPUTS, hidden, hidden, 1])
+
+    def standardised(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        valid = mask.unsqueeze(-1) > 0
+        return torch.where(valid, (x - self.mean) / self.std, 0.0)  # where, not *: 0 * inf would leak NaN
 
     def log_throughput(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Natural log of images/s per slot, (N, MAX_TASKS); masked slots are 0."""
-        valid = mask.unsqueeze(-1) > 0
-        z = torch.where(valid, (x - self.mean) / self.std, 0.0)  # where, not *: 0 * inf would leak NaN
-        h = torch.where(valid, self.phi(z), 0.0)
-        others = h.sum(dim=1, keepdim=True) - h
-        return torch.where(mask > 0, self.rho(torch.cat([h, others, z], dim=-1)).squeeze(-1), 0.0)
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Images/s per slot (0 in masked slots): the exported graph."""
         return torch.where(mask > 0, torch.exp(self.log_throughput(x, mask)), 0.0)
+
+
+class Pre(_Network):
+    """DeepSets with a context term (the `deepsets` network)."""
+
+    kind = "ensemble of DeepSets regressors (phi, rho MLPs, sum of the other tasks' embeddings), mean of log-throughput"
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__(hidden)
+        self.phi = _mlp([N_INPUTS, hidden, hidden])
+        self.rho = _mlp([2 * hidden + N_INPUTS, hidden, hidden, 1])
+
+    def log_throughput(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        z = self.standardised(x, mask)
+        h = torch.where(mask.unsqueeze(-1) > 0, self.phi(z), 0.0)
+        others = h.sum(dim=1, keepdim=True) - h
+        return torch.where(mask > 0, self.rho(torch.cat([h, others, z], dim=-1)).squeeze(-1), 0.0)
+
+
+class Factored(_Network):
+    """A task's throughput alone, slowed by each co-runner's demand times its sensitivity (the `factored` network)."""
+
+    kind = (
+        "ensemble of factored regressors (log-throughput alone minus the task's sensitivity times the sum of the "
+        "other tasks' demands), mean of log-throughput"
+    )
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__(hidden)
+        self.alone = _mlp([N_INPUTS, hidden, hidden, 1])
+        self.sensitivity = _mlp([N_INPUTS, hidden, 1])
+        self.demand = _mlp([N_INPUTS, hidden, 1])
+
+    def log_throughput(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        z = self.standardised(x, mask)
+        demand = nn.functional.softplus(self.demand(z).squeeze(-1)) * mask
+        others = demand.sum(dim=1, keepdim=True) - demand
+        slowdown = nn.functional.softplus(self.sensitivity(z).squeeze(-1)) * others
+        return torch.where(mask > 0, self.alone(z).squeeze(-1) - slowdown, 0.0)
+
+
+NETWORKS: dict[str, type[_Network]] = {"deepsets": Pre, "factored": Factored}
 
 
 class Ensemble(nn.Module):
@@ -60,8 +108,8 @@ class Ensemble(nn.Module):
         return torch.where(mask > 0, torch.exp(self.log_throughput(x, mask)), 0.0)
 
 
-def ensemble(hidden: int, members: int) -> Ensemble:
-    return Ensemble([Pre(hidden) for _ in range(members)])
+def ensemble(hidden: int, members: int, network: str = "deepsets") -> Ensemble:
+    return Ensemble([NETWORKS[network](hidden) for _ in range(members)])
 
 
 HIDDEN, MEMBERS = 32, 5
@@ -79,8 +127,9 @@ def train(
     lr: float = 3e-3,
     weight_decay: float = 1e-4,
     seed: int = 0,
+    network: str = "deepsets",
 ) -> Ensemble:
-    """Fit `members` networks (seeds seed, seed+1, ...) and return their ensemble."""
+    """Fit `members` networks of one kind (NETWORKS; seeds seed, seed+1, ...) and return their ensemble."""
     return Ensemble(
         [
             _train_one(
@@ -92,6 +141,7 @@ def train(
                 lr=lr,
                 weight_decay=weight_decay,
                 seed=seed + i,
+                network=network,
             )
             for i in range(members)
         ]
@@ -99,11 +149,11 @@ def train(
 
 
 def _train_one(
-    x, mask, throughput, *, hidden: int, epochs: int, lr: float, weight_decay: float, seed: int
-) -> Pre:
-    """Fit Pre on log-throughput (so the loss weighs relative errors), full batch, AdamW with cosine decay."""
+    x, mask, throughput, *, hidden: int, epochs: int, lr: float, weight_decay: float, seed: int, network: str
+) -> _Network:
+    """Fit one network on log-throughput (so the loss weighs relative errors), full batch, AdamW with cosine decay."""
     torch.manual_seed(seed)
-    model = Pre(hidden)
+    model = NETWORKS[network](hidden)
     valid = mask.astype(bool)
     model.mean.copy_(torch.from_numpy(x[valid].mean(0)))
     model.std.copy_(torch.from_numpy(x[valid].std(0) + 1e-6))

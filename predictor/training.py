@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from predictor.dataset import Samples, build, mape, split
 from predictor.encoding import INPUT_NAMES, MAX_TASKS
 from predictor.features import extract
-from predictor.model import EPOCHS, HIDDEN, MEMBERS, ensemble, export_onnx, predict, train
+from predictor.model import EPOCHS, HIDDEN, MEMBERS, NETWORKS, ensemble, export_onnx, predict, train
 from predictor.records import FOCUS, load_records, task_spec
 from predictor.runtime import OnnxPredictor, card_path
 from predictor.workload import fit_workload
@@ -35,6 +35,7 @@ def fit(
     epochs: int = EPOCHS,
     seed: int = 0,
     protected: Sequence[Sequence[str]] = FOCUS,
+    network: str = "deepsets",
 ) -> Path:
     """Train on the data file's training split (model combinations in `protected` are never held out as unseen);
     write `<gpu>.safetensors` and `<gpu>.fit.json`; return the weights."""
@@ -56,6 +57,7 @@ def fit(
         members=members,
         epochs=epochs,
         seed=seed,
+        network=network,
     )
     errors = {
         name: samples_mape(model, s) if len(s) else None
@@ -94,8 +96,8 @@ def fit(
         },
         "mape_percent": {"train": errors["train"], "seen": errors["seen"], "unseen": errors["unseen"]},
         "network": {
-            "kind": "ensemble of DeepSets regressors (phi, rho MLPs, sum of the other tasks' embeddings), "
-            "mean of log-throughput",
+            "name": network,
+            "kind": NETWORKS[network].kind,
             "hidden": hidden,
             "members": members,
             "epochs": epochs,
@@ -113,6 +115,37 @@ def fit(
     ]
     weights.with_suffix(".fit.json").write_text(json.dumps(report, indent=2) + "\n")
     return weights
+
+
+def combination_errors(
+    data: Path,
+    *,
+    network: str = "deepsets",
+    hidden: int = HIDDEN,
+    members: int = MEMBERS,
+    epochs: int = EPOCHS,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Leave one combination out: for every co-located model combination in the data file, fit on all the other
+    records and return the MAPE (percent) on that combination's, by "model+model+...": how the network does on
+    combinations it never saw, each one held out in turn rather than one random split's few."""
+    samples = build(load_records(data))
+    errors = {}
+    for combination in sorted({c for c in samples.combos if len(c) > 1}):
+        held = np.array([c == combination for c in samples.combos])
+        fitted = samples.take(np.flatnonzero(~held))
+        model = train(
+            fitted.x,
+            fitted.mask,
+            fitted.throughput,
+            hidden=hidden,
+            members=members,
+            epochs=epochs,
+            seed=seed,
+            network=network,
+        )
+        errors["+".join(combination)] = samples_mape(model, samples.take(np.flatnonzero(held)))
+    return errors
 
 
 MIN_ALONE_RECORDS = 4
@@ -147,7 +180,8 @@ def export(weights: Path) -> Path:
     weights = Path(weights)
     report = json.loads(weights.with_suffix(".fit.json").read_text())
     state = load_file(str(weights))
-    model = ensemble(report["network"]["hidden"], report["network"]["members"])
+    network = report["network"]
+    model = ensemble(network["hidden"], network["members"], network.get("name", "deepsets"))
     model.load_state_dict(state)
     model.eval()
     onnx_path = weights.with_suffix(".onnx")

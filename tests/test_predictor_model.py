@@ -22,7 +22,7 @@ import torch
 from predictor.dataset import Samples, build, mape, split
 from predictor.encoding import MAX_TASKS, N_INPUTS, encode_inputs
 from predictor.features import FEATURE_NAMES, TaskFeatures, extract
-from predictor.model import Ensemble, Pre, ensemble, export_onnx, predict
+from predictor.model import NETWORKS, Ensemble, ensemble, export_onnx, predict
 from predictor.records import (
     ALONE_LEVELS,
     BATCHES,
@@ -46,9 +46,9 @@ RESOLUTION = 32  # of the synthetic records
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def random_ensemble(seed: int = 0, hidden: int = 8, members: int = 2) -> Ensemble:
+def random_ensemble(seed: int = 0, hidden: int = 8, members: int = 2, network: str = "deepsets") -> Ensemble:
     torch.manual_seed(seed)
-    return Ensemble([Pre(hidden) for _ in range(members)]).eval()
+    return ensemble(hidden, members, network).eval()
 
 
 def random_inputs(rows: int, real: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,21 +105,36 @@ def tiny_card(gpu: str = "Test GPU") -> str:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("network", sorted(NETWORKS))
 @pytest.mark.parametrize("perm", [(2, 0, 1, 3, 4), (1, 2, 0, 4, 3), (3, 0, 4, 2, 1), (4, 3, 2, 1, 0)])
-def test_permuting_task_slots_permutes_outputs(perm) -> None:
-    model = random_ensemble()
+def test_permuting_task_slots_permutes_outputs(perm, network) -> None:
+    model = random_ensemble(network=network)
     x, mask = random_inputs(16)
     perm = list(perm)
     out = model(x, mask)
     out_perm = model(x[:, perm], mask[:, perm])
     torch.testing.assert_close(out_perm, out[:, perm], rtol=1e-5, atol=0)
-    for member in model.members:  # each Pre on its own is equivariant too, in log space
+    for member in model.members:  # each network on its own is equivariant too, in log space
         torch.testing.assert_close(
             member.log_throughput(x[:, perm], mask[:, perm]),
             member.log_throughput(x, mask)[:, perm],
             rtol=1e-5,
             atol=1e-6,
         )
+
+
+@torch.no_grad()
+def test_the_factored_network_predicts_a_task_alone_from_its_own_inputs_and_co_runners_only_slow_it() -> None:
+    model = random_ensemble(seed=2, network="factored")
+    x, mask = random_inputs(32, real=1)
+    alone = model(x, mask)[:, 0]
+    others = x.clone()
+    others[:, 1:] = torch.randn(32, MAX_TASKS - 1, N_INPUTS)
+    torch.testing.assert_close(model(others, mask)[:, 0], alone)  # masked slots are nobody
+    for real in range(2, MAX_TASKS + 1):
+        crowded = mask.clone()
+        crowded[:, :real] = 1.0
+        assert torch.all(model(x, crowded)[:, 0] <= alone)
 
 
 @torch.no_grad()
@@ -239,6 +254,25 @@ def test_onnx_matches_torch_on_a_dynamic_batch(exported, rows: int) -> None:
     assert np.all(out[mask == 0] == 0.0) and np.all(reference[mask == 0] == 0.0)
     assert np.all(out[mask == 1] > 0)
     np.testing.assert_allclose(out, reference, rtol=1e-5, atol=0)
+
+
+def test_a_factored_ensemble_exports_to_onnx_that_matches_torch(tmp_path) -> None:
+    import onnxruntime
+
+    model = random_ensemble(seed=4, network="factored")
+    export_onnx(model, str(tmp_path / "factored.onnx"))
+    session = onnxruntime.InferenceSession(
+        str(tmp_path / "factored.onnx"), providers=["CPUExecutionProvider"]
+    )
+    x, mask = random_inputs(50, real=4)
+    (out,) = session.run(["throughput"], {"features": x.numpy(), "mask": mask.numpy()})
+    np.testing.assert_allclose(out, predict(model, x.numpy(), mask.numpy()), rtol=1e-5, atol=0)
+
+
+def test_the_cli_names_the_networks_the_model_has() -> None:
+    from predictor.cli import NETWORKS as NAMED
+
+    assert set(NAMED) == set(NETWORKS)
 
 
 def test_onnx_inputs_declare_the_dynamic_axis(exported) -> None:
@@ -501,6 +535,24 @@ def pipeline(tmp_path_factory) -> dict:
     weights = fit(data, root / "models", hidden=16, members=2, epochs=200, seed=0)
     onnx_path = export(weights)
     return {"records": records, "data": data, "weights": weights, "onnx": onnx_path}
+
+
+def test_a_factored_predictor_is_fitted_exported_and_named_in_its_card(pipeline, tmp_path) -> None:
+    weights = fit(pipeline["data"], tmp_path, hidden=8, members=1, epochs=100, network="factored")
+    card = json.loads(card_path(export(weights)).read_text())
+    assert card["network"]["name"] == "factored" and card["network"]["kind"] == NETWORKS["factored"].kind
+    assert card["onnx"]["max_relative_difference_vs_torch"] < 1e-4
+
+
+def test_each_co_located_combination_is_held_out_once_in_cross_validation(pipeline) -> None:
+    from predictor.training import combination_errors
+
+    errors = combination_errors(pipeline["data"], network="factored", hidden=8, members=1, epochs=50)
+    combinations = {
+        "+".join(sorted(t.model for t in r.tasks)) for r in pipeline["records"] if len(r.tasks) > 1
+    }
+    assert set(errors) == combinations and len(combinations) > 1
+    assert all(math.isfinite(e) and e >= 0 for e in errors.values())
 
 
 def test_synthetic_data_is_what_the_test_means() -> None:
