@@ -15,10 +15,15 @@ from safetensors.torch import load_file, save_file
 from predictor.dataset import Samples, build, mape, split
 from predictor.encoding import INPUT_NAMES, MAX_TASKS
 from predictor.features import extract
-from predictor.model import EPOCHS, HIDDEN, MEMBERS, NETWORKS, ensemble, export_onnx, predict, train
+from predictor.model import EPOCHS, HIDDEN, MEMBERS, NETWORKS, Ensemble, ensemble, export_onnx, predict, train
 from predictor.records import FOCUS, load_records, task_spec
 from predictor.runtime import OnnxPredictor, card_path
 from predictor.workload import fit_workload
+
+
+def _fitted(samples: Samples, **options) -> Ensemble:
+    """predictor.model.train on a set of samples; `options` are its keyword options."""
+    return train(samples.x, samples.mask, samples.throughput, **options)
 
 
 def samples_mape(model, samples: Samples) -> float:
@@ -49,16 +54,7 @@ def fit(
     parts = split(samples, seed=seed, protected=protected)
     train_set = samples.take(parts.train)
     started = time.perf_counter()
-    model = train(
-        train_set.x,
-        train_set.mask,
-        train_set.throughput,
-        hidden=hidden,
-        members=members,
-        epochs=epochs,
-        seed=seed,
-        network=network,
-    )
+    model = _fitted(train_set, hidden=hidden, members=members, epochs=epochs, seed=seed, network=network)
     errors = {
         name: samples_mape(model, s) if len(s) else None
         for name, s in (
@@ -117,33 +113,17 @@ def fit(
     return weights
 
 
-def combination_errors(
-    data: Path,
-    *,
-    network: str = "deepsets",
-    hidden: int = HIDDEN,
-    members: int = MEMBERS,
-    epochs: int = EPOCHS,
-    seed: int = 0,
-) -> dict[str, float]:
+def combination_errors(data: Path, **options) -> dict[str, float]:
     """Leave one combination out: for every co-located model combination in the data file, fit on all the other
     records and return the MAPE (percent) on that combination's, by "model+model+...": how the network does on
-    combinations it never saw, each one held out in turn rather than one random split's few."""
+    combinations it never saw, each one held out in turn rather than one random split's few. `options` are
+    predictor.model.train's (network, hidden, members, epochs, seed)."""
     samples = build(load_records(data))
     errors = {}
     for combination in sorted({c for c in samples.combos if len(c) > 1}):
         held = np.array([c == combination for c in samples.combos])
         fitted = samples.take(np.flatnonzero(~held))
-        model = train(
-            fitted.x,
-            fitted.mask,
-            fitted.throughput,
-            hidden=hidden,
-            members=members,
-            epochs=epochs,
-            seed=seed,
-            network=network,
-        )
+        model = _fitted(fitted, **options)
         errors["+".join(combination)] = samples_mape(model, samples.take(np.flatnonzero(held)))
     return errors
 
