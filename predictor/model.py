@@ -52,7 +52,7 @@ class _Network(nn.Module):
         return torch.where(mask > 0, torch.exp(self.log_throughput(x, mask)), 0.0)
 
 
-class Pre(_Network):
+class DeepSets(_Network):
     """DeepSets with a context term (the `deepsets` network)."""
 
     kind = "ensemble of DeepSets regressors (phi, rho MLPs, sum of the other tasks' embeddings), mean of log-throughput"
@@ -91,13 +91,13 @@ class Factored(_Network):
         return torch.where(mask > 0, self.alone(z).squeeze(-1) - slowdown, 0.0)
 
 
-NETWORKS: dict[str, type[_Network]] = {"deepsets": Pre, "factored": Factored}
+NETWORKS: dict[str, type[_Network]] = {"deepsets": DeepSets, "factored": Factored}
 
 
 class Ensemble(nn.Module):
     """Members trained from different seeds, averaged in log space: lower variance on small profiling sets."""
 
-    def __init__(self, members: Sequence[Pre]) -> None:
+    def __init__(self, members: Sequence[_Network]) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
 
