@@ -14,6 +14,7 @@ import pytest
 
 from agent.autocalibration import AutoCalibration, CalibrationConfig
 from agent.calibration import (
+    CALIBRATION_NETWORK,
     Device,
     Result,
     calibrate,
@@ -162,6 +163,7 @@ def test_calibration_measures_baselines_then_co_locations_within_its_budget_and_
     predictor = OnnxPredictor(result.predictor, gpu=GPU)
     assert predictor.input_sizes == {32, 48} and predictor.batch_range == (8, 64)
     assert predictor.card["data"]["models"] == sorted(w.model for w in target.workloads)
+    assert predictor.card["network"]["name"] == CALIBRATION_NETWORK
     planner = Planner(sharing(tmp_path, mps=True), predictor, "calibrated")
     assert planner.profiled(TASKS) and not planner.profiled([*TASKS[:2], task("d", "vgg16", 32)])
     tasks = [
