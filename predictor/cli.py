@@ -28,9 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         "crossval", help="each co-located model combination held out in turn: the networks' errors on it"
     )
     crossval.add_argument("--data", type=Path, required=True)
-    crossval.add_argument(
-        "--networks", nargs="+", choices=["deepsets", "factored"], default=["deepsets", "factored"]
-    )
+    crossval.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
     crossval.add_argument("--epochs", type=int, default=default)
     crossval.add_argument("--members", type=int, default=default, help="networks in each ensemble")
     crossval.add_argument("--out", type=Path, help="write the errors as JSON")
