@@ -50,9 +50,10 @@ SYNTHETIC_SAMPLES = 512  # per worker, held on the device: enough distinct batch
 FIT_SHARE = 0.25  # of a calibration's time budget kept for fitting and exporting
 MAX_FAILED_IN_A_ROW = 10  # then the GPU or MPS is in trouble: stop
 MIN_FIT_RECORDS = 20
-#: predictor.model's network for a calibration's few co-locations: held out one combination at a time, the
-#: factored one erred 14% against DeepSets' 23% on a 15-minute H100 calibration (bench/results/README.md)
-CALIBRATION_NETWORK = "factored"
+#: co-located windows from which a calibration's predictor is the DeepSets network, below them the factored one:
+#: on held-out combinations factored erred 14% against 23% with 25 co-locations (an H100 calibration) and 14%
+#: against 16% with 114, DeepSets 12% against 14% with 323 (the H200 set; bench/results/README.md)
+DEEPSETS_FROM_COLOCATIONS = 200
 
 
 @dataclass(frozen=True)
@@ -205,11 +206,21 @@ def fit_and_export(data: Path, target: Target, epochs: int | None = None) -> Pat
     from predictor.records import load_records
     from predictor.training import export, fit
 
-    held = len(load_records(data))
-    if held < MIN_FIT_RECORDS:
-        raise ValueError(f"{data} holds {held} records; fitting a predictor needs at least {MIN_FIT_RECORDS}")
+    records = load_records(data)
+    if len(records) < MIN_FIT_RECORDS:
+        raise ValueError(
+            f"{data} holds {len(records)} records; fitting a predictor needs at least {MIN_FIT_RECORDS}"
+        )
     options = {} if epochs is None else {"epochs": epochs}
-    return export(fit(data, data.parent, protected=target.protected, network=CALIBRATION_NETWORK, **options))
+    network = calibration_network(records)
+    return export(fit(data, data.parent, protected=target.protected, network=network, **options))
+
+
+def calibration_network(records: Sequence[Record]) -> str:
+    """predictor.model's network for a data file: the factored one carries few co-locations over to combinations
+    never measured, DeepSets fits many better."""
+    co_located = sum(len(r.tasks) > 1 for r in records)
+    return "deepsets" if co_located >= DEEPSETS_FROM_COLOCATIONS else "factored"
 
 
 def _measure_config(

@@ -14,11 +14,12 @@ import pytest
 
 from agent.autocalibration import AutoCalibration, CalibrationConfig
 from agent.calibration import (
-    CALIBRATION_NETWORK,
+    DEEPSETS_FROM_COLOCATIONS,
     Device,
     Result,
     calibrate,
     calibration_batches,
+    calibration_network,
     target_for,
 )
 from agent.gpu.probe import GpuReport
@@ -27,7 +28,15 @@ from agent.planning import Planner
 from agent.service import load_predictor
 from agent.workers import TaskFailed
 from predictor.features import extract
-from predictor.records import ALONE_LEVELS, Workload, dataset_path, load_records, task_spec
+from predictor.records import (
+    ALONE_LEVELS,
+    Record,
+    TaskSample,
+    Workload,
+    dataset_path,
+    load_records,
+    task_spec,
+)
 from predictor.runtime import OnnxPredictor
 from protocol.schemas import GpuInfo, ModelSpec, OptimizerSpec, TaskAssignment
 from tests.test_planning import sharing
@@ -163,7 +172,7 @@ def test_calibration_measures_baselines_then_co_locations_within_its_budget_and_
     predictor = OnnxPredictor(result.predictor, gpu=GPU)
     assert predictor.input_sizes == {32, 48} and predictor.batch_range == (8, 64)
     assert predictor.card["data"]["models"] == sorted(w.model for w in target.workloads)
-    assert predictor.card["network"]["name"] == CALIBRATION_NETWORK
+    assert predictor.card["network"]["name"] == "factored"  # 80 windows: few co-locations
     planner = Planner(sharing(tmp_path, mps=True), predictor, "calibrated")
     assert planner.profiled(TASKS) and not planner.profiled([*TASKS[:2], task("d", "vgg16", 32)])
     tasks = [
@@ -172,6 +181,18 @@ def test_calibration_measures_baselines_then_co_locations_within_its_budget_and_
     predicted = predictor(tasks, np.array([[16, 16, 16]]), np.array([[40.0, 60.0, 80.0]]))[0]
     truth = [law(w, 16, r, 3) for w, r in zip(target.workloads, (40.0, 60.0, 80.0))]
     assert np.all(np.abs(predicted / truth - 1) < 0.5)  # a rough fit from 80 windows and 300 epochs
+
+
+def test_a_calibration_fits_the_factored_network_to_few_co_locations_and_deepsets_to_many():
+    def window(models: list[str]) -> Record:
+        samples = [TaskSample(m, 16, 50.0, 100.0) for m in models]
+        return Record(
+            gpu=GPU, sm_total=132, driver="1", torch="2", resolution=32, tasks=samples, window_s=1.0, ts=0.0
+        )
+
+    alone, pair = window(["resnet18"]), window(["resnet18", "vgg16"])
+    assert calibration_network([alone] * 500 + [pair] * (DEEPSETS_FROM_COLOCATIONS - 1)) == "factored"
+    assert calibration_network([alone] * 10 + [pair] * DEEPSETS_FROM_COLOCATIONS) == "deepsets"
 
 
 def test_a_stopped_calibration_keeps_its_records_and_the_next_run_skips_the_baselines_it_holds(tmp_path):
