@@ -15,7 +15,6 @@ from common.models import build_model, state_to_numpy
 from protocol.schemas import OptimizerSpec, TaskAssignment
 from tests.test_batching import MODEL, assignment
 
-ADAM = OptimizerSpec(name="adam", lr=1e-3)
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
@@ -65,8 +64,7 @@ def test_a_graphed_round_computes_what_the_eager_round_does(deterministic_cudnn)
 @GPU
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_every_replayed_step_leaves_the_weights_the_eager_step_leaves(optimizer, deterministic_cudnn) -> None:
-    spec = OptimizerSpec(name=optimizer, lr=1e-3 if optimizer == "adam" else 0.05)
-    eager, graphed = (cuda_step(spec, graphs) for graphs in (False, True))
+    eager, graphed = (cuda_step(task(optimizer).optimizer, graphs) for graphs in (False, True))
     for images, labels in [batch(size) for size in (16, 16, 16, 16, 6)] * 5:  # both shapes captured, replayed
         eager(images, labels)
         graphed(images, labels)
@@ -75,10 +73,10 @@ def test_every_replayed_step_leaves_the_weights_the_eager_step_leaves(optimizer,
     assert len(graphed.graphed.graphs) == 2
 
 
-def cuda_step(spec: OptimizerSpec = ADAM, graphs: bool = True, **options) -> TrainStep:
-    """A step with a capturable optimiser, replayed from CUDA graphs or not."""
+def cuda_step(spec: OptimizerSpec | None = None, graphs: bool = True, **options) -> TrainStep:
+    """A step with a capturable optimiser (default: the task's Adam), replayed from CUDA graphs or not."""
     model = build_model(MODEL, seed=0).cuda().train()
-    optimizer = make_optimizer(spec, model.parameters(), capturable=True)
+    optimizer = make_optimizer(spec or task().optimizer, model.parameters(), capturable=True)
     return TrainStep(model, optimizer, "fp32", "cuda", cuda_graphs=graphs, **options)
 
 
