@@ -1,6 +1,8 @@
 """Update codecs on the demo federation: bytes moved and accuracy, and round time on slow links.
 
     python -m bench.comm --out bench/results --seeds 0 1 2   # CPU: about 2.5 hours on 2 cores
+    python -m bench.comm --device cuda --seeds --codecs dense topk --mbps 10 --overlap-mbps 400 \
+        --overlap-policies concurrent --out bench/results/comm_gpu   # the link rows only, agents on a GPU
 
 Every run is the real demo (testbed.demo: Mosquitto, the aggregator and three agents as processes; digits,
 three tasks) with every task's updates in one codec and global models also published as fp16 deltas:
@@ -59,6 +61,7 @@ def run_demo(
     upload: str = "on_finish",
     policy: str = "concurrent",
     seed: int = 0,
+    device: str = "cpu",
 ) -> dict:
     """One demo run; its summary (also written to runs/<name>/summary.json, and with `reuse` read from there
     when a run of this configuration finished before)."""
@@ -71,6 +74,7 @@ def run_demo(
             and summary.get("upload", "on_finish") == upload
             and summary.get("policy") == policy
             and summary.get("seed", 0) == seed
+            and (summary.get("device", "cpu") == "cpu") == (device == "cpu")  # the GPU's name on cuda
         )
         if same and summary["num_rounds"] == rounds:
             return summary
@@ -83,6 +87,7 @@ def run_demo(
         upload=upload,
         policy=policy,
         seed=seed,
+        device=device,
     )
     summary = demo.run(options)
     (options.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -137,8 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument(
-        "--seeds", nargs="+", type=int, default=[0], help="initial-model seeds of every codec's accuracy runs"
+        "--seeds",
+        nargs="*",
+        type=int,
+        default=[0],
+        help="initial-model seeds of every codec's accuracy runs (none: only the link rows)",
     )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the agents train")
     parser.add_argument("--link-rounds", type=int, default=3)
     parser.add_argument("--mbps", nargs="*", type=float, default=[10.0, 100.0, 400.0])
     parser.add_argument(
@@ -177,13 +187,26 @@ def main(argv: list[str] | None = None) -> int:
             console.rule(f"{name}: {args.rounds} rounds at full speed, seed {seed}")
             run_name = f"accuracy-{name}" + (f"-seed{seed}" if seed else "")
             summaries[name].append(
-                run_demo(args.runs, run_name, CODECS[name], args.rounds, reuse=name in args.reuse, seed=seed)
+                run_demo(
+                    args.runs,
+                    run_name,
+                    CODECS[name],
+                    args.rounds,
+                    reuse=name in args.reuse,
+                    seed=seed,
+                    device=args.device,
+                )
             )
-    if "dense" in summaries:
+    if summaries.get("dense"):
         dense = summaries["dense"][0]
         repeats = [dense] + [
             run_demo(
-                args.runs, f"accuracy-dense-{i}", CODECS["dense"], args.rounds, reuse="dense" in args.reuse
+                args.runs,
+                f"accuracy-dense-{i}",
+                CODECS["dense"],
+                args.rounds,
+                reuse="dense" in args.reuse,
+                device=args.device,
             )
             for i in range(2, args.dense_repeats + 1)
         ]
@@ -217,7 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.codecs:
             console.rule(f"{name}: {args.link_rounds} rounds at {key} Mbps per agent")
             summary = run_demo(
-                args.runs, f"link{key}-{name}", CODECS[name], args.link_rounds, mbps, reuse=name in args.reuse
+                args.runs,
+                f"link{key}-{name}",
+                CODECS[name],
+                args.link_rounds,
+                mbps,
+                reuse=name in args.reuse,
+                device=args.device,
             )
             times[name] = round(later_round_s(summary), 2)
             results.setdefault("round_wall_s", {}).setdefault(key, {})[name] = summary["round_wall_time_s"]
@@ -238,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                     reuse="dense" in args.reuse,
                     upload=order,
                     policy=policy,
+                    device=args.device,
                 )
             measured[policy] = overlap(orders["on_finish"], orders["after_round"], mbps)
         row = measured.pop("concurrent", {})  # the agents' default policy: its figures head the row
