@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agent.outbox import Outbox, Pending
 from protocol import topics
-from protocol.schemas import Receipt, UpdateManifest, encode
+from protocol.schemas import Receipt, UpdateManifest
 from protocol.transport import MqttLink, PublishError
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,7 @@ class Uploads:
         now = time.monotonic()
         try:
             self.link.publish_transfer(
-                topics.update(manifest.task, self.device),
-                encode(manifest),
-                manifest.transfer,
-                _mapped(pending.payload_path),
+                topics.update(manifest.task, self.device), manifest, _mapped(pending.payload_path)
             )
         except PublishError as exc:
             log.warning(

@@ -147,6 +147,7 @@ def aggregator_config(
     task = TaskConfig(model=ModelSpec(name="fleet", num_classes=2, input_size=8), init_weights=str(weights))
     return AggregatorConfig(
         state_dir=str(work / "aggregator" / "state"),
+        keep_checkpoints=setup.rounds + 1,  # the audit reads every round's base and new global model
         mqtt=MqttSettings(host=broker.host, port=broker.port, username="aggregator", password=password),
         rounds=RoundsConfig(rounds=setup.rounds, min_devices=devices, round_timeout_s=setup.timeout_s),
         tasks={TASK: task},

@@ -13,7 +13,7 @@ import msgspec
 
 from protocol.chunking import Assembled, Reassembler
 from protocol.errors import ProtocolError
-from protocol.schemas import Chunk, GlobalManifest, UpdateManifest, decode, encode
+from protocol.schemas import Chunk, GlobalManifest, UpdateManifest, WholeTransfer, decode, encode
 
 M = TypeVar("M", GlobalManifest, UpdateManifest)  # what a manifest carries: `.transfer`
 
@@ -68,13 +68,29 @@ class TransferInbox(Generic[M]):
         admit_manifest: Callable[[M], bool] = _accept,
         admit_chunk: Callable[[Chunk], bool] = _accept,
     ) -> Delivery[M] | None:
-        """One message of a transfer (`part`: "manifest" or "chunk", from its topic) sent by `owner`; the
-        admit callables may turn a decoded manifest or chunk away (False) before it is kept."""
+        """One message of a transfer (`part`: "manifest", "chunk" or "whole", from its topic) sent by `owner`;
+        the admit callables may turn a decoded manifest or chunk away (False) before it is kept."""
         if part == "manifest":
             manifest = decode(payload, self.manifest_type)
             return self.add_manifest(manifest, owner=owner) if admit_manifest(manifest) else None
+        if part == "whole":
+            return self._add_whole(decode(payload, WholeTransfer[self.manifest_type]), owner, admit_manifest)
         chunk = decode(payload, Chunk)
         return self.add_chunk(chunk, owner=owner) if admit_chunk(chunk) else None
+
+    def _add_whole(
+        self, whole: WholeTransfer[M], owner: str, admit_manifest: Callable[[M], bool]
+    ) -> Delivery[M] | None:
+        """A transfer of one chunk with its manifest: paired at once (the manifest's admission admits both)."""
+        manifest, chunk = whole.manifest, whole.chunk
+        if chunk.total != 1 or chunk.transfer != manifest.transfer.id:
+            raise ProtocolError(
+                f"a whole transfer carries one chunk of its own transfer, not {chunk.index + 1} of "
+                f"{chunk.total} of {chunk.transfer} for {manifest.transfer.id}"
+            )
+        if not admit_manifest(manifest):
+            return None
+        return self.add_chunk(chunk, owner=owner) or self.add_manifest(manifest, owner=owner)
 
     def add_manifest(self, manifest: M, now: float | None = None, owner: str = "") -> Delivery[M] | None:
         now = time.monotonic() if now is None else now

@@ -7,7 +7,7 @@ list and map is bounded (protocol/limits.py).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -289,6 +289,17 @@ class Chunk(Message, array_like=True):
     size: PayloadSize
     sha256: Sha256
     data: Annotated[bytes, Meta(max_length=lim.MAX_CHUNK_BYTES)]
+
+
+TransferManifest = TypeVar("TransferManifest", bound=Message)
+
+
+class WholeTransfer(Message, Generic[TransferManifest], array_like=True):
+    """A transfer of one chunk and its manifest in one message: nothing for the receiver to pair, hold or keep
+    waiting (an agent sends an update that fits one chunk so)."""
+
+    manifest: TransferManifest
+    chunk: Chunk
 
 
 # --- codec ---------------------------------------------------------------------------------------------

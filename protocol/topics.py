@@ -12,6 +12,7 @@ fedmt/v1/tasks/{task}/global/chunks/{i}          retained global model chunks   
 fedmt/v1/tasks/{task}/global/delta/chunks/{i}    retained chunks of the version as a delta aggregator -> agents
 fedmt/v1/tasks/{task}/updates/{device}/manifest  update manifest                          agent -> aggregator
 fedmt/v1/tasks/{task}/updates/{device}/chunks/{i} update chunks                           agent -> aggregator
+fedmt/v1/tasks/{task}/updates/{device}/whole     an update of one chunk with its manifest agent -> aggregator
 ```
 
 The device id is the MQTT username, so the broker ACL (`%u`) confines a device to its own topics. Ids are 1-64
@@ -91,6 +92,11 @@ def chunk(base: str, index: int) -> str:
     return f"{base}/chunks/{index}"
 
 
+def whole(base: str) -> str:
+    """A transfer of one chunk and its manifest in one message (`schemas.WholeTransfer`)."""
+    return f"{base}/whole"
+
+
 def all_below(base: str) -> str:
     """Subscription filter for everything under a base topic."""
     return f"{base}/#"
@@ -116,7 +122,7 @@ class TopicRef:
     kind: str  # a device leaf, 'schedule', 'global' or 'update'
     device: str | None = None
     task: str | None = None
-    part: str | None = None  # 'manifest' or 'chunk' for transfers
+    part: str | None = None  # 'manifest', 'chunk' or 'whole' for transfers
     index: int | None = None  # chunk index
 
 
@@ -142,10 +148,10 @@ def parse(topic: str) -> TopicRef:
 
 
 def _transfer_ref(kind: str, task: str, device_id: str | None, tail: list[str], topic: str) -> TopicRef:
-    if tail == ["manifest"]:
-        return TopicRef(kind=kind, task=task, device=device_id, part="manifest")
+    if tail == ["manifest"] or (tail == ["whole"] and kind == "update"):  # globals are fetched apart
+        return TopicRef(kind=kind, task=task, device=device_id, part=tail[0])
     if len(tail) == 2 and tail[0] == "chunks" and _CHUNK_INDEX.match(tail[1]) and int(tail[1]) < MAX_CHUNKS:
         return TopicRef(kind=kind, task=task, device=device_id, part="chunk", index=int(tail[1]))
     raise ProtocolError(
-        f"topic {topic[:200]!r}: expected .../manifest or .../chunks/<index below {MAX_CHUNKS}>"
+        f"topic {topic[:200]!r}: expected .../manifest, .../whole or .../chunks/<index below {MAX_CHUNKS}>"
     )

@@ -31,7 +31,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from protocol import topics
 from protocol.chunking import split
-from protocol.schemas import TransferInfo, encode
+from protocol.schemas import GlobalManifest, TransferInfo, UpdateManifest, WholeTransfer, encode
 
 log = logging.getLogger(__name__)
 #: MQTT v5 CONNACK reason codes of a refused login
@@ -93,6 +93,21 @@ class Incoming:
     def without_payload(self) -> Incoming:
         """What acknowledging it needs, the payload let go (cheaper than dataclasses.replace per message)."""
         return Incoming(self.topic, b"", self.retain, self.mid, self.qos, self.session)
+
+
+def transfer_messages(
+    base: str, manifest: UpdateManifest | GlobalManifest, payload: bytes | memoryview
+) -> Iterator[tuple[str, bytes]]:
+    """The messages of a transfer under `base`, in order: one (`whole`) when the payload fits one chunk, else its
+    chunks, then its manifest."""
+    info = manifest.transfer
+    if info.chunks == 1:
+        (chunk,) = split(payload, info)
+        yield topics.whole(base), encode(WholeTransfer(manifest=manifest, chunk=chunk))
+        return
+    for chunk in split(payload, info):
+        yield topics.chunk(base, chunk.index), encode(chunk)
+    yield topics.manifest(base), encode(manifest)
 
 
 class PayloadQueue(queue.Queue):
@@ -268,18 +283,12 @@ class MqttLink:
         return info
 
     def publish_transfer(
-        self,
-        base: str,
-        manifest: bytes,
-        info: TransferInfo,
-        payload: bytes | memoryview,
-        *,
-        retain: bool = False,
+        self, base: str, manifest: UpdateManifest | GlobalManifest, payload: bytes | memoryview
     ) -> None:
-        """Publish `payload`'s chunks under `base`/chunks/i, then the manifest under `base`/manifest; PublishError
-        if paho refused one of them (the receiver then lacks the transfer and the sender may send it again)."""
-        self.publish_chunks(base, info, payload, retain=retain)
-        self.publish(topics.manifest(base), manifest, retain=retain)
+        """Publish a transfer's messages (`transfer_messages`); PublishError if paho refused one of them (the
+        receiver then lacks the transfer and the sender may send it again)."""
+        for topic, message in transfer_messages(base, manifest, payload):
+            self.publish(topic, message)
 
     def publish_chunks(
         self, base: str, info: TransferInfo, payload: bytes | memoryview, *, retain: bool = False

@@ -4,7 +4,8 @@ Every device is a real MQTT client with its own username and password (so the br
 speaks the protocol as the agent does: retained `online` status (LWT `offline`) and profile, its per-task
 schedules, the retained global manifest of each task (its version and tensor shapes; the chunks are not
 fetched), a `started` event, then after a simulated training time a `finished` and `uploaded` event and the
-update as manifest + chunks (protocol.chunking), sent again until a receipt comes (a `retry` receipt: again
+update as the agent sends it (`protocol.transport.transfer_messages`: one message when it fits one chunk),
+sent again until a receipt comes (a `retry` receipt: again
 as a new transfer after `retry_after_s`), and an `acknowledged` event. A cleared schedule, or one of a later
 round, stops the training of that task. Training time comes from `TrainTime` (a per-device speed, so the slow
 devices stay slow, per-round jitter and a share of stragglers); tasks can fail (a `failed` event) and devices
@@ -42,7 +43,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from protocol import ProtocolError, topics
-from protocol.chunking import DEFAULT_CHUNK_SIZE, split, transfer_info
+from protocol.chunking import DEFAULT_CHUNK_SIZE, transfer_info
 from protocol.schemas import (
     DeviceProfile,
     Event,
@@ -58,6 +59,7 @@ from protocol.schemas import (
     encode,
 )
 from protocol.tensors import encode_state
+from protocol.transport import transfer_messages
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -381,10 +383,10 @@ class SimDevice:
 
     def _send(self, transfer: Transfer) -> None:
         manifest = transfer.manifest
-        base = topics.update(manifest.task, self.name)
-        for chunk in split(transfer.payload, manifest.transfer):
-            self.client.publish(topics.chunk(base, chunk.index), encode(chunk), qos=1)
-        self.client.publish(topics.manifest(base), encode(manifest), qos=1)
+        for topic, message in transfer_messages(
+            topics.update(manifest.task, self.name), manifest, transfer.payload
+        ):
+            self.client.publish(topic, message, qos=1)
         transfer.resend_at = time.monotonic() + self.fleet.config.receipt_timeout_s
         self._event("uploaded", manifest.round, manifest.task, metrics={"bytes": manifest.transfer.size})
 

@@ -201,7 +201,6 @@ class RawDevice:
         import uuid
 
         from protocol.chunking import transfer_info
-        from protocol.schemas import encode
         from protocol.tensors import encode_state
 
         update_id = update_id or uuid.uuid4().hex
@@ -216,9 +215,7 @@ class RawDevice:
             codec="dense",
             transfer=transfer_info(update_id, payload, 64 * 1024),
         )
-        self.link.publish_transfer(
-            topics.update(task, self.device), encode(manifest), manifest.transfer, payload
-        )
+        self.link.publish_transfer(topics.update(task, self.device), manifest, payload)
         return update_id
 
     def close(self) -> None:

@@ -3,9 +3,9 @@
 Traffic covers every topic either service subscribes to, plus topics outside the tree. Payloads are random
 bytes, empty or truncated msgpack, valid messages, and valid messages mutated field by field (integers across
 the whole msgpack range, NaN and infinities, long strings, wrong types, missing and unknown fields, long lists);
-and whole transfers (chunks and manifest) of update or global model payloads that are right, or wrong in one
-way: non-finite values, another shape or dtype, a tensor too many or too few, absurd dimensions, not a state
-dict at all. Each generated item is a list of (topic, payload) messages.
+and complete transfers (chunks and manifest, or one `whole` message) of update or global model payloads that are
+right, or wrong in one way: non-finite values, another shape or dtype, a tensor too many or too few, absurd
+dimensions, not a state dict at all. Each generated item is a list of (topic, payload) messages.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from protocol.schemas import (
     TaskData,
     Telemetry,
     UpdateManifest,
+    WholeTransfer,
     decode,
     encode,
 )
@@ -229,11 +230,17 @@ class SentUpdate:
 
 @st.composite
 def transfer_messages(draw, base: str, manifest_of, payload: bytes) -> tuple[list[tuple[str, bytes]], str]:
-    """Chunks (in any order, one maybe twice or missing) and the manifest (maybe first) of one transfer, and
-    its id."""
+    """Chunks (in any order, one maybe twice or missing) and the manifest (maybe first) of one transfer, or, when
+    it fits one chunk, maybe one whole message (maybe twice); and its id."""
     update_id = f"{draw(st.uuids()).hex[:16]}-{next(_SERIAL)}"  # unique: each id names one payload
     info = transfer_info(update_id, payload, draw(st.sampled_from([64, 1000, 1 << 20])))
     manifest = manifest_of(update_id, info)
+    if info.chunks == 1 and draw(st.booleans()):
+        whole = (
+            topics.whole(base),
+            encode(WholeTransfer(manifest=manifest, chunk=next(split(payload, info)))),
+        )
+        return [whole] * draw(st.integers(1, 2)), update_id
     chunks = draw(st.permutations([(topics.chunk(base, c.index), encode(c)) for c in split(payload, info)]))
     fault = draw(st.sampled_from(["none", "none", "none", "duplicate", "drop", "manifest-first"]))
     if fault == "duplicate":
@@ -307,7 +314,8 @@ def aggregator_traffic(draw, devices: list[str], tasks: list[str], declared: int
     device, task = draw(st.sampled_from(devices)), draw(st.sampled_from(tasks))
     kind = draw(
         st.sampled_from(
-            ["status", "profile", "telemetry", "events", "manifest", "chunk", "odd"] + ["transfer"] * 4
+            ["status", "profile", "telemetry", "events", "manifest", "chunk", "whole", "odd"]
+            + ["transfer"] * 4
         )
     )
     if kind in topics.DEVICE_LEAVES:
@@ -319,20 +327,22 @@ def aggregator_traffic(draw, devices: list[str], tasks: list[str], declared: int
     if kind == "odd":
         return [(draw(odd_topic(device, task)), draw(st.binary(max_size=64)))], None
     base = topics.update(task, device)
-    info = transfer_info(draw(st.uuids()).hex, b"\0" * 100, 64)
+    info = transfer_info(draw(st.uuids()).hex, b"\0" * 100, draw(st.sampled_from([64, 100])))
+    manifest = UpdateManifest(
+        task=task,
+        round=1,
+        device=device,
+        update_id=info.id,
+        base_version=0,
+        samples=1,
+        codec="dense",
+        transfer=info,
+    )
     if kind == "manifest":
-        message = UpdateManifest(
-            task=task,
-            round=1,
-            device=device,
-            update_id=info.id,
-            base_version=0,
-            samples=1,
-            codec="dense",
-            transfer=info,
-        )
-        return [(topics.manifest(base), draw(payload_of(message)))], None
+        return [(topics.manifest(base), draw(payload_of(manifest)))], None
     chunk = next(split(b"\0" * 100, info))
+    if kind == "whole":  # the first of two chunks, or the only one
+        return [(topics.whole(base), draw(payload_of(WholeTransfer(manifest=manifest, chunk=chunk))))], None
     index = draw(st.sampled_from([0, 1, 2**20 - 1]))
     return [(topics.chunk(base, index), draw(payload_of(chunk)))], None
 
@@ -455,3 +465,14 @@ class RecordingLink(MqttLink):
     def on(self, topic_end: str) -> list[bytes]:
         """Payloads published so far on topics ending with `topic_end`."""
         return [payload for topic, payload, _ in self.published if topic.endswith(topic_end)]
+
+    def updates_sent(self) -> list[UpdateManifest]:
+        """The manifests of the update transfers published so far, in order (sent apart or whole)."""
+        sent = []
+        for topic, payload, _ in self.published:
+            ref = topics.parse(topic)
+            if ref.kind == "update" and ref.part == "manifest":
+                sent.append(decode(payload, UpdateManifest))
+            elif ref.kind == "update" and ref.part == "whole":
+                sent.append(decode(payload, WholeTransfer[UpdateManifest]).manifest)
+        return sent

@@ -284,7 +284,7 @@ def test_a_devices_retained_status_and_profile_stay(service, leaf):
 def test_disk_full_while_spooling_a_payload_held_in_memory_refuses_it_and_the_service_goes_on(
     service, monkeypatch, caplog
 ):
-    chunk, manifest = sent_transfer("t", "dev1", delta(1), 100, "held", chunk_size=1 << 20)
+    chunk, manifest = sent_transfer("t", "dev1", delta(1), 100, "held", chunk_size=1 << 20, apart=True)
     monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: (_ for _ in ()).throw(no_space(fd)))
     with caplog.at_level(logging.ERROR):
         feed(service, [chunk])  # its group settles before the manifest came: the payload must be written

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import aggregator.service
 from aggregator.ledger import RoundLedger
 from aggregator.service import AggregatorService
@@ -38,10 +40,12 @@ def restarted(service: AggregatorService) -> AggregatorService:
     return again
 
 
-def test_nothing_is_acknowledged_or_accepted_before_its_group_is_durable(tmp_path):
+@pytest.mark.parametrize("chunk_size", [64, 1 << 20], ids=["chunks, then the manifest", "one whole message"])
+def test_nothing_is_acknowledged_or_accepted_before_its_group_is_durable(tmp_path, chunk_size):
     service = aggregator_with_round(tmp_path)
     service.link.acked.clear()  # the set-up's messages
-    messages = incoming(sent_transfer("t", "dev1", delta(1), 100, "u1"))
+    messages = incoming(sent_transfer("t", "dev1", delta(1), 100, "u1", chunk_size))
+    assert (len(messages) == 1) == (chunk_size > 64)
     service.receive(messages)
     assert service.link.acked == [] and receipts(service, "dev1") == {}
     assert committed(service, "u1") is None and service.coordinator.task_rounds["t"].strategy.count == 0
@@ -137,7 +141,7 @@ def test_a_group_waits_for_the_manifest_of_a_payload_held_in_memory_and_writes_n
     service = aggregator_with_round(tmp_path)
     service.link.acked.clear()
     first, second = (
-        sent_transfer("t", device, delta(i), 50, f"u{i}", chunk_size=1 << 20)
+        sent_transfer("t", device, delta(i), 50, f"u{i}", chunk_size=1 << 20, apart=True)
         for i, device in enumerate(["dev1", "dev2"])
     )
     assert len(first) == len(second) == 2  # one chunk each (held in memory), then the manifest
@@ -152,7 +156,7 @@ def test_a_group_waits_for_the_manifest_of_a_payload_held_in_memory_and_writes_n
 
 def test_a_payload_held_in_memory_is_spooled_when_its_group_settles_without_its_manifest(tmp_path):
     service = aggregator_with_round(tmp_path)
-    chunk, manifest = sent_transfer("t", "dev1", delta(1), 50, "u1", chunk_size=1 << 20)
+    chunk, manifest = sent_transfer("t", "dev1", delta(1), 50, "u1", chunk_size=1 << 20, apart=True)
     service.process(incoming([chunk]))
     service.process([])  # nothing more came: the group settles, its chunk acknowledged
     assert spool_files(service) == ["u1.done", "u1.journal"]

@@ -28,7 +28,7 @@ from agent.runner import TaskOutcome
 from aggregator.config import AggregatorConfig, RoundsConfig, TaskConfig, TransferConfig
 from aggregator.service import AggregatorService
 from protocol import topics
-from protocol.chunking import sha256_file, sha256_hex, transfer_info
+from protocol.chunking import sha256_file, sha256_hex, split, transfer_info
 from protocol.limits import MAX_ROUND
 from protocol.schemas import (
     Event,
@@ -92,10 +92,18 @@ def feed(service, messages) -> None:
 
 
 def sent_transfer(
-    task: str, device: str, delta: dict, samples: int, update_id: str, chunk_size: int = 64
+    task: str,
+    device: str,
+    delta: dict,
+    samples: int,
+    update_id: str,
+    chunk_size: int = 64,
+    *,
+    apart: bool = False,
 ) -> list[tuple[str, bytes]]:
     """The messages a real agent publishes for an update (MqttLink.publish_transfer, recorded): its chunks, then
-    its manifest."""
+    its manifest, or one `whole` message when it fits one chunk; `apart`: chunks and manifest even then (as
+    another sender may)."""
     link = RecordingLink()
     payload = encode_state(delta)
     info = transfer_info(update_id, payload, chunk_size)
@@ -109,7 +117,11 @@ def sent_transfer(
         codec="dense",
         transfer=info,
     )
-    link.publish_transfer(topics.update(task, device), encode(manifest), info, payload)
+    base = topics.update(task, device)
+    if apart:
+        chunks = [(topics.chunk(base, chunk.index), encode(chunk)) for chunk in split(payload, info)]
+        return [*chunks, (topics.manifest(base), encode(manifest))]
+    link.publish_transfer(base, manifest, payload)
     return [(topic, payload) for topic, payload, _ in link.published]
 
 
@@ -299,7 +311,7 @@ def test_agent_handlers_survive_fuzzed_traffic_and_the_agent_still_trains(agent,
         check_agent_consistent(agent)
 
     fuzz()
-    assert len(agent.link.on("/updates/dev1/manifest")) >= 20, "the fuzzed rounds hardly ever trained"
+    assert len(agent.link.updates_sent()) >= 20, "the fuzzed rounds hardly ever trained"
     agent.link.published.clear()
     state = {name: np.full_like(array, 1) for name, array in LAYOUT.items()}
     payload = encode_state(state)
@@ -312,7 +324,7 @@ def test_agent_handlers_survive_fuzzed_traffic_and_the_agent_still_trains(agent,
         created_at=time.time(),
     )
     server = RecordingLink()
-    server.publish_transfer(topics.global_model("t"), encode(manifest), manifest.transfer, payload)
+    server.publish_transfer(topics.global_model("t"), manifest, payload)
     schedule = Schedule(
         device="dev1",
         round=MAX_ROUND,  # beyond the fuzzed rounds
@@ -323,7 +335,7 @@ def test_agent_handlers_survive_fuzzed_traffic_and_the_agent_still_trains(agent,
     server.publish(topics.schedule("dev1", "t"), encode(schedule))
     feed(agent, [(topic, payload) for topic, payload, _ in server.published])
     pump(agent)
-    sent = [decode(p, UpdateManifest) for p in agent.link.on("/updates/dev1/manifest")]
+    sent = agent.link.updates_sent()
     assert [(m.task, m.round, m.base_version) for m in sent] == [("t", MAX_ROUND, 7)]
     answer_pending(agent, "accepted")
     assert agent.outbox.pending() == [] and agent.receipts.done("t", MAX_ROUND) and not fence_errors

@@ -191,6 +191,38 @@ def test_receive_decodes_by_part_and_admit_callables_turn_messages_away(tmp_path
     assert spool(inbox) == []
 
 
+def whole(manifest: UpdateManifest, chunk) -> bytes:
+    from protocol.schemas import WholeTransfer, encode
+
+    return encode(WholeTransfer(manifest=manifest, chunk=chunk))
+
+
+def test_a_whole_transfer_is_delivered_at_once_and_held_in_memory_writes_no_file(tmp_path):
+    inbox = TransferInbox(Reassembler(tmp_path / "spool", durable=True, memory_bytes=CS), UpdateManifest)
+    manifest, (chunk,), data = transfer("u1", size=CS - 1)
+    assert inbox.receive("whole", whole(manifest, chunk), admit_manifest=lambda m: False) is None
+    assert inbox.waiting == 0 and inbox.reassembler.held("u1") is None, "turned away: nothing kept"
+    delivery = inbox.receive("whole", whole(manifest, chunk), "dev1")
+    assert delivery.manifest == manifest and delivery.data == data and delivery.owner == "dev1"
+    inbox.sync()
+    assert spool(inbox) == [] and inbox.waiting == 0
+    inbox.release(delivery)
+    assert inbox.receive("whole", whole(manifest, chunk), "dev1") is None, "a duplicate is ignored"
+
+
+@pytest.mark.parametrize("problem", ["two chunks", "another transfer", "another payload"])
+def test_a_whole_transfer_must_carry_the_one_chunk_its_manifest_describes(inbox, problem):
+    manifest, chunks, _ = transfer("u1", size=CS + 1 if problem == "two chunks" else CS - 1)
+    chunk = {
+        "two chunks": chunks[0],
+        "another transfer": transfer("u2", size=CS - 1)[1][0],
+        "another payload": transfer("u1", size=CS - 1, seed=1)[1][0],
+    }[problem]
+    with pytest.raises(ProtocolError):
+        inbox.receive("whole", whole(manifest, chunk))
+    assert inbox.waiting == 0 and spool(inbox) == []
+
+
 def test_a_manifest_waiting_at_a_sync_is_kept_and_paired_after_a_restart(tmp_path):
     manifest, chunks, data = transfer("u1")
     first = TransferInbox(Reassembler(tmp_path, durable=True), UpdateManifest)

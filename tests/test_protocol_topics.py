@@ -72,6 +72,8 @@ def test_update_manifest_and_chunk_topics_round_trip(task, dev):
     base = t.update(task, dev)
     assert t.manifest(base) == f"fedmt/v1/tasks/{task}/updates/{dev}/manifest"
     assert parse(t.manifest(base)) == TopicRef(kind="update", task=task, device=dev, part="manifest")
+    assert t.whole(base) == f"fedmt/v1/tasks/{task}/updates/{dev}/whole"
+    assert parse(t.whole(base)) == TopicRef(kind="update", task=task, device=dev, part="whole")
     for index in (0, 3, 100000):
         ref = parse(t.chunk(base, index))
         assert ref == TopicRef(kind="update", task=task, device=dev, part="chunk", index=index)
@@ -135,6 +137,8 @@ def test_all_below_is_a_multilevel_wildcard_under_the_base():
         "fedmt/v1/tasks/t/global/chunks/0x1",
         "fedmt/v1/tasks/t/global/chunks/1/2",
         "fedmt/v1/tasks/t/global/chunk/1",
+        "fedmt/v1/tasks/t/global/whole",  # only updates travel whole
+        "fedmt/v1/tasks/t/global/delta/whole",
         "fedmt/v1/tasks/t/global/status",
         "fedmt/v1/tasks/t/other/manifest",
         "fedmt/v1/tasks//global/manifest",
@@ -145,6 +149,7 @@ def test_all_below_is_a_multilevel_wildcard_under_the_base():
         "fedmt/v1/tasks/t/updates/dev-1/chunks",
         "fedmt/v1/tasks/t/updates/dev-1/chunks/a",
         "fedmt/v1/tasks/t/updates/dev-1/manifest/x",
+        "fedmt/v1/tasks/t/updates/dev-1/whole/0",
         "fedmt/v1/tasks/t/updates//manifest",
         "fedmt/v1/tasks/t/update/dev-1/manifest",
     ],

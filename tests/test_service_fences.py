@@ -99,9 +99,9 @@ def test_an_update_the_aggregator_cannot_take_yet_is_kept_and_sent_again_as_a_ne
     (kept,) = agent.outbox.pending()
     assert kept.manifest.update_id == update_id and kept.manifest.transfer.id != manifest.transfer.id
     assert kept.manifest.transfer.sha256 == manifest.transfer.sha256 and not agent.receipts.done("t", 1)
-    sent = len(agent.link.on("/updates/dev1/manifest"))
+    sent = len(agent.link.updates_sent())
     agent.tick(time.monotonic())
-    assert len(agent.link.on("/updates/dev1/manifest")) == sent, "sent again before retry_after_s"
+    assert len(agent.link.updates_sent()) == sent, "sent again before retry_after_s"
     agent.tick(time.monotonic() + agent.config.retry_after_s + 1)
-    again = decode(agent.link.on("/updates/dev1/manifest")[-1], UpdateManifest)
+    again = agent.link.updates_sent()[-1]
     assert again.transfer.id == kept.manifest.transfer.id

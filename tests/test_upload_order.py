@@ -18,7 +18,7 @@ from agent.runner import TaskOutcome
 from agent.service import RoundDone, RoundOutcome
 from protocol import topics
 from protocol.chunking import sha256_hex
-from protocol.schemas import Schedule, UpdateManifest, decode, encode
+from protocol.schemas import Schedule, encode
 from protocol.tensors import encode_state
 from protocol.transport import Incoming
 from tests.fuzzing import RecordingLink, assignment
@@ -75,7 +75,7 @@ def round_events(agent) -> list:
 
 
 def uploaded_tasks(agent) -> list[str]:
-    return [decode(m, UpdateManifest).task for m in agent.link.on("manifest") if m]
+    return [manifest.task for manifest in agent.link.updates_sent()]
 
 
 def test_updates_upload_as_each_task_finishes_or_all_once_the_round_is_over(agent):

@@ -1,5 +1,6 @@
-"""The agent's uploads: an outbox entry goes out as chunks and a manifest, again after the receipt timeout or
-soon after the link refused it, and a receipt settles it (retry: later, as a new transfer)."""
+"""The agent's uploads: an outbox entry goes out as chunks and a manifest (one message when it fits one chunk),
+again after the receipt timeout or soon after the link refused it, and a receipt settles it (retry: later, as a
+new transfer)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from agent.outbox import Outbox
 from agent.uploads import REPUBLISH_S, Uploads
 from protocol import topics
 from protocol.chunking import describe_transfer, sha256_hex
-from protocol.schemas import Chunk, Receipt, UpdateManifest, decode
+from protocol.schemas import Chunk, Receipt, UpdateManifest, WholeTransfer, decode
 from protocol.tensors import encode_state
 from protocol.transport import PublishError
 from tests.fuzzing import RecordingLink
@@ -25,7 +26,7 @@ class RefusingLink(RecordingLink):
         raise PublishError(topic, mqtt.MQTT_ERR_QUEUE_SIZE)
 
 
-def outbox_entry(tmp_path, update_id: str = "u1"):
+def outbox_entry(tmp_path, update_id: str = "u1", chunk_size: int = 4096):
     payload = encode_state({"w": np.arange(3000, dtype=np.float32)})
     path = tmp_path / "trained.update"
     path.write_bytes(payload)
@@ -37,7 +38,7 @@ def outbox_entry(tmp_path, update_id: str = "u1"):
         base_version=2,
         samples=10,
         codec="delta",
-        transfer=describe_transfer(update_id, len(payload), sha256_hex(payload), chunk_size=4096),
+        transfer=describe_transfer(update_id, len(payload), sha256_hex(payload), chunk_size=chunk_size),
     )
     outbox = Outbox(tmp_path / "outbox")
     return outbox, outbox.put(manifest, path), payload
@@ -64,6 +65,16 @@ def test_an_update_goes_out_as_its_chunks_then_its_manifest_and_again_after_the_
     ]
     sender.send_all_again()
     assert sender.due(outbox.pending(), now) == [pending]
+
+
+def test_an_update_that_fits_one_chunk_goes_out_as_one_message_with_its_manifest(tmp_path):
+    outbox, pending, payload = outbox_entry(tmp_path, chunk_size=1 << 20)
+    link = RecordingLink()
+    assert uploads(link, outbox).send(pending)
+    ((topic, message, _),) = link.published
+    whole = decode(message, WholeTransfer[UpdateManifest])
+    assert topic == topics.whole(topics.update("t", "dev1")) and whole.manifest == pending.manifest
+    assert whole.chunk.data == payload and whole.chunk.transfer == pending.manifest.transfer.id
 
 
 def test_an_update_the_link_refuses_stays_and_goes_again_soon(tmp_path):
