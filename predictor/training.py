@@ -188,7 +188,7 @@ def export(weights: Path) -> Path:
     parity = float(np.max(np.abs(out - reference) / np.maximum(np.abs(reference), 1e-6)))
     card["onnx"]["max_relative_difference_vs_torch"] = parity
     card_path(onnx_path).write_text(json.dumps(card, indent=2) + "\n")
-    onnx_path.with_suffix(".card.md").write_text(_markdown(card))
+    onnx_path.with_suffix(".card.md").write_text(card_markdown(card))
     return onnx_path
 
 
@@ -201,7 +201,13 @@ def _workload_text(workload: dict) -> str:
     )
 
 
-def _markdown(card: dict) -> str:
+def _percent(mape: float | None) -> str:
+    """A MAPE for the card's table; a held-out set without records has none."""
+    return "-" if mape is None else f"{mape}%"
+
+
+def card_markdown(card: dict) -> str:
+    """The model card for people (`<gpu>.card.md`), from the card's JSON."""
     m, d, s = card["mape_percent"], card["data"], card["split"]
     low, high = d["batch_range"]
     return "\n".join(
@@ -214,13 +220,13 @@ def _markdown(card: dict) -> str:
             "",
             "| held-out set | MAPE of per-task throughput |",
             "|---|---:|",
-            f"| configurations of seen model combinations ({s['seen_test_records']} records) | {m['seen']}% |",
-            f"| model combinations left out of training ({s['unseen_test_records']} records) | {m['unseen']}% |",
-            f"| training set ({s['train_records']} records) | {m['train']}% |",
+            f"| configurations of seen model combinations ({s['seen_test_records']} records) | {_percent(m['seen'])} |",
+            f"| model combinations left out of training ({s['unseen_test_records']} records) | {_percent(m['unseen'])} |",
+            f"| training set ({s['train_records']} records) | {_percent(m['train'])} |",
             "",
             f"Training data: `{d['file']}` (sha256 `{d['sha256'][:16]}…`), {d['records']} measured windows, "
             f"{d['task_samples']} task throughputs, models {', '.join(d['models'])}.",
-            f"Unseen combinations: {'; '.join('+'.join(c) for c in s['unseen_combinations'])}.",
+            f"Unseen combinations: {'; '.join('+'.join(c) for c in s['unseen_combinations']) or 'none'}.",
             f"Eq. 3 workload: {_workload_text(card.get('workload', {}))}",
             "",
             f"Network: {card['network']['kind']}; {card['network']['members']} members, hidden {card['network']['hidden']}, inputs per task "

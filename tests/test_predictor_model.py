@@ -33,7 +33,7 @@ from predictor.records import (
     sample_configs,
 )
 from predictor.runtime import PREDICTOR_DIR, OnnxPredictor, PredictorUnavailable, card_path, find_predictor
-from predictor.training import export, fit
+from predictor.training import card_markdown, export, fit
 from protocol.schemas import ModelSpec
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -421,6 +421,14 @@ def test_shipped_card_markdown_matches_the_json(shipped) -> None:
     text = shipped.path.with_suffix(".card.md").read_text()
     assert card["gpu"] in text and card["data"]["sha256"][:16] in text
     assert f"{card['mape_percent']['seen']}%" in text and f"{card['mape_percent']['unseen']}%" in text
+
+
+def test_a_card_without_unseen_combinations_says_so(shipped) -> None:
+    card = json.loads(card_path(shipped.path).read_text())
+    card["mape_percent"]["unseen"], card["split"]["unseen_combinations"] = None, []
+    text = card_markdown(card)
+    assert "None" not in text and "Unseen combinations: none." in text
+    assert "| model combinations left out of training (" in text and "records) | - |" in text
 
 
 def test_shipped_predictor_is_order_invariant_end_to_end(shipped) -> None:
