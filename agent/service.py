@@ -166,7 +166,6 @@ class Agent:
         self.uploads = Uploads(
             self.link,
             self.outbox,
-            self.device,
             receipt_timeout_s=config.receipt_timeout_s,
             retry_after_s=config.retry_after_s,
         )

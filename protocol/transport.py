@@ -31,7 +31,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from protocol import topics
 from protocol.chunking import split
-from protocol.schemas import GlobalManifest, TransferInfo, UpdateManifest, WholeTransfer, encode
+from protocol.schemas import TransferInfo, UpdateManifest, WholeTransfer, encode
 
 log = logging.getLogger(__name__)
 #: MQTT v5 CONNACK reason codes of a refused login
@@ -95,12 +95,10 @@ class Incoming:
         return Incoming(self.topic, b"", self.retain, self.mid, self.qos, self.session)
 
 
-def transfer_messages(
-    base: str, manifest: UpdateManifest | GlobalManifest, payload: bytes | memoryview
-) -> Iterator[tuple[str, bytes]]:
-    """The messages of a transfer under `base`, in order: one (`whole`) when the payload fits one chunk, else its
-    chunks, then its manifest."""
-    info = manifest.transfer
+def update_messages(manifest: UpdateManifest, payload: bytes | memoryview) -> Iterator[tuple[str, bytes]]:
+    """The messages of an update's transfer, in order: one (`whole`) when the payload fits one chunk, else its
+    chunks, then its manifest (under the topics of its device and task)."""
+    base, info = topics.update(manifest.task, manifest.device), manifest.transfer
     if info.chunks == 1:
         (chunk,) = split(payload, info)
         yield topics.whole(base), encode(WholeTransfer(manifest=manifest, chunk=chunk))
@@ -282,12 +280,10 @@ class MqttLink:
             raise PublishError(topic, info.rc)
         return info
 
-    def publish_transfer(
-        self, base: str, manifest: UpdateManifest | GlobalManifest, payload: bytes | memoryview
-    ) -> None:
-        """Publish a transfer's messages (`transfer_messages`); PublishError if paho refused one of them (the
+    def publish_update(self, manifest: UpdateManifest, payload: bytes | memoryview) -> None:
+        """Publish an update's messages (`update_messages`); PublishError if paho refused one of them (the
         receiver then lacks the transfer and the sender may send it again)."""
-        for topic, message in transfer_messages(base, manifest, payload):
+        for topic, message in update_messages(manifest, payload):
             self.publish(topic, message)
 
     def publish_chunks(

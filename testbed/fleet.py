@@ -4,7 +4,7 @@ Every device is a real MQTT client with its own username and password (so the br
 speaks the protocol as the agent does: retained `online` status (LWT `offline`) and profile, its per-task
 schedules, the retained global manifest of each task (its version and tensor shapes; the chunks are not
 fetched), a `started` event, then after a simulated training time a `finished` and `uploaded` event and the
-update as the agent sends it (`protocol.transport.transfer_messages`: one message when it fits one chunk),
+update as the agent sends it (`protocol.transport.update_messages`: one message when it fits one chunk),
 sent again until a receipt comes (a `retry` receipt: again
 as a new transfer after `retry_after_s`), and an `acknowledged` event. A cleared schedule, or one of a later
 round, stops the training of that task. Training time comes from `TrainTime` (a per-device speed, so the slow
@@ -59,7 +59,7 @@ from protocol.schemas import (
     encode,
 )
 from protocol.tensors import encode_state
-from protocol.transport import transfer_messages
+from protocol.transport import update_messages
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -383,9 +383,7 @@ class SimDevice:
 
     def _send(self, transfer: Transfer) -> None:
         manifest = transfer.manifest
-        for topic, message in transfer_messages(
-            topics.update(manifest.task, self.name), manifest, transfer.payload
-        ):
+        for topic, message in update_messages(manifest, transfer.payload):
             self.client.publish(topic, message, qos=1)
         transfer.resend_at = time.monotonic() + self.fleet.config.receipt_timeout_s
         self._event("uploaded", manifest.round, manifest.task, metrics={"bytes": manifest.transfer.size})

@@ -215,7 +215,7 @@ class RawDevice:
             codec="dense",
             transfer=transfer_info(update_id, payload, 64 * 1024),
         )
-        self.link.publish_transfer(topics.update(task, self.device), manifest, payload)
+        self.link.publish_update(manifest, payload)
         return update_id
 
     def close(self) -> None:

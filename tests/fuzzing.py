@@ -229,13 +229,15 @@ class SentUpdate:
 
 
 @st.composite
-def transfer_messages(draw, base: str, manifest_of, payload: bytes) -> tuple[list[tuple[str, bytes]], str]:
+def transfer_messages(
+    draw, base: str, manifest_of, payload: bytes, *, whole: bool = False
+) -> tuple[list[tuple[str, bytes]], str]:
     """Chunks (in any order, one maybe twice or missing) and the manifest (maybe first) of one transfer, or, when
-    it fits one chunk, maybe one whole message (maybe twice); and its id."""
+    it fits one chunk and may go `whole` (an update), maybe one whole message (maybe twice); and its id."""
     update_id = f"{draw(st.uuids()).hex[:16]}-{next(_SERIAL)}"  # unique: each id names one payload
     info = transfer_info(update_id, payload, draw(st.sampled_from([64, 1000, 1 << 20])))
     manifest = manifest_of(update_id, info)
-    if info.chunks == 1 and draw(st.booleans()):
+    if whole and info.chunks == 1 and draw(st.booleans()):
         whole = (
             topics.whole(base),
             encode(WholeTransfer(manifest=manifest, chunk=next(split(payload, info)))),
@@ -274,7 +276,9 @@ def update_transfer(draw, task: str, device: str, declared: int, base_version: i
             transfer=info,
         )
 
-    messages, update_id = draw(transfer_messages(topics.update(task, device), manifest_of, payload))
+    messages, update_id = draw(
+        transfer_messages(topics.update(task, device), manifest_of, payload, whole=True)
+    )
     return messages, (SentUpdate(update_id, samples, delta) if delta is not None else None)
 
 

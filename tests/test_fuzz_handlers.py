@@ -101,7 +101,7 @@ def sent_transfer(
     *,
     apart: bool = False,
 ) -> list[tuple[str, bytes]]:
-    """The messages a real agent publishes for an update (MqttLink.publish_transfer, recorded): its chunks, then
+    """The messages a real agent publishes for an update (MqttLink.publish_update, recorded): its chunks, then
     its manifest, or one `whole` message when it fits one chunk; `apart`: chunks and manifest even then (as
     another sender may)."""
     link = RecordingLink()
@@ -121,7 +121,7 @@ def sent_transfer(
     if apart:
         chunks = [(topics.chunk(base, chunk.index), encode(chunk)) for chunk in split(payload, info)]
         return [*chunks, (topics.manifest(base), encode(manifest))]
-    link.publish_transfer(base, manifest, payload)
+    link.publish_update(manifest, payload)
     return [(topic, payload) for topic, payload, _ in link.published]
 
 
@@ -324,7 +324,8 @@ def test_agent_handlers_survive_fuzzed_traffic_and_the_agent_still_trains(agent,
         created_at=time.time(),
     )
     server = RecordingLink()
-    server.publish_transfer(topics.global_model("t"), manifest, payload)
+    server.publish_chunks(topics.global_model("t"), manifest.transfer, payload)
+    server.publish(topics.manifest(topics.global_model("t")), encode(manifest))
     schedule = Schedule(
         device="dev1",
         round=MAX_ROUND,  # beyond the fuzzed rounds

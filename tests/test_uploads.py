@@ -45,7 +45,7 @@ def outbox_entry(tmp_path, update_id: str = "u1", chunk_size: int = 4096):
 
 
 def uploads(link, outbox) -> Uploads:
-    return Uploads(link, outbox, "dev1", receipt_timeout_s=120.0, retry_after_s=30.0)
+    return Uploads(link, outbox, receipt_timeout_s=120.0, retry_after_s=30.0)
 
 
 def test_an_update_goes_out_as_its_chunks_then_its_manifest_and_again_after_the_receipt_timeout(tmp_path):
