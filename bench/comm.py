@@ -365,14 +365,18 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, row in results.get("codecs", {}).items():
-        left.scatter(row["update_bytes"] / 1e6, -row["final_accuracy_drop_pts"], label=name, s=60)
-    left.set(
-        xscale="log", xlabel="update bytes over the run (MB, log)", ylabel="final accuracy vs dense (pts)"
-    )
-    left.axhline(0, color="grey", linewidth=0.8)
-    left.legend()
+    codecs = results.get("codecs", {})
+    figure, axes = plt.subplots(1, 2 if codecs else 1, figsize=(11 if codecs else 5.5, 4), squeeze=False)
+    right = axes[0][-1]
+    if codecs:  # accuracy runs were made
+        left = axes[0][0]
+        for name, row in codecs.items():
+            left.scatter(row["update_bytes"] / 1e6, -row["final_accuracy_drop_pts"], label=name, s=60)
+        left.set(
+            xscale="log", xlabel="update bytes over the run (MB, log)", ylabel="final accuracy vs dense (pts)"
+        )
+        left.axhline(0, color="grey", linewidth=0.8)
+        left.legend()
     times = results.get("round_time_s", {})
     for name in CODECS:
         points = sorted((float(m), row[name]) for m, row in times.items() if name in row)
