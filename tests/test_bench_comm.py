@@ -1,10 +1,13 @@
-"""bench.comm's codec figures over seeds: means, drops against dense from the same seeds, each seed's drop."""
+"""bench.comm's codec figures over seeds: means, drops against dense from the same seeds, each seed's drop; its
+plot of link rows alone (a run without accuracy runs)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
-from bench.comm import codec_row
+from bench.comm import codec_row, plot
 from testbed.demo import TASKS, Options
 
 
@@ -31,3 +34,13 @@ def test_the_demo_seed_is_every_tasks_initial_model_seed(tmp_path):
     tasks = Options(out=tmp_path, seed=3).tasks()
     assert set(tasks) == set(TASKS) and all(config.init_seed == 3 for config, _ in tasks.values())
     assert all(config.init_seed == 0 for config, _ in Options(out=tmp_path).tasks().values())
+
+
+def test_link_rows_alone_are_plotted_in_one_panel(tmp_path):
+    path = tmp_path / "comm.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. an empty accuracy panel's legend
+        plot({"round_time_s": {"10": {"dense": 67.8, "topk": 4.0}}}, path)
+    png = path.read_bytes()
+    width = int.from_bytes(png[16:20], "big")  # the IHDR chunk
+    assert png.startswith(b"\x89PNG") and width < 800, "one panel, not the accuracy panel beside it"
