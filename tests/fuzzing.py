@@ -238,11 +238,8 @@ def transfer_messages(
     info = transfer_info(update_id, payload, draw(st.sampled_from([64, 1000, 1 << 20])))
     manifest = manifest_of(update_id, info)
     if whole and info.chunks == 1 and draw(st.booleans()):
-        whole = (
-            topics.whole(base),
-            encode(WholeTransfer(manifest=manifest, chunk=next(split(payload, info)))),
-        )
-        return [whole] * draw(st.integers(1, 2)), update_id
+        message = WholeTransfer(manifest=manifest, chunk=next(split(payload, info)))
+        return [(topics.whole(base), encode(message))] * draw(st.integers(1, 2)), update_id
     chunks = draw(st.permutations([(topics.chunk(base, c.index), encode(c)) for c in split(payload, info)]))
     fault = draw(st.sampled_from(["none", "none", "none", "duplicate", "drop", "manifest-first"]))
     if fault == "duplicate":

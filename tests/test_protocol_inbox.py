@@ -11,7 +11,7 @@ from msgspec.structs import replace
 from protocol import ProtocolError
 from protocol.chunking import Reassembler, split, transfer_info
 from protocol.inbox import TransferInbox
-from protocol.schemas import UpdateManifest
+from protocol.schemas import Chunk, UpdateManifest, WholeTransfer, encode
 
 CS = 64
 TIMEOUT = 60.0
@@ -175,8 +175,6 @@ def test_slow_but_progressing_transfer_with_early_manifest_is_delivered(inbox):
 
 
 def test_receive_decodes_by_part_and_admit_callables_turn_messages_away(tmp_path):
-    from protocol.schemas import encode
-
     inbox = TransferInbox(Reassembler(tmp_path / "spool"), UpdateManifest)
     manifest, chunks, data = transfer("u1")
     assert inbox.receive("manifest", encode(manifest), admit_manifest=lambda m: False) is None
@@ -191,9 +189,7 @@ def test_receive_decodes_by_part_and_admit_callables_turn_messages_away(tmp_path
     assert spool(inbox) == []
 
 
-def whole(manifest: UpdateManifest, chunk) -> bytes:
-    from protocol.schemas import WholeTransfer, encode
-
+def whole(manifest: UpdateManifest, chunk: Chunk) -> bytes:
     return encode(WholeTransfer(manifest=manifest, chunk=chunk))
 
 
