@@ -166,6 +166,7 @@ class Agent:
         self.uploads = Uploads(
             self.link,
             self.outbox,
+            self.device,
             receipt_timeout_s=config.receipt_timeout_s,
             retry_after_s=config.retry_after_s,
         )

@@ -35,9 +35,9 @@ class Settled:
 
 class Uploads:
     def __init__(
-        self, link: MqttLink, outbox: Outbox, *, receipt_timeout_s: float, retry_after_s: float
+        self, link: MqttLink, outbox: Outbox, device: str, *, receipt_timeout_s: float, retry_after_s: float
     ) -> None:
-        self.link, self.outbox = link, outbox
+        self.link, self.outbox, self.device = link, outbox, device
         self.receipt_timeout_s, self.retry_after_s = receipt_timeout_s, retry_after_s
         self._send_at: dict[str, float] = {}  # update id -> when to send it (again) unless a receipt came
         self._first_sent_at: dict[str, float] = {}
@@ -49,7 +49,7 @@ class Uploads:
         manifest = pending.manifest
         now = time.monotonic()
         try:
-            self.link.publish_update(manifest, _mapped(pending.payload_path))
+            self.link.publish_update(self.device, manifest, _mapped(pending.payload_path))
         except PublishError as exc:
             log.warning(
                 "update %s for %s not sent (%s); again in %.0f s",

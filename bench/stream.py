@@ -111,7 +111,7 @@ class Device:
             inbox=self.events,
         )
         self.outbox = Outbox(state / "outbox")
-        self.uploads = Uploads(self.link, self.outbox, receipt_timeout_s=600, retry_after_s=600)
+        self.uploads = Uploads(self.link, self.outbox, DEVICE, receipt_timeout_s=600, retry_after_s=600)
         self.state, self.updates = state, updates
         self.schedules: dict[str, Schedule] = {}  # task -> its latest schedule
         self.versions: dict[str, int] = {}  # task -> its latest global version published

@@ -95,10 +95,12 @@ class Incoming:
         return Incoming(self.topic, b"", self.retain, self.mid, self.qos, self.session)
 
 
-def update_messages(manifest: UpdateManifest, payload: bytes | memoryview) -> Iterator[tuple[str, bytes]]:
-    """The messages of an update's transfer, in order: one (`whole`) when the payload fits one chunk, else its
-    chunks, then its manifest (under the topics of its device and task)."""
-    base, info = topics.update(manifest.task, manifest.device), manifest.transfer
+def update_messages(
+    device: str, manifest: UpdateManifest, payload: bytes | memoryview
+) -> Iterator[tuple[str, bytes]]:
+    """The messages of an update's transfer that `device` sends (on its own topics, whatever the manifest
+    says), in order: one (`whole`) when the payload fits one chunk, else its chunks, then its manifest."""
+    base, info = topics.update(manifest.task, device), manifest.transfer
     if info.chunks == 1:
         (chunk,) = split(payload, info)
         yield topics.whole(base), encode(WholeTransfer(manifest=manifest, chunk=chunk))
@@ -280,10 +282,10 @@ class MqttLink:
             raise PublishError(topic, info.rc)
         return info
 
-    def publish_update(self, manifest: UpdateManifest, payload: bytes | memoryview) -> None:
-        """Publish an update's messages (`update_messages`); PublishError if paho refused one of them (the
-        receiver then lacks the transfer and the sender may send it again)."""
-        for topic, message in update_messages(manifest, payload):
+    def publish_update(self, device: str, manifest: UpdateManifest, payload: bytes | memoryview) -> None:
+        """Publish the messages of `device`'s update (`update_messages`); PublishError if paho refused one of them
+        (the receiver then lacks the transfer and the sender may send it again)."""
+        for topic, message in update_messages(device, manifest, payload):
             self.publish(topic, message)
 
     def publish_chunks(

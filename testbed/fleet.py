@@ -383,7 +383,7 @@ class SimDevice:
 
     def _send(self, transfer: Transfer) -> None:
         manifest = transfer.manifest
-        for topic, message in update_messages(manifest, transfer.payload):
+        for topic, message in update_messages(self.name, manifest, transfer.payload):
             self.client.publish(topic, message, qos=1)
         transfer.resend_at = time.monotonic() + self.fleet.config.receipt_timeout_s
         self._event("uploaded", manifest.round, manifest.task, metrics={"bytes": manifest.transfer.size})

@@ -215,7 +215,7 @@ class RawDevice:
             codec="dense",
             transfer=transfer_info(update_id, payload, 64 * 1024),
         )
-        self.link.publish_update(manifest, payload)
+        self.link.publish_update(self.device, manifest, payload)
         return update_id
 
     def close(self) -> None:

@@ -121,7 +121,7 @@ def sent_transfer(
     if apart:
         chunks = [(topics.chunk(base, chunk.index), encode(chunk)) for chunk in split(payload, info)]
         return [*chunks, (topics.manifest(base), encode(manifest))]
-    link.publish_update(manifest, payload)
+    link.publish_update(device, manifest, payload)
     return [(topic, payload) for topic, payload, _ in link.published]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 import numpy as np
 import paho.mqtt.client as mqtt
 
@@ -15,7 +16,7 @@ from protocol import topics
 from protocol.chunking import describe_transfer, sha256_hex
 from protocol.schemas import Chunk, Receipt, UpdateManifest, WholeTransfer, decode
 from protocol.tensors import encode_state
-from protocol.transport import PublishError
+from protocol.transport import PublishError, update_messages
 from tests.fuzzing import RecordingLink
 
 
@@ -45,7 +46,7 @@ def outbox_entry(tmp_path, update_id: str = "u1", chunk_size: int = 4096):
 
 
 def uploads(link, outbox) -> Uploads:
-    return Uploads(link, outbox, receipt_timeout_s=120.0, retry_after_s=30.0)
+    return Uploads(link, outbox, "dev1", receipt_timeout_s=120.0, retry_after_s=30.0)
 
 
 def test_an_update_goes_out_as_its_chunks_then_its_manifest_and_again_after_the_receipt_timeout(tmp_path):
@@ -75,6 +76,15 @@ def test_an_update_that_fits_one_chunk_goes_out_as_one_message_with_its_manifest
     whole = decode(message, WholeTransfer[UpdateManifest])
     assert topic == topics.whole(topics.update("t", "dev1")) and whole.manifest == pending.manifest
     assert whole.chunk.data == payload and whole.chunk.transfer == pending.manifest.transfer.id
+
+
+def test_an_update_goes_out_on_the_senders_topics_whatever_its_manifest_names(tmp_path):
+    _, pending, payload = outbox_entry(tmp_path)
+    spoofed = msgspec.structs.replace(
+        pending.manifest, device="dev2"
+    )  # the aggregator must see and refuse it
+    topics_sent = [topic for topic, _ in update_messages("dev1", spoofed, payload)]
+    assert topics_sent and all(topic.startswith(topics.update("t", "dev1") + "/") for topic in topics_sent)
 
 
 def test_an_update_the_link_refuses_stays_and_goes_again_soon(tmp_path):
