@@ -49,7 +49,9 @@ class AggregatorMetrics:
         self.reported = metric(Gauge, "round_updates", "updates folded into the task's open round", ["task"])
         self.waiting = metric(Gauge, "round_waiting_devices", "scheduled devices yet to report", ["task"])
         self.devices_online = metric(Gauge, "devices_online", "devices whose status is online")
-        self.device_online = metric(Gauge, "device_online", "1 online, 0 offline", ["device"])
+        self.device_online = metric(
+            Gauge, "device_online", "1 online, 0 offline (the devices with series of their own)", ["device"]
+        )
         self.updates = metric(
             Counter,
             "updates",
@@ -83,7 +85,8 @@ class AggregatorMetrics:
         self.telemetry.update(telemetry)
 
     def device_status(self, device: str, online: bool) -> None:
-        self.device_online.labels(device).set(online)
+        if self.events.device_label(device) == device:  # one of the devices with series of their own; the
+            self.device_online.labels(device).set(online)  # rest count in devices_online only
         if not online:
             self.telemetry.forget(device)
 

@@ -124,7 +124,9 @@ class Coordinator:
         self.round: RoundRecord | None = None
         self.task_rounds: dict[str, TaskRound] = {}
         self.online: set[str] = set()
-        self.profiles: dict[str, DeviceProfile] = {}
+        # device -> task -> the samples its profile declares: all of a profile that rounds are planned by (a fleet
+        # of thousands would otherwise keep each device's whole profile)
+        self.declared: dict[str, dict[str, int]] = {}
         self.participation: dict[str, dict[str, Participation]] = {}  # task -> device -> its last round
         self._recorded_status: dict[
             str, bool
@@ -222,7 +224,7 @@ class Coordinator:
         (self.online.add if online else self.online.discard)(device)
 
     def device_profile(self, profile: DeviceProfile) -> None:
-        self.profiles[profile.device] = profile
+        self.declared[profile.device] = {task: data.samples for task, data in profile.tasks.items()}
 
     def task_failed(self, device: str, task: str, round_: int) -> None:
         """A device reported it cannot deliver this task's update: stop waiting for it."""
@@ -524,16 +526,16 @@ class Coordinator:
         last = self.round.round if self.round else 0
         if rounds.rounds and last >= rounds.rounds:
             return
-        ready = sorted(d for d in self.online if d in self.profiles)
+        ready = sorted(d for d in self.online if d in self.declared)
         if len(ready) < rounds.min_devices:
             return
         number = last + 1
         participants = {}
         for task, task_config in self.config.tasks.items():
-            eligible = [d for d in ready if task in self.profiles[d].tasks]
+            eligible = [d for d in ready if task in self.declared[d]]
             chosen = select(task_config.sampling, task, number, eligible, self.participation[task])
             if chosen:
-                participants[task] = {d: self.profiles[d].tasks[task].samples for d in chosen}
+                participants[task] = {d: self.declared[d][task] for d in chosen}
         if not participants:
             return
         bases = {task: self.globals[task].manifest.version for task in participants}

@@ -238,7 +238,7 @@ def test_device_events_telemetry_and_bad_messages(aggregator, caplog):
     assert value(registry, "fedmt_aggregator_messages_dropped_total", kind="telemetry") == 1
 
 
-def test_the_first_devices_heard_get_event_series_of_their_own_and_later_ones_count_as_other(tmp_path):
+def test_the_first_devices_heard_get_series_of_their_own_and_later_ones_count_as_other(tmp_path):
     from aggregator.metrics import AggregatorMetrics
 
     metrics = AggregatorMetrics(["t"], device_series=2)
@@ -251,6 +251,10 @@ def test_the_first_devices_heard_get_event_series_of_their_own_and_later_ones_co
 
     assert (started("d1"), started("d2"), started("other")) == (2, 1, 2)
     assert started("d3") is None and started("d4") is None
+    for device in ("d1", "d3"):
+        metrics.device_status(device, online=True)
+    online = [value(registry, "fedmt_aggregator_device_online", device=d) for d in ("d1", "d3", "other")]
+    assert online == [1, None, None], "an online gauge only for a device with series of its own"
     model = '{ name = "tiny", num_classes = 10, input_size = 8 }'
     (tmp_path / "aggregator.toml").write_text(f"[metrics]\ndevice_series = 5\n[tasks.t]\nmodel = {model}\n")
     assert load_toml(tmp_path / "aggregator.toml", AggregatorConfig).metrics.device_series == 5
