@@ -4,13 +4,12 @@ Every device is a real MQTT client with its own username and password (so the br
 speaks the protocol as the agent does: retained `online` status (LWT `offline`) and profile, its per-task
 schedules, the retained global manifest of each task (its version and tensor shapes; the chunks are not
 fetched), a `started` event, then after a simulated training time a `finished` and `uploaded` event and the
-update as the agent sends it (`protocol.transport.update_messages`: one message when it fits one chunk),
-sent again until a receipt comes (a `retry` receipt: again
-as a new transfer after `retry_after_s`), and an `acknowledged` event. A cleared schedule, or one of a later
-round, stops the training of that task. Training time comes from `TrainTime` (a per-device speed, so the slow
-devices stay slow, per-round jitter and a share of stragglers); tasks can fail (a `failed` event) and devices
-can drop out (the connection dies without a DISCONNECT, so the broker publishes the will; the device comes back
-after a while and trains again).
+update as the agent sends it (`protocol.transport.update_messages`: one message when it fits one chunk), sent
+again until a receipt comes (a `retry` receipt: again as a new transfer after `retry_after_s`), and an
+`acknowledged` event. A cleared schedule, or one of a later round, stops the training of that task. Training
+time comes from `TrainTime` (a per-device speed, so the slow devices stay slow, per-round jitter and a share of
+stragglers); tasks can fail (a `failed` event) and devices can drop out (the connection dies without a
+DISCONNECT, so the broker publishes the will; the device comes back after a while and trains again).
 
 The update of device i is every floating-point tensor of the global model filled with `fleet.values[device]`
 (integer tensors zero), so the aggregate tells how often each update was counted.

@@ -42,7 +42,7 @@ from protocol.schemas import (
     encode,
 )
 from protocol.tensors import check_layout, decode_state, describe, encode_state
-from protocol.transport import Incoming
+from protocol.transport import Incoming, update_messages
 from tests.federation import reference_fedavg
 from tests.fuzzing import (
     LAYOUT,
@@ -101,10 +101,8 @@ def sent_transfer(
     *,
     apart: bool = False,
 ) -> list[tuple[str, bytes]]:
-    """The messages a real agent publishes for an update (MqttLink.publish_update, recorded): its chunks, then
-    its manifest, or one `whole` message when it fits one chunk; `apart`: chunks and manifest even then (as
-    another sender may)."""
-    link = RecordingLink()
+    """The messages a real agent publishes for an update (`update_messages`): its chunks, then its manifest, or
+    one `whole` message when it fits one chunk; `apart`: chunks and manifest even then (as another sender may)."""
     payload = encode_state(delta)
     info = transfer_info(update_id, payload, chunk_size)
     manifest = UpdateManifest(
@@ -121,8 +119,7 @@ def sent_transfer(
     if apart:
         chunks = [(topics.chunk(base, chunk.index), encode(chunk)) for chunk in split(payload, info)]
         return [*chunks, (topics.manifest(base), encode(manifest))]
-    link.publish_update(device, manifest, payload)
-    return [(topic, payload) for topic, payload, _ in link.published]
+    return list(update_messages(device, manifest, payload))
 
 
 # --- the aggregator ---------------------------------------------------------------------------------------
