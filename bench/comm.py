@@ -26,6 +26,7 @@ Each run's demo summary is kept under `--runs`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     results_path = args.out / "comm.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    run = functools.partial(run_demo, args.runs, device=args.device)  # every run: under --runs, on --device
     summaries = {}  # codec -> its runs, one per seed
     for name in args.codecs:
         summaries[name] = []
@@ -187,27 +189,12 @@ def main(argv: list[str] | None = None) -> int:
             console.rule(f"{name}: {args.rounds} rounds at full speed, seed {seed}")
             run_name = f"accuracy-{name}" + (f"-seed{seed}" if seed else "")
             summaries[name].append(
-                run_demo(
-                    args.runs,
-                    run_name,
-                    CODECS[name],
-                    args.rounds,
-                    reuse=name in args.reuse,
-                    seed=seed,
-                    device=args.device,
-                )
+                run(run_name, CODECS[name], args.rounds, reuse=name in args.reuse, seed=seed)
             )
     if summaries.get("dense"):
         dense = summaries["dense"][0]
         repeats = [dense] + [
-            run_demo(
-                args.runs,
-                f"accuracy-dense-{i}",
-                CODECS["dense"],
-                args.rounds,
-                reuse="dense" in args.reuse,
-                device=args.device,
-            )
+            run(f"accuracy-dense-{i}", CODECS["dense"], args.rounds, reuse="dense" in args.reuse)
             for i in range(2, args.dense_repeats + 1)
         ]
         results["dense_final_accuracy_runs"] = {
@@ -239,15 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         times = results.setdefault("round_time_s", {}).setdefault(key, {})
         for name in args.codecs:
             console.rule(f"{name}: {args.link_rounds} rounds at {key} Mbps per agent")
-            summary = run_demo(
-                args.runs,
-                f"link{key}-{name}",
-                CODECS[name],
-                args.link_rounds,
-                mbps,
-                reuse=name in args.reuse,
-                device=args.device,
-            )
+            summary = run(f"link{key}-{name}", CODECS[name], args.link_rounds, mbps, reuse=name in args.reuse)
             times[name] = round(later_round_s(summary), 2)
             results.setdefault("round_wall_s", {}).setdefault(key, {})[name] = summary["round_wall_time_s"]
             write_json(results_path, results)
@@ -258,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             orders = {}
             for order in ("on_finish", "after_round"):
                 console.rule(f"dense, {policy}: {args.overlap_rounds} rounds at {key} Mbps, uploads {order}")
-                orders[order] = run_demo(
-                    args.runs,
+                orders[order] = run(
                     f"overlap{key}-{order}" + ("" if policy == "concurrent" else f"-{policy}"),
                     CODECS["dense"],
                     args.overlap_rounds,
@@ -267,7 +245,6 @@ def main(argv: list[str] | None = None) -> int:
                     reuse="dense" in args.reuse,
                     upload=order,
                     policy=policy,
-                    device=args.device,
                 )
             measured[policy] = overlap(orders["on_finish"], orders["after_round"], mbps)
         row = measured.pop("concurrent", {})  # the agents' default policy: its figures head the row
