@@ -90,7 +90,11 @@ class TransferInbox(Generic[M]):
             )
         if not admit_manifest(manifest):
             return None
-        return self.add_chunk(chunk, owner=owner) or self.add_manifest(manifest, owner=owner)
+        assembled = self.reassembler.add(chunk, owner=owner)
+        if assembled is None:
+            return None  # a copy of a transfer assembled before: nothing to pair, nothing to keep
+        self._manifests.pop(chunk.transfer, None)  # the same manifest, if it also came apart
+        return self._pair(manifest, assembled, owner)
 
     def add_manifest(self, manifest: M, now: float | None = None, owner: str = "") -> Delivery[M] | None:
         now = time.monotonic() if now is None else now

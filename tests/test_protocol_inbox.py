@@ -204,6 +204,7 @@ def test_a_whole_transfer_is_delivered_at_once_and_held_in_memory_writes_no_file
     assert spool(inbox) == [] and inbox.waiting == 0
     inbox.release(delivery)
     assert inbox.receive("whole", whole(manifest, chunk), "dev1") is None, "a duplicate is ignored"
+    assert inbox.waiting == 0 and spool(inbox) == [], "and leaves no manifest waiting"
 
 
 @pytest.mark.parametrize("problem", ["two chunks", "another transfer", "another payload"])
