@@ -350,7 +350,7 @@ class Coordinator:
             self.participation[manifest.task][manifest.device] = Participation(
                 manifest.round, time.time() - self.round.opened_at
             )
-            log.info(
+            log.debug(  # a line per update is a fleet's worth a round; INFO has one per task round (_finalize)
                 "task %s round %d: update from %s (weight %d, delta norm %.4g), %d/%d",
                 manifest.task,
                 manifest.round,
