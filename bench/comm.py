@@ -48,6 +48,7 @@ CODECS = {
     ),  # DGC's warm-up: 4%, 2%, then 1%
     "topk10": CodecSpec(name="topk+zstd", fraction=0.1),
     "dct": CodecSpec(name="dct", fraction=0.8),
+    "dct90": CodecSpec(name="dct", fraction=0.9),
 }
 DOWNLOAD_CODEC = "fp16+zstd"
 
