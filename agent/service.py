@@ -230,7 +230,7 @@ class Agent:
         """Handle messages, task outcomes and timers until `stop`; `alive()` on every pass (systemd's watchdog)."""
         log.info("agent %s starting; tasks %s", self.device, self.samples)
         server = serve(self.config.metrics, self.metrics.registry)
-        self.pool.add_spares(self.config.execution.spares(len(self.config.tasks), self.compute))
+        self.pool.keep_spares(self.config.execution.spares(len(self.config.tasks), self.compute))
         # The device announces itself (status, profile) once it can train at once: a round scheduled earlier
         # would wait for the spares' imports in its worker starts.
         if not self.pool.wait_for_spares(SPARES_LOAD_S, stop) and not stop.is_set():
@@ -656,9 +656,9 @@ class Agent:
         )
 
     def _restart_cost_s(self) -> float:
-        """What starting a worker costs here: the mean of the measured starts, else a typical CUDA start."""
-        starts = self.pool.start_seconds
-        return sum(starts) / len(starts) if starts else DEFAULT_RESTART_COST_S
+        """What starting a worker costs here: the measured starts of the kind the next one would be (a spare's, or
+        one from scratch), else a typical CUDA start."""
+        return self.pool.expected_start_s(DEFAULT_RESTART_COST_S)
 
     def _mark_ready(self, task: str, version: int) -> None:
         current = self.round

@@ -4,8 +4,9 @@
 (model, R_i) pair when calibrating) across rounds: a worker is reused while its launch environment is unchanged
 (MPS reads CUDA_MPS_ACTIVE_THREAD_PERCENTAGE once, when the process's CUDA driver initialises), restarted when
 it changes, replaced when it died or hung, and ended cleanly when the pool closes. A pool may keep spares:
-processes that loaded torch ahead of any launch and take their launch's environment at Init, so a first round
-does not wait for the interpreter and its libraries.
+processes that loaded torch ahead of any launch and take their launch's environment at Init, so a worker start
+(the first round's, or a restart at a new SM share) does not wait for the interpreter and its libraries; the
+pool starts a new spare for each it hands out.
 """
 
 from __future__ import annotations
@@ -226,17 +227,19 @@ class _Slot:
 
 
 class WorkerPool:
-    """Warm workers by key; `acquire` hands one out exclusively until `release`. Spares (`add_spares`) are
-    given to the next worker starts that find one alive."""
+    """Warm workers by key; `acquire` hands one out exclusively until `release`. Spares (`keep_spares`) are
+    given to the next worker starts that find one alive, and replaced as they are."""
 
     def __init__(self, init: jobs.Init, log_dir: Path | None = None, timeout_s: float = 300.0) -> None:
         self.init, self.log_dir, self.timeout_s = init, log_dir, timeout_s
         self._slots: dict[Hashable, _Slot] = {}
         self._guard = threading.Lock()
         self._closed = False
-        self.start_seconds: deque[float] = deque(maxlen=20)  # recent process starts (Init + first Prepare)
+        # recent process starts (Init + first Prepare), from a spare and from scratch
+        self.start_seconds: dict[str, deque[float]] = {"spare": deque(maxlen=20), "cold": deque(maxlen=20)}
         self._spares: list[WorkerProcess] = []
         self._spares_started = 0
+        self._spares_kept = 0
 
     def acquire(
         self, key: Hashable, launch: Launch, prepare: jobs.Prepare | None = None, *, ahead: bool = False
@@ -257,15 +260,17 @@ class WorkerPool:
                 log.info("restarting worker %s: %s", launch.task, reason)
                 self._discard(slot)
             if slot.worker is None:
+                spare = self._take_spare()
                 slot.worker, slot.ready = start_worker(
-                    launch, self.init, self._log_path(launch.task), self.timeout_s, self._take_spare()
+                    launch, self.init, self._log_path(launch.task), self.timeout_s, spare
                 )
                 slot.launch, slot.fresh, started_here = launch, True, True
+                kind = "cold" if spare is None else "spare"
                 if self._closed:  # closed while it started: it would outlive the pool
                     raise WorkerGone("the worker pool closed while the worker started")
             prepared = slot.worker.call(prepare, jobs.Prepared, self.timeout_s) if prepare else None
             if started_here and prepare is not None:
-                self.start_seconds.append(time.perf_counter() - began)
+                self.start_seconds[kind].append(time.perf_counter() - began)
             started = slot.fresh
             slot.fresh = slot.fresh and ahead
             return Lease(slot.worker, slot.ready, prepared, time.perf_counter() - asked, started)
@@ -333,14 +338,21 @@ class WorkerPool:
         for spare in spares:
             spare.close(grace_s)
 
-    def add_spares(self, count: int) -> None:
-        """Start `count` spare processes; each loads torch now and takes its launch's environment later."""
+    def keep_spares(self, count: int) -> None:
+        """Keep `count` spare processes from now on: each loads torch at once and takes its launch's environment
+        later; one handed to a worker start is replaced."""
         with self._guard:
             if self._closed:
                 raise WorkerGone("the worker pool is closed")
-            for number in range(self._spares_started, self._spares_started + count):
-                self._spares.append(WorkerProcess(f"spare-{number}", self._log_path(f"spare-{number}")))
-            self._spares_started += count
+            self._spares_kept = count
+            self._refill()
+
+    def expected_start_s(self, default: float) -> float:
+        """What the next worker start should take: the mean of the recent starts of its kind (from a spare while
+        the pool holds one, else from scratch), `default` before any."""
+        with self._guard:
+            starts = self.start_seconds["spare" if self._spares else "cold"]
+        return sum(starts) / len(starts) if starts else default
 
     def wait_for_spares(self, timeout_s: float, stop: threading.Event) -> bool:
         """Wait until every spare has imported torch and the training code, at most `timeout_s` and only while
@@ -369,16 +381,25 @@ class WorkerPool:
         return self.log_dir / f"{name}.log" if self.log_dir else None
 
     def _take_spare(self) -> WorkerProcess | None:
-        """A spare still alive (one that died is ended and skipped), or None."""
+        """A spare still alive (one that died is ended and skipped), or None; the pool starts one in its place."""
         while True:
             with self._guard:
                 if not self._spares:
                     return None
                 spare = self._spares.pop(0)
+                if not self._closed:
+                    self._refill()
             if spare.alive:
                 return spare
             log.warning("spare worker %s exited (code %s); skipped", spare.name, spare.proc.returncode)
             spare.close(grace_s=1)
+
+    def _refill(self) -> None:
+        """Start spares up to the number kept (the caller holds the guard)."""
+        while len(self._spares) < self._spares_kept:
+            name = f"spare-{self._spares_started}"
+            self._spares.append(WorkerProcess(name, self._log_path(name)))
+            self._spares_started += 1
 
     def _slot(self, key: Hashable) -> _Slot:
         with self._guard:

@@ -94,8 +94,10 @@ def test_a_worker_is_started_and_prepared_once_and_reused_round_after_round(pool
     assert len({lease.ready.pid for lease in leases}) == 1
     assert [lease.started_process for lease in leases] == [True, False, False]
     assert all(lease.prepared.reused for lease in leases)  # prepared once, when the first round got it ready
-    assert leases[1].start_s < 1.0 and len(pool.start_seconds) == 1  # one process start, timed
-    assert leases[0].start_s >= 0.5 * pool.start_seconds[0]  # the round waited for (most of) it
+    cold = pool.start_seconds["cold"]
+    assert leases[1].start_s < 1.0 and len(cold) == 1 and not pool.start_seconds["spare"]  # one start, timed
+    assert leases[0].start_s >= 0.5 * cold[0]  # the round waited for (most of) it
+    assert pool.expected_start_s(default=99.0) == cold[0]  # no spare held: the next start is one from scratch
     assert all((tmp_path / f"a-r{r}.update").stat().st_size > 0 for r in (1, 2, 3))
 
 
@@ -206,7 +208,7 @@ def test_prestart_readies_a_worker_that_a_later_acquire_waits_for(pool):
         lease.started_process and lease.prepared.reused
     )  # started for this lease, by the prestart, and prepared
     assert (
-        lease.start_s >= 0.5 * pool.start_seconds[0]
+        lease.start_s >= 0.5 * pool.start_seconds["cold"][0]
     )  # the wait for the start ahead is the lease's start time
     again = pool.acquire("a", Launch("a"), prepare(8))
     pool.release("a")
@@ -335,18 +337,23 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def test_spares_are_given_to_worker_starts_until_none_is_left_and_then_workers_start_afresh(base, tmp_path):
+def test_spares_are_given_to_worker_starts_and_each_one_given_is_replaced(base, tmp_path):
     import msgspec
 
     with WorkerPool(CPU, log_dir=tmp_path) as pool:
-        pool.add_spares(2)
-        spare_pids = {spare.proc.pid for spare in pool._spares}
-        leases = [pool.acquire(key, Launch(key, env={"X": key}), prepare(8)) for key in ("a", "b", "c")]
-        for key in ("a", "b", "c"):
+        assert pool.expected_start_s(default=99.0) == 99.0  # nothing measured yet
+        pool.keep_spares(2)
+        leases, given = [], []
+        for key in ("a", "b", "c"):  # more starts than spares kept: the third takes a replacement
+            given.append(pool._spares[0].proc.pid)
+            leases.append(pool.acquire(key, Launch(key, env={"X": key}), prepare(8)))
             pool.release(key)
-        assert {lease.ready.pid for lease in leases[:2]} == spare_pids and pool.spares == 0
-        assert leases[2].ready.pid not in spare_pids
+        assert [lease.ready.pid for lease in leases] == given and len(set(given)) == 3
+        assert pool.spares == 2 and not set(given) & {spare.proc.pid for spare in pool._spares}
         assert all(lease.started_process and lease.prepared.samples == 8 for lease in leases)
+        spare_starts = pool.start_seconds["spare"]
+        assert len(spare_starts) == 3 and not pool.start_seconds["cold"]
+        assert pool.expected_start_s(default=99.0) == sum(spare_starts) / 3  # the next start takes a spare
         assert [lease.worker.name for lease in leases] == ["a", "b", "c"]
         # a spare's output goes to its task's log once it is given one (here: a failed command's traceback)
         missing = msgspec.structs.replace(
@@ -360,31 +367,30 @@ def test_spares_are_given_to_worker_starts_until_none_is_left_and_then_workers_s
 
 def test_a_spare_that_died_is_skipped_and_a_closed_pool_ends_its_spares(tmp_path):
     pool = WorkerPool(CPU, log_dir=tmp_path)
-    pool.add_spares(2)
+    pool.keep_spares(2)
     dead, kept = pool._spares
     dead.proc.kill()
     dead.proc.wait(10)
     lease = pool.acquire("a", Launch("a"))
     pool.release("a")
-    assert lease.ready.pid == kept.proc.pid and pool.spares == 0
-    pool.add_spares(1)
-    (idle,) = pool._spares
+    assert lease.ready.pid == kept.proc.pid and pool.spares == 2  # both replaced
+    idle = list(pool._spares)
     pool.close()
-    assert idle.proc.returncode == 0 and pool.spares == 0
+    assert [spare.proc.returncode for spare in idle] == [0, 0] and pool.spares == 0
     with pytest.raises(WorkerGone):
-        pool.add_spares(1)
+        pool.keep_spares(1)
 
 
 def test_waiting_for_spares_ends_once_each_has_loaded_or_died_and_gives_up_at_its_deadline_or_stop(tmp_path):
     stop = threading.Event()
     with WorkerPool(CPU, log_dir=tmp_path) as pool:
-        pool.add_spares(2)
+        pool.keep_spares(2)
         assert not pool.wait_for_spares(0, stop)  # nobody imports torch in no time
         dead, loading = pool._spares
         dead.proc.kill()
         assert pool.wait_for_spares(120, stop)
         assert dead.loaded.is_set() and loading.loaded.is_set() and loading.alive
-        pool.add_spares(1)
+        pool.keep_spares(3)
         stop.set()
         started = time.monotonic()
         assert not pool.wait_for_spares(120, stop) and time.monotonic() - started < 5
