@@ -14,10 +14,11 @@ config says how training keeps its accuracy (`lr_scaling` and `batch_policy`, se
   and so processes B/B0 times the images.
 
 Either way a plan grows the batch at most BATCH_GROWTH-fold per global version the task has trained
-(`batch_ceiling`): a model from scratch trains at B0 and the batch grows as it learns. Large batches from a
-random start lose accuracy in the first rounds that the rate rules do not win back (ShuffleNet at 8 x B0 with the
-linear rule after round 1: 8.6% against 96.1% at B0 on the H200, 17.4% against 87.2% on the CPU); growing the
-batch instead of decaying the rate is Smith et al. 2018.
+(`batch_ceiling`): by default a model from scratch trains at B0 and the batch grows as it learns. Large batches
+from a random start lose accuracy in the first rounds that the rate rules do not win back (ShuffleNet at 8 x B0
+with the linear rule after round 1: 8.6% against 96.1% at B0 on the H200, 17.4% against 87.2% on the CPU);
+growing the batch instead of decaying the rate is Smith et al. 2018. A task whose rounds take many steps (or
+whose initial model is pretrained) may let the initial model train at up to `initial_batch_growth` x B0.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ def steps_per_epoch(samples: int, batch_size: int) -> int:
 
 
 def batch_ceiling(assignment: TaskAssignment) -> int:
-    """The largest batch size a plan may give the task: its configured size times BATCH_GROWTH per global version
-    trained (version 0, the initial model, trains at the configured size), for Adam under `auto` at most
-    ADAM_AUTO_GROWTH times it."""
-    ceiling = assignment.batch_size * BATCH_GROWTH ** min(assignment.base_version, 10)
+    """The largest batch size a plan may give the task: its configured size times `initial_batch_growth` for
+    version 0, the initial model, and BATCH_GROWTH more per global version trained; for Adam under `auto` at
+    most ADAM_AUTO_GROWTH times the configured size."""
+    growth = assignment.initial_batch_growth * BATCH_GROWTH ** min(assignment.base_version, 10)
+    ceiling = assignment.batch_size * growth
     if assignment.optimizer.name == "adam" and assignment.lr_scaling == "auto":
         ceiling = min(ceiling, ADAM_AUTO_GROWTH * assignment.batch_size)
     return ceiling

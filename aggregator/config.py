@@ -16,6 +16,7 @@ from protocol.chunking import DEFAULT_CHUNK_SIZE
 from protocol.codecs import PartialCodec, codec_kind, make_codec
 from protocol.limits import MAX_TRANSFER_BYTES
 from protocol.schemas import (
+    BatchGrowth,
     BatchPolicy,
     BatchSize,
     CodecName,
@@ -47,6 +48,7 @@ class TaskConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     precision: Precision = "fp32"
     lr_scaling: LrScaling = "auto"  # when a device plans another batch size (README: batch adaptation)
     batch_policy: BatchPolicy = "scale_lr"
+    initial_batch_growth: BatchGrowth = 1  # the initial model's batch ceiling, times batch_size
     init_seed: int = 0
     init_weights: str | None = (
         None  # a safetensors file; else built from the torchvision model with init_seed

@@ -607,6 +607,7 @@ class Coordinator:
             proximal_mu=c.strategy.proximal_mu,
             lr_scaling=c.lr_scaling,
             batch_policy=c.batch_policy,
+            initial_batch_growth=c.initial_batch_growth,
             codec=warmed(c.codec, task_round.base_version),
         )
 

@@ -94,6 +94,7 @@ def _options(args, policy: str, partition: str, folder: Path) -> Options:
         agents=args.agents,
         partition=partition,
         batch_range=args.batch_range,
+        initial_batch_growth=args.initial_batch_growth,
         models=dict.fromkeys(TASKS, args.models) if args.models else None,
         gpus=tuple(args.gpus.split(",")) if args.gpus else None,
         reallocate=args.reallocate,
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "batch_size": args.batch_size,
         "batch_range": args.batch_range,
+        "initial_batch_growth": args.initial_batch_growth,
         "resolution": args.resolution,
         "local_steps": args.local_steps,
         "models": args.models,
@@ -213,6 +215,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=(16, 128),
         metavar="LOW-HIGH",
         help="the batch sizes a plan may choose (the learning rate follows the tasks' rule)",
+    )
+    parser.add_argument(
+        "--initial-batch-growth",
+        type=int,
+        default=1,
+        help="a plan may train each initial model at up to this many times its batch size (default: 1)",
     )
     parser.add_argument("--local-steps", type=_local_steps, help="N or TASK=N,... (default: epochs)")
     parser.add_argument("--models", help="one torchvision model for every task (smoke runs)")

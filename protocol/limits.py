@@ -18,6 +18,8 @@ MAX_TASKS = 64
 MAX_LOCAL_EPOCHS = 10_000
 MAX_LOCAL_STEPS = 10**8
 MAX_BATCH_SIZE = 65_536
+#: how many times its configured batch size a plan may train a task's initial model at
+MAX_BATCH_GROWTH = 64
 #: rounds of a partial codec's warm-up (each doubles the share kept before it)
 MAX_WARMUP_ROUNDS = 16
 

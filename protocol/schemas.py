@@ -52,6 +52,7 @@ LrScaling = Literal["auto", "linear", "sqrt", "none"]
 #: "scale_lr": a round processes the configured images and the lr follows `LrScaling`; "hold_steps": a round
 #: takes the configured number of optimiser steps at the configured lr
 BatchPolicy = Literal["scale_lr", "hold_steps"]
+BatchGrowth = Annotated[int, Meta(ge=1, le=lim.MAX_BATCH_GROWTH)]
 
 
 class Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -170,8 +171,10 @@ class CodecSpec(Message, omit_defaults=True):
     warmup_rounds: Annotated[int, Meta(ge=0, le=lim.MAX_WARMUP_ROUNDS)] = 0
 
 
-class TaskAssignment(Message):
-    """One task of a device's round: what to train, from which global version, for how long."""
+class TaskAssignment(Message, omit_defaults=True):
+    """One task of a device's round: what to train, from which global version, for how long. Fields at their
+    defaults are not sent (an agent that predates a field still reads the schedules that leave it at its
+    default)."""
 
     task: Name
     model: ModelSpec
@@ -188,6 +191,9 @@ class TaskAssignment(Message):
     proximal_mu: Annotated[float, Meta(ge=0, le=MAX_PROXIMAL_MU)] = 0.0
     lr_scaling: LrScaling = "auto"
     batch_policy: BatchPolicy = "scale_lr"
+    # how many times the configured batch size a plan may train the initial model (version 0) at; the ceiling
+    # doubles with each version trained (agent/batching.py)
+    initial_batch_growth: BatchGrowth = 1
     codec: CodecSpec = CodecSpec()  # how the update travels
 
 

@@ -86,6 +86,9 @@ class Options:
     agents: int = len(DEVICES)  # each holds one partition of every task's digits (with one: all of them)
     partition: Partition = "iid"
     batch_range: tuple[int, int] | None = None  # the plans' batch bounds; None: free on cpu, pinned on cuda
+    initial_batch_growth: int = (
+        1  # every task's: the initial model trains at up to this many times batch_size
+    )
     models: dict[str, str] | None = None  # task -> another torchvision model
     gpus: tuple[str, ...] | None = None  # each agent's GPU (`[execution] gpu`: NVML index or UUID), in turn
     reallocate: Literal["off", "handover"] = "off"
@@ -109,7 +112,12 @@ class Options:
         """TASKS with this run's overrides."""
         tasks = {}
         for task, (definition, share) in TASKS.items():
-            changes = {"batch_size": self.batch_size, "precision": self.precision, "init_seed": self.seed}
+            changes = {
+                "batch_size": self.batch_size,
+                "precision": self.precision,
+                "init_seed": self.seed,
+                "initial_batch_growth": self.initial_batch_growth,
+            }
             model = definition.model
             if self.models is not None:
                 model = msgspec.structs.replace(model, name=self.models[task])

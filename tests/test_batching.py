@@ -84,6 +84,18 @@ def test_the_rule_travels_in_the_assignment_and_bad_values_are_rejected():
         decode(bad, TaskAssignment)
 
 
+def test_the_initial_batch_growth_is_sent_only_when_set_and_bounded():
+    assert b"initial_batch_growth" not in encode(assignment(32))  # an older agent reads the default schedule
+    grown = assignment(32, initial_batch_growth=4)
+    assert decode(encode(grown), TaskAssignment).initial_batch_growth == 4
+    for bad in (b"\x00", b"\x41"):  # 0 and 65
+        with pytest.raises(ProtocolError, match="initial_batch_growth"):
+            decode(
+                encode(grown).replace(b"initial_batch_growth\x04", b"initial_batch_growth" + bad),
+                TaskAssignment,
+            )
+
+
 def test_the_aggregator_task_config_sets_the_rule():
     import msgspec
 

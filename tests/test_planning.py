@@ -72,6 +72,19 @@ def test_batch_candidates_grow_at_most_twofold_per_global_version_from_the_confi
     assert batch_candidates(assignment("x", "resnet18", batch=8, version=0), (12, 128)) == [12]  # into range
 
 
+def test_a_task_may_let_its_initial_model_train_at_a_larger_batch():
+    def grown(version: int, growth: int) -> TaskAssignment:
+        return msgspec.structs.replace(
+            assignment("x", "resnet18", batch=8, version=version), initial_batch_growth=growth
+        )
+
+    assert batch_candidates(grown(0, 4), (1, 1024)) == [8, 16, 32]
+    assert batch_candidates(grown(1, 4), (1, 1024)) == [8, 16, 32, 64]  # then twofold per version
+    assert batch_candidates(grown(0, 64), (1, 1024))[-1] == 64  # within the task's bounds
+    adam = msgspec.structs.replace(grown(0, 4), optimizer=OptimizerSpec(name="adam"))
+    assert batch_candidates(adam, (1, 1024))[-1] == 16  # Adam under `auto`: at most twofold in all
+
+
 def test_an_adam_task_under_the_auto_rule_grows_its_batch_at_most_twofold():
     adam = msgspec.structs.replace(
         assignment("x", "resnet18", version=5), optimizer=OptimizerSpec(name="adam")
