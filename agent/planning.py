@@ -1,8 +1,9 @@
 """A round's execution plan: which policy, each task's R_i and B_i, and the start order.
 
 With the `fedmt` policy and a predictor fitted on this GPU (and at the tasks' input sizes), the predictor's search
-chooses B_i (Eq. 6, data volumes = the round's images per task, batch changes damped across rounds), R_i (Eq. 5,
-by default minimising the makespan so that the tasks finish together) and the start order (Algorithm 1,
+chooses B_i and R_i (Eq. 5 and 6, data volumes = the round's images per task; by default minimising the makespan
+over every batch combination, with Eq. 6's mismatch breaking ties; batch changes damped across rounds) and the
+start order (Algorithm 1,
 downloads and uploads estimated from model size and link speed); the SM shares are then the best of the search
 result and the static splits, scored with the device's own measurements (agent/selection.py). Without a
 predictor, the documented heuristic applies (R_v = 200% split by workload, batch sizes from the schedule) and the
@@ -237,7 +238,7 @@ class Planner:
     ) -> tuple[list[TaskAssignment], dict[str, float]]:
         import numpy as np
 
-        from predictor.search import configure
+        from predictor.search import EQ6_TOLERANCE, configure
 
         tasks = [features[a.task] for a in assignments]
         seconds = [8 * f.param_bytes / (self.link_mbps * 1e6) for f in tasks]  # one model each way
@@ -250,6 +251,9 @@ class Planner:
             seconds,
             self.predictor,
             objective=self.objective,
+            # Eq. 6's batches in proportion to the data volumes stand in for finishing together; with the
+            # makespan itself predicted, every batch combination is scored by it (the mismatch breaks ties)
+            tolerance=None if self.objective == "makespan" else EQ6_TOLERANCE,
             previous=np.array(previous) if all(previous) else None,
             damping=self.damping,
         )

@@ -29,6 +29,7 @@ MAX_GRID_ROWS = 20_000  # per batch vector; above it (5 tasks) the default grid 
 _REL_TOL = 1e-9  # scores and makespans this close (relative) are ties
 _EPS = 1e-9
 _MAX_COMBINATIONS = 1_000_000
+EQ6_TOLERANCE = 0.25  # Eq. 6's filter: batch vectors whose mismatch is within this share of the least
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,7 +217,7 @@ def adapt_batches(
     data_volumes: Sequence[float] | np.ndarray,
     candidates: Sequence[Sequence[int]],
     predict: Predict,
-    tolerance: float = 0.25,
+    tolerance: float | None = EQ6_TOLERANCE,
     *,
     grid: Sequence[float] | None = None,
     objective: Objective = "sum",
@@ -229,17 +230,21 @@ def adapt_batches(
     """Eq. 6: among batch vectors of low mismatch, the one whose Eq. 5 optimum has the best objective.
 
     Every combination of the per-task `candidates` is scored; those with mismatch <= min * (1 + tolerance) +
-    1e-9 pass the filter and Eq. 5 is solved for all of them in one predict call (their R grids stacked). If
-    that would exceed `max_rows` predictor rows, only the lowest-mismatch survivors are kept. Ties in the
-    objective go to the lower mismatch, then the lexicographically smaller batch vector.
+    1e-9 pass the filter (all of them with `tolerance` None) and Eq. 5 is solved for all of them in one predict
+    call (their R grids stacked). If that would exceed `max_rows` predictor rows, only the lowest-mismatch
+    survivors are kept. Ties in the objective go to the lower mismatch, then the lexicographically smaller batch
+    vector.
     """
     n = len(tasks)
     d = _positive(data_volumes, n, "data_volumes")
-    if tolerance < 0:
+    if tolerance is not None and tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     combos = _product(_options(candidates, n))
     cost = mismatch(d, combos)
-    kept = np.flatnonzero(cost <= cost.min() * (1 + tolerance) + _EPS)
+    passes = (
+        np.ones(len(cost), dtype=bool) if tolerance is None else cost <= cost.min() * (1 + tolerance) + _EPS
+    )
+    kept = np.flatnonzero(passes)
     kept = kept[np.argsort(cost[kept], kind="stable")]  # preference order: mismatch, then lexicographic
     grid = _grid(grid, n)
     per_candidate = len(grid) ** n if n <= exhaustive_limit else 1 + n * len(grid)
@@ -463,7 +468,7 @@ def configure(
     up_s: Sequence[float] | np.ndarray,
     predict: Predict,
     *,
-    tolerance: float = 0.25,
+    tolerance: float | None = EQ6_TOLERANCE,
     delta: float = 0.2,
     grid: Sequence[float] | None = None,
     objective: Objective = "sum",

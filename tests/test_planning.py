@@ -117,7 +117,7 @@ def test_a_predictor_profiled_at_other_batch_sizes_is_not_used(tmp_path):
 
 def test_fedmt_with_a_predictor_plans_batches_shares_and_order(tmp_path):
     predictor = LawPredictor()
-    planner = Planner(sharing(tmp_path, mps=True), predictor, "law")
+    planner = Planner(sharing(tmp_path, mps=True), predictor, "law", objective="sum")
     plan = planner.plan("fedmt", TASKS, SAMPLES)
     assert plan.policy == "fedmt" and "predictor law.onnx" in plan.note
     assert sorted(a.task for a in plan.assignments) == ["a", "b", "c"]
@@ -132,11 +132,26 @@ def test_fedmt_with_a_predictor_plans_batches_shares_and_order(tmp_path):
     assert predictor.calls >= 2  # one inference for Eq. 5/6, one for Algorithm 1
 
 
+def test_the_makespan_objective_weighs_every_batch_combination_not_only_eq6s(tmp_path):
+    """The law's throughput grows with the batch size, so the shortest round trains the task with the most work
+    (ResNet18: the fewest images, but ~10x the FLOPs of the others) at its largest batch, where Eq. 6's
+    proportions to the data volumes give it the smallest."""
+    plan = Planner(sharing(tmp_path, mps=True), LawPredictor(), "law").plan("fedmt", TASKS, SAMPLES)
+    batches = {a.task: a.batch_size for a in plan.assignments}
+    assert batches["a"] == max(batch_candidates(TASKS[0], (1, 1024))) == max(batches.values())
+    eq6 = Planner(sharing(tmp_path, mps=True), LawPredictor(), "law", objective="sum").plan(
+        "fedmt", TASKS, SAMPLES
+    )
+    assert min(eq6.assignments, key=lambda a: a.batch_size).task == "a"
+
+
 def test_batch_changes_are_damped_across_rounds(tmp_path):
-    planner = Planner(sharing(tmp_path, mps=True), LawPredictor(), "law")
+    planner = Planner(sharing(tmp_path, mps=True), LawPredictor(), "law", objective="sum")
     first = {a.task: a.batch_size for a in planner.plan("fedmt", TASKS, SAMPLES).assignments}
     swapped = {"a": 400, "b": 200, "c": 100}  # the data volumes turn around
-    undamped = Planner(sharing(tmp_path, mps=True), LawPredictor(), "law").plan("fedmt", TASKS, swapped)
+    undamped = Planner(sharing(tmp_path, mps=True), LawPredictor(), "law", objective="sum").plan(
+        "fedmt", TASKS, swapped
+    )
     target = {a.task: a.batch_size for a in undamped.assignments}
     second = {a.task: a.batch_size for a in planner.plan("fedmt", TASKS, swapped).assignments}
     assert target["a"] > first["a"] and target["c"] < first["c"]
