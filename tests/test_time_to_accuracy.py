@@ -53,6 +53,24 @@ def test_repeated_runs_take_the_policies_in_turn_and_report_every_run(tmp_path, 
     assert result["settings"]["repeats"] == 3
 
 
+def test_the_initial_batch_growth_reaches_every_task_of_the_federation(tmp_path, monkeypatch):
+    seen = []
+
+    def federation(options):
+        seen.append(options.tasks())
+        options.out.mkdir(parents=True)
+        return {
+            "accuracy": {"digits-resnet18": [0.1, 0.99]},
+            "round_end_s": [5.0],
+            "round_wall_time_s": [5.0],
+        }
+
+    monkeypatch.setattr(tta, "run", federation)
+    main(["--device", "cpu", "--policies", "fedmt", "--initial-batch-growth", "2", "--out", str(tmp_path)])
+    (tasks,) = seen
+    assert {definition.initial_batch_growth for definition, _ in tasks.values()} == {2}
+
+
 def test_runs_of_several_invocations_merge_into_one_report_in_the_order_given(tmp_path):
     from bench.tta_merge import main as merge
 
