@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import get_args
 
 from bench.common import describe_device, write_json
-from protocol.schemas import ExecutionPolicy
+from protocol.schemas import ExecutionPolicy, LrScaling
 from testbed.demo import TASKS, Options, ProcessDied, _local_steps, run
 
 POLICIES = ("temporal", "isolated", "sharing", "fedmt")
@@ -95,6 +95,7 @@ def _options(args, policy: str, partition: str, folder: Path) -> Options:
         partition=partition,
         batch_range=args.batch_range,
         initial_batch_growth=args.initial_batch_growth,
+        lr_scaling=args.lr_scaling,
         models=dict.fromkeys(TASKS, args.models) if args.models else None,
         gpus=tuple(args.gpus.split(",")) if args.gpus else None,
         reallocate=args.reallocate,
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "batch_range": args.batch_range,
         "initial_batch_growth": args.initial_batch_growth,
+        "lr_scaling": args.lr_scaling,
         "resolution": args.resolution,
         "local_steps": args.local_steps,
         "models": args.models,
@@ -221,6 +223,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=1,
         help="a plan may train each initial model at up to this many times its batch size (default: 1)",
+    )
+    parser.add_argument(
+        "--lr-scaling",
+        choices=get_args(LrScaling),
+        help="every task's learning-rate rule for a planned batch size (default: the tasks' own, auto)",
     )
     parser.add_argument("--local-steps", type=_local_steps, help="N or TASK=N,... (default: epochs)")
     parser.add_argument("--models", help="one torchvision model for every task (smoke runs)")

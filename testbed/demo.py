@@ -33,7 +33,7 @@ from agent.config import AgentConfig, ExecutionConfig
 from aggregator.config import AggregatorConfig, AggregatorMetricsConfig, RoundsConfig, TaskConfig
 from common.config import to_toml
 from common.metrics import MetricsConfig
-from protocol.schemas import CodecSpec, ExecutionPolicy, ModelSpec, OptimizerSpec, Precision
+from protocol.schemas import CodecSpec, ExecutionPolicy, LrScaling, ModelSpec, OptimizerSpec, Precision
 from protocol.transport import MqttSettings
 from testbed import phases
 from testbed.broker import Mosquitto, free_port
@@ -86,9 +86,8 @@ class Options:
     agents: int = len(DEVICES)  # each holds one partition of every task's digits (with one: all of them)
     partition: Partition = "iid"
     batch_range: tuple[int, int] | None = None  # the plans' batch bounds; None: free on cpu, pinned on cuda
-    initial_batch_growth: int = (
-        1  # every task's: the initial model trains at up to this many times batch_size
-    )
+    initial_batch_growth: int = 1  # every task's: its initial model at up to this x batch_size
+    lr_scaling: LrScaling | None = None  # every task's rate rule for planned batches (None: their own)
     models: dict[str, str] | None = None  # task -> another torchvision model
     gpus: tuple[str, ...] | None = None  # each agent's GPU (`[execution] gpu`: NVML index or UUID), in turn
     reallocate: Literal["off", "handover"] = "off"
@@ -126,6 +125,8 @@ class Options:
             changes["model"] = model
             if self.local_steps is not None:
                 changes["local_steps"] = self.local_steps[task]
+            if self.lr_scaling is not None:
+                changes["lr_scaling"] = self.lr_scaling
             if self.codec is not None:
                 changes["codec"] = self.codec
             if self.download_codec is not None:

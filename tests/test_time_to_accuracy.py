@@ -53,7 +53,7 @@ def test_repeated_runs_take_the_policies_in_turn_and_report_every_run(tmp_path, 
     assert result["settings"]["repeats"] == 3
 
 
-def test_the_initial_batch_growth_reaches_every_task_of_the_federation(tmp_path, monkeypatch):
+def test_the_batch_rules_given_reach_every_task_of_the_federation(tmp_path, monkeypatch):
     seen = []
 
     def federation(options):
@@ -66,9 +66,10 @@ def test_the_initial_batch_growth_reaches_every_task_of_the_federation(tmp_path,
         }
 
     monkeypatch.setattr(tta, "run", federation)
-    main(["--device", "cpu", "--policies", "fedmt", "--initial-batch-growth", "2", "--out", str(tmp_path)])
+    argv = ["--device", "cpu", "--policies", "fedmt", "--out", str(tmp_path)]
+    main([*argv, "--initial-batch-growth", "2", "--lr-scaling", "sqrt"])
     (tasks,) = seen
-    assert {definition.initial_batch_growth for definition, _ in tasks.values()} == {2}
+    assert {(d.initial_batch_growth, d.lr_scaling) for d, _ in tasks.values()} == {(2, "sqrt")}
 
 
 def test_runs_of_several_invocations_merge_into_one_report_in_the_order_given(tmp_path):
