@@ -134,7 +134,7 @@ def test_fedmt_with_a_predictor_plans_batches_shares_and_order(tmp_path):
 
 def test_the_makespan_objective_weighs_every_batch_combination_not_only_eq6s(tmp_path):
     """The law's throughput grows with the batch size, so the shortest round trains the task with the most work
-    (ResNet18: the fewest images, but ~10x the FLOPs of the others) at its largest batch, where Eq. 6's
+    (ResNet18: the fewest images, but tens of times the FLOPs of the others) at its largest batch, where Eq. 6's
     proportions to the data volumes give it the smallest."""
     plan = Planner(sharing(tmp_path, mps=True), LawPredictor(), "law").plan("fedmt", TASKS, SAMPLES)
     batches = {a.task: a.batch_size for a in plan.assignments}
