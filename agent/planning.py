@@ -238,7 +238,7 @@ class Planner:
     ) -> tuple[list[TaskAssignment], dict[str, float]]:
         import numpy as np
 
-        from predictor.search import EQ6_TOLERANCE, configure
+        from predictor.search import configure
 
         tasks = [features[a.task] for a in assignments]
         seconds = [8 * f.param_bytes / (self.link_mbps * 1e6) for f in tasks]  # one model each way
@@ -251,9 +251,6 @@ class Planner:
             seconds,
             self.predictor,
             objective=self.objective,
-            # Eq. 6's batches in proportion to the data volumes stand in for finishing together; with the
-            # makespan itself predicted, every batch combination is scored by it (the mismatch breaks ties)
-            tolerance=None if self.objective == "makespan" else EQ6_TOLERANCE,
             previous=np.array(previous) if all(previous) else None,
             damping=self.damping,
         )

@@ -29,7 +29,6 @@ MAX_GRID_ROWS = 20_000  # per batch vector; above it (5 tasks) the default grid 
 _REL_TOL = 1e-9  # scores and makespans this close (relative) are ties
 _EPS = 1e-9
 _MAX_COMBINATIONS = 1_000_000
-EQ6_TOLERANCE = 0.25  # Eq. 6's filter: batch vectors whose mismatch is within this share of the least
 
 
 @dataclass(frozen=True, eq=False)
@@ -217,7 +216,7 @@ def adapt_batches(
     data_volumes: Sequence[float] | np.ndarray,
     candidates: Sequence[Sequence[int]],
     predict: Predict,
-    tolerance: float | None = EQ6_TOLERANCE,
+    tolerance: float = 0.25,
     *,
     grid: Sequence[float] | None = None,
     objective: Objective = "sum",
@@ -230,19 +229,20 @@ def adapt_batches(
     """Eq. 6: among batch vectors of low mismatch, the one whose Eq. 5 optimum has the best objective.
 
     Every combination of the per-task `candidates` is scored; those with mismatch <= min * (1 + tolerance) +
-    1e-9 pass the filter (all of them with `tolerance` None) and Eq. 5 is solved for all of them in one predict
-    call (their R grids stacked). If that would exceed `max_rows` predictor rows, only the lowest-mismatch
-    survivors are kept. Ties in the objective go to the lower mismatch, then the lexicographically smaller batch
-    vector.
+    1e-9 pass the filter (under the makespan objective all of them: Eq. 6's batches in proportion to the data
+    volumes stand in for finishing together, which that objective predicts) and Eq. 5 is solved for all of them
+    in one predict call (their R grids stacked). If that would exceed `max_rows` predictor rows, only the
+    lowest-mismatch survivors are kept. Ties in the objective go to the lower mismatch, then the
+    lexicographically smaller batch vector.
     """
     n = len(tasks)
     d = _positive(data_volumes, n, "data_volumes")
-    if tolerance is not None and tolerance < 0:
+    if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     combos = _product(_options(candidates, n))
     cost = mismatch(d, combos)
     passes = (
-        np.ones(len(cost), dtype=bool) if tolerance is None else cost <= cost.min() * (1 + tolerance) + _EPS
+        np.full(len(cost), True) if objective == "makespan" else cost <= cost.min() * (1 + tolerance) + _EPS
     )
     kept = np.flatnonzero(passes)
     kept = kept[np.argsort(cost[kept], kind="stable")]  # preference order: mismatch, then lexicographic
@@ -468,7 +468,7 @@ def configure(
     up_s: Sequence[float] | np.ndarray,
     predict: Predict,
     *,
-    tolerance: float | None = EQ6_TOLERANCE,
+    tolerance: float = 0.25,
     delta: float = 0.2,
     grid: Sequence[float] | None = None,
     objective: Objective = "sum",

@@ -172,6 +172,16 @@ def test_adapt_batches_obeys_the_mismatch_filter() -> None:
         np.testing.assert_array_equal(result.batches, best)
 
 
+def test_adapt_batches_under_the_makespan_objective_scores_every_combination() -> None:
+    work, data, allowed = tasks(2), [1000, 3000], [[10, 20], [32, 64, 200]]
+    combos = np.array(list(itertools.product(*allowed)))
+    makespans = [-best_resources(work, b, analytic, objective="makespan", volumes=data).score for b in combos]
+    best = combos[int(np.argmin(makespans))]
+    result = adapt_batches(work, data, allowed, analytic, objective="makespan")
+    np.testing.assert_array_equal(result.batches, best)
+    assert best.tolist() == [20, 200]  # outside Eq. 6's filter at the default tolerance (above)
+
+
 def test_adapt_batches_ties_go_to_lower_mismatch_then_lexicographic() -> None:
     def blind(_t, b, r):
         return r**0.5  # batch sizes do not matter
