@@ -38,7 +38,7 @@ def save_round(path: Path, step: TrainStep, position: LoopPosition) -> None:
     meta = {
         "format": FORMAT,
         "position": msgspec.to_builtins(position),
-        "param_groups": optimizer["param_groups"],
+        "param_groups": [_plain(group) for group in optimizer["param_groups"]],
         "optimizer_values": values,
         "scaler": step.scaler.state_dict(),
     }
@@ -69,7 +69,11 @@ def load_round(path: Path, step: TrainStep) -> LoopPosition:
             state.setdefault(int(index), {})[name] = value
     for index, entries in meta["optimizer_values"].items():
         state.setdefault(int(index), {}).update(entries)
+    live_rates = [group["lr"] for group in step.optimizer.param_groups]
     step.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for group, live in zip(step.optimizer.param_groups, live_rates):
+        if isinstance(live, torch.Tensor):  # a captured step reads its rate from this tensor: keep it, filled
+            group["lr"] = live.fill_(group["lr"])
     if meta["scaler"]:
         step.scaler.load_state_dict(meta["scaler"])
     torch.set_rng_state(tensors["rng/cpu"])
@@ -78,6 +82,11 @@ def load_round(path: Path, step: TrainStep) -> LoopPosition:
     position = msgspec.convert(meta["position"], LoopPosition)
     step.steps = position.steps
     return position
+
+
+def _plain(group: dict) -> dict:
+    """A parameter group's settings as JSON values (a capturable optimiser's rate is a 1-element tensor)."""
+    return {key: value.item() if isinstance(value, torch.Tensor) else value for key, value in group.items()}
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,9 @@ cuBLAS choose their kernels, the optimiser makes its state), then the next batch
 an epoch's last, partial batch is a shape of its own. The eager steps and the replays work on the same weights and
 optimiser state, so the steps a round takes and what each computes are the same with or without graphs.
 
-The step must be capturable: no host synchronisation, a constant learning rate (it is fixed in the graph), no
-loss scaling (fp16's scaler checks for infinities on the host), an optimiser whose step count lives on the device
-(Adam with `capturable=True`).
+The step must be capturable: no host synchronisation, no loss scaling (fp16's scaler checks for infinities on the
+host), an optimiser whose step count and learning rate live on the device (`agent.training.make_optimizer` with
+`capturable`: a float rate would be fixed in the graph, so a warm-up's steps would have to run eagerly).
 """
 
 from __future__ import annotations

@@ -48,11 +48,25 @@ def uses_channels_last(device: str, precision: Precision) -> bool:
 
 
 def make_optimizer(spec: OptimizerSpec, params, capturable: bool = False) -> torch.optim.Optimizer:
-    """SGD with momentum and weight decay, or Adam (which ignores `momentum`); `capturable`: Adam keeps its step
-    count on the device, so that its step can be captured in a CUDA graph."""
+    """SGD with momentum and weight decay, or Adam (which ignores `momentum`). `capturable` (parameters on a GPU):
+    a step a CUDA graph can capture, whose learning rate lives on the device, so that `set_lr` changes it between
+    replays; Adam then keeps its step count on the device, SGD runs fused."""
+    params = list(params)
+    lr = torch.tensor(spec.lr, device=params[0].device) if capturable else spec.lr
     if spec.name == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, capturable=capturable)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay, fused=capturable
+        )
+    return torch.optim.Adam(params, lr=lr, weight_decay=spec.weight_decay, capturable=capturable)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate: in place where it is a tensor (a captured step reads it)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def grad_scaler(device: str, precision: Precision) -> torch.amp.GradScaler:
@@ -83,8 +97,8 @@ class ProximalTerm:
 class TrainStep:
     """One optimiser step on a batch: forward under autocast for bf16/fp16, fp16 gradients scaled; with
     `proximal_mu` > 0, FedProx's proximal term around the weights the model has when the step is made. With
-    `cuda_graphs`, on a GPU and without loss scaling, the steps at a constant learning rate are replayed from CUDA
-    graphs (agent/step_graph.py; the optimiser must be made `capturable`)."""
+    `cuda_graphs`, on a GPU and without loss scaling, the steps are replayed from CUDA graphs (agent/step_graph.py;
+    the optimiser must be made `capturable`, so that a warm-up's rates reach the graph too)."""
 
     def __init__(
         self,
@@ -95,7 +109,6 @@ class TrainStep:
         scaler: torch.amp.GradScaler | None = None,
         proximal_mu: float = 0.0,
         lr_at: Callable[[int], float] | None = None,
-        lr_constant_from: int = 0,
         cuda_graphs: bool = False,
     ):
         self.model, self.optimizer, self.device = model, optimizer, device
@@ -105,22 +118,25 @@ class TrainStep:
         self.scaler = scaler or grad_scaler(device, precision)
         self.proximal = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
         self.lr_at = lr_at  # step index -> learning rate (a warm-up); None keeps the optimiser's
-        self.lr_constant_from = lr_constant_from  # the step from which lr_at gives one value
+        self._lr: float | None = None  # the rate lr_at last set
         self.steps = 0
-        self.graphed = (
-            GraphedStep(self._step)
-            if cuda_graphs and self.device_type == "cuda" and not self.scaler.is_enabled()
-            else None
-        )
+        self.graphed = None
+        if cuda_graphs and self.device_type == "cuda" and not self.scaler.is_enabled():
+            if lr_at is not None and not all(
+                isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups
+            ):
+                raise ValueError(
+                    "a graphed step whose rate changes needs a capturable optimiser (its lr a tensor)"
+                )
+            self.graphed = GraphedStep(self._step)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Train on one batch; the detached loss and logits (left on the device: no synchronisation)."""
-        if self.lr_at is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_at(self.steps)
-        constant_lr = self.lr_at is None or self.steps >= self.lr_constant_from
+        if self.lr_at is not None and (lr := self.lr_at(self.steps)) != self._lr:
+            set_lr(self.optimizer, lr)
+            self._lr = lr
         self.steps += 1
-        if self.graphed is not None and constant_lr:
+        if self.graphed is not None:
             return self.graphed(images, labels)
         return self._step(images, labels)
 
@@ -342,7 +358,6 @@ class TaskRuntime:
             scaler=self.scaler,
             proximal_mu=assignment.proximal_mu,
             lr_at=recipe.lr_at if recipe.lr != recipe.base_lr else None,
-            lr_constant_from=recipe.warmup_steps,
         )
         start = None
         if resume_from is not None:

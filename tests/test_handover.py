@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from agent import jobs
-from agent.checkpoint import load_round
+from agent.checkpoint import load_round, save_round
 from agent.data import DigitsData, SyntheticData
 from agent.handover import Training, standby_key
 from agent.mps import GpuSharing, MpsConfig, MpsDaemon
 from agent.planning import Planner
 from agent.runner import TaskWork, run_round
-from agent.training import TaskRuntime, TrainingPaused, TrainStep, make_optimizer
+from agent.training import LoopPosition, TaskRuntime, TrainingPaused, TrainStep, make_optimizer
 from agent.workers import WorkerPool
 from common.models import build_model, state_to_numpy
 from protocol.chunking import sha256_hex
@@ -109,6 +109,37 @@ def test_a_checkpoint_is_safetensors_with_a_json_header_and_a_foreign_file_is_re
     save_file({"x": torch.zeros(2)}, str(foreign))
     with pytest.raises(ValueError, match="not a round checkpoint"):
         load_round(foreign, step)
+
+
+def test_a_paused_step_keeps_the_rate_tensor_a_captured_step_reads(tmp_path):
+    """A capturable optimiser's rate is a tensor (on a GPU, the one its CUDA graphs read): the checkpoint stores its
+    value mid-warm-up, and the resumed step keeps its own tensor, filled with that value, and goes on exactly as
+    the step that never paused."""
+    rates = [0.01 * min(i + 1, 4) for i in range(6)]
+
+    def step() -> TrainStep:
+        model = build_model(FAST_MODEL, seed=0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.01), momentum=0.9)
+        return TrainStep(model, optimizer, "fp32", "cpu", lr_at=rates.__getitem__)
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 10, (8,))) for _ in rates]
+    whole, paused = step(), step()
+    for images, labels in batches[:2]:
+        whole(images, labels)
+        paused(images, labels)
+    checkpoint = tmp_path / "t.handover"
+    save_round(checkpoint, paused, LoopPosition(steps=2))
+    resumed = step()
+    rate = resumed.optimizer.param_groups[0]["lr"]
+    assert load_round(checkpoint, resumed).steps == 2
+    assert resumed.optimizer.param_groups[0]["lr"] is rate and rate.item() == pytest.approx(rates[1])
+    for images, labels in batches[2:]:
+        whole(images, labels)
+        resumed(images, labels)
+    assert rate.item() == pytest.approx(rates[-1])
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
 
 
 # --- a round on a faked MPS GPU ------------------------------------------------------------------------------

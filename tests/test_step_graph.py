@@ -18,14 +18,16 @@ from tests.test_batching import MODEL, assignment
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
-def task(optimizer: str = "adam", epochs: int = 5) -> TaskAssignment:
-    return assignment(16, optimizer, 1e-3 if optimizer == "adam" else 0.05, local_epochs=epochs)
+def task(optimizer: str = "adam", epochs: int = 5, batch: int = 16) -> TaskAssignment:
+    lr = 1e-3 if optimizer == "adam" else 0.05
+    return assignment(batch, optimizer, lr, local_epochs=epochs, lr_scaling="linear")
 
 
 def deltas(device: str, graphs: bool, assigned: TaskAssignment, samples: int = 70) -> dict[str, np.ndarray]:
+    """A round's delta; a task at batch 32 trains as one configured at 16 (twice the rate, after a warm-up)."""
     base = state_to_numpy(build_model(MODEL, seed=0))
     runtime = TaskRuntime(MODEL, SyntheticData(samples=samples), device=device, cuda_graphs=graphs)
-    return runtime.train(assigned, base, seed=1).delta
+    return runtime.train(assigned, base, seed=1, reference_batch=16).delta
 
 
 def test_on_the_cpu_a_runtime_asked_for_graphs_trains_exactly_as_without() -> None:
@@ -49,14 +51,19 @@ def deterministic_cudnn():
 
 
 @GPU
-def test_a_graphed_round_computes_what_the_eager_round_does(deterministic_cudnn) -> None:
-    # 70 samples at batch 16: four full batches and one of 6 per epoch, so both shapes get captured in 5 epochs.
-    # SGD: the round's optimiser is the same with and without graphs (Adam's is made capturable only for graphs,
-    # which changes its arithmetic slightly; the step-level test below compares capturable Adam with itself).
-    eager = deltas("cuda", False, task("sgd"))
-    repeated = deltas("cuda", False, task("sgd"))
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("batch", [16, 32])
+def test_a_graphed_round_computes_what_the_eager_round_does(
+    optimizer, batch, deterministic_cudnn, monkeypatch
+):
+    # 70 samples: at batch 16 four full batches and one of 6 per epoch, so both shapes get captured in 5 epochs;
+    # at batch 32 the rate is doubled after a warm-up of 2 of the round's 15 steps, captured and replayed too.
+    # The eager rounds run the same capturable optimiser with every step eager (the round's only difference).
+    assigned = task(optimizer, batch=batch)
+    graphed = deltas("cuda", True, assigned)
+    monkeypatch.setattr(GraphedStep, "__call__", lambda self, images, labels: self.step(images, labels))
+    eager, repeated = deltas("cuda", True, assigned), deltas("cuda", True, assigned)
     assert all(np.array_equal(repeated[n], eager[n]) for n in eager)  # the comparison below means something
-    graphed = deltas("cuda", True, task("sgd"))
     assert all(np.array_equal(graphed[n], eager[n]) for n in eager)
     assert any(np.abs(v).max() > 0 for v in eager.values())
 
@@ -106,13 +113,27 @@ def test_each_batch_shape_is_captured_after_its_warm_up_and_replays_train() -> N
 
 
 @GPU
-def test_steps_under_a_learning_rate_warm_up_run_eagerly() -> None:
-    step = cuda_step(lr_at=lambda i: 1e-4 * min(i + 1, 5), lr_constant_from=4)
-    for _ in range(4 + WARMUP_STEPS):
-        step(*batch())
-    assert step.graphed.graphs == {} and step.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
-    step(*batch())
-    assert len(step.graphed.graphs) == 1
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_steps_under_a_warm_up_are_replayed_at_each_steps_rate(optimizer, deterministic_cudnn) -> None:
+    rates = [1e-4 * min(i + 1, 8) for i in range(WARMUP_STEPS + 8)]
+    eager, graphed = (
+        cuda_step(task(optimizer).optimizer, graphs, lr_at=rates.__getitem__) for graphs in (False, True)
+    )
+    for images, labels in [batch() for _ in rates]:
+        eager(images, labels)
+        graphed(images, labels)
+        for name, value in eager.model.state_dict().items():
+            assert torch.equal(graphed.model.state_dict()[name], value), name
+    assert len(graphed.graphed.graphs) == 1  # captured inside the warm-up, replayed at the later rates
+    assert graphed.optimizer.param_groups[0]["lr"].item() == pytest.approx(8e-4)
+
+
+@GPU
+def test_a_graphed_step_whose_rate_changes_needs_its_rate_on_the_device() -> None:
+    model = build_model(MODEL, seed=0).cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+    with pytest.raises(ValueError, match="capturable"):
+        TrainStep(model, optimizer, "fp32", "cuda", lr_at=lambda step: 1e-3, cuda_graphs=True)
 
 
 @GPU
