@@ -101,6 +101,7 @@ class Ready(_Line, tag="ready"):
     device_name: str
     pid: int
     sm_count: int | None = None
+    seconds: float = 0.0  # the worker's Init: its environment, torch and (on a GPU) the CUDA context
 
 
 class Prepared(_Line, tag="prepared"):

@@ -474,6 +474,10 @@ class Agent:
             "worker_start_s": lease.start_s,
             "worker_restarted": float(lease.started_process),
         }
+        if lease.started_process:  # what the start took: the CUDA context, then the model and data
+            metrics["worker_init_s"] = lease.ready.seconds
+            if lease.prepared is not None:
+                metrics["worker_prepare_s"] = lease.prepared.seconds
         self.emit_event("started", item.round, item.task, metrics=metrics)
 
     def on_round_done(self, item: RoundDone) -> None:

@@ -81,6 +81,7 @@ class Worker:
             raise ValueError(f"unexpected command {type(command).__name__}")
 
     def init(self, command: jobs.Init) -> None:
+        started = time.perf_counter()
         if command.log_path:
             with open(command.log_path, "ab") as log:
                 os.dup2(log.fileno(), 2)
@@ -95,11 +96,10 @@ class Worker:
             torch.backends.cudnn.benchmark = command.cudnn_benchmark
             props = torch.cuda.get_device_properties(0)
             torch.zeros(1, device="cuda")  # create the context now, so MPS errors surface here
-            self.emit(
-                jobs.Ready(device_name=props.name, sm_count=props.multi_processor_count, pid=os.getpid())
-            )
+            ready = jobs.Ready(device_name=props.name, sm_count=props.multi_processor_count, pid=os.getpid())
         else:
-            self.emit(jobs.Ready(device_name="cpu", pid=os.getpid()))
+            ready = jobs.Ready(device_name="cpu", pid=os.getpid())
+        self.emit(msgspec.structs.replace(ready, seconds=time.perf_counter() - started))
 
     def prepare(self, command: jobs.Prepare) -> None:
         started = time.perf_counter()

@@ -270,7 +270,16 @@ class WorkerPool:
                     raise WorkerGone("the worker pool closed while the worker started")
             prepared = slot.worker.call(prepare, jobs.Prepared, self.timeout_s) if prepare else None
             if started_here and prepare is not None:
-                self.start_seconds[kind].append(time.perf_counter() - began)
+                seconds = time.perf_counter() - began
+                self.start_seconds[kind].append(seconds)
+                log.info(
+                    "worker %s started in %.2f s from %s (initialised in %.2f s, prepared in %.2f s)",
+                    launch.task,
+                    seconds,
+                    "a spare" if kind == "spare" else "scratch",
+                    slot.ready.seconds,
+                    prepared.seconds,
+                )
             started = slot.fresh
             slot.fresh = slot.fresh and ahead
             return Lease(slot.worker, slot.ready, prepared, time.perf_counter() - asked, started)

@@ -64,8 +64,10 @@ def test_later_rounds_train_on_the_warm_workers_of_the_first(tmp_path, broker, o
     for (device, task, round_), metrics in started.items():
         if round_ == 1:  # started while the global models downloaded: the task may not have waited for it
             assert metrics["worker_restarted"] == 1.0 and metrics["worker_start_s"] >= 0, (device, task)
+            assert 0 < metrics["worker_init_s"] and 0 < metrics["worker_prepare_s"], (device, task)
         else:
             assert metrics["worker_restarted"] == 0.0 and metrics["worker_start_s"] < 0.5, (device, task)
+            assert "worker_init_s" not in metrics and "worker_prepare_s" not in metrics, (device, task)
     finished = [e for e in observer.events if e.kind == "finished"]
     assert len(finished) == 8 and all(e.metrics["precision_fp32"] == 1.0 for e in finished)
     assert all(0 < e.metrics["train_s"] <= e.metrics["seconds"] for e in finished)
