@@ -56,6 +56,7 @@ from protocol.schemas import (
     UpdateManifest,
     decode,
     encode,
+    event_qos,
 )
 from protocol.tensors import encode_state
 from protocol.transport import update_messages
@@ -424,7 +425,7 @@ class SimDevice:
             message=message,
             metrics=metrics or {},
         )
-        self.client.publish(topics.device(self.name, "events"), encode(event), qos=1)
+        self.client.publish(topics.device(self.name, "events"), encode(event), qos=event_qos(event.kind))
 
 
 class Fleet:
