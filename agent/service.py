@@ -57,7 +57,6 @@ from protocol.schemas import (
     UpdateManifest,
     decode,
     encode,
-    event_qos,
 )
 from protocol.transport import Incoming, LinkEvent, MqttLink, PayloadQueue, PublishError
 
@@ -573,7 +572,7 @@ class Agent:
         )
         self.metrics.events.observe(event)
         try:
-            self.link.publish(topics.device(self.device, "events"), encode(event), qos=event_qos(kind))
+            self.link.publish(topics.device(self.device, "events"), encode(event))
         except PublishError as exc:
             log.warning("%s event of %s round %d not sent: %s", kind, task, round_, exc)
 

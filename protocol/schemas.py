@@ -219,13 +219,6 @@ class Event(Message):
     metrics: Metrics = {}
 
 
-def event_qos(kind: str) -> int:
-    """The QoS an event travels at: 1 for a failure, which the aggregator acts on; 0 for the rest, observations
-    like telemetry (a fleet sends several per update: at QoS 1 each costs the broker and the aggregator an
-    acknowledgement)."""
-    return 1 if kind == "failed" else 0
-
-
 class Receipt(Message):
     update_id: TransferId
     task: Name

@@ -56,7 +56,6 @@ from protocol.schemas import (
     UpdateManifest,
     decode,
     encode,
-    event_qos,
 )
 from protocol.tensors import encode_state
 from protocol.transport import update_messages
@@ -425,7 +424,7 @@ class SimDevice:
             message=message,
             metrics=metrics or {},
         )
-        self.client.publish(topics.device(self.name, "events"), encode(event), qos=event_qos(event.kind))
+        self.client.publish(topics.device(self.name, "events"), encode(event), qos=1)
 
 
 class Fleet:

@@ -455,12 +455,10 @@ class RecordingLink(MqttLink):
         super().__init__(MqttSettings(username="recording"))
         self.connected.set()
         self.published: list[tuple[str, bytes, bool]] = []
-        self.qos: list[int] = []  # of each published message, in order
         self.acked: list[Incoming] = []
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False):
         self.published.append((topic, bytes(payload), retain))
-        self.qos.append(qos)
 
     def ack(self, message: Incoming) -> None:
         self.acked.append(message)

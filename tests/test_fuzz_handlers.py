@@ -273,17 +273,6 @@ def agent(tmp_path, monkeypatch):
     return agent
 
 
-def test_the_agent_sends_a_failure_at_qos_1_and_its_other_events_at_qos_0(agent):
-    for kind in ("started", "failed", "finished"):
-        agent.emit_event(kind, 1, "t")
-    sent = [
-        (decode(payload, Event).kind, qos)
-        for (topic, payload, _), qos in zip(agent.link.published, agent.link.qos)
-        if topic == topics.device("dev1", "events")
-    ]
-    assert sent == [("started", 0), ("failed", 1), ("finished", 0)]
-
-
 def pump(agent: agent_service.Agent) -> None:
     """What the agent's run loop does between messages: take the round's outcomes."""
     if agent.round is not None and agent.round.thread is not None:
