@@ -349,12 +349,15 @@ class WorkerPool:
 
     def keep_spares(self, count: int) -> None:
         """Keep `count` spare processes from now on: each loads torch at once and takes its launch's environment
-        later; one handed to a worker start is replaced."""
+        later; one handed to a worker start is replaced, and spares beyond a lower count are ended."""
         with self._guard:
             if self._closed:
                 raise WorkerGone("the worker pool is closed")
             self._spares_kept = count
+            surplus, self._spares = self._spares[count:], self._spares[:count]
             self._refill()
+        for spare in surplus:
+            spare.close(grace_s=1)
 
     def expected_start_s(self, default: float) -> float:
         """What the next worker start should take: the mean of the recent starts of its kind (from a spare while

@@ -365,7 +365,7 @@ def test_spares_are_given_to_worker_starts_and_each_one_given_is_replaced(base, 
         assert "Traceback" not in (tmp_path / "spare-0.log").read_text()
 
 
-def test_a_spare_that_died_is_skipped_and_a_closed_pool_ends_its_spares(tmp_path):
+def test_a_spare_that_died_is_skipped_a_lower_count_and_a_closed_pool_end_spares(tmp_path):
     pool = WorkerPool(CPU, log_dir=tmp_path)
     pool.keep_spares(2)
     dead, kept = pool._spares
@@ -374,9 +374,12 @@ def test_a_spare_that_died_is_skipped_and_a_closed_pool_ends_its_spares(tmp_path
     lease = pool.acquire("a", Launch("a"))
     pool.release("a")
     assert lease.ready.pid == kept.proc.pid and pool.spares == 2  # both replaced
+    surplus = pool._spares[1]
+    pool.keep_spares(1)  # a lower count ends the spares beyond it
+    assert pool.spares == 1 and surplus.proc.returncode is not None
     idle = list(pool._spares)
     pool.close()
-    assert [spare.proc.returncode for spare in idle] == [0, 0] and pool.spares == 0
+    assert [spare.proc.returncode for spare in idle] == [0] and pool.spares == 0
     with pytest.raises(WorkerGone):
         pool.keep_spares(1)
 
