@@ -48,7 +48,7 @@ CODECS = {
     ),  # DGC's warm-up: 4%, 2%, then 1%
     "topk_momentum": CodecSpec(
         name="topk+zstd", fraction=0.01, warmup_rounds=2, momentum=0.9
-    ),  # and DGC's momentum correction (momentum factor masking) where the local optimiser has no momentum
+    ),  # and DGC's momentum correction (momentum factor masking)
     "topk10": CodecSpec(name="topk+zstd", fraction=0.1),
     "dct": CodecSpec(name="dct", fraction=0.8),
     "dct90": CodecSpec(name="dct", fraction=0.9),

@@ -66,15 +66,6 @@ TASKS = {
 }
 
 
-def codec_for(codec: CodecSpec, optimizer: OptimizerSpec) -> CodecSpec:
-    """`codec` for a task trained with `optimizer`: DGC's momentum correction stands in for a local momentum, so a
-    task whose SGD has its own sends without it (ShuffleNet with both: 2.9 points behind dense on the mean of
-    three seeds; bench/results/README.md)."""
-    if codec.momentum and optimizer.name == "sgd" and optimizer.momentum > 0:
-        return msgspec.structs.replace(codec, momentum=0.0)
-    return codec
-
-
 class ProcessDied(RuntimeError):
     pass
 
@@ -137,7 +128,7 @@ class Options:
             if self.lr_scaling is not None:
                 changes["lr_scaling"] = self.lr_scaling
             if self.codec is not None:
-                changes["codec"] = codec_for(self.codec, definition.optimizer)
+                changes["codec"] = self.codec
             if self.download_codec is not None:
                 changes["download_codec"] = self.download_codec
             if self.batch_range is not None:

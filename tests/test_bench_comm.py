@@ -8,7 +8,6 @@ import warnings
 import pytest
 
 from bench.comm import codec_row, plot
-from protocol.schemas import CodecSpec
 from testbed.demo import TASKS, Options
 
 
@@ -35,18 +34,6 @@ def test_the_demo_seed_is_every_tasks_initial_model_seed(tmp_path):
     tasks = Options(out=tmp_path, seed=3).tasks()
     assert set(tasks) == set(TASKS) and all(config.init_seed == 3 for config, _ in tasks.values())
     assert all(config.init_seed == 0 for config, _ in Options(out=tmp_path).tasks().values())
-
-
-def test_momentum_correction_goes_to_the_tasks_without_a_momentum_of_their_own(tmp_path):
-    codec = CodecSpec(name="topk+zstd", fraction=0.01, momentum=0.9)
-    tasks = Options(out=tmp_path, codec=codec).tasks()
-    momentum = {task: config.codec.momentum for task, (config, _) in tasks.items()}
-    assert momentum == {
-        "digits-resnet18": 0.9,
-        "digits-densenet121": 0.9,
-        "digits-shufflenet": 0.0,
-    }  # Adam, SGD
-    assert tasks["digits-shufflenet"][0].optimizer.momentum > 0
 
 
 def test_link_rows_alone_are_plotted_in_one_panel(tmp_path):
