@@ -5,9 +5,9 @@ chooses B_i and R_i (Eq. 5 and 6, data volumes = the round's images per task; by
 over every batch combination, with Eq. 6's mismatch breaking ties; batch changes damped across rounds) and the
 start order (Algorithm 1, downloads and uploads estimated from model size and link speed); the SM shares are then
 the best of the search result and the static splits, scored with the device's own measurements
-(agent/selection.py). Without a
-predictor, the documented heuristic applies (R_v = 200% split by workload, batch sizes from the schedule) and the
-plan says so. A changed batch size changes the round's learning rate or steps as the task says (agent/batching.py).
+(agent/selection.py). Without a predictor, the documented heuristic applies (R_v = 200% split by workload, batch
+sizes from the schedule) and the plan says so. A changed batch size changes the round's learning rate or steps as
+the task says (agent/batching.py).
 """
 
 from __future__ import annotations

@@ -96,10 +96,11 @@ class Worker:
             torch.backends.cudnn.benchmark = command.cudnn_benchmark
             props = torch.cuda.get_device_properties(0)
             torch.zeros(1, device="cuda")  # create the context now, so MPS errors surface here
-            ready = jobs.Ready(device_name=props.name, sm_count=props.multi_processor_count, pid=os.getpid())
+            device_name, sm_count = props.name, props.multi_processor_count
         else:
-            ready = jobs.Ready(device_name="cpu", pid=os.getpid())
-        self.emit(msgspec.structs.replace(ready, seconds=time.perf_counter() - started))
+            device_name, sm_count = "cpu", None
+        seconds = time.perf_counter() - started
+        self.emit(jobs.Ready(device_name=device_name, sm_count=sm_count, pid=os.getpid(), seconds=seconds))
 
     def prepare(self, command: jobs.Prepare) -> None:
         started = time.perf_counter()

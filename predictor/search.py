@@ -29,6 +29,7 @@ MAX_GRID_ROWS = 20_000  # per batch vector; above it (5 tasks) the default grid 
 _REL_TOL = 1e-9  # scores and makespans this close (relative) are ties
 _EPS = 1e-9
 _MAX_COMBINATIONS = 1_000_000
+EQ6_TOLERANCE = 0.25  # Eq. 6's filter: batch vectors whose mismatch is within this share of the least
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,7 +217,7 @@ def adapt_batches(
     data_volumes: Sequence[float] | np.ndarray,
     candidates: Sequence[Sequence[int]],
     predict: Predict,
-    tolerance: float = 0.25,
+    tolerance: float = EQ6_TOLERANCE,
     *,
     grid: Sequence[float] | None = None,
     objective: Objective = "sum",
@@ -468,7 +469,7 @@ def configure(
     up_s: Sequence[float] | np.ndarray,
     predict: Predict,
     *,
-    tolerance: float = 0.25,
+    tolerance: float = EQ6_TOLERANCE,
     delta: float = 0.2,
     grid: Sequence[float] | None = None,
     objective: Objective = "sum",
