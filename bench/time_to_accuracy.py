@@ -17,6 +17,10 @@ With --repeats N every policy runs N times, the policies in turn (so a drift of 
 them); a policy's figures are its median run's (by time to target, never = infinitely slow), and
 "seconds_to_target_runs" lists every run's.
 
+With --device-history FILE every agent starts with those round records (an earlier run's
+state/<device>/predictor/<gpu>.jsonl), as a device that ran an earlier federation: its planner's correction is
+fitted on them before round 1.
+
 Writes <out>/time_to_accuracy.json: {"device", "target", "seconds_to_target": {policy: seconds or null},
 "accuracy": {policy: {task: [per round, round 0 first]}}, "round_wall_s": {policy: [...]}} for the first
 partition, the same per partition under "partitions", and <out>/time_to_accuracy.png: the lowest task accuracy
@@ -100,6 +104,7 @@ def _options(args, policy: str, partition: str, folder: Path) -> Options:
         gpus=tuple(args.gpus.split(",")) if args.gpus else None,
         reallocate=args.reallocate,
         spare_workers=args.spare_workers,
+        device_history=tuple(args.device_history),
         cuda_graphs=args.cuda_graphs,
         predictor=str(args.predictor.resolve()) if args.predictor else None,
         timeout_s=args.timeout,
@@ -131,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": args.models,
         "reallocate": args.reallocate,
         "spare_workers": args.spare_workers,
+        "device_history": [str(p) for p in args.device_history],
         "cuda_graphs": args.cuda_graphs,
         "predictor": str(args.predictor) if args.predictor else None,
         "stopped_at_target": not args.all_rounds,
@@ -240,6 +246,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--predictor", type=Path, help="the agents' ONNX predictor, e.g. one `fedmt-agent calibrate` made"
+    )
+    parser.add_argument(
+        "--device-history",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="round records every agent starts with (an earlier run's state/<device>/predictor/<gpu>.jsonl)",
     )
     parser.add_argument("--timeout", type=float, help="per run (default: the demo's)")
     parser.add_argument(

@@ -103,6 +103,7 @@ class Options:
     upload: Literal["on_finish", "after_round"] = "on_finish"  # the agents' upload order
     stop_at: float | None = None  # end the run after the first round with every task at this accuracy
     seed: int = 0  # every task's initial global model (the aggregator's `init_seed`): another trajectory
+    device_history: tuple[Path, ...] = ()  # round records (`<gpu>.jsonl`) every agent starts with
 
     def devices(self) -> list[str]:
         return [f"edge-{i + 1}" for i in range(self.agents)]
@@ -201,6 +202,16 @@ def write_configs(
     return paths, {name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items()}
 
 
+def seed_history(options: Options) -> None:
+    """Give every agent `options.device_history`, as a device that ran earlier federations holds it: the data
+    files of its own rounds, where its planner reads them (`<state_dir>/predictor/`)."""
+    for device in options.devices():
+        own = options.out / "state" / device / "predictor"
+        own.mkdir(parents=True, exist_ok=True)
+        for path in options.device_history:
+            shutil.copyfile(path, own / path.name)
+
+
 def round_counters(urls: dict[str, str]) -> dict[str, float | None]:
     """Each process's count of finished rounds, scraped from its endpoint (None: it did not answer)."""
     counts = {}
@@ -269,6 +280,7 @@ def run(options: Options) -> dict:
             for device in (devices if options.link_mbps is not None else [])
         }
         configs, metrics_urls = write_configs(broker, passwords, options, throttled)
+        seed_history(options)
         console.print("metrics: " + ", ".join(f"{name} {url}" for name, url in metrics_urls.items()))
         processes = {"aggregator": start("aggregator", "aggregator.cli", configs["aggregator"], out / "logs")}
         processes |= {d: start(d, "agent.cli", configs[d], out / "logs") for d in devices}

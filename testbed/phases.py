@@ -70,7 +70,9 @@ def round_ends_s(
 def round_detail(
     round_: int, events: Iterable[Event], issued_at: Mapping[Key, float], seen_at: Mapping[Key, float]
 ) -> dict:
-    """One round: phases per device and task, each device's plan, the wall time and the non-training fractions.
+    """One round: phases per device and task, each device's plan, the wall time and the non-training fractions,
+    and where a task's worker process was started, that start in its parts (`worker_starts`: the CUDA context,
+    `init_s`, then the model and data, `prepare_s`).
 
     The round's `non_training_fraction` is that of the critical device: the one whose last `acknowledged`
     event came last. A device's fraction is 1 - (union of its tasks' training intervals) / wall time.
@@ -88,6 +90,7 @@ def round_detail(
             device_last_ack[device] = max(device_last_ack.get(device, -math.inf), event.ts)
 
     phases: dict[str, dict[str, dict[str, float | None]]] = {}
+    starts: dict[str, dict[str, dict[str, float | None]]] = {}
     intervals: dict[str, list[tuple[float, float]]] = {}
     for device, task in pairs:
         values = {
@@ -98,6 +101,12 @@ def round_detail(
         has_both = global_seen is not None and task in last_ack
         values[AGGREGATION] = global_seen - last_ack[task] if has_both else None
         phases.setdefault(device, {})[task] = values
+        started = latest.get((device, task, "started"))
+        if started is not None and "worker_init_s" in started.metrics:
+            starts.setdefault(device, {})[task] = {
+                "init_s": _metric(started, "worker_init_s"),
+                "prepare_s": _metric(started, "worker_prepare_s"),
+            }
         if unknown := [phase for phase, value in values.items() if value is None]:
             failed = latest.get((device, task, "failed"))
             reason = f" (failed: {failed.message})" if failed else ""
@@ -127,6 +136,7 @@ def round_detail(
         "critical_device": critical,
         "device_non_training_fraction": fractions,
         "phases": phases,
+        "worker_starts": starts,
         "plan": {device: dict(e.metrics) for (device, _, kind), e in latest.items() if kind == "plan"},
         "missing": missing,
     }

@@ -83,6 +83,21 @@ def test_phases_come_from_the_events_and_aggregation_from_the_tasks_last_receipt
     assert phases["d1"]["b"]["aggregation_s"] == phases["d2"]["b"]["aggregation_s"] == 135.0 - 127.0
 
 
+def test_a_started_process_gives_its_start_in_parts_and_a_warm_worker_none(events):
+    restarted = event(
+        "d2",
+        "started",
+        104.5,
+        "b",
+        worker_start_s=1.9,
+        worker_init_s=1.2,
+        worker_prepare_s=0.4,
+        worker_restarted=1,
+    )
+    starts = round_detail(1, [*events, restarted], ISSUED_AT, SEEN_AT)["worker_starts"]
+    assert starts == {"d2": {"b": {"init_s": 1.2, "prepare_s": 0.4}}}
+
+
 def test_the_plan_of_every_device_is_kept(events):
     plan = round_detail(1, events, ISSUED_AT, SEEN_AT)["plan"]
     assert plan == {"d1": {"R.a": 50.0, "B.a": 16.0, "restarted": 0.0}, "d2": {}}

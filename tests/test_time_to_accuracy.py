@@ -72,6 +72,48 @@ def test_the_batch_rules_given_reach_every_task_of_the_federation(tmp_path, monk
     assert {(d.initial_batch_growth, d.lr_scaling) for d, _ in tasks.values()} == {(2, "sqrt")}
 
 
+def test_a_device_history_given_is_where_every_agent_reads_its_rounds(tmp_path, monkeypatch):
+    from agent.history import DeviceHistory
+    from predictor.records import Record, TaskSample, dataset_path
+    from testbed.demo import seed_history
+
+    gpu = "NVIDIA H100 80GB HBM3"
+    sample = TaskSample("densenet121", 26, 60.0, 962.0, input_size=128, num_classes=10, predicted=1200.0)
+    earlier = DeviceHistory(dataset_path(tmp_path / "earlier", gpu))
+    record = Record(
+        gpu=gpu,
+        sm_total=132,
+        driver=None,
+        torch="2",
+        resolution=128,
+        tasks=[sample],
+        window_s=10.0,
+        ts=1.0,
+        round=1,
+    )
+    earlier.add(record)
+    seen = []
+
+    def federation(options):
+        seen.append(options)
+        options.out.mkdir(parents=True)
+        seed_history(options)
+        return {
+            "accuracy": {"digits-resnet18": [0.1, 0.99]},
+            "round_end_s": [5.0],
+            "round_wall_time_s": [5.0],
+        }
+
+    monkeypatch.setattr(tta, "run", federation)
+    argv = ["--device", "cpu", "--policies", "fedmt", "--agents", "2", "--partitions", "iid"]
+    argv += ["--out", str(tmp_path / "out")]
+    main([*argv, "--device-history", str(earlier.path)])
+    (options,) = seen
+    for device in ("edge-1", "edge-2"):
+        history = DeviceHistory(dataset_path(options.out / "state" / device / "predictor", gpu))
+        assert list(history.rounds) == list(earlier.rounds)
+
+
 def test_runs_of_several_invocations_merge_into_one_report_in_the_order_given(tmp_path):
     from bench.tta_merge import main as merge
 
