@@ -179,6 +179,7 @@ class Agent:
                 cuda_graphs=config.execution.cuda_graphs,
             ),
             log_dir=self.work_dir,
+            preload=sorted({module for data in config.tasks.values() for module in data.imports}),
         )
         self._next_telemetry = 0.0
 

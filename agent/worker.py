@@ -9,11 +9,13 @@ only protocol lines. SIGTERM asks the current command to stop at the next step, 
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -264,19 +266,31 @@ def classify(exc: BaseException) -> jobs.FailureCode:
     return "error"
 
 
-def preload() -> None:
-    """Load torch, torchvision and the training code before the first command: what a spare worker waits with
-    (the CUDA driver is not initialised by this, so Init's environment still applies)."""
+def preload(modules: Sequence[str] = ()) -> None:
+    """Load torch, torchvision, the training code and `modules` (those the tasks' data kinds import) before the
+    first command: what a spare worker waits with (the CUDA driver is not initialised by this, so Init's
+    environment still applies). A module that does not import is logged and left to the command that needs it."""
+    import importlib
+
     import torchvision.models  # noqa: F401
 
     import agent.training  # noqa: F401
 
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - whatever a broken install raises, the task reports it later
+            print(f"worker: could not preload {module}: {exc!r}", file=sys.stderr)
 
-def main() -> int:
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent.worker", description="a task worker (agent.jobs)")
+    parser.add_argument("--preload", nargs="*", default=[], help="modules to import before the first command")
+    args = parser.parse_args(argv)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed by libraries goes to stderr
     sys.stdout = sys.stderr
-    preload()
+    preload(args.preload)
     worker = Worker(sys.stdin.buffer, out)
 
     def request_stop(signum, frame) -> None:

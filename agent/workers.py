@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,13 +62,13 @@ class WorkerProcess:
     """One worker child; its events are read by a thread into a queue. The progress of its current command is
     kept as read by `expect`."""
 
-    def __init__(self, name: str, log_path: Path | None = None) -> None:
+    def __init__(self, name: str, log_path: Path | None = None, preload: Sequence[str] = ()) -> None:
         self.name = name
         child_env = dict(os.environ)
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
         self._log = open(log_path, "ab") if log_path else None
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.worker"],
+            [sys.executable, "-m", "agent.worker", *(["--preload", *preload] if preload else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log if self._log else None,
@@ -179,11 +179,13 @@ def start_worker(
     log_path: Path | None = None,
     timeout_s: float = 300.0,
     spare: WorkerProcess | None = None,
+    preload: Sequence[str] = (),
 ) -> tuple[WorkerProcess, jobs.Ready]:
-    """Start a worker for `launch` (or give it `spare`, which then logs to `log_path`), initialise it with the
-    launch's environment and check the SM count it got; raise on any failure."""
+    """Start a worker for `launch` (importing `preload` first; or give it `spare`, which then logs to
+    `log_path`), initialise it with the launch's environment and check the SM count it got; raise on any
+    failure."""
     if spare is None:
-        worker = WorkerProcess(launch.task, log_path)
+        worker = WorkerProcess(launch.task, log_path, preload)
     else:
         worker, spare.name = spare, launch.task
         init = msgspec.structs.replace(init, log_path=str(log_path) if log_path else None)
@@ -208,7 +210,8 @@ def start_worker(
 @dataclass(frozen=True)
 class Lease:
     """A worker handed out for one command: how long the caller waited for it to be ready (for a start ahead of
-    time as well) and whether a process was started for it."""
+    time as well) and whether a process was started for it; `prepared`: what the lease's Prepare answered, or for
+    a started process, what its first Prepare did (also when that ran ahead)."""
 
     worker: WorkerProcess
     ready: jobs.Ready
@@ -224,14 +227,22 @@ class _Slot:
     ready: jobs.Ready | None = None
     launch: Launch | None = None
     fresh: bool = False  # a process was started since the last lease
+    first_prepared: jobs.Prepared | None = None  # what the process's first Prepare answered
 
 
 class WorkerPool:
     """Warm workers by key; `acquire` hands one out exclusively until `release`. Spares (`keep_spares`) are
-    given to the next worker starts that find one alive, and replaced as they are."""
+    given to the next worker starts that find one alive, and replaced as they are. Every process imports
+    `preload` (the tasks' data modules, `DataSpecBase.imports`) before its first command."""
 
-    def __init__(self, init: jobs.Init, log_dir: Path | None = None, timeout_s: float = 300.0) -> None:
-        self.init, self.log_dir, self.timeout_s = init, log_dir, timeout_s
+    def __init__(
+        self,
+        init: jobs.Init,
+        log_dir: Path | None = None,
+        timeout_s: float = 300.0,
+        preload: Sequence[str] = (),
+    ) -> None:
+        self.init, self.log_dir, self.timeout_s, self.preload = init, log_dir, timeout_s, tuple(preload)
         self._slots: dict[Hashable, _Slot] = {}
         self._guard = threading.Lock()
         self._closed = False
@@ -262,13 +273,15 @@ class WorkerPool:
             if slot.worker is None:
                 spare = self._take_spare()
                 slot.worker, slot.ready = start_worker(
-                    launch, self.init, self._log_path(launch.task), self.timeout_s, spare
+                    launch, self.init, self._log_path(launch.task), self.timeout_s, spare, self.preload
                 )
                 slot.launch, slot.fresh, started_here = launch, True, True
                 kind = "cold" if spare is None else "spare"
                 if self._closed:  # closed while it started: it would outlive the pool
                     raise WorkerGone("the worker pool closed while the worker started")
             prepared = slot.worker.call(prepare, jobs.Prepared, self.timeout_s) if prepare else None
+            if started_here:
+                slot.first_prepared = prepared
             if started_here and prepare is not None:
                 seconds = time.perf_counter() - began
                 self.start_seconds[kind].append(seconds)
@@ -282,6 +295,8 @@ class WorkerPool:
                 )
             started = slot.fresh
             slot.fresh = slot.fresh and ahead
+            if started:
+                prepared = slot.first_prepared
             return Lease(slot.worker, slot.ready, prepared, time.perf_counter() - asked, started)
         except BaseException:
             self._discard(slot)
@@ -410,7 +425,7 @@ class WorkerPool:
         """Start spares up to the number kept (the caller holds the guard)."""
         while len(self._spares) < self._spares_kept:
             name = f"spare-{self._spares_started}"
-            self._spares.append(WorkerProcess(name, self._log_path(name)))
+            self._spares.append(WorkerProcess(name, self._log_path(name), self.preload))
             self._spares_started += 1
 
     def _slot(self, key: Hashable) -> _Slot:

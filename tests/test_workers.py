@@ -93,7 +93,8 @@ def test_a_worker_is_started_and_prepared_once_and_reused_round_after_round(pool
         assert (trained.size, trained.sha256) == (len(written), sha256_hex(written))
     assert len({lease.ready.pid for lease in leases}) == 1
     assert [lease.started_process for lease in leases] == [True, False, False]
-    assert all(lease.prepared.reused for lease in leases)  # prepared once, when the first round got it ready
+    # prepared once, ahead of the first round (whose lease tells what that took), reused after
+    assert [lease.prepared.reused for lease in leases] == [False, True, True]
     cold = pool.start_seconds["cold"]
     assert leases[1].start_s < 1.0 and len(cold) == 1 and not pool.start_seconds["spare"]  # one start, timed
     assert leases[0].start_s >= 0.5 * cold[0]  # the round waited for (most of) it
@@ -199,14 +200,35 @@ def test_a_failed_preparation_is_reported_and_the_pool_stays_usable(pool, tmp_pa
     assert lease.prepared.samples == 8
 
 
+def test_every_process_of_the_pool_imports_its_preload_before_the_first_command(tmp_path):
+    with WorkerPool(CPU, log_dir=tmp_path, preload=["agent.tests_no_such_module", "colorsys"]) as pool:
+        pool.keep_spares(1)
+        lease = pool.acquire("a", Launch("a"), prepare(8))
+        pool.release("a")
+        assert (
+            lease.started_process and lease.prepared.samples == 8
+        )  # a module that fails to import is no failure
+        (spare,) = pool._spares
+        assert spare.proc.args[-3:] == ["--preload", "agent.tests_no_such_module", "colorsys"]
+    assert "could not preload agent.tests_no_such_module" in (tmp_path / "spare-0.log").read_text()
+
+
+def test_the_preload_imports_each_module_and_passes_over_one_that_does_not_import(capsys):
+    from agent.worker import preload
+
+    sys.modules.pop("colorsys", None)
+    preload(["agent.tests_no_such_module", "colorsys"])
+    assert "colorsys" in sys.modules
+    assert "could not preload agent.tests_no_such_module" in capsys.readouterr().err
+
+
 def test_prestart_readies_a_worker_that_a_later_acquire_waits_for(pool):
     thread = pool.prestart("a", Launch("a"), prepare(8))
     lease = pool.acquire("a", Launch("a"), prepare(8))
     pool.release("a")
     thread.join(5)
-    assert (
-        lease.started_process and lease.prepared.reused
-    )  # started for this lease, by the prestart, and prepared
+    # started for this lease, by the prestart, whose Prepare (not the lease's, a reuse) says what preparing took
+    assert lease.started_process and not lease.prepared.reused and lease.prepared.seconds > 0
     assert (
         lease.start_s >= 0.5 * pool.start_seconds["cold"][0]
     )  # the wait for the start ahead is the lease's start time

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import msgspec
 
@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 class DataSpecBase(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True, tag_field="kind"):
     """Base of the data specs: decoded from TOML by kind, counted without torch, opened in a worker."""
+
+    #: modules that opening this kind imports and that take long to import: a spare worker imports them while it
+    #: waits for a task (agent.worker's preload), so a task's start does not
+    imports: ClassVar[tuple[str, ...]] = ()
 
     def sample_count(self) -> int:
         """How many training samples the spec describes, without loading or decoding any of them."""

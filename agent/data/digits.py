@@ -27,6 +27,8 @@ CLASSES = 10
 
 
 class DigitsData(DataSpecBase, tag="digits"):
+    imports = ("sklearn.datasets",)  # ~0.9 s on a 2-core machine with torch already loaded
+
     partition: Literal["iid", "dirichlet"] = "iid"
     alpha: Annotated[float, Meta(gt=0)] = 0.5
     num_partitions: Annotated[int, Meta(ge=1)] = 1
