@@ -143,14 +143,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from agent.calibration import FIT_SHARE, calibrate_gpu, generic_target, target_for
+    from agent.config import load, predictor_dir
     from agent.mps import GpuSharing, MpsDaemon, mps_sharing
 
     config = None
     if args.config:
-        from agent.config import load
-
         config = load(args.config)
-    out = args.out or (Path(config.state_dir) / "predictor" if config else None)
+    out = args.out or (predictor_dir(config.state_dir) if config else None)
     if out is None:
         raise SystemExit("calibrate: give --out or --config")
     target = target_for([_assignment(t) for t in args.task]) if args.task else generic_target(args.resolution)

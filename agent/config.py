@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
@@ -87,6 +88,11 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 f"key 'mqtt.username' is {self.mqtt.username!r} but device is {self.device!r}: "
                 "they must match, the broker ACL confines a device to topics named by its username"
             )
+
+
+def predictor_dir(state_dir: str | Path) -> Path:
+    """Where an agent with this state directory keeps calibration's data and predictor and its rounds' history."""
+    return Path(state_dir) / "predictor"
 
 
 def load(path: str) -> AgentConfig:

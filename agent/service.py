@@ -23,7 +23,7 @@ from pathlib import Path
 from agent import jobs
 from agent.autocalibration import AutoCalibration
 from agent.calibration import calibrate_gpu
-from agent.config import AgentConfig
+from agent.config import AgentConfig, predictor_dir
 from agent.gpu.probe import GpuReport, own_gpu, probe, visible_gpu
 from agent.learning import RoundLearning
 from agent.metrics import AgentMetrics
@@ -199,7 +199,7 @@ class Agent:
         log.info("MPS: %s", self.mps_info.reason)
         total_sms = self.gpu.gpus[0].sm_count if self.gpu.gpus else None
         self.sharing = GpuSharing(self.mps, total_sms, self.work_dir)
-        own = Path(config.state_dir) / "predictor"  # calibration's data and predictor, the rounds' history
+        own = predictor_dir(config.state_dir)
         predictor, note = load_predictor(config.execution.predictor, self.gpu, self.compute, own)
         log.info("predictor: %s", note)
         execution = config.execution

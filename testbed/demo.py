@@ -29,7 +29,7 @@ from typing import Literal, get_args
 import msgspec
 
 from agent.autocalibration import CalibrationConfig
-from agent.config import AgentConfig, ExecutionConfig
+from agent.config import AgentConfig, ExecutionConfig, predictor_dir
 from aggregator.config import AggregatorConfig, AggregatorMetricsConfig, RoundsConfig, TaskConfig
 from common.config import to_toml
 from common.metrics import MetricsConfig
@@ -170,7 +170,7 @@ def write_configs(
     metrics_ports = {name: free_port() for name in ["aggregator", *options.devices()]}
     configs = {
         "aggregator": AggregatorConfig(
-            state_dir=str(out / "state" / "aggregator"),
+            state_dir=str(state_dir(out, "aggregator")),
             mqtt=mqtt("aggregator"),
             metrics=AggregatorMetricsConfig(port=metrics_ports["aggregator"]),
             rounds=RoundsConfig(rounds=options.rounds, min_devices=options.agents, round_timeout_s=600.0),
@@ -186,7 +186,7 @@ def write_configs(
         }
         configs[device] = AgentConfig(
             device=device,
-            state_dir=str(out / "state" / device),
+            state_dir=str(state_dir(out, device)),
             telemetry_interval_s=10.0,
             mqtt=mqtt(device),
             metrics=MetricsConfig(port=metrics_ports[device]),
@@ -202,11 +202,16 @@ def write_configs(
     return paths, {name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items()}
 
 
+def state_dir(out: Path, name: str) -> Path:
+    """The state directory of a run's process `name` (the aggregator, a device, the monitor)."""
+    return out / "state" / name
+
+
 def seed_history(options: Options) -> None:
     """Give every agent `options.device_history`, as a device that ran earlier federations holds it: the data
-    files of its own rounds, where its planner reads them (`<state_dir>/predictor/`)."""
+    files of its own rounds, where its planner reads them (agent.config.predictor_dir)."""
     for device in options.devices():
-        own = options.out / "state" / device / "predictor"
+        own = predictor_dir(state_dir(options.out, device))
         own.mkdir(parents=True, exist_ok=True)
         for path in options.device_history:
             shutil.copyfile(path, own / path.name)
@@ -288,7 +293,7 @@ def run(options: Options) -> dict:
             MqttSettings(
                 host=broker.host, port=broker.port, username="monitor", password=passwords["monitor"]
             ),
-            out / "state" / "monitor",
+            state_dir(out, "monitor"),
         )
 
         def check_alive() -> None:
