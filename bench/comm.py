@@ -115,6 +115,7 @@ def codec_row(name: str, runs: list[dict], dense_runs: list[dict]) -> dict:
         "update_bytes_ratio": round(
             statistics.fmean(update_bytes(run) for run in dense_runs) / codec_bytes, 2
         ),
+        "update_bytes_ratio_by_task": _task_ratios(runs, dense_runs),
         "final_accuracy": mean,
         "final_accuracy_drop_pts_per_task": drops,
         "final_accuracy_drop_pts": max(drops.values()),
@@ -129,6 +130,24 @@ def codec_row(name: str, runs: list[dict], dense_runs: list[dict]) -> dict:
 
 def update_bytes(summary: dict) -> int:
     return sum(r["update_bytes"] for r in summary["bytes"])
+
+
+def task_update_bytes(summary: dict) -> dict[str, int] | None:
+    """Each task's update bytes over the run's rounds (None: a summary from before the demo counted them)."""
+    if not all("update_bytes_by_task" in r for r in summary["bytes"]):
+        return None
+    return {t: sum(r["update_bytes_by_task"][t] for r in summary["bytes"]) for t in summary["accuracy"]}
+
+
+def _task_ratios(runs: list[dict], dense_runs: list[dict]) -> dict[str, float] | None:
+    """Per task: dense update bytes / the codec's (means over the runs), where every run counted them."""
+    codec, dense = [task_update_bytes(r) for r in runs], [task_update_bytes(r) for r in dense_runs]
+    if None in codec or None in dense:
+        return None
+    return {
+        t: round(statistics.fmean(d[t] for d in dense) / statistics.fmean(c[t] for c in codec), 2)
+        for t in codec[0]
+    }
 
 
 def final_accuracy(summary: dict) -> dict[str, float]:

@@ -397,19 +397,22 @@ def _round_at(accuracy: dict[str, dict[int, float]], target: float) -> int | Non
 
 
 def bytes_moved(rounds: int, tasks, monitor: Monitor) -> list[dict]:
-    """Per round: the updates' bytes (as the agents' finished events say; the monitor may not read updates),
-    and each new global version's bytes as a whole and as a delta (what a device holding the version before
-    fetches)."""
+    """Per round: the updates' bytes (as the agents' finished events say; the monitor may not read updates), in
+    all and per task, and each new global version's bytes as a whole and as a delta (what a device holding the
+    version before fetches)."""
     moved = []
     for r in range(1, rounds + 1):
         finished = {(e.device, e.task): e for e in monitor.events if e.kind == "finished" and e.round == r}
-        updates = [e.metrics.get("update_bytes", 0.0) for e in finished.values()]
+        by_task = dict.fromkeys(tasks, 0)
+        for (_, task), event in finished.items():
+            by_task[task] = by_task.get(task, 0) + int(event.metrics.get("update_bytes", 0.0))
         manifests = [monitor.global_manifests.get((t, r)) for t in tasks]
         moved.append(
             {
                 "round": r,
-                "update_bytes": int(sum(updates)),
-                "updates": len(updates),
+                "update_bytes": sum(by_task.values()),
+                "update_bytes_by_task": by_task,
+                "updates": len(finished),
                 "global_whole_bytes": sum(m.transfer.size for m in manifests if m),
                 "global_delta_bytes": sum(m.delta.transfer.size for m in manifests if m and m.delta) or None,
             }

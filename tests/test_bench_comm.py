@@ -11,11 +11,11 @@ from bench.comm import codec_row, plot
 from testbed.demo import TASKS, Options
 
 
-def run(final: dict[str, float], update_bytes: int) -> dict:
-    return {
-        "accuracy": {task: [0.1, value] for task, value in final.items()},
-        "bytes": [{"round": 1, "update_bytes": update_bytes}],
-    }
+def run(final: dict[str, float], update_bytes: int, by_task: dict[str, int] | None = None) -> dict:
+    bytes_row = {"round": 1, "update_bytes": update_bytes}
+    if by_task is not None:
+        bytes_row["update_bytes_by_task"] = by_task
+    return {"accuracy": {task: [0.1, value] for task, value in final.items()}, "bytes": [bytes_row]}
 
 
 def test_a_codec_row_averages_its_seeds_and_pairs_each_seed_with_dense():
@@ -28,6 +28,19 @@ def test_a_codec_row_averages_its_seeds_and_pairs_each_seed_with_dense():
     assert row["final_accuracy_drop_pts_by_seed"] == {"a": [2.0, 6.0], "b": [-1.0, 1.0]}
     assert row["update_bytes"] == 25 and row["update_bytes_ratio"] == 40.0
     assert row["accuracy"] == topk[0]["accuracy"]  # the first seed's rounds, for the plot
+    assert row["update_bytes_ratio_by_task"] is None  # summaries from before the demo counted per task
+
+
+def test_a_codec_row_gives_each_tasks_own_bytes_ratio():
+    dense = [run({"a": 0.9, "b": 0.8}, 1000, {"a": 900, "b": 100}) for _ in range(2)]
+    topk = [
+        run({"a": 0.9, "b": 0.8}, 24, {"a": 9, "b": 15}),
+        run({"a": 0.9, "b": 0.8}, 36, {"a": 9, "b": 25}),
+    ]
+    row = codec_row("topk", topk, dense)
+    assert row["update_bytes_ratio"] == round(1000 / 30, 2)
+    assert row["update_bytes_ratio_by_task"] == {"a": 100.0, "b": 5.0}
+    assert codec_row("topk", [run({"a": 0.9, "b": 0.8}, 24)], dense[:1])["update_bytes_ratio_by_task"] is None
 
 
 def test_the_demo_seed_is_every_tasks_initial_model_seed(tmp_path):
@@ -44,3 +57,28 @@ def test_link_rows_alone_are_plotted_in_one_panel(tmp_path):
     png = path.read_bytes()
     width = int.from_bytes(png[16:20], "big")  # the IHDR chunk
     assert png.startswith(b"\x89PNG") and width < 800, "one panel, not the accuracy panel beside it"
+
+
+def test_the_demo_counts_update_bytes_per_task_and_round():
+    from types import SimpleNamespace
+
+    from protocol.schemas import Event
+    from testbed.demo import bytes_moved
+
+    def finished(device: str, task: str, round_: int, size: float) -> Event:
+        return Event(
+            device=device, ts=1.0, kind="finished", round=round_, task=task, metrics={"update_bytes": size}
+        )
+
+    events = [
+        finished("edge-1", "a", 1, 100.0),
+        finished("edge-2", "a", 1, 50.0),
+        finished("edge-1", "b", 1, 7.0),
+        finished("edge-1", "b", 1, 7.0),  # the same update reported twice counts once
+        finished("edge-1", "a", 2, 30.0),
+        Event(device="edge-2", ts=1.0, kind="failed", round=2, task="b"),
+    ]
+    monitor = SimpleNamespace(events=events, global_manifests={})
+    rows = bytes_moved(2, ["a", "b"], monitor)
+    assert [r["update_bytes_by_task"] for r in rows] == [{"a": 150, "b": 7}, {"a": 30, "b": 0}]
+    assert [(r["update_bytes"], r["updates"]) for r in rows] == [(157, 3), (30, 1)]
