@@ -10,7 +10,9 @@ three tasks) with every task's updates in one codec and global models also publi
   (one trajectory each: a final accuracy on 359 test images moves by points from one seed to the next, while
   runs from one seed end bit-identical); update_bytes_ratio = dense update bytes / the codec's (all rounds,
   means over the seeds), final_accuracy_drop_pts = dense final accuracy - the codec's (means over the seeds, per
-  task, and the largest; each seed's drop kept beside); download_bytes_ratio = whole global models / their
+  task, and the largest; each seed's drop kept beside, and the standard error of the mean drop: a codec's
+  small change to one update can move a model's trajectory by points, so a drop within it is a tie); the same
+  ratio per task (update_bytes_ratio_by_task); download_bytes_ratio = whole global models / their
   deltas, from round 2 on (the dense run of the first seed);
 - round time: `--link-rounds` rounds per codec and bandwidth, each agent behind its own throttled link
   (testbed.throttle); the figure is the median wall time of the rounds after the first (which fetches whole
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -107,6 +110,9 @@ def codec_row(name: str, runs: list[dict], dense_runs: list[dict]) -> dict:
     mean = {t: statistics.fmean(f[t] for f in finals) for t in tasks}
     dense_mean = {t: statistics.fmean(f[t] for f in dense_finals) for t in tasks}
     drops = {t: round(100 * (dense_mean[t] - mean[t]), 2) for t in tasks}
+    by_seed = {
+        t: [round(100 * (d[t] - f[t]), 2) for d, f in zip(dense_finals, finals, strict=True)] for t in tasks
+    }
     codec_bytes = statistics.fmean(update_bytes(run) for run in runs)
     return {
         "codec": CODECS[name].name,
@@ -120,9 +126,10 @@ def codec_row(name: str, runs: list[dict], dense_runs: list[dict]) -> dict:
         "final_accuracy_drop_pts_per_task": drops,
         "final_accuracy_drop_pts": max(drops.values()),
         "final_accuracy_by_seed": {t: [f[t] for f in finals] for t in tasks},
-        "final_accuracy_drop_pts_by_seed": {
-            t: [round(100 * (d[t] - f[t]), 2) for d, f in zip(dense_finals, finals, strict=True)]
-            for t in tasks
+        "final_accuracy_drop_pts_by_seed": by_seed,
+        "final_accuracy_drop_pts_sem": {
+            t: round(statistics.stdev(d) / math.sqrt(len(d)), 2) if len(d) > 1 else None
+            for t, d in by_seed.items()
         },
         "accuracy": runs[0]["accuracy"],
     }
@@ -318,6 +325,12 @@ def overlap(algorithm1: dict, naive: dict, mbps: float) -> dict:
     }
 
 
+def _sem(row: dict, task: str) -> str:
+    """' ± the standard error' of a task's mean drop, where the row has one."""
+    sem = row.get("final_accuracy_drop_pts_sem", {}).get(task)
+    return "" if sem is None else f" ± {sem:.2f}"
+
+
 def report(results: dict, console) -> None:
     from rich.table import Table
 
@@ -331,7 +344,7 @@ def report(results: dict, console) -> None:
             name,
             f"{row['update_bytes']:,}",
             f"{row['update_bytes_ratio']:.1f}x",
-            f"{row['final_accuracy_drop_pts']:+.2f} ({worst})",
+            f"{row['final_accuracy_drop_pts']:+.2f}{_sem(row, worst)} ({worst})",
             " ".join(f"{d:+.2f}" for d in row.get("final_accuracy_drop_pts_by_seed", {}).get(worst, [])),
         )
     console.print(table)

@@ -26,6 +26,7 @@ def test_a_codec_row_averages_its_seeds_and_pairs_each_seed_with_dense():
     assert row["final_accuracy_drop_pts_per_task"] == {"a": 4.0, "b": 0.0}
     assert row["final_accuracy_drop_pts"] == 4.0
     assert row["final_accuracy_drop_pts_by_seed"] == {"a": [2.0, 6.0], "b": [-1.0, 1.0]}
+    assert row["final_accuracy_drop_pts_sem"] == {"a": 2.0, "b": 1.0}  # sd (2.83, 1.41) / sqrt(2)
     assert row["update_bytes"] == 25 and row["update_bytes_ratio"] == 40.0
     assert row["accuracy"] == topk[0]["accuracy"]  # the first seed's rounds, for the plot
     assert row["update_bytes_ratio_by_task"] is None  # summaries from before the demo counted per task
@@ -40,7 +41,11 @@ def test_a_codec_row_gives_each_tasks_own_bytes_ratio():
     row = codec_row("topk", topk, dense)
     assert row["update_bytes_ratio"] == round(1000 / 30, 2)
     assert row["update_bytes_ratio_by_task"] == {"a": 100.0, "b": 5.0}
-    assert codec_row("topk", [run({"a": 0.9, "b": 0.8}, 24)], dense[:1])["update_bytes_ratio_by_task"] is None
+    one_seed = codec_row("topk", [run({"a": 0.9, "b": 0.8}, 24)], dense[:1])
+    assert (
+        one_seed["update_bytes_ratio_by_task"] is None
+        and one_seed["final_accuracy_drop_pts_sem"]["a"] is None
+    )
 
 
 def test_the_demo_seed_is_every_tasks_initial_model_seed(tmp_path):
