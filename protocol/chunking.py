@@ -2,8 +2,9 @@
 
 A payload is cut into `Chunk`s of `chunk_size` bytes (default 1 MiB), each carrying the transfer id, its index,
 the chunk count and the whole payload's size and sha256. The `Reassembler` writes each chunk at its offset into
-a spool file as it arrives and hashes the payload in order on the way (a chunk that comes early is hashed from
-the spool once the gap before it is filled), so completing a transfer costs no second read. It holds O(chunk)
+a spool file as it arrives and hashes the payload in order on the way, on a thread of its own while the next
+chunks arrive (a chunk that comes early is hashed from the spool once the gap before it is filled), so completing
+a transfer costs no second read. It holds O(chunk)
 memory (plus one byte per chunk of each pending transfer) whatever the number of concurrent transfers,
 tolerates duplicated and reordered chunks, rejects a payload whose sha256 does not match, drops transfers that
 made no progress for `timeout_s` (deleting their spool files), and drops a transfer whose spool file cannot be
@@ -12,7 +13,8 @@ written (disk full) before raising `SpoolError`.
 A `durable` reassembler (the aggregator's) keeps a journal per transfer (who sends it, its header, the chunks
 written) next to its spool file; `sync()` makes everything written since the last call durable at once (the
 files' fsyncs issued together), so a receiver may acknowledge the messages it spooled, and a new reassembler on
-the same folder resumes every transfer from its journal. Journals are written at `sync()`, and not at all for a
+the same folder resumes every transfer from its journal. Meanwhile a thread writes each spool file's new chunks
+to the disk behind the receiver (write-behind), so a sync finds little left to write. Journals are written at `sync()`, and not at all for a
 transfer that completed and was handed over (`hand_over`) before it: a small update costs one fsync of its
 payload. With `memory_bytes`, payloads that come in one chunk are held in memory instead (`held`), up to that
 many bytes at once: no spool file unless a `sync()` finds one still unclaimed, when it is written as a completed
@@ -28,8 +30,9 @@ import math
 import os
 import struct
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +44,7 @@ from protocol.schemas import Chunk, TransferInfo
 DEFAULT_CHUNK_SIZE = 1 << 20
 _INDEX = struct.Struct("<I")  # a journal record: the index of one chunk written
 _SYNC_THREADS = 8  # fsyncs issued at once: the file system commits them together
+_HASH_AHEAD = 4  # chunks that may wait for the hashing thread (held in memory until hashed), of all transfers
 _SUFFIXES = (".part", ".done", ".journal", ".manifest")  # a transfer's spool files
 
 
@@ -139,7 +143,8 @@ class _Pending:
     path: Path
     received: bytearray  # one flag per chunk
     hasher: hashlib._Hash
-    hashed: int = 0  # the leading chunks already hashed
+    hashed: int = 0  # the leading chunks handed to the hasher
+    hashing: Future | None = None  # the hasher's last update, on the hashing thread
     count: int = 0
     last_progress: float = 0.0
     journaled: bool = False  # its journal exists (the header is written)
@@ -188,6 +193,10 @@ class Reassembler:
         self._handed_over: set[str] = set()  # complete and taken by the receiver: no journal needed
         self._kept: dict[str, set[str]] = {}  # transfer -> suffixes of the files `keep` wrote
         self._pool: ThreadPoolExecutor | None = None
+        self._hash_pool: ThreadPoolExecutor | None = None  # one thread: chunks are hashed in the order given
+        self._hashing: deque[Future] = deque()  # its updates, oldest first
+        self._flush_pool: ThreadPoolExecutor | None = None  # durable: one thread for the write-behind
+        self._flushes: dict[str, Future] = {}  # transfer -> its spool file's flush, maybe running
         self.unsynced_bytes = 0  # chunk bytes written since the last sync
         self.recovered: list[Assembled] = []  # complete payloads found at start (durable), not yet claimed
         if durable:
@@ -245,6 +254,7 @@ class Reassembler:
             if self.durable:
                 pending.unjournaled.append(chunk.index)
                 self.unsynced_bytes += len(chunk.data)
+                self._flush_behind(chunk.transfer, fd)
             pending.received[chunk.index] = 1
             pending.count += 1
             pending.last_progress = now
@@ -278,7 +288,10 @@ class Reassembler:
         self.unsynced_bytes = 0
         fds = [fd for opened in self._open.values() for fd in opened.values()]
         self._open.clear()
+        flushes, self._flushes = list(self._flushes.values()), {}
         try:
+            for flush in flushes:  # its error is the sync's: an fsync reports a write error only once
+                flush.result()
             if self.durable:
                 self._fsync_all(fds, [*paths, self.spool_dir] if fds else list(paths))
         finally:
@@ -350,9 +363,10 @@ class Reassembler:
         """Close the files still open and stop the sync threads (nothing is synced)."""
         for tid in list(self._open):
             self._close(tid)
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        for pool in (self._pool, self._hash_pool, self._flush_pool):
+            if pool is not None:
+                pool.shutdown()
+        self._pool = self._hash_pool = self._flush_pool = None
 
     # --- internals ---------------------------------------------------------------------------------------
 
@@ -422,19 +436,40 @@ class Reassembler:
         """Hash the payload up to the first chunk still missing: this chunk from memory when it is next in
         order, chunks that came early from the spool file."""
         if chunk.index == pending.hashed:
-            pending.hasher.update(chunk.data)
-            pending.hashed += 1
+            self._hash(pending, chunk.data)
         while pending.hashed < pending.header.total and pending.received[pending.hashed]:
             index = pending.hashed
             size = pending.chunk_bytes(index)
             data = os.pread(fd, size, index * pending.header.chunk_size)
             if len(data) != size:
                 raise OSError(f"spool file {pending.path.name} is shorter than its chunks")
-            pending.hasher.update(data)
-            pending.hashed += 1
+            self._hash(pending, data)
+
+    def _hash(self, pending: _Pending, data: bytes) -> None:
+        """Add the next chunk to the transfer's sha256 on the hashing thread (hashlib lets go of the GIL: the next
+        chunks are received and spooled meanwhile); no more than _HASH_AHEAD chunks wait for it."""
+        while self._hashing and (self._hashing[0].done() or len(self._hashing) >= _HASH_AHEAD):
+            self._hashing.popleft().result()
+        self._hash_pool = self._hash_pool or ThreadPoolExecutor(1, thread_name_prefix="spool-hash")
+        pending.hashing = self._hash_pool.submit(pending.hasher.update, data)
+        self._hashing.append(pending.hashing)
+        pending.hashed += 1
+
+    def _flush_behind(self, transfer_id: str, fd: int) -> None:
+        """Have the flush thread write the spool file's chunks to the disk (fdatasync) unless it still is: the
+        next sync then waits for little. A flush that failed fails this chunk (its error is not seen again)."""
+        flush = self._flushes.get(transfer_id)
+        if flush is not None and not flush.done():
+            return
+        if flush is not None:
+            flush.result()
+        self._flush_pool = self._flush_pool or ThreadPoolExecutor(1, thread_name_prefix="spool-flush")
+        self._flushes[transfer_id] = self._flush_pool.submit(os.fdatasync, fd)
 
     def _finish(self, transfer_id: str, pending: _Pending) -> Assembled:
         del self._pending[transfer_id]
+        if pending.hashing is not None:
+            pending.hashing.result()  # and every update before it: one thread takes them in order
         if pending.hasher.hexdigest() != pending.header.sha256:
             self.release(transfer_id)
             raise ProtocolError(f"transfer {transfer_id}: sha256 mismatch, payload rejected")
@@ -503,6 +538,9 @@ class Reassembler:
             self._close(transfer_id)
 
     def _close(self, transfer_id: str) -> None:
+        flush = self._flushes.pop(transfer_id, None)
+        if flush is not None:
+            wait([flush])  # the transfer is dropped or handled: its flush's outcome no longer matters
         for fd in self._open.pop(transfer_id, {}).values():
             os.close(fd)
 

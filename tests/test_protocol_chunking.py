@@ -501,3 +501,84 @@ def test_payloads_reach_the_spool_whole_when_the_disk_takes_them_in_pieces(tmp_p
     ((_, done),) = feed(spool, chunks_of(data))
     spool.sync()
     assert done.path.read_bytes() == data
+
+
+def test_chunks_are_hashed_beside_the_spooling_and_no_more_than_a_few_wait_for_the_hasher(reasm, monkeypatch):
+    """While the hasher is busy, chunks are still spooled; once _HASH_AHEAD chunks wait for it, the next one
+    waits too (the chunks it holds stay bounded); the payload is verified once every chunk is hashed."""
+    import threading
+
+    from protocol import chunking
+
+    gate, hashing_threads, sha256 = threading.Event(), set(), hashlib.sha256
+
+    class GatedSha256:
+        def __init__(self) -> None:
+            self._digest = sha256()
+
+        def update(self, data) -> None:
+            hashing_threads.add(threading.current_thread().name)
+            gate.wait(10)
+            self._digest.update(data)
+
+        def hexdigest(self) -> str:
+            return self._digest.hexdigest()
+
+    data = payload(10 * CS, seed=9)
+    chunks, results = chunks_of(data), []
+    monkeypatch.setattr(chunking.hashlib, "sha256", GatedSha256)
+    adding = threading.Thread(target=lambda: results.extend(feed(reasm, chunks)))
+    adding.start()
+    adding.join(0.5)
+    assert adding.is_alive(), "the adder waits for the gated hasher"
+    spooled, ahead = (reasm.spool_dir / "t1.part").read_bytes(), (chunking._HASH_AHEAD + 1) * CS
+    assert spooled[:ahead] == data[:ahead], "the hasher's chunk and the ones waiting for it were spooled"
+    assert spooled[ahead:] == bytes(len(data) - ahead), "the next chunk waits for the hasher"
+    gate.set()
+    adding.join(10)
+    (position, assembled), *_ = results
+    assert position == len(chunks) - 1 and assembled.path.read_bytes() == data
+    assert hashing_threads and all(name.startswith("spool-hash") for name in hashing_threads)
+
+
+def test_a_durable_spool_file_is_written_behind_and_a_failed_flush_fails_the_sync_or_the_next_chunk(
+    tmp_path, monkeypatch
+):
+    """Chunks are flushed to the disk on the flush thread as they come, so a sync finds little to write. A write
+    error that only such a flush saw (the kernel reports it once) still fails what comes next: the sync (nothing
+    is acknowledged), or the transfer's next chunk (the transfer is dropped)."""
+    import errno
+    import os
+    import threading
+
+    from protocol import chunking
+
+    flushed_on, failures = [], []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        flushed_on.append(threading.current_thread().name)
+        if failures and threading.current_thread().name.startswith("spool-flush"):
+            raise failures.pop()
+        real_fdatasync(fd)
+
+    def flushed(transfer: str) -> None:
+        spool._flushes[transfer].exception(10)  # wait until its flush has run
+
+    monkeypatch.setattr(chunking.os, "fdatasync", fdatasync)
+    spool = durable(tmp_path)
+    failures.append(OSError(errno.EIO, "injected"))
+    assert feed(spool, chunks_of(payload(3 * CS, seed=12))[:1]) == []
+    flushed("t1")
+    assert flushed_on == ["spool-flush_0"]
+    with pytest.raises(OSError, match="injected"):
+        spool.sync()
+    spool.sync()  # nothing failed since
+
+    failures.append(OSError(errno.EIO, "injected"))
+    first, second, *_ = chunks_of(payload(3 * CS, seed=13), tid="t2")
+    assert spool.add(first) is None
+    flushed("t2")
+    with pytest.raises(chunking.SpoolError, match="injected"):
+        spool.add(second)
+    assert "t2" not in spool.pending_ids()
