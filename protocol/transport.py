@@ -110,6 +110,13 @@ def update_messages(
     yield topics.manifest(base), encode(manifest)
 
 
+def _let_the_network_thread_send() -> None:
+    """Give up the GIL for a moment after queueing a chunk: paho's network thread, woken by the publish, sends it
+    while the caller copies the next one. Without this, a loop of publishes holds the GIL for whole switch
+    intervals (5 ms) and a 45 MB update reaches the socket only after it was all queued."""
+    time.sleep(0)
+
+
 class PayloadQueue(queue.Queue):
     """A queue of messages and link events, full at `maxsize` items or once its messages' payloads reach
     `max_bytes` (a message larger than that goes into an empty queue alone). Needed beside `receive_maximum`:
@@ -287,6 +294,7 @@ class MqttLink:
         (the receiver then lacks the transfer and the sender may send it again)."""
         for topic, message in update_messages(device, manifest, payload):
             self.publish(topic, message)
+            _let_the_network_thread_send()
 
     def publish_chunks(
         self, base: str, info: TransferInfo, payload: bytes | memoryview, *, retain: bool = False
@@ -294,6 +302,7 @@ class MqttLink:
         """Publish `payload`'s chunks under `base`/chunks/i (a transfer whose manifest travels elsewhere)."""
         for chunk in split(payload, info):
             self.publish(topics.chunk(base, chunk.index), encode(chunk), retain=retain)
+            _let_the_network_thread_send()
 
     def stop(self, farewell: tuple[str, bytes] | None = None, timeout_s: float = 5.0) -> None:
         """Publish an optional last retained message, then disconnect cleanly (the broker sends no LWT)."""
