@@ -378,10 +378,10 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    codecs = results.get("codecs", {})
-    figure, axes = plt.subplots(1, 2 if codecs else 1, figsize=(11 if codecs else 5.5, 4), squeeze=False)
-    right = axes[0][-1]
-    if codecs:  # accuracy runs were made
+    codecs, times = results.get("codecs", {}), results.get("round_time_s", {})
+    panels = max(1, bool(codecs) + bool(times))  # accuracy runs and link rows, each where it was measured
+    figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    if codecs:
         left = axes[0][0]
         for name, row in codecs.items():
             left.scatter(row["update_bytes"] / 1e6, -row["final_accuracy_drop_pts"], label=name, s=60)
@@ -390,13 +390,14 @@ def plot(results: dict, path: Path) -> None:
         )
         left.axhline(0, color="grey", linewidth=0.8)
         left.legend()
-    times = results.get("round_time_s", {})
-    for name in CODECS:
-        points = sorted((float(m), row[name]) for m, row in times.items() if name in row)
-        if points:
-            right.plot(*zip(*points), marker="o", label=name)
-    right.set(xscale="log", yscale="log", xlabel="link per agent (Mbps)", ylabel="round time (s)")
-    right.legend()
+    if times:
+        right = axes[0][-1]
+        for name in CODECS:
+            points = sorted((float(m), row[name]) for m, row in times.items() if name in row)
+            if points:
+                right.plot(*zip(*points), marker="o", label=name)
+        right.set(xscale="log", yscale="log", xlabel="link per agent (Mbps)", ylabel="round time (s)")
+        right.legend()
     figure.suptitle("Update codecs on the demo federation")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -54,14 +54,22 @@ def test_the_demo_seed_is_every_tasks_initial_model_seed(tmp_path):
     assert all(config.init_seed == 0 for config, _ in Options(out=tmp_path).tasks().values())
 
 
-def test_link_rows_alone_are_plotted_in_one_panel(tmp_path):
+@pytest.mark.parametrize(
+    "results",
+    [
+        {"round_time_s": {"10": {"dense": 67.8, "topk": 4.0}}},
+        {"codecs": {"topk": {"update_bytes": 25, "final_accuracy_drop_pts": 1.5}}},
+    ],
+    ids=["link rows alone", "accuracy runs alone"],
+)
+def test_what_was_measured_alone_is_plotted_in_one_panel(tmp_path, results):
     path = tmp_path / "comm.png"
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # e.g. an empty accuracy panel's legend
-        plot({"round_time_s": {"10": {"dense": 67.8, "topk": 4.0}}}, path)
+        warnings.simplefilter("error")  # e.g. an empty panel's legend
+        plot(results, path)
     png = path.read_bytes()
     width = int.from_bytes(png[16:20], "big")  # the IHDR chunk
-    assert png.startswith(b"\x89PNG") and width < 800, "one panel, not the accuracy panel beside it"
+    assert png.startswith(b"\x89PNG") and width < 800, "one panel, no empty one beside it"
 
 
 def test_the_demo_counts_update_bytes_per_task_and_round():
