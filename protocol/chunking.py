@@ -4,23 +4,22 @@ A payload is cut into `Chunk`s of `chunk_size` bytes (default 1 MiB), each carry
 the chunk count and the whole payload's size and sha256. The `Reassembler` writes each chunk at its offset into
 a spool file as it arrives and hashes the payload in order on the way, on a thread of its own while the next
 chunks arrive (a chunk that comes early is hashed from the spool once the gap before it is filled), so completing
-a transfer costs no second read. It holds O(chunk)
-memory (plus one byte per chunk of each pending transfer) whatever the number of concurrent transfers,
-tolerates duplicated and reordered chunks, rejects a payload whose sha256 does not match, drops transfers that
-made no progress for `timeout_s` (deleting their spool files), and drops a transfer whose spool file cannot be
-written (disk full) before raising `SpoolError`.
+a transfer costs no second read. It holds O(chunk) memory (plus one byte per chunk of each pending transfer)
+whatever the number of concurrent transfers, tolerates duplicated and reordered chunks, rejects a payload whose
+sha256 does not match, drops transfers that made no progress for `timeout_s` (deleting their spool files), and
+drops a transfer whose spool file cannot be written (disk full) before raising `SpoolError`.
 
 A `durable` reassembler (the aggregator's) keeps a journal per transfer (who sends it, its header, the chunks
 written) next to its spool file; `sync()` makes everything written since the last call durable at once (the
 files' fsyncs issued together), so a receiver may acknowledge the messages it spooled, and a new reassembler on
 the same folder resumes every transfer from its journal. Meanwhile a thread writes each spool file's new chunks
-to the disk behind the receiver (write-behind), so a sync finds little left to write. Journals are written at `sync()`, and not at all for a
-transfer that completed and was handed over (`hand_over`) before it: a small update costs one fsync of its
-payload. With `memory_bytes`, payloads that come in one chunk are held in memory instead (`held`), up to that
-many bytes at once: no spool file unless a `sync()` finds one still unclaimed, when it is written as a completed
-transfer with its journal (creating files is what a burst of small updates costs most); one that cannot be
-written (disk full) is dropped and reported by `take_unspooled`. Without `durable`, files left by an earlier
-process are deleted.
+to the disk behind the receiver (write-behind), so a sync finds little left to write. Journals are written at
+`sync()`, and not at all for a transfer that completed and was handed over (`hand_over`) before it: a small
+update costs one fsync of its payload. With `memory_bytes`, payloads that come in one chunk are held in memory
+instead (`held`), up to that many bytes at once: no spool file unless a `sync()` finds one still unclaimed, when
+it is written as a completed transfer with its journal (creating files is what a burst of small updates costs
+most); one that cannot be written (disk full) is dropped and reported by `take_unspooled`. Without `durable`,
+files left by an earlier process are deleted.
 """
 
 from __future__ import annotations
