@@ -288,6 +288,7 @@ class Reassembler:
         fds = [fd for opened in self._open.values() for fd in opened.values()]
         self._open.clear()
         flushes, self._flushes = list(self._flushes.values()), {}
+        wait(flushes)  # every one, before its file is closed, even when one of them failed
         try:
             for flush in flushes:  # its error is the sync's: an fsync reports a write error only once
                 flush.result()

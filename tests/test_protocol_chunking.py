@@ -582,3 +582,39 @@ def test_a_durable_spool_file_is_written_behind_and_a_failed_flush_fails_the_syn
     with pytest.raises(chunking.SpoolError, match="injected"):
         spool.add(second)
     assert "t2" not in spool.pending_ids()
+
+
+def test_a_sync_closes_no_spool_file_while_its_flush_still_runs_even_when_another_flush_failed(
+    tmp_path, monkeypatch
+):
+    """A failed flush fails the sync, but only once every other flush has finished: a file closed under a
+    running fdatasync could have its descriptor reused by another file."""
+    import errno
+    import os
+    import threading
+
+    from protocol import chunking
+
+    gate, calls, real_fdatasync = threading.Event(), [], os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if threading.current_thread().name.startswith("spool-flush"):
+            calls.append(fd)
+            if len(calls) == 1:
+                raise OSError(errno.EIO, "injected")
+            gate.wait(10)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(chunking.os, "fdatasync", fdatasync)
+    spool = durable(tmp_path)
+    spool.add(chunks_of(payload(3 * CS, seed=14), tid="t1")[0])
+    spool._flushes["t1"].exception(10)  # failed
+    spool.add(chunks_of(payload(3 * CS, seed=15), tid="t2")[0])  # its flush waits at the gate
+    errors = []
+    syncing = threading.Thread(target=lambda: errors.append(pytest.raises(OSError, spool.sync)))
+    syncing.start()
+    syncing.join(0.5)
+    assert syncing.is_alive(), "the sync waits for the running flush before it closes its file"
+    gate.set()
+    syncing.join(10)
+    assert not syncing.is_alive() and "injected" in str(errors[0].value)
