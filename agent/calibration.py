@@ -203,17 +203,17 @@ def measuring_left(budget_s: float, measured_s: float) -> float:
 def fit_and_export(data: Path, target: Target, epochs: int | None = None) -> Path:
     """Fit the predictor on a data file (the target's focus combinations stay out of the unseen split) and export
     it to ONNX with its model card, next to the data. ValueError when the file holds too few records."""
-    from predictor.records import load_records
+    from predictor.records import DataFile
     from predictor.training import export, fit
 
-    records = load_records(data)
-    if len(records) < MIN_FIT_RECORDS:
+    snapshot = DataFile.read(data)
+    if len(snapshot.records) < MIN_FIT_RECORDS:
         raise ValueError(
-            f"{data} holds {len(records)} records; fitting a predictor needs at least {MIN_FIT_RECORDS}"
+            f"{data} holds {len(snapshot.records)} records; fitting a predictor needs at least {MIN_FIT_RECORDS}"
         )
     options = {} if epochs is None else {"epochs": epochs}
-    network = calibration_network(records)
-    return export(fit(data, data.parent, protected=target.protected, network=network, **options))
+    network = calibration_network(snapshot.records)
+    return export(fit(snapshot, data.parent, protected=target.protected, network=network, **options))
 
 
 def calibration_network(records: Sequence[Record]) -> str:

@@ -57,10 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 def _fit(args: argparse.Namespace) -> int:
     import json
 
+    from predictor.records import DataFile
     from predictor.training import fit
 
     options = {k: v for k, v in vars(args).items() if k in ("epochs", "hidden", "members", "seed", "network")}
-    weights = fit(args.data, args.out, **options)
+    weights = fit(DataFile.read(args.data), args.out, **options)
     report = json.loads(weights.with_suffix(".fit.json").read_text())
     print(f"wrote {weights}; MAPE (percent): {report['mape_percent']}")
     return 0

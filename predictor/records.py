@@ -8,6 +8,7 @@ and the sampling of configurations: every model alone first, then random co-loca
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import re
@@ -136,19 +137,39 @@ def dataset_path(root: Path, gpu: str) -> Path:
     return Path(root) / (re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") + ".jsonl")
 
 
+@dataclass(frozen=True)
+class DataFile:
+    """A data file read once: its bytes and their records, so that what a fit reports (sha256, counts) is what
+    it trained on even while a calibration appends to the file."""
+
+    path: Path
+    raw: bytes
+    records: list[Record]
+
+    @classmethod
+    def read(cls, path: Path) -> DataFile:
+        """A line that does not decode (one cut short by a crash) is skipped, with a warning, so appending after it
+        loses nothing else."""
+        raw = Path(path).read_bytes()
+        decoder = msgspec.json.Decoder(Record)
+        records = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(decoder.decode(line))
+            except msgspec.DecodeError as exc:
+                log.warning("%s line %d skipped: %s", path, number, exc)
+        return cls(Path(path), raw, records)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.raw).hexdigest()
+
+
 def load_records(path: Path) -> list[Record]:
-    """The records of a data file; a line that does not decode (one cut short by a crash) is skipped, with a
-    warning, so appending after it loses nothing else."""
-    decoder = msgspec.json.Decoder(Record)
-    records = []
-    for number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(decoder.decode(line))
-        except msgspec.DecodeError as exc:
-            log.warning("%s line %d skipped: %s", path, number, exc)
-    return records
+    """The records of a data file (see DataFile.read)."""
+    return DataFile.read(path).records
 
 
 def measured_configs(

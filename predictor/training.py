@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from predictor.dataset import Samples, build, mape, split
 from predictor.encoding import INPUT_NAMES, MAX_TASKS
 from predictor.features import extract
 from predictor.model import EPOCHS, HIDDEN, MEMBERS, NETWORKS, Ensemble, ensemble, export_onnx, predict, train
-from predictor.records import FOCUS, load_records, task_spec
+from predictor.records import FOCUS, DataFile, load_records, task_spec
 from predictor.runtime import OnnxPredictor, card_path
 from predictor.workload import fit_workload
 
@@ -32,7 +31,7 @@ def samples_mape(model, samples: Samples) -> float:
 
 
 def fit(
-    data: Path,
+    data: DataFile,
     out_dir: Path,
     *,
     hidden: int = HIDDEN,
@@ -44,12 +43,12 @@ def fit(
 ) -> Path:
     """Train on the data file's training split (model combinations in `protected` are never held out as unseen);
     write `<gpu>.safetensors` and `<gpu>.fit.json`; return the weights."""
-    records = load_records(data)
+    records = data.records
     if not records:
-        raise ValueError(f"{data} holds no profiling records")
+        raise ValueError(f"{data.path} holds no profiling records")
     gpus = {r.gpu for r in records}
     if len(gpus) != 1:
-        raise ValueError(f"{data} mixes GPUs {sorted(gpus)}; fit one GPU at a time")
+        raise ValueError(f"{data.path} mixes GPUs {sorted(gpus)}; fit one GPU at a time")
     samples = build(records)
     parts = split(samples, seed=seed, protected=protected)
     train_set = samples.take(parts.train)
@@ -64,7 +63,7 @@ def fit(
         )
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / (Path(data).stem + ".safetensors")
+    weights = out_dir / (data.path.stem + ".safetensors")
     save_file(model.state_dict(), str(weights), metadata={"hidden": str(hidden), "members": str(members)})
     first = records[0]
     batches = [t.batch for r in records for t in r.tasks]
@@ -75,8 +74,8 @@ def fit(
         "torch": first.torch,
         "resolution": first.resolution,
         "data": {
-            "file": Path(data).name,
-            "sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
+            "file": data.path.name,
+            "sha256": data.sha256,
             "records": len(records),
             "task_samples": int(samples.mask.sum()),
             "models": sorted({t.model for r in records for t in r.tasks}),

@@ -26,6 +26,7 @@ from predictor.model import NETWORKS, Ensemble, ensemble, export_onnx, predict
 from predictor.records import (
     ALONE_LEVELS,
     BATCHES,
+    DataFile,
     Record,
     TaskSample,
     load_records,
@@ -540,13 +541,15 @@ def pipeline(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("pipeline")
     records = synthetic_records()
     data = write_records(root / "synthetic-gpu-1000.jsonl", records)
-    weights = fit(data, root / "models", hidden=16, members=2, epochs=200, seed=0)
+    weights = fit(DataFile.read(data), root / "models", hidden=16, members=2, epochs=200, seed=0)
     onnx_path = export(weights)
     return {"records": records, "data": data, "weights": weights, "onnx": onnx_path}
 
 
 def test_a_factored_predictor_is_fitted_exported_and_named_in_its_card(pipeline, tmp_path) -> None:
-    weights = fit(pipeline["data"], tmp_path, hidden=8, members=1, epochs=100, network="factored")
+    weights = fit(
+        DataFile.read(pipeline["data"]), tmp_path, hidden=8, members=1, epochs=100, network="factored"
+    )
     card = json.loads(card_path(export(weights)).read_text())
     assert card["network"]["name"] == "factored" and card["network"]["kind"] == NETWORKS["factored"].kind
     assert card["onnx"]["max_relative_difference_vs_torch"] < 1e-4
@@ -677,8 +680,22 @@ def test_fit_rejects_a_file_mixing_gpus(tmp_path) -> None:
     records[-1] = msgspec.structs.replace(records[-1], gpu="Another GPU")
     data = write_records(tmp_path / "mixed.jsonl", records)
     with pytest.raises(ValueError, match="mixes GPUs"):
-        fit(data, tmp_path / "models", members=1, epochs=1)
+        fit(DataFile.read(data), tmp_path / "models", members=1, epochs=1)
     assert not (tmp_path / "models").exists()
+
+
+def test_a_fit_reports_the_bytes_it_trained_on_while_the_file_grows(tmp_path) -> None:
+    """A calibration appends to its data file; a fit's report names the snapshot it read, not the file's later bytes."""
+    data = write_records(tmp_path / "growing.jsonl", synthetic_records(windows=70))
+    snapshot = DataFile.read(data)
+    with data.open("ab") as file:
+        file.write(msgspec.json.encode(snapshot.records[0]) + b"\n")
+    report = json.loads(
+        fit(snapshot, tmp_path / "models", members=1, epochs=1).with_suffix(".fit.json").read_text()
+    )
+    assert report["data"]["sha256"] == hashlib.sha256(snapshot.raw).hexdigest()
+    assert report["data"]["sha256"] != hashlib.sha256(data.read_bytes()).hexdigest()
+    assert report["data"]["records"] == len(snapshot.records) == len(load_records(data)) - 1
 
 
 @pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
@@ -686,7 +703,7 @@ def test_fit_rejects_an_empty_file(tmp_path, content: bytes) -> None:
     data = tmp_path / "empty.jsonl"
     data.write_bytes(content)
     with pytest.raises(ValueError, match="no profiling records"):
-        fit(data, tmp_path / "models", members=1, epochs=1)
+        fit(DataFile.read(data), tmp_path / "models", members=1, epochs=1)
 
 
 # -------------------------------------------------------------------------------------- 6. dataset.split
