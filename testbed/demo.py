@@ -103,7 +103,7 @@ class Options:
     upload: Literal["on_finish", "after_round"] = "on_finish"  # the agents' upload order
     stop_at: float | None = None  # end the run after the first round with every task at this accuracy
     seed: int = 0  # every task's initial global model (the aggregator's `init_seed`): another trajectory
-    device_history: tuple[Path, ...] = ()  # round records (`<gpu>.jsonl`) every agent starts with
+    device_history: tuple[Path, ...] = ()  # files of one GPU's round records every agent starts with
 
     def devices(self) -> list[str]:
         return [f"edge-{i + 1}" for i in range(self.agents)]
@@ -209,12 +209,18 @@ def state_dir(out: Path, name: str) -> Path:
 
 def seed_history(options: Options) -> None:
     """Give every agent `options.device_history`, as a device that ran earlier federations holds it: the data
-    files of its own rounds, where its planner reads them (agent.config.predictor_dir)."""
-    for device in options.devices():
-        own = predictor_dir(state_dir(options.out, device))
-        own.mkdir(parents=True, exist_ok=True)
-        for path in options.device_history:
-            shutil.copyfile(path, own / path.name)
+    files of its own rounds, each under its GPU's name in the folder where the planner reads it
+    (agent.config.predictor_dir), whatever the file was called. ValueError for a file that does not name one GPU."""
+    from predictor.records import dataset_path, load_records
+
+    for path in options.device_history:
+        gpus = sorted({record.gpu for record in load_records(path)})
+        if len(gpus) != 1:
+            raise ValueError(f"device history {path}: records of {len(gpus)} GPUs, need one: {gpus}")
+        for device in options.devices():
+            own = predictor_dir(state_dir(options.out, device))
+            own.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dataset_path(own, gpus[0]))
 
 
 def round_counters(urls: dict[str, str]) -> dict[str, float | None]:

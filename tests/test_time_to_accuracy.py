@@ -92,6 +92,8 @@ def test_a_device_history_given_is_where_every_agent_reads_its_rounds(tmp_path, 
         round=1,
     )
     earlier.add(record)
+    renamed = tmp_path / "first-history.jsonl"  # as a run's history is kept under bench/results
+    renamed.write_bytes(earlier.path.read_bytes())
     seen = []
 
     def federation(options):
@@ -107,11 +109,20 @@ def test_a_device_history_given_is_where_every_agent_reads_its_rounds(tmp_path, 
     monkeypatch.setattr(tta, "run", federation)
     argv = ["--device", "cpu", "--policies", "fedmt", "--agents", "2", "--partitions", "iid"]
     argv += ["--out", str(tmp_path / "out")]
-    main([*argv, "--device-history", str(earlier.path)])
+    main([*argv, "--device-history", str(renamed)])
     (options,) = seen
     for device in ("edge-1", "edge-2"):
         history = DeviceHistory(dataset_path(options.out / "state" / device / "predictor", gpu))
         assert list(history.rounds) == list(earlier.rounds)
+
+
+def test_a_device_history_of_no_single_gpu_is_refused(tmp_path):
+    from testbed.demo import Options, seed_history
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="records of 0 GPUs"):
+        seed_history(Options(out=tmp_path / "out", device_history=(empty,)))
 
 
 def test_runs_of_several_invocations_merge_into_one_report_in_the_order_given(tmp_path):
