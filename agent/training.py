@@ -19,7 +19,7 @@ import msgspec
 import numpy as np
 import torch
 
-from agent.batching import RoundRecipe, round_recipe
+from agent.batching import RoundRecipe, adam_moments, round_recipe
 from agent.data import DataSpec, TrainingData
 from agent.data.prefetch import Prefetched
 from agent.step_graph import WARMUP_STEPS as GRAPH_WARMUP_STEPS
@@ -47,17 +47,21 @@ def uses_channels_last(device: str, precision: Precision) -> bool:
     return device.startswith("cuda") and precision != "fp32"
 
 
-def make_optimizer(spec: OptimizerSpec, params, capturable: bool = False) -> torch.optim.Optimizer:
-    """SGD with momentum and weight decay, or Adam (which ignores `momentum`). `capturable` (parameters on a GPU):
-    a step a CUDA graph can capture, whose learning rate lives on the device, so that `set_lr` changes it between
-    replays; Adam then keeps its step count on the device, SGD runs fused."""
+def make_optimizer(
+    spec: OptimizerSpec, params, capturable: bool = False, horizon_scale: float = 1.0
+) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay, or Adam (which ignores `momentum`; its betas and eps follow
+    `horizon_scale`, agent.batching.adam_moments). `capturable` (parameters on a GPU): a step a CUDA graph can
+    capture, whose learning rate lives on the device, so that `set_lr` changes it between replays; Adam then keeps
+    its step count on the device, SGD runs fused."""
     params = list(params)
     lr = torch.tensor(spec.lr, device=params[0].device) if capturable else spec.lr
     if spec.name == "sgd":
         return torch.optim.SGD(
             params, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay, fused=capturable
         )
-    return torch.optim.Adam(params, lr=lr, weight_decay=spec.weight_decay, capturable=capturable)
+    moments = adam_moments(horizon_scale)
+    return torch.optim.Adam(params, lr=lr, weight_decay=spec.weight_decay, capturable=capturable, **moments)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -355,6 +359,7 @@ class TaskRuntime:
         self._measuring = None  # its optimiser points at weights the round now owns
         step = self._train_step(
             assignment.optimizer,
+            recipe.horizon_scale,
             scaler=self.scaler,
             proximal_mu=assignment.proximal_mu,
             lr_at=recipe.lr_at if recipe.lr != recipe.base_lr else None,
@@ -381,12 +386,13 @@ class TaskRuntime:
         delta = _delta(state_to_numpy(self.model), base, assignment.task)
         return TrainResult(delta=delta, samples=self.data.samples, stats=stats, recipe=recipe)
 
-    def _train_step(self, optimizer: OptimizerSpec, **options) -> TrainStep:
-        """A training step of this runtime's model with a fresh `optimizer`, replayed from CUDA graphs where the
-        runtime uses them (the optimiser then made capturable); `options` are TrainStep's."""
+    def _train_step(self, optimizer: OptimizerSpec, horizon_scale: float = 1.0, **options) -> TrainStep:
+        """A training step of this runtime's model with a fresh `optimizer` (Adam's horizons scaled, see
+        make_optimizer), replayed from CUDA graphs where the runtime uses them (the optimiser then made
+        capturable); `options` are TrainStep's."""
         return TrainStep(
             self.model,
-            make_optimizer(optimizer, self.model.parameters(), capturable=self.cuda_graphs),
+            make_optimizer(optimizer, self.model.parameters(), self.cuda_graphs, horizon_scale),
             self.precision,
             self.device,
             cuda_graphs=self.cuda_graphs,

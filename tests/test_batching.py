@@ -6,7 +6,15 @@ import math
 
 import pytest
 
-from agent.batching import WARMUP_SHARE, round_images, round_recipe, steps_per_epoch
+from agent.batching import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    WARMUP_SHARE,
+    adam_moments,
+    round_images,
+    round_recipe,
+    steps_per_epoch,
+)
 from protocol.schemas import ModelSpec, OptimizerSpec, ProtocolError, TaskAssignment, decode, encode
 
 MODEL = ModelSpec(name="resnet18", num_classes=10, input_size=16)
@@ -45,6 +53,58 @@ def test_a_four_times_larger_batch_scales_the_rate_by_the_rule(optimizer, scalin
     recipe = round_recipe(assignment(64, optimizer, lr_scaling=scaling), samples=640, reference_batch=16)
     assert recipe.steps == 10  # the configured epoch's images, in a quarter of the steps
     assert recipe.lr == pytest.approx(0.01 * factor) and recipe.base_lr == 0.01
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "scaling", "batch", "scale"),
+    [
+        ("adam", "sqrt", 64, 4.0),
+        ("adam", "sqrt", 8, 0.5),
+        ("adam", "auto", 64, 1.0),
+        ("adam", "linear", 64, 1.0),
+    ]
+    + [("sgd", "sqrt", 64, 1.0), ("adam", "sqrt", 16, 1.0)],
+)
+def test_only_adam_under_the_square_root_rule_shortens_its_horizons_with_the_batch(
+    optimizer, scaling, batch, scale
+):
+    recipe = round_recipe(assignment(batch, optimizer, lr_scaling=scaling), samples=640, reference_batch=16)
+    assert recipe.horizon_scale == scale
+
+
+def test_adam_moments_follow_the_square_root_rule_and_stay_valid():
+    assert adam_moments(1.0) == {"betas": ADAM_BETAS, "eps": ADAM_EPS}
+    four = adam_moments(4.0)
+    assert four["betas"] == pytest.approx((0.6, 0.996)) and four["eps"] == pytest.approx(ADAM_EPS / 2)
+    assert adam_moments(20.0)["betas"][0] == 0.0 and 0 < adam_moments(20.0)["betas"][1] < 1
+
+
+def test_a_rounds_adam_takes_the_recipes_moments():
+    """The runtime's round builds Adam with the betas of its recipe: a grown batch under `sqrt` shortens them."""
+    import torch
+
+    from agent.data import SyntheticData
+    from agent.training import TaskRuntime
+    from common.models import build_model, state_to_numpy
+
+    runtime = TaskRuntime(MODEL, SyntheticData(samples=64), device="cpu")
+    built = []
+    original = torch.optim.Adam.__init__
+
+    def recording(self, params, **options):
+        built.append(options)
+        original(self, params, **options)
+
+    state = state_to_numpy(build_model(MODEL, seed=0))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.Adam, "__init__", recording)
+        runtime.train(
+            assignment(32, "adam", local_steps=2, lr_scaling="sqrt"), state, seed=0, reference_batch=16
+        )
+        runtime.train(
+            assignment(16, "adam", local_steps=2, lr_scaling="sqrt"), state, seed=0, reference_batch=16
+        )
+    assert [b["betas"] for b in built] == [pytest.approx((0.8, 0.998)), ADAM_BETAS]
 
 
 def test_a_growing_rate_warms_up_linearly_over_the_first_steps():
