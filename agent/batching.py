@@ -8,8 +8,9 @@ config says how training keeps its accuracy (`lr_scaling` and `batch_policy`, se
   `linear` lr x B/B0 (Goyal et al. 2017), `sqrt` lr x sqrt(B/B0) (for Adam with its averaging horizons
   shortened to match, Malladi et al. 2022: 1 - beta x B/B0, eps / sqrt(B/B0); DenseNet121 on digits at 32 px,
   one round of 60 steps at B0 = 16 from scratch, 30 seeds: 94.2% at 26 with the rate alone, 95.3% with the
-  betas too, 95.4% at 16 over 12), `none`, or `auto`: linear for SGD, none for Adam (a round's fresh Adam moves every weight by about the rate in its first steps; ResNet18 at 4 x B0,
-  rounds 2-4: 8.5 points behind B0 with the square root, 4.1 with none; bench/results/batch_rules.json). When
+  betas too, 95.4% at 16 over 12), `none`, or `auto`: linear for SGD, none for Adam (a round's fresh Adam
+  moves every weight by about the rate in its first steps; ResNet18 at 4 x B0, rounds 2-4: 8.5 points behind
+  B0 with the square root, 4.1 with none; bench/results/batch_rules.json). When
   the rate grows it ramps up linearly from the configured rate over the first WARMUP_SHARE of the round's
   steps (every round starts a fresh optimiser).
 - `batch_policy = "hold_steps"`: the round takes the optimiser steps it would at B0, at the configured rate,
