@@ -57,9 +57,9 @@ def batch_ceiling(assignment: TaskAssignment) -> int:
 
 
 def adam_moments(horizon_scale: float) -> dict[str, tuple[float, float] | float]:
-    """Adam's betas and eps (torch's defaults at scale 1) for a batch `horizon_scale` times the configured one under
-    the square-root rule: 1 - beta grows with the batch (an average over as many images, in fewer steps; a beta
-    never below 0) and eps shrinks with the rate's square root."""
+    """Adam's betas and eps (torch's defaults at scale 1) for a batch `horizon_scale` times the configured one
+    under the square-root rule: 1 - beta grows with the batch (an average over as many images, in fewer steps; a
+    beta never below 0) and eps shrinks with the rate's square root."""
     betas = tuple(max(0.0, 1 - horizon_scale * (1 - beta)) for beta in ADAM_BETAS)
     return {"betas": betas, "eps": ADAM_EPS / math.sqrt(horizon_scale)}
 

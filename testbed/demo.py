@@ -210,7 +210,8 @@ def state_dir(out: Path, name: str) -> Path:
 def seed_history(options: Options) -> None:
     """Give every agent `options.device_history`, as a device that ran earlier federations holds it: the data
     files of its own rounds, each under its GPU's name in the folder where the planner reads it
-    (agent.config.predictor_dir), whatever the file was called. ValueError for a file that does not name one GPU."""
+    (agent.config.predictor_dir), whatever the file was called. ValueError for a file that does not name one
+    GPU."""
     from predictor.records import dataset_path, load_records
 
     for path in options.device_history:
