@@ -166,6 +166,16 @@ class DataFile:
     def sha256(self) -> str:
         return hashlib.sha256(self.raw).hexdigest()
 
+    @property
+    def gpu(self) -> str:
+        """The one GPU the records were measured on; ValueError for a file of none or of several."""
+        gpus = sorted({record.gpu for record in self.records})
+        if not gpus:
+            raise ValueError(f"{self.path} holds no profiling records")
+        if len(gpus) > 1:
+            raise ValueError(f"{self.path} mixes GPUs {gpus}; one GPU a file")
+        return gpus[0]
+
 
 def load_records(path: Path) -> list[Record]:
     """The records of a data file (see DataFile.read)."""

@@ -43,12 +43,7 @@ def fit(
 ) -> Path:
     """Train on the data file's training split (model combinations in `protected` are never held out as unseen);
     write `<gpu>.safetensors` and `<gpu>.fit.json`; return the weights."""
-    records = data.records
-    if not records:
-        raise ValueError(f"{data.path} holds no profiling records")
-    gpus = {r.gpu for r in records}
-    if len(gpus) != 1:
-        raise ValueError(f"{data.path} mixes GPUs {sorted(gpus)}; fit one GPU at a time")
+    gpu, records = data.gpu, data.records  # one GPU's records, else ValueError
     samples = build(records)
     parts = split(samples, seed=seed, protected=protected)
     train_set = samples.take(parts.train)
@@ -68,7 +63,7 @@ def fit(
     first = records[0]
     batches = [t.batch for r in records for t in r.tasks]
     report = {
-        "gpu": first.gpu,
+        "gpu": gpu,
         "sm_total": first.sm_total,
         "driver": first.driver,
         "torch": first.torch,

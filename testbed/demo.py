@@ -212,16 +212,14 @@ def seed_history(options: Options) -> None:
     files of its own rounds, each under its GPU's name in the folder where the planner reads it
     (agent.config.predictor_dir), whatever the file was called. ValueError for a file that does not name one
     GPU."""
-    from predictor.records import dataset_path, load_records
+    from predictor.records import DataFile, dataset_path
 
     for path in options.device_history:
-        gpus = sorted({record.gpu for record in load_records(path)})
-        if len(gpus) != 1:
-            raise ValueError(f"device history {path}: records of {len(gpus)} GPUs, need one: {gpus}")
+        gpu = DataFile.read(path).gpu
         for device in options.devices():
             own = predictor_dir(state_dir(options.out, device))
             own.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, dataset_path(own, gpus[0]))
+            shutil.copyfile(path, dataset_path(own, gpu))
 
 
 def round_counters(urls: dict[str, str]) -> dict[str, float | None]:

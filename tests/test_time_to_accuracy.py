@@ -121,7 +121,7 @@ def test_a_device_history_of_no_single_gpu_is_refused(tmp_path):
 
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
-    with pytest.raises(ValueError, match="records of 0 GPUs"):
+    with pytest.raises(ValueError, match="holds no profiling records"):
         seed_history(Options(out=tmp_path / "out", device_history=(empty,)))
 
 
