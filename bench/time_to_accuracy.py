@@ -61,7 +61,7 @@ def run_policy(args, policy: str, partition: str, repeat: int = 1) -> dict:
     if args.reuse and (folder / "summary.json").exists():
         summary = json.loads((folder / "summary.json").read_text())
     else:
-        summary = run(_options(args, policy, partition, folder))
+        summary = run(_options(args, policy, partition, folder, repeat))
         (folder / "summary.json").write_text(json.dumps(summary, indent=1))
     run_ = from_summary(summary, args.target)
     print(f"{name:>20}: target {args.target:.0%} after {run_['seconds_to_target']} s", flush=True)
@@ -86,8 +86,9 @@ def median_run(runs: list[dict]) -> dict:
     return runs[ordered[len(runs) // 2]] | {"seconds_to_target_runs": times}
 
 
-def _options(args, policy: str, partition: str, folder: Path) -> Options:
+def _options(args, policy: str, partition: str, folder: Path, repeat: int = 1) -> Options:
     return Options(
+        seed=repeat - 1 if args.vary_seed else 0,
         out=folder,
         rounds=args.rounds,
         device=args.device,
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "rounds": args.rounds,
         "repeats": args.repeats,
+        "vary_seed": args.vary_seed,
         "batch_size": args.batch_size,
         "batch_range": args.batch_range,
         "initial_batch_growth": args.initial_batch_growth,
@@ -213,6 +215,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs of every policy, in turn (median reported)"
+    )
+    parser.add_argument(
+        "--vary-seed",
+        action="store_true",
+        help="repeat k starts from the initial models of seed k-1 (every policy the same): repeats then sample"
+        " training trajectories, not only the GPU's nondeterminism along one",
     )
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--resolution", type=int, default=128, help="every task's input size")

@@ -53,6 +53,29 @@ def test_repeated_runs_take_the_policies_in_turn_and_report_every_run(tmp_path, 
     assert result["settings"]["repeats"] == 3
 
 
+@pytest.mark.parametrize("vary", [False, True])
+def test_repeats_start_from_one_seed_unless_told_to_vary_it_alike_for_every_policy(
+    tmp_path, monkeypatch, vary
+):
+    seeds = []
+
+    def federation(options):
+        seeds.append((options.policy, options.seed))
+        options.out.mkdir(parents=True)
+        return {
+            "accuracy": {"digits-resnet18": [0.1, 0.99]},
+            "round_end_s": [5.0],
+            "round_wall_time_s": [5.0],
+        }
+
+    monkeypatch.setattr(tta, "run", federation)
+    argv = ["--device", "cpu", "--policies", "temporal", "fedmt", "--repeats", "3", "--out", str(tmp_path)]
+    assert main(argv + ["--vary-seed"] * vary) == 0
+    expected = [0, 1, 2] if vary else [0, 0, 0]
+    assert seeds == [(policy, seed) for seed in expected for policy in ("temporal", "fedmt")]
+    assert json.loads((tmp_path / "time_to_accuracy.json").read_text())["settings"]["vary_seed"] is vary
+
+
 def test_the_batch_rules_given_reach_every_task_of_the_federation(tmp_path, monkeypatch):
     seen = []
 
