@@ -1,10 +1,10 @@
 """Batch adaptation against accuracy: rounds of the demo's tasks at larger batches under each learning-rate rule.
 
     python -m bench.batch_rules --out bench/results/batch_rules.json     # CPU, about 25 minutes on 2 cores
-    python -m bench.batch_rules --device cuda --tasks digits-densenet121 --resolution 128 --steps 600 \
-        --rounds 1 --seeds 0 1 2 3 --runs 16:none 26:sqrt 26:none 26:linear --out ...    # the GPU federation's round 1
+    python -m bench.batch_rules --device cuda --cuda-graphs --tasks digits-densenet121 --resolution 128 \
+        --steps 600 --rounds 1 --seeds 0 1 2 3 --runs 16:none 26:sqrt 26:linear --out ...  # the GPU round 1
 
-Each run trains one task for --rounds rounds through the task runtime the agent's rounds use (`TaskRuntime.train`,
+Each run trains one task for --rounds rounds through the task runtime the agent's rounds use (TaskRuntime.train,
 a fresh optimiser each round, every round from the last one's model, as FedAvg with one device), on the demo's
 digits share for that task at --resolution, and evaluates after each round on the held-out digits. The round's
 work is the configured one (local steps at the configured batch B0 = 16, `batch_policy = "scale_lr"`); a run at

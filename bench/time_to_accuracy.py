@@ -15,7 +15,8 @@ checks the SMs of that GPU, and its workers see that GPU alone).
 
 With --repeats N every policy runs N times, the policies in turn (so a drift of the machine spreads over all of
 them); a policy's figures are its median run's (by time to target, never = infinitely slow), and
-"seconds_to_target_runs" lists every run's.
+"seconds_to_target_runs" lists every run's. Repeats start from seed 0's initial models, so they sample the GPU's
+nondeterminism along one trajectory; with --vary-seed repeat k starts from seed k-1's (alike for every policy).
 
 With --device-history FILE every agent starts with those round records (an earlier run's
 state/<device>/predictor/<gpu>.jsonl), as a device that ran an earlier federation: its planner's correction is
