@@ -31,6 +31,8 @@ TABLE_CAPTION = (
 )
 
 Key = tuple[str, int]  # (device, round) or (task, version)
+#: what a task's round trained with and ended at, from its `finished` event (the worker's metrics)
+TRAINING = ("batch_size", "lr", "images", "train_loss", "train_accuracy")
 
 
 def union_length(intervals: Iterable[tuple[float, float]]) -> float:
@@ -71,8 +73,9 @@ def round_detail(
     round_: int, events: Iterable[Event], issued_at: Mapping[Key, float], seen_at: Mapping[Key, float]
 ) -> dict:
     """One round: phases per device and task, each device's plan, the wall time and the non-training fractions,
-    and where a task's worker process was started, that start in its parts (`worker_starts`: the CUDA context,
-    `init_s`, then the model and data, `prepare_s`).
+    where a task's worker process was started, that start in its parts (`worker_starts`: the CUDA context,
+    `init_s`, then the model and data, `prepare_s`), and what each task trained with and ended at (`training`:
+    TRAINING, from the task's `finished` event).
 
     The round's `non_training_fraction` is that of the critical device: the one whose last `acknowledged`
     event came last. A device's fraction is 1 - (union of its tasks' training intervals) / wall time.
@@ -91,6 +94,7 @@ def round_detail(
 
     phases: dict[str, dict[str, dict[str, float | None]]] = {}
     starts: dict[str, dict[str, dict[str, float | None]]] = {}
+    training: dict[str, dict[str, dict[str, float | None]]] = {}
     intervals: dict[str, list[tuple[float, float]]] = {}
     for device, task in pairs:
         values = {
@@ -112,6 +116,7 @@ def round_detail(
             reason = f" (failed: {failed.message})" if failed else ""
             missing.append(f"{device}/{task}: no {', '.join(unknown)}{reason}")
         if finished := latest.get((device, task, "finished")):
+            training.setdefault(device, {})[task] = {key: _metric(finished, key) for key in TRAINING}
             start, end = _metric(finished, "train_started_at"), _metric(finished, "train_ended_at")
             if start is None or end is None:
                 missing.append(f"{device}/{task}: finished event without train_started_at/train_ended_at")
@@ -137,6 +142,7 @@ def round_detail(
         "device_non_training_fraction": fractions,
         "phases": phases,
         "worker_starts": starts,
+        "training": training,
         "plan": {device: dict(e.metrics) for (device, _, kind), e in latest.items() if kind == "plan"},
         "missing": missing,
     }

@@ -98,6 +98,35 @@ def test_a_started_process_gives_its_start_in_parts_and_a_warm_worker_none(event
     assert starts == {"d2": {"b": {"init_s": 1.2, "prepare_s": 0.4}}}
 
 
+def test_each_task_says_what_it_trained_with_and_ended_at(events):
+    finished = event(
+        "d2",
+        "finished",
+        118.0,
+        "b",
+        batch_size=26.0,
+        lr=8.1e-4,
+        images=9594.0,
+        train_loss=0.2,
+        train_accuracy=0.95,
+    )
+    training = round_detail(1, [*events, finished], ISSUED_AT, SEEN_AT)["training"]
+    assert training["d2"]["b"] == {
+        "batch_size": 26.0,
+        "lr": 8.1e-4,
+        "images": 9594.0,
+        "train_loss": 0.2,
+        "train_accuracy": 0.95,
+    }
+    assert training["d1"]["a"] == dict.fromkeys(
+        ("batch_size", "lr", "images", "train_loss", "train_accuracy")
+    )
+    failed = [e for e in events if not (e.task == "a" and e.kind == "finished")]
+    assert set(round_detail(1, failed, ISSUED_AT, SEEN_AT)["training"]["d1"]) == {
+        "b"
+    }  # no finish, no figures
+
+
 def test_the_plan_of_every_device_is_kept(events):
     plan = round_detail(1, events, ISSUED_AT, SEEN_AT)["plan"]
     assert plan == {"d1": {"R.a": 50.0, "B.a": 16.0, "restarted": 0.0}, "d2": {}}
