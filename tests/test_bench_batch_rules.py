@@ -12,20 +12,8 @@ from bench.batch_rules import RUNS, Run, accuracies, main
 @pytest.mark.slow
 def test_the_benchmark_trains_every_rule_and_compares_later_rounds_with_the_configured_batch(tmp_path):
     out = tmp_path / "rules.json"
-    argv = [
-        "--tasks",
-        "digits-resnet18",
-        "--rounds",
-        "2",
-        "--seeds",
-        "0",
-        "--resolution",
-        "16",
-        "--threads",
-        "1",
-        "--steps",
-        "16",  # 16 at B0, 4 at 4x, 2 at 8x: a smoke run
-    ]
+    # 16 steps at B0, 4 at 4x, 2 at 8x: a smoke run
+    argv = "--tasks digits-resnet18 --rounds 2 --seeds 0 --resolution 16 --threads 1 --steps 16".split()
     assert main([*argv, "--out", str(out)]) == 0
     rows = {row["run"]: row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == set(RUNS)
@@ -41,19 +29,7 @@ def test_the_benchmark_trains_every_rule_and_compares_later_rounds_with_the_conf
 @pytest.mark.slow
 def test_one_round_of_named_runs_compares_each_with_the_configured_batch(tmp_path):
     out = tmp_path / "rules.json"
-    argv = [
-        "--tasks",
-        "digits-shufflenet",
-        "--rounds",
-        "1",
-        "--seeds",
-        "0",
-        "1",
-        "--resolution",
-        "16",
-        "--steps",
-        "4",
-    ]
+    argv = "--tasks digits-shufflenet --rounds 1 --seeds 0 1 --resolution 16 --steps 4".split()
     assert main([*argv, "--runs", "16:none", "24:sqrt", "--threads", "1", "--out", str(out)]) == 0
     rows = {row["run"]: row for row in json.loads(out.read_text())["rows"]}
     grown = rows["24:sqrt"]

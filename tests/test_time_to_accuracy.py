@@ -53,14 +53,11 @@ def test_repeated_runs_take_the_policies_in_turn_and_report_every_run(tmp_path, 
     assert result["settings"]["repeats"] == 3
 
 
-@pytest.mark.parametrize("vary", [False, True])
-def test_repeats_start_from_one_seed_unless_told_to_vary_it_alike_for_every_policy(
-    tmp_path, monkeypatch, vary
-):
-    seeds = []
+def one_round_federation(record):
+    """A stand-in for testbed.demo.run that records each run's options and reaches the target in round 1."""
 
     def federation(options):
-        seeds.append((options.policy, options.seed))
+        record(options)
         options.out.mkdir(parents=True)
         return {
             "accuracy": {"digits-resnet18": [0.1, 0.99]},
@@ -68,7 +65,17 @@ def test_repeats_start_from_one_seed_unless_told_to_vary_it_alike_for_every_poli
             "round_wall_time_s": [5.0],
         }
 
-    monkeypatch.setattr(tta, "run", federation)
+    return federation
+
+
+@pytest.mark.parametrize("vary", [False, True])
+def test_repeats_start_from_one_seed_unless_told_to_vary_it_alike_for_every_policy(
+    tmp_path, monkeypatch, vary
+):
+    seeds = []
+    monkeypatch.setattr(
+        tta, "run", one_round_federation(lambda options: seeds.append((options.policy, options.seed)))
+    )
     argv = ["--device", "cpu", "--policies", "temporal", "fedmt", "--repeats", "3", "--out", str(tmp_path)]
     assert main(argv + ["--vary-seed"] * vary) == 0
     expected = [0, 1, 2] if vary else [0, 0, 0]
@@ -78,17 +85,7 @@ def test_repeats_start_from_one_seed_unless_told_to_vary_it_alike_for_every_poli
 
 def test_the_batch_rules_given_reach_every_task_of_the_federation(tmp_path, monkeypatch):
     seen = []
-
-    def federation(options):
-        seen.append(options.tasks())
-        options.out.mkdir(parents=True)
-        return {
-            "accuracy": {"digits-resnet18": [0.1, 0.99]},
-            "round_end_s": [5.0],
-            "round_wall_time_s": [5.0],
-        }
-
-    monkeypatch.setattr(tta, "run", federation)
+    monkeypatch.setattr(tta, "run", one_round_federation(lambda options: seen.append(options.tasks())))
     argv = ["--device", "cpu", "--policies", "fedmt", "--out", str(tmp_path)]
     main([*argv, "--initial-batch-growth", "2", "--lr-scaling", "sqrt"])
     (tasks,) = seen
