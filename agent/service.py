@@ -605,7 +605,7 @@ class Agent:
                     assignment=a,
                     base_path=str(self.cache.payload_path(a.task, a.base_version)),
                     output_path=str(self.work_dir / f"{a.task}-r{number}.update"),
-                    seed=number,
+                    seed=a.round_seed(number),
                     release_memory=self.config.execution.release_memory,
                     reference_batch_size=plan.reference_batches.get(a.task),
                     handover_path=str(self.work_dir / f"{a.task}-r{number}.handover") if handover else None,

@@ -29,6 +29,7 @@ from protocol.schemas import (
     Name,
     OptimizerSpec,
     Precision,
+    TrainSeed,
 )
 from protocol.transport import MqttSettings
 
@@ -50,6 +51,7 @@ class TaskConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batch_policy: BatchPolicy = "scale_lr"
     initial_batch_growth: BatchGrowth = 1  # the initial model's batch ceiling, times batch_size
     init_seed: int = 0
+    train_seed: TrainSeed = 0  # the devices' training randomness (data order), sent with every schedule
     init_weights: str | None = (
         None  # a safetensors file; else built from the torchvision model with init_seed
     )

@@ -609,6 +609,7 @@ class Coordinator:
             batch_policy=c.batch_policy,
             initial_batch_growth=c.initial_batch_growth,
             codec=warmed(c.codec, task_round.base_version),
+            train_seed=c.train_seed,
         )
 
     def _global_model(

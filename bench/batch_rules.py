@@ -79,8 +79,8 @@ def accuracies(
 ) -> list[float]:
     """Accuracy after each of `rounds` rounds of `task` as `run` says, `steps` local steps at B0 a round
     (default: STEPS), trained and evaluated on `device`. The initial model is seed `seed`'s; round r trains with
-    seed r, as an agent's round r does, under `agent_seeds` (every run then takes the federation's data order),
-    else with seed x 1000 + r - 1."""
+    the seed an agent's round r takes at `train_seed` 0 under `agent_seeds` (every run then takes the demo
+    federation's data order), else with seed x 1000 + r - 1."""
     import torch
 
     from agent.data import DigitsData
@@ -100,7 +100,7 @@ def accuracies(
             planned = _assignment(task, model, definition.optimizer, steps or STEPS[task], version, run.rule)
             batch = min(run.batch, batch_ceiling(planned)) if run.ramp else run.batch
             planned = msgspec.structs.replace(planned, batch_size=batch)
-            round_seed = version + 1 if agent_seeds else seed * 1000 + version
+            round_seed = planned.round_seed(version + 1) if agent_seeds else seed * 1000 + version
             delta = runtime.train(planned, state, seed=round_seed, reference_batch=B0).delta
             state = {name: state[name] + delta[name] for name in state}
             result.append(evaluate(model, state, test, device=device))

@@ -15,8 +15,9 @@ checks the SMs of that GPU, and its workers see that GPU alone).
 
 With --repeats N every policy runs N times, the policies in turn (so a drift of the machine spreads over all of
 them); a policy's figures are its median run's (by time to target, never = infinitely slow), and
-"seconds_to_target_runs" lists every run's. Repeats start from seed 0's initial models, so they sample the GPU's
-nondeterminism along one trajectory; with --vary-seed repeat k starts from seed k-1's (alike for every policy).
+"seconds_to_target_runs" lists every run's. Repeats start from seed 0's initial models and data order, so they
+sample the GPU's nondeterminism along one trajectory; with --vary-seed repeat k takes seed k-1 (testbed.demo's
+--seed: the tasks' `init_seed` and `train_seed`), alike for every policy.
 
 With --device-history FILE every agent starts with those round records (an earlier run's
 state/<device>/predictor/<gpu>.jsonl), as a device that ran an earlier federation: its planner's correction is
@@ -220,8 +221,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--vary-seed",
         action="store_true",
-        help="repeat k starts from the initial models of seed k-1 (every policy the same): repeats then sample"
-        " training trajectories, not only the GPU's nondeterminism along one",
+        help="repeat k takes seed k-1's initial models and data order (every policy the same): repeats then"
+        " sample training trajectories, not only the GPU's nondeterminism along one",
     )
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--resolution", type=int, default=128, help="every task's input size")

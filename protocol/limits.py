@@ -22,6 +22,9 @@ MAX_BATCH_SIZE = 65_536
 MAX_BATCH_GROWTH = 64
 #: rounds of a partial codec's warm-up (each doubles the share kept before it)
 MAX_WARMUP_ROUNDS = 16
+#: a task's training seed (its rounds' seeds, seed x (MAX_ROUND + 1) + round, stay below 2**41: a data loader
+#: may multiply one by a million and still hold it in 64 bits)
+MAX_TRAIN_SEED = 2**10 - 1
 
 #: one chunked transfer: the whole payload, one chunk (MQTT's payload cap is 256 MiB), the number of chunks
 MAX_TRANSFER_BYTES = 1 << 36

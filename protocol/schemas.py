@@ -53,6 +53,7 @@ LrScaling = Literal["auto", "linear", "sqrt", "none"]
 #: takes the configured number of optimiser steps at the configured lr
 BatchPolicy = Literal["scale_lr", "hold_steps"]
 BatchGrowth = Annotated[int, Meta(ge=1, le=lim.MAX_BATCH_GROWTH)]
+TrainSeed = Annotated[int, Meta(ge=0, le=lim.MAX_TRAIN_SEED)]
 
 
 class Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -195,6 +196,11 @@ class TaskAssignment(Message, omit_defaults=True):
     # doubles with each version trained (agent/batching.py)
     initial_batch_growth: BatchGrowth = 1
     codec: CodecSpec = CodecSpec()  # how the update travels
+    train_seed: TrainSeed = 0  # the task's training randomness (its data order): see round_seed
+
+    def round_seed(self, round_: int) -> int:
+        """The seed a device trains this task's round `round_` with: the round number, at `train_seed` 0."""
+        return self.train_seed * (lim.MAX_ROUND + 1) + round_
 
 
 class Schedule(Message):

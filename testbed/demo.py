@@ -33,6 +33,7 @@ from agent.config import AgentConfig, ExecutionConfig, predictor_dir
 from aggregator.config import AggregatorConfig, AggregatorMetricsConfig, RoundsConfig, TaskConfig
 from common.config import to_toml
 from common.metrics import MetricsConfig
+from protocol.limits import MAX_TRAIN_SEED
 from protocol.schemas import CodecSpec, ExecutionPolicy, LrScaling, ModelSpec, OptimizerSpec, Precision
 from protocol.transport import MqttSettings
 from testbed import phases
@@ -102,7 +103,8 @@ class Options:
     link_latency_ms: float = 0.0
     upload: Literal["on_finish", "after_round"] = "on_finish"  # the agents' upload order
     stop_at: float | None = None  # end the run after the first round with every task at this accuracy
-    seed: int = 0  # every task's initial global model (the aggregator's `init_seed`): another trajectory
+    #: every task's initial global model and data order (`init_seed`, `train_seed`): another trajectory
+    seed: int = 0
     device_history: tuple[Path, ...] = ()  # files of one GPU's round records every agent starts with
 
     def devices(self) -> list[str]:
@@ -116,6 +118,7 @@ class Options:
                 "batch_size": self.batch_size,
                 "precision": self.precision,
                 "init_seed": self.seed,
+                "train_seed": self.seed,
                 "initial_batch_growth": self.initial_batch_growth,
             }
             model = definition.model
@@ -535,7 +538,14 @@ def main(argv: list[str] | None = None) -> int:
         default="on_finish",
         help="on_finish: each update uploads while other tasks train (Algorithm 1); after_round: naive",
     )
-    parser.add_argument("--seed", type=int, default=0, help="the initial global models' seed")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        choices=range(MAX_TRAIN_SEED + 1),
+        metavar=f"0..{MAX_TRAIN_SEED}",
+        help="the initial global models' seed and the tasks' training seed",
+    )
     parser.add_argument(
         "--spare-workers", type=int, help="each agent's spare worker processes (default: theirs)"
     )

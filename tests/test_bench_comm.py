@@ -48,10 +48,12 @@ def test_a_codec_row_gives_each_tasks_own_bytes_ratio():
     )
 
 
-def test_the_demo_seed_is_every_tasks_initial_model_seed(tmp_path):
+def test_the_demo_seed_is_every_tasks_initial_model_and_training_seed(tmp_path):
     tasks = Options(out=tmp_path, seed=3).tasks()
-    assert set(tasks) == set(TASKS) and all(config.init_seed == 3 for config, _ in tasks.values())
-    assert all(config.init_seed == 0 for config, _ in Options(out=tmp_path).tasks().values())
+    assert set(tasks) == set(TASKS)
+    assert all((config.init_seed, config.train_seed) == (3, 3) for config, _ in tasks.values())
+    defaults = Options(out=tmp_path).tasks().values()
+    assert all((config.init_seed, config.train_seed) == (0, 0) for config, _ in defaults)
 
 
 @pytest.mark.parametrize(

@@ -201,7 +201,21 @@ def test_optional_fields_take_defaults_when_absent():
     sent = sample(s.Schedule)
     task = msgspec.msgpack.decode(encode(sent))["tasks"][0]
     assert "codec" not in task and "initial_batch_growth" not in task  # defaults stay off the wire
+    assert "train_seed" not in task
     assert decode(encode(sent), s.Schedule).tasks[0].codec == s.CodecSpec(name="dense")
+
+
+def test_a_round_seed_is_the_round_at_train_seed_0_and_distinct_for_every_seed_and_round():
+    assignment = sample(s.TaskAssignment)
+    assert assignment.train_seed == 0 and assignment.round_seed(7) == 7  # what devices trained with before
+    seeds = {
+        msgspec.structs.replace(assignment, train_seed=seed).round_seed(round_)
+        for seed in (0, 1, lim.MAX_TRAIN_SEED)
+        for round_ in (1, 2, lim.MAX_ROUND)
+    }
+    assert (
+        len(seeds) == 9 and max(seeds) * 1_000_003 < 2**64
+    )  # a data loader's seed arithmetic stays in 64 bits
 
 
 def test_chunk_is_a_compact_array_on_the_wire():
@@ -336,6 +350,7 @@ def test_wrong_type_is_rejected_naming_the_field(kind, path, value):
         (s.ModelSpec, "input_size", 7),
         (s.ModelSpec, "input_size", 1025),
         (s.TaskAssignment, "batch_size", 0),
+        (s.TaskAssignment, "train_seed", -1),
         (s.HostInfo, "cpu_count", 0),
         (s.GpuInfo, "index", -1),
         (s.TransferInfo, "chunk_size", 0),
@@ -393,6 +408,7 @@ def test_boundary_values_are_accepted(kind, path, value):
         (s.GlobalManifest, "version", lim.MAX_ROUND + 1),
         (s.TaskAssignment, "base_version", lim.MAX_ROUND + 1),
         (s.TaskAssignment, "batch_size", lim.MAX_BATCH_SIZE + 1),
+        (s.TaskAssignment, "train_seed", lim.MAX_TRAIN_SEED + 1),
         (s.TaskAssignment, "max_batch_size", 2**63),
         (s.TaskAssignment, "local_epochs", lim.MAX_LOCAL_EPOCHS + 1),
         (s.TaskAssignment, "local_steps", lim.MAX_LOCAL_STEPS + 1),

@@ -297,10 +297,12 @@ def test_the_strategys_proximal_mu_travels_with_every_schedule(config):
     assert {a.proximal_mu for s in started(config).tick(now=1000).schedules for a in s.tasks} == {0.3}
 
 
-def test_the_batch_rules_of_the_task_config_travel_with_every_schedule(config):
+def test_the_batch_rules_and_training_seed_of_the_task_config_travel_with_every_schedule(config):
     config.tasks["t"].lr_scaling, config.tasks["t"].initial_batch_growth = "sqrt", 4
+    config.tasks["t"].train_seed = 3
     (assignment,) = {a for s in started(config).tick(now=1000).schedules for a in s.tasks}
     assert (assignment.lr_scaling, assignment.initial_batch_growth) == ("sqrt", 4)
+    assert assignment.train_seed == 3
 
 
 def test_an_update_naming_another_device_than_its_sender_is_rejected(config, tmp_path):

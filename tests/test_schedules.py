@@ -120,10 +120,12 @@ class BlockingRounds:
 
     def __init__(self) -> None:
         self.rounds: list[list[str]] = []
+        self.seeds: list[dict[str, int]] = []  # per round: the seed each task's training job was given
         self.running = threading.Event()
 
     def __call__(self, launches, work, pool, on_outcome, *, stop, **_) -> None:
         self.rounds.append(sorted(launch.task for launch in launches))
+        self.seeds.append({task: item.train.seed for task, item in work.items()})
         self.running.set()
         stop.wait(30)
         self.running.clear()
@@ -168,3 +170,12 @@ def test_the_agent_trains_a_rounds_tasks_together_and_a_later_round_after_it(age
     while len(agent.rounds.rounds) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert agent.rounds.rounds == [["a", "b"], ["a"]]
+
+
+def test_a_task_trains_each_round_with_its_round_seed(agent):
+    seeded = msgspec.structs.replace(assignment("a"), train_seed=2)
+    send(agent, "a", msgspec.structs.replace(schedule("a", 3), tasks=[seeded]))
+    send(agent, "b", schedule("b", 3))
+    assert agent.rounds.running.wait(10)
+    assert agent.rounds.seeds == [{"a": seeded.round_seed(3), "b": 3}]
+    assert seeded.round_seed(3) != 3
