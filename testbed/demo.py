@@ -487,6 +487,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_TRAIN_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_TRAIN_SEED}, not {value}")
+    return value
+
+
 def _local_steps(text: str) -> dict[str, int]:
     """`N` (every task) or `task=N,task=N,...` naming every task of the demo."""
     if "=" not in text:
@@ -540,11 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=0,
-        choices=range(MAX_TRAIN_SEED + 1),
-        metavar=f"0..{MAX_TRAIN_SEED}",
-        help="the initial global models' seed and the tasks' training seed",
+        help=f"the initial global models' seed and the tasks' training seed, 0..{MAX_TRAIN_SEED}",
     )
     parser.add_argument(
         "--spare-workers", type=int, help="each agent's spare worker processes (default: theirs)"

@@ -56,6 +56,15 @@ def test_the_demo_seed_is_every_tasks_initial_model_and_training_seed(tmp_path):
     assert all((config.init_seed, config.train_seed) == (0, 0) for config, _ in defaults)
 
 
+@pytest.mark.parametrize("seed", ["-1", "1024", "x"])
+def test_a_demo_seed_outside_the_training_seeds_range_is_refused(seed, capsys):
+    from testbed.demo import main
+
+    with pytest.raises(SystemExit):
+        main(["--seed", seed])
+    assert "--seed" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "results",
     [
