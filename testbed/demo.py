@@ -218,11 +218,12 @@ def seed_history(options: Options) -> None:
     from predictor.records import DataFile, dataset_path
 
     for path in options.device_history:
-        gpu = DataFile.read(path).gpu
+        history = DataFile.read(path)
+        gpu = history.gpu
         for device in options.devices():
             own = predictor_dir(state_dir(options.out, device))
             own.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, dataset_path(own, gpu))
+            dataset_path(own, gpu).write_bytes(history.raw)  # the bytes checked, read once for every agent
 
 
 def round_counters(urls: dict[str, str]) -> dict[str, float | None]:
