@@ -12,7 +12,10 @@ config says how training keeps its accuracy (`lr_scaling` and `batch_policy`, se
   moves every weight by about the rate in its first steps; ResNet18 at 4 x B0, rounds 2-4: 8.5 points behind
   B0 with the square root, 4.1 with none; bench/results/batch_rules.json). When
   the rate grows it ramps up linearly from the configured rate over the first WARMUP_SHARE of the round's
-  steps (every round starts a fresh optimiser).
+  steps (every round starts a fresh optimiser) and back down to it over the last COOLDOWN_SHARE: a round that
+  ends at the grown rate ends wherever its last batches threw it (DenseNet121 at 26 of 16 with the linear rule,
+  H100, 128 px, the agents' round-1 data order: 3.6 +- 0.7 points behind B0 over four initial models, while twelve
+  other data orders kept it within 0.2; bench/results/README.md).
 - `batch_policy = "hold_steps"`: the round takes the optimiser steps it would at B0, at the configured rate,
   and so processes B/B0 times the images.
 
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 from protocol.schemas import TaskAssignment
 
 WARMUP_SHARE = 0.1  # of a round's steps, when the learning rate grows
+COOLDOWN_SHARE = 0.1  # of a round's steps, at its end, when the learning rate grew
 BATCH_GROWTH = 2  # the most a plan multiplies a task's batch size by per global version trained
 #: the most a plan multiplies an Adam task's batch size by under `auto` (bench/results/batch_rules.json: ResNet18
 #: 2.0 points behind B0 at 2x, 3.7 at 4x, 5.5 at 8x with its rate kept; the square root did worse)
@@ -74,20 +78,25 @@ def lr_factor(assignment: TaskAssignment, ratio: float) -> float:
 
 @dataclass(frozen=True)
 class RoundRecipe:
-    """A round's optimiser steps and learning rate (after a warm-up from `base_lr` over `warmup_steps`); Adam's
-    averaging horizons (1 / (1 - beta)) are divided by `horizon_scale` (see adam_moments)."""
+    """A round's optimiser steps and learning rate: `lr` between a warm-up from `base_lr` over the first
+    `warmup_steps` and a cool-down back to `base_lr` over the last `cooldown_steps`; Adam's averaging horizons
+    (1 / (1 - beta)) are divided by `horizon_scale` (see adam_moments)."""
 
     steps: int
     lr: float
     base_lr: float
     warmup_steps: int = 0
+    cooldown_steps: int = 0
     horizon_scale: float = 1.0
 
     def lr_at(self, step: int) -> float:
-        """The learning rate of step `step` (0-based)."""
-        if step >= self.warmup_steps:
-            return self.lr
-        return self.base_lr + (self.lr - self.base_lr) * step / self.warmup_steps
+        """The learning rate of step `step` (0-based); the last step takes `base_lr` after a cool-down."""
+        if step < self.warmup_steps:
+            return self.base_lr + (self.lr - self.base_lr) * step / self.warmup_steps
+        after = self.steps - 1 - step  # the round's steps after this one
+        if after < self.cooldown_steps:
+            return self.base_lr + (self.lr - self.base_lr) * max(after, 0) / self.cooldown_steps
+        return self.lr
 
 
 def round_recipe(assignment: TaskAssignment, samples: int, reference_batch: int | None = None) -> RoundRecipe:
@@ -104,9 +113,16 @@ def round_recipe(assignment: TaskAssignment, samples: int, reference_batch: int 
         steps = assignment.local_epochs * steps_per_epoch(samples, batch)
     ratio = batch / reference
     lr = base_lr * lr_factor(assignment, ratio)
-    warmup = math.ceil(WARMUP_SHARE * steps) if lr > base_lr else 0
+    grows = lr > base_lr
     adam_sqrt = assignment.optimizer.name == "adam" and assignment.lr_scaling == "sqrt"
-    return RoundRecipe(steps, lr, base_lr, warmup, horizon_scale=ratio if adam_sqrt else 1.0)
+    return RoundRecipe(
+        steps,
+        lr,
+        base_lr,
+        warmup_steps=math.ceil(WARMUP_SHARE * steps) if grows else 0,
+        cooldown_steps=math.ceil(COOLDOWN_SHARE * steps) if grows else 0,
+        horizon_scale=ratio if adam_sqrt else 1.0,
+    )
 
 
 def round_images(assignment: TaskAssignment, samples: int, reference_batch: int | None = None) -> int:

@@ -9,6 +9,7 @@ import pytest
 from agent.batching import (
     ADAM_BETAS,
     ADAM_EPS,
+    COOLDOWN_SHARE,
     WARMUP_SHARE,
     adam_moments,
     round_images,
@@ -115,15 +116,29 @@ def test_a_growing_rate_warms_up_linearly_over_the_first_steps():
     assert all(a < b for a, b in zip(rates[:10], rates[1:11]))
 
 
+def test_a_grown_rate_cools_down_to_the_configured_one_over_the_last_steps():
+    recipe = round_recipe(assignment(64), samples=6400, reference_batch=16)
+    assert recipe.cooldown_steps == math.ceil(COOLDOWN_SHARE * 100) == 10
+    rates = [recipe.lr_at(s) for s in range(88, 100)]
+    assert rates[:2] == [0.04, 0.04] and rates[-1] == pytest.approx(0.01)
+    assert all(a > b for a, b in zip(rates[1:], rates[2:]))  # falling from step 90 to the last
+
+
+def test_a_one_step_round_with_a_grown_batch_takes_the_configured_rate():
+    recipe = round_recipe(assignment(32, local_steps=2), samples=640, reference_batch=16)
+    assert recipe.steps == 1 and recipe.lr_at(0) == pytest.approx(0.01)
+
+
 def test_a_smaller_batch_lowers_the_rate_at_once():
     recipe = round_recipe(assignment(8), samples=640, reference_batch=32)
-    assert recipe.lr == pytest.approx(0.0025) and recipe.warmup_steps == 0 and recipe.steps == 80
+    assert recipe.lr == pytest.approx(0.0025) and recipe.steps == 80
+    assert recipe.warmup_steps == recipe.cooldown_steps == 0
 
 
 def test_hold_steps_keeps_the_configured_steps_and_rate():
     held = assignment(64, batch_policy="hold_steps")
     recipe = round_recipe(held, samples=640, reference_batch=16)
-    assert recipe.steps == 40 and recipe.lr == 0.01 and recipe.warmup_steps == 0
+    assert recipe.steps == 40 and recipe.lr == 0.01 and recipe.warmup_steps == recipe.cooldown_steps == 0
     assert round_images(held, 640, reference_batch=16) == 40 * 64  # four times the images
     assert round_images(assignment(64), 640, reference_batch=16) == 640  # scale_lr: the configured images
 
