@@ -8,6 +8,11 @@ cuBLAS choose their kernels, the optimiser makes its state), then the next batch
 an epoch's last, partial batch is a shape of its own. The eager steps and the replays work on the same weights and
 optimiser state, so the steps a round takes and what each computes are the same with or without graphs.
 
+Python's cyclic garbage collector is kept out of a capture: a finished round's steps and their graphs are freed
+by it (a step and its GraphedStep refer to each other), and a graph freed while another is being captured
+invalidates that capture (on an H100 a capture failed so after twenty runtimes in one process, and the process's
+CUDA random state stayed broken). So a capture collects first and runs with the collector paused.
+
 The step must be capturable: no host synchronisation, no loss scaling (fp16's scaler checks for infinities on the
 host), an optimiser whose step count and learning rate live on the device (`agent.training.make_optimizer` with
 `capturable`: a float rate would be fixed in the graph, so a warm-up's steps would have to run eagerly).
@@ -15,8 +20,10 @@ host), an optimiser whose step count and learning rate live on the device (`agen
 
 from __future__ import annotations
 
+import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -78,7 +85,7 @@ class _Captured:
     def __init__(self, step: Step, images: torch.Tensor, labels: torch.Tensor, pool) -> None:
         self.images, self.labels = images.clone(), labels.clone()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with _collector_paused(), torch.cuda.graph(self.graph, pool=pool):
             self.loss, self.logits = step(self.images, self.labels)
 
     def replay(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,3 +93,16 @@ class _Captured:
         self.labels.copy_(labels)
         self.graph.replay()
         return self.loss.clone(), self.logits.clone()  # the next replay overwrites the graph's own
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Collect garbage now (older graphs among it) and keep the cyclic collector off until the block ends."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

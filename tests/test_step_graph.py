@@ -4,6 +4,8 @@ must change nothing."""
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -57,7 +59,8 @@ def test_a_graphed_round_computes_what_the_eager_round_does(
     optimizer, batch, deterministic_cudnn, monkeypatch
 ):
     # 70 samples: at batch 16 four full batches and one of 6 per epoch, so both shapes get captured in 5 epochs;
-    # at batch 32 the rate is doubled after a warm-up of 2 of the round's 15 steps, captured and replayed too.
+    # at batch 32 the rate is doubled between a warm-up and a cool-down of 2 of the round's 15 steps each,
+    # captured and replayed too.
     # The eager rounds run the same capturable optimiser with every step eager (the round's only difference).
     assigned = task(optimizer, batch=batch)
     graphed = deltas("cuda", True, assigned)
@@ -149,6 +152,33 @@ def test_a_step_that_cannot_be_captured_runs_eagerly() -> None:
     for _ in range(WARMUP_STEPS + 2):
         loss, _ = graphed(*batch())
     assert graphed.failed and graphed.graphs == {} and torch.isfinite(loss)
+
+
+@GPU
+def test_a_capture_survives_a_collection_that_frees_an_older_graph() -> None:
+    # A finished round's step and its graphs are garbage in a reference cycle (step -> GraphedStep -> bound method
+    # -> step) until the cyclic collector runs, which it may at any allocation, a capture's too: here the step
+    # collects while it is being captured.
+    finished = cuda_step()
+    for _ in range(WARMUP_STEPS + 1):
+        finished(*batch())
+    assert finished.graphed.graphs
+    eager = cuda_step()
+
+    def collecting(images, labels):
+        if torch.cuda.is_current_stream_capturing():
+            gc.collect()
+        return eager._step(images, labels)
+
+    gc.disable()  # `finished` stays uncollected until then
+    try:
+        del finished
+        graphed = GraphedStep(collecting)
+        for _ in range(WARMUP_STEPS + 2):
+            loss, _ = graphed(*batch())
+    finally:
+        gc.enable()
+    assert not graphed.failed and len(graphed.graphs) == 1 and torch.isfinite(loss)
 
 
 @GPU
