@@ -14,8 +14,8 @@ config says how training keeps its accuracy (`lr_scaling` and `batch_policy`, se
   the rate grows it ramps up linearly from the configured rate over the first WARMUP_SHARE of the round's
   steps (every round starts a fresh optimiser) and back down to it over the last COOLDOWN_SHARE: a round that
   ends at the grown rate ends wherever its last batches threw it (DenseNet121 at 26 of 16 with the linear rule,
-  H100, 128 px, the agents' round-1 data order: 3.6 +- 0.7 points behind B0 over four initial models, 1.0 +- 1.0
-  with the cool-down; bench/results/README.md).
+  H100, 128 px, the agents' round-1 data order: 3.6 +- 0.7 points behind B0 over four initial models, 1.25 +-
+  0.6 over eight with the cool-down; bench/results/README.md).
 - `batch_policy = "hold_steps"`: the round takes the optimiser steps it would at B0, at the configured rate,
   and so processes B/B0 times the images.
 
