@@ -11,7 +11,9 @@ optimiser state, so the steps a round takes and what each computes are the same 
 Python's cyclic garbage collector is kept out of a capture: a finished round's steps and their graphs are freed
 by it (a step and its GraphedStep refer to each other), and a graph freed while another is being captured
 invalidates that capture (on an H100 a capture failed so after twenty runtimes in one process, and the process's
-CUDA random state stayed broken). So a capture collects first and runs with the collector paused.
+CUDA random state stayed broken). So a capture collects first and runs with the collector paused. A full
+collection with torch and DenseNet121 loaded takes 75-90 ms on a 2-core machine; a round captures one graph per
+batch shape, two at most (full batches and the epoch's last one).
 
 The step must be capturable: no host synchronisation, no loss scaling (fp16's scaler checks for infinities on the
 host), an optimiser whose step count and learning rate live on the device (`agent.training.make_optimizer` with
