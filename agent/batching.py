@@ -9,9 +9,9 @@ config says how training keeps its accuracy (`lr_scaling` and `batch_policy`, se
   shortened to match, Malladi et al. 2022: 1 - beta x B/B0, eps / sqrt(B/B0); DenseNet121 on digits at 32 px,
   one round of 60 steps at B0 = 16 from scratch, 30 seeds: 94.2% at 26 with the rate alone, 95.3% with the
   betas too, 95.4% at 16 over 12), `none`, or `auto`: linear for SGD, none for Adam (a round's fresh Adam
-  moves every weight by about the rate in its first steps; ResNet18 at 4 x B0, rounds 2-4: 8.5 points behind
-  B0 with the square root, 4.1 with none; bench/results/batch_rules.json). When
-  the rate grows it ramps up linearly from the configured rate over the first WARMUP_SHARE of the round's
+  moves every weight by about the rate in its first steps; ResNet18 from scratch at 4 x B0, 32 px, rounds 2-4:
+  2.5 points behind B0 with the rate kept, 2.6 with the square root, 8.6 linear; bench/results/batch_rules.json).
+  When the rate grows it ramps up linearly from the configured rate over the first WARMUP_SHARE of the round's
   steps (every round starts a fresh optimiser) and back down to it over the last COOLDOWN_SHARE: a round that
   ends at the grown rate ends wherever its last batches threw it (DenseNet121 at 26 of 16 with the linear rule,
   H100, 128 px, the agents' round-1 data order: 3.6 +- 0.7 points behind B0 over four initial models, 1.25 +-
@@ -22,7 +22,7 @@ config says how training keeps its accuracy (`lr_scaling` and `batch_policy`, se
 Either way a plan grows the batch at most BATCH_GROWTH-fold per global version the task has trained
 (`batch_ceiling`): by default a model from scratch trains at B0 and the batch grows as it learns. Large batches
 from a random start lose accuracy in the first rounds that the rate rules do not win back (ShuffleNet at 8 x B0
-with the linear rule after round 1: 8.6% against 96.1% at B0 on the H200, 17.4% against 87.2% on the CPU);
+with the linear rule after round 1: 8.6% against 96.1% at B0 on the H200, 14.9% against 83.3% on the CPU);
 growing the batch instead of decaying the rate is Smith et al. 2018. A task whose rounds take many steps (or
 whose initial model is pretrained) may let the initial model train at up to `initial_batch_growth` x B0.
 """
@@ -38,7 +38,7 @@ WARMUP_SHARE = 0.1  # of a round's steps, when the learning rate grows
 COOLDOWN_SHARE = 0.1  # of a round's steps, at its end, when the learning rate grew
 BATCH_GROWTH = 2  # the most a plan multiplies a task's batch size by per global version trained
 #: the most a plan multiplies an Adam task's batch size by under `auto` (bench/results/batch_rules.json: ResNet18
-#: 2.0 points behind B0 at 2x, 3.7 at 4x, 5.5 at 8x with its rate kept; the square root did worse)
+#: from scratch at 4x 2.5 points behind B0 over rounds 2-4 with its rate kept; ramped to 2x, +0.1)
 ADAM_AUTO_GROWTH = 2
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, the configured batch's
 
