@@ -55,12 +55,14 @@ class PauseAt:
         return self.calls == self.step + 1
 
 
+# a pause before step 1 or 10 of 12: inside the rate's warm-up (steps 0-1) or its cool-down (10-11)
+@pytest.mark.parametrize("pause", [1, 10])
 @pytest.mark.parametrize(
     "optimizer", [OptimizerSpec(name="sgd", lr=0.05, momentum=0.9), OptimizerSpec(name="adam", lr=1e-3)]
 )
-def test_a_paused_round_continues_in_another_runtime_as_if_never_paused(tmp_path, optimizer):
-    """Batch 32 for a task configured at 16 (a warm-up is under way at the pause), two epochs, paused mid-epoch:
-    the continued round takes the same steps over the same data order and ends with the same weights."""
+def test_a_paused_round_continues_in_another_runtime_as_if_never_paused(tmp_path, optimizer, pause):
+    """Batch 32 for a task configured at 16 (its rate ramping at the pause), two epochs, paused mid-epoch: the
+    continued round takes the same steps over the same data order and ends with the same weights."""
     task = assignment(DROPOUT_MODEL, optimizer, batch_size=32, local_epochs=2, lr_scaling="linear")
     base = state_to_numpy(build_model(DROPOUT_MODEL, seed=0))
     data = DigitsData(num_partitions=8, partition_index=3)
@@ -73,11 +75,14 @@ def test_a_paused_round_continues_in_another_runtime_as_if_never_paused(tmp_path
     whole = runtime().train(task, base, seed=5, reference_batch=16)
     checkpoint = tmp_path / "t.handover"
     with pytest.raises(TrainingPaused) as paused:
-        runtime().train(task, base, seed=5, reference_batch=16, pause_to=checkpoint, should_pause=PauseAt(8))
+        runtime().train(
+            task, base, seed=5, reference_batch=16, pause_to=checkpoint, should_pause=PauseAt(pause)
+        )
     position = paused.value.position
     steps_per_epoch = data.sample_count() // 32 + 1
-    assert position.steps == 8 and (position.epoch, position.batch) == divmod(8, steps_per_epoch)
-    assert whole.recipe.warmup_steps > 1  # the pause falls inside the warm-up
+    assert position.steps == pause and (position.epoch, position.batch) == divmod(pause, steps_per_epoch)
+    recipe = whole.recipe  # the rate ramps at the pause:
+    assert recipe.steps == 12 and recipe.base_lr < recipe.lr_at(pause) < recipe.lr
     continued = TaskRuntime(DROPOUT_MODEL, data, device="cpu").train(
         task, base, seed=5, reference_batch=16, resume_from=checkpoint
     )
