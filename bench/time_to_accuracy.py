@@ -56,15 +56,17 @@ def seconds_to_target(
 
 
 def run_policy(args, policy: str, partition: str, repeat: int = 1) -> dict:
-    """One federation run (or, with --reuse, the one its folder's summary.json recorded); its accuracy per
-    round, round wall times and time to the target."""
+    """One federation run in the folder <out>/time_to_accuracy/<name> (or, with --reuse, the one its summary
+    recorded); its accuracy per round, round wall times and time to the target. The summary goes to
+    <name>.summary.json beside the folder: a flat file that survives a copy leaving out the folder's deep state."""
     name = f"{partition}-{policy}" + (f"-{repeat}" if repeat > 1 else "")
     folder = (args.out / "time_to_accuracy" / name).resolve()
-    if args.reuse and (folder / "summary.json").exists():
-        summary = json.loads((folder / "summary.json").read_text())
+    summary_path = folder.with_name(f"{name}.summary.json")
+    if args.reuse and summary_path.exists():
+        summary = json.loads(summary_path.read_text())
     else:
         summary = run(_options(args, policy, partition, folder, repeat))
-        (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+        summary_path.write_text(json.dumps(summary, indent=1))
     run_ = from_summary(summary, args.target)
     print(f"{name:>20}: target {args.target:.0%} after {run_['seconds_to_target']} s", flush=True)
     return run_

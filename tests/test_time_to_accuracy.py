@@ -47,6 +47,8 @@ def test_repeated_runs_take_the_policies_in_turn_and_report_every_run(tmp_path, 
         "iid-temporal-3",
         "iid-fedmt-3",
     ]
+    summaries = sorted(p.name for p in (tmp_path / "time_to_accuracy").iterdir() if p.is_file())
+    assert summaries == sorted(f"{name}.summary.json" for name in order)  # flat, beside the runs' folders
     result = json.loads((tmp_path / "time_to_accuracy.json").read_text())
     assert result["seconds_to_target_runs"] == {"temporal": [41.0, 43.0, 45.0], "fedmt": [22.0, 24.0, 26.0]}
     assert result["seconds_to_target"] == {"temporal": 43.0, "fedmt": 24.0}
