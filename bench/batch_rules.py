@@ -1,6 +1,6 @@
 """Batch adaptation against accuracy: rounds of the demo's tasks at larger batches under each learning-rate rule.
 
-    python -m bench.batch_rules --out bench/results/batch_rules.json     # CPU, about 25 minutes on 2 cores
+    python -m bench.batch_rules --out bench/results/batch_rules.json     # CPU, 10-25 minutes on 2 cores
     python -m bench.batch_rules --device cuda --cuda-graphs --tasks digits-densenet121 --resolution 128 \
         --steps 600 --rounds 1 --seeds 0 1 2 3 --runs 16:none 26:sqrt 26:linear --out ...  # the GPU round 1
 
@@ -17,7 +17,6 @@ difference from B0's, paired by seed, with its standard error, and the mean over
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import get_args
 import msgspec
 
 from agent.batching import batch_ceiling
-from bench.common import describe_device, write_json
+from bench.common import describe_device, standard_error, write_json
 from protocol.schemas import LrScaling, ModelSpec, TaskAssignment
 
 B0 = 16
@@ -194,14 +193,10 @@ def _row(task: str, label: str, per_seed: list[list[float]], reference: list[lis
         "accuracy_per_round": [statistics.median(r) for r in zip(*per_seed)],
         "range_per_round": [[min(r), max(r)] for r in zip(*per_seed)],
         "vs_b0_pts_per_round": [statistics.fmean(g) for g in zip(*gaps)],
-        "vs_b0_pts_stderr_per_round": [_stderr(g) for g in zip(*gaps)],
+        "vs_b0_pts_stderr_per_round": [standard_error(g) or 0.0 for g in zip(*gaps)],  # one seed: 0
         "later_rounds_vs_b0_pts": 100 * statistics.fmean(later) if later else None,
         "per_seed": per_seed,
     }
-
-
-def _stderr(values: tuple[float, ...]) -> float:
-    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

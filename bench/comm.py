@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
 
 import msgspec
 
-from bench.common import write_json
+from bench.common import standard_error, write_json
 from protocol.schemas import CodecSpec
 from testbed import demo
 
@@ -128,8 +127,7 @@ def codec_row(name: str, runs: list[dict], dense_runs: list[dict]) -> dict:
         "final_accuracy_by_seed": {t: [f[t] for f in finals] for t in tasks},
         "final_accuracy_drop_pts_by_seed": by_seed,
         "final_accuracy_drop_pts_sem": {
-            t: round(statistics.stdev(d) / math.sqrt(len(d)), 2) if len(d) > 1 else None
-            for t, d in by_seed.items()
+            t: None if (error := standard_error(d)) is None else round(error, 2) for t, d in by_seed.items()
         },
         "accuracy": runs[0]["accuracy"],
     }

@@ -125,6 +125,14 @@ def spread(values: Sequence[float]) -> float:
     return (max(values) - min(values)) / middle if middle else 0.0
 
 
+def standard_error(values: Sequence[float]) -> float | None:
+    """The standard error of the values' mean; None for fewer than two."""
+    import math
+    import statistics
+
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+
+
 def compare(a: float, a_spread: float, b: float, b_spread: float) -> str:
     """a / b as text, or a tie when the difference is no larger than either measurement's spread."""
     ratio = a / b
