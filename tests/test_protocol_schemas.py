@@ -213,9 +213,8 @@ def test_a_round_seed_is_the_round_at_train_seed_0_and_distinct_for_every_seed_a
         for seed in (0, 1, lim.MAX_TRAIN_SEED)
         for round_ in (1, 2, lim.MAX_ROUND)
     }
-    assert (
-        len(seeds) == 9 and max(seeds) * 1_000_003 < 2**64
-    )  # a data loader's seed arithmetic stays in 64 bits
+    assert len(seeds) == 9
+    assert max(seeds) * 1_000_003 < 2**64  # a data loader's seed arithmetic stays in 64 bits
 
 
 def test_chunk_is_a_compact_array_on_the_wire():
