@@ -318,14 +318,16 @@ def run(options: Options) -> dict:
             TextColumn("{task.fields[acc]}"),
             TimeElapsedColumn(),
         ]
+
+        def reached() -> int | None:
+            """The round the run stops after (options.stop_at), once every task's accuracy shows it."""
+            return None if options.stop_at is None else _round_at(accuracy, options.stop_at)
+
         try:
             with Progress(*columns, console=console) as progress:
                 bars = {task: progress.add_task(task, total=rounds, acc="") for task in tasks}
                 deadline = time.monotonic() + timeout_s
-                while not all(len(accuracy[t]) == rounds + 1 for t in tasks):
-                    if options.stop_at is not None and (reached := _round_at(accuracy, options.stop_at)):
-                        rounds = reached
-                        break
+                while not all(len(accuracy[t]) == rounds + 1 for t in tasks) and not reached():
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"the demo did not finish {rounds} rounds in {timeout_s:.0f} s")
                     check_alive()
@@ -356,6 +358,8 @@ def run(options: Options) -> dict:
                                 f"(metrics: rounds done {' '.join(_count(c) for c in counters.values())})"
                             )
             monitor.pump(1.0)  # the last round's trailing events
+            # the stop also holds when the later rounds' models came in with the round that reached it
+            rounds = reached() or rounds
         finally:
             monitor.close()
             stop(processes)
