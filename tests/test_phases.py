@@ -207,3 +207,29 @@ def test_the_monitor_remembers_when_every_schedule_was_issued(monkeypatch, tmp_p
     monitor.pump()
     assert monitor.schedule_issued_at == {("d1", 1): 10.0, ("d2", 1): 11.0, ("d1", 2): 50.0}
     assert monitor.schedules["d1"].round == 2
+
+
+def test_the_monitor_counts_an_update_of_an_unknown_codec_as_malformed_and_goes_on(monkeypatch, tmp_path):
+    # a hostile-traffic CI run stopped the monitor here: the codec's name came from the fuzzed manifest
+    from protocol.chunking import transfer_info
+    from protocol.schemas import UpdateManifest
+    from protocol.transport import update_messages
+
+    payload = b"\x00" * 64
+    manifest = UpdateManifest(
+        task="a",
+        round=1,
+        device="d1",
+        update_id="u1",
+        base_version=0,
+        samples=10,
+        codec="dev1",
+        transfer=transfer_info("u1", payload),
+    )
+    (message,) = (Incoming(t, m, retain=False) for t, m in update_messages("d1", manifest, payload))
+    monkeypatch.setattr(monitor_module, "MqttLink", _NoLink)
+    monkeypatch.setattr(_NoLink, "inbox", [message])
+    monitor = monitor_module.Monitor(MqttSettings(), tmp_path)
+    monitor.globals[("a", 0)] = {}  # the update's base global was seen: its codec decides
+    monitor.pump()
+    assert monitor.malformed == 1 and monitor.updates == {}

@@ -24,6 +24,7 @@ from protocol.codecs.fp16 import Fp16Codec
 from protocol.codecs.sparse import SparseCodec
 from protocol.codecs.topk import TopKCodec
 from protocol.codecs.zstd import Zstd
+from protocol.errors import ProtocolError
 from protocol.schemas import CodecSpec
 
 CODECS: dict[str, type[Codec]] = {
@@ -54,10 +55,11 @@ def warmed(spec: CodecSpec, base_version: int) -> CodecSpec:
 
 
 def codec_kind(name: str) -> type[Codec]:
-    """The class of the codec called `name` (with or without `+zstd`); ValueError if there is none."""
+    """The class of the codec called `name` (with or without `+zstd`); ProtocolError (a ValueError) if there is
+    none: a name from a message is bad input, one from a config a config error."""
     kind = CODECS.get(name.removesuffix(ZSTD_SUFFIX))
     if kind is None:
-        raise ValueError(f"unknown codec {name!r}; known: {sorted(CODECS)} (each also with {ZSTD_SUFFIX})")
+        raise ProtocolError(f"unknown codec {name!r}; known: {sorted(CODECS)} (each also with {ZSTD_SUFFIX})")
     return kind
 
 
