@@ -167,7 +167,7 @@ def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: C
     specs = {m: ModelSpec(name=m, num_classes=10, input_size=args.resolution) for m in models}
     workloads = {m: extract(spec).flops_per_sample * args.batch for m, spec in specs.items()}
     planned = (
-        predicted_resources(args.predictor, [extract(s) for s in specs.values()], args.batch)
+        predicted_resources(args.predictor, [extract(s) for s in specs.values()], args.batch, args.images)
         if args.predictor
         else None
     )
@@ -252,10 +252,10 @@ def _rows(scenario, label, rv, run, windows, alone, util, args, device) -> list[
     ]
 
 
-def predicted_resources(path: str, tasks: list, batch: int) -> list[float]:
+def predicted_resources(path: str, tasks: list, batch: int, images: int) -> list[float]:
     """R_i (percent) as the agent's `fedmt` plan chooses them with the ONNX predictor (refined by the rounds'
     correction when `<predictor>.refinement.json` lies next to it): Eq. 5 at the scenario's fixed batch, every
-    task with the same data, so minimising the predicted makespan max_i D_i / P_i; then the best of that and the
+    task with `images` images, so minimising the predicted makespan max_i D_i / P_i; then the best of that and the
     static splits by the same predictor (agent/selection.py)."""
     import json
 
@@ -271,9 +271,10 @@ def predicted_resources(path: str, tasks: list, batch: int) -> list[float]:
     if refinement.exists():
         predict.correction = msgspec.convert(json.loads(refinement.read_text())["correction"], Correction)
     n = len(tasks)
-    search = best_resources(tasks, [batch] * n, predict, objective="makespan", volumes=[1.0] * n)
+    volumes = [float(images)] * n
+    search = best_resources(tasks, [batch] * n, predict, objective="makespan", volumes=volumes)
     options = candidates([float(r) for r in search.resources], [t.flops_per_sample * batch for t in tasks])
-    choice = choose(options, tasks, [batch] * n, [1.0] * n, predict, lambda c: None, trust_model=True)
+    choice = choose(options, tasks, [batch] * n, volumes, predict, lambda c: None, trust_model=True)
     print(f"fedmt-predictor: {choice.note}", flush=True)
     return list(choice.candidate.resources)
 
@@ -337,7 +338,8 @@ def report(args) -> int:
             if s == scenario
         }
         temporal = p[next(k for k in p if k[0] == "temporal")]
-        static = max((v for (pol, _), v in p.items() if pol in ("isolated", "sharing")), key=lambda v: v[0])
+        statics = [v for (pol, _), v in p.items() if pol in ("isolated", "sharing")]
+        static = max(statics, key=lambda v: v[0]) if statics else None
         sweep = [(rv, v[0]) for (pol, rv), v in p.items() if pol == "sweep"]
         best_rv = max(sweep, key=lambda x: x[1]) if sweep else None
         for (pol, _), v in p.items():
@@ -345,13 +347,63 @@ def report(args) -> int:
                 sweep_text = f"{best_rv[0]}% ({best_rv[1] / temporal[0]:.2f}x temporal)" if best_rv else "-"
                 lines.append(
                     f"| {scenario} | {devices[scenario]} | {pol} | {compare(*v, *temporal)} | "
-                    f"{compare(*v, *static)} | {sweep_text} |"
+                    f"{compare(*v, *static) if static else '-'} | {sweep_text} |"
                 )
+    if args.predictor:
+        lines += ["", *predicted_against_measured(rows, Path(args.predictor))]
     table = "\n".join(lines)
     (out / f"{args.name}.md").write_text(table + "\n")
     print(table)
     _plot(runs, devices, out / f"{args.name}.png")
     return 0
+
+
+def predicted_against_measured(rows: list[dict], path: Path) -> list[str]:
+    """A markdown table: per configuration, the predictor's per-task throughputs at its measured R_i and batch
+    (temporal: each task alone at 100%) against the measured ones, their MAPE, and P predicted against measured
+    (every task with the same images: temporal's P is n / sum_i 1/P_i, a co-location's n * min_i P_i)."""
+    import numpy as np
+
+    from predictor.features import extract
+    from predictor.runtime import OnnxPredictor
+
+    predict = OnnxPredictor(path)
+    configurations: dict[tuple[str, str, str], list[dict]] = {}
+    for row in rows:
+        configurations.setdefault((row["scenario"], row["policy"], row["rv"]), []).append(row)
+    lines = [
+        f"Predicted against measured ({path.name}):",
+        "",
+        "| scenario | policy | R_v % | per task: predicted / measured (img/s) | MAPE | P predicted / measured |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    errors = []
+    for (scenario, policy, rv), tasks in configurations.items():
+        features = [
+            extract(ModelSpec(name=r["model"], num_classes=10, input_size=int(r["resolution"])))
+            for r in tasks
+        ]
+        batches = [float(r["batch"]) for r in tasks]
+        if policy == "temporal":
+            predicted = [
+                float(predict([f], np.array([[b]]), np.array([[100.0]]))[0, 0])
+                for f, b in zip(features, batches)
+            ]
+            p = len(tasks) / sum(1 / x for x in predicted)
+        else:
+            shares = [float(r["resource_pct"]) for r in tasks]
+            predicted = [float(x) for x in predict(features, np.array([batches]), np.array([shares]))[0]]
+            p = len(tasks) * min(predicted)
+        measured = [float(r["throughput_ips"]) for r in tasks]
+        task_errors = [abs(x - m) / m for x, m in zip(predicted, measured)]
+        errors += task_errors
+        pairs = ", ".join(f"{r['model']} {x:.0f} / {m:.0f}" for r, x, m in zip(tasks, predicted, measured))
+        lines.append(
+            f"| {scenario} | {policy} | {rv} | {pairs} | {100 * statistics.mean(task_errors):.1f}% | "
+            f"{p:.0f} / {float(tasks[0]['P']):.0f} |"
+        )
+    lines += ["", f"MAPE over {len(errors)} task throughputs: {100 * statistics.mean(errors):.1f}%"]
+    return lines
 
 
 def _plot(runs: dict, devices: dict[str, str], path: Path) -> None:
@@ -404,10 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--policies", nargs="+", default=[*POLICIES, "sweep"], choices=[*POLICIES, "sweep", "fedmt-predictor"]
     )
-    r.add_argument("--predictor", help="ONNX predictor for the fedmt-predictor policy")
     r.add_argument("--repeats", type=int, default=3, help="windows per configuration (median and spread)")
     r.add_argument("--min-window-s", type=float, default=5.0, help="shortest window per configuration")
     for command in (r, sub.add_parser("report")):
+        command.add_argument(
+            "--predictor", help="ONNX predictor: the fedmt-predictor policy's plan, and a table of its error"
+        )
         command.add_argument("--out", default="bench/results")
         command.add_argument("--name", default="colocation", help="file name stem of the results")
     args = parser.parse_args(argv)
