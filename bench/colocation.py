@@ -2,6 +2,7 @@
 
     python -m bench.colocation run --out bench/results      # on a GPU with MPS (as root, or with a running daemon)
     python -m bench.colocation report --out bench/results   # table + plot from the CSV
+    python -m bench.colocation refine --predictor P.onnx --refined DIR   # P with a correction fitted on the CSV
 
 Each policy runs one warm worker process per task (agent.workers), prepared with its model on device-resident
 synthetic data and measured in a synchronised window (agent.windows), the task runtime rounds train with; every
@@ -358,10 +359,11 @@ def report(args) -> int:
     return 0
 
 
-def predicted_against_measured(rows: list[dict], path: Path) -> list[str]:
-    """A markdown table: per configuration, the predictor's per-task throughputs at its measured R_i and batch
-    (temporal: each task alone at 100%) against the measured ones, their MAPE, and P predicted against measured
-    (every task with the same images: temporal's P is n / sum_i 1/P_i, a co-location's n * min_i P_i)."""
+def base_predictions(
+    rows: list[dict], path: Path
+) -> list[tuple[tuple[str, str, str], list[dict], list[float]]]:
+    """Per measured configuration (scenario, policy, R_v), its rows and the predictor's per-task throughputs at
+    their batch and R_i (temporal: each task alone at 100%), uncorrected."""
     import numpy as np
 
     from predictor.features import extract
@@ -371,6 +373,29 @@ def predicted_against_measured(rows: list[dict], path: Path) -> list[str]:
     configurations: dict[tuple[str, str, str], list[dict]] = {}
     for row in rows:
         configurations.setdefault((row["scenario"], row["policy"], row["rv"]), []).append(row)
+    result = []
+    for key, tasks in configurations.items():
+        features = [
+            extract(ModelSpec(name=r["model"], num_classes=10, input_size=int(r["resolution"])))
+            for r in tasks
+        ]
+        batches = [float(r["batch"]) for r in tasks]
+        if key[1] == "temporal":
+            predicted = [
+                float(predict([f], np.array([[b]]), np.array([[100.0]]))[0, 0])
+                for f, b in zip(features, batches)
+            ]
+        else:
+            shares = [float(r["resource_pct"]) for r in tasks]
+            predicted = [float(x) for x in predict(features, np.array([batches]), np.array([shares]))[0]]
+        result.append((key, tasks, predicted))
+    return result
+
+
+def predicted_against_measured(rows: list[dict], path: Path) -> list[str]:
+    """A markdown table: per configuration, the predictor's per-task throughputs against the measured ones, their
+    MAPE, and P predicted against measured (every task with the same images: temporal's P is n / sum_i 1/P_i, a
+    co-location's n * min_i P_i)."""
     lines = [
         f"Predicted against measured ({path.name}):",
         "",
@@ -378,22 +403,12 @@ def predicted_against_measured(rows: list[dict], path: Path) -> list[str]:
         "|---|---|---|---|---:|---:|",
     ]
     errors = []
-    for (scenario, policy, rv), tasks in configurations.items():
-        features = [
-            extract(ModelSpec(name=r["model"], num_classes=10, input_size=int(r["resolution"])))
-            for r in tasks
-        ]
-        batches = [float(r["batch"]) for r in tasks]
-        if policy == "temporal":
-            predicted = [
-                float(predict([f], np.array([[b]]), np.array([[100.0]]))[0, 0])
-                for f, b in zip(features, batches)
-            ]
-            p = len(tasks) / sum(1 / x for x in predicted)
-        else:
-            shares = [float(r["resource_pct"]) for r in tasks]
-            predicted = [float(x) for x in predict(features, np.array([batches]), np.array([shares]))[0]]
-            p = len(tasks) * min(predicted)
+    for (scenario, policy, rv), tasks, predicted in base_predictions(rows, path):
+        p = (
+            len(tasks) / sum(1 / x for x in predicted)
+            if policy == "temporal"
+            else len(tasks) * min(predicted)
+        )
         measured = [float(r["throughput_ips"]) for r in tasks]
         task_errors = [abs(x - m) / m for x, m in zip(predicted, measured)]
         errors += task_errors
@@ -404,6 +419,39 @@ def predicted_against_measured(rows: list[dict], path: Path) -> list[str]:
         )
     lines += ["", f"MAPE over {len(errors)} task throughputs: {100 * statistics.mean(errors):.1f}%"]
     return lines
+
+
+def refine(args) -> int:
+    """A refined copy of the predictor: the ONNX and its card in --refined, beside them the correction (as the
+    agent learns it from its rounds, predictor.correction) fitted on every window of <name>.csv, in its order.
+    `run --predictor <refined>/<file>.onnx` plans with it."""
+    import shutil
+
+    import msgspec
+
+    from predictor.correction import fit_correction, workload_key
+    from predictor.runtime import card_path
+
+    source, csv_path = Path(args.predictor), Path(args.out) / f"{args.name}.csv"
+    observations = [
+        (workload_key(r["model"], int(r["resolution"])), p, float(r["throughput_ips"]))
+        for _, tasks, predicted in base_predictions(read_csv(csv_path), source)
+        for r, p in zip(tasks, predicted)
+    ]
+    correction = fit_correction(observations)
+    folder = Path(args.refined)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / source.name
+    for path in (source, card_path(source)):
+        shutil.copyfile(path, folder / path.name)
+    report = {
+        "predictor": source.name,
+        "correction": msgspec.to_builtins(correction),
+        "windows_of": str(csv_path),
+    }
+    write_json(target.with_suffix(".refinement.json"), report)
+    print(f"wrote {target} with its correction from {len(observations)} task throughputs: {correction}")
+    return 0
 
 
 def _plot(runs: dict, devices: dict[str, str], path: Path) -> None:
@@ -464,8 +512,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         command.add_argument("--out", default="bench/results")
         command.add_argument("--name", default="colocation", help="file name stem of the results")
+    f = sub.add_parser("refine", help="the predictor refined on a run's windows (a refined copy)")
+    f.add_argument("--predictor", required=True)
+    f.add_argument("--refined", required=True, help="folder of the refined copy")
+    f.add_argument("--out", default="bench/results")
+    f.add_argument("--name", default="colocation", help="file name stem of the measured run")
     args = parser.parse_args(argv)
-    return run(args) if args.command == "run" else report(args)
+    return {"run": run, "report": report, "refine": refine}[args.command](args)
 
 
 if __name__ == "__main__":

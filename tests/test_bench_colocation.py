@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,32 +54,42 @@ def test_the_report_says_tie_when_fedmt_is_within_the_noise_of_the_best_static_s
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
-def test_the_report_sets_the_predictors_throughputs_against_the_measured_ones(tmp_path):
+PREDICTOR = Path("predictor/models/nvidia-h100-80gb-hbm3.onnx")
+MODELS, SHARES = ["resnet18", "mobilenet_v3_small"], [70.0, 30.0]
+
+
+def predictions() -> tuple[list[float], list[float]]:
+    """The shipped H100 predictor's throughputs for MODELS at batch 64: each alone, and co-located at SHARES."""
     import numpy as np
 
     from predictor.features import extract
     from predictor.runtime import OnnxPredictor
     from protocol.schemas import ModelSpec
 
-    path = Path("predictor/models/nvidia-h100-80gb-hbm3.onnx")
-    models, shares = ["resnet18", "mobilenet_v3_small"], [70.0, 30.0]
-    features = [extract(ModelSpec(name=m, num_classes=10, input_size=128)) for m in models]
-    predict = OnnxPredictor(path)
+    features = [extract(ModelSpec(name=m, num_classes=10, input_size=128)) for m in MODELS]
+    predict = OnnxPredictor(PREDICTOR)
     alone = [float(predict([f], np.array([[64.0]]), np.array([[100.0]]))[0, 0]) for f in features]
-    together = predict(features, np.array([[64.0, 64.0]]), np.array([shares]))[0]
-    log = CsvLog(tmp_path / "c.csv", colocation.COLUMNS)
-    measured = {
-        "temporal": alone,
-        "fedmt-predictor": [2 * float(x) for x in together],
-    }  # exact, then 2x the prediction
+    together = [float(x) for x in predict(features, np.array([[64.0, 64.0]]), np.array([SHARES]))[0]]
+    return alone, together
+
+
+def write_run(path: Path, measured: dict[str, list[float]]) -> None:
+    """A measured run of MODELS: per policy its tasks' throughputs (temporal alone, the others at SHARES)."""
+    log = CsvLog(path, colocation.COLUMNS)
     for policy, throughputs in measured.items():
-        for model, share, ips in zip(models, shares, throughputs):
+        for model, share, ips in zip(MODELS, SHARES, throughputs):
             log.add(
                 row(policy, 1000.0, 0.0)
                 | {"model": model, "batch": 64, "resolution": 128, "throughput_ips": ips}
                 | {"resource_pct": 100.0 if policy == "temporal" else share}
             )
-    argv = ["report", "--out", str(tmp_path), "--name", "c", "--predictor", str(path)]
+
+
+def test_the_report_sets_the_predictors_throughputs_against_the_measured_ones(tmp_path):
+    alone, together = predictions()
+    # temporal measured as predicted, the co-location at twice the prediction
+    write_run(tmp_path / "c.csv", {"temporal": alone, "fedmt-predictor": [2 * x for x in together]})
+    argv = ["report", "--out", str(tmp_path), "--name", "c", "--predictor", str(PREDICTOR)]
     assert colocation.main(argv) == 0
     table = (tmp_path / "c.md").read_text()
     lines = {line.split(" | ")[1]: line for line in table.splitlines() if line.startswith("| light | ")}
@@ -86,3 +97,30 @@ def test_the_report_sets_the_predictors_throughputs_against_the_measured_ones(tm
     assert "| 50.0% |" in lines["fedmt-predictor"]
     assert f"| {2 * min(together):.0f} / 1000 |" in lines["fedmt-predictor"]  # n * the slowest task
     assert "MAPE over 4 task throughputs: 25.0%" in table
+    assert "| light | GPU | fedmt-predictor | tie (1.00x) | - |" in table  # no static policy measured
+
+
+def test_a_refined_copy_plans_with_a_correction_fitted_on_the_runs_windows(tmp_path):
+    alone, together = predictions()
+    write_run(tmp_path / "c.csv", {"temporal": [2 * x for x in alone], "isolated": [2 * x for x in together]})
+    refined = tmp_path / "refined"
+    argv = [
+        "refine",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "c",
+        "--predictor",
+        str(PREDICTOR),
+        "--refined",
+        str(refined),
+    ]
+    assert colocation.main(argv) == 0
+    report = json.loads((refined / PREDICTOR.with_suffix(".refinement.json").name).read_text())
+    # every window measured twice the prediction: the device-wide factor moves most of the way to 2 (its prior
+    # holds it back), the per-model factors stay near 1
+    assert 1.6 < report["correction"]["device_factor"] < 2.0
+    assert all(0.9 < f < 1.1 for f in report["correction"]["factors"].values())
+    assert report["correction"]["observations"] == 4
+    assert (refined / PREDICTOR.name).read_bytes() == PREDICTOR.read_bytes()
+    assert (refined / PREDICTOR.with_suffix(".card.json").name).exists()
