@@ -253,24 +253,32 @@ def _rows(scenario, label, rv, run, windows, alone, util, args, device) -> list[
     ]
 
 
+def refined_predictor(path: Path):
+    """The ONNX predictor at `path`, times the correction of `<predictor>.refinement.json` when one lies next to it
+    (`refine` writes it, as the agent's learning from rounds does)."""
+    import json
+
+    import msgspec
+
+    from predictor.correction import CorrectedPredictor, Correction
+    from predictor.runtime import OnnxPredictor
+
+    predict = CorrectedPredictor(OnnxPredictor(path))
+    refinement = path.with_suffix(".refinement.json")
+    if refinement.exists():
+        predict.correction = msgspec.convert(json.loads(refinement.read_text())["correction"], Correction)
+    return predict
+
+
 def predicted_resources(path: str, tasks: list, batch: int, images: int) -> list[float]:
     """R_i (percent) as the agent's `fedmt` plan chooses them with the ONNX predictor (refined by the rounds'
     correction when `<predictor>.refinement.json` lies next to it): Eq. 5 at the scenario's fixed batch, every
     task with `images` images, so minimising the predicted makespan max_i D_i / P_i; then the best of that and the
     static splits by the same predictor (agent/selection.py)."""
-    import json
-
-    import msgspec
-
     from agent.selection import candidates, choose
-    from predictor.correction import CorrectedPredictor, Correction
-    from predictor.runtime import OnnxPredictor
     from predictor.search import best_resources
 
-    predict = CorrectedPredictor(OnnxPredictor(Path(path)))
-    refinement = Path(path).with_suffix(".refinement.json")
-    if refinement.exists():
-        predict.correction = msgspec.convert(json.loads(refinement.read_text())["correction"], Correction)
+    predict = refined_predictor(Path(path))
     n = len(tasks)
     volumes = [float(images)] * n
     search = best_resources(tasks, [batch] * n, predict, objective="makespan", volumes=volumes)
@@ -359,17 +367,13 @@ def report(args) -> int:
     return 0
 
 
-def base_predictions(
-    rows: list[dict], path: Path
-) -> list[tuple[tuple[str, str, str], list[dict], list[float]]]:
-    """Per measured configuration (scenario, policy, R_v), its rows and the predictor's per-task throughputs at
-    their batch and R_i (temporal: each task alone at 100%), uncorrected."""
+def predictions(rows: list[dict], predict) -> list[tuple[tuple[str, str, str], list[dict], list[float]]]:
+    """Per measured configuration (scenario, policy, R_v), its rows and `predict`'s per-task throughputs at their
+    batch and R_i (temporal: each task alone at 100%)."""
     import numpy as np
 
     from predictor.features import extract
-    from predictor.runtime import OnnxPredictor
 
-    predict = OnnxPredictor(path)
     configurations: dict[tuple[str, str, str], list[dict]] = {}
     for row in rows:
         configurations.setdefault((row["scenario"], row["policy"], row["rv"]), []).append(row)
@@ -393,17 +397,18 @@ def base_predictions(
 
 
 def predicted_against_measured(rows: list[dict], path: Path) -> list[str]:
-    """A markdown table: per configuration, the predictor's per-task throughputs against the measured ones, their
-    MAPE, and P predicted against measured (every task with the same images: temporal's P is n / sum_i 1/P_i, a
-    co-location's n * min_i P_i)."""
+    """A markdown table: per configuration, the predictor's per-task throughputs (refined where it has a
+    refinement) against the measured ones, their MAPE, and P predicted against measured (every task with the same
+    images: temporal's P is n / sum_i 1/P_i, a co-location's n * min_i P_i)."""
+    predict = refined_predictor(path)
     lines = [
-        f"Predicted against measured ({path.name}):",
+        f"Predicted against measured ({path.name}, {predict.correction.observations} observations refining it):",
         "",
         "| scenario | policy | R_v % | per task: predicted / measured (img/s) | MAPE | P predicted / measured |",
         "|---|---|---|---|---:|---:|",
     ]
     errors = []
-    for (scenario, policy, rv), tasks, predicted in base_predictions(rows, path):
+    for (scenario, policy, rv), tasks, predicted in predictions(rows, predict):
         p = (
             len(tasks) / sum(1 / x for x in predicted)
             if policy == "temporal"
@@ -430,12 +435,12 @@ def refine(args) -> int:
     import msgspec
 
     from predictor.correction import fit_correction, workload_key
-    from predictor.runtime import card_path
+    from predictor.runtime import OnnxPredictor, card_path
 
     source, csv_path = Path(args.predictor), Path(args.out) / f"{args.name}.csv"
     observations = [
         (workload_key(r["model"], int(r["resolution"])), p, float(r["throughput_ips"]))
-        for _, tasks, predicted in base_predictions(read_csv(csv_path), source)
+        for _, tasks, predicted in predictions(read_csv(csv_path), OnnxPredictor(source))
         for r, p in zip(tasks, predicted)
     ]
     correction = fit_correction(observations)

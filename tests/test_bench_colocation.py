@@ -124,3 +124,10 @@ def test_a_refined_copy_plans_with_a_correction_fitted_on_the_runs_windows(tmp_p
     assert report["correction"]["observations"] == 4
     assert (refined / PREDICTOR.name).read_bytes() == PREDICTOR.read_bytes()
     assert (refined / PREDICTOR.with_suffix(".card.json").name).exists()
+    # the report of the refined copy predicts with the correction: 50% off before, much less after
+    argv = ["report", "--out", str(tmp_path), "--name", "c", "--predictor", str(refined / PREDICTOR.name)]
+    assert colocation.main(argv) == 0
+    table = (tmp_path / "c.md").read_text()
+    assert "(nvidia-h100-80gb-hbm3.onnx, 4 observations refining it)" in table
+    mape = float(table.split("MAPE over 4 task throughputs: ")[1].split("%")[0])
+    assert mape < 20
