@@ -511,17 +511,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--repeats", type=int, default=3, help="windows per configuration (median and spread)")
     r.add_argument("--min-window-s", type=float, default=5.0, help="shortest window per configuration")
-    for command in (r, sub.add_parser("report")):
+    f = sub.add_parser("refine", help="the predictor refined on a run's windows (a refined copy)")
+    f.add_argument("--refined", required=True, help="folder of the refined copy")
+    for command in (r, sub.add_parser("report"), f):
         command.add_argument(
-            "--predictor", help="ONNX predictor: the fedmt-predictor policy's plan, and a table of its error"
+            "--predictor",
+            required=command is f,
+            help="ONNX predictor: the fedmt-predictor policy's plan, a table of its error, or the one to refine",
         )
         command.add_argument("--out", default="bench/results")
         command.add_argument("--name", default="colocation", help="file name stem of the results")
-    f = sub.add_parser("refine", help="the predictor refined on a run's windows (a refined copy)")
-    f.add_argument("--predictor", required=True)
-    f.add_argument("--refined", required=True, help="folder of the refined copy")
-    f.add_argument("--out", default="bench/results")
-    f.add_argument("--name", default="colocation", help="file name stem of the measured run")
     args = parser.parse_args(argv)
     return {"run": run, "report": report, "refine": refine}[args.command](args)
 
