@@ -2,7 +2,8 @@
 
 - unseen: model combinations left out of training entirely (multi-task combinations outside `protected`,
   which are the ones the benchmarks rely on);
-- seen: held-out configurations of combinations that stay in training.
+- seen: held-out configurations of combinations that stay in training. A configuration (the same models, batches
+  and shares) measured more than once is held out or trained on as a whole, never both.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class Samples:
 
     def __len__(self) -> int:
         return len(self.combos)
+
+    def configuration(self, i: int) -> tuple[bytes, ...]:
+        """Record i's configuration: its tasks' network inputs (model features, batch, share), in any order."""
+        return tuple(sorted(row.tobytes() for row in self.x[i][self.mask[i] > 0]))
 
 
 def build(records: list[Record]) -> Samples:
@@ -70,12 +75,18 @@ def split(
     for c in samples.combos:
         counts[c] = counts.get(c, 0) + 1
     rest = [i for i, c in enumerate(samples.combos) if c not in held]
-    eligible = [i for i in rest if counts[samples.combos[i]] >= 3]
-    seen = set(rng.sample(eligible, round(seen_share * len(eligible))))
-    for combo in {samples.combos[i] for i in seen}:  # every seen combination keeps a record in training
-        members = [i for i in rest if samples.combos[i] == combo]
-        if all(i in seen for i in members):
-            seen.discard(members[0])
+    configurations: dict[tuple[bytes, ...], list[int]] = {}  # in order of first record
+    for i in rest:
+        configurations.setdefault(samples.configuration(i), []).append(i)
+    groups = list(configurations.values())
+    eligible = [g for g in groups if counts[samples.combos[g[0]]] >= 3]
+    held_out = rng.sample(eligible, round(seen_share * len(eligible)))
+    for combo in {
+        samples.combos[g[0]] for g in held_out
+    }:  # every seen combination keeps a record in training
+        if all(g in held_out for g in groups if samples.combos[g[0]] == combo):
+            held_out.remove(next(g for g in groups if samples.combos[g[0]] == combo))
+    seen = {i for g in held_out for i in g}
     train = sorted(set(rest) - seen)
     return Split(
         np.array(train, dtype=int),
@@ -89,3 +100,16 @@ def mape(predicted: np.ndarray, actual: np.ndarray, mask: np.ndarray) -> float:
     """Mean absolute percentage error over the unmasked task slots, in percent."""
     valid = mask.astype(bool)
     return float(100 * np.mean(np.abs(predicted[valid] - actual[valid]) / actual[valid]))
+
+
+def mape_interval(
+    predicted: np.ndarray, actual: np.ndarray, mask: np.ndarray, *, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95% bootstrap interval (percent) of `mape`, resampling whole records (a window's tasks err together)."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(actual), size=(resamples, len(actual)))
+    valid = mask.astype(bool)
+    errors = np.where(valid, np.abs(predicted - actual) / np.where(valid, actual, 1.0), 0.0)
+    values = 100 * errors[picks].sum(axis=(1, 2)) / valid[picks].sum(axis=(1, 2))
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)

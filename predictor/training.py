@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file, save_file
 
-from predictor.dataset import Samples, build, mape, split
+from predictor.dataset import Samples, build, mape, mape_interval, split
 from predictor.encoding import INPUT_NAMES, MAX_TASKS
 from predictor.features import extract
 from predictor.model import EPOCHS, HIDDEN, MEMBERS, NETWORKS, Ensemble, ensemble, export_onnx, predict, train
@@ -28,6 +28,12 @@ def _fitted(samples: Samples, **options) -> Ensemble:
 def samples_mape(model, samples: Samples) -> float:
     """The model's MAPE (percent, two decimals) on a set of samples."""
     return round(mape(predict(model, samples.x, samples.mask), samples.throughput, samples.mask), 2)
+
+
+def samples_mape_interval(model, samples: Samples) -> list[float]:
+    """The 95% bootstrap interval of `samples_mape` (percent, two decimals)."""
+    interval = mape_interval(predict(model, samples.x, samples.mask), samples.throughput, samples.mask)
+    return [round(v, 2) for v in interval]
 
 
 def fit(
@@ -49,14 +55,13 @@ def fit(
     train_set = samples.take(parts.train)
     started = time.perf_counter()
     model = _fitted(train_set, hidden=hidden, members=members, epochs=epochs, seed=seed, network=network)
-    errors = {
-        name: samples_mape(model, s) if len(s) else None
-        for name, s in (
-            ("train", train_set),
-            ("seen", samples.take(parts.seen)),
-            ("unseen", samples.take(parts.unseen)),
-        )
+    held_out = {
+        "train": train_set,
+        "seen": samples.take(parts.seen),
+        "unseen": samples.take(parts.unseen),
     }
+    errors = {name: samples_mape(model, s) if len(s) else None for name, s in held_out.items()}
+    intervals = {name: samples_mape_interval(model, s) if len(s) else None for name, s in held_out.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / (data.path.stem + ".safetensors")
     save_file(model.state_dict(), str(weights), metadata={"hidden": str(hidden), "members": str(members)})
@@ -84,7 +89,8 @@ def fit(
             "unseen_test_records": len(parts.unseen),
             "unseen_combinations": [list(c) for c in parts.unseen_combos],
         },
-        "mape_percent": {"train": errors["train"], "seen": errors["seen"], "unseen": errors["unseen"]},
+        "mape_percent": errors,
+        "mape_interval_percent": intervals,  # 95% bootstrap over records
         "network": {
             "name": network,
             "kind": NETWORKS[network].kind,
@@ -195,14 +201,18 @@ def _workload_text(workload: dict) -> str:
     )
 
 
-def _percent(mape: float | None) -> str:
-    """A MAPE for the card's table; a held-out set without records has none."""
-    return "-" if mape is None else f"{mape}%"
+def _percent(mape: float | None, interval: list[float] | None = None) -> str:
+    """A MAPE for the card's table, with its 95% interval where the card has one; a held-out set without records
+    has none."""
+    if mape is None:
+        return "-"
+    return f"{mape}%" if interval is None else f"{mape}% ({interval[0]}-{interval[1]}%)"
 
 
 def card_markdown(card: dict) -> str:
     """The model card for people (`<gpu>.card.md`), from the card's JSON."""
     m, d, s = card["mape_percent"], card["data"], card["split"]
+    i = card.get("mape_interval_percent", {})  # cards before intervals have none
     low, high = d["batch_range"]
     return "\n".join(
         [
@@ -212,11 +222,13 @@ def card_markdown(card: dict) -> str:
             f"training at {card['resolution']}x{card['resolution']} inputs, batch sizes {low}..{high} (the profiled range; the "
             f"agent keeps its plans inside it), 1..{card['network']['max_tasks']} co-located tasks under MPS.",
             "",
-            "| held-out set | MAPE of per-task throughput |",
+            "| held-out set | MAPE of per-task throughput (95% interval) |",
             "|---|---:|",
-            f"| configurations of seen model combinations ({s['seen_test_records']} records) | {_percent(m['seen'])} |",
-            f"| model combinations left out of training ({s['unseen_test_records']} records) | {_percent(m['unseen'])} |",
-            f"| training set ({s['train_records']} records) | {_percent(m['train'])} |",
+            f"| configurations of seen model combinations ({s['seen_test_records']} records) | "
+            f"{_percent(m['seen'], i.get('seen'))} |",
+            f"| model combinations left out of training ({s['unseen_test_records']} records) | "
+            f"{_percent(m['unseen'], i.get('unseen'))} |",
+            f"| training set ({s['train_records']} records) | {_percent(m['train'], i.get('train'))} |",
             "",
             f"Training data: `{d['file']}` (sha256 `{d['sha256'][:16]}…`), {d['records']} measured windows, "
             f"{d['task_samples']} task throughputs, models {', '.join(d['models'])}.",

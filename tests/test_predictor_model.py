@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from predictor.dataset import Samples, build, mape, split
+from predictor.dataset import Samples, build, mape, mape_interval, split
 from predictor.encoding import MAX_TASKS, N_INPUTS, encode_inputs
 from predictor.features import FEATURE_NAMES, TaskFeatures, extract
 from predictor.model import NETWORKS, Ensemble, ensemble, export_onnx, predict
@@ -87,15 +87,14 @@ def fake_task(i: int) -> TaskFeatures:
     )
 
 
-def dummy_samples(combos: list[tuple[str, ...]]) -> Samples:
-    """Samples with only the combinations filled in: all that `split` looks at."""
+def dummy_samples(combos: list[tuple[str, ...]], configurations: list[int] | None = None) -> Samples:
+    """Samples with only what `split` looks at: the combinations, and each record's configuration (by default
+    every record its own)."""
     n = len(combos)
-    return Samples(
-        np.zeros((n, MAX_TASKS, N_INPUTS), np.float32),
-        np.zeros((n, MAX_TASKS), np.float32),
-        np.zeros((n, MAX_TASKS), np.float32),
-        list(combos),
-    )
+    x, mask = np.zeros((n, MAX_TASKS, N_INPUTS), np.float32), np.zeros((n, MAX_TASKS), np.float32)
+    mask[:, 0] = 1.0
+    x[:, 0, 0] = configurations if configurations is not None else range(n)
+    return Samples(x, mask, np.zeros((n, MAX_TASKS), np.float32), list(combos))
 
 
 def tiny_card(gpu: str = "Test GPU") -> str:
@@ -640,7 +639,9 @@ def test_fit_unseen_split_holds_only_combinations_absent_from_training(pipeline)
     unseen = {tuple(c) for c in report["split"]["unseen_combinations"]}
     assert unseen
     combos = [tuple(sorted(t.model for t in r.tasks)) for r in pipeline["records"]]
-    parts = split(dummy_samples(combos), seed=0)  # fit's split depends on the combinations only
+    parts = split(
+        dummy_samples(combos), seed=0
+    )  # the combinations decide fit's split (no configuration repeats)
     assert set(parts.unseen_combos) == unseen
     assert len(parts.unseen) == report["split"]["unseen_test_records"]
     assert len(parts.train) == report["split"]["train_records"]
@@ -754,6 +755,37 @@ def test_single_model_baselines_are_never_unseen() -> None:
     parts = split(dummy_samples(combos), unseen_share=1.0, seed=0, protected=())
     assert parts.unseen_combos == [("a", "b")]
     assert sorted(parts.unseen.tolist()) == list(range(10, 14))
+
+
+def test_a_repeated_configuration_is_held_out_or_trained_on_whole() -> None:
+    """Module docstring: a configuration measured more than once never lands in both training and the seen set."""
+    combos = [("a", "b")] * 12 + [("c",)] * 12
+    configurations = [i // 3 for i in range(24)]  # each configuration measured three times
+    for seed in range(30):
+        parts = split(dummy_samples(combos, configurations), seed=seed, protected=(("a", "b"),))
+        seen = {configurations[i] for i in parts.seen}
+        assert seen and not seen & {configurations[i] for i in parts.train}
+        assert all(configurations.count(c) == 3 for c in seen)  # whole groups
+        assert len(parts.seen) == 3 * len(seen)
+
+
+def test_mape_interval_brackets_the_mape_and_narrows_with_records() -> None:
+    rng = np.random.default_rng(0)
+
+    def interval(n: int) -> tuple[float, float, float]:
+        actual = rng.uniform(100, 200, (n, 2))
+        predicted = actual * rng.uniform(0.8, 1.2, (n, 2))
+        mask = np.ones((n, 2), np.float32)
+        return (mape(predicted, actual, mask), *mape_interval(predicted, actual, mask))
+
+    value, low, high = interval(20)
+    assert low < value < high
+    many_value, many_low, many_high = interval(2000)
+    assert many_low < many_value < many_high and many_high - many_low < (high - low) / 4
+    # one record, every resample the same: the interval is the value itself
+    assert mape_interval(np.array([[110.0]]), np.array([[100.0]]), np.ones((1, 1))) == pytest.approx(
+        (10.0, 10.0)
+    )
 
 
 def test_seen_combinations_stay_in_training() -> None:
