@@ -181,6 +181,8 @@ class MqttLink:
         self.settings = settings
         self.inbox: queue.Queue = PayloadQueue() if inbox is None else inbox
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # connected, and the broker acknowledged the subscriptions
+        self._unacknowledged: set[int] = set()  # mids of this connection's SUBSCRIBEs not yet acknowledged
         self._manual_ack = manual_ack
         self._session = 0  # changes on every connect and disconnect: acks of an older one are not sent
         self._session_lock = threading.Lock()
@@ -209,6 +211,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self._connect_properties = Properties(PacketTypes.CONNECT)
         self._connect_properties.SessionExpiryInterval = (
             settings.session_expiry_s if persistent_session else 0
@@ -229,7 +232,9 @@ class MqttLink:
         self.client.loop_start()
 
     def wait_connected(self, timeout_s: float) -> bool:
-        return self.connected.wait(timeout_s)
+        """Whether the link connected, and the broker acknowledged its subscriptions, within `timeout_s`: what
+        others publish from then on reaches it."""
+        return self.subscribed.wait(timeout_s)
 
     def received(self, timeout_s: float) -> Iterator[Incoming]:
         """The messages that arrive within `timeout_s` (connection events are skipped)."""
@@ -358,17 +363,30 @@ class MqttLink:
             return
         _no_delay(client.socket())
         self._new_session()
-        for (
-            topic_filter
-        ) in self._subscriptions:  # retain flags as published: a receiver sees what was retained
-            client.subscribe(topic_filter, options=SubscribeOptions(qos=1, retainAsPublished=True))
+        self._unacknowledged = set()
+        # retain flags as published: a receiver sees what was retained
+        options = SubscribeOptions(qos=1, retainAsPublished=True)
+        for topic_filter in self._subscriptions:
+            self._unacknowledged.add(client.subscribe(topic_filter, options=options)[1])
         if self._birth:
             client.publish(self._birth[0], self._birth[1], qos=1, retain=True)
         self._last_problem = ""
         session = "resumed session" if flags.session_present else "new session"
         log.info("connected to broker %s as %r (%s)", self.broker, self.settings.username, session)
         self.connected.set()
+        if not self._unacknowledged:
+            self.subscribed.set()
         self._deliver(LinkEvent(True, str(reason_code)))
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [str(code) for code in reason_codes if code.is_failure]
+        if refused:
+            log.warning(
+                "broker %s refused a subscription of %r: %s", self.broker, self.settings.username, refused
+            )
+        self._unacknowledged.discard(mid)
+        if not self._unacknowledged and self.connected.is_set():
+            self.subscribed.set()
 
     def _on_connect_fail(self, client, userdata) -> None:
         self._problem(logging.WARNING, "cannot reach broker %s; retrying", self.broker)
@@ -376,6 +394,7 @@ class MqttLink:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
+        self.subscribed.clear()
         self._new_session()
         if was_connected and not self._stopping:
             log.warning(

@@ -49,6 +49,27 @@ def aggregator_link(broker, **options) -> MqttLink:
     return MqttLink(mqtt(broker, "aggregator"), [TOPIC], persistent_session=True, manual_ack=True, **options)
 
 
+def test_a_link_is_connected_once_the_broker_acknowledged_its_subscriptions(broker):
+    """What another client publishes right after wait_connected reaches the link, even when its SUBSCRIBE travels
+    slowly (a CI run lost every message when the link counted as connected at CONNACK)."""
+    import msgspec
+
+    from testbed.throttle import ThrottledLink
+
+    with ThrottledLink(broker.host, broker.port, latency_ms=300) as slow:
+        settings = msgspec.structs.replace(mqtt(broker, "aggregator"), host="127.0.0.1", port=slow.port)
+        link = MqttLink(settings, [TOPIC], manual_ack=True)
+        link.start()
+        try:
+            assert link.connected.wait(10)
+            assert not link.subscribed.is_set()  # CONNACK came; the SUBACK is still 600 ms away
+            assert link.wait_connected(10)
+            publish(broker, 3)  # straight to the broker
+            assert [m.payload for m in take_messages(link, 3)] == [b"0", b"1", b"2"]
+        finally:
+            link.stop()
+
+
 def test_a_full_queue_holds_the_broker_back_and_nothing_is_lost(broker):
     inbox: queue.Queue = queue.Queue(4)
     link = started(MqttLink(mqtt(broker, "aggregator"), [TOPIC], inbox=inbox))
