@@ -81,9 +81,8 @@ def split(
     groups = list(configurations.values())
     eligible = [g for g in groups if counts[samples.combos[g[0]]] >= 3]
     held_out = rng.sample(eligible, round(seen_share * len(eligible)))
-    for combo in {
-        samples.combos[g[0]] for g in held_out
-    }:  # every seen combination keeps a record in training
+    # every seen combination keeps a configuration in training
+    for combo in {samples.combos[g[0]] for g in held_out}:
         if all(g in held_out for g in groups if samples.combos[g[0]] == combo):
             held_out.remove(next(g for g in groups if samples.combos[g[0]] == combo))
     seen = {i for g in held_out for i in g}
