@@ -211,21 +211,13 @@ def test_the_monitor_remembers_when_every_schedule_was_issued(monkeypatch, tmp_p
 
 def test_the_monitor_counts_an_update_of_an_unknown_codec_as_malformed_and_goes_on(monkeypatch, tmp_path):
     # a hostile-traffic CI run stopped the monitor here: the codec's name came from the fuzzed manifest
-    from protocol.chunking import transfer_info
-    from protocol.schemas import UpdateManifest
-    from protocol.transport import update_messages
+    import msgspec
 
-    payload = b"\x00" * 64
-    manifest = UpdateManifest(
-        task="a",
-        round=1,
-        device="d1",
-        update_id="u1",
-        base_version=0,
-        samples=10,
-        codec="dev1",
-        transfer=transfer_info("u1", payload),
-    )
+    from protocol.transport import update_messages
+    from tests.fuzzing import update_manifest
+
+    payload = bytes(64)
+    manifest = msgspec.structs.replace(update_manifest("a", "d1", "u1", len(payload)), codec="dev1")
     (message,) = (Incoming(t, m, retain=False) for t, m in update_messages("d1", manifest, payload))
     monkeypatch.setattr(monitor_module, "MqttLink", _NoLink)
     monkeypatch.setattr(_NoLink, "inbox", [message])
