@@ -4,7 +4,9 @@
 
 1. The path of `fedmt-agent calibrate` (agent.calibration.calibrate_gpu) from an empty folder, for the generic
    model list at --resolution, within --budget-s: `minutes` is the whole run, fitting included; `mape_unseen` the
-   model card's MAPE on the model combinations its fit left out (never seen in training).
+   model card's MAPE on the model combinations its fit left out (never seen in training). With --reference (a data
+   file measured on the same GPU model, such as the shipped predictor's), `reference` also holds the MAPE on every
+   co-location of that file whose model combination the calibration never profiled, at any batch or share.
 2. Refinement as rounds do it: --rounds co-locations of bench.colocation's scenarios (in turn) at batch 64, each
    at the SM shares the corrected predictor's Eq. 5 picks (makespan, equal data), measured in a window through
    the same workers and folded into the residual correction (predictor.correction) as a round's measurement is;
@@ -95,17 +97,30 @@ def this_call(before: Progress, budget_s: float, call_s: float | None) -> tuple[
     return (min(call_s, left), False) if left > 0 else (0.0, True)
 
 
-def unseen_mape(predictor, data: Path, card: dict) -> float | None:
-    """MAPE (percent) of `predictor` on the data file's records of the card's unseen model combinations (None
-    when its fit left none out)."""
-    from predictor.features import extract
-    from predictor.records import load_records, task_spec
+def combination(record) -> tuple[str, ...]:
+    return tuple(sorted(t.model for t in record.tasks))
 
+
+def card_unseen(records: Sequence, card: dict) -> list:
+    """The records of the model combinations the card's fit left out (never seen in training)."""
     unseen = {tuple(c) for c in card["split"]["unseen_combinations"]}
+    return [r for r in records if combination(r) in unseen]
+
+
+def never_profiled(reference: Sequence, profiled: Sequence) -> list:
+    """The co-locations of `reference` (another data file of the same GPU model) whose model combination no
+    record of `profiled` holds: combinations the calibration never measured at any batch or share."""
+    measured = {combination(r) for r in profiled}
+    return [r for r in reference if len(r.tasks) > 1 and combination(r) not in measured]
+
+
+def records_mape(predictor, records: Sequence) -> float | None:
+    """MAPE (percent) of `predictor` over every task of `records` (None when there are none)."""
+    from predictor.features import extract
+    from predictor.records import task_spec
+
     errors = []
-    for record in load_records(data):
-        if tuple(sorted(t.model for t in record.tasks)) not in unseen:
-            continue
+    for record in records:
         tasks = [extract(task_spec(record, t)) for t in record.tasks]
         predicted = predictor(
             tasks,
@@ -114,6 +129,41 @@ def unseen_mape(predictor, data: Path, card: dict) -> float | None:
         )[0]
         errors += [abs(p - t.throughput) / t.throughput for p, t in zip(predicted, record.tasks)]
     return round(100 * statistics.fmean(errors), 2) if errors else None
+
+
+def alone_ratio(profiled: Sequence, reference: Sequence) -> float | None:
+    """Median of this calibration's single-task throughput on the whole GPU over the reference's, by (model,
+    batch): how far the two data files' machines and measurements agree before any co-location."""
+    full = {
+        (r.tasks[0].model, r.tasks[0].batch): r.tasks[0].throughput
+        for r in reference
+        if len(r.tasks) == 1 and r.tasks[0].resource == 100
+    }
+    ratios = [
+        r.tasks[0].throughput / full[key]
+        for r in profiled
+        if len(r.tasks) == 1
+        and r.tasks[0].resource == 100
+        and (key := (r.tasks[0].model, r.tasks[0].batch)) in full
+    ]
+    return round(statistics.median(ratios), 3) if ratios else None
+
+
+def against_reference(base, refined, profiled: Sequence, path: Path) -> dict:
+    """The calibrated predictor, before and after refinement, on the reference file's combinations that the
+    calibration never profiled."""
+    from predictor.records import load_records
+
+    reference = load_records(path)
+    unseen = never_profiled(reference, profiled)
+    return {
+        "file": str(path),
+        "records": len(unseen),
+        "combinations": len({combination(r) for r in unseen}),
+        "mape_unseen": records_mape(base, unseen),
+        "mape_unseen_refined": records_mape(refined, unseen),
+        "alone_ratio": alone_ratio(profiled, reference),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,18 +224,23 @@ def main(argv: list[str] | None = None) -> int:
                 return pool(config)[0]
 
             rounds = refine(predictor, scenarios, measure, args.resolution, args.rounds)
+    profiled = load_records(result.data)
+    held_out = card_unseen(profiled, card)
     report = {
         "device": describe_device(),
         "minutes": round(minutes, 2),
-        "mape_unseen": unseen_mape(predictor.base, result.data, card),
-        "mape_unseen_refined": unseen_mape(predictor, result.data, card),
+        "mape_unseen": records_mape(predictor.base, held_out),
+        "mape_unseen_refined": records_mape(predictor, held_out),
         "card_mape_percent": card["mape_percent"],
         "calls": spent.calls,
-        "windows": len(load_records(result.data)),  # records measured, by every call
+        "windows": len(profiled),  # records measured, by every call
+        "co_location_windows": sum(len(r.tasks) > 1 for r in profiled),
         "median_spread": statistics.median(result.spreads) if result.spreads else None,
         "rounds": [{"predicted": p, "measured": m} for p, m in rounds],
         "data": str(result.data),
     }
+    if args.reference:
+        report["reference"] = against_reference(predictor.base, predictor, profiled, args.reference)
     write_json(args.out / "calibration.json", report)
     print(json.dumps({k: report[k] for k in ("minutes", "mape_unseen", "mape_unseen_refined")}))
     return 0
@@ -199,6 +254,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--window-s", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        help="another data file of this GPU model (e.g. predictor/data/nvidia-h200.jsonl): the predictor's MAPE "
+        "on its combinations that the calibration never profiled",
+    )
     parser.add_argument(
         "--folder", type=Path, help="the run's data folder, kept across calls (default: a new one)"
     )

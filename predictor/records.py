@@ -33,6 +33,10 @@ MODELS = (
 R_LEVELS = (20, 40, 60, 80, 100)
 BATCHES = (16, 32, 64, 128)
 ALONE_LEVELS = (100, 60, 20)
+#: after the baselines, co-locations measured for each window alone at a lower share: co-locations teach the
+#: predictor most (on the H200 set, 51 co-locations and no lower shares erred 11-13% on combinations never measured,
+#: 25 and 26 15-17%; bench/results/README.md)
+CO_LOCATIONS_PER_ALONE = 4
 #: combinations the benchmarks use (the paper's scenarios and Table III), profiled more densely
 FOCUS = (
     ("densenet121", "vgg16", "resnet101"),
@@ -106,8 +110,9 @@ def sample_configs(
     batches: Mapping[Hashable, Sequence[int]] | None = None,
 ) -> list[Config]:
     """Every model alone on all the SMs at all its batch sizes (`batches`, default BATCHES) first (the
-    baselines), then alone at the lower ALONE_LEVELS alternating with random co-locations (half of them on
-    `focus`), so that a budget that ends early still holds co-locations; what is already `measured` is skipped."""
+    baselines), then alone at the lower ALONE_LEVELS, each followed by CO_LOCATIONS_PER_ALONE random
+    co-locations (half of them on `focus`), so that a budget that ends early holds mostly co-locations; what is
+    already `measured` is skipped."""
     rng = random.Random(seed)
 
     def options(model: Hashable) -> Sequence[int]:
@@ -123,13 +128,15 @@ def sample_configs(
             combo = tuple(rng.sample(models, min(len(models), rng.choice((2, 2, 3, 3, 4, 5)))))
         together.append(Config(tuple((m, rng.choice(options(m)), rng.choice(R_LEVELS)) for m in combo)))
     baselines = [c for c in alone if c.tasks[0][2] == ALONE_LEVELS[0]]
-    return baselines + _alternate([c for c in alone if c not in baselines], together)
+    return baselines + _interleave([c for c in alone if c not in baselines], together, CO_LOCATIONS_PER_ALONE)
 
 
-def _alternate(first: list[Config], second: list[Config]) -> list[Config]:
-    """first[0], second[0], first[1], second[1], ... and then the rest of the longer list."""
-    paired = min(len(first), len(second))
-    return [c for pair in zip(first, second) for c in pair] + first[paired:] + second[paired:]
+def _interleave(first: list[Config], second: list[Config], every: int) -> list[Config]:
+    """first[0], then `every` of second, first[1], the next `every` of second, ...; then what is left of either."""
+    chunks = [second[i : i + every] for i in range(0, len(second), every)]
+    paired = min(len(first), len(chunks))
+    head = [c for one, chunk in zip(first, chunks) for c in (one, *chunk)]
+    return head + first[paired:] + [c for chunk in chunks[paired:] for c in chunk]
 
 
 def dataset_path(root: Path, gpu: str) -> Path:

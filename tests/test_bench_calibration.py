@@ -9,9 +9,17 @@ import msgspec
 import pytest
 
 from agent.calibration import calibrate, target_for
-from bench.calibration import Progress, refine, this_call, unseen_mape
+from bench.calibration import (
+    Progress,
+    alone_ratio,
+    card_unseen,
+    never_profiled,
+    records_mape,
+    refine,
+    this_call,
+)
 from predictor.correction import CorrectedPredictor
-from predictor.records import Workload
+from predictor.records import Record, TaskSample, Workload, load_records
 from predictor.runtime import OnnxPredictor, card_path
 from tests.test_calibration import DEVICE, GPU, TASKS, FakeGpu, law
 
@@ -32,9 +40,8 @@ def test_refinement_folds_each_round_into_the_correction_and_the_unseen_mape_mat
     card = json.loads(card_path(result.predictor).read_text())
     assert card["split"]["unseen_test_records"] > 0
     predictor = CorrectedPredictor(OnnxPredictor(result.predictor, gpu=GPU))
-    assert unseen_mape(predictor.base, result.data, card) == pytest.approx(
-        card["mape_percent"]["unseen"], abs=0.02
-    )
+    held_out = card_unseen(load_records(result.data), card)
+    assert records_mape(predictor.base, held_out) == pytest.approx(card["mape_percent"]["unseen"], abs=0.02)
 
     def measure(models, batch, resources):
         return [1.3 * law(Workload(m, 32), batch, r, len(models)) for m, r in zip(models, resources)]
@@ -62,3 +69,48 @@ def test_a_broken_progress_file_is_refused_rather_than_read_as_nothing_spent(tmp
     (tmp_path / "progress.json").write_text('{"calls": 1, "seconds": "many"}')
     with pytest.raises(msgspec.ValidationError):
         Progress.load(tmp_path)
+
+
+def window(*tasks: tuple[str, int, float, float]) -> Record:
+    return Record(
+        gpu="G",
+        sm_total=132,
+        driver=None,
+        torch="t",
+        resolution=32,
+        window_s=1.0,
+        ts=0.0,
+        tasks=[TaskSample(m, b, r, p) for m, b, r, p in tasks],
+    )
+
+
+def test_the_reference_counts_only_co_locations_of_combinations_the_calibration_never_profiled():
+    profiled = [
+        window(("resnet18", 16, 100.0, 900.0)),
+        window(("resnet18", 32, 100.0, 1500.0)),
+        window(("resnet18", 16, 40.0, 300.0), ("vgg16", 64, 60.0, 200.0)),
+    ]
+    reference = [
+        window(("resnet18", 16, 100.0, 1000.0)),  # alone: never a held-out co-location
+        window(("resnet18", 32, 100.0, 1500.0)),
+        window(("vgg16", 128, 80.0, 250.0), ("resnet18", 64, 20.0, 400.0)),  # profiled at other batches
+        window(("resnet18", 16, 50.0, 500.0), ("densenet121", 16, 50.0, 100.0)),
+        window(("resnet18", 16, 50.0, 500.0), ("vgg16", 16, 20.0, 90.0), ("densenet121", 16, 30.0, 80.0)),
+    ]
+    assert never_profiled(reference, profiled) == reference[3:]
+    assert alone_ratio(profiled, reference) == pytest.approx(0.95)  # median of 0.9 and 1.0
+    assert alone_ratio(profiled, reference[2:]) is None
+
+
+def test_records_mape_weighs_every_task_of_every_record():
+    guesses = {("resnet18", 16): 990.0, ("resnet18", 32): 150.0, ("vgg16", 64): 100.0}
+
+    def predictor(tasks, batches, resources):
+        return [[guesses[t.model, int(b)] for t, b in zip(tasks, batches[0])]]
+
+    records = [
+        window(("resnet18", 16, 100.0, 900.0)),
+        window(("resnet18", 32, 40.0, 300.0), ("vgg16", 64, 60.0, 200.0)),
+    ]
+    assert records_mape(predictor, records) == pytest.approx(100 * (0.1 + 0.5 + 0.5) / 3, abs=0.01)
+    assert records_mape(predictor, []) is None

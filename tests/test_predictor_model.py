@@ -26,6 +26,7 @@ from predictor.model import NETWORKS, Ensemble, ensemble, export_onnx, predict
 from predictor.records import (
     ALONE_LEVELS,
     BATCHES,
+    CO_LOCATIONS_PER_ALONE,
     DataFile,
     Record,
     TaskSample,
@@ -477,22 +478,25 @@ def test_shipped_predictor_reproduces_its_card_errors(shipped) -> None:
 # ---------------------------------------------------------------------------------- profiler sampling
 
 
-def test_profiler_measures_the_full_gpu_baselines_first_then_lower_shares_alone_between_co_locations() -> (
+def test_profiler_measures_the_full_gpu_baselines_first_then_each_lower_share_alone_before_co_locations() -> (
     None
 ):
     models = ("resnet18", "vgg16", "densenet121")
     configs = sample_configs(3, 60, models=models, focus=(("resnet18", "vgg16"),))
     full = len(models) * len(BATCHES)
     assert {c.tasks[0] for c in configs[:full]} == {(m, b, ALONE_LEVELS[0]) for m in models for b in BATCHES}
-    shared = full * (len(ALONE_LEVELS) - 1)  # alone at the lower levels, each followed by a co-location
-    alternating = configs[full : full + 2 * shared]
-    assert all(len(c.tasks) == 1 for c in alternating[::2]) and all(
-        len(c.tasks) >= 2 for c in alternating[1::2]
+    lower = full * (len(ALONE_LEVELS) - 1)  # alone at the lower levels
+    together = 60 - full - lower
+    groups = together // CO_LOCATIONS_PER_ALONE  # one alone, then CO_LOCATIONS_PER_ALONE co-locations
+    alone_first = [len(c.tasks) == 1 for c in configs[full:]]
+    assert alone_first[: groups * (1 + CO_LOCATIONS_PER_ALONE)] == groups * (
+        [True] + [False] * CO_LOCATIONS_PER_ALONE
     )
+    assert all(alone_first[groups * (1 + CO_LOCATIONS_PER_ALONE) :])  # the lower shares left over come last
     assert {c.tasks[0] for c in configs if len(c.tasks) == 1} == {
         (m, b, r) for m in models for r in ALONE_LEVELS for b in BATCHES
     }
-    assert len(configs) == 60 and all(len(c.tasks) >= 2 for c in configs[full + 2 * shared :])
+    assert len(configs) == 60 and sum(len(c.tasks) >= 2 for c in configs) == together
     assert sample_configs(3, 60, models=models, focus=(("resnet18", "vgg16"),)) == configs  # seeded
 
 
