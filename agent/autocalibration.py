@@ -19,7 +19,15 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from agent.calibration import Result, Target, calibrate_gpu, fit_and_export, measuring_left, target_for
+from agent.calibration import (
+    WINDOW_S,
+    Result,
+    Target,
+    calibrate_gpu,
+    fit_and_export,
+    measuring_left,
+    target_for,
+)
 from common.durable import write_atomically
 from protocol.schemas import TaskAssignment
 
@@ -31,7 +39,7 @@ class CalibrationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
 
     auto: bool = True  # calibrate between rounds when no predictor was profiled with the tasks
     budget_s: Annotated[float, Meta(gt=0)] = 900.0  # measuring and fitting, over all idle times
-    window_s: Annotated[float, Meta(gt=0)] = 2.0
+    window_s: Annotated[float, Meta(gt=0)] = WINDOW_S
     repeats: Annotated[int, Meta(ge=1, le=10)] = 3
     epochs: Annotated[int, Meta(ge=1)] | None = None  # predictor training epochs; None: the default
 

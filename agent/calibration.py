@@ -50,6 +50,9 @@ SYNTHETIC_SAMPLES = 512  # per worker, held on the device: enough distinct batch
 FIT_SHARE = 0.25  # of a calibration's time budget kept for fitting and exporting
 MAX_FAILED_IN_A_ROW = 10  # then the GPU or MPS is in trouble: stop
 MIN_FIT_RECORDS = 20
+#: seconds of one measurement window: on an H100 1-s windows measured 146 configurations in 11 minutes against 83 at
+#: 2 s, with the same median spread over 3 repeats (3.3% against 3.5%; bench/results/README.md)
+WINDOW_S = 1.0
 #: co-located windows from which a calibration's predictor is the DeepSets network, below them the factored one:
 #: on held-out combinations factored erred 14% against 23% with 25 co-locations (an H100 calibration) and 14%
 #: against 16% with 114, DeepSets 12% against 14% with 323 (the H200 set; bench/results/README.md)
@@ -129,7 +132,7 @@ def calibrate(
     measure: Measure,
     *,
     measure_s: float,
-    window_s: float,
+    window_s: float = WINDOW_S,
     repeats: int = 3,
     seed: int = 0,
     stop: threading.Event | None = None,
@@ -344,7 +347,7 @@ def calibrate_gpu(
     gpu = report.gpus[0]
     device = Device(gpu.name, gpu.sm_count or 0, report.driver_version, torch.__version__)
     init = jobs.Init(device="cuda", cuda_graphs=cuda_graphs)
-    window_s, seed, stop = options["window_s"], options.get("seed", 0), options.get("stop")
+    window_s, seed, stop = options.get("window_s", WINDOW_S), options.get("seed", 0), options.get("stop")
     levels = R_LEVELS if options["measure_s"] > 0 else ()  # a call that only fits starts no GPU process
     with PoolMeasure(
         target, sharing, init, window_s=window_s, seed=seed, stop=stop, levels=levels

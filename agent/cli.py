@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.calibration import WINDOW_S
 from agent.policies import POLICIES
 from common.daemon import cli_main, cli_parser
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     cal.add_argument("--resolution", type=int, default=128, help="input size of the generic model list")
     cal.add_argument("--budget-s", type=float, default=900.0, help="the whole run, fitting included")
-    cal.add_argument("--window-s", type=float, default=2.0, help="length of one measurement window")
+    cal.add_argument("--window-s", type=float, default=WINDOW_S, help="length of one measurement window")
     cal.add_argument("--repeats", type=int, default=3, help="windows per configuration (median and spread)")
     cal.add_argument("--epochs", type=int, help="predictor training epochs (default: predictor.model.EPOCHS)")
     cal.add_argument(

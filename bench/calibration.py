@@ -34,6 +34,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from agent.calibration import WINDOW_S
 from bench.common import describe_device, write_json
 from common.durable import write_atomically
 
@@ -112,6 +113,12 @@ def never_profiled(reference: Sequence, profiled: Sequence) -> list:
     record of `profiled` holds: combinations the calibration never measured at any batch or share."""
     measured = {combination(r) for r in profiled}
     return [r for r in reference if len(r.tasks) > 1 and combination(r) not in measured]
+
+
+def median_spread(records: Sequence) -> float | None:
+    """The median over every task of `records` of its spread across a window's repeats."""
+    spreads = [t.spread for r in records for t in r.tasks if t.spread is not None]
+    return round(statistics.median(spreads), 4) if spreads else None
 
 
 def records_mape(predictor, records: Sequence) -> float | None:
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "calls": spent.calls,
         "windows": len(profiled),  # records measured, by every call
         "co_location_windows": sum(len(r.tasks) > 1 for r in profiled),
-        "median_spread": statistics.median(result.spreads) if result.spreads else None,
+        "median_spread": median_spread(profiled),
         "rounds": [{"predicted": p, "measured": m} for p, m in rounds],
         "data": str(result.data),
     }
@@ -251,7 +258,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--budget-s", type=float, default=900.0)
     parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--window-s", type=float, default=2.0)
+    parser.add_argument("--window-s", type=float, default=WINDOW_S)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument(

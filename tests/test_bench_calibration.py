@@ -13,6 +13,7 @@ from bench.calibration import (
     Progress,
     alone_ratio,
     card_unseen,
+    median_spread,
     never_profiled,
     records_mape,
     refine,
@@ -114,3 +115,12 @@ def test_records_mape_weighs_every_task_of_every_record():
     ]
     assert records_mape(predictor, records) == pytest.approx(100 * (0.1 + 0.5 + 0.5) / 3, abs=0.01)
     assert records_mape(predictor, []) is None
+
+
+def test_the_median_spread_is_over_every_measured_task_of_the_data_file_whatever_call_measured_it():
+    spread = [TaskSample("resnet18", 16, 100.0, 900.0, spread=s) for s in (0.01, 0.02, 0.03, 0.5)]
+    records = [window(), window()]
+    records[0] = msgspec.structs.replace(records[0], tasks=spread[:1])
+    records[1] = msgspec.structs.replace(records[1], tasks=[*spread[1:], TaskSample("vgg16", 16, 20.0, 90.0)])
+    assert median_spread(records) == pytest.approx(0.025)  # the unmeasured spread (None) is not a zero
+    assert median_spread([window(("resnet18", 16, 100.0, 900.0))]) is None

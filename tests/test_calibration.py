@@ -29,7 +29,7 @@ from agent.service import load_predictor
 from agent.workers import TaskFailed
 from predictor.features import extract
 from predictor.records import (
-    ALONE_LEVELS,
+    CO_LOCATIONS_PER_ALONE,
     Record,
     TaskSample,
     Workload,
@@ -149,13 +149,11 @@ def test_calibration_measures_baselines_then_co_locations_within_its_budget_and_
     records = load_records(result.data)
     assert result.data == dataset_path(tmp_path, GPU) and len(records) == result.windows == 80
     assert gpu.windows == 80 * REPEATS and result.measured_s == pytest.approx(80 * WINDOW_S * REPEATS)
-    full, shared = 3 * 4, 3 * 4 * (len(ALONE_LEVELS) - 1)  # alone on all the SMs first, then alternating
-    alternating = records[full : full + 2 * shared]
+    full = 3 * 4  # alone on all the SMs first, then a lower share alone before every few co-locations
     assert all(len(r.tasks) == 1 and r.tasks[0].resource == 100 for r in records[:full])
-    assert all(len(r.tasks) == 1 for r in alternating[::2]) and all(
-        len(r.tasks) > 1 for r in alternating[1::2]
-    )
-    assert all(len(r.tasks) > 1 for r in records[full + 2 * shared :])
+    alone = [len(r.tasks) == 1 for r in records[full:]]
+    group = [True] + [False] * CO_LOCATIONS_PER_ALONE
+    assert alone == (group * len(alone))[: len(alone)]
     assert {Workload(t.model, task_spec(r, t).input_size) for r in records for t in r.tasks} == set(
         target.workloads
     )
@@ -209,7 +207,10 @@ def test_a_stopped_calibration_keeps_its_records_and_the_next_run_skips_the_base
     )
     records = load_records(stopped.data)
     assert len(records) == 15
-    assert not held & {(r.tasks[0].model, r.tasks[0].batch, r.tasks[0].resource) for r in records[10:]}
+    alone_again = {
+        (r.tasks[0].model, r.tasks[0].batch, r.tasks[0].resource) for r in records[10:] if len(r.tasks) == 1
+    }
+    assert alone_again and not held & alone_again
 
 
 def test_a_batch_size_that_runs_out_of_memory_alone_is_not_tried_again(tmp_path):
