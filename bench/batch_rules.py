@@ -63,6 +63,10 @@ class Run:
             )
         return cls(int(batch), rule, ramp)
 
+    def __str__(self) -> str:
+        """The run's label, as `parse` reads it."""
+        return f"{'ramp' if self.ramp else ''}{self.batch}:{self.rule}"
+
 
 def accuracies(
     task: str,
@@ -130,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     # seeds outermost: a drift of the machine spreads over every run
-    runs = [(t, label, s) for s in args.seeds for t in args.tasks for label in args.runs]
+    runs = [(t, run, s) for s in args.seeds for t in args.tasks for run in args.runs]
     measured = {
-        (t, label, s): accuracies(
+        (t, run, s): accuracies(
             t,
-            Run.parse(label),
+            run,
             s,
             resolution=args.resolution,
             rounds=args.rounds,
@@ -143,17 +147,17 @@ def main(argv: list[str] | None = None) -> int:
             cuda_graphs=args.cuda_graphs,
             agent_seeds=args.agent_seeds,
         )
-        for t, label, s in track(runs)
+        for t, run, s in track(runs)
     }
     rows = [
         _row(
             task,
-            label,
-            [measured[task, label, s] for s in args.seeds],
+            str(run),
+            [measured[task, run, s] for s in args.seeds],
             [measured[task, args.reference, s] for s in args.seeds],
         )
         for task in args.tasks
-        for label in args.runs
+        for run in args.runs
     ]
     device = describe_device() if args.device == "cuda" else {"gpu": "cpu"}
     title = f"Accuracy per round (median of {len(args.seeds)} seeds), {args.resolution} px, {device['gpu']}"
@@ -170,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         {
             "device": device,
             "settings": vars(args)
-            | {"out": str(args.out), "steps_at_b0": {t: args.steps or STEPS[t] for t in args.tasks}},
+            | {
+                "out": str(args.out),
+                "runs": [str(run) for run in args.runs],
+                "reference": str(args.reference),
+                "steps_at_b0": {t: args.steps or STEPS[t] for t in args.tasks},
+            },
             "rows": rows,
         },
     )
@@ -219,12 +228,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="round r trains with seed r, as the agents' rounds do (--seeds then vary the initial model alone)",
     )
     args = parser.parse_args(argv)
-    args.reference = f"{B0}:none"
-    for label in args.runs:
-        try:
-            Run.parse(label)
-        except ValueError as error:
-            parser.error(str(error))
+    try:
+        args.runs = [Run.parse(label) for label in args.runs]
+    except ValueError as error:
+        parser.error(str(error))
+    args.reference = Run(B0, "none")
     if args.reference not in args.runs:
         parser.error(f"--runs must include {args.reference}, the configured batch every run is compared with")
     return args

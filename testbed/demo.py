@@ -34,7 +34,15 @@ from aggregator.config import AggregatorConfig, AggregatorMetricsConfig, RoundsC
 from common.config import to_toml
 from common.metrics import MetricsConfig
 from protocol.limits import MAX_TRAIN_SEED
-from protocol.schemas import CodecSpec, ExecutionPolicy, LrScaling, ModelSpec, OptimizerSpec, Precision
+from protocol.schemas import (
+    CodecSpec,
+    ExecutionPolicy,
+    LrScaling,
+    ModelSpec,
+    OptimizerSpec,
+    Precision,
+    TrainSeed,
+)
 from protocol.transport import MqttSettings
 from testbed import phases
 from testbed.broker import Mosquitto, free_port
@@ -493,10 +501,11 @@ def _positive(text: str) -> int:
 
 
 def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= MAX_TRAIN_SEED:
-        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_TRAIN_SEED}, not {value}")
-    return value
+    """A seed that the tasks' config takes (protocol.schemas.TrainSeed)."""
+    try:
+        return msgspec.convert(int(text), TrainSeed)
+    except msgspec.ValidationError as error:
+        raise argparse.ArgumentTypeError(f"{text}: {error}") from None
 
 
 def _local_steps(text: str) -> dict[str, int]:

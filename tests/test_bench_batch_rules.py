@@ -42,6 +42,7 @@ def test_one_round_of_named_runs_compares_each_with_the_configured_batch(tmp_pat
 def test_a_run_is_a_batch_and_a_rule_optionally_ramped():
     assert Run.parse("26:sqrt") == Run(26, "sqrt")
     assert Run.parse("ramp128:auto") == Run(128, "auto", ramp=True)
+    assert [str(Run.parse(label)) for label in RUNS] == list(RUNS)  # the label back, for the results
     for label in ("26", "x:sqrt", "0:none", "26:cubic", "ramp:auto"):
         with pytest.raises(ValueError, match="BATCH:RULE"):
             Run.parse(label)
