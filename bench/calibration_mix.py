@@ -21,11 +21,8 @@ from pathlib import Path
 
 from rich.progress import track
 
+from bench.calibration import combination
 from predictor.records import FOCUS, Record, load_records
-
-
-def combination(record: Record) -> tuple[str, ...]:
-    return tuple(sorted(t.model for t in record.tasks))
 
 
 def draw(records: Sequence[Record], low: int, co: int, seed: int) -> list[Record]:
@@ -70,7 +67,7 @@ def unseen_error(records: Sequence[Record], low: int, co: int, seed: int, epochs
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.common import write_json
+    from bench.common import describe_device, write_json
     from predictor.model import EPOCHS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -97,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(f"{mix}: unseen MAPE {', '.join(f'{e:.1f}%' for e, _ in runs)}", flush=True)
-    write_json(args.out, {"data": str(args.data), "epochs": args.epochs, "rows": rows})
+    write_json(
+        args.out, {"device": describe_device(), "data": str(args.data), "epochs": args.epochs, "rows": rows}
+    )
     return 0
 
 

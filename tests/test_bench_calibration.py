@@ -1,5 +1,5 @@
 """bench/calibration's arithmetic on a predictor calibrated with fake timings: round-like refinement and the MAPE
-on the card's unseen combinations."""
+on the card's unseen combinations; bench/calibration_mix's draws."""
 
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ from bench.calibration import (
     Progress,
     alone_ratio,
     card_unseen,
+    combination,
     median_spread,
     never_profiled,
     records_mape,
     refine,
     this_call,
 )
+from bench.calibration_mix import draw
 from predictor.correction import CorrectedPredictor
-from predictor.records import Record, TaskSample, Workload, load_records
+from predictor.records import FOCUS, Record, TaskSample, Workload, load_records
 from predictor.runtime import OnnxPredictor, card_path
 from tests.test_calibration import DEVICE, GPU, TASKS, FakeGpu, law
 
@@ -124,3 +126,23 @@ def test_the_median_spread_is_over_every_measured_task_of_the_data_file_whatever
     records[1] = msgspec.structs.replace(records[1], tasks=[*spread[1:], TaskSample("vgg16", 16, 20.0, 90.0)])
     assert median_spread(records) == pytest.approx(0.025)  # the unmeasured spread (None) is not a zero
     assert median_spread([window(("resnet18", 16, 100.0, 900.0))]) is None
+
+
+def test_a_draw_holds_every_baseline_and_the_asked_lower_share_windows_and_co_locations_once_each():
+    models = ("resnet18", "vgg16", "resnet50")
+    baselines = [window((m, 16, 100.0, 900.0)) for m in models]
+    lower = [window((m, 16, r, 300.0)) for m in models for r in (20.0, 60.0)]
+    focus = [
+        window(*((m, 16, 20.0 * (i + 1), 100.0) for m in FOCUS[6])) for i in range(3)
+    ]  # resnet50 + vgg16
+    others = [window(("resnet18", 16, 20.0 + i, 300.0), ("resnet50", 16, 40.0, 200.0)) for i in range(6)]
+    records = baselines + lower + focus + others
+    picked = draw(records, low=2, co=7, seed=1)
+    assert picked[:3] == baselines
+    assert len(picked) == 3 + 2 + 7
+    assert all(len(r.tasks) == 1 and r.tasks[0].resource < 100 for r in picked[3:5])
+    co_located = picked[5:]
+    assert all(len(r.tasks) > 1 for r in co_located)
+    assert len({id(r) for r in co_located}) == 7  # no window twice
+    assert {combination(r) for r in co_located} <= {combination(focus[0]), combination(others[0])}
+    assert draw(records, low=2, co=7, seed=1) == picked  # seeded
