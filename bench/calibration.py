@@ -99,6 +99,7 @@ def this_call(before: Progress, budget_s: float, call_s: float | None) -> tuple[
 
 
 def combination(record) -> tuple[str, ...]:
+    """A record's models, sorted: which combination it measured, whatever its batches and shares."""
     return tuple(sorted(t.model for t in record.tasks))
 
 

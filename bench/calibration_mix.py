@@ -1,6 +1,6 @@
 """What a short calibration should measure, replayed on a large data file: bench/results/calibration_mix.json.
 
-    python -m bench.calibration_mix --mix 26:25 10:41 16:120 --draws 3     # CPU, ~1.5 minutes a fit on 2 cores
+    python -m bench.calibration_mix --mix 26:25 10:41 23:91 --draws 3     # CPU, ~1.5 minutes a fit on 2 cores
 
 A calibration first measures every model alone on all the SMs (the baselines), then spends the rest of its budget
 on windows alone at lower shares and on co-locations. Each --mix LOW:CO draws that calibration's data from a data
@@ -34,6 +34,8 @@ def draw(records: Sequence[Record], low: int, co: int, seed: int) -> list[Record
         [r for r in records if len(r.tasks) > 1 and combination(r) in focus],
         [r for r in records if len(r.tasks) > 1 and combination(r) not in focus],
     )
+    if co > sum(map(len, pools)):
+        raise ValueError(f"{co} co-locations asked for, the data file holds {sum(map(len, pools))}")
     remaining = [list(pool) for pool in pools]
     picked = []
     for _ in range(co):
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("predictor/data/nvidia-h200.jsonl"))
-    parser.add_argument("--mix", nargs="+", default=["26:25", "10:41", "16:120"], metavar="LOW:CO")
+    parser.add_argument("--mix", nargs="+", default=["26:25", "10:41", "23:91"], metavar="LOW:CO")
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--out", type=Path, default=Path("bench/results/calibration_mix.json"))

@@ -34,8 +34,8 @@ R_LEVELS = (20, 40, 60, 80, 100)
 BATCHES = (16, 32, 64, 128)
 ALONE_LEVELS = (100, 60, 20)
 #: after the baselines, co-locations measured for each window alone at a lower share: co-locations teach the
-#: predictor most (on the H200 set, 51 co-locations and no lower shares erred 11-13% on combinations never measured,
-#: 25 and 26 15-17%; bench/results/README.md)
+#: predictor most (a 2-s-window budget replayed on the H200 set erred 13-15% on combinations never measured with
+#: 41 co-locations and 10 lower-share windows, 15-16% with 25 and 26; bench/results/calibration_mix.json)
 CO_LOCATIONS_PER_ALONE = 4
 #: combinations the benchmarks use (the paper's scenarios and Table III), profiled more densely
 FOCUS = (
