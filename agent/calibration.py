@@ -4,9 +4,10 @@ rounds train with, then fitting and exporting the predictor next to its data (pr
 What is profiled (`Target`): the configured tasks' workloads (model, input size, classes) at batch sizes around
 each task's configured one, or, for a generic predictor, predictor.records.MODELS at one input size. A pool of
 warm workers, one per (workload, R_i) (MPS fixes R_i at process start; batch sizes change freely), each prepared
-with its model on device-resident synthetic data, measures every workload alone at a few R_i and all its batch
-sizes, then random co-locations of 1..5 tasks, half of them the configured combination. Each configuration is
-measured in `repeats` synchronised windows of `window_s`; its record keeps each task's median and spread.
+with its model on device-resident synthetic data, measures every workload alone on all the SMs at all its batch
+sizes, then random co-locations of 2..5 tasks (half of them the configured combination) with a window alone at a
+lower R_i after every few (predictor.records.sample_configs). Each configuration is measured in `repeats`
+synchronised windows of `window_s`; its record keeps each task's median and spread.
 
 Records are appended to `<dir>/<gpu>.jsonl` as they are measured, so a run that is stopped (the agent stops it
 when a round starts) keeps them and a later run skips the baselines the file holds. When the measuring share of
