@@ -43,9 +43,21 @@ Measure = Callable[[Sequence[str], int, Sequence[float]], list[float]]
 PROGRESS_FILE = "progress.json"
 
 
-def refine(predictor, scenarios: Sequence[Sequence[str]], measure: Measure, resolution: int, rounds: int):
-    """`rounds` round-like measurements folded into `predictor` (a CorrectedPredictor) one after another;
-    the (predicted before, measured) pairs of each round."""
+class Round(msgspec.Struct, frozen=True):
+    """One refinement round: what ran at which shares, and each task's images/s as the base predictor and the
+    corrected one (before this round) predicted it and as measured."""
+
+    models: list[str]
+    resources: list[float]
+    base: list[float]
+    predicted: list[float]
+    measured: list[float]
+
+
+def refine(
+    predictor, scenarios: Sequence[Sequence[str]], measure: Measure, resolution: int, rounds: int
+) -> list[Round]:
+    """`rounds` round-like measurements folded into `predictor` (a CorrectedPredictor) one after another."""
     from predictor.correction import fit_correction, workload_key
     from predictor.features import extract
     from predictor.search import best_resources
@@ -62,7 +74,9 @@ def refine(predictor, scenarios: Sequence[Sequence[str]], measure: Measure, reso
         before = predictor(tasks, *rows)[0]
         base = predictor.base(tasks, *rows)[0]
         measured = measure(models, 64, resources)
-        history.append((list(before), measured))
+        history.append(
+            Round(list(models), resources, [float(b) for b in base], [float(p) for p in before], measured)
+        )
         observations += [
             (workload_key(m, resolution), float(b), m_) for m, b, m_ in zip(models, base, measured)
         ]
@@ -244,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "windows": len(profiled),  # records measured, by every call
         "co_location_windows": sum(len(r.tasks) > 1 for r in profiled),
         "median_spread": median_spread(profiled),
-        "rounds": [{"predicted": p, "measured": m} for p, m in rounds],
+        "rounds": msgspec.to_builtins(rounds),
         "data": str(result.data),
     }
     if args.reference:

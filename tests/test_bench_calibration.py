@@ -51,8 +51,10 @@ def test_refinement_folds_each_round_into_the_correction_and_the_unseen_mape_mat
 
     rounds = refine(predictor, [("resnet18", "shufflenet_v2_x0_5")], measure, 32, rounds=4)
     assert len(rounds) == 4 and predictor.correction.observations == 8
+    assert rounds[0].models == ["resnet18", "shufflenet_v2_x0_5"] and len(rounds[0].resources) == 2
+    assert rounds[0].predicted == pytest.approx(rounds[0].base)  # nothing learnt before the first round
     first, last = rounds[0], rounds[-1]
-    error = [sum(abs(p - m) / m for p, m in zip(*r)) / 2 for r in (first, last)]
+    error = [sum(abs(p - m) / m for p, m in zip(r.predicted, r.measured)) / 2 for r in (first, last)]
     assert error[1] < error[0]  # the device runs 1.3x the calibrated law: the rounds learn it
 
 
