@@ -112,22 +112,17 @@ def this_call(before: Progress, budget_s: float, call_s: float | None) -> tuple[
     return (min(call_s, left), False) if left > 0 else (0.0, True)
 
 
-def combination(record) -> tuple[str, ...]:
-    """A record's models, sorted: which combination it measured, whatever its batches and shares."""
-    return tuple(sorted(t.model for t in record.tasks))
-
-
 def card_unseen(records: Sequence, card: dict) -> list:
     """The records of the model combinations the card's fit left out (never seen in training)."""
     unseen = {tuple(c) for c in card["split"]["unseen_combinations"]}
-    return [r for r in records if combination(r) in unseen]
+    return [r for r in records if r.combination in unseen]
 
 
 def never_profiled(reference: Sequence, profiled: Sequence) -> list:
     """The co-locations of `reference` (another data file of the same GPU model) whose model combination no
     record of `profiled` holds: combinations the calibration never measured at any batch or share."""
-    measured = {combination(r) for r in profiled}
-    return [r for r in reference if len(r.tasks) > 1 and combination(r) not in measured]
+    measured = {r.combination for r in profiled}
+    return [r for r in reference if len(r.tasks) > 1 and r.combination not in measured]
 
 
 def median_spread(records: Sequence) -> float | None:
@@ -181,7 +176,7 @@ def against_reference(base, refined, profiled: Sequence, path: Path) -> dict:
     return {
         "file": str(path),
         "records": len(unseen),
-        "combinations": len({combination(r) for r in unseen}),
+        "combinations": len({r.combination for r in unseen}),
         "mape_unseen": records_mape(base, unseen),
         "mape_unseen_refined": records_mape(refined, unseen),
         "alone_ratio": alone_ratio(profiled, reference),

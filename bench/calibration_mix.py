@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rich.progress import track
 
-from bench.calibration import combination
+from bench.calibration import never_profiled
 from predictor.records import FOCUS, Record, load_records
 
 
@@ -30,13 +30,13 @@ def draw(records: Sequence[Record], low: int, co: int, seed: int) -> list[Record
     rng = random.Random(seed)
     alone = [r for r in records if len(r.tasks) == 1]
     focus = {tuple(sorted(c)) for c in FOCUS}
-    pools = (
-        [r for r in records if len(r.tasks) > 1 and combination(r) in focus],
-        [r for r in records if len(r.tasks) > 1 and combination(r) not in focus],
-    )
-    if co > sum(map(len, pools)):
-        raise ValueError(f"{co} co-locations asked for, the data file holds {sum(map(len, pools))}")
-    remaining = [list(pool) for pool in pools]
+    co_located = [r for r in records if len(r.tasks) > 1]
+    if co > len(co_located):
+        raise ValueError(f"{co} co-locations asked for, the data file holds {len(co_located)}")
+    remaining = [
+        [r for r in co_located if r.combination in focus],
+        [r for r in co_located if r.combination not in focus],
+    ]
     picked = []
     for _ in range(co):
         pool = remaining[0] if rng.random() < 0.5 and remaining[0] else remaining[1] or remaining[0]
@@ -54,8 +54,7 @@ def unseen_error(records: Sequence[Record], low: int, co: int, seed: int, epochs
     from predictor.model import predict, train
 
     profiled = draw(records, low, co, seed)
-    measured = {combination(r) for r in profiled}
-    unseen = [r for r in records if len(r.tasks) > 1 and combination(r) not in measured]
+    unseen = never_profiled(records, profiled)
     fitted, held_out = build(profiled), build(unseen)
     model = train(
         fitted.x,

@@ -50,7 +50,7 @@ def build(records: list[Record]) -> Samples:
         xs.append(x[0])
         masks.append(mask[0])
         ys.append(y[0])
-        combos.append(tuple(sorted(t.model for t in record.tasks)))
+        combos.append(record.combination)
     return Samples(np.stack(xs), np.stack(masks), np.stack(ys), combos)
 
 

@@ -78,6 +78,11 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     round: int | None = None
     policy: str | None = None
 
+    @property
+    def combination(self) -> tuple[str, ...]:
+        """The models that ran, sorted: the model combination, whatever the batches and shares."""
+        return tuple(sorted(t.model for t in self.tasks))
+
 
 def task_spec(record: Record, task: TaskSample):
     """The ModelSpec a sample was measured with."""

@@ -13,7 +13,6 @@ from bench.calibration import (
     Progress,
     alone_ratio,
     card_unseen,
-    combination,
     median_spread,
     never_profiled,
     records_mape,
@@ -146,7 +145,7 @@ def test_a_draw_holds_every_baseline_and_the_asked_lower_share_windows_and_co_lo
     co_located = picked[5:]
     assert all(len(r.tasks) > 1 for r in co_located)
     assert len({id(r) for r in co_located}) == 7  # no window twice
-    assert {combination(r) for r in co_located} <= {combination(focus[0]), combination(others[0])}
+    assert {r.combination for r in co_located} <= {focus[0].combination, others[0].combination}
     assert draw(records, low=2, co=7, seed=1) == picked  # seeded
     with pytest.raises(ValueError, match="10 co-locations asked for, the data file holds 9"):
         draw(records, low=2, co=10, seed=1)

@@ -642,7 +642,7 @@ def test_fit_unseen_split_holds_only_combinations_absent_from_training(pipeline)
     report = json.loads(pipeline["weights"].with_suffix(".fit.json").read_text())
     unseen = {tuple(c) for c in report["split"]["unseen_combinations"]}
     assert unseen
-    combos = [tuple(sorted(t.model for t in r.tasks)) for r in pipeline["records"]]
+    combos = [r.combination for r in pipeline["records"]]
     parts = split(
         dummy_samples(combos), seed=0
     )  # the combinations decide fit's split (no configuration repeats)
