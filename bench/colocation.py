@@ -3,6 +3,7 @@
     python -m bench.colocation run --out bench/results      # on a GPU with MPS (as root, or with a running daemon)
     python -m bench.colocation report --out bench/results   # table + plot from the CSV
     python -m bench.colocation refine --predictor P.onnx --refined DIR   # P with a correction fitted on the CSV
+    python -m bench.colocation run --predictor P.onnx --rounds 3 ...    # the plan refined round after round
 
 Each policy runs one warm worker process per task (agent.workers), prepared with its model on device-resident
 synthetic data and measured in a synchronised window (agent.windows), the task runtime rounds train with; every
@@ -44,6 +45,7 @@ from bench.common import (
     spread,
     write_json,
 )
+from predictor.correction import fit_correction, workload_key
 from protocol.schemas import ModelSpec
 
 SCENARIOS = {
@@ -162,16 +164,14 @@ def _close(pool: WorkerPool, starting: list[threading.Thread]) -> None:
 
 
 def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: CsvLog, device: str) -> None:
-    """Measure every policy of one scenario."""
+    """Measure every policy of one scenario, then `args.rounds` refinement rounds of the predictor's plan."""
     from predictor.features import extract
 
     specs = {m: ModelSpec(name=m, num_classes=10, input_size=args.resolution) for m in models}
-    workloads = {m: extract(spec).flops_per_sample * args.batch for m, spec in specs.items()}
-    planned = (
-        predicted_resources(args.predictor, [extract(s) for s in specs.values()], args.batch, args.images)
-        if args.predictor
-        else None
-    )
+    features = {m: extract(spec) for m, spec in specs.items()}
+    workloads = {m: f.flops_per_sample * args.batch for m, f in features.items()}
+    predict = refined_predictor(Path(args.predictor)) if args.predictor else None
+    planned = plan_resources(predict, list(features.values()), args.batch, args.images) if predict else None
     runs = runs_for(models, workloads, sharing, args.policies, planned and dict(zip(models, planned)))
     prepares = {
         m: jobs.Prepare(model=spec, data=SyntheticData(samples=SYNTHETIC_SAMPLES, seed=0))
@@ -187,31 +187,70 @@ def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: C
     rows, alone = [], {}
     try:
         for run, pool, threads in zip(runs, pools, starting):
-            windows, util = measure(
-                pool, run, prepares, args.batch, args.images, args.repeats, args.min_window_s
-            )
-            _close(pool, threads)
-            if run.policy_launches.policy == "temporal":
-                alone = {
-                    launch.task: statistics.median(w.results[i].images_per_s for w in windows)
-                    for i, launch in enumerate(run.policy_launches.launches)
-                }
-            for label, rv in run.labels:
-                rows += _rows(name, label, rv, run, windows, alone, util, args, device)
-            p = [w.images / w.wall_s for w in windows]
-            print(
-                f"{name:>16} {'/'.join(lbl for lbl, _ in run.labels):>20}: {statistics.median(p):8.0f} img/s "
-                f"(spread {spread(p):.1%})  {run.policy_launches.note}",
-                flush=True,
-            )
+            rows += _measured_rows(name, run, pool, threads, prepares, alone, args, device)
     finally:
         for pool, threads in zip(pools, starting):
+            _close(pool, threads)
+    for k in range(1, args.rounds + 1):
+        # as an agent that runs the plan each round: refit the correction on this scenario's plans so far
+        predict.correction = fit_correction(_observations(predict, features, rows, args))
+        shares = plan_resources(predict, list(features.values()), args.batch, args.images)
+        (run,) = runs_for(models, workloads, sharing, ["fedmt-predictor"], dict(zip(models, shares)))
+        run = Run(run.policy_launches, [(f"fedmt-round{k}", rv) for _, rv in run.labels])
+        pool = WorkerPool(init)
+        threads = [pool.prestart(launch.task, launch) for launch in run.policy_launches.launches]
+        try:
+            rows += _measured_rows(name, run, pool, threads, prepares, alone, args, device)
+        finally:
             _close(pool, threads)
     temporal_p = next(r["P"] for r in rows if r["policy"] == "temporal")
     temporal_pf = next(r["P_f"] for r in rows if r["policy"] == "temporal")
     for row in rows:
         row |= {"P_norm": round(row["P"] / temporal_p, 3), "P_f_norm": round(row["P_f"] / temporal_pf, 3)}
         log.add(row)
+
+
+def _measured_rows(name, run, pool, threads, prepares, alone, args, device) -> list[dict]:
+    """Measure one run and return its rows; a `temporal` run first fills `alone` with each task's throughput."""
+    windows, util = measure(pool, run, prepares, args.batch, args.images, args.repeats, args.min_window_s)
+    _close(pool, threads)
+    if run.policy_launches.policy == "temporal":
+        alone |= {
+            launch.task: statistics.median(w.results[i].images_per_s for w in windows)
+            for i, launch in enumerate(run.policy_launches.launches)
+        }
+    p = [w.images / w.wall_s for w in windows]
+    print(
+        f"{name:>16} {'/'.join(lbl for lbl, _ in run.labels):>20}: {statistics.median(p):8.0f} img/s "
+        f"(spread {spread(p):.1%})  {run.policy_launches.note}",
+        flush=True,
+    )
+    return [
+        row
+        for label, rv in run.labels
+        for row in _rows(name, label, rv, run, windows, alone, util, args, device)
+    ]
+
+
+def _observations(predict, features: dict, rows: list[dict], args) -> list[tuple[str, float, float]]:
+    """(workload, base prediction, measured throughput) of each task of the predictor's plans measured so far
+    (`fedmt-predictor` and the refinement rounds), oldest first: what an agent running them has learnt."""
+    import numpy as np
+
+    plans: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["policy"] == "fedmt-predictor" or row["policy"].startswith("fedmt-round"):
+            plans.setdefault(row["policy"], []).append(row)
+    observations = []
+    for tasks in plans.values():
+        shares = np.array([[r["resource_pct"] for r in tasks]], dtype=np.float64)
+        batches = np.array([[r["batch"] for r in tasks]], dtype=np.float64)
+        base = predict.base([features[r["model"]] for r in tasks], batches, shares)[0]
+        observations += [
+            (workload_key(r["model"], args.resolution), float(b), r["throughput_ips"])
+            for r, b in zip(tasks, base)
+        ]
+    return observations
 
 
 def _rows(scenario, label, rv, run, windows, alone, util, args, device) -> list[dict]:
@@ -270,15 +309,13 @@ def refined_predictor(path: Path):
     return predict
 
 
-def predicted_resources(path: str, tasks: list, batch: int, images: int) -> list[float]:
-    """R_i (percent) as the agent's `fedmt` plan chooses them with the ONNX predictor (refined by the rounds'
-    correction when `<predictor>.refinement.json` lies next to it): Eq. 5 at the scenario's fixed batch, every
-    task with `images` images, so minimising the predicted makespan max_i D_i / P_i; then the best of that and the
-    static splits by the same predictor (agent/selection.py)."""
+def plan_resources(predict, tasks: list, batch: int, images: int) -> list[float]:
+    """R_i (percent) as the agent's `fedmt` plan chooses them with `predict`: Eq. 5 at the scenario's fixed batch,
+    every task with `images` images, so minimising the predicted makespan max_i D_i / P_i; then the best of that
+    and the static splits by the same predictor (agent/selection.py)."""
     from agent.selection import candidates, choose
     from predictor.search import best_resources
 
-    predict = refined_predictor(Path(path))
     n = len(tasks)
     volumes = [float(images)] * n
     search = best_resources(tasks, [batch] * n, predict, objective="makespan", volumes=volumes)
@@ -295,6 +332,8 @@ def run(args) -> int:
         raise SystemExit(
             "--policies must start with temporal: it gives the alone throughputs and the baseline"
         )
+    if args.rounds and not (args.predictor and "fedmt-predictor" in args.policies):
+        raise SystemExit("--rounds refines the predictor's plan: it needs --predictor and fedmt-predictor")
     device = describe_device()
     log = CsvLog(out / f"{args.name}.csv", COLUMNS)
     with mps_sharing() as sharing:
@@ -434,7 +473,6 @@ def refine(args) -> int:
 
     import msgspec
 
-    from predictor.correction import fit_correction, workload_key
     from predictor.runtime import OnnxPredictor, card_path
 
     source, csv_path = Path(args.predictor), Path(args.out) / f"{args.name}.csv"
@@ -471,7 +509,7 @@ def _plot(runs: dict, devices: dict[str, str], path: Path) -> None:
         p
         for p in ("temporal", "concurrent", "isolated", "sharing", "fedmt", "fedmt-predictor")
         if any(pol == p for _, pol, _ in runs)
-    ]
+    ] + sorted({pol for _, pol, _ in runs if pol.startswith("fedmt-round")})
     figure, (bars, sweep) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / len(policies)
     for i, policy in enumerate(policies):
@@ -511,6 +549,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--repeats", type=int, default=3, help="windows per configuration (median and spread)")
     r.add_argument("--min-window-s", type=float, default=5.0, help="shortest window per configuration")
+    r.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="after the policies, this many rounds of the predictor's plan, each planned with the correction "
+        "refit on the plans measured before it (fedmt-round1, ...; needs --predictor and fedmt-predictor)",
+    )
     f = sub.add_parser("refine", help="the predictor refined on a run's windows (a refined copy)")
     f.add_argument("--refined", required=True, help="folder of the refined copy")
     for command in (r, sub.add_parser("report"), f):

@@ -131,3 +131,39 @@ def test_a_refined_copy_plans_with_a_correction_fitted_on_the_runs_windows(tmp_p
     assert "(nvidia-h100-80gb-hbm3.onnx, 4 observations refining it)" in table
     mape = float(table.split("MAPE over 4 task throughputs: ")[1].split("%")[0])
     assert mape < 20
+
+
+def test_refinement_rounds_learn_from_the_predictors_own_plans_only():
+    from predictor.correction import fit_correction
+    from predictor.features import extract
+    from protocol.schemas import ModelSpec
+
+    alone, together = predictions()
+    predict = colocation.refined_predictor(PREDICTOR)
+    features = {m: extract(ModelSpec(name=m, num_classes=10, input_size=128)) for m in MODELS}
+    args = type("Args", (), {"resolution": 128})()
+    rows = []
+    for policy, throughputs in {
+        "temporal": [10 * x for x in alone],  # another policy's windows: not the plan's, so not learnt from
+        "fedmt-predictor": [together[0], 4 * together[1]],  # the second task 4x as fast as predicted
+    }.items():
+        for model, share, ips in zip(MODELS, SHARES, throughputs):
+            rows.append(
+                row(policy, 1000.0, 0.0)
+                | {"model": model, "batch": 64, "resource_pct": share, "throughput_ips": ips}
+            )
+    observations = colocation._observations(predict, features, rows, args)
+    assert [(key, round(p, 1), round(m, 1)) for key, p, m in observations] == [
+        ("resnet18@128", round(together[0], 1), round(together[0], 1)),
+        ("mobilenet_v3_small@128", round(together[1], 1), round(4 * together[1], 1)),
+    ]
+    # the next round plans with that correction: mobilenet needs a smaller share to finish with resnet18
+    shares_before = colocation.plan_resources(predict, list(features.values()), 64, 3200)
+    predict.correction = fit_correction(observations)
+    shares_after = colocation.plan_resources(predict, list(features.values()), 64, 3200)
+    assert shares_after[0] / shares_after[1] > shares_before[0] / shares_before[1]
+
+
+def test_rounds_need_the_predictors_plan():
+    with pytest.raises(SystemExit, match="--rounds"):
+        colocation.main(["run", "--rounds", "2", "--policies", "temporal", "isolated"])
