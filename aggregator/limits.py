@@ -20,6 +20,7 @@ import numpy as np
 from msgspec import Meta
 
 from aggregator.errors import Rejected
+from protocol.tensors import float_values
 
 #: what happens to an update beyond a limit: scaled down to it, or refused with a receipt saying why
 Excess = Literal["clip", "reject"]
@@ -95,7 +96,7 @@ def _norm_parts(delta: Mapping[str, np.ndarray]) -> tuple[float, float]:
     """(peak, root) with norm = peak * root. Usually (1, norm) from one pass: the squares summed by BLAS in
     blocks of `_BLOCK` values, the blocks' sums added in float64. Where that overflows or may have underflowed,
     the exact way: the largest magnitude and the norm of the tensors divided by it, so that no square overflows."""
-    floats = [array.reshape(-1) for array in delta.values() if array.dtype.kind == "f" and array.size]
+    floats = [values for values in float_values(delta) if values.size]
     with np.errstate(over="ignore"):  # an overflow makes the sum infinite: the exact way is taken
         squares = sum(_sum_of_squares(flat) for flat in floats)
     if math.isfinite(squares) and squares > _TINY:

@@ -52,8 +52,9 @@ SYNC_BYTES = 8 << 20
 #: payload bytes one pass takes from the link, and complete updates a group holds (mapped until folded) before it
 #: settles: with the link's queue, what bounds the aggregator's memory
 HELD_BYTES = 4 << 20
-#: one-chunk update payloads held in memory at once rather than spooled (no file to create; see Reassembler)
-HELD_IN_MEMORY_BYTES = 1 << 20
+#: one-chunk update payloads held in memory at once rather than spooled (no file to create; see Reassembler): as
+#: many as a group holds, so that a group of small updates creates no file
+HELD_IN_MEMORY_BYTES = HELD_BYTES
 #: payload bytes the link's queue holds before its network thread waits and TCP pushes back on the broker
 LINK_QUEUE_BYTES = 2 << 20
 #: how long unacknowledged messages wait for more to come before their group settles
@@ -205,6 +206,8 @@ class AggregatorService:
             self._refuse(failure.transfer, f"the aggregator cannot spool updates now: {failure}")
         for device, receipt in receipts:
             self.send_receipt(device, receipt)
+        if receipts:  # they leave now, not after the fold and finalisation below
+            self.link.let_send()
         unsettled, self._unsettled = self._unsettled, []
         for message in unsettled:
             self.link.ack(message)

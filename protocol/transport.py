@@ -294,6 +294,11 @@ class MqttLink:
             raise PublishError(topic, info.rc)
         return info
 
+    def let_send(self) -> None:
+        """Let paho's network thread send what was just published before the caller goes on: a thread that keeps
+        the GIL would hold it back for a switch interval (5 ms)."""
+        _let_the_network_thread_send()
+
     def publish_update(self, device: str, manifest: UpdateManifest, payload: bytes | memoryview) -> None:
         """Publish the messages of `device`'s update (`update_messages`); PublishError if paho refused one of them
         (the receiver then lacks the transfer and the sender may send it again)."""

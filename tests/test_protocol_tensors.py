@@ -335,8 +335,9 @@ def test_check_layout_rejects_missing_and_extra_names(edit):
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_check_finite_rejects_nan_and_infinities(dtype, bad):
-    values = np.linspace(-1, 1, 100).astype(dtype)
+@pytest.mark.parametrize("size", [100, 20_000], ids=["checked with the small tensors", "checked alone"])
+def test_check_finite_rejects_nan_and_infinities(dtype, bad, size):
+    values = np.linspace(-1, 1, size).astype(dtype)
     values[57] = bad
     state = {"ok": np.zeros(3, np.float32), "w": values}
     with pytest.raises(ProtocolError) as exc:
