@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,41 +335,37 @@ class RoundLedger:
         "accepted": recorded and committed. ProtocolError if the task round is unknown or finalized.
         """
         key = (task, round, device)
-        with self._transaction():
-            row = self._db.execute(
-                "SELECT task, round, device FROM updates WHERE update_id = ?", (update_id,)
-            ).fetchone()
-            if row is not None:
-                return "duplicate" if row == key else "conflict"
-            taken = self._db.execute(
-                "SELECT 1 FROM updates WHERE task = ? AND round = ? AND device = ?", key
-            ).fetchone()
-            if taken is not None:
-                return "conflict"
-            state = self._db.execute(
-                "SELECT state FROM task_rounds WHERE task = ? AND round = ?", (task, round)
-            ).fetchone()
-            if state != ("open",):
-                why = "is not part of" if state is None else "is already finalized in"
-                raise ProtocolError(f"update {update_id}: task {task!r} {why} round {round}")
-            self._db.execute(
-                "INSERT INTO updates (task, round, device, update_id, samples, payload_path, sha256, "
-                "received_at, weight, scale, codec, payload_offset, payload_size) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    *key,
-                    update_id,
-                    samples,
-                    str(payload_path),
-                    sha256,
-                    received_at,
-                    samples if weight is None else weight,
-                    scale,
-                    codec,
-                    *(part or (None, None)),
-                ),
-            )
+        values = (
+            *key,
+            update_id,
+            samples,
+            str(payload_path),
+            sha256,
+            received_at,
+            samples if weight is None else weight,
+            scale,
+            codec,
+            *(part or (None, None)),
+        )
+        # One statement, atomic alone (in a batch, or committed on its own): it inserts only where the task round
+        # is open and neither the id nor the device's place is taken; the reads below say why it did not.
+        if self._db.execute(_INSERT_UPDATE, (*values, task, round)).rowcount:
             return "accepted"
+        row = self._db.execute(
+            "SELECT task, round, device FROM updates WHERE update_id = ?", (update_id,)
+        ).fetchone()
+        if row is not None:
+            return "duplicate" if row == key else "conflict"
+        taken = self._db.execute(
+            "SELECT 1 FROM updates WHERE task = ? AND round = ? AND device = ?", key
+        ).fetchone()
+        if taken is not None:
+            return "conflict"
+        state = self._db.execute(
+            "SELECT state FROM task_rounds WHERE task = ? AND round = ?", (task, round)
+        ).fetchone()
+        why = "is not part of" if state is None else "is already finalized in"
+        raise ProtocolError(f"update {update_id}: task {task!r} {why} round {round}")
 
     def update_by_id(self, update_id: str) -> UpdateRecord | None:
         row = self._db.execute(
@@ -388,14 +384,18 @@ class RoundLedger:
 
     # --- devices -----------------------------------------------------------------------------------------
 
-    def record_device(self, device: str, online: bool, at: float) -> None:
-        """Note a device's status; `changed_at` moves only when it changes."""
+    def record_devices(self, statuses: Iterable[tuple[str, bool, float]]) -> None:
+        """Note devices' statuses, (device, online, at) in the order they came, in one transaction; a device's
+        `changed_at` moves only when its status changes."""
+        rows = [(check_name("device", device), int(online), at) for device, online, at in statuses]
+        if not rows:
+            return
         with self._transaction():
-            self._db.execute(
+            self._db.executemany(
                 "INSERT INTO devices (device, online, changed_at) VALUES (?, ?, ?) ON CONFLICT (device) DO "
                 "UPDATE SET online = excluded.online, changed_at = excluded.changed_at "
                 "WHERE online != excluded.online",
-                (check_name("device", device), int(online), at),
+                rows,
             )
 
     def devices(self) -> list[DeviceRecord]:
@@ -534,6 +534,10 @@ class RoundLedger:
 _UPDATE_COLUMNS = (
     "task, round, device, update_id, samples, payload_path, sha256, received_at, weight, scale, codec, "
     "payload_offset, payload_size"
+)
+_INSERT_UPDATE = (
+    f"INSERT INTO updates ({_UPDATE_COLUMNS}) SELECT {', '.join('?' * 13)} FROM task_rounds "
+    "WHERE task = ? AND round = ? AND state = 'open' ON CONFLICT DO NOTHING"
 )
 
 

@@ -51,6 +51,7 @@ from protocol.schemas import (
     UpdateManifest,
 )
 from protocol.tensors import decode_state, describe, encode_state
+from protocol.topics import check_name
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,10 @@ class Coordinator:
         # of thousands would otherwise keep each device's whole profile)
         self.declared: dict[str, dict[str, int]] = {}
         self.participation: dict[str, dict[str, Participation]] = {}  # task -> device -> its last round
-        self._recorded_status: dict[
-            str, bool
-        ] = {}  # device -> online, as this process wrote it to the ledger
+        # device -> online, as this process wrote it to the ledger; and the changes (device, online, at) that the
+        # next commit writes
+        self._recorded_status: dict[str, bool] = {}
+        self._statuses: list[tuple[str, bool, float]] = []
         #: called with (task, reason) for every rejected update; the service counts them
         self.on_rejected: Callable[[str, str], None] = lambda task, reason: None
 
@@ -217,10 +219,10 @@ class Coordinator:
     # --- device registry --------------------------------------------------------------------------------
 
     def device_status(self, device: str, online: bool) -> None:
-        """A device's status; the ledger notes changes (retained statuses repeat on every reconnect)."""
+        """A device's status; the ledger notes changes with the next `commit` (retained statuses repeat on every
+        reconnect)."""
         if self._recorded_status.get(device) != online:
-            self.ledger.record_device(device, online, time.time())
-            self._recorded_status[device] = online
+            self._statuses.append((check_name("device", device), online, time.time()))
         (self.online.add if online else self.online.discard)(device)
 
     def device_profile(self, profile: DeviceProfile) -> None:
@@ -282,11 +284,10 @@ class Coordinator:
             return self._reject(manifest, exc)
         if any(staged.manifest.update_id == manifest.update_id for staged in self._staged):
             return None  # a copy of an update staged in this batch: its receipt comes with the commit
-        known = self._recorded(manifest)  # recorded while this copy was in transit: keep the recorded file
-        if known is None and manifest.device in task_round.reported:
-            known = self._reject(manifest, Rejected("already_reported", "device already reported"))
-        if known is not None:
-            return known
+        # The ledger holds an update of this device and task round only if it reported (folded, or resumed): this
+        # very update recorded while this copy was in transit (keep the recorded file), or another one
+        if manifest.device in task_round.reported:
+            return self._not_recorded(manifest)
         try:
             outcome, durable = self._record(manifest, payload, limited)
         except (OSError, sqlite3.OperationalError) as exc:
@@ -296,16 +297,26 @@ class Coordinator:
         if outcome != "accepted":
             if durable is not None:
                 durable.unlink(missing_ok=True)
-            return self._reject(manifest, Rejected("already_reported", "device already reported"))
+            return self._not_recorded(manifest)
         self._staged.append(Staged(manifest, limited, task_round, durable))
         return None
 
+    def _not_recorded(self, manifest: UpdateManifest) -> Receipt:
+        """The receipt of an update the ledger would not take: a duplicate, its id reused, or another update of
+        the device's recorded already."""
+        known = self._recorded(manifest)
+        if known is None:
+            known = self._reject(manifest, Rejected("already_reported", "device already reported"))
+        return known
+
     def commit(self, sync: Callable[[set[Path]], None] = fsync_paths) -> list[tuple[str, Receipt]]:
-        """Make the staged updates durable together (`sync` their folders and segments, with whatever else the
-        caller makes durable first, then one ledger commit) and return their devices and receipts: accepted
-        (saying what the limits changed), or retry when the ledger cannot take them (nothing kept). A failed fsync
-        is raised, nothing committed: what the page cache holds can no longer be trusted (the caller stops)."""
+        """Make the staged updates and the devices' status changes durable together (`sync` the updates' folders
+        and segments, with whatever else the caller makes durable first, then one ledger commit) and return the
+        updates' devices and receipts: accepted (saying what the limits changed), or retry when the ledger cannot
+        take them (nothing kept). A failed fsync is raised, nothing committed: what the page cache holds can no
+        longer be trusted (the caller stops)."""
         staged, self._staged = self._staged, []
+        statuses, self._statuses = self._statuses, []
         try:
             sync(
                 {update.path.parent for update in staged if update.path is not None} | self.segments.written()
@@ -314,10 +325,14 @@ class Coordinator:
             self._drop(staged)
             raise
         try:
+            self.ledger.record_devices(statuses)  # in the group's batch, if one is open: one commit
             self.ledger.commit_batch()
         except sqlite3.Error as exc:
             self._drop(staged)
+            if statuses:  # not marked recorded: the device's next status writes it
+                log.error("device statuses not recorded: %s", exc)
             return [(update.manifest.device, self._cannot_store(update.manifest, exc)) for update in staged]
+        self._recorded_status.update((device, online) for device, online, _ in statuses)
         self._accepted.extend(staged)
         receipts = []
         for update in staged:

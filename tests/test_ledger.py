@@ -260,26 +260,26 @@ def test_recorded_update_survives_a_crash_without_close(db):
 
 
 def test_device_status_changes_are_recorded_with_when_they_changed(ledger):
-    ledger.record_device("dev1", True, 10.0)
-    ledger.record_device("dev1", True, 20.0)  # the same state again: still online since 10
-    ledger.record_device("dev2", True, 15.0)
-    ledger.record_device("dev2", False, 30.0)
+    ledger.record_devices([("dev1", True, 10.0)])
+    ledger.record_devices([("dev1", True, 20.0)])  # the same state again: still online since 10
+    ledger.record_devices([("dev2", True, 15.0), ("dev2", False, 30.0)])  # in order, in one transaction
     assert [(d.device, d.online, d.changed_at) for d in ledger.devices()] == [
         ("dev1", True, 10.0),
         ("dev2", False, 30.0),
     ]
     with pytest.raises(ProtocolError):
-        ledger.record_device("bad/id", True, 1.0)
+        ledger.record_devices([("dev3", True, 1.0), ("bad/id", True, 1.0)])
+    assert [d.device for d in ledger.devices()] == ["dev1", "dev2"]  # none of a refused batch
 
 
 def test_a_read_only_ledger_sees_the_writers_commits_and_cannot_write(ledger, db):
     with RoundLedger(db, read_only=True) as reader:
         ledger.open_round(1, {"cifar": 0}, 100.0, 200.0, {"cifar": {"dev1": 5}})
-        ledger.record_device("dev1", True, 100.0)
+        ledger.record_devices([("dev1", True, 100.0)])
         assert reader.current_round().round == 1 and [d.device for d in reader.devices()] == ["dev1"]
         assert [r.round for r in reader.recent_rounds(5)] == [1]
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
-            reader.record_device("dev2", True, 1.0)
+            reader.record_devices([("dev2", True, 1.0)])
 
 
 def test_a_read_only_ledger_needs_this_schema(db):
@@ -300,7 +300,7 @@ def test_a_schema_v1_ledger_is_migrated_and_keeps_its_records(db):
     with RoundLedger(db) as ledger:
         assert ledger.latest_global("cifar").sha256 == SHA_A
         assert ledger.devices() == []
-        ledger.record_device("dev1", True, 5.0)
+        ledger.record_devices([("dev1", True, 5.0)])
     with RoundLedger(db, read_only=True) as reader:
         assert [d.device for d in reader.devices()] == ["dev1"]
 
@@ -311,7 +311,7 @@ def test_a_batch_commits_its_writes_together_and_a_rollback_keeps_none(ledger, d
         ledger.begin_batch()
         assert update(ledger, "dev1", "u1") == "accepted"
         assert update(ledger, "dev2", "u2") == "accepted"
-        with pytest.raises(ProtocolError):  # fails alone: its savepoint rolls back, the batch goes on
+        with pytest.raises(ProtocolError):  # fails alone, writing nothing: the batch goes on
             update(ledger, "dev3", "u3", round=7)
         assert ledger.update_by_id("u1") is not None and reader.update_by_id("u1") is None
         ledger.commit_batch()

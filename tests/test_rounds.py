@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 import uuid
 
@@ -95,6 +96,28 @@ def update(
 
 def delta(value: float) -> dict:
     return {"w": np.full((3, 4), value, np.float32), "steps": np.array(2, dtype=np.int64)}
+
+
+def test_device_statuses_are_written_together_by_the_next_commit_and_again_after_a_failed_one(
+    config, monkeypatch
+):
+    coordinator = Coordinator(config)
+    coordinator.start()
+    coordinator.device_status("d1", True)
+    # noted; written with the group's commit
+    assert coordinator.ledger.devices() == [] and coordinator.online == {"d1"}
+
+    def fails(statuses):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(coordinator.ledger, "record_devices", fails)
+    assert coordinator.commit() == []
+    monkeypatch.undo()
+    coordinator.device_status("d1", True)  # its retained status again: not recorded yet, so written now
+    coordinator.device_status("d2", True)
+    coordinator.device_status("d2", False)
+    coordinator.commit()
+    assert [(d.device, d.online) for d in coordinator.ledger.devices()] == [("d1", True), ("d2", False)]
 
 
 def test_a_round_opens_only_with_enough_devices_and_schedules_them(config):
