@@ -30,6 +30,7 @@ from pathlib import Path
 
 from agent import jobs
 from agent.calibration import SYNTHETIC_SAMPLES
+from agent.config import ExecutionConfig
 from agent.data import SyntheticData
 from agent.mps import GpuSharing, mps_sharing
 from agent.policies import POLICIES, PolicyLaunches, policy_launches, split_by_workload
@@ -191,10 +192,16 @@ def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: C
     finally:
         for pool, threads in zip(pools, starting):
             _close(pool, threads)
+    errors = []  # each plan's MAPE, by the predictor it was made with
     for k in range(1, args.rounds + 1):
-        # as an agent that runs the plan each round: refit the correction on this scenario's plans so far
+        # as an agent that runs the plan each round: its error noted, the correction refit on this scenario's plans
+        # so far, the next plan scored against what was measured
+        errors.append(_plan_error(predict, features, rows))
         predict.correction = fit_correction(_observations(predict, features, rows, args))
-        shares = plan_resources(predict, list(features.values()), args.batch, args.images)
+        recent = statistics.fmean(errors[-ExecutionConfig().error_rounds :])
+        shares = plan_resources(
+            predict, list(features.values()), args.batch, args.images, _measured(rows, models), recent
+        )
         (run,) = runs_for(models, workloads, sharing, ["fedmt-predictor"], dict(zip(models, shares)))
         run = Run(run.policy_launches, [(f"fedmt-round{k}", rv) for _, rv in run.labels])
         pool = WorkerPool(init)
@@ -232,25 +239,47 @@ def _measured_rows(name, run, pool, threads, prepares, alone, args, device) -> l
     ]
 
 
-def _observations(predict, features: dict, rows: list[dict], args) -> list[tuple[str, float, float]]:
-    """(workload, base prediction, measured throughput) of each task of the predictor's plans measured so far
-    (`fedmt-predictor` and the refinement rounds), oldest first: what an agent running them has learnt."""
+def _plans(rows: list[dict]) -> list[list[dict]]:
+    """The rows of each measured plan of the predictor (`fedmt-predictor`, then the refinement rounds)."""
+    return [
+        tasks
+        for (_, policy, _), tasks in _by_configuration(rows).items()
+        if policy == "fedmt-predictor" or policy.startswith("fedmt-round")
+    ]
+
+
+def _base_predictions(predict, features: dict, tasks: list[dict]) -> list[float]:
+    """The uncorrected predictor's per-task throughputs at a measured plan's batch and shares."""
     import numpy as np
 
-    plans: dict[str, list[dict]] = {}
-    for row in rows:
-        if row["policy"] == "fedmt-predictor" or row["policy"].startswith("fedmt-round"):
-            plans.setdefault(row["policy"], []).append(row)
-    observations = []
-    for tasks in plans.values():
-        shares = np.array([[r["resource_pct"] for r in tasks]], dtype=np.float64)
-        batches = np.array([[r["batch"] for r in tasks]], dtype=np.float64)
-        base = predict.base([features[r["model"]] for r in tasks], batches, shares)[0]
-        observations += [
-            (workload_key(r["model"], args.resolution), float(b), r["throughput_ips"])
-            for r, b in zip(tasks, base)
-        ]
-    return observations
+    shares = np.array([[r["resource_pct"] for r in tasks]], dtype=np.float64)
+    batches = np.array([[r["batch"] for r in tasks]], dtype=np.float64)
+    return [float(x) for x in predict.base([features[r["model"]] for r in tasks], batches, shares)[0]]
+
+
+def _plan_error(predict, features: dict, rows: list[dict]) -> float:
+    """MAPE (percent) of the last measured plan by `predict`, corrected as it was when that plan was made."""
+    tasks = _plans(rows)[-1]
+    base = _base_predictions(predict, features, tasks)
+    errors = [
+        abs(
+            b * predict.correction.factor(workload_key(r["model"], int(r["resolution"])))
+            - r["throughput_ips"]
+        )
+        / r["throughput_ips"]
+        for r, b in zip(tasks, base)
+    ]
+    return 100 * statistics.fmean(errors)
+
+
+def _observations(predict, features: dict, rows: list[dict], args) -> list[tuple[str, float, float]]:
+    """(workload, base prediction, measured throughput) of each task of the predictor's plans measured so far,
+    oldest first: what an agent running them has learnt."""
+    return [
+        (workload_key(r["model"], args.resolution), b, r["throughput_ips"])
+        for tasks in _plans(rows)
+        for r, b in zip(tasks, _base_predictions(predict, features, tasks))
+    ]
 
 
 def _rows(scenario, label, rv, run, windows, alone, util, args, device) -> list[dict]:
@@ -309,10 +338,14 @@ def refined_predictor(path: Path):
     return predict
 
 
-def plan_resources(predict, tasks: list, batch: int, images: int) -> list[float]:
+def plan_resources(
+    predict, tasks: list, batch: int, images: int, measured=lambda candidate: None, error: float | None = None
+) -> list[float]:
     """R_i (percent) as the agent's `fedmt` plan chooses them with `predict`: Eq. 5 at the scenario's fixed batch,
     every task with `images` images, so minimising the predicted makespan max_i D_i / P_i; then the best of that
-    and the static splits by the same predictor (agent/selection.py)."""
+    and the static splits (agent/selection.py), each scored by what `measured(candidate)` gives for it (this
+    scenario's windows), else by the predictor; with the plans' recent `error` (percent) above the agent's
+    threshold, by measurements only."""
     from agent.selection import candidates, choose
     from predictor.search import best_resources
 
@@ -320,9 +353,34 @@ def plan_resources(predict, tasks: list, batch: int, images: int) -> list[float]
     volumes = [float(images)] * n
     search = best_resources(tasks, [batch] * n, predict, objective="makespan", volumes=volumes)
     options = candidates([float(r) for r in search.resources], [t.flops_per_sample * batch for t in tasks])
-    choice = choose(options, tasks, [batch] * n, volumes, predict, lambda c: None, trust_model=True)
+    limit = ExecutionConfig().max_prediction_error_pct
+    trusted = error is None or error <= limit
+    note = "" if trusted else f"recent prediction error {error:.0f}% > {limit:g}%"
+    choice = choose(
+        options, tasks, [batch] * n, volumes, predict, measured, trust_model=trusted, error_note=note
+    )
     print(f"fedmt-predictor: {choice.note}", flush=True)
     return list(choice.candidate.resources)
+
+
+def _measured(rows: list[dict], models: list[str]):
+    """`plan_resources`'s lookup: per task, the throughput this scenario measured at exactly a candidate's shares
+    (any policy's MPS windows: the device history an agent would have after running them), else None."""
+    by_shares: dict[tuple[float, ...], list[float]] = {}
+    for (_, policy, _), tasks in _by_configuration(rows).items():
+        if policy != "temporal" and [r["model"] for r in tasks] == models:
+            by_shares[tuple(round(float(r["resource_pct"]), 1) for r in tasks)] = [
+                float(r["throughput_ips"]) for r in tasks
+            ]
+    return lambda candidate: by_shares.get(tuple(candidate.resources))
+
+
+def _by_configuration(rows: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    """The rows of each measured configuration (scenario, policy, R_v), in measurement order."""
+    result: dict[tuple[str, str, str], list[dict]] = {}
+    for row in rows:
+        result.setdefault((row["scenario"], row["policy"], row["rv"]), []).append(row)
+    return result
 
 
 def run(args) -> int:
@@ -413,11 +471,8 @@ def predictions(rows: list[dict], predict) -> list[tuple[tuple[str, str, str], l
 
     from predictor.features import extract
 
-    configurations: dict[tuple[str, str, str], list[dict]] = {}
-    for row in rows:
-        configurations.setdefault((row["scenario"], row["policy"], row["rv"]), []).append(row)
     result = []
-    for key, tasks in configurations.items():
+    for key, tasks in _by_configuration(rows).items():
         features = [
             extract(ModelSpec(name=r["model"], num_classes=10, input_size=int(r["resolution"])))
             for r in tasks

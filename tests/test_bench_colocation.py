@@ -167,3 +167,34 @@ def test_refinement_rounds_learn_from_the_predictors_own_plans_only():
 def test_rounds_need_the_predictors_plan():
     with pytest.raises(SystemExit, match="--rounds"):
         colocation.main(["run", "--rounds", "2", "--policies", "temporal", "isolated"])
+
+
+def test_a_round_takes_the_best_measured_split_once_the_plans_err_beyond_the_agents_threshold():
+    from agent.selection import candidates
+    from predictor.features import extract
+    from protocol.schemas import ModelSpec
+
+    predict = colocation.refined_predictor(PREDICTOR)
+    features = {m: extract(ModelSpec(name=m, num_classes=10, input_size=128)) for m in MODELS}
+    planned = colocation.plan_resources(predict, list(features.values()), 64, 3200)
+    options = candidates(planned, [f.flops_per_sample * 64 for f in features.values()])
+    assert options[0].name == "fedmt" and options[1].name == "isolated"
+    rows = []
+    for candidate in options:
+        # every split measured: isolated a little slower than predicted, the others (the plan first) far slower
+        factor = 0.9 if candidate.name == "isolated" else 0.4
+        policy = "fedmt-predictor" if candidate.name == "fedmt" else candidate.name
+        for model, share in zip(MODELS, candidate.resources):
+            rows.append(
+                row(policy, 1000.0, 0.0)
+                | {"model": model, "batch": 64, "resolution": 128, "resource_pct": share}
+                | {"throughput_ips": factor * 2000.0}
+            )
+    error = colocation._plan_error(predict, features, rows)
+    assert error > 20  # the agent's max_prediction_error_pct
+    again = colocation.plan_resources(
+        predict, list(features.values()), 64, 3200, colocation._measured(rows, MODELS), error
+    )
+    assert again == list(options[1].resources)
+    # the lookup: the throughputs measured at exactly a candidate's shares
+    assert colocation._measured(rows, MODELS)(options[1]) == [1800.0, 1800.0]
