@@ -197,7 +197,7 @@ def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: C
         # as an agent that runs the plan each round: its error noted, the correction refit on this scenario's plans
         # so far, the next plan scored against what was measured
         errors.append(_plan_error(predict, features, rows))
-        predict.correction = fit_correction(_observations(predict, features, rows, args))
+        predict.correction = fit_correction(_observations(predict, features, rows))
         recent = statistics.fmean(errors[-ExecutionConfig().error_rounds :])
         shares = plan_resources(
             predict, list(features.values()), args.batch, args.images, _measured(rows, models), recent
@@ -272,11 +272,11 @@ def _plan_error(predict, features: dict, rows: list[dict]) -> float:
     return 100 * statistics.fmean(errors)
 
 
-def _observations(predict, features: dict, rows: list[dict], args) -> list[tuple[str, float, float]]:
+def _observations(predict, features: dict, rows: list[dict]) -> list[tuple[str, float, float]]:
     """(workload, base prediction, measured throughput) of each task of the predictor's plans measured so far,
     oldest first: what an agent running them has learnt."""
     return [
-        (workload_key(r["model"], args.resolution), b, r["throughput_ips"])
+        (workload_key(r["model"], int(r["resolution"])), b, r["throughput_ips"])
         for tasks in _plans(rows)
         for r, b in zip(tasks, _base_predictions(predict, features, tasks))
     ]

@@ -141,7 +141,6 @@ def test_refinement_rounds_learn_from_the_predictors_own_plans_only():
     alone, together = predictions()
     predict = colocation.refined_predictor(PREDICTOR)
     features = {m: extract(ModelSpec(name=m, num_classes=10, input_size=128)) for m in MODELS}
-    args = type("Args", (), {"resolution": 128})()
     rows = []
     for policy, throughputs in {
         "temporal": [10 * x for x in alone],  # another policy's windows: not the plan's, so not learnt from
@@ -150,9 +149,15 @@ def test_refinement_rounds_learn_from_the_predictors_own_plans_only():
         for model, share, ips in zip(MODELS, SHARES, throughputs):
             rows.append(
                 row(policy, 1000.0, 0.0)
-                | {"model": model, "batch": 64, "resource_pct": share, "throughput_ips": ips}
+                | {
+                    "model": model,
+                    "batch": 64,
+                    "resolution": 128,
+                    "resource_pct": share,
+                    "throughput_ips": ips,
+                }
             )
-    observations = colocation._observations(predict, features, rows, args)
+    observations = colocation._observations(predict, features, rows)
     assert [(key, round(p, 1), round(m, 1)) for key, p, m in observations] == [
         ("resnet18@128", round(together[0], 1), round(together[0], 1)),
         ("mobilenet_v3_small@128", round(together[1], 1), round(4 * together[1], 1)),
