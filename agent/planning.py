@@ -24,7 +24,7 @@ from agent.handover import Reallocate, Training
 from agent.history import DeviceHistory
 from agent.mps import GpuSharing
 from agent.policies import MPS_POLICIES, R_GRID, Policy, PolicyLaunches, policy_launches, split_by_workload
-from agent.selection import Choice, candidates, choose
+from agent.selection import Choice, candidates, choose, trust
 from agent.workers import Launch
 from protocol.schemas import TaskAssignment
 
@@ -264,8 +264,7 @@ class Planner:
     def _select(self, assignments, features, samples, configured, searched) -> Choice:
         """The best of the search result and the static splits (agent/selection.py)."""
         error = self.history.recent_error(self.error_rounds) if self.history else None
-        trusted = error is None or error <= self.max_error_percent
-        note = "" if trusted else f"recent prediction error {error:.0f}% > {self.max_error_percent:g}%"
+        trusted, note = trust(error, self.max_error_percent)
 
         def measured(candidate) -> list[float] | None:
             if self.history is None:

@@ -54,6 +54,14 @@ def candidates(search: Sequence[float] | None, workloads: Sequence[float]) -> li
     return result
 
 
+def trust(error: float | None, limit: float) -> tuple[bool, str]:
+    """Whether plans may rest on the predictor, given its recent error in percent (None: no round measured yet)
+    and the limit; when not, the note that says why (`choose`'s `error_note`)."""
+    if error is None or error <= limit:
+        return True, ""
+    return False, f"recent prediction error {error:.0f}% > {limit:g}%"
+
+
 def choose(
     options: Sequence[Candidate],
     tasks: Sequence[TaskFeatures],

@@ -248,19 +248,19 @@ def _plans(rows: list[dict]) -> list[list[dict]]:
     ]
 
 
-def _base_predictions(predict, features: dict, tasks: list[dict]) -> list[float]:
-    """The uncorrected predictor's per-task throughputs at a measured plan's batch and shares."""
+def _at_shares(predict, features: list, tasks: list[dict]) -> list[float]:
+    """`predict`'s per-task throughputs for measured rows co-located at their batches and shares."""
     import numpy as np
 
-    shares = np.array([[r["resource_pct"] for r in tasks]], dtype=np.float64)
-    batches = np.array([[r["batch"] for r in tasks]], dtype=np.float64)
-    return [float(x) for x in predict.base([features[r["model"]] for r in tasks], batches, shares)[0]]
+    shares = np.array([[float(r["resource_pct"]) for r in tasks]])
+    batches = np.array([[float(r["batch"]) for r in tasks]])
+    return [float(x) for x in predict(features, batches, shares)[0]]
 
 
 def _plan_error(predict, features: dict, rows: list[dict]) -> float:
     """MAPE (percent) of the last measured plan by `predict`, corrected as it was when that plan was made."""
     tasks = _plans(rows)[-1]
-    base = _base_predictions(predict, features, tasks)
+    base = _at_shares(predict.base, [features[r["model"]] for r in tasks], tasks)
     errors = [
         abs(
             b * predict.correction.factor(workload_key(r["model"], int(r["resolution"])))
@@ -278,7 +278,7 @@ def _observations(predict, features: dict, rows: list[dict]) -> list[tuple[str, 
     return [
         (workload_key(r["model"], int(r["resolution"])), b, r["throughput_ips"])
         for tasks in _plans(rows)
-        for r, b in zip(tasks, _base_predictions(predict, features, tasks))
+        for r, b in zip(tasks, _at_shares(predict.base, [features[r["model"]] for r in tasks], tasks))
     ]
 
 
@@ -346,16 +346,14 @@ def plan_resources(
     and the static splits (agent/selection.py), each scored by what `measured(candidate)` gives for it (this
     scenario's windows), else by the predictor; with the plans' recent `error` (percent) above the agent's
     threshold, by measurements only."""
-    from agent.selection import candidates, choose
+    from agent.selection import candidates, choose, trust
     from predictor.search import best_resources
 
     n = len(tasks)
     volumes = [float(images)] * n
     search = best_resources(tasks, [batch] * n, predict, objective="makespan", volumes=volumes)
     options = candidates([float(r) for r in search.resources], [t.flops_per_sample * batch for t in tasks])
-    limit = ExecutionConfig().max_prediction_error_pct
-    trusted = error is None or error <= limit
-    note = "" if trusted else f"recent prediction error {error:.0f}% > {limit:g}%"
+    trusted, note = trust(error, ExecutionConfig().max_prediction_error_pct)
     choice = choose(
         options, tasks, [batch] * n, volumes, predict, measured, trust_model=trusted, error_note=note
     )
@@ -484,8 +482,7 @@ def predictions(rows: list[dict], predict) -> list[tuple[tuple[str, str, str], l
                 for f, b in zip(features, batches)
             ]
         else:
-            shares = [float(r["resource_pct"]) for r in tasks]
-            predicted = [float(x) for x in predict(features, np.array([batches]), np.array([shares]))[0]]
+            predicted = _at_shares(predict, features, tasks)
         result.append((key, tasks, predicted))
     return result
 
