@@ -238,7 +238,7 @@ class Planner:
     ) -> tuple[list[TaskAssignment], dict[str, float]]:
         import numpy as np
 
-        from predictor.search import configure
+        from predictor.search import configure, default_grid
 
         tasks = [features[a.task] for a in assignments]
         seconds = [8 * f.param_bytes / (self.link_mbps * 1e6) for f in tasks]  # one model each way
@@ -251,6 +251,7 @@ class Planner:
             seconds,
             self.predictor,
             objective=self.objective,
+            grid=default_grid(len(tasks), self.predictor.share_range),
             previous=np.array(previous) if all(previous) else None,
             damping=self.damping,
         )

@@ -60,7 +60,7 @@ def refine(
     """`rounds` round-like measurements folded into `predictor` (a CorrectedPredictor) one after another."""
     from predictor.correction import fit_correction, workload_key
     from predictor.features import extract
-    from predictor.search import best_resources
+    from predictor.search import best_resources, default_grid
     from protocol.schemas import ModelSpec
 
     observations, history = [], []
@@ -68,7 +68,10 @@ def refine(
         models = scenarios[number % len(scenarios)]
         tasks = [extract(ModelSpec(name=m, num_classes=10, input_size=resolution)) for m in models]
         batches = [64] * len(models)
-        shares = best_resources(tasks, batches, predictor, objective="makespan", volumes=[1.0] * len(models))
+        grid = default_grid(len(models), predictor.share_range)
+        shares = best_resources(
+            tasks, batches, predictor, grid, objective="makespan", volumes=[1.0] * len(models)
+        )
         resources = [float(r) for r in shares.resources]
         rows = np.array([batches], dtype=np.float64), np.array([resources])
         before = predictor(tasks, *rows)[0]

@@ -347,11 +347,12 @@ def plan_resources(
     scenario's windows), else by the predictor; with the plans' recent `error` (percent) above the agent's
     threshold, by measurements only."""
     from agent.selection import candidates, choose, trust
-    from predictor.search import best_resources
+    from predictor.search import best_resources, default_grid
 
     n = len(tasks)
     volumes = [float(images)] * n
-    search = best_resources(tasks, [batch] * n, predict, objective="makespan", volumes=volumes)
+    grid = default_grid(n, predict.share_range)
+    search = best_resources(tasks, [batch] * n, predict, grid, objective="makespan", volumes=volumes)
     options = candidates([float(r) for r in search.resources], [t.flops_per_sample * batch for t in tasks])
     trusted, note = trust(error, ExecutionConfig().max_prediction_error_pct)
     choice = choose(

@@ -104,7 +104,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     from predictor.features import extract
     from predictor.runtime import OnnxPredictor
-    from predictor.search import configure
+    from predictor.search import configure, default_grid
     from protocol.schemas import ModelSpec
 
     predict = OnnxPredictor(args.predictor)
@@ -120,7 +120,10 @@ def _plan(args: argparse.Namespace) -> int:
             "outside them it extrapolates"
         )
     started = time.perf_counter()
-    result = configure(tasks, volumes, candidates, seconds, seconds, predict, objective=args.objective)
+    grid = default_grid(len(tasks), predict.share_range)
+    result = configure(
+        tasks, volumes, candidates, seconds, seconds, predict, grid=grid, objective=args.objective
+    )
     elapsed_ms = 1000 * (time.perf_counter() - started)
     print(f"{'order':>5}  {'model':<22}{'samples':>8}{'batch':>7}{'R_i %':>7}{'pred. img/s':>13}")
     for position, i in enumerate(result.order):

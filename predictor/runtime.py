@@ -69,8 +69,10 @@ class OnnxPredictor:
                 f"model card {card_path(path)} lacks the profiled batch range (data.batch_range): "
                 "re-run fedmt-predictor fit and export"
             ) from None
-        # the batch sizes and input sizes the predictor has seen; outside them it extrapolates
+        # the batch sizes, SM shares and input sizes the predictor has seen; outside them it extrapolates
         self.batch_range = (int(low), int(high))
+        # (cards written before shares were recorded: any share)
+        self.share_range = tuple(map(float, self.card["data"].get("share_range") or (0.0, 100.0)))
         self.input_sizes = frozenset(self.card["data"].get("input_sizes") or [self.card.get("resolution")])
         self.features = card_features(self.card, card_path(path))
         try:

@@ -179,9 +179,16 @@ def _scorer(tasks, batches, objective, alone, volumes) -> Callable[[np.ndarray],
     return lambda predicted: (predicted * weights[:, None, :]).sum(axis=-1)
 
 
-def default_grid(n: int) -> tuple[int, ...]:
-    """10% steps while len(grid)**n stays within MAX_GRID_ROWS, else 20% steps (keeps a 5-task search fast)."""
-    return DEFAULT_GRID if len(DEFAULT_GRID) ** n <= MAX_GRID_ROWS else COARSE_GRID
+def default_grid(n: int, within: tuple[float, float] = (0.0, 100.0)) -> tuple[int, ...]:
+    """10% steps while len(grid)**n stays within MAX_GRID_ROWS, else 20% steps (keeps a 5-task search fast);
+    only the steps `within` (low, high), e.g. the SM shares a predictor was profiled at (outside them it
+    extrapolates), or the step nearest to them when none lies within."""
+    low, high = within
+    for grid in (DEFAULT_GRID, COARSE_GRID):
+        inside = tuple(g for g in grid if low <= g <= high) or (min(grid, key=lambda g: abs(g - high)),)
+        if len(inside) ** n <= MAX_GRID_ROWS:
+            break
+    return inside
 
 
 def _grid(grid: Sequence[float] | None, n: int) -> np.ndarray:

@@ -67,6 +67,7 @@ def fit(
     save_file(model.state_dict(), str(weights), metadata={"hidden": str(hidden), "members": str(members)})
     first = records[0]
     batches = [t.batch for r in records for t in r.tasks]
+    shares = [t.resource for r in records for t in r.tasks]
     report = {
         "gpu": gpu,
         "sm_total": first.sm_total,
@@ -81,6 +82,7 @@ def fit(
             "models": sorted({t.model for r in records for t in r.tasks}),
             "input_sizes": sorted({task_spec(r, t).input_size for r in records for t in r.tasks}),
             "batch_range": [min(batches), max(batches)],
+            "share_range": [min(shares), max(shares)],
             "max_tasks_per_record": max(len(r.tasks) for r in records),
         },
         "split": {
@@ -214,13 +216,15 @@ def card_markdown(card: dict) -> str:
     m, d, s = card["mape_percent"], card["data"], card["split"]
     i = card.get("mape_interval_percent", {})  # cards before intervals have none
     low, high = d["batch_range"]
+    shares = ", SM shares {:g}..{:g}%".format(*d["share_range"]) if "share_range" in d else ""
     return "\n".join(
         [
             f"# Throughput predictor for {card['gpu']}",
             "",
             f"Valid for: **{card['gpu']}** ({card['sm_total']} SMs), driver {card['driver']}, torch {card['torch']}, "
-            f"training at {card['resolution']}x{card['resolution']} inputs, batch sizes {low}..{high} (the profiled range; the "
-            f"agent keeps its plans inside it), 1..{card['network']['max_tasks']} co-located tasks under MPS.",
+            f"training at {card['resolution']}x{card['resolution']} inputs, batch sizes {low}..{high}{shares} (the "
+            f"profiled ranges; the agent keeps its plans inside them), 1..{card['network']['max_tasks']} co-located "
+            "tasks under MPS.",
             "",
             "| held-out set | MAPE of per-task throughput (95% interval) |",
             "|---|---:|",

@@ -169,6 +169,8 @@ def test_calibration_measures_baselines_then_co_locations_within_its_budget_and_
     assert result.predictor == tmp_path / "nvidia-h200.onnx" and result.fit_s is not None
     predictor = OnnxPredictor(result.predictor, gpu=GPU)
     assert predictor.input_sizes == {32, 48} and predictor.batch_range == (8, 64)
+    shares = {t.resource for r in records for t in r.tasks}
+    assert predictor.share_range == (min(shares), max(shares)) and min(shares) > 10  # as measured
     assert predictor.card["data"]["models"] == sorted(w.model for w in target.workloads)
     assert predictor.card["network"]["name"] == "factored"  # 80 windows: few co-locations
     planner = Planner(sharing(tmp_path, mps=True), predictor, "calibrated")

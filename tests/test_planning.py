@@ -41,10 +41,16 @@ class LawPredictor:
 
     path = Path("law.onnx")
 
-    def __init__(self, resolution: int = 32, batch_range: tuple[int, int] = (1, 1024)) -> None:
+    def __init__(
+        self,
+        resolution: int = 32,
+        batch_range: tuple[int, int] = (1, 1024),
+        share_range: tuple[float, float] = (0.0, 100.0),
+    ) -> None:
         self.card = {"resolution": resolution}
         self.input_sizes = frozenset({resolution})
         self.batch_range = batch_range
+        self.share_range = share_range
         self.calls = 0
 
     def __call__(self, tasks, batches, resources):
@@ -106,6 +112,17 @@ def test_the_plan_keeps_batch_sizes_where_the_predictor_was_profiled(tmp_path):
     )
     assert "predictor law.onnx" in plan.note
     assert all(16 <= a.batch_size <= 32 for a in plan.assignments)
+
+
+def test_the_search_keeps_sm_shares_where_the_predictor_was_profiled(tmp_path):
+    def plan(share_range):
+        predictor = LawPredictor(share_range=share_range)
+        return Planner(sharing(tmp_path, mps=True), predictor, "law").plan("fedmt", TASKS, SAMPLES)
+
+    anywhere, profiled = plan((0.0, 100.0)), plan((20.0, 100.0))
+    assert anywhere.shares == profiled.shares == "fedmt"
+    assert min(anywhere.resources.values()) == 10  # this law's search result below 20% ...
+    assert min(profiled.resources.values()) == 20  # ... is not planned where the predictor never measured
 
 
 def test_a_predictor_profiled_at_other_batch_sizes_is_not_used(tmp_path):

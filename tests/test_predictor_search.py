@@ -9,11 +9,13 @@ import pytest
 
 from predictor.features import TaskFeatures
 from predictor.search import (
+    COARSE_GRID,
     DEFAULT_GRID,
     adapt_batches,
     best_resources,
     configure,
     damp,
+    default_grid,
     mismatch,
     order_tasks,
     simulate_makespan,
@@ -382,3 +384,11 @@ def test_makespan_objective_balances_completion_times_and_matches_brute_force():
     assert choice.resources[0] > choice.resources[1]  # the slower task gets more SMs
     with pytest.raises(ValueError, match="volumes"):
         best_resources(tasks, [64, 64], predict, grid=grid, objective="makespan")
+
+
+def test_the_default_grid_keeps_to_the_given_share_range():
+    assert default_grid(3) == DEFAULT_GRID and default_grid(5) == COARSE_GRID
+    assert default_grid(3, (20.0, 100.0)) == tuple(range(20, 101, 10))
+    assert default_grid(2, (25.0, 60.0)) == (30, 40, 50, 60)
+    assert default_grid(5, (20.0, 100.0)) == COARSE_GRID  # 9**5 rows would be too many: 20% steps
+    assert default_grid(2, (23.0, 27.0)) == (30,)  # none within: the nearest step
