@@ -131,7 +131,10 @@ class AggregatorService:
 
     def tick(self, now: float) -> None:
         """Timers: finalise or open rounds, drop stalled transfers (`now`: time.monotonic()), bring the metrics
-        up to date."""
+        up to date. An open group settles first: a deadline finalises what is durable and folded, never from
+        under updates staged in an uncommitted ledger batch."""
+        if self._unsettled or self._delivered:
+            self.settle()
         self.advance()
         for dropped in self.updates.expire(now):
             self.metrics.transfers_expired.inc()

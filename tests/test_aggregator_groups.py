@@ -5,6 +5,7 @@ directly (network recorded, tests/fuzzing.py)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,22 @@ def test_a_task_is_final_the_moment_its_last_expected_update_is_folded(tmp_path)
     service.settle()  # no timer tick in between
     assert service.coordinator.globals["t"].manifest.version == 1
     assert service.coordinator.task_rounds["t"].final and service.link.on("/global/manifest")
+
+
+def test_a_timer_tick_settles_the_open_group_before_it_finalises(tmp_path, monkeypatch):
+    """A deadline met while an update waits in an open group: the update is made durable and folded first, so the
+    global model holds it and nothing is published from an uncommitted ledger batch."""
+    service = aggregator_with_round(tmp_path)
+    for i, device in enumerate(["dev1", "dev2"]):
+        service.receive(incoming(sent_transfer("t", device, delta(i), 50, f"u{i}")))
+        service.settle()
+    service.receive(incoming(sent_transfer("t", "dev3", delta(3), 50, "u3")))  # not settled yet
+    coordinator = service.coordinator
+    late = coordinator.round.deadline + 1
+    monkeypatch.setattr(coordinator, "tick", lambda now=None, tick=coordinator.tick: tick(late))
+    service.tick(time.monotonic())
+    assert coordinator.globals["t"].manifest.version == 1 and coordinator.task_rounds["t"].strategy.count == 3
+    assert receipts(service, "dev3")["u3"].status == "accepted" and committed(service, "u3") is not None
 
 
 def test_a_restart_in_the_middle_of_a_transfer_loses_nothing_acknowledged(tmp_path):
