@@ -176,7 +176,7 @@ def calibrate(
                 result.failed += 1
                 failed_in_a_row += 1
                 log.warning("calibration window %s failed: %s", config.tasks, exc)
-                if len(config.tasks) == 1 and "oom" in str(exc):
+                if len(config.tasks) == 1 and isinstance(exc, TaskFailed) and exc.failure.code == "oom":
                     infeasible.add(config.tasks[0][:2])
                 if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
                     raise RuntimeError(
@@ -305,7 +305,14 @@ class PoolMeasure:
             Member(*self._worker(w, float(r)), jobs.Measure(batch=b, seconds=self.window_s, warmup_steps=2))
             for w, b, r in config.tasks
         ]
-        window = measure_window(self.pool, members)
+        try:
+            window = measure_window(self.pool, members)
+        except TaskFailed as exc:
+            # idle workers (other workloads and shares) hold GPU memory: end them and measure once more
+            if exc.failure.code != "oom" or not (ended := self.pool.end_idle({m.key for m in members})):
+                raise
+            log.info("a window ran out of GPU memory: ended %d idle workers, measuring it again", ended)
+            window = measure_window(self.pool, members)
         return [r.images_per_s for r in window.results], window.sm_counts
 
     def _worker(self, workload: Workload, percent: float):

@@ -78,16 +78,18 @@ def measure_window(
 def _acquire_all(pool: WorkerPool, members: Sequence[Member]) -> list[Lease]:
     with ThreadPoolExecutor(max(1, len(members))) as executor:
         futures = [executor.submit(pool.acquire, m.key, m.launch, m.prepare) for m in members]
-    leases, errors = [], []
+    leases, errors, codes = [], [], set()
     for member, future in zip(members, futures):
         try:
             leases.append(future.result())
         except (TaskFailed, WorkerGone) as exc:
             errors.append(f"{member.launch.task}: {exc}")
+            codes.add(exc.failure.code if isinstance(exc, TaskFailed) else "error")
             leases.append(None)
     if errors:
         for member, lease in zip(members, leases):
             if lease is not None:
                 pool.release(member.key)
-        raise TaskFailed(jobs.Failed(code="error", error="; ".join(errors)))
+        code = "oom" if "oom" in codes else "error"  # out of memory: the caller may free some and retry
+        raise TaskFailed(jobs.Failed(code=code, error="; ".join(errors)))
     return leases

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -343,6 +343,21 @@ class WorkerPool:
             workers = [slot.worker for slot in self._slots.values() if slot.worker is not None]
         for worker in workers:
             worker.request_stop()
+
+    def end_idle(self, keep: Collection[Hashable] = ()) -> int:
+        """End the workers that are neither leased out nor in `keep`, freeing their GPU memory (each starts again
+        when next acquired); how many ended."""
+        with self._guard:
+            slots = [slot for key, slot in self._slots.items() if key not in keep]
+        ended = 0
+        for slot in slots:
+            if slot.worker is not None and slot.lock.acquire(blocking=False):
+                try:
+                    ended += slot.worker is not None
+                    self._discard(slot)
+                finally:
+                    slot.lock.release()
+        return ended
 
     def launch_of(self, key: Hashable) -> Launch | None:
         """The launch a live worker for `key` runs under, if any."""

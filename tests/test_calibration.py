@@ -395,6 +395,37 @@ def test_a_measuring_pool_without_levels_starts_workers_only_for_the_windows_it_
         assert all(measure.pool.launch_of((workload, float(r))) is None for r in R_LEVELS)
 
 
+def test_a_window_out_of_gpu_memory_ends_the_idle_workers_and_is_measured_again(tmp_path, monkeypatch):
+    from agent import jobs, windows
+    from agent.calibration import PoolMeasure
+    from predictor.records import Config
+    from tests.test_handover import fake_mps
+
+    target = target_for([task("a", "shufflenet_v2_x0_5", 16, batch=8)])
+    (workload,) = target.workloads
+    attempts, ended = [], []
+
+    def measure_window(pool, members):
+        attempts.append([m.key for m in members])
+        if len(attempts) == 1:
+            raise TaskFailed(Failed(code="oom", error="CUDA out of memory"))
+        return windows.Window(
+            [jobs.Measured(batch=8, images=80, seconds=0.1, started_at=0, ended_at=0.1)], [None], 0.1
+        )
+
+    monkeypatch.setattr(windows, "measure_window", measure_window)
+    with PoolMeasure(target, fake_mps(tmp_path), jobs.Init(device="cpu"), window_s=0.1, levels=()) as measure:
+        monkeypatch.setattr(measure.pool, "end_idle", lambda keep: ended.append(set(keep)) or 3)
+        assert measure(Config(((workload, 8, 40.0),)))[0] == [pytest.approx(800.0)]
+        assert attempts == [[(workload, 40.0)]] * 2 and ended == [{(workload, 40.0)}]
+        # nothing idle to end: the window fails as it came (the calibration goes on without it)
+        attempts.clear()
+        monkeypatch.setattr(measure.pool, "end_idle", lambda keep: 0)
+        with pytest.raises(TaskFailed, match="oom"):
+            measure(Config(((workload, 8, 40.0),)))
+        assert len(attempts) == 1
+
+
 @pytest.mark.slow
 def test_calibration_measures_through_real_workers_and_a_stop_cuts_a_long_window_short(tmp_path):
     """On the CPU under a faked MPS (shares without SM counts): real worker processes, one per R level, measure

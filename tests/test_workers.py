@@ -102,6 +102,20 @@ def test_a_worker_is_started_and_prepared_once_and_reused_round_after_round(pool
     assert all((tmp_path / f"a-r{r}.update").stat().st_size > 0 for r in (1, 2, 3))
 
 
+def test_ending_idle_workers_spares_the_kept_and_the_leased_ones(pool):
+    for key in ("idle", "kept", "leased"):
+        pool.acquire(key, Launch(key))
+    pool.release("idle")
+    pool.release("kept")
+    first = pid(pool, "idle")
+    assert pool.end_idle(keep={"kept"}) == 1
+    assert pool.launch_of("idle") is None and pool.launch_of("kept") is not None
+    assert pool.launch_of("leased") is not None  # still out: its holder may be using it
+    pool.release("leased")
+    assert pool.acquire("idle", Launch("idle")).ready.pid != first  # started again when next wanted
+    pool.release("idle")
+
+
 def test_a_new_launch_environment_restarts_the_worker_and_new_data_re_prepares_it(pool):
     first = pool.acquire("a", Launch("a", env={"X": "1"}), prepare(16))
     pool.release("a")
