@@ -353,8 +353,9 @@ class WorkerPool:
         for slot in slots:
             if slot.worker is not None and slot.lock.acquire(blocking=False):
                 try:
-                    ended += slot.worker is not None
-                    self._discard(slot)
+                    if slot.worker is not None:  # still there, now that no lease can start
+                        self._discard(slot)
+                        ended += 1
                 finally:
                     slot.lock.release()
         return ended
