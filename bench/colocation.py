@@ -421,13 +421,16 @@ def report(args) -> int:
     for row in rows:
         runs.setdefault((row["scenario"], row["policy"], row["rv"]), row)
     lines = [
-        "| scenario | policy | R_v % | P (img/s) | P / temporal | P_f | P_f / temporal | GPU util % |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| scenario | policy | R_v % | P (img/s) | P / temporal | P_f | P_f / temporal | P / P_f | GPU util % |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for (scenario, policy, rv), row in runs.items():
+        # P / P_f (both against temporal): how much of the fair throughput the tasks keep when their equal
+        # images finish apart
+        p_norm, p_f_norm = float(row["P_norm"]), float(row["P_f_norm"])
         lines.append(
-            f"| {scenario} | {policy} | {rv} | {float(row['P']):.0f} | {float(row['P_norm']):.2f} | "
-            f"{float(row['P_f']):.2f} | {float(row['P_f_norm']):.2f} | {row['gpu_util']} |"
+            f"| {scenario} | {policy} | {rv} | {float(row['P']):.0f} | {p_norm:.2f} | "
+            f"{float(row['P_f']):.2f} | {p_f_norm:.2f} | {p_norm / p_f_norm:.2f} | {row['gpu_util']} |"
         )
     lines += [
         "",

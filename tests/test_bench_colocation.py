@@ -22,15 +22,15 @@ def test_a_difference_within_either_spread_is_a_tie():
     assert compare(90.0, 0.0, 100.0, 0.0) == "0.90x"
 
 
-def row(policy: str, p: float, p_spread: float, rv: str = "") -> dict:
+def row(policy: str, p: float, p_spread: float, rv: str = "", norms: tuple[float, float] = (1, 1)) -> dict:
     return {
         "scenario": "light",
         "policy": policy,
         "rv": rv,
         "P": p,
-        "P_norm": 1,
-        "P_f": 1,
-        "P_f_norm": 1,
+        "P_norm": norms[0],
+        "P_f": norms[1],
+        "P_f_norm": norms[1],
         "device": "GPU",
         "P_spread": p_spread,
         "repeats": 3,
@@ -44,11 +44,12 @@ def test_the_report_says_tie_when_fedmt_is_within_the_noise_of_the_best_static_s
         row("isolated", 1900, 0.04),
         row("sharing", 2000, 0.03),
         row("fedmt", 2050, 0.02),
-        row("fedmt-predictor", 2400, 0.02),
+        row("fedmt-predictor", 2400, 0.02, norms=(2.4, 2.5)),
     ):
         log.add(r)
     assert colocation.main(["report", "--out", str(tmp_path), "--name", "c"]) == 0
     table = (tmp_path / "c.md").read_text()
+    assert "| light | fedmt-predictor |  | 2400 | 2.40 | 2.50 | 2.50 | 0.96 |" in table  # P / P_f
     assert "| light | GPU | fedmt | 2.05x | tie (1.02x) |" in table
     assert "| light | GPU | fedmt-predictor | 2.40x | 1.20x |" in table
     assert (tmp_path / "c.png").stat().st_size > 0
