@@ -29,6 +29,10 @@ from protocol.tensors import decode_state
 PARENT_GONE = 4  # exit status when the parent closed our stdout
 
 
+class CalledOff(Exception):
+    """The parent ended a window this worker was warmed up for (it sent Exit, or went away, instead of Go)."""
+
+
 class Worker:
     def __init__(self, commands: BinaryIO, out: BinaryIO) -> None:
         self.commands = commands
@@ -62,6 +66,8 @@ class Worker:
                 self.run(command)
             except BrokenPipeError:  # the parent is gone (main ends the worker quietly)
                 raise
+            except CalledOff:  # e.g. a co-runner of the window failed: nothing to report
+                return 0
             except Exception as exc:  # reported to the parent, which decides what happens next
                 code = classify(exc)
                 traceback.print_exc(file=sys.stderr)  # in the log before the parent hears of it
@@ -231,8 +237,11 @@ class Worker:
 
     def _wait_for_go(self) -> None:
         line = self.commands.readline()
-        if not isinstance(jobs.decode_command(line), jobs.Go):
-            raise ValueError("expected a go command after warm-up")
+        command = jobs.decode_command(line) if line.strip() else jobs.Exit()
+        if isinstance(command, jobs.Exit):
+            raise CalledOff
+        if not isinstance(command, jobs.Go):
+            raise ValueError(f"expected a go command after warm-up, got {type(command).__name__}")
 
     def _progress(self, step: int, total: int) -> None:
         now = time.monotonic()

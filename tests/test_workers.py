@@ -367,6 +367,24 @@ def test_the_worker_applies_its_launch_environment_before_the_device_initialises
     assert isinstance(jobs.decode_event(out.getvalue().splitlines()[0]), jobs.Ready)
 
 
+@pytest.mark.parametrize("ending", [jobs.Exit(), None], ids=["exit", "parent gone"])
+def test_a_worker_warmed_up_for_a_window_that_is_called_off_ends_quietly(ending):
+    import io
+
+    from agent.worker import Worker
+
+    commands = [
+        jobs.Init(device="cpu", threads=torch_threads()),
+        prepare(16),
+        jobs.Measure(batch=8, seconds=0.1, warmup_steps=1, wait_go=True),
+        *([ending] if ending else []),
+    ]
+    out = io.BytesIO()
+    assert Worker(io.BytesIO(b"".join(map(jobs.encode_line, commands))), out).serve() == 0
+    events = [type(jobs.decode_event(line)) for line in out.getvalue().splitlines()]
+    assert events == [jobs.Ready, jobs.Prepared, jobs.Warm]  # no Failed for a window it was never started in
+
+
 def torch_threads() -> int:
     import torch
 
