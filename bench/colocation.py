@@ -258,18 +258,13 @@ def _at_shares(predict, features: list, tasks: list[dict]) -> list[float]:
 
 
 def _plan_error(predict, features: dict, rows: list[dict]) -> float:
-    """MAPE (percent) of the last measured plan by `predict`, corrected as it was when that plan was made."""
+    """MAPE (percent) of the last measured plan by `predict`, corrected as it was when that plan was made (the
+    caller refits the correction after this)."""
     tasks = _plans(rows)[-1]
-    base = _at_shares(predict.base, [features[r["model"]] for r in tasks], tasks)
-    errors = [
-        abs(
-            b * predict.correction.factor(workload_key(r["model"], int(r["resolution"])))
-            - r["throughput_ips"]
-        )
-        / r["throughput_ips"]
-        for r, b in zip(tasks, base)
-    ]
-    return 100 * statistics.fmean(errors)
+    predicted = _at_shares(predict, [features[r["model"]] for r in tasks], tasks)
+    return 100 * statistics.fmean(
+        abs(p - r["throughput_ips"]) / r["throughput_ips"] for r, p in zip(tasks, predicted)
+    )
 
 
 def _observations(predict, features: dict, rows: list[dict]) -> list[tuple[str, float, float]]:
@@ -417,9 +412,9 @@ def report(args) -> int:
     """Markdown table and bar chart from colocation.csv."""
     out = Path(args.out)
     rows = read_csv(out / f"{args.name}.csv")
-    runs: dict[tuple[str, str, str], dict] = {}
-    for row in rows:
-        runs.setdefault((row["scenario"], row["policy"], row["rv"]), row)
+    runs = {
+        key: tasks[0] for key, tasks in _by_configuration(rows).items()
+    }  # a configuration's shared columns
     lines = [
         "| scenario | policy | R_v % | P (img/s) | P / temporal | P_f | P_f / temporal | P / P_f | GPU util % |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
