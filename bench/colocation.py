@@ -178,7 +178,7 @@ def run_scenario(name: str, models: list[str], args, sharing: GpuSharing, log: C
         m: jobs.Prepare(model=spec, data=SyntheticData(samples=SYNTHETIC_SAMPLES, seed=0))
         for m, spec in specs.items()
     }
-    init = jobs.Init(device="cuda")
+    init = jobs.Init(device="cuda", cuda_graphs=args.cuda_graphs)
     pools = [WorkerPool(init) for _ in runs]  # one per run: its workers keyed by task
     # Start every run's processes at once (idle ones use no SMs); each is prepared when its run is measured.
     starting = [
@@ -397,6 +397,7 @@ def run(args) -> int:
                 "images_per_task": args.images,
                 "batch": args.batch,
                 "resolution": args.resolution,
+                "cuda_graphs": args.cuda_graphs,
                 "mps": sharing.daemon.info.reason,
             },
         )
@@ -606,6 +607,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="after the policies, this many rounds of the predictor's plan, each planned with the correction "
         "refit on the plans measured before it (fedmt-round1, ...; needs --predictor and fedmt-predictor)",
+    )
+    r.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay training steps from CUDA graphs, as agents with [execution] cuda_graphs do",
     )
     f = sub.add_parser("refine", help="the predictor refined on a run's windows (a refined copy)")
     f.add_argument("--refined", required=True, help="folder of the refined copy")
