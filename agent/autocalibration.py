@@ -29,6 +29,7 @@ from agent.calibration import (
     target_for,
 )
 from common.durable import write_atomically
+from predictor.encoding import MAX_TASKS
 from protocol.schemas import TaskAssignment
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,13 @@ class AutoCalibration:
         return self._thread is not None and self._thread.is_alive()
 
     def maybe_start(self, assignments: Sequence[TaskAssignment], planner) -> bool:
-        """Start calibrating for these tasks if it is on, MPS is there, no predictor was profiled with them and
-        this target's budget is not spent; whether it started."""
+        """Start calibrating for these tasks if it is on, MPS is there, a predictor could plan them (at most
+        MAX_TASKS), none was profiled with them and this target's budget is not spent; whether it started."""
         if (
             not self.config.auto
             or self.running
             or self.sharing.mps_env is None
+            or len(assignments) > MAX_TASKS
             or planner.profiled(assignments)
         ):
             return False

@@ -5,7 +5,7 @@ What is profiled (`Target`): the configured tasks' workloads (model, input size,
 each task's configured one, or, for a generic predictor, predictor.records.MODELS at one input size. A pool of
 warm workers, one per (workload, R_i) (MPS fixes R_i at process start; batch sizes change freely), each prepared
 with its model on device-resident synthetic data, measures every workload alone on all the SMs at all its batch
-sizes, then random co-locations of 2..5 tasks (half of them the configured combination) with a window alone at a
+sizes, then random co-locations of 2..5 tasks (half of them the configured combination, when it has at most 5) with a window alone at a
 lower R_i after every few (predictor.records.sample_configs). Each configuration is measured in `repeats`
 synchronised windows of `window_s`; its record keeps each task's median and spread.
 
@@ -31,6 +31,7 @@ import msgspec
 from agent import jobs
 from agent.data import SyntheticData
 from agent.workers import TaskFailed, WorkerGone
+from predictor.encoding import MAX_TASKS
 from predictor.records import (
     FOCUS,
     MODELS,
@@ -84,13 +85,15 @@ def calibration_batches(assignment: TaskAssignment) -> tuple[int, ...]:
 
 def target_for(assignments: Sequence[TaskAssignment]) -> Target:
     """The configured tasks (a schedule's assignments) as a calibration target; one workload per distinct model
-    spec, with the union of its tasks' batch sizes."""
+    spec, with the union of its tasks' batch sizes. Their combination is the focus while the predictor can take
+    it (MAX_TASKS); more workloads are profiled in random co-locations of up to MAX_TASKS only."""
     batches: dict[Workload, set[int]] = {}
     for a in assignments:
         workload = Workload(a.model.name, a.model.input_size, a.model.num_classes)
         batches.setdefault(workload, set()).update(calibration_batches(a))
     workloads = tuple(batches)
-    return Target(workloads, {w: tuple(sorted(b)) for w, b in batches.items()}, (workloads,))
+    focus = (workloads,) if len(workloads) <= MAX_TASKS else ()
+    return Target(workloads, {w: tuple(sorted(b)) for w, b in batches.items()}, focus)
 
 
 def generic_target(resolution: int, batches: Sequence[int] = (16, 32, 64, 128)) -> Target:

@@ -26,6 +26,7 @@ from agent.mps import GpuSharing
 from agent.policies import MPS_POLICIES, R_GRID, Policy, PolicyLaunches, policy_launches, split_by_workload
 from agent.selection import Choice, candidates, choose, trust
 from agent.workers import Launch
+from predictor.encoding import MAX_TASKS
 from protocol.schemas import TaskAssignment
 
 log = logging.getLogger(__name__)
@@ -174,8 +175,8 @@ class Planner:
         sizes = sorted(self.predictor.input_sizes)
         if any(a.model.input_size not in sizes for a in assignments):
             return False, f"the predictor was fitted at input sizes {sizes} px: heuristic instead"
-        if not 1 <= len(assignments) <= 5:
-            return False, "the predictor takes 1..5 tasks: heuristic instead"
+        if not 1 <= len(assignments) <= MAX_TASKS:
+            return False, f"the predictor takes 1..{MAX_TASKS} tasks: heuristic instead"
         low, high = self.predictor.batch_range
         for a in assignments:
             if a.max_batch_size < low or a.min_batch_size > high:

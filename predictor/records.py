@@ -116,7 +116,7 @@ def sample_configs(
 ) -> list[Config]:
     """Every model alone on all the SMs at all its batch sizes (`batches`, default BATCHES) first (the
     baselines), then alone at the lower ALONE_LEVELS, each followed by CO_LOCATIONS_PER_ALONE random
-    co-locations (half of them on `focus`), so that a budget that ends early holds mostly co-locations; what is
+    co-locations (half of them on `focus`, if any), so that a budget that ends early holds mostly co-locations; what is
     already `measured` is skipped."""
     rng = random.Random(seed)
 
@@ -127,7 +127,7 @@ def sample_configs(
     alone = [c for c in alone if c not in measured]
     together = []
     while len(alone) + len(together) < windows:
-        if rng.random() < 0.5:
+        if focus and rng.random() < 0.5:
             combo = rng.choice(focus)
         else:
             combo = tuple(rng.sample(models, min(len(models), rng.choice((2, 2, 3, 3, 4, 5)))))

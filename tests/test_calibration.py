@@ -27,6 +27,7 @@ from agent.jobs import Failed
 from agent.planning import Planner
 from agent.service import load_predictor
 from agent.workers import TaskFailed
+from predictor.encoding import MAX_TASKS
 from predictor.features import extract
 from predictor.records import (
     CO_LOCATIONS_PER_ALONE,
@@ -66,6 +67,14 @@ def task(name: str, model: str, size: int, batch: int = 16) -> TaskAssignment:
 
 
 TASKS = [task("a", "resnet18", 32), task("b", "shufflenet_v2_x0_5", 32), task("c", "mobilenet_v3_small", 48)]
+#: seven distinct workloads: more than a predictor plans at once
+MANY_TASKS = [
+    *TASKS,
+    *(
+        task(name, model, 32)
+        for name, model in zip("defg", ("resnet34", "vgg11", "squeezenet1_0", "resnet50"))
+    ),
+]
 
 
 class FakeGpu:
@@ -111,6 +120,27 @@ def test_the_target_is_the_configured_tasks_around_their_batch_sizes():
     assert calibration_batches(task("x", "resnet18", 32, batch=24)) == (8, 16, 24, 32, 64)
     assert target.focus == (target.workloads,)
     assert target.protected == (("mobilenet_v3_small", "resnet18", "shufflenet_v2_x0_5"),)
+
+
+@pytest.mark.slow
+def test_more_workloads_than_the_predictor_takes_are_profiled_in_co_locations_it_can_fit(tmp_path):
+    target = target_for(MANY_TASKS)
+    assert len(target.workloads) == len(MANY_TASKS) > MAX_TASKS and target.focus == ()
+    gpu = FakeGpu()
+    result = calibrate(
+        target,
+        tmp_path,
+        DEVICE,
+        gpu,
+        measure_s=70 * WINDOW_S * REPEATS,
+        window_s=WINDOW_S,
+        fit_epochs=20,
+        clock=gpu.clock,
+    )
+    records = load_records(result.data)
+    assert max(len(r.tasks) for r in records) == MAX_TASKS
+    card = json.loads(result.predictor.with_suffix(".card.json").read_text())
+    assert card["data"]["records"] == len(records) == 70
 
 
 def test_the_calibrate_command_takes_each_task_with_the_batch_bounds_its_plans_keep_to():
@@ -313,6 +343,10 @@ def test_the_agent_calibrates_between_rounds_and_hands_the_predictor_over(tmp_pa
     assert not off.maybe_start(TASKS, Planner(sharing(tmp_path, mps=True)))
     no_mps = AutoCalibration(config, tmp_path / "cpu", sharing(tmp_path, mps=False), ready.append)
     assert not no_mps.maybe_start(TASKS, Planner(sharing(tmp_path, mps=False)))
+    # a round of more tasks than a predictor takes is planned by the heuristic whatever is calibrated
+    many = AutoCalibration(config, tmp_path / "many", sharing(tmp_path, mps=True), ready.append)
+    assert not many.maybe_start(MANY_TASKS[: MAX_TASKS + 1], Planner(sharing(tmp_path, mps=True)))
+    assert not (tmp_path / "many").exists()
 
 
 def test_a_round_pauses_calibration_and_the_next_idle_time_resumes_it(tmp_path):
