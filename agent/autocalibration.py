@@ -57,8 +57,10 @@ class AutoCalibration:
         sharing,
         on_ready: Callable[[Path], None],
         measure: Callable[..., Result] = calibrate_gpu,
+        cuda_graphs: bool = False,
     ) -> None:
         self.config, self.directory, self.sharing = config, Path(directory), sharing
+        self.cuda_graphs = cuda_graphs  # measure steps as the agent's rounds run them
         self.on_ready, self._measure = on_ready, measure
         self._stop = threading.Event()
         self._idle = threading.Event()  # the GPU is not being measured
@@ -81,7 +83,7 @@ class AutoCalibration:
             or planner.profiled(assignments)
         ):
             return False
-        target = target_for(assignments)
+        target = target_for(assignments, self.cuda_graphs)
         state = self._state(target)
         if state["finished"]:
             return False
@@ -152,4 +154,4 @@ class AutoCalibration:
 
 
 def _key(target: Target) -> list:
-    return sorted([list(w), list(target.batches[w])] for w in target.workloads)
+    return [*sorted([list(w), list(target.batches[w])] for w in target.workloads), target.cuda_graphs]

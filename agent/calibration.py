@@ -9,9 +9,10 @@ sizes, then random co-locations of 2..5 tasks (half of them the configured combi
 lower R_i after every few (predictor.records.sample_configs). Each configuration is measured in `repeats`
 synchronised windows of `window_s`; its record keeps each task's median and spread.
 
-Records are appended to `<dir>/<gpu>.jsonl` as they are measured, so a run that is stopped (the agent stops it
-when a round starts) keeps them and a later run skips the baselines the file holds. When the measuring share of
-the budget is spent, the predictor is fitted and exported to `<dir>/<gpu>.onnx` with its model card.
+Records are appended to `<dir>/<gpu>.jsonl` (`<gpu>.graphs.jsonl` for steps replayed from CUDA graphs) as they are
+measured, so a run that is stopped (the agent stops it when a round starts) keeps them and a later run skips the
+baselines the file holds. When the measuring share of the budget is spent, the predictor is fitted and exported
+next to the data (`<dir>/<gpu>.onnx`, or `.graphs.onnx`) with its model card.
 
     fedmt-agent calibrate --config /etc/fedmt/agent.toml --budget-s 900
 """
@@ -63,11 +64,13 @@ DEEPSETS_FROM_COLOCATIONS = 200
 
 @dataclass(frozen=True)
 class Target:
-    """What to profile: workloads, the batch sizes of each, and the combinations profiled densely."""
+    """What to profile: workloads, the batch sizes of each, the combinations profiled densely, and whether the
+    training steps replay from CUDA graphs (as the agent's do with [execution] cuda_graphs)."""
 
     workloads: tuple[Workload, ...]
     batches: dict[Workload, tuple[int, ...]]
     focus: tuple[tuple[Workload, ...], ...]
+    cuda_graphs: bool = False
 
     @property
     def protected(self) -> tuple[tuple[str, ...], ...]:
@@ -83,7 +86,7 @@ def calibration_batches(assignment: TaskAssignment) -> tuple[int, ...]:
     return tuple(sorted({*(2**k for k in range(11) if low <= 2**k <= high), assignment.batch_size}))
 
 
-def target_for(assignments: Sequence[TaskAssignment]) -> Target:
+def target_for(assignments: Sequence[TaskAssignment], cuda_graphs: bool = False) -> Target:
     """The configured tasks (a schedule's assignments) as a calibration target; one workload per distinct model
     spec, with the union of its tasks' batch sizes. Their combination is the focus while the predictor can take
     it (MAX_TASKS); more workloads are profiled in random co-locations of up to MAX_TASKS only."""
@@ -93,14 +96,16 @@ def target_for(assignments: Sequence[TaskAssignment]) -> Target:
         batches.setdefault(workload, set()).update(calibration_batches(a))
     workloads = tuple(batches)
     focus = (workloads,) if len(workloads) <= MAX_TASKS else ()
-    return Target(workloads, {w: tuple(sorted(b)) for w, b in batches.items()}, focus)
+    return Target(workloads, {w: tuple(sorted(b)) for w, b in batches.items()}, focus, cuda_graphs)
 
 
-def generic_target(resolution: int, batches: Sequence[int] = (16, 32, 64, 128)) -> Target:
+def generic_target(
+    resolution: int, batches: Sequence[int] = (16, 32, 64, 128), cuda_graphs: bool = False
+) -> Target:
     """predictor.records.MODELS at one input size: a predictor for any task mix at that size."""
     workloads = tuple(Workload(m, resolution) for m in MODELS)
     focus = tuple(tuple(Workload(m, resolution) for m in combo) for combo in FOCUS)
-    return Target(workloads, dict.fromkeys(workloads, tuple(batches)), focus)
+    return Target(workloads, dict.fromkeys(workloads, tuple(batches)), focus, cuda_graphs)
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,7 @@ def calibrate(
     the predictor into `directory`. `on_progress(done, estimated_total)` follows the windows."""
     started = clock()
     stop = stop or threading.Event()
-    path = dataset_path(directory, device.gpu)
+    path = dataset_path(directory, device.gpu, target.cuda_graphs)
     path.parent.mkdir(parents=True, exist_ok=True)
     result = Result(path)
     measured = measured_configs(path, key=lambda r, t: _workload(r, t))
@@ -172,7 +177,7 @@ def calibrate(
             if any((w, b) in infeasible for w, b, _ in config.tasks):
                 continue
             try:
-                record = _measure_config(config, measure, device, window_s, repeats)
+                record = _measure_config(config, measure, device, window_s, repeats, target.cuda_graphs)
             except (TaskFailed, WorkerGone) as exc:
                 if stop.is_set():  # the window was cut short to give the GPU back
                     break
@@ -231,7 +236,7 @@ def calibration_network(records: Sequence[Record]) -> str:
 
 
 def _measure_config(
-    config: Config, measure: Measure, device: Device, window_s: float, repeats: int
+    config: Config, measure: Measure, device: Device, window_s: float, repeats: int, cuda_graphs: bool
 ) -> Record:
     """`repeats` windows of one configuration as one record: per task the median and the spread."""
     runs = [measure(config) for _ in range(repeats)]
@@ -260,6 +265,7 @@ def _measure_config(
         window_s=window_s,
         ts=time.time(),
         tasks=samples,
+        cuda_graphs=cuda_graphs,
     )
 
 
@@ -343,11 +349,9 @@ class PoolMeasure:
         self.close()
 
 
-def calibrate_gpu(
-    target: Target, directory: Path, sharing, *, cuda_graphs: bool = False, **options
-) -> Result:
+def calibrate_gpu(target: Target, directory: Path, sharing, **options) -> Result:
     """`calibrate` on this machine's first CUDA GPU, through warm workers under `sharing`'s MPS daemon, their
-    training steps replayed from CUDA graphs as the agent's are with `cuda_graphs`; `options` are calibrate's."""
+    training steps replayed from CUDA graphs if the target says so; `options` are calibrate's."""
     import torch
 
     from agent.gpu.probe import probe
@@ -357,7 +361,7 @@ def calibrate_gpu(
         raise RuntimeError(f"calibration needs a CUDA GPU: {report.note}")
     gpu = report.gpus[0]
     device = Device(gpu.name, gpu.sm_count or 0, report.driver_version, torch.__version__)
-    init = jobs.Init(device="cuda", cuda_graphs=cuda_graphs)
+    init = jobs.Init(device="cuda", cuda_graphs=target.cuda_graphs)
     window_s, seed, stop = options.get("window_s", WINDOW_S), options.get("seed", 0), options.get("stop")
     levels = R_LEVELS if options["measure_s"] > 0 else ()  # a call that only fits starts no GPU process
     with PoolMeasure(

@@ -153,7 +153,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     out = args.out or (predictor_dir(config.state_dir) if config else None)
     if out is None:
         raise SystemExit("calibrate: give --out or --config")
-    target = target_for([_assignment(t) for t in args.task]) if args.task else generic_target(args.resolution)
+    graphs = args.cuda_graphs or bool(config and config.execution.cuda_graphs)
+    target = (
+        target_for([_assignment(t) for t in args.task], cuda_graphs=graphs)
+        if args.task
+        else generic_target(args.resolution, cuda_graphs=graphs)
+    )
     if config is None:
         sharing_context = mps_sharing()
     else:
@@ -173,7 +178,6 @@ def _calibrate(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             seed=args.seed,
             fit_epochs=args.epochs,
-            cuda_graphs=args.cuda_graphs or bool(config and config.execution.cuda_graphs),
             on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
         )
     summary = {

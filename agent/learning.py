@@ -36,9 +36,15 @@ REFIT_RECORDS = 200  # the most recent round records the correction is fitted on
 
 
 def round_records(
-    number: int, plan: RoundPlan, outcomes: Mapping[str, TaskOutcome], gpu: GpuInfo, driver: str | None
+    number: int,
+    plan: RoundPlan,
+    outcomes: Mapping[str, TaskOutcome],
+    gpu: GpuInfo,
+    driver: str | None,
+    cuda_graphs: bool = False,
 ) -> list[Record]:
-    """The records a finished round gives (see the module docstring)."""
+    """The records a finished round gives (see the module docstring); `cuda_graphs`: the agent's steps replay
+    from CUDA graphs."""
     if plan.policy == "concurrent":
         return []
     planned = {a.task: a for a in plan.assignments}
@@ -78,6 +84,7 @@ def round_records(
                 ts=time.time(),
                 round=number,
                 policy=plan.shares,
+                cuda_graphs=cuda_graphs,
             )
         )
     return records
@@ -86,9 +93,13 @@ def round_records(
 class RoundLearning:
     """The device's history and the planner's correction, kept up to date round after round."""
 
-    def __init__(self, directory: Path, gpu: GpuInfo, driver: str | None, planner: Planner) -> None:
+    def __init__(
+        self, directory: Path, gpu: GpuInfo, driver: str | None, planner: Planner, cuda_graphs: bool = False
+    ) -> None:
         self.directory, self.gpu, self.driver, self.planner = Path(directory), gpu, driver, planner
-        self.history = DeviceHistory(dataset_path(self.directory, gpu.name))
+        self.cuda_graphs = cuda_graphs  # the agent's steps replay from CUDA graphs: their own data file
+        self.data = dataset_path(self.directory, gpu.name, cuda_graphs)
+        self.history = DeviceHistory(self.data)
         planner.history = self.history
         self.refit_ms: float | None = None
         self.use(planner.predictor)
@@ -101,7 +112,7 @@ class RoundLearning:
 
     def observe(self, number: int, plan: RoundPlan, outcomes: Mapping[str, TaskOutcome]) -> list[Record]:
         """Record a finished round, refit the correction and write the report; the records added."""
-        records = round_records(number, plan, outcomes, self.gpu, self.driver)
+        records = round_records(number, plan, outcomes, self.gpu, self.driver, self.cuda_graphs)
         for record in records:
             self.history.add(record)
         if records:
@@ -164,7 +175,7 @@ class RoundLearning:
                 for r in recent
             ],
         }
-        path = dataset_path(self.directory, self.gpu.name).with_suffix(".refinement.json")
+        path = self.data.with_suffix(".refinement.json")
         write_atomically(path, (json.dumps(report, indent=2) + "\n").encode())
         if predictor is not None and predictor.path.parent.resolve() == self.directory.resolve():
             from predictor.runtime import card_path

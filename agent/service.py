@@ -17,12 +17,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 from agent import jobs
 from agent.autocalibration import AutoCalibration
-from agent.calibration import calibrate_gpu
 from agent.config import AgentConfig, predictor_dir
 from agent.gpu.probe import GpuReport, own_gpu, probe, visible_gpu
 from agent.learning import RoundLearning
@@ -200,9 +198,11 @@ class Agent:
         total_sms = self.gpu.gpus[0].sm_count if self.gpu.gpus else None
         self.sharing = GpuSharing(self.mps, total_sms, self.work_dir)
         own = predictor_dir(config.state_dir)
-        predictor, note = load_predictor(config.execution.predictor, self.gpu, self.compute, own)
-        log.info("predictor: %s", note)
         execution = config.execution
+        predictor, note = load_predictor(
+            execution.predictor, self.gpu, self.compute, own, cuda_graphs=execution.cuda_graphs
+        )
+        log.info("predictor: %s", note)
         self.planner = Planner(
             self.sharing,
             predictor,
@@ -215,14 +215,16 @@ class Agent:
         )
         on_gpu = self.compute == "cuda" and self.gpu.gpus
         self.learning = (
-            RoundLearning(own, self.gpu.gpus[0], self.gpu.driver_version, self.planner) if on_gpu else None
+            RoundLearning(own, self.gpu.gpus[0], self.gpu.driver_version, self.planner, execution.cuda_graphs)
+            if on_gpu
+            else None
         )
         self.calibration = AutoCalibration(
             config.calibration,
             own,
             self.sharing,
             lambda path: self.events.put(PredictorReady(path)),
-            measure=partial(calibrate_gpu, cuda_graphs=execution.cuda_graphs),  # measured as rounds train
+            cuda_graphs=execution.cuda_graphs,  # measured as rounds train
         )
 
     # --- main loop --------------------------------------------------------------------------------------
@@ -510,7 +512,9 @@ class Agent:
 
     def on_predictor_ready(self, item: PredictorReady) -> None:
         """Plan with a predictor calibration just exported, from the next round on."""
-        predictor, self.planner.predictor_note = load_predictor(str(item.path), self.gpu, self.compute)
+        predictor, self.planner.predictor_note = load_predictor(
+            str(item.path), self.gpu, self.compute, cuda_graphs=self.config.execution.cuda_graphs
+        )
         if self.learning is not None:
             self.learning.use(predictor)
         log.info("predictor: %s", self.planner.predictor_note)
@@ -693,9 +697,12 @@ class Agent:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_predictor(path: str | None, gpu: GpuReport, compute: str, own: Path | None = None):
+def load_predictor(
+    path: str | None, gpu: GpuReport, compute: str, own: Path | None = None, cuda_graphs: bool = False
+):
     """The throughput predictor for this GPU, or None and why (the planner then uses the heuristic): the
-    configured file, else the one calibrated on this device (in `own`), else the one shipped for this GPU."""
+    configured file, else the one calibrated on this device (in `own`), else the one shipped for this GPU; one
+    profiled with the other kind of training step than this agent's (`cuda_graphs`) is refused."""
     from predictor.features import remember
     from predictor.records import dataset_path
     from predictor.runtime import PREDICTOR_DIR, OnnxPredictor, PredictorUnavailable, find_predictor
@@ -703,11 +710,17 @@ def load_predictor(path: str | None, gpu: GpuReport, compute: str, own: Path | N
     if compute != "cuda" or not gpu.gpus:
         return None, "no GPU: no throughput predictor needed"
     name = gpu.gpus[0].name
-    calibrated = dataset_path(own, name).with_suffix(".onnx") if own is not None else None
+    calibrated = dataset_path(own, name, cuda_graphs).with_suffix(".onnx") if own is not None else None
     chosen = Path(path) if path else calibrated if calibrated and calibrated.exists() else None
     try:
         predictor = OnnxPredictor(chosen, gpu=name) if chosen else find_predictor(PREDICTOR_DIR, name)
     except PredictorUnavailable as exc:
         return None, f"no predictor for this device ({exc}): heuristic R_v=200% split by workload"
+    if predictor.cuda_graphs is not None and predictor.cuda_graphs != cuda_graphs:
+        steps = {True: "steps replayed from CUDA graphs", False: "eager steps"}
+        return None, (
+            f"predictor {predictor.path.name} was profiled with {steps[predictor.cuda_graphs]}, this agent runs "
+            f"{steps[cuda_graphs]}: heuristic until it calibrates ([calibration] auto, fedmt-agent calibrate)"
+        )
     remember(predictor.features)  # the plans then need no feature extraction for these workloads
     return predictor, f"predictor {predictor.path.name} (MAPE {predictor.card['mape_percent']})"

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         card = json.loads(card_path(result.predictor).read_text())
         predictor = CorrectedPredictor(OnnxPredictor(result.predictor))
         # refinement measures at the shares Eq. 5 picks: none of the profiling levels' workers is started ahead
-        init = jobs.Init(device="cuda")
+        init = jobs.Init(device="cuda", cuda_graphs=target.cuda_graphs)
         with PoolMeasure(target, sharing, init, window_s=args.window_s, levels=()) as pool:
 
             def measure(models, batch, resources):

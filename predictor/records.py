@@ -77,6 +77,9 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     ts: float
     round: int | None = None
     policy: str | None = None
+    cuda_graphs: bool = (
+        False  # the training steps replayed from CUDA graphs (agent/step_graph.py), else eager
+    )
 
     @property
     def combination(self) -> tuple[str, ...]:
@@ -144,9 +147,12 @@ def _interleave(first: list[Config], second: list[Config], every: int) -> list[C
     return head + first[paired:] + [c for chunk in chunks[paired:] for c in chunk]
 
 
-def dataset_path(root: Path, gpu: str) -> Path:
-    """The data file of a GPU model, e.g. predictor/data/nvidia-h100-80gb-hbm3.jsonl."""
-    return Path(root) / (re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") + ".jsonl")
+def dataset_path(root: Path, gpu: str, cuda_graphs: bool = False) -> Path:
+    """The data file of a GPU model, e.g. predictor/data/nvidia-h100-80gb-hbm3.jsonl, and of its training steps
+    replayed from CUDA graphs `<gpu>.graphs.jsonl` (they run up to 3x faster where launches bound a step, so the
+    two never share a file or a predictor)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    return Path(root) / (slug + (".graphs" if cuda_graphs else "") + ".jsonl")
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,14 @@ class DataFile:
         if len(gpus) > 1:
             raise ValueError(f"{self.path} mixes GPUs {gpus}; one GPU a file")
         return gpus[0]
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the records' training steps were replayed from CUDA graphs; ValueError for a file of both."""
+        modes = {record.cuda_graphs for record in self.records}
+        if len(modes) > 1:
+            raise ValueError(f"{self.path} mixes eager and CUDA-graph training steps; one kind a file")
+        return modes == {True}
 
 
 def load_records(path: Path) -> list[Record]:

@@ -74,6 +74,8 @@ class OnnxPredictor:
         # (cards written before shares were recorded: any share)
         self.share_range = tuple(map(float, self.card["data"].get("share_range") or (0.0, 100.0)))
         self.input_sizes = frozenset(self.card["data"].get("input_sizes") or [self.card.get("resolution")])
+        # whether its training steps were replayed from CUDA graphs (None: a card written before this was recorded)
+        self.cuda_graphs: bool | None = self.card["data"].get("cuda_graphs")
         self.features = card_features(self.card, card_path(path))
         try:
             self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])

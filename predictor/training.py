@@ -49,7 +49,7 @@ def fit(
 ) -> Path:
     """Train on the data file's training split (model combinations in `protected` are never held out as unseen);
     write `<gpu>.safetensors` and `<gpu>.fit.json`; return the weights."""
-    gpu, records = data.gpu, data.records  # one GPU's records, else ValueError
+    gpu, records, cuda_graphs = data.gpu, data.records, data.cuda_graphs  # one of each, else ValueError
     samples = build(records)
     parts = split(samples, seed=seed, protected=protected)
     train_set = samples.take(parts.train)
@@ -84,6 +84,7 @@ def fit(
             "batch_range": [min(batches), max(batches)],
             "share_range": [min(shares), max(shares)],
             "max_tasks_per_record": max(len(r.tasks) for r in records),
+            "cuda_graphs": cuda_graphs,
         },
         "split": {
             "train_records": len(parts.train),
@@ -217,6 +218,7 @@ def card_markdown(card: dict) -> str:
     i = card.get("mape_interval_percent", {})  # cards before intervals have none
     low, high = d["batch_range"]
     shares = ", SM shares {:g}..{:g}%".format(*d["share_range"]) if "share_range" in d else ""
+    steps = {True: " Training steps replayed from CUDA graphs.", False: " Eager training steps.", None: ""}
     return "\n".join(
         [
             f"# Throughput predictor for {card['gpu']}",
@@ -224,7 +226,7 @@ def card_markdown(card: dict) -> str:
             f"Valid for: **{card['gpu']}** ({card['sm_total']} SMs), driver {card['driver']}, torch {card['torch']}, "
             f"training at {card['resolution']}x{card['resolution']} inputs, batch sizes {low}..{high}{shares} (the "
             f"profiled ranges; the agent keeps its plans inside them), 1..{card['network']['max_tasks']} co-located "
-            "tasks under MPS.",
+            f"tasks under MPS.{steps[d.get('cuda_graphs')]}",
             "",
             "| held-out set | MAPE of per-task throughput (95% interval) |",
             "|---|---:|",

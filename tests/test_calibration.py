@@ -31,6 +31,7 @@ from predictor.encoding import MAX_TASKS
 from predictor.features import extract
 from predictor.records import (
     CO_LOCATIONS_PER_ALONE,
+    DataFile,
     Record,
     TaskSample,
     Workload,
@@ -39,6 +40,7 @@ from predictor.records import (
     task_spec,
 )
 from predictor.runtime import OnnxPredictor
+from predictor.training import fit
 from protocol.schemas import GpuInfo, ModelSpec, OptimizerSpec, TaskAssignment
 from tests.test_planning import sharing
 
@@ -260,11 +262,11 @@ def test_a_batch_size_that_runs_out_of_memory_alone_is_not_tried_again(tmp_path)
     assert result.failed == 1 and 64 not in {t.batch for r in load_records(result.data) for t in r.tasks}
 
 
-def quick_calibration(directory) -> Result:
+def quick_calibration(directory, cuda_graphs: bool = False) -> Result:
     """60 windows and a 50-epoch fit: a rough predictor for TASKS in `directory`."""
     gpu = FakeGpu()
     return calibrate(
-        target_for(TASKS),
+        target_for(TASKS, cuda_graphs),
         directory,
         DEVICE,
         gpu,
@@ -284,6 +286,39 @@ def test_the_agent_prefers_the_predictor_calibrated_here_over_the_shipped_one(tm
     quick_calibration(tmp_path)
     own, note = load_predictor(None, report, "cuda", tmp_path)
     assert own.path == tmp_path / "nvidia-h200.onnx" and own.input_sizes == {32, 48}
+
+
+def test_steps_replayed_from_cuda_graphs_get_their_own_data_and_predictor_and_agents_keep_to_their_kind(
+    tmp_path,
+):
+    result = quick_calibration(tmp_path, cuda_graphs=True)
+    assert (
+        result.data == tmp_path / "nvidia-h200.graphs.jsonl" and not (tmp_path / "nvidia-h200.jsonl").exists()
+    )
+    assert {r.cuda_graphs for r in load_records(result.data)} == {True}
+    assert OnnxPredictor(result.predictor, gpu=GPU).cuda_graphs is True
+    report = GpuReport(
+        gpus=[GpuInfo(index=0, name=GPU, backend="nvml", memory_total_bytes=1)], backend="nvml"
+    )
+    graphed, note = load_predictor(None, report, "cuda", tmp_path, cuda_graphs=True)
+    assert graphed.path == result.predictor == tmp_path / "nvidia-h200.graphs.onnx"
+    # an eager agent passes over it to the shipped predictor (profiled eagerly), and a graphed agent without a
+    # predictor of its kind refuses the shipped one: the heuristic, until it calibrates
+    eager, note = load_predictor(None, report, "cuda", tmp_path)
+    assert eager.path.parent.name == "models" and eager.cuda_graphs is False
+    refused, note = load_predictor(None, report, "cuda", tmp_path / "empty", cuda_graphs=True)
+    assert refused is None and "eager steps" in note and "CUDA graphs" in note
+    refused, note = load_predictor(str(result.predictor), report, "cuda", cuda_graphs=False)
+    assert refused is None and "profiled with steps replayed from CUDA graphs" in note
+
+
+def test_a_data_file_of_both_kinds_of_steps_is_not_fitted(tmp_path):
+    records = load_records(quick_calibration(tmp_path / "eager").data)[:30]
+    mixed = tmp_path / "mixed.jsonl"
+    flipped = [msgspec.structs.replace(r, cuda_graphs=i % 2 == 0) for i, r in enumerate(records)]
+    mixed.write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in flipped))
+    with pytest.raises(ValueError, match="mixes eager and CUDA-graph"):
+        fit(DataFile.read(mixed), tmp_path / "out", epochs=5)
 
 
 def test_the_agent_takes_its_predictors_features_so_that_plans_extract_none(tmp_path, monkeypatch):
@@ -343,6 +378,14 @@ def test_the_agent_calibrates_between_rounds_and_hands_the_predictor_over(tmp_pa
     assert not off.maybe_start(TASKS, Planner(sharing(tmp_path, mps=True)))
     no_mps = AutoCalibration(config, tmp_path / "cpu", sharing(tmp_path, mps=False), ready.append)
     assert not no_mps.maybe_start(TASKS, Planner(sharing(tmp_path, mps=False)))
+    # an agent whose steps replay from CUDA graphs calibrates anew, into the graphs' own data file
+    graphed = AutoCalibration(
+        config, tmp_path, sharing(tmp_path, mps=True), ready.append, fake_measure(), cuda_graphs=True
+    )
+    assert graphed.maybe_start(TASKS, Planner(sharing(tmp_path, mps=True)))
+    graphed._thread.join(120)
+    assert ready[-1] == tmp_path / "nvidia-h200.graphs.onnx"
+    assert {r.cuda_graphs for r in load_records(tmp_path / "nvidia-h200.graphs.jsonl")} == {True}
     # a round of more tasks than a predictor takes is planned by the heuristic whatever is calibrated
     many = AutoCalibration(config, tmp_path / "many", sharing(tmp_path, mps=True), ready.append)
     assert not many.maybe_start(MANY_TASKS[: MAX_TASKS + 1], Planner(sharing(tmp_path, mps=True)))

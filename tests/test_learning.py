@@ -77,7 +77,9 @@ def test_a_round_record_takes_each_tasks_pace_while_all_trained():
         ("resnet18", 16, 40.0, 100.0, 90.0),
         ("shufflenet_v2_x0_5", 16, 60.0, 200.0, 210.0),
     ]
-    assert record.window_s == 12.0 and record.tasks[0].input_size == 32
+    assert record.window_s == 12.0 and record.tasks[0].input_size == 32 and not record.cuda_graphs
+    (graphed,) = round_records(7, plan, outcomes, GPU, "555.1", cuda_graphs=True)
+    assert graphed.cuda_graphs and graphed.tasks == record.tasks
 
 
 def test_temporal_gives_one_alone_record_per_wave_and_concurrent_none():
@@ -194,7 +196,10 @@ def test_rounds_correct_the_predictor_and_the_report_shows_predicted_against_mea
         assert len(learning.observe(number, plan, outcomes)) == 1
     assert errors[0] > 0.25 and errors[-1] < 0.05, errors  # the law was off by 0.6x..1.5x
     data = dataset_path(tmp_path / "predictor", GPU.name)
-    assert len(data.read_text().splitlines()) == 10
+    assert learning.data == data and len(data.read_text().splitlines()) == 10
+    graphed = RoundLearning(tmp_path / "predictor", GPU, "555.1", planner, cuda_graphs=True)
+    assert graphed.data == dataset_path(tmp_path / "predictor", GPU.name, cuda_graphs=True) != data
+    assert len(graphed.history.rounds) == 0  # the eager rounds are not its history
     report = json.loads(data.with_suffix(".refinement.json").read_text())
     assert report["recent_rounds"] == 10 and report["correction"]["observations"] == 30
     assert report["refit_ms"] is not None and report["rounds"][-1]["round"] == 10

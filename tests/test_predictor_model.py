@@ -408,6 +408,7 @@ def test_shipped_card_states_its_errors_and_data(shipped) -> None:
     assert shipped.batch_range == (min(batches), max(batches))
     shares = [t.resource for r in records for t in r.tasks]
     assert shipped.share_range == (min(shares), max(shares))
+    assert shipped.cuda_graphs is DataFile.read(data).cuda_graphs is False  # profiled with eager steps
     assert {r.gpu for r in records} == {card["gpu"]} and {r.resolution for r in records} == {
         card["resolution"]
     }
