@@ -222,16 +222,22 @@ def seed_history(options: Options) -> None:
     """Give every agent `options.device_history`, as a device that ran earlier federations holds it: the data
     files of its own rounds, each under its GPU's name in the folder where the planner reads it
     (agent.config.predictor_dir), whatever the file was called. ValueError for a file that does not name one
-    GPU."""
+    GPU and one kind of training step, the agents' (`cuda_graphs`)."""
     from predictor.records import DataFile, dataset_path
 
     for path in options.device_history:
         history = DataFile.read(path)
         gpu = history.gpu
+        if history.cuda_graphs != options.cuda_graphs:
+            steps = {True: "steps replayed from CUDA graphs", False: "eager steps"}
+            raise ValueError(
+                f"{path} holds rounds of {steps[history.cuda_graphs]}; these agents run {steps[options.cuda_graphs]}"
+            )
         for device in options.devices():
             own = predictor_dir(state_dir(options.out, device))
             own.mkdir(parents=True, exist_ok=True)
-            dataset_path(own, gpu).write_bytes(history.raw)  # the bytes checked, read once for every agent
+            # the bytes checked, read once for every agent
+            dataset_path(own, gpu, history.cuda_graphs).write_bytes(history.raw)
 
 
 def round_counters(urls: dict[str, str]) -> dict[str, float | None]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import msgspec
 import pytest
 
 import bench.time_to_accuracy as tta
@@ -136,6 +138,17 @@ def test_a_device_history_given_is_where_every_agent_reads_its_rounds(tmp_path, 
     for device in ("edge-1", "edge-2"):
         history = DeviceHistory(dataset_path(options.out / "state" / device / "predictor", gpu))
         assert list(history.rounds) == list(earlier.rounds)
+    # rounds of eager steps are no history of agents whose steps replay from CUDA graphs, and the reverse
+    with pytest.raises(ValueError, match="eager steps; these agents run steps replayed from CUDA graphs"):
+        seed_history(dataclasses.replace(options, cuda_graphs=True))
+    graphed = tmp_path / "graphed.jsonl"
+    graphed.write_bytes(msgspec.json.encode(msgspec.structs.replace(record, cuda_graphs=True)) + b"\n")
+    options = dataclasses.replace(options, cuda_graphs=True, device_history=(graphed,))
+    seed_history(options)
+    own = options.out / "state" / "edge-1" / "predictor"
+    assert DeviceHistory(dataset_path(own, gpu, cuda_graphs=True)).rounds[0].cuda_graphs
+    with pytest.raises(ValueError, match="CUDA graphs; these agents run eager steps"):
+        seed_history(dataclasses.replace(options, cuda_graphs=False))
 
 
 def test_a_device_history_of_no_single_gpu_is_refused(tmp_path):
