@@ -704,7 +704,7 @@ def load_predictor(
     configured file, else the one calibrated on this device (in `own`), else the one shipped for this GPU; one
     profiled with the other kind of training step than this agent's (`cuda_graphs`) is refused."""
     from predictor.features import remember
-    from predictor.records import dataset_path
+    from predictor.records import STEP_KINDS, dataset_path
     from predictor.runtime import PREDICTOR_DIR, OnnxPredictor, PredictorUnavailable, find_predictor
 
     if compute != "cuda" or not gpu.gpus:
@@ -717,10 +717,10 @@ def load_predictor(
     except PredictorUnavailable as exc:
         return None, f"no predictor for this device ({exc}): heuristic R_v=200% split by workload"
     if predictor.cuda_graphs is not None and predictor.cuda_graphs != cuda_graphs:
-        steps = {True: "steps replayed from CUDA graphs", False: "eager steps"}
         return None, (
-            f"predictor {predictor.path.name} was profiled with {steps[predictor.cuda_graphs]}, this agent runs "
-            f"{steps[cuda_graphs]}: heuristic until it calibrates ([calibration] auto, fedmt-agent calibrate)"
+            f"predictor {predictor.path.name} was profiled with {STEP_KINDS[predictor.cuda_graphs]}, this agent "
+            f"runs {STEP_KINDS[cuda_graphs]}: heuristic until it calibrates ([calibration] auto, fedmt-agent "
+            "calibrate)"
         )
     remember(predictor.features)  # the plans then need no feature extraction for these workloads
     return predictor, f"predictor {predictor.path.name} (MAPE {predictor.card['mape_percent']})"

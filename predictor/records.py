@@ -147,6 +147,10 @@ def _interleave(first: list[Config], second: list[Config], every: int) -> list[C
     return head + first[paired:] + [c for chunk in chunks[paired:] for c in chunk]
 
 
+#: how a record's, a card's or an agent's `cuda_graphs` reads
+STEP_KINDS = {True: "steps replayed from CUDA graphs", False: "eager steps"}
+
+
 def dataset_path(root: Path, gpu: str, cuda_graphs: bool = False) -> Path:
     """The data file of a GPU model, e.g. predictor/data/nvidia-h100-80gb-hbm3.jsonl, and of its training steps
     replayed from CUDA graphs `<gpu>.graphs.jsonl` (they run up to 3x faster where launches bound a step, so the

@@ -223,15 +223,15 @@ def seed_history(options: Options) -> None:
     files of its own rounds, each under its GPU's name in the folder where the planner reads it
     (agent.config.predictor_dir), whatever the file was called. ValueError for a file that does not name one
     GPU and one kind of training step, the agents' (`cuda_graphs`)."""
-    from predictor.records import DataFile, dataset_path
+    from predictor.records import STEP_KINDS, DataFile, dataset_path
 
     for path in options.device_history:
         history = DataFile.read(path)
         gpu = history.gpu
         if history.cuda_graphs != options.cuda_graphs:
-            steps = {True: "steps replayed from CUDA graphs", False: "eager steps"}
             raise ValueError(
-                f"{path} holds rounds of {steps[history.cuda_graphs]}; these agents run {steps[options.cuda_graphs]}"
+                f"{path} holds rounds of {STEP_KINDS[history.cuda_graphs]}; these agents run "
+                f"{STEP_KINDS[options.cuda_graphs]}"
             )
         for device in options.devices():
             own = predictor_dir(state_dir(options.out, device))
