@@ -154,4 +154,7 @@ class AutoCalibration:
 
 
 def _key(target: Target) -> list:
-    return [*sorted([list(w), list(target.batches[w])] for w in target.workloads), target.cuda_graphs]
+    """The target as `calibration.json` names it; an eager one as before the kind of step was recorded, so that
+    an upgraded agent does not calibrate its tasks again."""
+    key = sorted([list(w), list(target.batches[w])] for w in target.workloads)
+    return [*key, "cuda_graphs"] if target.cuda_graphs else key

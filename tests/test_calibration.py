@@ -369,6 +369,8 @@ def test_the_agent_calibrates_between_rounds_and_hands_the_predictor_over(tmp_pa
     assert ready == [tmp_path / "nvidia-h200.onnx"]
     state = json.loads((tmp_path / "calibration.json").read_text())
     assert state["finished"] and state["measured_s"] == pytest.approx(60 * 6.0)
+    # the key that agents before the kind of step was recorded wrote: an upgrade does not calibrate again
+    assert state["target"] == sorted([list(w), list(b)] for w, b in target_for(TASKS).batches.items())
     assert not auto.maybe_start(TASKS, planner)  # done for these tasks
     planner.predictor = OnnxPredictor(ready[0], gpu=GPU)
     assert planner.profiled(TASKS)
@@ -386,6 +388,7 @@ def test_the_agent_calibrates_between_rounds_and_hands_the_predictor_over(tmp_pa
     graphed._thread.join(120)
     assert ready[-1] == tmp_path / "nvidia-h200.graphs.onnx"
     assert {r.cuda_graphs for r in load_records(tmp_path / "nvidia-h200.graphs.jsonl")} == {True}
+    assert json.loads((tmp_path / "calibration.json").read_text())["target"][-1] == "cuda_graphs"
     # a round of more tasks than a predictor takes is planned by the heuristic whatever is calibrated
     many = AutoCalibration(config, tmp_path / "many", sharing(tmp_path, mps=True), ready.append)
     assert not many.maybe_start(MANY_TASKS[: MAX_TASKS + 1], Planner(sharing(tmp_path, mps=True)))
