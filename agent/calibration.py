@@ -6,8 +6,8 @@ each task's configured one, or, for a generic predictor, predictor.records.MODEL
 warm workers, one per (workload, R_i) (MPS fixes R_i at process start; batch sizes change freely), each prepared
 with its model on device-resident synthetic data, measures every workload alone on all the SMs at all its batch
 sizes, then random co-locations of 2..5 tasks (half of them the configured combination, when it has at most 5)
-with a window alone at a lower R_i after every few (predictor.records.sample_configs). Each configuration is measured in `repeats`
-synchronised windows of `window_s`; its record keeps each task's median and spread.
+with a window alone at a lower R_i after every few (predictor.records.sample_configs). Each configuration is
+measured in `repeats` synchronised windows of `window_s`; its record keeps each task's median and spread.
 
 Records are appended to `<dir>/<gpu>.jsonl` (`<gpu>.graphs.jsonl` for steps replayed from CUDA graphs) as they are
 measured, so a run that is stopped (the agent stops it when a round starts) keeps them and a later run skips the

@@ -77,9 +77,8 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     ts: float
     round: int | None = None
     policy: str | None = None
-    cuda_graphs: bool = (
-        False  # the training steps replayed from CUDA graphs (agent/step_graph.py), else eager
-    )
+    # the training steps replayed from CUDA graphs (agent/step_graph.py), else eager
+    cuda_graphs: bool = False
 
     @property
     def combination(self) -> tuple[str, ...]:
@@ -119,8 +118,8 @@ def sample_configs(
 ) -> list[Config]:
     """Every model alone on all the SMs at all its batch sizes (`batches`, default BATCHES) first (the
     baselines), then alone at the lower ALONE_LEVELS, each followed by CO_LOCATIONS_PER_ALONE random
-    co-locations (half of them on `focus`, if any), so that a budget that ends early holds mostly co-locations; what is
-    already `measured` is skipped."""
+    co-locations (half of them on `focus`, if any), so that a budget that ends early holds mostly co-locations;
+    what is already `measured` is skipped."""
     rng = random.Random(seed)
 
     def options(model: Hashable) -> Sequence[int]:

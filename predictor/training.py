@@ -15,7 +15,7 @@ from predictor.dataset import Samples, build, mape, mape_interval, split
 from predictor.encoding import INPUT_NAMES, MAX_TASKS
 from predictor.features import extract
 from predictor.model import EPOCHS, HIDDEN, MEMBERS, NETWORKS, Ensemble, ensemble, export_onnx, predict, train
-from predictor.records import FOCUS, DataFile, load_records, task_spec
+from predictor.records import FOCUS, STEP_KINDS, DataFile, load_records, task_spec
 from predictor.runtime import OnnxPredictor, card_path
 from predictor.workload import fit_workload
 
@@ -218,7 +218,8 @@ def card_markdown(card: dict) -> str:
     i = card.get("mape_interval_percent", {})  # cards before intervals have none
     low, high = d["batch_range"]
     shares = ", SM shares {:g}..{:g}%".format(*d["share_range"]) if "share_range" in d else ""
-    steps = {True: " Training steps replayed from CUDA graphs.", False: " Eager training steps.", None: ""}
+    graphs = d.get("cuda_graphs")  # None: a card written before the kind of step was recorded
+    steps = f" Profiled with {STEP_KINDS[graphs]}." if graphs is not None else ""
     return "\n".join(
         [
             f"# Throughput predictor for {card['gpu']}",
@@ -226,7 +227,7 @@ def card_markdown(card: dict) -> str:
             f"Valid for: **{card['gpu']}** ({card['sm_total']} SMs), driver {card['driver']}, torch {card['torch']}, "
             f"training at {card['resolution']}x{card['resolution']} inputs, batch sizes {low}..{high}{shares} (the "
             f"profiled ranges; the agent keeps its plans inside them), 1..{card['network']['max_tasks']} co-located "
-            f"tasks under MPS.{steps[d.get('cuda_graphs')]}",
+            f"tasks under MPS.{steps}",
             "",
             "| held-out set | MAPE of per-task throughput (95% interval) |",
             "|---|---:|",
