@@ -50,7 +50,10 @@ from protocol.schemas import ModelSpec, TaskAssignment
 
 log = logging.getLogger(__name__)
 SYNTHETIC_SAMPLES = 512  # per worker, held on the device: enough distinct batches, little memory
-FIT_SHARE = 0.25  # of a calibration's time budget kept for fitting and exporting
+#: of a calibration's time budget kept for fitting and exporting: the fit of a 15-minute H100 calibration (146
+#: records, 5 factored members) took 220 s there before its members trained batched, which halved it on the
+#: 2-core CPU (43 s against 91-97 s; bench/results/README.md)
+FIT_SHARE = 0.2
 MAX_FAILED_IN_A_ROW = 10  # then the GPU or MPS is in trouble: stop
 MIN_FIT_RECORDS = 20
 #: seconds of one measurement window: on an H100 1-s windows measured 146 configurations in 11 minutes against 83 at

@@ -12,6 +12,7 @@ ONNX file is self-contained):
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -129,46 +130,58 @@ def train(
     seed: int = 0,
     network: str = "deepsets",
 ) -> Ensemble:
-    """Fit `members` networks of one kind (NETWORKS; seeds seed, seed+1, ...) and return their ensemble."""
-    return Ensemble(
-        [
-            _train_one(
-                x,
-                mask,
-                throughput,
-                hidden=hidden,
-                epochs=epochs,
-                lr=lr,
-                weight_decay=weight_decay,
-                seed=seed + i,
-                network=network,
-            )
-            for i in range(members)
-        ]
-    ).eval()
+    """Fit `members` networks of one kind (NETWORKS; seeds seed, seed+1, ...) on log-throughput (so the loss weighs
+    relative errors), full batch, AdamW with cosine decay, and return their ensemble.
 
-
-def _train_one(
-    x, mask, throughput, *, hidden: int, epochs: int, lr: float, weight_decay: float, seed: int, network: str
-) -> _Network:
-    """Fit one network on log-throughput (so the loss weighs relative errors), full batch, AdamW with cosine decay."""
-    torch.manual_seed(seed)
-    model = NETWORKS[network](hidden)
+    The members train as one batched computation (torch.func.vmap over their stacked parameters). Each member's
+    loss depends on its own parameters only, and AdamW updates every element on its own, so this fits each
+    member exactly as alone, in a fraction of the time: the networks are small, and a step is mostly overhead.
+    """
     valid = mask.astype(bool)
-    model.mean.copy_(torch.from_numpy(x[valid].mean(0)))
-    model.std.copy_(torch.from_numpy(x[valid].std(0) + 1e-6))
+    nets = [_initial(network, hidden, x[valid], seed + i) for i in range(members)]
+    params, buffers = torch.func.stack_module_state(nets)  # leaves with a leading member axis
+    skeleton = _LogThroughput(copy.deepcopy(nets[0]).to("meta"))  # the layout; calls take the stacked values
     xt, mt = torch.from_numpy(x), torch.from_numpy(mask)
     target = torch.from_numpy(np.where(valid, np.log(np.maximum(throughput, 1e-3)), 0.0).astype(np.float32))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def member_log_throughput(p: dict, b: dict) -> torch.Tensor:
+        return torch.func.functional_call(skeleton, {f"net.{k}": v for k, v in (p | b).items()}, (xt, mt))
+
+    every_member = torch.func.vmap(member_log_throughput)
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     count = mt.sum()
     for _ in range(epochs):
         optimizer.zero_grad()
-        loss = ((model.log_throughput(xt, mt) - target) ** 2 * mt).sum() / count
-        loss.backward()
+        member_losses = ((every_member(params, buffers) - target) ** 2 * mt).sum(dim=(1, 2)) / count
+        member_losses.sum().backward()
         optimizer.step()
         schedule.step()
-    return model.eval()
+    with torch.no_grad():
+        for i, net in enumerate(nets):
+            for name, value in net.named_parameters():
+                value.copy_(params[name][i])
+    return Ensemble(nets).eval()
+
+
+def _initial(network: str, hidden: int, inputs: np.ndarray, seed: int) -> _Network:
+    """A new network initialised from `seed`, standardising `inputs` (the valid slots' rows)."""
+    torch.manual_seed(seed)
+    net = NETWORKS[network](hidden)
+    net.mean.copy_(torch.from_numpy(inputs.mean(0)))
+    net.std.copy_(torch.from_numpy(inputs.std(0) + 1e-6))
+    return net
+
+
+class _LogThroughput(nn.Module):
+    """A network's log-throughput as its forward: what `torch.func.functional_call` runs."""
+
+    def __init__(self, net: _Network) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net.log_throughput(x, mask)
 
 
 @torch.no_grad()

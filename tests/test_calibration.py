@@ -15,6 +15,7 @@ import pytest
 from agent.autocalibration import AutoCalibration, CalibrationConfig
 from agent.calibration import (
     DEEPSETS_FROM_COLOCATIONS,
+    FIT_SHARE,
     Device,
     Result,
     calibrate,
@@ -359,7 +360,7 @@ def fake_measure(delay_s: float = 0.0):
 
 def test_the_agent_calibrates_between_rounds_and_hands_the_predictor_over(tmp_path):
     ready = []
-    config = CalibrationConfig(budget_s=60 * 6.0 / 0.75, window_s=2.0, epochs=50)
+    config = CalibrationConfig(budget_s=60 * 6.0 / (1 - FIT_SHARE), window_s=2.0, epochs=50)
     auto = AutoCalibration(
         config, tmp_path, sharing(tmp_path, mps=True), ready.append, measure=fake_measure()
     )

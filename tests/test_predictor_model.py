@@ -22,7 +22,7 @@ import torch
 from predictor.dataset import Samples, build, mape, mape_interval, split
 from predictor.encoding import MAX_TASKS, N_INPUTS, encode_inputs
 from predictor.features import FEATURE_NAMES, TaskFeatures, extract
-from predictor.model import NETWORKS, Ensemble, ensemble, export_onnx, predict
+from predictor.model import NETWORKS, Ensemble, ensemble, export_onnx, predict, train
 from predictor.records import (
     ALONE_LEVELS,
     BATCHES,
@@ -570,6 +570,20 @@ def test_each_co_located_combination_is_held_out_once_in_cross_validation(pipeli
     }
     assert set(errors) == combinations and len(combinations) > 1
     assert all(math.isfinite(e) and e >= 0 for e in errors.values())
+
+
+@pytest.mark.parametrize("network", sorted(NETWORKS))
+def test_ensemble_members_train_together_as_each_would_alone(pipeline, network) -> None:
+    """The members of an ensemble train as one batched computation: member i of a fit from seed s is the
+    network that a fit of one member from seed s + i gives, and the members differ."""
+    samples = build(pipeline["records"])
+    options = {"hidden": 8, "epochs": 40, "network": network}
+    pair = train(samples.x, samples.mask, samples.throughput, members=2, seed=3, **options)
+    alone = train(samples.x, samples.mask, samples.throughput, members=1, seed=4, **options)
+    second = predict(Ensemble([pair.members[1]]), samples.x, samples.mask)
+    np.testing.assert_allclose(second, predict(alone, samples.x, samples.mask), rtol=1e-4, atol=1e-4)
+    first = predict(Ensemble([pair.members[0]]), samples.x, samples.mask)
+    assert not np.allclose(first, second, rtol=1e-2)
 
 
 def test_synthetic_data_is_what_the_test_means() -> None:
