@@ -8,7 +8,7 @@ import json
 import msgspec
 import pytest
 
-from agent.calibration import calibrate, target_for
+from agent.calibration import FIT_SHARE, calibrate, target_for
 from bench.calibration import (
     Progress,
     alone_ratio,
@@ -58,15 +58,16 @@ def test_refinement_folds_each_round_into_the_correction_and_the_unseen_mape_mat
 
 
 def test_a_split_budget_measures_call_by_call_until_the_share_is_spent_then_a_call_of_its_own_fits(tmp_path):
+    share = 900.0 * (1 - FIT_SHARE)  # of the budget, measuring
     assert Progress.load(tmp_path) == Progress()  # a new folder: nothing spent
-    assert this_call(Progress(), 900.0, None) == (675.0, True)  # one sitting
+    assert this_call(Progress(), 900.0, None) == (share, True)  # one sitting
     assert this_call(Progress(), 900.0, 480.0) == (480.0, False)
     first = Progress(calls=1, seconds=530.0, measured_s=483.5)  # a window ran past the call's limit
     first.save(tmp_path)
     assert Progress.load(tmp_path) == first
-    assert this_call(first, 900.0, 480.0) == pytest.approx((191.5, False))
-    assert this_call(Progress(calls=2, measured_s=675.0), 900.0, 480.0) == (0.0, True)  # spent exactly
-    assert this_call(Progress(calls=2, measured_s=700.0), 900.0, 480.0) == (0.0, True)  # fit what is there
+    assert this_call(first, 900.0, 480.0) == pytest.approx((share - 483.5, False))
+    assert this_call(Progress(calls=2, measured_s=share), 900.0, 480.0) == (0.0, True)  # spent exactly
+    assert this_call(Progress(calls=2, measured_s=share + 25), 900.0, 480.0) == (0.0, True)  # fit what is there
 
 
 def test_a_broken_progress_file_is_refused_rather_than_read_as_nothing_spent(tmp_path):
